@@ -1,0 +1,25 @@
+//! diffalign: align text-to-image diffusion models with human preferences, on candle.
+//!
+//! Module map (each module uses only those above it):
+//! - [`error`]: the `Error` enum and `Result` alias.
+//! - [`rng`]: the seeded RNG used for all noise.
+//! - [`device`]: device and dtype choice.
+//! - [`weights`]: safetensors loading with shape checks and a used-key audit, the diffusers
+//!   folder layout and the Hugging Face cache.
+//! - [`nn`]: shared differentiable layers (linear, conv, norms, attention).
+//! - [`text`]: the CLIP BPE tokenizer.
+//! - [`models`]: CLIP text encoders, the UNet and the VAE.
+//! - [`schedulers`]: the noise schedule and the step rules.
+//! - [`sampling`]: the text-to-image pipeline.
+
+pub mod device;
+pub mod error;
+pub mod models;
+pub mod nn;
+pub mod rng;
+pub mod sampling;
+pub mod schedulers;
+pub mod text;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,54 @@
+//! A 2-D convolution with PyTorch's `[out, in/groups, kh, kw]` weight layout.
+
+use candle_core::Tensor;
+
+use crate::weights::VarBuilder;
+use crate::Result;
+
+/// Stride, padding and groups of a [`Conv2d`].
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dConfig {
+    /// Stride in both directions.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// Number of groups (1 for a dense convolution).
+    pub groups: usize,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Conv2dConfig { stride: 1, padding: 0, groups: 1 }
+    }
+}
+
+/// A 2-D convolution with a bias.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: Conv2dConfig,
+}
+
+impl Conv2d {
+    /// Loads a `kernel x kernel` convolution from `in_channels` to `out_channels` with a bias.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(&[out_channels, in_channels / cfg.groups, kernel, kernel], "weight")?;
+        let bias = Some(vb.get(&[out_channels], "bias")?);
+        Ok(Conv2d { weight, bias, cfg })
+    }
+
+    /// A same-size `kernel x kernel` convolution (padding `kernel / 2`, stride 1).
+    pub fn same(in_channels: usize, out_channels: usize, kernel: usize, vb: VarBuilder) -> Result<Self> {
+        Self::new(in_channels, out_channels, kernel, Conv2dConfig { padding: kernel / 2, ..Default::default() }, vb)
+    }
+
+    /// Applies the convolution to `xs` of shape `[B, C_in, H, W]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = xs.conv2d(&self.weight, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?;
+        Ok(match &self.bias {
+            Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => ys,
+        })
+    }
+}

@@ -1,0 +1,48 @@
+//! Shared test helpers: fixture paths, tolerances, comparisons.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// Absolute tolerance for f32 module outputs against the Python reference.
+pub const MODULE_ATOL: f32 = 1e-4;
+/// Tolerance on 8-bit images (in [0,1] units).
+pub const IMAGE_ATOL: f32 = 2.0 / 255.0;
+
+/// `../shared/fixtures`, next to the repository.
+pub fn shared_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+}
+
+/// `tests/fixtures`, the project's own generated cases.
+pub fn own_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Loads every tensor of a safetensors file onto the CPU.
+pub fn load(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The `__metadata__` map of a safetensors file.
+pub fn metadata(path: &std::path::Path) -> std::collections::HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+/// Largest absolute difference between two tensors of the same shape (as f32).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Asserts `got` matches `want` within `atol`, naming `what` on failure.
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
+    let d = max_abs_diff(got, want);
+    assert!(d <= atol, "{what}: max abs diff {d} > {atol}");
+}
