@@ -142,3 +142,48 @@ fn random_init(rng: &mut Rng, shape: &[usize], name: &str, dtype: DType, device:
     };
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
 }
+
+/// How to load a component: dtype, device, weight-file variant, and whether weights become
+/// trainable `Var`s.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The dtype weights are converted to.
+    pub dtype: DType,
+    /// Where the weights go.
+    pub device: Device,
+    /// Weight-file variant (`fp16` selects `*.fp16.safetensors`), `None` for the plain files.
+    pub variant: Option<String>,
+    /// Load the weights as trainable `Var`s.
+    pub trainable: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None, trainable: false }
+    }
+}
+
+impl LoadOptions {
+    /// A [`VarBuilder`] over `store` with these options.
+    pub fn var_builder(&self, store: TensorStore) -> VarBuilder {
+        if self.trainable {
+            VarBuilder::trainable_from_store(store, self.dtype, &self.device)
+        } else {
+            VarBuilder::from_store(store, self.dtype, &self.device)
+        }
+    }
+
+    /// Opens `dir/{stem}*.safetensors` (see [`layout::open_weights`]) as a [`VarBuilder`].
+    pub fn open(&self, dir: &std::path::Path, stem: &str) -> Result<VarBuilder> {
+        Ok(self.var_builder(layout::open_weights(dir, stem, self.variant.as_deref())?))
+    }
+}
+
+/// After a model was built from `vb`, fails if the checkpoint holds tensors the model did not
+/// read, except those `allowed` (known non-parameter buffers).
+pub fn check_all_used(vb: &VarBuilder, allowed: impl Fn(&str) -> bool) -> Result<()> {
+    match vb.store() {
+        Some(store) => store.check_all_used(allowed),
+        None => Ok(()),
+    }
+}

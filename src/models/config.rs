@@ -1,0 +1,50 @@
+//! Reading diffusers / transformers `config.json` files into typed configs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// Reads and parses a JSON config file; errors name the file (and the line for syntax errors).
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingFile { path: path.to_path_buf(), what: "config file".into() },
+        _ => Error::io(path, e),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::config(path, "(json)", e.to_string()))
+}
+
+/// Keys of a config that the model does not read: `extra` minus bookkeeping keys (`_class_name`,
+/// `_diffusers_version`, `_name_or_path`, ...), sorted, for a warning.
+pub fn unknown_keys(extra: &BTreeMap<String, serde_json::Value>) -> Vec<String> {
+    extra.keys().filter(|k| !k.starts_with('_')).cloned().collect()
+}
+
+/// A config value given once for all blocks or once per block (`attention_head_dim: 8` or
+/// `[5, 10, 20, 20]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    /// The same value for every block.
+    One(T),
+    /// One value per block.
+    Many(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// The per-block values for `n` blocks; a list of another length is an error naming `key`.
+    pub fn expand(&self, n: usize, file: &Path, key: &str) -> Result<Vec<T>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![v.clone(); n]),
+            PerBlock::Many(vs) if vs.len() == n => Ok(vs.clone()),
+            PerBlock::Many(vs) => Err(Error::config(
+                file,
+                key,
+                format!("must have one entry per block ({n}, as down_block_types), got {}", vs.len()),
+            )),
+        }
+    }
+}
