@@ -255,6 +255,19 @@ impl UNet2DConditionConfig {
         read_config(path)
     }
 
+    /// `sample_size` as `(h, w)` latent pixels, when given as a number or a pair.
+    pub fn sample_size_hw(&self) -> Option<(usize, usize)> {
+        let v = self.sample_size.as_ref()?;
+        if let Some(n) = v.as_u64() {
+            return Some((n as usize, n as usize));
+        }
+        let a = v.as_array()?;
+        match (a.first()?.as_u64(), a.get(1)?.as_u64()) {
+            (Some(h), Some(w)) if a.len() == 2 => Some((h as usize, w as usize)),
+            _ => None,
+        }
+    }
+
     /// Config keys this implementation does not read (for a warning).
     pub fn unknown_keys(&self) -> Vec<String> {
         unknown_keys(&self.extra)
@@ -432,6 +445,7 @@ pub struct UNet2DConditionModel {
     center_input_sample: bool,
     in_channels: usize,
     cross_attention_dim: usize,
+    sample_size: Option<(usize, usize)>,
 }
 
 impl UNet2DConditionModel {
@@ -533,6 +547,7 @@ impl UNet2DConditionModel {
             center_input_sample: cfg.center_input_sample,
             in_channels: cfg.in_channels,
             cross_attention_dim: plan.cross_dims[0],
+            sample_size: cfg.sample_size_hw(),
         })
     }
 
@@ -544,6 +559,11 @@ impl UNet2DConditionModel {
     /// Latent channels in.
     pub fn in_channels(&self) -> usize {
         self.in_channels
+    }
+
+    /// The latent size the model was trained at, `(h, w)`, from the config's `sample_size`.
+    pub fn sample_size(&self) -> Option<(usize, usize)> {
+        self.sample_size
     }
 
     /// Width of the text states the model expects.

@@ -1,0 +1,161 @@
+//! `diffalign generate`: text to images.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use diffalign::rng::Rng;
+use diffalign::sampling::image_io::save_png;
+use diffalign::sampling::{GenerateRequest, PipelineKind};
+use diffalign::schedulers::SchedulerKind;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::model_args::ModelArgs;
+
+/// Flags of `diffalign generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long, conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A file with one prompt per line (blank lines skipped).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Images per prompt; image k of a prompt uses seed `seed + k`.
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Negative prompt (an explicit empty string counts as given).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Denoising steps (1 for Turbo models).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale; guidance runs only when > 1 (use 0 for Turbo models).
+    /// Default: 7.5, or 5.0 for SDXL pipelines, as diffusers.
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Image height in pixels (default: the UNet's sample size times the VAE factor).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels (default: the UNet's sample size times the VAE factor).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Seed of the initial noise (and of any sampler noise).
+    #[arg(long, default_value_t = 0, conflicts_with = "init_noise")]
+    seed: u64,
+    /// A safetensors file with a tensor `init_noise` of shape [1, 4, h, w]: the unscaled initial
+    /// latent noise (diffusers' `latents=`).
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Output PNG. With several images, `NAME-<prompt>-<image>.png` beside it.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
+    match (&args.prompt, &args.prompts) {
+        (Some(p), None) => Ok(vec![p.clone()]),
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let prompts: Vec<String> =
+                text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+            if prompts.is_empty() {
+                bail!("{}: no prompts in the file", file.display());
+            }
+            Ok(prompts)
+        }
+        _ => bail!("give --prompt TEXT or --prompts FILE"),
+    }
+}
+
+fn load_init_noise(path: &Path) -> anyhow::Result<Tensor> {
+    let store = diffalign::weights::TensorStore::open_file(path)?;
+    let t = store.get("init_noise", None, candle_core::DType::F32, &Device::Cpu)?;
+    if t.rank() != 4 || t.dim(0)? != 1 {
+        bail!("{}: init_noise: expected shape [1, C, h, w], got {:?}", path.display(), t.dims());
+    }
+    Ok(t)
+}
+
+/// Output path of image `k` of prompt `p` when several are written.
+fn numbered(out: &Path, p: usize, k: usize) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    out.with_file_name(format!("{stem}-{p:03}-{k}.png"))
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let prompts = read_prompts(&args)?;
+    if args.num_images == 0 {
+        bail!("--num-images: must be at least 1");
+    }
+    if args.steps == 0 {
+        bail!("--steps: must be at least 1");
+    }
+    if args.out.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+        bail!("--out: expected a .png path, got {}", args.out.display());
+    }
+    let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+    let init_noise = args.init_noise.as_deref().map(load_init_noise).transpose()?;
+    if init_noise.is_some() && (prompts.len() > 1 || args.num_images > 1) {
+        bail!("--init-noise: gives the noise of one image; use it with one --prompt and --num-images 1");
+    }
+    let pipe = args.model.load_pipeline()?;
+    let f = pipe.vae_scale_factor();
+    let (height, width) = match (&init_noise, args.height, args.width) {
+        (_, Some(h), Some(w)) => (h, w),
+        (Some(n), h, w) => (h.unwrap_or(n.dim(2)? * f), w.unwrap_or(n.dim(3)? * f)),
+        (None, h, w) => {
+            let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
+            (h.unwrap_or(sh * f), w.unwrap_or(sw * f))
+        }
+    };
+    let (lh, lw) = pipe.check_size(height, width)?;
+    let guidance =
+        args.guidance.unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXl { 5.0 } else { 7.5 });
+
+    let total = prompts.len() * args.num_images;
+    let bar = ProgressBar::new((total * args.steps) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} generating [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut written = Vec::with_capacity(total);
+    for (p, prompt) in prompts.iter().enumerate() {
+        for k in 0..args.num_images {
+            let seed = args.seed + k as u64;
+            let noise = match &init_noise {
+                Some(n) => n.clone(),
+                None => Rng::new(seed).randn((1, pipe.unet.in_channels(), lh, lw), &Device::Cpu)?,
+            };
+            let req = GenerateRequest {
+                prompts: vec![prompt.clone()],
+                negative_prompts: args.negative_prompt.clone().map(|n| vec![n]),
+                steps: args.steps,
+                guidance,
+                height,
+                width,
+                init_noise: noise,
+                scheduler,
+                seed,
+                time_ids: None,
+            };
+            let done = bar.position();
+            let out = pipe.generate(&req, &mut |i, _| bar.set_position(done + i as u64))?.images;
+            let path = if total == 1 { args.out.clone() } else { numbered(&args.out, p, k) };
+            save_png(&out.get(0)?, &path)?;
+            written.push(serde_json::json!({"path": path, "prompt": prompt, "seed": seed}));
+        }
+    }
+    bar.finish_and_clear();
+    for w in written {
+        println!("{w}");
+    }
+    Ok(())
+}

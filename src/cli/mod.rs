@@ -1,0 +1,27 @@
+//! Subcommands. Each file owns one command's flags (clap derive) and its run function.
+
+mod generate;
+mod model_args;
+
+use clap::{Parser, Subcommand};
+
+/// Align text-to-image diffusion models with human preferences.
+#[derive(Debug, Parser)]
+#[command(name = "diffalign", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate images from text with a Stable Diffusion 1.x / 2.x / XL / Turbo pipeline.
+    Generate(generate::GenerateArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+    }
+}

@@ -1,0 +1,376 @@
+//! A whole Stable Diffusion pipeline (SD 1.x / 2.x and XL, Turbo included) loaded from a
+//! diffusers folder, and text-to-image generation with diffusers' semantics.
+//! Counterparts: `diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py` and
+//! `stable_diffusion_xl/pipeline_stable_diffusion_xl.py`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::models::clip::text_model::{is_known_buffer, ClipTextConfig, ClipTextModel};
+use crate::models::unet::{AddedCond, UNet2DConditionModel};
+use crate::models::vae::AutoencoderKL;
+use crate::rng::Rng;
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::text::ClipTokenizer;
+use crate::weights::LoadOptions;
+use crate::{Error, Result};
+
+/// Which pipeline family a folder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// `StableDiffusionPipeline`: SD 1.x, 2.x, SD-Turbo. One text encoder, last hidden state.
+    StableDiffusion,
+    /// `StableDiffusionXLPipeline`: SDXL, SDXL-Turbo. Two text encoders, penultimate hidden
+    /// states, pooled projection and time ids.
+    StableDiffusionXl,
+}
+
+/// The parts of `model_index.json` the loader reads.
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
+    #[serde(flatten)]
+    components: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl ModelIndex {
+    /// Whether component `name` is listed with a class (not `[null, null]`).
+    fn has(&self, name: &str) -> bool {
+        self.components
+            .get(name)
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().any(|x| !x.is_null()))
+    }
+}
+
+/// Where each component of a pipeline comes from, for [`StableDiffusionPipeline::load`].
+#[derive(Debug, Clone, Default)]
+pub struct PipelineSources {
+    /// The pipeline folder (with `model_index.json`).
+    pub root: PathBuf,
+    /// A replacement `vae/` folder (e.g. an fp16-fixed SDXL VAE).
+    pub vae: Option<PathBuf>,
+    /// A replacement `unet/` folder (e.g. a fine-tuned UNet).
+    pub unet: Option<PathBuf>,
+}
+
+/// Encoded prompts: the UNet's text states and, for SDXL, the pooled projection.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds {
+    /// `[B, 77, cross_attention_dim]`.
+    pub context: Tensor,
+    /// SDXL's pooled, projected embedding of the second encoder, `[B, P]`.
+    pub pooled: Option<Tensor>,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// One prompt per image.
+    pub prompts: Vec<String>,
+    /// One negative prompt per image; `None` means "not given" (SDXL with
+    /// `force_zeros_for_empty_prompt` then uses zero negative embeddings).
+    pub negative_prompts: Option<Vec<String>>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance runs only when > 1.
+    pub guidance: f64,
+    /// Image height in pixels (divisible by the VAE factor).
+    pub height: usize,
+    /// Image width in pixels (divisible by the VAE factor).
+    pub width: usize,
+    /// Unscaled initial latent noise `[B, C, h, w]` (diffusers' `latents=`).
+    pub init_noise: Tensor,
+    /// Sampler override; `None` uses the checkpoint's scheduler class.
+    pub scheduler: Option<SchedulerKind>,
+    /// Seed of the noise that stochastic samplers add during the loop.
+    pub seed: u64,
+    /// SDXL micro-conditioning `(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`;
+    /// `None` gives `(height, width, 0, 0, height, width)`.
+    pub time_ids: Option<[f64; 6]>,
+}
+
+/// Generated images.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// `[B, H, W, 3]` f32 in [0, 1].
+    pub images: Tensor,
+    /// The final latents `[B, C, h, w]` (scaled, before decoding).
+    pub latents: Tensor,
+}
+
+/// A loaded pipeline.
+pub struct StableDiffusionPipeline {
+    /// The pipeline family.
+    pub kind: PipelineKind,
+    /// Tokenizer of the (first) text encoder.
+    pub tokenizer: ClipTokenizer,
+    /// The (first) text encoder.
+    pub text_encoder: ClipTextModel,
+    /// SDXL's second tokenizer.
+    pub tokenizer_2: Option<ClipTokenizer>,
+    /// SDXL's second text encoder (with projection).
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// The denoiser.
+    pub unet: UNet2DConditionModel,
+    /// The autoencoder.
+    pub vae: AutoencoderKL,
+    /// The scheduler config (beta schedule, prediction type, default sampler).
+    pub scheduler_config: SchedulerConfig,
+    /// SDXL: zero negative embeddings when no negative prompt is given.
+    pub force_zeros_for_empty_prompt: bool,
+    dtype: DType,
+    device: Device,
+}
+
+/// Loads a CLIP text encoder from a transformers folder; every tensor must be used.
+pub fn load_text_encoder(dir: &Path, opts: &LoadOptions) -> Result<ClipTextModel> {
+    let cfg = ClipTextConfig::from_file(dir.join("config.json"))?;
+    let vb = opts.open(dir, "model")?;
+    let model = ClipTextModel::load(&cfg, vb.clone())?;
+    crate::weights::check_all_used(&vb, is_known_buffer)?;
+    Ok(model)
+}
+
+fn require_dir(dir: &Path, what: &str) -> Result<()> {
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(Error::MissingFile { path: dir.to_path_buf(), what: format!("{what} folder") })
+    }
+}
+
+impl StableDiffusionPipeline {
+    /// Loads every component of a diffusers pipeline folder.
+    pub fn load(sources: &PipelineSources, opts: &LoadOptions) -> Result<Self> {
+        let root = &sources.root;
+        let index_path = root.join("model_index.json");
+        let index: ModelIndex = crate::models::config::read_config(&index_path)?;
+        let kind = match index.class_name.as_deref() {
+            Some(c) if c.starts_with("StableDiffusionXL") => PipelineKind::StableDiffusionXl,
+            Some(c) if c.starts_with("StableDiffusion") => PipelineKind::StableDiffusion,
+            _ if index.has("text_encoder_2") => PipelineKind::StableDiffusionXl,
+            _ if index.has("text_encoder") => PipelineKind::StableDiffusion,
+            other => {
+                return Err(Error::config(
+                    &index_path,
+                    "_class_name",
+                    format!("{other:?} is not a Stable Diffusion text-to-image pipeline"),
+                ))
+            }
+        };
+        for comp in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            if !index.has(comp) {
+                return Err(Error::config(&index_path, comp, "component missing (null or absent)"));
+            }
+        }
+        let unet_dir = sources.unet.clone().unwrap_or_else(|| root.join("unet"));
+        let vae_dir = sources.vae.clone().unwrap_or_else(|| root.join("vae"));
+        for (dir, what) in [
+            (&unet_dir, "unet"),
+            (&vae_dir, "vae"),
+            (&root.join("text_encoder"), "text_encoder"),
+            (&root.join("tokenizer"), "tokenizer"),
+            (&root.join("scheduler"), "scheduler"),
+        ] {
+            require_dir(dir, what)?;
+        }
+        let scheduler_config = SchedulerConfig::from_file(root.join("scheduler").join("scheduler_config.json"))?;
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let text_encoder = load_text_encoder(&root.join("text_encoder"), opts)?;
+        let (tokenizer_2, text_encoder_2) = if kind == PipelineKind::StableDiffusionXl {
+            require_dir(&root.join("text_encoder_2"), "text_encoder_2")?;
+            require_dir(&root.join("tokenizer_2"), "tokenizer_2")?;
+            let te2 = load_text_encoder(&root.join("text_encoder_2"), opts)?;
+            if !te2.config().architecture.has_projection() {
+                return Err(Error::config(
+                    root.join("text_encoder_2/config.json"),
+                    "architectures",
+                    "SDXL's second text encoder must be CLIPTextModelWithProjection",
+                ));
+            }
+            (Some(ClipTokenizer::from_dir(&root.join("tokenizer_2"))?), Some(te2))
+        } else {
+            (None, None)
+        };
+        let (unet, _) = UNet2DConditionModel::from_pretrained(&unet_dir, opts)?;
+        // diffusers runs `force_upcast` VAEs in f32 whatever the pipeline dtype (fp16 SD VAEs overflow).
+        let vae_cfg = crate::models::vae::AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
+        let vae_opts =
+            if vae_cfg.force_upcast { LoadOptions { dtype: DType::F32, ..opts.clone() } } else { opts.clone() };
+        let (vae, _) = AutoencoderKL::from_pretrained(&vae_dir, &vae_opts)?;
+        if unet.needs_added_cond() != (kind == PipelineKind::StableDiffusionXl) {
+            return Err(Error::config(
+                unet_dir.join("config.json"),
+                "addition_embed_type",
+                format!("does not fit a {kind:?} pipeline"),
+            ));
+        }
+        let force_zeros_for_empty_prompt =
+            index.force_zeros_for_empty_prompt.unwrap_or(kind == PipelineKind::StableDiffusionXl);
+        Ok(StableDiffusionPipeline {
+            kind,
+            tokenizer,
+            text_encoder,
+            tokenizer_2,
+            text_encoder_2,
+            unet,
+            vae,
+            scheduler_config,
+            force_zeros_for_empty_prompt,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// The spatial factor between images and latents.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downscale_factor()
+    }
+
+    /// The device the pipeline runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Encodes `texts` as diffusers does without guidance: SD takes the last hidden state; SDXL
+    /// concatenates both encoders' penultimate states and adds the second's pooled projection.
+    pub fn encode_text<S: AsRef<str>>(&self, texts: &[S]) -> Result<PromptEmbeds> {
+        let ids = self.tokenizer.encode_batch_tensor(texts, &self.device)?;
+        let out = self.text_encoder.forward(&ids)?;
+        match (&self.tokenizer_2, &self.text_encoder_2) {
+            (Some(tok2), Some(te2)) => {
+                let ids2 = tok2.encode_batch_tensor(texts, &self.device)?;
+                let out2 = te2.forward(&ids2)?;
+                let context = Tensor::cat(&[&out.penultimate_hidden_state, &out2.penultimate_hidden_state], 2)?;
+                let pooled = out2.text_embeds.expect("checked at load: encoder 2 has a projection");
+                Ok(PromptEmbeds { context, pooled: Some(pooled) })
+            }
+            _ => Ok(PromptEmbeds { context: out.last_hidden_state, pooled: None }),
+        }
+    }
+
+    /// Conditioning for a batch with optional classifier-free guidance: with guidance the batch
+    /// is `[negative; positive]`, as diffusers orders it.
+    pub fn encode_prompts(
+        &self,
+        prompts: &[String],
+        negative_prompts: Option<&[String]>,
+        guidance: bool,
+    ) -> Result<PromptEmbeds> {
+        let pos = self.encode_text(prompts)?;
+        if !guidance {
+            return Ok(pos);
+        }
+        let neg = match negative_prompts {
+            None if self.kind == PipelineKind::StableDiffusionXl && self.force_zeros_for_empty_prompt => PromptEmbeds {
+                context: pos.context.zeros_like()?,
+                pooled: pos.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+            },
+            None => self.encode_text(&vec![String::new(); prompts.len()])?,
+            Some(n) => self.encode_text(n)?,
+        };
+        let context = Tensor::cat(&[&neg.context, &pos.context], 0)?;
+        let pooled = match (neg.pooled, pos.pooled) {
+            (Some(n), Some(p)) => Some(Tensor::cat(&[&n, &p], 0)?),
+            _ => None,
+        };
+        Ok(PromptEmbeds { context, pooled })
+    }
+
+    /// Checks a requested size against the VAE factor; names the offending argument.
+    pub fn check_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        for (what, v) in [("height", height), ("width", width)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::input(what, format!("must be a positive multiple of {f} (the VAE factor), got {v}")));
+            }
+        }
+        Ok((height / f, width / f))
+    }
+
+    /// Generates images; `progress` is called after each denoising step with `(done, total)`.
+    pub fn generate(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Generated> {
+        let b = req.prompts.len();
+        if b == 0 {
+            return Err(Error::input("prompt", "no prompt given"));
+        }
+        if let Some(n) = &req.negative_prompts {
+            if n.len() != b {
+                return Err(Error::input("negative prompt", format!("expected {b} (one per prompt), got {}", n.len())));
+            }
+        }
+        let (lh, lw) = self.check_size(req.height, req.width)?;
+        let want = [b, self.unet.in_channels(), lh, lw];
+        if req.init_noise.dims() != want {
+            return Err(Error::input("init noise", format!("expected shape {want:?}, got {:?}", req.init_noise.dims())));
+        }
+        let guidance = req.guidance > 1.0;
+        let embeds = self.encode_prompts(&req.prompts, req.negative_prompts.as_deref(), guidance)?;
+        let context = embeds.context.to_dtype(self.dtype)?;
+        let rows = if guidance { 2 * b } else { b };
+        let added = match &embeds.pooled {
+            Some(pooled) => {
+                let ids = req.time_ids.unwrap_or([
+                    req.height as f64,
+                    req.width as f64,
+                    0.0,
+                    0.0,
+                    req.height as f64,
+                    req.width as f64,
+                ]);
+                let ids: Vec<f32> = (0..rows).flat_map(|_| ids.iter().map(|&v| v as f32)).collect();
+                Some(AddedCond {
+                    text_embeds: pooled.to_dtype(self.dtype)?,
+                    time_ids: Tensor::from_vec(ids, (rows, 6), &self.device)?,
+                })
+            }
+            None => None,
+        };
+
+        let mut scheduler = self.scheduler_config.build(req.scheduler, req.steps)?;
+        let mut rng = Rng::new(req.seed);
+        let mut latents = (req.init_noise.to_device(&self.device)?.to_dtype(DType::F32)? * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let ts = Tensor::from_vec(vec![t as f32; rows], rows, &self.device)?;
+            let pred = self.unet.forward(&input.to_dtype(self.dtype)?, &ts, &context, added.as_ref())?;
+            let pred = pred.to_dtype(DType::F32)?;
+            let pred = if guidance {
+                let (uncond, text) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
+                (&uncond + ((text - &uncond)? * req.guidance)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, &mut rng)?;
+            progress(i + 1, timesteps.len());
+        }
+        let images = self.decode_latents(&latents)?;
+        Ok(Generated { images, latents })
+    }
+
+    /// Decodes scaled latents to `[B, H, W, 3]` images in [0, 1].
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let vae_dtype = self.vae_dtype();
+        let z = (latents.to_dtype(vae_dtype)? / self.vae.config().scaling_factor)?;
+        let decoded = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        let images = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        Ok(images.permute((0, 2, 3, 1))?.contiguous()?)
+    }
+
+    /// The dtype the VAE runs in (f32 for `force_upcast` VAEs).
+    fn vae_dtype(&self) -> DType {
+        if self.vae.config().force_upcast {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! `diffalign generate` end to end: PNGs against diffusers' images, and clear errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Tensor};
+use common::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_diffalign"))
+}
+
+/// Writes row `i` of the fixture's `pipe.init_noise` as an `--init-noise` file.
+fn write_init_noise(dir: &Path, reference: &Path, key: &str, i: usize) -> PathBuf {
+    let r = load(reference);
+    let noise = r[key].narrow(0, i, 1).unwrap().contiguous().unwrap();
+    let path = dir.join(format!("noise{i}.safetensors"));
+    candle_core::safetensors::save(&[("init_noise".to_string(), noise)].into_iter().collect(), &path).unwrap();
+    path
+}
+
+fn png_as_tensor(path: &Path) -> Tensor {
+    diffalign::sampling::image_io::load_image(path).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+/// Runs `generate` for image `i` of a fixture with its prompt, negative prompt, steps, guidance
+/// and noise, and compares the PNG with diffusers' 8-bit image.
+fn check_generate(case_dir: &Path, i: usize) {
+    let reference = case_dir.join("reference.safetensors");
+    let meta = metadata(&reference);
+    let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).unwrap();
+    let negatives: Option<Vec<String>> = serde_json::from_str(&meta["negative_prompts"]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let noise = write_init_noise(tmp.path(), &reference, "pipe.init_noise", i);
+    let out = tmp.path().join("out.png");
+    let mut cmd = bin();
+    cmd.args(["generate", "--model"])
+        .arg(case_dir)
+        .args(["--prompt", &prompts[i], "--steps", &meta["steps"], "--guidance", &meta["guidance_scale"]])
+        .args(["--height", &meta["height"], "--width", &meta["width"]])
+        .arg("--init-noise")
+        .arg(&noise)
+        .arg("--out")
+        .arg(&out);
+    if let Some(n) = &negatives {
+        cmd.args(["--negative-prompt", &n[i]]);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "generate failed: {}", String::from_utf8_lossy(&o.stderr));
+    let got = png_as_tensor(&out);
+    let want = png_as_tensor(&case_dir.join(format!("reference_{i}.png")));
+    assert_close(&format!("{} image {i}", case_dir.display()), &got, &want, IMAGE_ATOL);
+}
+
+#[test]
+fn generate_sd15_png_matches_diffusers() {
+    for i in 0..2 {
+        check_generate(&shared_fixtures().join("sd15"), i);
+    }
+}
+
+#[test]
+fn generate_turbo_png_matches_diffusers() {
+    for i in 0..2 {
+        check_generate(&shared_fixtures().join("turbo"), i);
+    }
+}
+
+/// Runs `generate` with `args` after the model, expects failure, no output file, and an error
+/// mentioning every one of `needles`.
+fn expect_error(model: &Path, args: &[&str], needles: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.png");
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(model)
+        .args(["--prompt", "a red circle", "--steps", "1"])
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    for n in needles {
+        assert!(err.contains(n), "error should mention {n:?}: {err}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(leftovers.is_empty(), "left files behind: {leftovers:?}");
+}
+
+#[test]
+fn generate_rejects_size_not_divisible_by_vae_factor() {
+    expect_error(&shared_fixtures().join("sd15"), &["--height", "62", "--width", "64"], &["height", "multiple of 4"]);
+}
+
+#[test]
+fn generate_rejects_unknown_scheduler() {
+    expect_error(&shared_fixtures().join("sd15"), &["--scheduler", "plms-fancy"], &["plms-fancy"]);
+}
+
+#[test]
+fn generate_rejects_missing_model_folder() {
+    expect_error(Path::new("/nonexistent/model"), &[], &["/nonexistent/model"]);
+}
