@@ -27,12 +27,23 @@ fn unet_turbo_linear_projection_matches_diffusers() {
 
 #[test]
 fn unet_every_parameter_gets_a_gradient() {
+    check_all_gradients(8, 8);
+}
+
+/// Odd, non-square latents: strided convs leave different remainders in h and w, and the up
+/// path upsamples by non-integer factors (4x3 -> 2x2 -> 4x3).
+#[test]
+fn unet_every_parameter_gets_a_gradient_non_square_odd() {
+    check_all_gradients(8, 6);
+}
+
+fn check_all_gradients(h: usize, w: usize) {
     let dir = shared_fixtures().join("sd15/unet");
     let opts = LoadOptions { trainable: true, ..Default::default() };
     let (unet, vb) = UNet2DConditionModel::from_pretrained(&dir, &opts).unwrap();
     let dev = Device::Cpu;
     let mut rng = diffalign::rng::Rng::new(3);
-    let x = rng.randn((2, 4, 8, 8), &dev).unwrap();
+    let x = rng.randn((2, 4, h, w), &dev).unwrap();
     let ctx = rng.randn((2, 5, 32), &dev).unwrap();
     let t = Tensor::new(&[10f32, 700.0], &dev).unwrap();
     let out = unet.forward(&x, &t, &ctx, None).unwrap();

@@ -123,6 +123,17 @@ impl Upsample2D {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+        let up = if (th, tw) == (2 * h, 2 * w) {
+            xs.upsample_nearest2d(th, tw)?
+        } else {
+            // candle's nearest upsampling has no backward for non-integer scales; gathering the
+            // source rows and columns (PyTorch's `floor(dst * in / out)`) has one.
+            let index = |n_in: usize, n_out: usize| -> Result<Tensor> {
+                let idx: Vec<u32> = (0..n_out).map(|i| ((i * n_in) / n_out) as u32).collect();
+                Ok(Tensor::from_vec(idx, n_out, xs.device())?)
+            };
+            xs.index_select(&index(h, th)?, 2)?.index_select(&index(w, tw)?, 3)?
+        };
+        self.conv.forward(&up)
     }
 }

@@ -1,6 +1,6 @@
 //! Scaled dot-product attention and softmax from composed ops (differentiable).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 use crate::Result;
 
@@ -14,14 +14,15 @@ pub fn softmax(xs: &Tensor) -> Result<Tensor> {
 }
 
 /// `softmax(q k^T * scale + mask) v` for `q` `[..., Lq, D]`, `k`, `v` `[..., Lk, D]`; the mask,
-/// when given, is added to the scores (use `-inf` to block). Scores and softmax run in f32.
+/// when given, is added to the scores (use `-inf` to block). Scores and softmax run in f32 for half-precision inputs.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     let dtype = q.dtype();
-    let q32 = q.to_dtype(DType::F32)?;
-    let k32 = k.to_dtype(DType::F32)?;
+    let compute = crate::nn::norm::compute_dtype(dtype);
+    let q32 = q.to_dtype(compute)?;
+    let k32 = k.to_dtype(compute)?;
     let scores = (q32.contiguous()?.matmul(&k32.t()?.contiguous()?)? * scale)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(compute)?)?,
         None => scores,
     };
     let p = softmax(&scores)?.to_dtype(dtype)?;

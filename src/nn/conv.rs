@@ -45,10 +45,33 @@ impl Conv2d {
 
     /// Applies the convolution to `xs` of shape `[B, C_in, H, W]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = xs.conv2d(&self.weight, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?;
+        let ys = match self.exact_cover(xs)? {
+            Some(cropped) => cropped.conv2d(&self.weight, 0, self.cfg.stride, 1, self.cfg.groups)?,
+            None => xs.conv2d(&self.weight, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?,
+        };
         Ok(match &self.bias {
             Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
             None => ys,
         })
+    }
+
+    /// For strided convolutions whose windows leave trailing rows or columns unread: the
+    /// explicitly padded input cut to exactly what the windows read. candle's conv2d backward
+    /// derives one output padding from the height and applies it to the width too, which breaks
+    /// (shape error) when the two leftovers differ; with nothing left over it is exact.
+    fn exact_cover(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        let (s, p) = (self.cfg.stride, self.cfg.padding);
+        if s == 1 {
+            return Ok(None);
+        }
+        let k = self.weight.dim(2)?;
+        let (_, _, h, w) = xs.dims4()?;
+        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        if hp < k || wp < k || ((hp - k) % s == 0 && (wp - k) % s == 0) {
+            return Ok(None);
+        }
+        let padded = if p > 0 { xs.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)? } else { xs.clone() };
+        let cut = |n: usize| n - (n - k) % s;
+        Ok(Some(padded.narrow(2, 0, cut(hp))?.narrow(3, 0, cut(wp))?))
     }
 }

@@ -1,14 +1,22 @@
 //! Layer and group normalisation from composed candle ops, so that both have a backward pass.
-//! Statistics are computed in f32 whatever the input dtype.
+//! Statistics are computed in f32 for half-precision inputs.
 
 use candle_core::{DType, Tensor, D};
 
 use crate::weights::VarBuilder;
 use crate::Result;
 
-/// Normalises `xs` over its last dimension (zero mean, unit variance, in f32).
+/// The dtype statistics and scores are computed in: f32 for half types, else the input's own.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Normalises `xs` over its last dimension (zero mean, unit variance, at least f32 precision).
 fn normalize_last(xs: &Tensor, eps: f64) -> Result<Tensor> {
-    let x = xs.to_dtype(DType::F32)?;
+    let x = xs.to_dtype(compute_dtype(xs.dtype()))?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;

@@ -1,0 +1,66 @@
+//! Noise schedules and sampling step rules, ported from diffusers 0.42 with its numerics.
+//!
+//! - [`config`]: [`SchedulerConfig`] (a diffusers `scheduler_config.json`), [`SchedulerKind`]
+//!   (the `--scheduler` choice) and the factory [`SchedulerConfig::build`].
+//! - [`noise_schedule`]: [`NoiseSchedule`], computed once per config: betas, ᾱ, the per-sample
+//!   training helpers (`add_noise`, `velocity`, `training_target`) and the inference timestep
+//!   and sigma layouts.
+//! - One step rule per file, named after the diffusers file: [`ddim`], [`ddim_inverse`],
+//!   [`euler_discrete`], [`euler_ancestral_discrete`].
+//!
+//! A sampling loop reads:
+//! ```ignore
+//! let mut sched = config.build(None, steps)?;
+//! let mut latents = (init_noise * sched.init_noise_sigma())?;
+//! for i in 0..sched.timesteps().len() {
+//!     let t = sched.timesteps()[i];
+//!     let input = sched.scale_model_input(&latents, i)?;
+//!     let model_output = unet.forward(&input, t, &cond)?;
+//!     latents = sched.step(&model_output, i, &latents, &mut rng)?;
+//! }
+//! ```
+
+pub mod config;
+pub mod ddim;
+pub mod ddim_inverse;
+pub mod euler_ancestral_discrete;
+pub mod euler_discrete;
+pub mod noise_schedule;
+
+pub use config::{
+    BetaSchedule, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig,
+    SchedulerKind, TimestepSpacing, TimestepType,
+};
+pub use ddim::{DDIMScheduler, DdimMove};
+pub use ddim_inverse::DDIMInverseScheduler;
+pub use euler_ancestral_discrete::EulerAncestralDiscreteScheduler;
+pub use euler_discrete::EulerDiscreteScheduler;
+pub use noise_schedule::{NoiseSchedule, SigmaSchedule, TimestepValues};
+
+use candle_core::Tensor;
+
+use crate::rng::Rng;
+use crate::Result;
+
+/// A sampler set to N inference steps, driven by step index.
+pub trait Scheduler: Send + Sync {
+    /// The timesteps the model is given, in sampling order (float values for Euler-type samplers).
+    fn timesteps(&self) -> &[f64];
+
+    /// The scale of the initial latents: `latents = standard_normal · init_noise_sigma`.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// The model input for `sample` at step `step_index` (identity for DDIM,
+    /// `sample / sqrt(σ² + 1)` for Euler-type samplers). Keeps the sample's shape and dtype.
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+
+    /// One step from the model output at `step_index` (same shape as `sample`) to the next
+    /// sample; stochastic samplers draw their noise from `rng`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        rng: &mut Rng,
+    ) -> Result<Tensor>;
+}
