@@ -28,12 +28,18 @@ fn png_as_tensor(path: &Path) -> Tensor {
 /// Runs `generate` for image `i` of a fixture with its prompt, negative prompt, steps, guidance
 /// and noise, and compares the PNG with diffusers' 8-bit image.
 fn check_generate(case_dir: &Path, i: usize) {
+    check_generate_run(case_dir, i, "pipe", "negative_prompts", "reference");
+}
+
+/// As [`check_generate`] for the run `prefix` of the fixture (its noise `prefix.init_noise`, its
+/// negative prompts under `negatives_key`, its PNGs `png_stem_{i}.png`).
+fn check_generate_run(case_dir: &Path, i: usize, prefix: &str, negatives_key: &str, png_stem: &str) {
     let reference = case_dir.join("reference.safetensors");
     let meta = metadata(&reference);
     let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).unwrap();
-    let negatives: Option<Vec<String>> = serde_json::from_str(&meta["negative_prompts"]).unwrap();
+    let negatives: Option<Vec<String>> = serde_json::from_str(&meta[negatives_key]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let noise = write_init_noise(tmp.path(), &reference, "pipe.init_noise", i);
+    let noise = write_init_noise(tmp.path(), &reference, &format!("{prefix}.init_noise"), i);
     let out = tmp.path().join("out.png");
     let mut cmd = bin();
     cmd.args(["generate", "--model"])
@@ -50,7 +56,7 @@ fn check_generate(case_dir: &Path, i: usize) {
     let o = cmd.output().unwrap();
     assert!(o.status.success(), "generate failed: {}", String::from_utf8_lossy(&o.stderr));
     let got = png_as_tensor(&out);
-    let want = png_as_tensor(&case_dir.join(format!("reference_{i}.png")));
+    let want = png_as_tensor(&case_dir.join(format!("{png_stem}_{i}.png")));
     assert_close(&format!("{} image {i}", case_dir.display()), &got, &want, IMAGE_ATOL);
 }
 
@@ -66,6 +72,23 @@ fn generate_turbo_png_matches_diffusers() {
     for i in 0..2 {
         check_generate(&shared_fixtures().join("turbo"), i);
     }
+}
+
+#[test]
+fn generate_sd21_v_prediction_non_square_png_matches_diffusers() {
+    check_generate(&own_fixtures().join("sd21v"), 0);
+}
+
+#[test]
+fn generate_sdxl_png_matches_diffusers_with_and_without_negative_prompt() {
+    let dir = own_fixtures().join("sdxl");
+    check_generate(&dir, 1);
+    check_generate_run(&dir, 0, "pipe_noneg", "pipe_noneg.negative_prompts", "reference_noneg");
+}
+
+#[test]
+fn generate_sdxl_turbo_png_matches_diffusers() {
+    check_generate(&own_fixtures().join("sdxl-turbo"), 0);
 }
 
 /// Runs `generate` with `args` after the model, expects failure, no output file, and an error

@@ -49,3 +49,46 @@ fn pipeline_sd15_ddim_cfg_matches_diffusers() {
 fn pipeline_turbo_one_step_matches_diffusers() {
     check_pipeline(&shared_fixtures().join("turbo"), "pipe", "negative_prompts");
 }
+
+#[test]
+fn pipeline_sd21_v_prediction_non_square_matches_diffusers() {
+    check_pipeline(&own_fixtures().join("sd21v"), "pipe", "negative_prompts");
+}
+
+#[test]
+fn pipeline_sdxl_explicit_negative_prompts_match_diffusers() {
+    check_pipeline(&own_fixtures().join("sdxl"), "pipe", "negative_prompts");
+}
+
+#[test]
+fn pipeline_sdxl_without_negative_prompt_uses_zero_embeddings_like_diffusers() {
+    check_pipeline(&own_fixtures().join("sdxl"), "pipe_noneg", "pipe_noneg.negative_prompts");
+}
+
+#[test]
+fn pipeline_sdxl_turbo_one_step_ancestral_matches_diffusers() {
+    check_pipeline(&own_fixtures().join("sdxl-turbo"), "pipe", "negative_prompts");
+}
+
+#[test]
+fn pipeline_sdxl_prompt_conditioning_matches_diffusers() {
+    let dir = own_fixtures().join("sdxl");
+    let reference = dir.join("reference.safetensors");
+    let meta = metadata(&reference);
+    let r = load(&reference);
+    let pipe = StableDiffusionPipeline::load(&PipelineSources { root: dir.clone(), ..Default::default() }, &LoadOptions::default())
+        .unwrap();
+    let prompts = json_list(&meta, "prompts").unwrap();
+    let negatives = json_list(&meta, "negative_prompts").unwrap();
+    let pos = pipe.encode_text(&prompts).unwrap();
+    let neg = pipe.encode_text(&negatives).unwrap();
+    assert_close("prompt_embeds", &pos.context, &r["pipe.prompt_embeds"], MODULE_ATOL);
+    assert_close("pooled_prompt_embeds", pos.pooled.as_ref().unwrap(), &r["pipe.pooled_prompt_embeds"], MODULE_ATOL);
+    assert_close("negative_prompt_embeds", &neg.context, &r["pipe.negative_prompt_embeds"], MODULE_ATOL);
+    assert_close(
+        "negative_pooled_prompt_embeds",
+        neg.pooled.as_ref().unwrap(),
+        &r["pipe.negative_pooled_prompt_embeds"],
+        MODULE_ATOL,
+    );
+}

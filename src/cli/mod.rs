@@ -1,5 +1,6 @@
 //! Subcommands. Each file owns one command's flags (clap derive) and its run function.
 
+mod bench;
 mod generate;
 mod model_args;
 
@@ -17,11 +18,14 @@ pub struct Cli {
 enum Command {
     /// Generate images from text with a Stable Diffusion 1.x / 2.x / XL / Turbo pipeline.
     Generate(generate::GenerateArgs),
+    /// Time the hot paths on CPU (one JSON line per measurement).
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -38,11 +38,41 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Asserts `got` matches `want` within `atol`, naming `what` on failure.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
     let d = max_abs_diff(got, want);
     assert!(d <= atol, "{what}: max abs diff {d} > {atol}");
+}
+
+/// Backpropagates `sum(out * w)` for a fixed random `w` and asserts that every `Var` handed out
+/// by `vb` received a nonzero gradient.
+pub fn assert_every_var_has_gradient(out: &Tensor, vb: &diffalign::weights::VarBuilder) {
+    let mut rng = diffalign::rng::Rng::new(1234);
+    let w = rng.randn(out.dims(), out.device()).unwrap().to_dtype(out.dtype()).unwrap();
+    let loss = (out * w).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = vb.vars();
+    assert!(!vars.is_empty(), "no trainable parameters");
+    let missing: Vec<&String> = vars
+        .iter()
+        .filter(|(_, v)| {
+            grads.get(v.as_tensor()).is_none_or(|g| {
+                g.abs().unwrap().sum_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap() == 0.0
+            })
+        })
+        .map(|(n, _)| n)
+        .collect();
+    assert!(missing.is_empty(), "{} of {} parameters without gradient: {missing:?}", missing.len(), vars.len());
 }

@@ -1,0 +1,61 @@
+"""PyTorch side of `diffalign bench --suite unet`: the same UNet config, shapes and protocol
+(random weights, batch 2, one warm-up, median of N), so both can be run in one session on the
+same machine. Not run by CI.
+
+    /path/to/venv/bin/python benches/pytorch_unet.py ../shared/bench/unet-mid/config.json
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+def median_secs(repeats, f):
+    f()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    config_path = sys.argv[1]
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    with open(config_path) as f:
+        config = json.load(f)
+    unet = UNet2DConditionModel.from_config(config).float()
+    params = sum(p.numel() for p in unet.parameters())
+    b, s, text_len = 2, 32, 77
+    x = torch.randn(b, unet.config.in_channels, s, s)
+    ctx = torch.randn(b, text_len, unet.config.cross_attention_dim)
+    t = torch.tensor([100.0 + 400.0 * i for i in range(b)])
+    target = torch.randn_like(x)
+    shape = f"unet {params} params, batch {b}, latents {unet.config.in_channels}x{s}x{s}, text {text_len}x{unet.config.cross_attention_dim}"
+
+    def forward():
+        with torch.no_grad():
+            unet(x, t, ctx).sample.sum().item()
+
+    def forward_backward():
+        unet.zero_grad(set_to_none=True)
+        loss = (unet(x, t, ctx).sample - target).pow(2).mean()
+        loss.backward()
+
+    for name, f in [("unet_forward", forward), ("unet_forward_backward", forward_backward)]:
+        secs = median_secs(repeats, f)
+        print(json.dumps({"bench": name, "shape": shape, "median_s": secs, "threads": torch.get_num_threads(), "impl": f"pytorch {torch.__version__}"}))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"bench": "peak_rss", "bytes": rss, "gib": rss / (1 << 30), "impl": "pytorch"}))
+
+
+if __name__ == "__main__":
+    main()

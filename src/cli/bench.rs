@@ -1,0 +1,119 @@
+//! `diffalign bench`: CPU timings of the hot paths on a fixed config with random weights, one
+//! JSON line per measurement, so numbers are comparable from one change to the next and with
+//! PyTorch on the same machine (`benches/pytorch_unet.py` measures the same things).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use diffalign::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use diffalign::rng::Rng;
+use diffalign::weights::VarBuilder;
+
+/// Which measurements to run.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Suite {
+    /// UNet forward, and forward + backward to every weight, at batch 2.
+    Unet,
+}
+
+/// Flags of `diffalign bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The measurements to run.
+    #[arg(long, value_enum, default_value = "unet")]
+    suite: Suite,
+    /// A diffusers UNet `config.json` (e.g. `../shared/bench/unet-mid/config.json`).
+    #[arg(long)]
+    config: PathBuf,
+    /// Latent height and width.
+    #[arg(long, default_value_t = 32)]
+    latent_size: usize,
+    /// Text states per sample.
+    #[arg(long, default_value_t = 77)]
+    text_len: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Timed repetitions (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+/// Median wall time in seconds of `repeats` runs of `f`, after one warm-up run.
+fn median_secs(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.repeats == 0 {
+        bail!("--repeats: must be at least 1");
+    }
+    match args.suite {
+        Suite::Unet => bench_unet(&args),
+    }
+}
+
+fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
+    let cfg = UNet2DConditionConfig::from_file(&args.config)?;
+    let dev = Device::Cpu;
+    let vb = VarBuilder::random(0, DType::F32, &dev, true);
+    let unet = UNet2DConditionModel::new(&cfg, &args.config, vb.clone()).context("building the UNet")?;
+    let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let mut rng = Rng::new(1);
+    let (b, s) = (args.batch, args.latent_size);
+    let x = rng.randn((b, unet.in_channels(), s, s), &dev)?;
+    let ctx = rng.randn((b, args.text_len, unet.cross_attention_dim()), &dev)?;
+    let t = Tensor::from_vec((0..b).map(|i| (100 + 400 * i) as f32).collect::<Vec<_>>(), b, &dev)?;
+    let target = rng.randn((b, unet.in_channels(), s, s), &dev)?;
+    let threads = candle_core::utils::get_num_threads();
+    let shape = format!("unet {params} params, batch {b}, latents {}x{s}x{s}, text {}x{}", unet.in_channels(), args.text_len, unet.cross_attention_dim());
+
+    // Forward only: no graph is kept, as in a no-grad PyTorch forward.
+    let frozen = frozen_unet(&cfg, args)?;
+    let fwd = median_secs(args.repeats, || {
+        frozen.forward(&x, &t, &ctx, None)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    report("unet_forward", &shape, fwd, threads);
+    let step = median_secs(args.repeats, || {
+        let y = unet.forward(&x, &t, &ctx, None)?;
+        let loss = (y - &target)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        std::hint::black_box(grads);
+        Ok(())
+    })?;
+    report("unet_forward_backward", &shape, step, threads);
+    if let Some(rss) = peak_rss_bytes() {
+        println!("{}", serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64}));
+    }
+    Ok(())
+}
+
+/// The same architecture with constant (non-`Var`) weights, so the forward records no graph.
+fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs) -> anyhow::Result<UNet2DConditionModel> {
+    let vb = VarBuilder::random(0, DType::F32, &Device::Cpu, false);
+    Ok(UNet2DConditionModel::new(cfg, &args.config, vb)?)
+}
+
+fn report(name: &str, shape: &str, secs: f64, threads: usize) {
+    println!("{}", serde_json::json!({"bench": name, "shape": shape, "median_s": secs, "threads": threads, "impl": "diffalign"}));
+}
