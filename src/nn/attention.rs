@@ -25,6 +25,8 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
         Some(m) => scores.broadcast_add(&m.to_dtype(compute)?)?,
         None => scores,
     };
-    let p = softmax(&scores)?.to_dtype(dtype)?;
-    Ok(p.matmul(&v.contiguous()?)?)
+    let p = softmax(&scores)?;
+    let gemm = super::gemm_dtype(v);
+    let out = p.to_dtype(gemm)?.matmul(&v.to_dtype(gemm)?.contiguous()?)?;
+    Ok(out.to_dtype(dtype)?)
 }

@@ -45,10 +45,13 @@ impl Conv2d {
 
     /// Applies the convolution to `xs` of shape `[B, C_in, H, W]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gemm = super::gemm_dtype(xs);
+        let weight = self.weight.to_dtype(gemm)?;
         let ys = match self.exact_cover(xs)? {
-            Some(cropped) => cropped.conv2d(&self.weight, 0, self.cfg.stride, 1, self.cfg.groups)?,
-            None => xs.conv2d(&self.weight, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?,
+            Some(cropped) => cropped.to_dtype(gemm)?.conv2d(&weight, 0, self.cfg.stride, 1, self.cfg.groups)?,
+            None => xs.to_dtype(gemm)?.conv2d(&weight, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?,
         };
+        let ys = ys.to_dtype(xs.dtype())?;
         Ok(match &self.bias {
             Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
             None => ys,

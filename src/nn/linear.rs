@@ -30,7 +30,10 @@ impl Linear {
         let dims = xs.dims();
         let in_features = *dims.last().expect("linear input has at least one dim");
         let rows = xs.elem_count() / in_features.max(1);
-        let ys = xs.reshape((rows, in_features))?.matmul(&self.weight.t()?)?;
+        let dtype = xs.dtype();
+        let gemm = super::gemm_dtype(xs);
+        let ys = xs.reshape((rows, in_features))?.to_dtype(gemm)?.matmul(&self.weight.to_dtype(gemm)?.t()?)?;
+        let ys = ys.to_dtype(dtype)?;
         let ys = match &self.bias {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,
