@@ -10,7 +10,10 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f32" | "fp32" | "float32" => Ok(DType::F32),
         "f16" | "fp16" | "float16" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::input("--dtype", format!("expected one of f32, f16, bf16, got {other:?}"))),
+        other => Err(Error::input(
+            "--dtype",
+            format!("expected one of f32, f16, bf16, got {other:?}"),
+        )),
     }
 }
 
@@ -22,7 +25,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
     if let Some(rest) = s.strip_prefix("cuda") {
         let ordinal = match rest.strip_prefix(':') {
-            Some(n) => n.parse::<usize>().map_err(|_| Error::input("--device", format!("bad cuda ordinal in {s:?}")))?,
+            Some(n) => n
+                .parse::<usize>()
+                .map_err(|_| Error::input("--device", format!("bad cuda ordinal in {s:?}")))?,
             None if rest.is_empty() => 0,
             None => return Err(Error::input("--device", format!("expected cpu or cuda[:N], got {s:?}"))),
         };

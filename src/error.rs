@@ -123,17 +123,27 @@ fn preview(names: &[String]) -> String {
 impl Error {
     /// An IO error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A config error on `file`'s `key`.
     pub fn config(file: impl Into<PathBuf>, key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Config { file: file.into(), key: key.into(), reason: reason.into() }
+        Error::Config {
+            file: file.into(),
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 
     /// A bad-input error on argument `what`.
     pub fn input(what: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Input { what: what.into(), reason: reason.into() }
+        Error::Input {
+            what: what.into(),
+            reason: reason.into(),
+        }
     }
 }
 

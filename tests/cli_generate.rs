@@ -22,7 +22,10 @@ fn write_init_noise(dir: &Path, reference: &Path, key: &str, i: usize) -> PathBu
 }
 
 fn png_as_tensor(path: &Path) -> Tensor {
-    diffalign::sampling::image_io::load_image(path).unwrap().to_dtype(DType::F32).unwrap()
+    diffalign::sampling::image_io::load_image(path)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
 }
 
 /// Runs `generate` for image `i` of a fixture with its prompt, negative prompt, steps, guidance
@@ -44,7 +47,14 @@ fn check_generate_run(case_dir: &Path, i: usize, prefix: &str, negatives_key: &s
     let mut cmd = bin();
     cmd.args(["generate", "--model"])
         .arg(case_dir)
-        .args(["--prompt", &prompts[i], "--steps", &meta["steps"], "--guidance", &meta["guidance_scale"]])
+        .args([
+            "--prompt",
+            &prompts[i],
+            "--steps",
+            &meta["steps"],
+            "--guidance",
+            &meta["guidance_scale"],
+        ])
         .args(["--height", &meta["height"], "--width", &meta["width"]])
         .arg("--init-noise")
         .arg(&noise)
@@ -54,7 +64,11 @@ fn check_generate_run(case_dir: &Path, i: usize, prefix: &str, negatives_key: &s
         cmd.args(["--negative-prompt", &n[i]]);
     }
     let o = cmd.output().unwrap();
-    assert!(o.status.success(), "generate failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let got = png_as_tensor(&out);
     let want = png_as_tensor(&case_dir.join(format!("{png_stem}_{i}.png")));
     assert_close(&format!("{} image {i}", case_dir.display()), &got, &want, IMAGE_ATOL);
@@ -117,12 +131,20 @@ fn expect_error(model: &Path, args: &[&str], needles: &[&str]) {
 
 #[test]
 fn generate_rejects_size_not_divisible_by_vae_factor() {
-    expect_error(&shared_fixtures().join("sd15"), &["--height", "62", "--width", "64"], &["height", "multiple of 4"]);
+    expect_error(
+        &shared_fixtures().join("sd15"),
+        &["--height", "62", "--width", "64"],
+        &["height", "multiple of 4"],
+    );
 }
 
 #[test]
 fn generate_rejects_unknown_scheduler() {
-    expect_error(&shared_fixtures().join("sd15"), &["--scheduler", "plms-fancy"], &["plms-fancy"]);
+    expect_error(
+        &shared_fixtures().join("sd15"),
+        &["--scheduler", "plms-fancy"],
+        &["plms-fancy"],
+    );
 }
 
 #[test]

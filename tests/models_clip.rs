@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, load, own_fixtures, shared_fixtures, MODULE_ATOL};
 use diffalign::models::clip::{
-    is_known_buffer, pooled_positions, ClipPooling, ClipTextArchitecture, ClipTextConfig,
-    ClipTextForwardOptions, ClipTextLayout, ClipTextModel, ClipTextOutput,
+    is_known_buffer, pooled_positions, ClipPooling, ClipTextArchitecture, ClipTextConfig, ClipTextForwardOptions,
+    ClipTextLayout, ClipTextModel, ClipTextOutput,
 };
 use diffalign::nn::Activation;
 use diffalign::rng::Rng;
@@ -115,9 +115,7 @@ fn check_own(case: &str) -> ClipTextOutput {
         );
     }
     match (&out.text_embeds, e.get("text_embeds")) {
-        (Some(got), Some(want)) => {
-            assert_close(&format!("{case} text_embeds"), got, want, MODULE_ATOL)
-        }
+        (Some(got), Some(want)) => assert_close(&format!("{case} text_embeds"), got, want, MODULE_ATOL),
         (None, None) => {}
         (got, want) => panic!(
             "{case}: text_embeds present: ours {}, transformers {}",
@@ -141,10 +139,7 @@ fn check_own(case: &str) -> ClipTextOutput {
 fn clip_text_with_projection_legacy_eos_matches_transformers() {
     let dir = own_case("with_projection_legacy_eos");
     let cfg = ClipTextConfig::from_file(dir.join("config.json")).unwrap();
-    assert_eq!(
-        cfg.architecture,
-        ClipTextArchitecture::TextModelWithProjection
-    );
+    assert_eq!(cfg.architecture, ClipTextArchitecture::TextModelWithProjection);
     assert_eq!(cfg.pooling(), ClipPooling::ArgmaxId);
     assert_eq!(cfg.hidden_act, Activation::Gelu);
     let out = check_own("with_projection_legacy_eos");
@@ -167,34 +162,17 @@ fn clip_text_quick_gelu_prefixed_matches_transformers() {
 #[test]
 fn clip_text_layout_detects_prefix() {
     let (_, vb) = open(&own_case("quick_gelu_prefixed"), DType::F32, false);
-    assert_eq!(
-        ClipTextLayout::detect(&vb).unwrap(),
-        ClipTextLayout::Prefixed
-    );
-    let (_, vb) = open(
-        &shared_fixtures().join("sd15/text_encoder"),
-        DType::F32,
-        false,
-    );
+    assert_eq!(ClipTextLayout::detect(&vb).unwrap(), ClipTextLayout::Prefixed);
+    let (_, vb) = open(&shared_fixtures().join("sd15/text_encoder"), DType::F32, false);
     assert_eq!(ClipTextLayout::detect(&vb).unwrap(), ClipTextLayout::Flat);
 }
 
 #[test]
 fn clip_text_pooled_positions_follow_transformers_rules() {
-    let ids = vec![
-        vec![5, 9, 7, 9, 0],
-        vec![1, 2, 3, 4, 4],
-        vec![3, 3, 3, 3, 3],
-    ];
+    let ids = vec![vec![5, 9, 7, 9, 0], vec![1, 2, 3, 4, 4], vec![3, 3, 3, 3, 3]];
     assert_eq!(pooled_positions(&ids, ClipPooling::ArgmaxId), vec![1, 3, 0]);
-    assert_eq!(
-        pooled_positions(&ids, ClipPooling::FirstEos(4)),
-        vec![0, 3, 0]
-    );
-    assert_eq!(
-        pooled_positions(&ids, ClipPooling::FirstEos(9)),
-        vec![1, 0, 0]
-    );
+    assert_eq!(pooled_positions(&ids, ClipPooling::FirstEos(4)), vec![0, 3, 0]);
+    assert_eq!(pooled_positions(&ids, ClipPooling::FirstEos(9)), vec![1, 0, 0]);
 }
 
 /// `sum(last * r1) + sum(penultimate * r2) + sum(pooled * r3) + sum(text_embeds * r4)`, with
@@ -254,28 +232,15 @@ fn check_every_var_gets_gradient(dir: &Path, ids: &Tensor) {
         .into_iter()
         .filter(|n| !is_known_buffer(n))
         .count();
-    assert_eq!(
-        vars.len(),
-        store_names,
-        "every parameter of the file is a Var"
-    );
+    assert_eq!(vars.len(), store_names, "every parameter of the file is a Var");
     let mut norms = HashMap::new();
     for (name, var) in &vars {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient"));
         assert_eq!(g.dims(), var.as_tensor().dims(), "{name}");
-        let norm = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            norm > 0.0 && norm.is_finite(),
-            "{name}: gradient norm {norm}"
-        );
+        let norm = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
         norms.insert(name.clone(), norm);
     }
     // The key bias adds the same q.b to every score of a query row, which the softmax cancels: its
@@ -283,10 +248,7 @@ fn check_every_var_gets_gradient(dir: &Path, ids: &Tensor) {
     for (name, norm) in &norms {
         if let Some(layer) = name.strip_suffix("self_attn.k_proj.bias") {
             let v = norms[&format!("{layer}self_attn.v_proj.bias")];
-            assert!(
-                *norm < 1e-3 * v,
-                "{name}: gradient norm {norm}, v_proj.bias {v}"
-            );
+            assert!(*norm < 1e-3 * v, "{name}: gradient norm {norm}, v_proj.bias {v}");
         }
     }
 }
@@ -309,8 +271,7 @@ fn set_entry(var: &Var, index: usize, value: f64) {
     let t = var.as_tensor();
     let mut data = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     data[index] = value;
-    var.set(&Tensor::from_vec(data, t.dims(), t.device()).unwrap())
-        .unwrap();
+    var.set(&Tensor::from_vec(data, t.dims(), t.device()).unwrap()).unwrap();
 }
 
 #[test]
@@ -326,25 +287,13 @@ fn clip_text_grad_matches_finite_differences_f64() {
     let probe = Probe::new(&out, DType::F64);
     let grads = probe.loss(&out).backward().unwrap();
     let vars: HashMap<String, Var> = vb.vars().into_iter().collect();
-    let token = ids
-        .get(1)
-        .unwrap()
-        .get(2)
-        .unwrap()
-        .to_scalar::<i64>()
-        .unwrap() as usize;
+    let token = ids.get(1).unwrap().get(2).unwrap().to_scalar::<i64>().unwrap() as usize;
     let d = cfg.hidden_size;
     let checks: Vec<(&str, usize)> = vec![
-        (
-            "text_model.embeddings.token_embedding.weight",
-            token * d + 3,
-        ),
+        ("text_model.embeddings.token_embedding.weight", token * d + 3),
         ("text_model.embeddings.position_embedding.weight", 2 * d + 5),
         ("text_model.encoder.layers.0.layer_norm1.weight", 3),
-        (
-            "text_model.encoder.layers.0.self_attn.q_proj.weight",
-            5 * d + 7,
-        ),
+        ("text_model.encoder.layers.0.self_attn.q_proj.weight", 5 * d + 7),
         ("text_model.encoder.layers.1.self_attn.v_proj.bias", 4),
         ("text_model.encoder.layers.1.mlp.fc1.weight", 2 * d + 1),
         ("text_model.encoder.layers.2.layer_norm2.bias", 6),
@@ -365,25 +314,15 @@ fn clip_text_grad_matches_finite_differences_f64() {
             .unwrap()
             .to_vec1::<f64>()
             .unwrap()[index];
-        let w = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()[index];
+        let w = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap()[index];
         let f = |v: f64| {
             set_entry(var, index, v);
-            probe
-                .loss(&model.forward(&ids).unwrap())
-                .to_scalar::<f64>()
-                .unwrap()
+            probe.loss(&model.forward(&ids).unwrap()).to_scalar::<f64>().unwrap()
         };
         let fd = (f(w + h) - f(w - h)) / (2.0 * h);
         set_entry(var, index, w);
         let err = (fd - autograd).abs();
-        eprintln!(
-            "{name}[{index}]: autograd {autograd:.6e}, finite difference {fd:.6e}, error {err:.2e}"
-        );
+        eprintln!("{name}[{index}]: autograd {autograd:.6e}, finite difference {fd:.6e}, error {err:.2e}");
         assert!(
             err <= 2e-3 * autograd.abs().max(1.0),
             "{name}[{index}]: autograd {autograd}, finite difference {fd}, error {err}"
@@ -397,11 +336,7 @@ fn clip_text_grad_matches_finite_differences_f64() {
 
 /// Writes `model.safetensors` of `src` without `drop` and with `replace` to a temp folder; gives
 /// (folder, weights path).
-fn modified_copy(
-    src: &Path,
-    drop: Option<&str>,
-    replace: Option<(&str, Tensor)>,
-) -> (tempfile::TempDir, PathBuf) {
+fn modified_copy(src: &Path, drop: Option<&str>, replace: Option<(&str, Tensor)>) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let mut tensors = load(&src.join("model.safetensors"));
     if let Some(name) = drop {
@@ -417,11 +352,7 @@ fn modified_copy(
 
 fn load_err(dir: &Path, weights: &Path) -> Error {
     let cfg = ClipTextConfig::from_file(dir.join("config.json")).unwrap();
-    let vb = VarBuilder::from_store(
-        TensorStore::open_file(weights).unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    );
+    let vb = VarBuilder::from_store(TensorStore::open_file(weights).unwrap(), DType::F32, &Device::Cpu);
     ClipTextModel::load(&cfg, vb).unwrap_err()
 }
 
@@ -490,11 +421,7 @@ fn clip_text_unused_tensor_fails_audit() {
 #[test]
 fn clip_text_layout_rejects_non_clip_checkpoint() {
     let dir = own_case("quick_gelu_prefixed");
-    let (_tmp, path) = modified_copy(
-        &dir,
-        Some("text_model.embeddings.token_embedding.weight"),
-        None,
-    );
+    let (_tmp, path) = modified_copy(&dir, Some("text_model.embeddings.token_embedding.weight"), None);
     let msg = load_err(&dir, &path).to_string();
     assert!(
         msg.contains("model.safetensors") && msg.contains("embeddings.token_embedding.weight"),
@@ -545,11 +472,7 @@ fn clip_text_config_errors_name_file_and_key() {
     ];
     for (json, key) in cases {
         match ClipTextConfig::from_json(json, "te/config.json") {
-            Err(Error::Config {
-                file,
-                key: k,
-                reason,
-            }) => {
+            Err(Error::Config { file, key: k, reason }) => {
                 assert_eq!(file, PathBuf::from("te/config.json"), "{json}");
                 assert_eq!(k, key, "{json}: {reason}");
             }
@@ -557,10 +480,7 @@ fn clip_text_config_errors_name_file_and_key() {
         }
     }
     let missing = ClipTextConfig::from_file("/nonexistent/config.json").unwrap_err();
-    assert!(
-        missing.to_string().contains("/nonexistent/config.json"),
-        "{missing}"
-    );
+    assert!(missing.to_string().contains("/nonexistent/config.json"), "{missing}");
 }
 
 #[test]
@@ -580,9 +500,9 @@ fn clip_text_config_reads_clip_model_text_config() {
     let model = ClipTextModel::new(&cfg, ClipTextLayout::Prefixed, vb.clone()).unwrap();
     let unused = vb.store().unwrap().unused();
     assert!(
-        unused.iter().all(|n| n.starts_with("vision_model.")
-            || n == "logit_scale"
-            || n == "visual_projection.weight"),
+        unused
+            .iter()
+            .all(|n| n.starts_with("vision_model.") || n == "logit_scale" || n == "visual_projection.weight"),
         "{unused:?}"
     );
     let ids = Tensor::new(&[[49406u32, 320, 736, 49407, 49407]], &Device::Cpu).unwrap();
@@ -612,10 +532,7 @@ fn clip_text_rejects_bad_input_ids() {
     for ids in cases {
         match model.forward(&ids) {
             Err(Error::Input { what, .. }) => assert_eq!(what, "input_ids"),
-            other => panic!(
-                "{ids}: expected an input error, got {:?}",
-                other.map(|_| ())
-            ),
+            other => panic!("{ids}: expected an input error, got {:?}", other.map(|_| ())),
         }
     }
 }

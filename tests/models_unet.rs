@@ -10,9 +10,24 @@ use diffalign::weights::LoadOptions;
 fn check_unet_fixture(dir: &std::path::Path) {
     let (unet, _) = UNet2DConditionModel::from_pretrained(&dir.join("unet"), &LoadOptions::default()).unwrap();
     let r = load(&dir.join("reference.safetensors"));
-    let added = r.get("unet.time_ids").map(|ids| AddedCond { text_embeds: r["unet.text_embeds"].clone(), time_ids: ids.clone() });
-    let out = unet.forward(&r["unet.sample"], &r["unet.timesteps"], &r["unet.encoder_hidden_states"], added.as_ref()).unwrap();
-    assert_close(&format!("{} unet.output", dir.display()), &out, &r["unet.output"], MODULE_ATOL);
+    let added = r.get("unet.time_ids").map(|ids| AddedCond {
+        text_embeds: r["unet.text_embeds"].clone(),
+        time_ids: ids.clone(),
+    });
+    let out = unet
+        .forward(
+            &r["unet.sample"],
+            &r["unet.timesteps"],
+            &r["unet.encoder_hidden_states"],
+            added.as_ref(),
+        )
+        .unwrap();
+    assert_close(
+        &format!("{} unet.output", dir.display()),
+        &out,
+        &r["unet.output"],
+        MODULE_ATOL,
+    );
 }
 
 #[test]
@@ -39,11 +54,24 @@ fn unet_sdxl_text_time_and_transformer_depths_match_diffusers() {
 #[test]
 fn unet_sdxl_every_parameter_gets_a_gradient() {
     let dir = own_fixtures().join("sdxl/unet");
-    let opts = LoadOptions { trainable: true, ..Default::default() };
+    let opts = LoadOptions {
+        trainable: true,
+        ..Default::default()
+    };
     let (unet, vb) = UNet2DConditionModel::from_pretrained(&dir, &opts).unwrap();
     let r = load(&own_fixtures().join("sdxl/reference.safetensors"));
-    let added = AddedCond { text_embeds: r["unet.text_embeds"].clone(), time_ids: r["unet.time_ids"].clone() };
-    let out = unet.forward(&r["unet.sample"], &r["unet.timesteps"], &r["unet.encoder_hidden_states"], Some(&added)).unwrap();
+    let added = AddedCond {
+        text_embeds: r["unet.text_embeds"].clone(),
+        time_ids: r["unet.time_ids"].clone(),
+    };
+    let out = unet
+        .forward(
+            &r["unet.sample"],
+            &r["unet.timesteps"],
+            &r["unet.encoder_hidden_states"],
+            Some(&added),
+        )
+        .unwrap();
     assert_every_var_has_gradient(&out, &vb);
 }
 
@@ -61,7 +89,10 @@ fn unet_every_parameter_gets_a_gradient_non_square_odd() {
 
 fn check_all_gradients(h: usize, w: usize) {
     let dir = shared_fixtures().join("sd15/unet");
-    let opts = LoadOptions { trainable: true, ..Default::default() };
+    let opts = LoadOptions {
+        trainable: true,
+        ..Default::default()
+    };
     let (unet, vb) = UNet2DConditionModel::from_pretrained(&dir, &opts).unwrap();
     let dev = Device::Cpu;
     let mut rng = diffalign::rng::Rng::new(3);
@@ -69,6 +100,10 @@ fn check_all_gradients(h: usize, w: usize) {
     let ctx = rng.randn((2, 5, 32), &dev).unwrap();
     let t = Tensor::new(&[10f32, 700.0], &dev).unwrap();
     let out = unet.forward(&x, &t, &ctx, None).unwrap();
-    assert!(vb.vars().len() > 100, "expected many parameters, got {}", vb.vars().len());
+    assert!(
+        vb.vars().len() > 100,
+        "expected many parameters, got {}",
+        vb.vars().len()
+    );
     assert_every_var_has_gradient(&out, &vb);
 }

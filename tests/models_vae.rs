@@ -13,8 +13,18 @@ fn check_vae_fixture(dir: &std::path::Path) {
     let decoded = vae.decode(&r["vae.latents"]).unwrap();
     assert_close(&format!("{case} vae.decoded"), &decoded, &r["vae.decoded"], MODULE_ATOL);
     let dist = vae.encode(&r["vae.image"]).unwrap();
-    assert_close(&format!("{case} vae.encoded_mean"), &dist.mean, &r["vae.encoded_mean"], MODULE_ATOL);
-    assert_close(&format!("{case} vae.encoded_std"), &dist.std, &r["vae.encoded_std"], MODULE_ATOL);
+    assert_close(
+        &format!("{case} vae.encoded_mean"),
+        &dist.mean,
+        &r["vae.encoded_mean"],
+        MODULE_ATOL,
+    );
+    assert_close(
+        &format!("{case} vae.encoded_std"),
+        &dist.std,
+        &r["vae.encoded_std"],
+        MODULE_ATOL,
+    );
 }
 
 #[test]
@@ -37,7 +47,10 @@ fn vae_own_cases_match_diffusers() {
 #[test]
 fn vae_decoder_and_encoder_every_parameter_gets_a_gradient() {
     let dir = shared_fixtures().join("sd15/vae");
-    let opts = LoadOptions { trainable: true, ..Default::default() };
+    let opts = LoadOptions {
+        trainable: true,
+        ..Default::default()
+    };
     let (vae, vb) = AutoencoderKL::from_pretrained(&dir, &opts).unwrap();
     let dev = candle_core::Device::Cpu;
     let mut rng = diffalign::rng::Rng::new(11);

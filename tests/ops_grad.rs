@@ -37,7 +37,9 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 /// Checks d loss / d var against central differences at a few entries of `var`.
 fn check_var(name: &str, var: &Var, loss: &dyn Fn() -> Tensor, rng: &mut Rng) {
     let grads = loss().backward().unwrap();
-    let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+    let g = grads
+        .get(var.as_tensor())
+        .unwrap_or_else(|| panic!("{name}: no gradient"));
     let g = to_vec(g);
     let base = to_vec(var.as_tensor());
     let n = base.len();
@@ -47,13 +49,19 @@ fn check_var(name: &str, var: &Var, loss: &dyn Fn() -> Tensor, rng: &mut Rng) {
         let eval = |delta: f64| {
             let mut v = base.clone();
             v[i] += delta;
-            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             loss().to_scalar::<f64>().unwrap()
         };
         let fd = (eval(H) - eval(-H)) / (2.0 * H);
-        var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+            .unwrap();
         let err = (fd - g[i]).abs() / scale;
-        assert!(err < RTOL, "{name}[{i}]: autograd {} vs finite difference {fd} (rel err {err:e})", g[i]);
+        assert!(
+            err < RTOL,
+            "{name}[{i}]: autograd {} vs finite difference {fd} (rel err {err:e})",
+            g[i]
+        );
     }
 }
 
@@ -76,12 +84,22 @@ fn check_layer<L>(what: &str, x_shape: &[usize], build: impl Fn(VarBuilder) -> L
 
 #[test]
 fn layer_norm_gradients_match_finite_differences() {
-    check_layer("layer_norm", &[2, 3, 6], |vb| LayerNorm::new(6, 1e-5, vb.pp("ln")).unwrap(), |l, x| l.forward(x).unwrap());
+    check_layer(
+        "layer_norm",
+        &[2, 3, 6],
+        |vb| LayerNorm::new(6, 1e-5, vb.pp("ln")).unwrap(),
+        |l, x| l.forward(x).unwrap(),
+    );
 }
 
 #[test]
 fn group_norm_gradients_match_finite_differences() {
-    check_layer("group_norm", &[2, 6, 3, 3], |vb| GroupNorm::new(3, 6, 1e-6, vb.pp("gn")).unwrap(), |l, x| l.forward(x).unwrap());
+    check_layer(
+        "group_norm",
+        &[2, 6, 3, 3],
+        |vb| GroupNorm::new(3, 6, 1e-6, vb.pp("gn")).unwrap(),
+        |l, x| l.forward(x).unwrap(),
+    );
 }
 
 #[test]
@@ -107,36 +125,72 @@ fn attention_core_gradient_matches_finite_differences() {
 
 #[test]
 fn activations_gradients_match_finite_differences() {
-    for act in [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::QuickGelu] {
+    for act in [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::QuickGelu,
+    ] {
         check_layer(&format!("{act:?}"), &[3, 7], |_| (), |_, x| act.forward(x).unwrap());
     }
 }
 
 #[test]
 fn linear_gradients_match_finite_differences() {
-    check_layer("linear", &[2, 3, 5], |vb| Linear::new(5, 4, true, vb.pp("fc")).unwrap(), |l, x| l.forward(x).unwrap());
+    check_layer(
+        "linear",
+        &[2, 3, 5],
+        |vb| Linear::new(5, 4, true, vb.pp("fc")).unwrap(),
+        |l, x| l.forward(x).unwrap(),
+    );
 }
 
 #[test]
 fn conv2d_gradients_match_finite_differences() {
-    let cfg = Conv2dConfig { stride: 2, padding: 1, groups: 1 };
-    check_layer("conv2d", &[2, 3, 5, 5], |vb| Conv2d::new(3, 4, 3, cfg, vb.pp("conv")).unwrap(), |l, x| l.forward(x).unwrap());
+    let cfg = Conv2dConfig {
+        stride: 2,
+        padding: 1,
+        groups: 1,
+    };
+    check_layer(
+        "conv2d",
+        &[2, 3, 5, 5],
+        |vb| Conv2d::new(3, 4, 3, cfg, vb.pp("conv")).unwrap(),
+        |l, x| l.forward(x).unwrap(),
+    );
 }
 
 #[test]
 fn resamplers_gradients_match_finite_differences() {
-    check_layer("downsample_pad0", &[1, 2, 5, 4], |vb| Downsample2D::new(2, 0, vb.pp("d")).unwrap(), |l, x| {
-        l.forward(x).unwrap()
-    });
-    check_layer("upsample", &[1, 2, 3, 2], |vb| Upsample2D::new(2, vb.pp("u")).unwrap(), |l, x| l.forward(x, None).unwrap());
-    check_layer("upsample_to_size", &[1, 2, 2, 2], |vb| Upsample2D::new(2, vb.pp("u")).unwrap(), |l, x| {
-        l.forward(x, Some((4, 3))).unwrap()
-    });
+    check_layer(
+        "downsample_pad0",
+        &[1, 2, 5, 4],
+        |vb| Downsample2D::new(2, 0, vb.pp("d")).unwrap(),
+        |l, x| l.forward(x).unwrap(),
+    );
+    check_layer(
+        "upsample",
+        &[1, 2, 3, 2],
+        |vb| Upsample2D::new(2, vb.pp("u")).unwrap(),
+        |l, x| l.forward(x, None).unwrap(),
+    );
+    check_layer(
+        "upsample_to_size",
+        &[1, 2, 2, 2],
+        |vb| Upsample2D::new(2, vb.pp("u")).unwrap(),
+        |l, x| l.forward(x, Some((4, 3))).unwrap(),
+    );
 }
 
 #[test]
 fn resnet_block_gradients_match_finite_differences() {
-    let opts = ResnetOptions { temb_channels: Some(5), groups: 2, eps: 1e-5, act: Activation::Silu, output_scale_factor: 1.0 };
+    let opts = ResnetOptions {
+        temb_channels: Some(5),
+        groups: 2,
+        eps: 1e-5,
+        act: Activation::Silu,
+        output_scale_factor: 1.0,
+    };
     let mut rng = Rng::new(9);
     let temb = randn(&mut rng, &[2, 5]);
     check_layer(
@@ -164,12 +218,36 @@ fn attention_gradients_match_finite_differences() {
 #[test]
 fn conv2d_strided_non_square_gradients_match_finite_differences() {
     for (cfg, shape) in [
-        (Conv2dConfig { stride: 2, padding: 1, groups: 1 }, [1, 2, 4, 3]),
-        (Conv2dConfig { stride: 2, padding: 0, groups: 1 }, [1, 2, 6, 5]),
-        (Conv2dConfig { stride: 3, padding: 1, groups: 1 }, [1, 2, 7, 5]),
+        (
+            Conv2dConfig {
+                stride: 2,
+                padding: 1,
+                groups: 1,
+            },
+            [1, 2, 4, 3],
+        ),
+        (
+            Conv2dConfig {
+                stride: 2,
+                padding: 0,
+                groups: 1,
+            },
+            [1, 2, 6, 5],
+        ),
+        (
+            Conv2dConfig {
+                stride: 3,
+                padding: 1,
+                groups: 1,
+            },
+            [1, 2, 7, 5],
+        ),
     ] {
-        check_layer("conv2d_strided", &shape, |vb| Conv2d::new(2, 3, 3, cfg, vb.pp("conv")).unwrap(), |l, x| {
-            l.forward(x).unwrap()
-        });
+        check_layer(
+            "conv2d_strided",
+            &shape,
+            |vb| Conv2d::new(2, 3, 3, cfg, vb.pp("conv")).unwrap(),
+            |l, x| l.forward(x).unwrap(),
+        );
     }
 }

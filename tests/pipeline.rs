@@ -22,8 +22,14 @@ fn check_pipeline(dir: &Path, prefix: &str, negatives_key: &str) {
     let reference = dir.join("reference.safetensors");
     let meta = metadata(&reference);
     let r = load(&reference);
-    let pipe = StableDiffusionPipeline::load(&PipelineSources { root: dir.to_path_buf(), ..Default::default() }, &LoadOptions::default())
-        .unwrap();
+    let pipe = StableDiffusionPipeline::load(
+        &PipelineSources {
+            root: dir.to_path_buf(),
+            ..Default::default()
+        },
+        &LoadOptions::default(),
+    )
+    .unwrap();
     let req = GenerateRequest {
         prompts: json_list(&meta, "prompts").unwrap(),
         negative_prompts: json_list(&meta, negatives_key),
@@ -37,7 +43,12 @@ fn check_pipeline(dir: &Path, prefix: &str, negatives_key: &str) {
         time_ids: None,
     };
     let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
-    assert_close(&format!("{} {prefix}.images", dir.display()), &out.images, &r[&format!("{prefix}.images")], IMAGE_ATOL);
+    assert_close(
+        &format!("{} {prefix}.images", dir.display()),
+        &out.images,
+        &r[&format!("{prefix}.images")],
+        IMAGE_ATOL,
+    );
 }
 
 #[test]
@@ -62,7 +73,11 @@ fn pipeline_sdxl_explicit_negative_prompts_match_diffusers() {
 
 #[test]
 fn pipeline_sdxl_without_negative_prompt_uses_zero_embeddings_like_diffusers() {
-    check_pipeline(&own_fixtures().join("sdxl"), "pipe_noneg", "pipe_noneg.negative_prompts");
+    check_pipeline(
+        &own_fixtures().join("sdxl"),
+        "pipe_noneg",
+        "pipe_noneg.negative_prompts",
+    );
 }
 
 #[test]
@@ -76,15 +91,31 @@ fn pipeline_sdxl_prompt_conditioning_matches_diffusers() {
     let reference = dir.join("reference.safetensors");
     let meta = metadata(&reference);
     let r = load(&reference);
-    let pipe = StableDiffusionPipeline::load(&PipelineSources { root: dir.clone(), ..Default::default() }, &LoadOptions::default())
-        .unwrap();
+    let pipe = StableDiffusionPipeline::load(
+        &PipelineSources {
+            root: dir.clone(),
+            ..Default::default()
+        },
+        &LoadOptions::default(),
+    )
+    .unwrap();
     let prompts = json_list(&meta, "prompts").unwrap();
     let negatives = json_list(&meta, "negative_prompts").unwrap();
     let pos = pipe.encode_text(&prompts).unwrap();
     let neg = pipe.encode_text(&negatives).unwrap();
     assert_close("prompt_embeds", &pos.context, &r["pipe.prompt_embeds"], MODULE_ATOL);
-    assert_close("pooled_prompt_embeds", pos.pooled.as_ref().unwrap(), &r["pipe.pooled_prompt_embeds"], MODULE_ATOL);
-    assert_close("negative_prompt_embeds", &neg.context, &r["pipe.negative_prompt_embeds"], MODULE_ATOL);
+    assert_close(
+        "pooled_prompt_embeds",
+        pos.pooled.as_ref().unwrap(),
+        &r["pipe.pooled_prompt_embeds"],
+        MODULE_ATOL,
+    );
+    assert_close(
+        "negative_prompt_embeds",
+        &neg.context,
+        &r["pipe.negative_prompt_embeds"],
+        MODULE_ATOL,
+    );
     assert_close(
         "negative_pooled_prompt_embeds",
         neg.pooled.as_ref().unwrap(),

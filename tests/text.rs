@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use diffalign::text::ClipTokenizer;
-use diffalign::Error;
 use serde_json::Value;
 
 fn sd15_dir() -> PathBuf {
@@ -85,10 +84,7 @@ fn check_cases(tok: &ClipTokenizer, cases: &[Case], bang: bool, what: &str) {
             .encode(&case.prompt)
             .unwrap_or_else(|e| panic!("{what}: {:?}: {e}", case.prompt));
         if &got != ids {
-            failures.push(format!(
-                "encode {:?}:\n  got  {got:?}\n  want {ids:?}",
-                case.prompt
-            ));
+            failures.push(format!("encode {:?}:\n  got  {got:?}\n  want {ids:?}", case.prompt));
         }
         let got = tok.encode_padded(&case.prompt).unwrap();
         if &got != padded {
@@ -107,9 +103,7 @@ fn check_cases(tok: &ClipTokenizer, cases: &[Case], bang: bool, what: &str) {
 }
 
 fn check_reference_input_ids(model: &str, tokenizer_dir: &Path) {
-    let path = common::shared_fixtures()
-        .join(model)
-        .join("reference.safetensors");
+    let path = common::shared_fixtures().join(model).join("reference.safetensors");
     let reference = common::load(&path);
     let want = &reference["text.input_ids"];
     assert_eq!(want.dims(), &[2, 77]);
@@ -171,12 +165,7 @@ fn clip_tokenizer_matches_transformers_from_vocab_and_merges() {
 
 #[test]
 fn clip_tokenizer_matches_transformers_from_tokenizer_json() {
-    check_cases(
-        &load(&turbo_dir()),
-        &expected("cases"),
-        false,
-        "turbo (tokenizer.json)",
-    );
+    check_cases(&load(&turbo_dir()), &expected("cases"), false, "turbo (tokenizer.json)");
 }
 
 #[test]
@@ -196,10 +185,7 @@ fn clip_tokenizer_reads_pad_token_object_and_added_tokens_decoder() {
         "single_word": false, "special": true});
     let dir = sd15_copy(|c| {
         c.insert("pad_token".into(), bang.clone());
-        c.insert(
-            "added_tokens_decoder".into(),
-            serde_json::json!({ "0": bang }),
-        );
+        c.insert("added_tokens_decoder".into(), serde_json::json!({ "0": bang }));
     });
     let tok = load(dir.path());
     assert_eq!(tok.pad_id(), 0);
@@ -211,19 +197,10 @@ fn clip_tokenizer_special_tokens_map_overrides_config_pad_token() {
     // SD 2.x: tokenizer_config.json says "<|endoftext|>", special_tokens_map.json says "!", and
     // transformers (no added_tokens_decoder) takes the map's.
     let dir = sd15_copy(|_| {});
-    std::fs::write(
-        dir.path().join("special_tokens_map.json"),
-        r#"{"pad_token": "!"}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("special_tokens_map.json"), r#"{"pad_token": "!"}"#).unwrap();
     let tok = load(dir.path());
     assert_eq!(tok.pad_id(), 0);
-    check_cases(
-        &tok,
-        &expected("cases"),
-        true,
-        "special_tokens_map.json pad_token",
-    );
+    check_cases(&tok, &expected("cases"), true, "special_tokens_map.json pad_token");
 }
 
 #[test]
@@ -236,22 +213,13 @@ fn clip_tokenizer_reads_merges_written_as_strings() {
     for m in merges.iter_mut() {
         *m = format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()).into();
     }
-    std::fs::write(
-        dir.path().join("tokenizer.json"),
-        serde_json::to_string(&json).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), serde_json::to_string(&json).unwrap()).unwrap();
     std::fs::copy(
         turbo_dir().join("tokenizer_config.json"),
         dir.path().join("tokenizer_config.json"),
     )
     .unwrap();
-    check_cases(
-        &load(dir.path()),
-        &expected("cases"),
-        false,
-        "string merges",
-    );
+    check_cases(&load(dir.path()), &expected("cases"), false, "string merges");
 }
 
 #[test]
@@ -275,14 +243,10 @@ fn clip_tokenizer_truncates_and_pads_to_max_length() {
     assert!(ids[1..76].iter().all(|&id| id == ids[1]));
     let empty = tok.encode_padded("").unwrap();
     assert_eq!(&empty[..3], &[49406, 49407, 49407]);
-    let batch = tok
-        .encode_batch_tensor(&["a", "b", "c"], &Device::Cpu)
-        .unwrap();
+    let batch = tok.encode_batch_tensor(&["a", "b", "c"], &Device::Cpu).unwrap();
     assert_eq!(batch.dims(), &[3, 77]);
     assert_eq!(
-        tok.encode_batch_tensor::<&str>(&[], &Device::Cpu)
-            .unwrap()
-            .dims(),
+        tok.encode_batch_tensor::<&str>(&[], &Device::Cpu).unwrap().dims(),
         &[0, 77]
     );
 }
@@ -315,10 +279,7 @@ fn clip_tokenizer_missing_folder_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no_tokenizer");
     let msg = load_err(&missing);
-    assert!(
-        msg.contains("no_tokenizer") && msg.contains("not found"),
-        "{msg}"
-    );
+    assert!(msg.contains("no_tokenizer") && msg.contains("not found"), "{msg}");
 }
 
 #[test]
@@ -326,10 +287,7 @@ fn clip_tokenizer_missing_merges_is_an_error_naming_it() {
     let dir = sd15_copy(|_| {});
     std::fs::remove_file(dir.path().join("merges.txt")).unwrap();
     let msg = load_err(dir.path());
-    assert!(
-        msg.contains("merges.txt") && msg.contains("not found"),
-        "{msg}"
-    );
+    assert!(msg.contains("merges.txt") && msg.contains("not found"), "{msg}");
 }
 
 #[test]
@@ -337,10 +295,7 @@ fn clip_tokenizer_missing_vocab_is_an_error_naming_it() {
     let dir = sd15_copy(|_| {});
     std::fs::remove_file(dir.path().join("vocab.json")).unwrap();
     let msg = load_err(dir.path());
-    assert!(
-        msg.contains("vocab.json") && msg.contains("tokenizer.json"),
-        "{msg}"
-    );
+    assert!(msg.contains("vocab.json") && msg.contains("tokenizer.json"), "{msg}");
 }
 
 #[test]
@@ -370,10 +325,7 @@ fn clip_tokenizer_malformed_tokenizer_json_is_an_error_naming_it() {
     )
     .unwrap();
     let msg = load_err(dir.path());
-    assert!(
-        msg.contains("tokenizer.json") && msg.contains("merges"),
-        "{msg}"
-    );
+    assert!(msg.contains("tokenizer.json") && msg.contains("merges"), "{msg}");
     std::fs::write(
         dir.path().join("tokenizer.json"),
         r#"{"model": {"type": "WordPiece", "vocab": {}, "merges": []}}"#,
@@ -391,10 +343,7 @@ fn clip_tokenizer_bad_merge_line_is_an_error_naming_file_and_line() {
     let dir = sd15_copy(|_| {});
     std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\ni n\nt h e\n").unwrap();
     let msg = load_err(dir.path());
-    assert!(
-        msg.contains("merges.txt: record 2") && msg.contains("t h e"),
-        "{msg}"
-    );
+    assert!(msg.contains("merges.txt: record 2") && msg.contains("t h e"), "{msg}");
     std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\nq\u{e9} z\n").unwrap();
     let msg = load_err(dir.path());
     assert!(
@@ -406,16 +355,8 @@ fn clip_tokenizer_bad_merge_line_is_an_error_naming_file_and_line() {
 #[test]
 fn clip_tokenizer_bad_config_values_are_errors_naming_the_key() {
     let cases: [(&str, Value, &str); 4] = [
-        (
-            "model_max_length",
-            serde_json::json!(1e30),
-            "model_max_length",
-        ),
-        (
-            "model_max_length",
-            serde_json::json!("77"),
-            "model_max_length",
-        ),
+        ("model_max_length", serde_json::json!(1e30), "model_max_length"),
+        ("model_max_length", serde_json::json!("77"), "model_max_length"),
         ("pad_token", serde_json::json!("<not a token>"), "pad_token"),
         ("pad_token", Value::Null, "pad_token"),
     ];

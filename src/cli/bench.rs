@@ -85,7 +85,12 @@ fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
     let t = Tensor::from_vec((0..b).map(|i| (100 + 400 * i) as f32).collect::<Vec<_>>(), b, &dev)?;
     let target = rng.randn((b, unet.in_channels(), s, s), &dev)?;
     let threads = candle_core::utils::get_num_threads();
-    let shape = format!("unet {params} params, batch {b}, latents {}x{s}x{s}, text {}x{}", unet.in_channels(), args.text_len, unet.cross_attention_dim());
+    let shape = format!(
+        "unet {params} params, batch {b}, latents {}x{s}x{s}, text {}x{}",
+        unet.in_channels(),
+        args.text_len,
+        unet.cross_attention_dim()
+    );
 
     // Forward only: no graph is kept, as in a no-grad PyTorch forward.
     let frozen = frozen_unet(&cfg, args)?;
@@ -103,7 +108,10 @@ fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
     })?;
     report("unet_forward_backward", &shape, step, threads);
     if let Some(rss) = peak_rss_bytes() {
-        println!("{}", serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64})
+        );
     }
     Ok(())
 }
@@ -115,5 +123,8 @@ fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs) -> anyhow::Result<
 }
 
 fn report(name: &str, shape: &str, secs: f64, threads: usize) {
-    println!("{}", serde_json::json!({"bench": name, "shape": shape, "median_s": secs, "threads": threads, "impl": "diffalign"}));
+    println!(
+        "{}",
+        serde_json::json!({"bench": name, "shape": shape, "median_s": secs, "threads": threads, "impl": "diffalign"})
+    );
 }

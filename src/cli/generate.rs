@@ -63,8 +63,12 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
         (Some(p), None) => Ok(vec![p.clone()]),
         (None, Some(file)) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-            let prompts: Vec<String> =
-                text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+            let prompts: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
             if prompts.is_empty() {
                 bail!("{}: no prompts in the file", file.display());
             }
@@ -78,14 +82,21 @@ fn load_init_noise(path: &Path) -> anyhow::Result<Tensor> {
     let store = diffalign::weights::TensorStore::open_file(path)?;
     let t = store.get("init_noise", None, candle_core::DType::F32, &Device::Cpu)?;
     if t.rank() != 4 || t.dim(0)? != 1 {
-        bail!("{}: init_noise: expected shape [1, C, h, w], got {:?}", path.display(), t.dims());
+        bail!(
+            "{}: init_noise: expected shape [1, C, h, w], got {:?}",
+            path.display(),
+            t.dims()
+        );
     }
     Ok(t)
 }
 
 /// Output path of image `k` of prompt `p` when several are written.
 fn numbered(out: &Path, p: usize, k: usize) -> PathBuf {
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
     out.with_file_name(format!("{stem}-{p:03}-{k}.png"))
 }
 
@@ -97,7 +108,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         bail!("--steps: must be at least 1");
     }
-    if args.out.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+    if args
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        != Some("png".into())
+    {
         bail!("--out: expected a .png path, got {}", args.out.display());
     }
     let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
@@ -116,8 +133,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let (lh, lw) = pipe.check_size(height, width)?;
-    let guidance =
-        args.guidance.unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXl { 5.0 } else { 7.5 });
+    let guidance = args
+        .guidance
+        .unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXl {
+            5.0
+        } else {
+            7.5
+        });
 
     let total = prompts.len() * args.num_images;
     let bar = ProgressBar::new((total * args.steps) as u64);
@@ -147,8 +169,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 time_ids: None,
             };
             let done = bar.position();
-            let out = pipe.generate(&req, &mut |i, _| bar.set_position(done + i as u64))?.images;
-            let path = if total == 1 { args.out.clone() } else { numbered(&args.out, p, k) };
+            let out = pipe
+                .generate(&req, &mut |i, _| bar.set_position(done + i as u64))?
+                .images;
+            let path = if total == 1 {
+                args.out.clone()
+            } else {
+                numbered(&args.out, p, k)
+            };
             save_png(&out.get(0)?, &path)?;
             written.push(serde_json::json!({"path": path, "prompt": prompt, "seed": seed}));
         }

@@ -15,6 +15,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 enum Command {
     /// Generate images from text with a Stable Diffusion 1.x / 2.x / XL / Turbo pipeline.
     Generate(generate::GenerateArgs),

@@ -46,7 +46,11 @@ impl ModelArgs {
             variant: self.variant.clone(),
             trainable: false,
         };
-        let sources = PipelineSources { root: root.clone(), vae: self.vae.clone(), unet: self.unet.clone() };
+        let sources = PipelineSources {
+            root: root.clone(),
+            vae: self.vae.clone(),
+            unet: self.unet.clone(),
+        };
         StableDiffusionPipeline::load(&sources, &opts).with_context(|| format!("loading model {}", root.display()))
     }
 }

@@ -11,7 +11,10 @@ use crate::{Error, Result};
 /// Reads and parses a JSON config file; errors name the file (and the line for syntax errors).
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile { path: path.to_path_buf(), what: "config file".into() },
+        std::io::ErrorKind::NotFound => Error::MissingFile {
+            path: path.to_path_buf(),
+            what: "config file".into(),
+        },
         _ => Error::io(path, e),
     })?;
     serde_json::from_str(&text).map_err(|e| Error::config(path, "(json)", e.to_string()))
@@ -43,7 +46,10 @@ impl<T: Clone> PerBlock<T> {
             PerBlock::Many(vs) => Err(Error::config(
                 file,
                 key,
-                format!("must have one entry per block ({n}, as down_block_types), got {}", vs.len()),
+                format!(
+                    "must have one entry per block ({n}, as down_block_types), got {}",
+                    vs.len()
+                ),
             )),
         }
     }

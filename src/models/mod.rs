@@ -1,7 +1,7 @@
 //! Models: CLIP text encoders, UNet, VAE.
-pub mod clip;
-pub mod unet;
-pub mod vae;
 pub mod attention;
+pub mod clip;
 pub mod config;
 pub mod resnet;
+pub mod unet;
+pub mod vae;

@@ -41,7 +41,13 @@ impl ResnetBlock2D {
     /// Loads a block from `in_channels` to `out_channels`.
     pub fn new(in_channels: usize, out_channels: usize, opts: ResnetOptions, vb: VarBuilder) -> Result<Self> {
         let conv_shortcut = if in_channels != out_channels {
-            Some(Conv2d::new(in_channels, out_channels, 1, Conv2dConfig::default(), vb.pp("conv_shortcut"))?)
+            Some(Conv2d::new(
+                in_channels,
+                out_channels,
+                1,
+                Conv2dConfig::default(),
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
@@ -77,7 +83,11 @@ impl ResnetBlock2D {
             None => xs.clone(),
         };
         let out = (shortcut + h)?;
-        Ok(if self.output_scale_factor != 1.0 { (out / self.output_scale_factor)? } else { out })
+        Ok(if self.output_scale_factor != 1.0 {
+            (out / self.output_scale_factor)?
+        } else {
+            out
+        })
     }
 }
 
@@ -92,8 +102,15 @@ impl Downsample2D {
     /// Loads `conv`; with `padding` 0 the input is padded on the right and bottom only, as in
     /// diffusers (and the VAE encoder).
     pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig { stride: 2, padding, groups: 1 };
-        Ok(Downsample2D { conv: Conv2d::new(channels, channels, 3, cfg, vb.pp("conv"))?, padding })
+        let cfg = Conv2dConfig {
+            stride: 2,
+            padding,
+            groups: 1,
+        };
+        Ok(Downsample2D {
+            conv: Conv2d::new(channels, channels, 3, cfg, vb.pp("conv"))?,
+            padding,
+        })
     }
 
     /// Halves the spatial size of `xs` `[B, C, H, W]` (rounding up).
@@ -116,7 +133,9 @@ pub struct Upsample2D {
 impl Upsample2D {
     /// Loads `conv`.
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Upsample2D { conv: Conv2d::same(channels, channels, 3, vb.pp("conv"))? })
+        Ok(Upsample2D {
+            conv: Conv2d::same(channels, channels, 3, vb.pp("conv"))?,
+        })
     }
 
     /// Upsamples `xs` to `size` `(H, W)`, or doubles it when `None`.

@@ -15,7 +15,13 @@ pub fn softmax(xs: &Tensor) -> Result<Tensor> {
 
 /// `softmax(q k^T * scale + mask) v` for `q` `[..., Lq, D]`, `k`, `v` `[..., Lk, D]`; the mask,
 /// when given, is added to the scores (use `-inf` to block). Scores and softmax run in f32 for half-precision inputs.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     let compute = crate::nn::norm::compute_dtype(dtype);
     let q32 = q.to_dtype(compute)?;

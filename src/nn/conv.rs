@@ -18,7 +18,11 @@ pub struct Conv2dConfig {
 
 impl Default for Conv2dConfig {
     fn default() -> Self {
-        Conv2dConfig { stride: 1, padding: 0, groups: 1 }
+        Conv2dConfig {
+            stride: 1,
+            padding: 0,
+            groups: 1,
+        }
     }
 }
 
@@ -32,7 +36,13 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Loads a `kernel x kernel` convolution from `in_channels` to `out_channels` with a bias.
-    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        cfg: Conv2dConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let weight = vb.get(&[out_channels, in_channels / cfg.groups, kernel, kernel], "weight")?;
         let bias = Some(vb.get(&[out_channels], "bias")?);
         Ok(Conv2d { weight, bias, cfg })
@@ -40,7 +50,16 @@ impl Conv2d {
 
     /// A same-size `kernel x kernel` convolution (padding `kernel / 2`, stride 1).
     pub fn same(in_channels: usize, out_channels: usize, kernel: usize, vb: VarBuilder) -> Result<Self> {
-        Self::new(in_channels, out_channels, kernel, Conv2dConfig { padding: kernel / 2, ..Default::default() }, vb)
+        Self::new(
+            in_channels,
+            out_channels,
+            kernel,
+            Conv2dConfig {
+                padding: kernel / 2,
+                ..Default::default()
+            },
+            vb,
+        )
     }
 
     /// Applies the convolution to `xs` of shape `[B, C_in, H, W]`.
@@ -48,8 +67,12 @@ impl Conv2d {
         let gemm = super::gemm_dtype(xs);
         let weight = self.weight.to_dtype(gemm)?;
         let ys = match self.exact_cover(xs)? {
-            Some(cropped) => cropped.to_dtype(gemm)?.conv2d(&weight, 0, self.cfg.stride, 1, self.cfg.groups)?,
-            None => xs.to_dtype(gemm)?.conv2d(&weight, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?,
+            Some(cropped) => cropped
+                .to_dtype(gemm)?
+                .conv2d(&weight, 0, self.cfg.stride, 1, self.cfg.groups)?,
+            None => xs
+                .to_dtype(gemm)?
+                .conv2d(&weight, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?,
         };
         let ys = ys.to_dtype(xs.dtype())?;
         Ok(match &self.bias {
@@ -73,7 +96,11 @@ impl Conv2d {
         if hp < k || wp < k || ((hp - k) % s == 0 && (wp - k) % s == 0) {
             return Ok(None);
         }
-        let padded = if p > 0 { xs.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)? } else { xs.clone() };
+        let padded = if p > 0 {
+            xs.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?
+        } else {
+            xs.clone()
+        };
         let cut = |n: usize| n - (n - k) % s;
         Ok(Some(padded.narrow(2, 0, cut(hp))?.narrow(3, 0, cut(wp))?))
     }

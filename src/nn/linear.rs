@@ -16,7 +16,11 @@ impl Linear {
     /// Loads `weight` (and `bias` when `bias` is true) under `vb`.
     pub fn new(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get(&[out_features, in_features], "weight")?;
-        let bias = if bias { Some(vb.get(&[out_features], "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(&[out_features], "bias")?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -32,7 +36,10 @@ impl Linear {
         let rows = xs.elem_count() / in_features.max(1);
         let dtype = xs.dtype();
         let gemm = super::gemm_dtype(xs);
-        let ys = xs.reshape((rows, in_features))?.to_dtype(gemm)?.matmul(&self.weight.to_dtype(gemm)?.t()?)?;
+        let ys = xs
+            .reshape((rows, in_features))?
+            .to_dtype(gemm)?
+            .matmul(&self.weight.to_dtype(gemm)?.t()?)?;
         let ys = ys.to_dtype(dtype)?;
         let ys = match &self.bias {
             Some(b) => ys.broadcast_add(b)?,

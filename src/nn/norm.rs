@@ -34,7 +34,11 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Loads `weight` and `bias` of size `dim`.
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(LayerNorm { weight: vb.get(&[dim], "weight")?, bias: vb.get(&[dim], "bias")?, eps })
+        Ok(LayerNorm {
+            weight: vb.get(&[dim], "weight")?,
+            bias: vb.get(&[dim], "bias")?,
+            eps,
+        })
     }
 
     /// Normalises `xs` `[..., dim]`.
@@ -62,7 +66,12 @@ impl GroupNorm {
                 format!("{channels} channels cannot be split into {num_groups} groups"),
             ));
         }
-        Ok(GroupNorm { weight: vb.get(&[channels], "weight")?, bias: vb.get(&[channels], "bias")?, num_groups, eps })
+        Ok(GroupNorm {
+            weight: vb.get(&[channels], "weight")?,
+            bias: vb.get(&[channels], "bias")?,
+            num_groups,
+            eps,
+        })
     }
 
     /// Normalises `xs` of shape `[B, C, ...]`.
@@ -70,7 +79,9 @@ impl GroupNorm {
         let dims = xs.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let grouped = xs.reshape((b, self.num_groups, ()))?;
-        let y = normalize_last(&grouped, self.eps)?.to_dtype(xs.dtype())?.reshape(dims.as_slice())?;
+        let y = normalize_last(&grouped, self.eps)?
+            .to_dtype(xs.dtype())?
+            .reshape(dims.as_slice())?;
         let mut affine_shape = vec![1usize; dims.len()];
         affine_shape[1] = c;
         let w = self.weight.reshape(affine_shape.as_slice())?;

@@ -33,8 +33,14 @@ pub fn save_png(image_hwc: &Tensor, path: &Path) -> Result<()> {
 
 /// Reads a PNG (or any format the `image` crate was built with) as `[H, W, 3]` f32 in [0, 1].
 pub fn load_image(path: &Path) -> Result<Tensor> {
-    let img = image::open(path).map_err(|e| Error::io(path, std::io::Error::other(e)))?.to_rgb8();
+    let img = image::open(path)
+        .map_err(|e| Error::io(path, std::io::Error::other(e)))?
+        .to_rgb8();
     let (w, h) = img.dimensions();
     let data: Vec<f32> = img.into_raw().into_iter().map(|b| b as f32 / 255.0).collect();
-    Ok(Tensor::from_vec(data, (h as usize, w as usize, 3), &candle_core::Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        data,
+        (h as usize, w as usize, 3),
+        &candle_core::Device::Cpu,
+    )?)
 }

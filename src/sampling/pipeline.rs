@@ -141,7 +141,10 @@ fn require_dir(dir: &Path, what: &str) -> Result<()> {
     if dir.is_dir() {
         Ok(())
     } else {
-        Err(Error::MissingFile { path: dir.to_path_buf(), what: format!("{what} folder") })
+        Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            what: format!("{what} folder"),
+        })
     }
 }
 
@@ -201,8 +204,14 @@ impl StableDiffusionPipeline {
         let (unet, _) = UNet2DConditionModel::from_pretrained(&unet_dir, opts)?;
         // diffusers runs `force_upcast` VAEs in f32 whatever the pipeline dtype (fp16 SD VAEs overflow).
         let vae_cfg = crate::models::vae::AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
-        let vae_opts =
-            if vae_cfg.force_upcast { LoadOptions { dtype: DType::F32, ..opts.clone() } } else { opts.clone() };
+        let vae_opts = if vae_cfg.force_upcast {
+            LoadOptions {
+                dtype: DType::F32,
+                ..opts.clone()
+            }
+        } else {
+            opts.clone()
+        };
         let (vae, _) = AutoencoderKL::from_pretrained(&vae_dir, &vae_opts)?;
         if unet.needs_added_cond() != (kind == PipelineKind::StableDiffusionXl) {
             return Err(Error::config(
@@ -211,8 +220,9 @@ impl StableDiffusionPipeline {
                 format!("does not fit a {kind:?} pipeline"),
             ));
         }
-        let force_zeros_for_empty_prompt =
-            index.force_zeros_for_empty_prompt.unwrap_or(kind == PipelineKind::StableDiffusionXl);
+        let force_zeros_for_empty_prompt = index
+            .force_zeros_for_empty_prompt
+            .unwrap_or(kind == PipelineKind::StableDiffusionXl);
         Ok(StableDiffusionPipeline {
             kind,
             tokenizer,
@@ -249,9 +259,15 @@ impl StableDiffusionPipeline {
                 let out2 = te2.forward(&ids2)?;
                 let context = Tensor::cat(&[&out.penultimate_hidden_state, &out2.penultimate_hidden_state], 2)?;
                 let pooled = out2.text_embeds.expect("checked at load: encoder 2 has a projection");
-                Ok(PromptEmbeds { context, pooled: Some(pooled) })
+                Ok(PromptEmbeds {
+                    context,
+                    pooled: Some(pooled),
+                })
             }
-            _ => Ok(PromptEmbeds { context: out.last_hidden_state, pooled: None }),
+            _ => Ok(PromptEmbeds {
+                context: out.last_hidden_state,
+                pooled: None,
+            }),
         }
     }
 
@@ -288,7 +304,10 @@ impl StableDiffusionPipeline {
         let f = self.vae_scale_factor();
         for (what, v) in [("height", height), ("width", width)] {
             if v == 0 || v % f != 0 {
-                return Err(Error::input(what, format!("must be a positive multiple of {f} (the VAE factor), got {v}")));
+                return Err(Error::input(
+                    what,
+                    format!("must be a positive multiple of {f} (the VAE factor), got {v}"),
+                ));
             }
         }
         Ok((height / f, width / f))
@@ -302,13 +321,19 @@ impl StableDiffusionPipeline {
         }
         if let Some(n) = &req.negative_prompts {
             if n.len() != b {
-                return Err(Error::input("negative prompt", format!("expected {b} (one per prompt), got {}", n.len())));
+                return Err(Error::input(
+                    "negative prompt",
+                    format!("expected {b} (one per prompt), got {}", n.len()),
+                ));
             }
         }
         let (lh, lw) = self.check_size(req.height, req.width)?;
         let want = [b, self.unet.in_channels(), lh, lw];
         if req.init_noise.dims() != want {
-            return Err(Error::input("init noise", format!("expected shape {want:?}, got {:?}", req.init_noise.dims())));
+            return Err(Error::input(
+                "init noise",
+                format!("expected shape {want:?}, got {:?}", req.init_noise.dims()),
+            ));
         }
         let guidance = req.guidance > 1.0;
         let embeds = self.encode_prompts(&req.prompts, req.negative_prompts.as_deref(), guidance)?;
@@ -335,13 +360,20 @@ impl StableDiffusionPipeline {
 
         let mut scheduler = self.scheduler_config.build(req.scheduler, req.steps)?;
         let mut rng = Rng::new(req.seed);
-        let mut latents = (req.init_noise.to_device(&self.device)?.to_dtype(DType::F32)? * scheduler.init_noise_sigma())?;
+        let mut latents =
+            (req.init_noise.to_device(&self.device)?.to_dtype(DType::F32)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = if guidance {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let input = scheduler.scale_model_input(&input, i)?;
             let ts = Tensor::from_vec(vec![t as f32; rows], rows, &self.device)?;
-            let pred = self.unet.forward(&input.to_dtype(self.dtype)?, &ts, &context, added.as_ref())?;
+            let pred = self
+                .unet
+                .forward(&input.to_dtype(self.dtype)?, &ts, &context, added.as_ref())?;
             let pred = pred.to_dtype(DType::F32)?;
             let pred = if guidance {
                 let (uncond, text) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);

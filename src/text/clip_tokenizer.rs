@@ -198,9 +198,7 @@ impl ClipTokenizer {
                         return Err(Error::config(
                             &model.file,
                             "vocab",
-                            format!(
-                                "byte token {token:?} is missing and there is no unknown token"
-                            ),
+                            format!("byte token {token:?} is missing and there is no unknown token"),
                         ))
                     }
                 };
@@ -238,24 +236,18 @@ impl ClipTokenizer {
             Some(unk) => Some((resolve("unk_token", unk)?, unk)),
             None => None,
         };
-        for (id, spec) in [
-            (bos_id, &config.bos),
-            (eos_id, &config.eos),
-            (pad_id, &config.pad),
-        ]
-        .into_iter()
-        .chain(unk)
+        for (id, spec) in [(bos_id, &config.bos), (eos_id, &config.eos), (pad_id, &config.pad)]
+            .into_iter()
+            .chain(unk)
         {
             add_new(&mut added, id, spec);
         }
-        let (normalized, raw): (Vec<_>, Vec<_>) =
-            added.into_iter().partition(|(_, t)| t.normalized);
+        let (normalized, raw): (Vec<_>, Vec<_>) = added.into_iter().partition(|(_, t)| t.normalized);
         let normalized = normalized
             .into_iter()
             .map(|(id, t)| {
-                let content = normalize(&t.content).map_err(|e| {
-                    Error::config(&t.file, "added tokens", format!("{:?}: {e}", t.content))
-                })?;
+                let content = normalize(&t.content)
+                    .map_err(|e| Error::config(&t.file, "added tokens", format!("{:?}: {e}", t.content)))?;
                 Ok((id, TokenSpec { content, ..t }))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -268,8 +260,7 @@ impl ClipTokenizer {
             raw_added: AddedTokens::new(raw),
             normalized_added: AddedTokens::new(normalized),
             clip_split: Regex::new(CLIP_PATTERN).expect("CLIP_PATTERN is a valid regex"),
-            byte_level_split: Regex::new(BYTE_LEVEL_PATTERN)
-                .expect("BYTE_LEVEL_PATTERN is a valid regex"),
+            byte_level_split: Regex::new(BYTE_LEVEL_PATTERN).expect("BYTE_LEVEL_PATTERN is a valid regex"),
             bos_id,
             eos_id,
             pad_id,
@@ -320,25 +311,14 @@ impl ClipTokenizer {
 
     /// [`Self::encode_padded`] for each text: `B` rows of `max_length` ids.
     pub fn encode_batch_padded<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
-        texts
-            .iter()
-            .map(|t| self.encode_padded(t.as_ref()))
-            .collect()
+        texts.iter().map(|t| self.encode_padded(t.as_ref())).collect()
     }
 
     /// [`Self::encode_batch_padded`] as a U32 tensor of shape `[B, max_length]` on `device`.
-    pub fn encode_batch_tensor<S: AsRef<str>>(
-        &self,
-        texts: &[S],
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn encode_batch_tensor<S: AsRef<str>>(&self, texts: &[S], device: &Device) -> Result<Tensor> {
         let rows = self.encode_batch_padded(texts)?;
         let flat: Vec<u32> = rows.into_iter().flatten().collect();
-        Ok(Tensor::from_vec(
-            flat,
-            (texts.len(), self.max_length),
-            device,
-        )?)
+        Ok(Tensor::from_vec(flat, (texts.len(), self.max_length), device)?)
     }
 
     /// Id of the padding token (`pad_token`; 49407 `<|endoftext|>` for SD 1.x, 0 `!` for SDXL's
@@ -372,22 +352,13 @@ impl ClipTokenizer {
         self.vocab
             .get(token)
             .or_else(|| self.raw_added.as_ref().and_then(|a| a.ids.get(token)))
-            .or_else(|| {
-                self.normalized_added
-                    .as_ref()
-                    .and_then(|a| a.ids.get(token))
-            })
+            .or_else(|| self.normalized_added.as_ref().and_then(|a| a.ids.get(token)))
             .copied()
     }
 
     /// Appends the BPE ids of one pre-tokenised word, through the cache.
     fn encode_word(&self, word: &str, out: &mut Vec<u32>) {
-        if let Some(ids) = self
-            .cache
-            .lock()
-            .ok()
-            .and_then(|cache| cache.get(word).cloned())
-        {
+        if let Some(ids) = self.cache.lock().ok().and_then(|cache| cache.get(word).cloned()) {
             out.extend(ids);
             return;
         }
@@ -432,10 +403,7 @@ impl ClipTokenizer {
         }
         while let Some(Reverse((rank, pos, merged))) = heap.pop() {
             let right = next[pos];
-            if !alive[pos]
-                || right == NONE
-                || self.merges.get(&(ids[pos], ids[right])) != Some(&(rank, merged))
-            {
+            if !alive[pos] || right == NONE || self.merges.get(&(ids[pos], ids[right])) != Some(&(rank, merged)) {
                 continue; // stale: one side was merged since
             }
             ids[pos] = merged;
@@ -503,11 +471,7 @@ impl AddedTokens {
         }
         let mut contents: Vec<&str> = tokens.iter().map(|(_, t)| t.content.as_str()).collect();
         contents.sort_by_key(|c| Reverse(c.len()));
-        let alternation = contents
-            .iter()
-            .map(|c| regex::escape(c))
-            .collect::<Vec<_>>()
-            .join("|");
+        let alternation = contents.iter().map(|c| regex::escape(c)).collect::<Vec<_>>().join("|");
         let pattern = Regex::new(&alternation).expect("escaped literals form a valid regex");
         let ids = tokens.into_iter().map(|(id, t)| (t.content, id)).collect();
         Some(Self { pattern, ids })
@@ -563,9 +527,7 @@ fn normalize(text: &str) -> Result<String> {
 
 /// GPT-2's reversible map from bytes to printable characters (`bytes_to_unicode`).
 fn bytes_to_unicode() -> [char; 256] {
-    let printable = |b: u32| {
-        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
     let mut chars = ['\0'; 256];
     let mut shifted = 0;
     for (b, slot) in chars.iter_mut().enumerate() {
@@ -593,20 +555,14 @@ fn read_file(path: &Path, what: &str) -> Result<String> {
 }
 
 /// Parses a JSON file, naming it on error.
-fn parse_json<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    text: &str,
-    expected: &str,
-) -> Result<T> {
-    serde_json::from_str(text)
-        .map_err(|e| Error::config(path, "(file)", format!("expected {expected}: {e}")))
+fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, text: &str, expected: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::config(path, "(file)", format!("expected {expected}: {e}")))
 }
 
 impl BpeModel {
     fn from_tokenizer_json(path: &Path) -> Result<Self> {
         let text = read_file(path, "tokenizer")?;
-        let json: TokenizerJson =
-            parse_json(path, &text, "a tokenizers JSON file with a BPE model")?;
+        let json: TokenizerJson = parse_json(path, &text, "a tokenizers JSON file with a BPE model")?;
         let model = json.model;
         if let Some(kind) = model.kind.as_deref().filter(|k| *k != "BPE") {
             return Err(Error::config(
@@ -615,11 +571,7 @@ impl BpeModel {
                 format!("expected \"BPE\", got {kind:?}"),
             ));
         }
-        if let Some(prefix) = model
-            .continuing_subword_prefix
-            .as_deref()
-            .filter(|p| !p.is_empty())
-        {
+        if let Some(prefix) = model.continuing_subword_prefix.as_deref().filter(|p| !p.is_empty()) {
             return Err(Error::config(
                 path,
                 "model.continuing_subword_prefix",
@@ -635,15 +587,11 @@ impl BpeModel {
         }
         let pairs = model.merges.iter().enumerate().map(|(i, m)| match m {
             MergeJson::Pair(a, b) => Ok((i, a.as_str(), b.as_str())),
-            MergeJson::Joined(s) => {
-                s.split_once(' ')
-                    .map(|(a, b)| (i, a, b))
-                    .ok_or_else(|| Error::Record {
-                        file: path.to_path_buf(),
-                        index: i,
-                        reason: format!("model.merges: expected \"left right\", got {s:?}"),
-                    })
-            }
+            MergeJson::Joined(s) => s.split_once(' ').map(|(a, b)| (i, a, b)).ok_or_else(|| Error::Record {
+                file: path.to_path_buf(),
+                index: i,
+                reason: format!("model.merges: expected \"left right\", got {s:?}"),
+            }),
         });
         let merges = build_merges(&model.vocab, pairs, path)?;
         let mut added = Vec::with_capacity(json.added_tokens.len());
@@ -652,10 +600,7 @@ impl BpeModel {
                 return Err(Error::config(
                     path,
                     format!("added_tokens[{i}].single_word"),
-                    format!(
-                        "single-word added tokens are not supported, got {:?}",
-                        t.content
-                    ),
+                    format!("single-word added tokens are not supported, got {:?}", t.content),
                 ));
             }
             added.push((
@@ -678,12 +623,8 @@ impl BpeModel {
     }
 
     fn from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<Self> {
-        let vocab_text = read_file(
-            vocab_path,
-            "tokenizer vocabulary (vocab.json, or tokenizer.json)",
-        )?;
-        let vocab: HashMap<String, u32> =
-            parse_json(vocab_path, &vocab_text, "a JSON object of token -> id")?;
+        let vocab_text = read_file(vocab_path, "tokenizer vocabulary (vocab.json, or tokenizer.json)")?;
+        let vocab: HashMap<String, u32> = parse_json(vocab_path, &vocab_text, "a JSON object of token -> id")?;
         let merges_text = read_file(merges_path, "BPE merges")?;
         let pairs = merges_text
             .lines()
@@ -796,8 +737,7 @@ impl TokenizerConfig {
         let map_path = dir.join("special_tokens_map.json");
         if !json.contains_key("added_tokens_decoder") && map_path.is_file() {
             let text = read_file(&map_path, "special tokens map")?;
-            let map: serde_json::Map<String, Value> =
-                parse_json(&map_path, &text, "a JSON object")?;
+            let map: serde_json::Map<String, Value> = parse_json(&map_path, &text, "a JSON object")?;
             for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
                 if let Some(v) = map.get(key) {
                     named.insert(key, (map_path.clone(), token_spec(&map_path, key, v)?));
@@ -813,11 +753,7 @@ impl TokenizerConfig {
             match named.get(key) {
                 None => Ok(default(fallback)),
                 Some((_, Some(spec))) => Ok(spec.clone()),
-                Some((file, None)) => Err(Error::config(
-                    file,
-                    key,
-                    "is null; padded encoding needs it",
-                )),
+                Some((file, None)) => Err(Error::config(file, key, "is null; padded encoding needs it")),
             }
         };
         Ok(Self {
@@ -846,18 +782,11 @@ fn token_spec(file: &Path, key: &str, value: &Value) -> Result<Option<TokenSpec>
         },
         Value::Object(o) => match o.get("content").and_then(Value::as_str) {
             _ if o.get("single_word").and_then(Value::as_bool) == Some(true) => {
-                return Err(Error::config(
-                    file,
-                    key,
-                    "single-word added tokens are not supported",
-                ))
+                return Err(Error::config(file, key, "single-word added tokens are not supported"))
             }
             Some(content) => TokenSpec {
                 content: content.to_string(),
-                normalized: o
-                    .get("normalized")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
+                normalized: o.get("normalized").and_then(Value::as_bool).unwrap_or(false),
                 file: file.to_path_buf(),
             },
             None => {
@@ -877,11 +806,7 @@ fn token_spec(file: &Path, key: &str, value: &Value) -> Result<Option<TokenSpec>
         }
     };
     if spec.content.is_empty() {
-        return Err(Error::config(
-            file,
-            key,
-            "expected a token, got an empty string",
-        ));
+        return Err(Error::config(file, key, "expected a token, got an empty string"));
     }
     Ok(Some(spec))
 }

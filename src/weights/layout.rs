@@ -11,8 +11,14 @@ use crate::{Error, Result};
 /// listed by `dir/{stem}.safetensors.index[.{variant}].json`.
 pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<TensorStore> {
     let (single, index) = match variant {
-        Some(v) => (dir.join(format!("{stem}.{v}.safetensors")), dir.join(format!("{stem}.safetensors.index.{v}.json"))),
-        None => (dir.join(format!("{stem}.safetensors")), dir.join(format!("{stem}.safetensors.index.json"))),
+        Some(v) => (
+            dir.join(format!("{stem}.{v}.safetensors")),
+            dir.join(format!("{stem}.safetensors.index.{v}.json")),
+        ),
+        None => (
+            dir.join(format!("{stem}.safetensors")),
+            dir.join(format!("{stem}.safetensors.index.json")),
+        ),
     };
     if single.is_file() {
         return TensorStore::open_file(&single);
@@ -21,7 +27,10 @@ pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Ten
         return open_sharded(&index);
     }
     if !dir.is_dir() {
-        return Err(Error::MissingFile { path: dir.to_path_buf(), what: "component folder".into() });
+        return Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            what: "component folder".into(),
+        });
     }
     let found: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
@@ -38,7 +47,10 @@ pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Ten
     };
     Err(Error::MissingFile {
         path: single,
-        what: format!("weights{}{hint}", variant.map(|v| format!(" for variant {v:?}")).unwrap_or_default()),
+        what: format!(
+            "weights{}{hint}",
+            variant.map(|v| format!(" for variant {v:?}")).unwrap_or_default()
+        ),
     })
 }
 
@@ -66,7 +78,10 @@ pub fn open_sharded(index: &Path) -> Result<TensorStore> {
     let store = TensorStore::open(index, &files)?;
     for name in map.keys() {
         if !store.contains(name) {
-            return Err(Error::MissingTensor { file: dir.join(map[name].as_str().unwrap_or("?")), name: name.clone() });
+            return Err(Error::MissingTensor {
+                file: dir.join(map[name].as_str().unwrap_or("?")),
+                name: name.clone(),
+            });
         }
     }
     Ok(store)
@@ -102,7 +117,10 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str, revision: Option<&str>) -> R
     let revision = revision.unwrap_or("main");
     let ref_file = repo_dir.join("refs").join(revision);
     let hash = if ref_file.is_file() {
-        std::fs::read_to_string(&ref_file).map_err(|e| Error::io(&ref_file, e))?.trim().to_string()
+        std::fs::read_to_string(&ref_file)
+            .map_err(|e| Error::io(&ref_file, e))?
+            .trim()
+            .to_string()
     } else {
         revision.to_string()
     };
@@ -110,7 +128,10 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str, revision: Option<&str>) -> R
     if snapshot.is_dir() {
         Ok(snapshot)
     } else {
-        Err(Error::MissingFile { path: snapshot, what: format!("snapshot {hash:?} of cached model {repo_id:?}") })
+        Err(Error::MissingFile {
+            path: snapshot,
+            what: format!("snapshot {hash:?} of cached model {repo_id:?}"),
+        })
     }
 }
 
@@ -124,6 +145,9 @@ pub fn resolve_model(spec: &str, cache: Option<&Path>, revision: Option<&str>) -
     let looks_like_repo = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
     match (looks_like_repo, cache) {
         (true, Some(cache)) => cached_snapshot(cache, spec, revision),
-        _ => Err(Error::MissingFile { path: path.to_path_buf(), what: "model folder".into() }),
+        _ => Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            what: "model folder".into(),
+        }),
     }
 }

@@ -41,7 +41,12 @@ impl VarBuilder {
     fn with_source(source: Source, dtype: DType, device: &Device, trainable: bool) -> Self {
         let vars = trainable.then(|| Mutex::new(Vec::new()));
         VarBuilder {
-            inner: Arc::new(Inner { source, dtype, device: device.clone(), vars }),
+            inner: Arc::new(Inner {
+                source,
+                dtype,
+                device: device.clone(),
+                vars,
+            }),
             prefix: String::new(),
         }
     }
@@ -63,8 +68,15 @@ impl VarBuilder {
 
     /// The cursor one level down: `pp("conv_in")` then `get(.., "weight")` reads `conv_in.weight`.
     pub fn pp(&self, segment: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
-        VarBuilder { inner: self.inner.clone(), prefix }
+        let prefix = if self.prefix.is_empty() {
+            segment.to_string()
+        } else {
+            format!("{}.{segment}", self.prefix)
+        };
+        VarBuilder {
+            inner: self.inner.clone(),
+            prefix,
+        }
     }
 
     /// The full name of `name` under this cursor.
@@ -117,7 +129,11 @@ impl VarBuilder {
 
     /// The `Var`s handed out so far, by full name (empty unless built as trainable).
     pub fn vars(&self) -> Vec<(String, Var)> {
-        self.inner.vars.as_ref().map(|v| v.lock().expect("vars lock").clone()).unwrap_or_default()
+        self.inner
+            .vars
+            .as_ref()
+            .map(|v| v.lock().expect("vars lock").clone())
+            .unwrap_or_default()
     }
 
     /// The underlying store, if the weights come from files.
@@ -159,7 +175,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None, trainable: false }
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: None,
+            trainable: false,
+        }
     }
 }
 

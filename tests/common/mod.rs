@@ -22,8 +22,7 @@ pub fn own_fixtures() -> PathBuf {
 
 /// Loads every tensor of a safetensors file onto the CPU.
 pub fn load(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The `__metadata__` map of a safetensors file.
@@ -60,7 +59,11 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
 /// by `vb` received a nonzero gradient.
 pub fn assert_every_var_has_gradient(out: &Tensor, vb: &diffalign::weights::VarBuilder) {
     let mut rng = diffalign::rng::Rng::new(1234);
-    let w = rng.randn(out.dims(), out.device()).unwrap().to_dtype(out.dtype()).unwrap();
+    let w = rng
+        .randn(out.dims(), out.device())
+        .unwrap()
+        .to_dtype(out.dtype())
+        .unwrap();
     let loss = (out * w).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let vars = vb.vars();
@@ -69,10 +72,23 @@ pub fn assert_every_var_has_gradient(out: &Tensor, vb: &diffalign::weights::VarB
         .iter()
         .filter(|(_, v)| {
             grads.get(v.as_tensor()).is_none_or(|g| {
-                g.abs().unwrap().sum_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap() == 0.0
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
             })
         })
         .map(|(n, _)| n)
         .collect();
-    assert!(missing.is_empty(), "{} of {} parameters without gradient: {missing:?}", missing.len(), vars.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {} parameters without gradient: {missing:?}",
+        missing.len(),
+        vars.len()
+    );
 }

@@ -5,6 +5,6 @@
 pub mod text_model;
 
 pub use text_model::{
-    is_known_buffer, pooled_positions, ClipPooling, ClipTextArchitecture, ClipTextConfig,
-    ClipTextForwardOptions, ClipTextLayout, ClipTextModel, ClipTextOutput,
+    is_known_buffer, pooled_positions, ClipPooling, ClipTextArchitecture, ClipTextConfig, ClipTextForwardOptions,
+    ClipTextLayout, ClipTextModel, ClipTextOutput,
 };

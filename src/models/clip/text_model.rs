@@ -162,22 +162,17 @@ impl ClipTextConfig {
     pub fn from_clip_model_json(text: &str, source: impl Into<PathBuf>) -> Result<Self> {
         let source = source.into();
         let mut top = parse_object(text, &source)?;
-        let sub = |top: &mut serde_json::Map<String, serde_json::Value>, key: &str| match top
-            .remove(key)
-        {
+        let sub = |top: &mut serde_json::Map<String, serde_json::Value>, key: &str| match top.remove(key) {
             None | Some(serde_json::Value::Null) => Ok(serde_json::Map::new()),
             Some(serde_json::Value::Object(m)) => Ok(m),
-            Some(v) => Err(Error::config(
-                &source,
-                key,
-                format!("expected a JSON object, got {v}"),
-            )),
+            Some(v) => Err(Error::config(&source, key, format!("expected a JSON object, got {v}"))),
         };
         let mut text_config = sub(&mut top, "text_config")?;
         text_config.extend(sub(&mut top, "text_config_dict")?);
         let projection_dim = match top.remove("projection_dim") {
-            Some(v) => serde_json::from_value(v)
-                .map_err(|e| Error::config(&source, "projection_dim", e.to_string()))?,
+            Some(v) => {
+                serde_json::from_value(v).map_err(|e| Error::config(&source, "projection_dim", e.to_string()))?
+            }
             None => 512,
         };
         // The class is the whole model's; the text part's own `architectures` does not apply.
@@ -271,11 +266,7 @@ impl ClipTextConfig {
             }
         }
         if self.architecture.has_projection() && self.projection_dim == 0 {
-            return Err(Error::config(
-                &self.source,
-                "projection_dim",
-                "must be > 0, got 0",
-            ));
+            return Err(Error::config(&self.source, "projection_dim", "must be > 0, got 0"));
         }
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::config(
@@ -300,11 +291,7 @@ impl ClipTextConfig {
     /// Keys of the file that diffalign does not read (`_`-prefixed bookkeeping excluded), sorted,
     /// for a warning at load time.
     pub fn unknown_keys(&self) -> Vec<String> {
-        self.other
-            .keys()
-            .filter(|k| !k.starts_with('_'))
-            .cloned()
-            .collect()
+        self.other.keys().filter(|k| !k.starts_with('_')).cloned().collect()
     }
 
     /// The pooling rule `eos_token_id` selects.
@@ -336,11 +323,7 @@ fn parse_object(text: &str, source: &Path) -> Result<serde_json::Map<String, ser
     match serde_json::from_str(text) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
         Ok(_) => Err(Error::config(source, "(file)", "expected a JSON object")),
-        Err(e) => Err(Error::config(
-            source,
-            "(file)",
-            format!("malformed JSON: {e}"),
-        )),
+        Err(e) => Err(Error::config(source, "(file)", format!("malformed JSON: {e}"))),
     }
 }
 
@@ -385,10 +368,7 @@ impl ClipTextLayout {
 /// does not read: `position_ids` (`arange(max_position_embeddings)`, saved by transformers 4).
 /// For [`crate::weights::TensorStore::check_all_used`].
 pub fn is_known_buffer(name: &str) -> bool {
-    matches!(
-        name,
-        "text_model.embeddings.position_ids" | "embeddings.position_ids"
-    )
+    matches!(name, "text_model.embeddings.position_ids" | "embeddings.position_ids")
 }
 
 /// Runtime choices for [`ClipTextModel::forward_with`].
@@ -439,10 +419,7 @@ impl ClipTextEmbeddings {
     /// `ids`: flat `[B * L]` u32 on the model's device; gives `[B, L, D]`.
     fn forward(&self, ids: &Tensor, b: usize, l: usize) -> Result<Tensor> {
         let d = self.token_embedding.dim(1)?;
-        let tokens = self
-            .token_embedding
-            .index_select(ids, 0)?
-            .reshape((b, l, d))?;
+        let tokens = self.token_embedding.index_select(ids, 0)?.reshape((b, l, d))?;
         let positions = self.position_embedding.narrow(0, 0, l)?;
         Ok(tokens.broadcast_add(&positions)?)
     }
@@ -508,8 +485,7 @@ impl ClipMlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&self.activation.forward(&self.fc1.forward(xs)?)?)
+        self.fc2.forward(&self.activation.forward(&self.fc1.forward(xs)?)?)
     }
 }
 
@@ -533,10 +509,7 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let xs = (xs
-            + self
-                .self_attn
-                .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
+        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?)?;
         Ok((&xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?)
     }
 }
@@ -562,11 +535,7 @@ impl ClipTextTransformer {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(cfg, layers_vb.pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::new(
-            cfg.hidden_size,
-            cfg.layer_norm_eps,
-            vb.pp("final_layer_norm"),
-        )?;
+        let final_layer_norm = LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
         Ok(ClipTextTransformer {
             embeddings,
             encoder: ClipEncoder { layers },
@@ -635,11 +604,7 @@ impl ClipTextModel {
     }
 
     /// [`ClipTextModel::forward`] with options.
-    pub fn forward_with(
-        &self,
-        input_ids: &Tensor,
-        opts: &ClipTextForwardOptions,
-    ) -> Result<ClipTextOutput> {
+    pub fn forward_with(&self, input_ids: &Tensor, opts: &ClipTextForwardOptions) -> Result<ClipTextOutput> {
         let ids = self.read_ids(input_ids)?;
         let (b, l) = (ids.len(), ids[0].len());
         let flat: Vec<u32> = ids.iter().flatten().map(|&id| id as u32).collect();
@@ -672,9 +637,7 @@ impl ClipTextModel {
             .collect();
         let rows = Tensor::from_vec(rows, b, &self.device)?;
         let d = self.config.hidden_size;
-        let pooler_output = last_hidden_state
-            .reshape((b * l, d))?
-            .index_select(&rows, 0)?;
+        let pooler_output = last_hidden_state.reshape((b * l, d))?.index_select(&rows, 0)?;
         let text_embeds = match &self.text_projection {
             Some(p) => Some(p.forward(&pooler_output)?),
             None => None,
@@ -696,9 +659,7 @@ impl ClipTextModel {
             .dims2()
             .map_err(|_| bad(format!("expected shape [B, L], got {:?}", input_ids.dims())))?;
         if b == 0 || l == 0 {
-            return Err(bad(format!(
-                "expected a non-empty batch, got shape [{b}, {l}]"
-            )));
+            return Err(bad(format!("expected a non-empty batch, got shape [{b}, {l}]")));
         }
         if l > self.config.max_position_embeddings {
             return Err(bad(format!(
@@ -717,11 +678,7 @@ impl ClipTextModel {
         };
         let vocab = self.config.vocab_size as i64;
         for (r, row) in ids.iter().enumerate() {
-            if let Some((c, &id)) = row
-                .iter()
-                .enumerate()
-                .find(|(_, &id)| id < 0 || id >= vocab)
-            {
+            if let Some((c, &id)) = row.iter().enumerate().find(|(_, &id)| id < 0 || id >= vocab) {
                 return Err(bad(format!(
                     "id at [{r}, {c}] must be in 0..{vocab} (vocab_size), got {id}"
                 )));
@@ -739,10 +696,7 @@ pub fn pooled_positions(ids: &[Vec<i64>], rule: ClipPooling) -> Vec<usize> {
             ClipPooling::ArgmaxId => {
                 row.iter()
                     .enumerate()
-                    .fold(
-                        (0, i64::MIN),
-                        |best, (i, &id)| if id > best.1 { (i, id) } else { best },
-                    )
+                    .fold((0, i64::MIN), |best, (i, &id)| if id > best.1 { (i, id) } else { best })
                     .0
             }
             ClipPooling::FirstEos(eos) => row.iter().position(|&id| id == eos).unwrap_or(0),

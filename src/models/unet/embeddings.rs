@@ -35,8 +35,16 @@ impl Timesteps {
         let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
         let args = t.broadcast_mul(&freqs)?;
         let (sin, cos) = (args.sin()?, args.cos()?);
-        let emb = if self.flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
-        Ok(if self.num_channels % 2 == 1 { emb.pad_with_zeros(1, 0, 1)? } else { emb })
+        let emb = if self.flip_sin_to_cos {
+            Tensor::cat(&[cos, sin], 1)?
+        } else {
+            Tensor::cat(&[sin, cos], 1)?
+        };
+        Ok(if self.num_channels % 2 == 1 {
+            emb.pad_with_zeros(1, 0, 1)?
+        } else {
+            emb
+        })
     }
 }
 

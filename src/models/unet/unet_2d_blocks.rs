@@ -70,7 +70,11 @@ impl DownBlock {
             Some(p) => Some(Downsample2D::new(out_channels, p, vb.pp("downsamplers").pp(0))?),
             None => None,
         };
-        Ok(DownBlock { resnets, attentions, downsampler })
+        Ok(DownBlock {
+            resnets,
+            attentions,
+            downsampler,
+        })
     }
 
     /// Returns the block output and the states it hands to the up path.
@@ -153,16 +157,36 @@ impl UpBlock {
         let mut resnets = Vec::with_capacity(num_layers);
         let mut attentions = Vec::new();
         for i in 0..num_layers {
-            let skip = if i == num_layers - 1 { ch.in_channels } else { ch.out_channels };
-            let cin = if i == 0 { ch.prev_output_channels } else { ch.out_channels };
-            resnets.push(ResnetBlock2D::new(cin + skip, ch.out_channels, resnet, vb.pp("resnets").pp(i))?);
+            let skip = if i == num_layers - 1 {
+                ch.in_channels
+            } else {
+                ch.out_channels
+            };
+            let cin = if i == 0 {
+                ch.prev_output_channels
+            } else {
+                ch.out_channels
+            };
+            resnets.push(ResnetBlock2D::new(
+                cin + skip,
+                ch.out_channels,
+                resnet,
+                vb.pp("resnets").pp(i),
+            )?);
             if let Some(a) = &attention {
                 attentions.push(a.transformer(ch.out_channels, resnet.groups, vb.pp("attentions").pp(i))?);
             }
         }
-        let upsampler =
-            if add_upsample { Some(Upsample2D::new(ch.out_channels, vb.pp("upsamplers").pp(0))?) } else { None };
-        Ok(UpBlock { resnets, attentions, upsampler })
+        let upsampler = if add_upsample {
+            Some(Upsample2D::new(ch.out_channels, vb.pp("upsamplers").pp(0))?)
+        } else {
+            None
+        };
+        Ok(UpBlock {
+            resnets,
+            attentions,
+            upsampler,
+        })
     }
 
     /// Number of skip states this block consumes.

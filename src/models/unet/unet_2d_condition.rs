@@ -27,10 +27,24 @@ fn default_true() -> bool {
     true
 }
 fn default_down_blocks() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_up_blocks() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_mid_block() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -276,9 +290,8 @@ impl UNet2DConditionConfig {
     /// Validates the config (errors name `file` and the key) and expands per-block values.
     fn plan(&self, file: &Path) -> Result<Plan> {
         let err = |key: &str, reason: String| Error::config(file, key, reason);
-        let unsupported = |key: &str, value: &dyn std::fmt::Debug| {
-            Err(err(key, format!("value {value:?} is not supported")))
-        };
+        let unsupported =
+            |key: &str, value: &dyn std::fmt::Debug| Err(err(key, format!("value {value:?} is not supported")));
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(err("block_out_channels", "must not be empty".into()));
@@ -286,19 +299,28 @@ impl UNet2DConditionConfig {
         if self.down_block_types.len() != n {
             return Err(err(
                 "down_block_types",
-                format!("must have as many entries as block_out_channels ({n}), got {}", self.down_block_types.len()),
+                format!(
+                    "must have as many entries as block_out_channels ({n}), got {}",
+                    self.down_block_types.len()
+                ),
             ));
         }
         if self.up_block_types.len() != n {
             return Err(err(
                 "up_block_types",
-                format!("must have as many entries as down_block_types ({n}), got {}", self.up_block_types.len()),
+                format!(
+                    "must have as many entries as down_block_types ({n}), got {}",
+                    self.up_block_types.len()
+                ),
             ));
         }
         let kind = |key: &str, s: &str, plain: &str, cross: &str| match s {
             s if s == plain => Ok(BlockKind::Plain),
             s if s == cross => Ok(BlockKind::CrossAttn),
-            other => Err(err(key, format!("unsupported block type {other:?} (supported: {plain}, {cross})"))),
+            other => Err(err(
+                key,
+                format!("unsupported block type {other:?} (supported: {plain}, {cross})"),
+            )),
         };
         let down = self
             .down_block_types
@@ -314,7 +336,12 @@ impl UNet2DConditionConfig {
             Some("UNetMidBlock2DCrossAttn") => {}
             other => return unsupported("mid_block_type", &other),
         }
-        if self.only_cross_attention.expand(n, file, "only_cross_attention")?.iter().any(|&b| b) {
+        if self
+            .only_cross_attention
+            .expand(n, file, "only_cross_attention")?
+            .iter()
+            .any(|&b| b)
+        {
             return unsupported("only_cross_attention", &self.only_cross_attention);
         }
         if self.mid_block_only_cross_attention == Some(true) {
@@ -359,27 +386,44 @@ impl UNet2DConditionConfig {
         if self.cross_attention_norm.is_some() {
             return unsupported("cross_attention_norm", &self.cross_attention_norm);
         }
-        for (key, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
+        for (key, k) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
             if k % 2 == 0 {
                 return Err(err(key, format!("must be odd, got {k}")));
             }
         }
-        let groups = self.norm_num_groups.ok_or_else(|| err("norm_num_groups", "null is not supported".into()))?;
+        let groups = self
+            .norm_num_groups
+            .ok_or_else(|| err("norm_num_groups", "null is not supported".into()))?;
         for &c in &self.block_out_channels {
             if groups == 0 || c % groups != 0 {
-                return Err(err("norm_num_groups", format!("{groups} groups do not divide block_out_channels entry {c}")));
+                return Err(err(
+                    "norm_num_groups",
+                    format!("{groups} groups do not divide block_out_channels entry {c}"),
+                ));
             }
         }
         // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`.
         let heads_src = self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim);
-        let heads_key = if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
+        let heads_key = if self.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
         let heads = heads_src.expand(n, file, heads_key)?;
         for (i, (&h, &c)) in heads.iter().zip(&self.block_out_channels).enumerate() {
             if h == 0 || c % h != 0 {
-                return Err(err(heads_key, format!("block {i}: {h} heads do not divide {c} channels")));
+                return Err(err(
+                    heads_key,
+                    format!("block {i}: {h} heads do not divide {c} channels"),
+                ));
             }
         }
-        let transformer_layers = self.transformer_layers_per_block.expand(n, file, "transformer_layers_per_block")?;
+        let transformer_layers = self
+            .transformer_layers_per_block
+            .expand(n, file, "transformer_layers_per_block")?;
         let reverse_transformer_layers = match &self.reverse_transformer_layers_per_block {
             Some(r) => r.expand(n, file, "reverse_transformer_layers_per_block")?,
             None => transformer_layers.iter().rev().copied().collect(),
@@ -392,7 +436,10 @@ impl UNet2DConditionConfig {
                     .addition_time_embed_dim
                     .ok_or_else(|| err("addition_time_embed_dim", "required for text_time, got null".into()))?;
                 let p = self.projection_class_embeddings_input_dim.ok_or_else(|| {
-                    err("projection_class_embeddings_input_dim", "required for text_time, got null".into())
+                    err(
+                        "projection_class_embeddings_input_dim",
+                        "required for text_time, got null".into(),
+                    )
                 })?;
                 Some((t, p))
             }
@@ -471,10 +518,22 @@ impl UNet2DConditionModel {
             })
         };
 
-        let conv_in_cfg = Conv2dConfig { padding: (cfg.conv_in_kernel - 1) / 2, ..Default::default() };
-        let conv_in = Conv2d::new(cfg.in_channels, boc[0], cfg.conv_in_kernel, conv_in_cfg, vb.pp("conv_in"))?;
-        let time_proj =
-            Timesteps { num_channels: boc[0], flip_sin_to_cos: cfg.flip_sin_to_cos, downscale_freq_shift: cfg.freq_shift };
+        let conv_in_cfg = Conv2dConfig {
+            padding: (cfg.conv_in_kernel - 1) / 2,
+            ..Default::default()
+        };
+        let conv_in = Conv2d::new(
+            cfg.in_channels,
+            boc[0],
+            cfg.conv_in_kernel,
+            conv_in_cfg,
+            vb.pp("conv_in"),
+        )?;
+        let time_proj = Timesteps {
+            num_channels: boc[0],
+            flip_sin_to_cos: cfg.flip_sin_to_cos,
+            downscale_freq_shift: cfg.freq_shift,
+        };
         let time_embedding = TimestepEmbedding::new(boc[0], plan.time_embed_dim, act, vb.pp("time_embedding"))?;
         let add = match plan.text_time {
             Some((time_dim, proj_dim)) => Some(TextTimeEmbedding {
@@ -490,11 +549,16 @@ impl UNet2DConditionModel {
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_ch = boc[0];
-        for i in 0..n {
+        for (i, &ch) in boc.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = boc[i];
+            out_ch = ch;
             let is_final = i == n - 1;
-            let attn = attention(plan.down[i], plan.heads[i], plan.transformer_layers[i], plan.cross_dims[i]);
+            let attn = attention(
+                plan.down[i],
+                plan.heads[i],
+                plan.transformer_layers[i],
+                plan.cross_dims[i],
+            );
             let downsample = (!is_final).then_some(cfg.downsample_padding);
             down_blocks.push(DownBlock::new(
                 in_ch,
@@ -513,7 +577,12 @@ impl UNet2DConditionModel {
             cross_attention_dim: plan.cross_dims[n - 1],
             use_linear_projection: cfg.use_linear_projection,
         };
-        let mid_block = MidBlock::new(boc[n - 1], resnet(cfg.mid_block_scale_factor), mid_attn, vb.pp("mid_block"))?;
+        let mid_block = MidBlock::new(
+            boc[n - 1],
+            resnet(cfg.mid_block_scale_factor),
+            mid_attn,
+            vb.pp("mid_block"),
+        )?;
 
         let rev_boc: Vec<usize> = boc.iter().rev().copied().collect();
         let rev_heads: Vec<usize> = plan.heads.iter().rev().copied().collect();
@@ -525,14 +594,39 @@ impl UNet2DConditionModel {
             let prev = out_ch;
             out_ch = rev_boc[i];
             let in_ch = rev_boc[(i + 1).min(n - 1)];
-            let attn = attention(plan.up[i], rev_heads[i], plan.reverse_transformer_layers[i], rev_cross[i]);
-            let ch = UpChannels { in_channels: in_ch, out_channels: out_ch, prev_output_channels: prev };
-            up_blocks.push(UpBlock::new(ch, rev_layers[i] + 1, resnet(1.0), attn, i != n - 1, vb.pp("up_blocks").pp(i))?);
+            let attn = attention(
+                plan.up[i],
+                rev_heads[i],
+                plan.reverse_transformer_layers[i],
+                rev_cross[i],
+            );
+            let ch = UpChannels {
+                in_channels: in_ch,
+                out_channels: out_ch,
+                prev_output_channels: prev,
+            };
+            up_blocks.push(UpBlock::new(
+                ch,
+                rev_layers[i] + 1,
+                resnet(1.0),
+                attn,
+                i != n - 1,
+                vb.pp("up_blocks").pp(i),
+            )?);
         }
 
         let conv_norm_out = GroupNorm::new(plan.groups, boc[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out_cfg = Conv2dConfig { padding: (cfg.conv_out_kernel - 1) / 2, ..Default::default() };
-        let conv_out = Conv2d::new(boc[0], cfg.out_channels, cfg.conv_out_kernel, conv_out_cfg, vb.pp("conv_out"))?;
+        let conv_out_cfg = Conv2dConfig {
+            padding: (cfg.conv_out_kernel - 1) / 2,
+            ..Default::default()
+        };
+        let conv_out = Conv2d::new(
+            boc[0],
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            conv_out_cfg,
+            vb.pp("conv_out"),
+        )?;
         Ok(UNet2DConditionModel {
             conv_in,
             time_proj,
@@ -582,10 +676,17 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         if timesteps.dims() != [b] {
-            return Err(Error::input("timesteps", format!("expected shape [{b}], got {:?}", timesteps.dims())));
+            return Err(Error::input(
+                "timesteps",
+                format!("expected shape [{b}], got {:?}", timesteps.dims()),
+            ));
         }
         let dtype = sample.dtype();
-        let sample = if self.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+        let sample = if self.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
 
         let t_emb = self.time_proj.forward(timesteps)?.to_dtype(dtype)?;
         let mut emb = self.time_embedding.forward(&t_emb)?;

@@ -131,17 +131,37 @@ impl AutoencoderKLConfig {
             ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
         ] {
             if types.len() != n {
-                return Err(Error::config(file, key, format!("must have {n} entries (as block_out_channels), got {}", types.len())));
+                return Err(Error::config(
+                    file,
+                    key,
+                    format!("must have {n} entries (as block_out_channels), got {}", types.len()),
+                ));
             }
             if let Some(t) = types.iter().find(|t| *t != want) {
-                return Err(Error::config(file, key, format!("unsupported block type {t:?} (supported: {want})")));
+                return Err(Error::config(
+                    file,
+                    key,
+                    format!("unsupported block type {t:?} (supported: {want})"),
+                ));
             }
         }
         if let Some(s) = self.shift_factor {
-            return Err(Error::config(file, "shift_factor", format!("value {s} is not supported")));
+            return Err(Error::config(
+                file,
+                "shift_factor",
+                format!("value {s} is not supported"),
+            ));
         }
-        if let Some(c) = self.block_out_channels.iter().find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0) {
-            return Err(Error::config(file, "norm_num_groups", format!("{} groups do not divide {c} channels", self.norm_num_groups)));
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0)
+        {
+            return Err(Error::config(
+                file,
+                "norm_num_groups",
+                format!("{} groups do not divide {c} channels", self.norm_num_groups),
+            ));
         }
         Ok(())
     }
@@ -159,7 +179,9 @@ pub struct DiagonalGaussian {
 impl DiagonalGaussian {
     /// `mean + std * noise` with noise from `rng`.
     pub fn sample(&self, rng: &mut Rng) -> Result<Tensor> {
-        let noise = rng.randn(self.mean.dims(), self.mean.device())?.to_dtype(self.mean.dtype())?;
+        let noise = rng
+            .randn(self.mean.dims(), self.mean.device())?
+            .to_dtype(self.mean.dtype())?;
         Ok((&self.mean + (&self.std * noise)?)?)
     }
 }
@@ -190,8 +212,16 @@ impl AutoencoderKL {
         Ok(AutoencoderKL {
             encoder: Encoder::new(cfg.in_channels, l, &coder, vb.pp("encoder"))?,
             decoder: Decoder::new(l, cfg.out_channels, &coder, vb.pp("decoder"))?,
-            quant_conv: if cfg.use_quant_conv { Some(Conv2d::new(2 * l, 2 * l, 1, one_by_one, vb.pp("quant_conv"))?) } else { None },
-            post_quant_conv: if cfg.use_post_quant_conv { Some(Conv2d::new(l, l, 1, one_by_one, vb.pp("post_quant_conv"))?) } else { None },
+            quant_conv: if cfg.use_quant_conv {
+                Some(Conv2d::new(2 * l, 2 * l, 1, one_by_one, vb.pp("quant_conv"))?)
+            } else {
+                None
+            },
+            post_quant_conv: if cfg.use_post_quant_conv {
+                Some(Conv2d::new(l, l, 1, one_by_one, vb.pp("post_quant_conv"))?)
+            } else {
+                None
+            },
             config: cfg.clone(),
         })
     }
@@ -220,7 +250,10 @@ impl AutoencoderKL {
         };
         let parts = moments.chunk(2, 1)?;
         let logvar = parts[1].clamp(-30f32, 20f32)?;
-        Ok(DiagonalGaussian { mean: parts[0].clone(), std: (logvar * 0.5)?.exp()? })
+        Ok(DiagonalGaussian {
+            mean: parts[0].clone(),
+            std: (logvar * 0.5)?.exp()?,
+        })
     }
 
     /// Decodes unscaled latents (divide the pipeline's latents by `scaling_factor` first) to

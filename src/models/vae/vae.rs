@@ -76,7 +76,11 @@ impl MidBlock {
     fn new(channels: usize, cfg: &CoderConfig, vb: VarBuilder) -> Result<Self> {
         let r = cfg.resnet();
         let attention = if cfg.mid_block_add_attention {
-            Some(AttentionBlock::new(channels, cfg.norm_num_groups, vb.pp("attentions").pp(0))?)
+            Some(AttentionBlock::new(
+                channels,
+                cfg.norm_num_groups,
+                vb.pp("attentions").pp(0),
+            )?)
         } else {
             None
         };
@@ -122,10 +126,20 @@ impl Encoder {
             out_ch = ch;
             let bvb = vb.pp("down_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock2D::new(if j == 0 { in_ch } else { out_ch }, out_ch, cfg.resnet(), bvb.pp("resnets").pp(j)))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        if j == 0 { in_ch } else { out_ch },
+                        out_ch,
+                        cfg.resnet(),
+                        bvb.pp("resnets").pp(j),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let down =
-                if i + 1 < n { Some(Downsample2D::new(out_ch, 0, bvb.pp("downsamplers").pp(0))?) } else { None };
+            let down = if i + 1 < n {
+                Some(Downsample2D::new(out_ch, 0, bvb.pp("downsamplers").pp(0))?)
+            } else {
+                None
+            };
             down_blocks.push((resnets, down));
         }
         Ok(Encoder {
@@ -150,7 +164,8 @@ impl Encoder {
             }
         }
         let xs = self.mid_block.forward(&xs)?;
-        self.conv_out.forward(&self.act.forward(&self.conv_norm_out.forward(&xs)?)?)
+        self.conv_out
+            .forward(&self.act.forward(&self.conv_norm_out.forward(&xs)?)?)
     }
 }
 
@@ -179,9 +194,20 @@ impl Decoder {
             out_ch = ch;
             let bvb = vb.pp("up_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| ResnetBlock2D::new(if j == 0 { prev } else { out_ch }, out_ch, cfg.resnet(), bvb.pp("resnets").pp(j)))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        if j == 0 { prev } else { out_ch },
+                        out_ch,
+                        cfg.resnet(),
+                        bvb.pp("resnets").pp(j),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let up = if i + 1 < n { Some(Upsample2D::new(out_ch, bvb.pp("upsamplers").pp(0))?) } else { None };
+            let up = if i + 1 < n {
+                Some(Upsample2D::new(out_ch, bvb.pp("upsamplers").pp(0))?)
+            } else {
+                None
+            };
             up_blocks.push((resnets, up));
         }
         Ok(Decoder {
@@ -206,6 +232,7 @@ impl Decoder {
                 xs = u.forward(&xs, None)?;
             }
         }
-        self.conv_out.forward(&self.act.forward(&self.conv_norm_out.forward(&xs)?)?)
+        self.conv_out
+            .forward(&self.act.forward(&self.conv_norm_out.forward(&xs)?)?)
     }
 }
