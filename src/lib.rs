@@ -11,11 +11,13 @@
 //! - [`models`]: CLIP text encoders, the UNet and the VAE.
 //! - [`schedulers`]: the noise schedule and the step rules.
 //! - [`sampling`]: the text-to-image pipeline.
+//! - [`preference`]: preference objectives (DPO family, MaPO, SmPO) and their diffusion proxy.
 
 pub mod device;
 pub mod error;
 pub mod models;
 pub mod nn;
+pub mod preference;
 pub mod rng;
 pub mod sampling;
 pub mod schedulers;

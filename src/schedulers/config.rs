@@ -141,9 +141,7 @@ impl SchedulerKind {
     pub fn default_timestep_spacing(self) -> TimestepSpacing {
         match self {
             SchedulerKind::Ddim | SchedulerKind::DdimInverse => TimestepSpacing::Leading,
-            SchedulerKind::EulerDiscrete | SchedulerKind::EulerAncestralDiscrete => {
-                TimestepSpacing::Linspace
-            }
+            SchedulerKind::EulerDiscrete | SchedulerKind::EulerAncestralDiscrete => TimestepSpacing::Linspace,
         }
     }
 
@@ -215,6 +213,10 @@ pub struct SchedulerConfig {
     pub set_alpha_to_one: bool,
     /// DDIM: dynamic thresholding (default false; true is not supported).
     pub thresholding: bool,
+    /// DDIM: percentile of dynamic thresholding (default 0.995; unused without thresholding).
+    pub dynamic_thresholding_ratio: f64,
+    /// DDIM: upper bound of dynamic thresholding (default 1.0; unused without thresholding).
+    pub sample_max_value: f64,
     /// Euler: Karras sigmas (default false; true is not supported).
     pub use_karras_sigmas: Option<bool>,
     /// Euler: exponential sigmas (default false; true is not supported).
@@ -255,6 +257,8 @@ impl Default for SchedulerConfig {
             clip_sample_range: 1.0,
             set_alpha_to_one: true,
             thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
             use_karras_sigmas: None,
             use_exponential_sigmas: None,
             use_beta_sigmas: None,
@@ -286,8 +290,8 @@ impl SchedulerConfig {
     /// Parses the text of a `scheduler_config.json`; `source` names it in errors.
     pub fn from_json(text: &str, source: impl Into<PathBuf>) -> Result<Self> {
         let source = source.into();
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Error::config(&source, "(file)", format!("malformed JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::config(&source, "(file)", format!("malformed JSON: {e}")))?;
         let serde_json::Value::Object(mut map) = value else {
             return Err(Error::config(&source, "(file)", "expected a JSON object"));
         };
@@ -319,6 +323,8 @@ impl SchedulerConfig {
             clip_sample_range,
             set_alpha_to_one,
             thresholding,
+            dynamic_thresholding_ratio,
+            sample_max_value,
             use_karras_sigmas,
             use_exponential_sigmas,
             use_beta_sigmas,
@@ -329,10 +335,8 @@ impl SchedulerConfig {
             sigma_max,
         );
         if let Some(v) = map.remove("_class_name") {
-            cfg.class_name = Some(
-                serde_json::from_value(v)
-                    .map_err(|e| Error::config(&cfg.source, "_class_name", e.to_string()))?,
-            );
+            cfg.class_name =
+                Some(serde_json::from_value(v).map_err(|e| Error::config(&cfg.source, "_class_name", e.to_string()))?);
         }
         cfg.other = map.into_iter().collect();
         cfg.validate()?;
@@ -349,19 +353,13 @@ impl SchedulerConfig {
             if betas.len() != t {
                 return Err(self.err(
                     "trained_betas",
-                    format!(
-                        "expected num_train_timesteps = {t} values, got {}",
-                        betas.len()
-                    ),
+                    format!("expected num_train_timesteps = {t} values, got {}", betas.len()),
                 ));
             }
         }
         let range = self.clip_sample_range;
         if self.clip_sample && !(range.is_finite() && range >= 0.0) {
-            return Err(self.err(
-                "clip_sample_range",
-                format!("must be a finite value >= 0, got {range}"),
-            ));
+            return Err(self.err("clip_sample_range", format!("must be a finite value >= 0, got {range}")));
         }
         Ok(())
     }
@@ -369,11 +367,7 @@ impl SchedulerConfig {
     /// Keys of the file that diffalign does not read (other classes' settings, `_`-prefixed
     /// metadata excluded), for a warning at load time.
     pub fn unknown_keys(&self) -> Vec<String> {
-        self.other
-            .keys()
-            .filter(|k| !k.starts_with('_'))
-            .cloned()
-            .collect()
+        self.other.keys().filter(|k| !k.starts_with('_')).cloned().collect()
     }
 
     /// The class a sampler is built as: `kind` if given, else the file's `_class_name`.
@@ -385,7 +379,9 @@ impl SchedulerConfig {
         match &self.class_name {
             None => Err(self.err(
                 "_class_name",
-                format!("missing, so the scheduler class is unknown; choose one with --scheduler (supported: {supported})"),
+                format!(
+                    "missing, so the scheduler class is unknown; choose one with --scheduler (supported: {supported})"
+                ),
             )),
             Some(name) => SchedulerKind::from_class_name(name).ok_or_else(|| {
                 self.err(
@@ -401,31 +397,20 @@ impl SchedulerConfig {
 
     /// The timestep spacing for `kind`: the file's, else that class's diffusers default.
     pub fn timestep_spacing_for(&self, kind: SchedulerKind) -> TimestepSpacing {
-        self.timestep_spacing
-            .unwrap_or_else(|| kind.default_timestep_spacing())
+        self.timestep_spacing.unwrap_or_else(|| kind.default_timestep_spacing())
     }
 
     /// Builds the sampler for `num_inference_steps` (1 ..= `num_train_timesteps`) as `kind`, or as
     /// the file's `_class_name` when `kind` is `None`, keeping this file's beta schedule,
     /// prediction type, spacing and offset (diffusers' `XScheduler.from_config(config)`).
-    pub fn build(
-        &self,
-        kind: Option<SchedulerKind>,
-        num_inference_steps: usize,
-    ) -> Result<Box<dyn Scheduler>> {
+    pub fn build(&self, kind: Option<SchedulerKind>, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
         Ok(match self.kind(kind)? {
             SchedulerKind::Ddim => Box::new(DDIMScheduler::from_config(self, num_inference_steps)?),
-            SchedulerKind::DdimInverse => Box::new(DDIMInverseScheduler::from_config(
-                self,
-                num_inference_steps,
-            )?),
-            SchedulerKind::EulerDiscrete => Box::new(EulerDiscreteScheduler::from_config(
-                self,
-                num_inference_steps,
-            )?),
-            SchedulerKind::EulerAncestralDiscrete => Box::new(
-                EulerAncestralDiscreteScheduler::from_config(self, num_inference_steps)?,
-            ),
+            SchedulerKind::DdimInverse => Box::new(DDIMInverseScheduler::from_config(self, num_inference_steps)?),
+            SchedulerKind::EulerDiscrete => Box::new(EulerDiscreteScheduler::from_config(self, num_inference_steps)?),
+            SchedulerKind::EulerAncestralDiscrete => {
+                Box::new(EulerAncestralDiscreteScheduler::from_config(self, num_inference_steps)?)
+            }
         })
     }
 

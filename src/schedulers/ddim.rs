@@ -9,9 +9,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
-use super::noise_schedule::{
-    check_step_shapes, div_f32, mul_f32, step_index_error, NoiseSchedule, TimestepValues,
-};
+use super::noise_schedule::{check_step_shapes, div_f32, mul_f32, step_index_error, NoiseSchedule, TimestepValues};
 use super::Scheduler;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -38,12 +36,7 @@ pub struct DdimMove {
 impl DdimMove {
     /// Applies the move to `sample` given `model_output` (same shape), adding `std_dev·noise`
     /// when `noise` is given. Runs in float32; returns `sample`'s dtype.
-    pub fn apply(
-        &self,
-        model_output: &Tensor,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    pub fn apply(&self, model_output: &Tensor, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
         check_step_shapes(model_output, sample)?;
         let out_dtype = sample.dtype();
         let mo = model_output.to_dtype(DType::F32)?;
@@ -95,10 +88,7 @@ impl DDIMScheduler {
     /// `thresholding = true` is not supported.
     pub fn from_config(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         if cfg.thresholding {
-            return Err(cfg.err(
-                "thresholding",
-                "dynamic thresholding is not supported, got true",
-            ));
+            return Err(cfg.err("thresholding", "dynamic thresholding is not supported, got true"));
         }
         let schedule = NoiseSchedule::from_config(cfg)?;
         let spacing = cfg.timestep_spacing_for(SchedulerKind::Ddim);
@@ -147,10 +137,7 @@ impl DDIMScheduler {
     /// Sets eta (0 = DDIM, 1 = DDPM-like variance); must be finite and >= 0.
     pub fn with_eta(mut self, eta: f64) -> Result<Self> {
         if !(eta.is_finite() && eta >= 0.0) {
-            return Err(Error::input(
-                "eta",
-                format!("must be a finite value >= 0, got {eta}"),
-            ));
+            return Err(Error::input("eta", format!("must be a finite value >= 0, got {eta}")));
         }
         self.eta = eta;
         Ok(self)
@@ -204,10 +191,7 @@ impl DDIMScheduler {
         let mv = self.step_move(step_index)?;
         let noise = if self.eta > 0.0 { noise } else { None };
         if self.eta > 0.0 && noise.is_none() {
-            return Err(Error::input(
-                "noise",
-                "DDIM with eta > 0 needs variance noise",
-            ));
+            return Err(Error::input("noise", "DDIM with eta > 0 needs variance noise"));
         }
         mv.apply(model_output, sample, noise)
     }
@@ -229,13 +213,7 @@ impl Scheduler for DDIMScheduler {
         Ok(sample.clone())
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        rng: &mut Rng,
-    ) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, rng: &mut Rng) -> Result<Tensor> {
         if self.eta > 0.0 {
             let noise = rng.randn(sample.shape(), sample.device())?;
             self.step_with_noise(model_output, step_index, sample, Some(&noise))

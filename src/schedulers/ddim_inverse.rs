@@ -118,12 +118,7 @@ impl DDIMInverseScheduler {
 
     /// One inversion step onto `timestep` (from noise level `timestep − T div N`), diffusers'
     /// `DDIMInverseScheduler.step(model_output, timestep, sample)`.
-    pub fn step_to(
-        &self,
-        model_output: &Tensor,
-        timestep: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn step_to(&self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> Result<Tensor> {
         self.move_to(timestep)?.apply(model_output, sample, None)
     }
 }
@@ -144,13 +139,7 @@ impl Scheduler for DDIMInverseScheduler {
         Ok(sample.clone())
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        _rng: &mut Rng,
-    ) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
         let n = self.timesteps.len();
         let t = *self
             .timesteps

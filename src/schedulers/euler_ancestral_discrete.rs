@@ -101,13 +101,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         self.sigmas.scale_model_input(sample, step_index)
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        rng: &mut Rng,
-    ) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, rng: &mut Rng) -> Result<Tensor> {
         self.sigmas.sigma_pair(step_index)?;
         let noise = rng.randn(sample.shape(), sample.device())?;
         self.step_with_noise(model_output, step_index, sample, &noise)

@@ -37,12 +37,7 @@ pub(crate) fn euler_pred_original_sample(
 }
 
 /// The Euler move `x + (x − x0)/σ · (σ_to − σ)` in float32 (diffusers' order).
-pub(crate) fn euler_move(
-    sample: &Tensor,
-    pred_original_sample: &Tensor,
-    sigma: f32,
-    sigma_to: f32,
-) -> Result<Tensor> {
+pub(crate) fn euler_move(sample: &Tensor, pred_original_sample: &Tensor, sigma: f32, sigma_to: f32) -> Result<Tensor> {
     let derivative = div_f32(&(sample - pred_original_sample)?, sigma)?;
     Ok((sample + mul_f32(&derivative, sigma_to - sigma)?)?)
 }
@@ -64,17 +59,11 @@ impl EulerDiscreteScheduler {
             ("use_beta_sigmas", cfg.use_beta_sigmas),
         ] {
             if on == Some(true) {
-                return Err(cfg.err(
-                    key,
-                    "not supported by diffalign's EulerDiscreteScheduler, got true",
-                ));
+                return Err(cfg.err(key, "not supported by diffalign's EulerDiscreteScheduler, got true"));
             }
         }
         if cfg.interpolation_type != InterpolationType::Linear {
-            return Err(cfg.err(
-                "interpolation_type",
-                "only linear is supported, got log_linear",
-            ));
+            return Err(cfg.err("interpolation_type", "only linear is supported, got log_linear"));
         }
         let schedule = NoiseSchedule::from_config(cfg)?;
         let sigmas = schedule.sigma_schedule(
@@ -119,13 +108,7 @@ impl Scheduler for EulerDiscreteScheduler {
         self.sigmas.scale_model_input(sample, step_index)
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        _rng: &mut Rng,
-    ) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
         check_step_shapes(model_output, sample)?;
         let (sigma, sigma_next) = self.sigmas.sigma_pair(step_index)?;
         let x = sample.to_dtype(DType::F32)?;

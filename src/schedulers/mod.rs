@@ -28,8 +28,8 @@ pub mod euler_discrete;
 pub mod noise_schedule;
 
 pub use config::{
-    BetaSchedule, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig,
-    SchedulerKind, TimestepSpacing, TimestepType,
+    BetaSchedule, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
+    TimestepType,
 };
 pub use ddim::{DDIMScheduler, DdimMove};
 pub use ddim_inverse::DDIMInverseScheduler;
@@ -56,11 +56,5 @@ pub trait Scheduler: Send + Sync {
 
     /// One step from the model output at `step_index` (same shape as `sample`) to the next
     /// sample; stochastic samplers draw their noise from `rng`.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        rng: &mut Rng,
-    ) -> Result<Tensor>;
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }

@@ -11,9 +11,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::config::{
-    BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing, TimestepType,
-};
+use super::config::{BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing, TimestepType};
 use crate::{Error, Result};
 
 /// Whether inference timesteps are integers (DDIM: `linspace` values are rounded) or float32
@@ -45,10 +43,7 @@ impl NoiseSchedule {
             Some(b) => {
                 for (i, &v) in b.iter().enumerate() {
                     if !(v.is_finite() && (0.0..1.0).contains(&v)) {
-                        return Err(cfg.err(
-                            "trained_betas",
-                            format!("entry {i} must be in [0, 1), got {v}"),
-                        ));
+                        return Err(cfg.err("trained_betas", format!("entry {i} must be in [0, 1), got {v}")));
                     }
                 }
                 b.iter().map(|&v| v as f32).collect()
@@ -61,12 +56,10 @@ impl NoiseSchedule {
                 }
                 match cfg.beta_schedule {
                     BetaSchedule::Linear => linspace_f32(cfg.beta_start, cfg.beta_end, t),
-                    BetaSchedule::ScaledLinear => {
-                        linspace_f32(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), t)
-                            .into_iter()
-                            .map(|b| b * b)
-                            .collect()
-                    }
+                    BetaSchedule::ScaledLinear => linspace_f32(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), t)
+                        .into_iter()
+                        .map(|b| b * b)
+                        .collect(),
                     BetaSchedule::SquaredcosCapV2 => cosine_betas(t),
                 }
             }
@@ -117,11 +110,24 @@ impl NoiseSchedule {
     }
 
     /// The forward process per sample: `sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·noise`.
-    /// `x0`, `noise`: [B, ...]; `timesteps`: [B] (or a scalar for all), integer values in
+    /// `x0`, `noise`: `[B, ...]`; `timesteps`: `[B]` (or a scalar for all), integer values in
     /// 0..T of any dtype. Returns [B, ...] in `x0`'s dtype.
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Result<Tensor> {
         let (a, s) = self.per_sample_coefficients(x0, noise, timesteps)?;
         Ok((x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?)
+    }
+
+    /// The forward process in the sigma space of Euler-type schedulers, per sample:
+    /// `x0 + σ_t·noise` with `σ_t = sqrt((1−ᾱ_t)/ᾱ_t)` (diffusers' `EulerDiscreteScheduler.add_noise`
+    /// at training timestep t; equals `add_noise(x0, noise, t) / sqrt(ᾱ_t)`). Shapes as for
+    /// [`NoiseSchedule::add_noise`].
+    pub fn add_noise_sigma(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Result<Tensor> {
+        check_same_shape(x0, noise)?;
+        let ts = self.timestep_indices(timesteps, x0.dims().first().copied().unwrap_or(1))?;
+        let train = self.train_sigmas();
+        let sigma = ts.iter().map(|&t| train[t] as f32).collect();
+        let sigma = per_sample_tensor(sigma, x0)?;
+        Ok((x0 + noise.broadcast_mul(&sigma)?)?)
     }
 
     /// The velocity target per sample: `sqrt(ᾱ_t)·noise − sqrt(1−ᾱ_t)·x0` (diffusers'
@@ -133,12 +139,7 @@ impl NoiseSchedule {
 
     /// What the model is trained to output for `x_t = add_noise(x0, noise, t)`: the noise for
     /// epsilon prediction, the velocity for v-prediction, x0 for sample prediction.
-    pub fn training_target(
-        &self,
-        x0: &Tensor,
-        noise: &Tensor,
-        timesteps: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn training_target(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Result<Tensor> {
         match self.prediction_type {
             PredictionType::Epsilon => {
                 self.per_sample_coefficients(x0, noise, timesteps)?;
@@ -154,20 +155,11 @@ impl NoiseSchedule {
 
     /// `sqrt(ᾱ_t)` and `sqrt(1−ᾱ_t)` per sample as [B, 1, ..., 1] tensors in `x0`'s dtype,
     /// computed in float32 as diffusers does; checks shapes and timestep values.
-    fn per_sample_coefficients(
-        &self,
-        x0: &Tensor,
-        noise: &Tensor,
-        timesteps: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    fn per_sample_coefficients(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Result<(Tensor, Tensor)> {
         if x0.dims() != noise.dims() {
             return Err(Error::input(
                 "noise",
-                format!(
-                    "expected the shape of x0 {:?}, got {:?}",
-                    x0.dims(),
-                    noise.dims()
-                ),
+                format!("expected the shape of x0 {:?}, got {:?}", x0.dims(), noise.dims()),
             ));
         }
         let batch = x0.dims().first().copied().unwrap_or(1);
@@ -179,15 +171,10 @@ impl NoiseSchedule {
             sqrt_a.push(a.sqrt());
             sqrt_1ma.push((1.0 - a).sqrt());
         }
-        let mut shape = vec![ts.len()];
-        shape.resize(x0.rank().max(1), 1);
-        let make = |v: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, shape.as_slice(), x0.device())?.to_dtype(x0.dtype())?)
-        };
-        Ok((make(sqrt_a)?, make(sqrt_1ma)?))
+        Ok((per_sample_tensor(sqrt_a, x0)?, per_sample_tensor(sqrt_1ma, x0)?))
     }
 
-    /// Integer training timesteps from a [B] (or scalar) tensor of any dtype.
+    /// Integer training timesteps from a `[B]` (or scalar) tensor of any dtype.
     fn timestep_indices(&self, timesteps: &Tensor, batch: usize) -> Result<Vec<usize>> {
         let values: Vec<f64> = match timesteps.rank() {
             0 => vec![timesteps.to_dtype(DType::F64)?.to_scalar::<f64>()?],
@@ -195,10 +182,7 @@ impl NoiseSchedule {
             _ => {
                 return Err(Error::input(
                     "timesteps",
-                    format!(
-                        "expected shape [{batch}] (one per sample), got {:?}",
-                        timesteps.dims()
-                    ),
+                    format!("expected shape [{batch}] (one per sample), got {:?}", timesteps.dims()),
                 ))
             }
         };
@@ -244,10 +228,7 @@ impl NoiseSchedule {
         let ts: Vec<f64> = match spacing {
             TimestepSpacing::Leading => {
                 let ratio = t_train / n;
-                (0..n)
-                    .rev()
-                    .map(|i| (i * ratio + steps_offset) as f64)
-                    .collect()
+                (0..n).rev().map(|i| (i * ratio + steps_offset) as f64).collect()
             }
             TimestepSpacing::Trailing => {
                 let start = t_train as f64;
@@ -278,9 +259,7 @@ impl NoiseSchedule {
             if let Some(&bad) = ts.iter().find(|&&t| t < 0.0 || t >= t_train as f64) {
                 return Err(Error::input(
                     "steps_offset",
-                    format!(
-                        "timestep {bad} for {n} steps is outside the {t_train} training timesteps"
-                    ),
+                    format!("timestep {bad} for {n} steps is outside the {t_train} training timesteps"),
                 ));
             }
         }
@@ -315,12 +294,8 @@ impl NoiseSchedule {
         final_sigmas_type: FinalSigmasType,
         timestep_type: TimestepType,
     ) -> Result<SigmaSchedule> {
-        let timesteps = self.inference_timesteps(
-            spacing,
-            steps_offset,
-            num_inference_steps,
-            TimestepValues::Float32,
-        )?;
+        let timesteps =
+            self.inference_timesteps(spacing, steps_offset, num_inference_steps, TimestepValues::Float32)?;
         let train = self.train_sigmas();
         let mut sigmas: Vec<f64> = timesteps
             .iter()
@@ -333,16 +308,15 @@ impl NoiseSchedule {
                 f64::from(((1.0 - a) / a).sqrt())
             }
         });
-        let timesteps = if timestep_type == TimestepType::Continuous
-            && self.prediction_type == PredictionType::VPrediction
-        {
-            sigmas[..num_inference_steps]
-                .iter()
-                .map(|&s| f64::from((s as f32).ln() * 0.25))
-                .collect()
-        } else {
-            timesteps
-        };
+        let timesteps =
+            if timestep_type == TimestepType::Continuous && self.prediction_type == PredictionType::VPrediction {
+                sigmas[..num_inference_steps]
+                    .iter()
+                    .map(|&s| f64::from((s as f32).ln() * 0.25))
+                    .collect()
+            } else {
+                timesteps
+            };
         let max = sigmas.iter().copied().fold(0.0f64, f64::max) as f32;
         let init_noise_sigma = match spacing {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
@@ -354,6 +328,24 @@ impl NoiseSchedule {
             init_noise_sigma: f64::from(init_noise_sigma),
         })
     }
+}
+
+/// Checks that the noise has the shape of x0.
+fn check_same_shape(x0: &Tensor, noise: &Tensor) -> Result<()> {
+    if x0.dims() != noise.dims() {
+        return Err(Error::input(
+            "noise",
+            format!("expected the shape of x0 {:?}, got {:?}", x0.dims(), noise.dims()),
+        ));
+    }
+    Ok(())
+}
+
+/// Per-sample values as a [B, 1, ..., 1] tensor of `like`'s rank, dtype and device.
+fn per_sample_tensor(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![values.len()];
+    shape.resize(like.rank().max(1), 1);
+    Ok(Tensor::from_vec(values, shape.as_slice(), like.device())?.to_dtype(like.dtype())?)
 }
 
 /// Timesteps and sigmas of an Euler-type sampler.
@@ -387,10 +379,7 @@ impl SigmaSchedule {
         if step_index >= n {
             return Err(step_index_error(step_index, n));
         }
-        Ok((
-            self.sigmas[step_index] as f32,
-            self.sigmas[step_index + 1] as f32,
-        ))
+        Ok((self.sigmas[step_index] as f32, self.sigmas[step_index + 1] as f32))
     }
 
     /// The model input at `step_index`: `sample / sqrt(σ² + 1)`, computed in float32 and
@@ -462,11 +451,7 @@ fn linspace_f32(start: f64, stop: f64, n: usize) -> Vec<f32> {
 
 /// diffusers' `betas_for_alpha_bar` with the cosine transform, max beta 0.999.
 fn cosine_betas(t: usize) -> Vec<f32> {
-    let alpha_bar = |x: f64| {
-        ((x + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-            .cos()
-            .powi(2)
-    };
+    let alpha_bar = |x: f64| ((x + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
     (0..t)
         .map(|i| {
             let t1 = i as f64 / t as f64;

@@ -493,6 +493,8 @@ pub struct UNet2DConditionModel {
     in_channels: usize,
     cross_attention_dim: usize,
     sample_size: Option<(usize, usize)>,
+    dtype: DType,
+    device: candle_core::Device,
 }
 
 impl UNet2DConditionModel {
@@ -642,7 +644,19 @@ impl UNet2DConditionModel {
             in_channels: cfg.in_channels,
             cross_attention_dim: plan.cross_dims[0],
             sample_size: cfg.sample_size_hw(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
         })
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
     }
 
     /// Whether the model needs [`AddedCond`] (SDXL).
