@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod loss;
 mod model_args;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +20,8 @@ pub struct Cli {
 enum Command {
     /// Generate images from text with a Stable Diffusion 1.x / 2.x / XL / Turbo pipeline.
     Generate(generate::GenerateArgs),
+    /// Compute one preference loss (dpo, dcpo, mapo, smpo) on one batch, with metrics and gradients.
+    Loss(loss::LossArgs),
     /// Time the hot paths on CPU (one JSON line per measurement).
     Bench(bench::BenchArgs),
 }
@@ -28,5 +31,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Loss(args) => loss::run(args),
     }
 }

@@ -36,8 +36,8 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Resolves the model folder (offline) and loads the pipeline.
-    pub fn load_pipeline(&self) -> anyhow::Result<StableDiffusionPipeline> {
+    /// The model folder (resolved offline) and the load options the flags give.
+    pub fn resolve(&self) -> anyhow::Result<(PathBuf, LoadOptions)> {
         let cache = layout::hub_cache_dir(|k| std::env::var(k).ok());
         let root = layout::resolve_model(&self.model, cache.as_deref(), self.revision.as_deref())?;
         let opts = LoadOptions {
@@ -46,6 +46,12 @@ impl ModelArgs {
             variant: self.variant.clone(),
             trainable: false,
         };
+        Ok((root, opts))
+    }
+
+    /// Resolves the model folder (offline) and loads the pipeline.
+    pub fn load_pipeline(&self) -> anyhow::Result<StableDiffusionPipeline> {
+        let (root, opts) = self.resolve()?;
         let sources = PipelineSources {
             root: root.clone(),
             vae: self.vae.clone(),

@@ -46,7 +46,10 @@ impl Method {
             "mapo" => Method::Mapo,
             "smpo" => Method::Smpo { inversion_steps },
             other => {
-                return Err(Error::input("--method", format!("expected one of dpo, dcpo, mapo, smpo, got {other:?}")))
+                return Err(Error::input(
+                    "--method",
+                    format!("expected one of dpo, dcpo, mapo, smpo, got {other:?}"),
+                ))
             }
         })
     }
@@ -99,7 +102,13 @@ impl PreferenceBatch {
         let store = TensorStore::open_file(path)?;
         let dev = Device::Cpu;
         let f32_tensor = |name: &str| store.get(name, None, DType::F32, &dev);
-        let optional = |name: &str| if store.contains(name) { f32_tensor(name).map(Some) } else { Ok(None) };
+        let optional = |name: &str| {
+            if store.contains(name) {
+                f32_tensor(name).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let latents_w = f32_tensor("latents_w")?;
         let dims = latents_w.dims().to_vec();
         let bad = |name: &str, expected: Vec<usize>, got: &[usize]| Error::ShapeMismatch {
@@ -141,17 +150,36 @@ impl PreferenceBatch {
         }
         let meta = store.metadata();
         let captions = |key: &str| -> Result<Vec<String>> {
-            let text = meta.get(key).ok_or_else(|| Error::config(path, key, "missing from the file's metadata"))?;
+            let text = meta
+                .get(key)
+                .ok_or_else(|| Error::config(path, key, "missing from the file's metadata"))?;
             let list: Vec<String> = serde_json::from_str(text)
                 .map_err(|e| Error::config(path, key, format!("expected a JSON list of strings: {e}")))?;
             if list.len() != b {
-                return Err(Error::config(path, key, format!("expected {b} captions (one per pair), got {}", list.len())));
+                return Err(Error::config(
+                    path,
+                    key,
+                    format!("expected {b} captions (one per pair), got {}", list.len()),
+                ));
             }
             Ok(list)
         };
         let captions_w = captions("captions_w")?;
-        let captions_l = if meta.contains_key("captions_l") { captions("captions_l")? } else { captions_w.clone() };
-        Ok(PreferenceBatch { latents_w, latents_l, noise, timesteps, soft_label, time_ids, captions_w, captions_l })
+        let captions_l = if meta.contains_key("captions_l") {
+            captions("captions_l")?
+        } else {
+            captions_w.clone()
+        };
+        Ok(PreferenceBatch {
+            latents_w,
+            latents_l,
+            noise,
+            timesteps,
+            soft_label,
+            time_ids,
+            captions_w,
+            captions_l,
+        })
     }
 
     /// Number of pairs.
@@ -217,7 +245,10 @@ fn alpha_coefficients(schedule: &NoiseSchedule, timesteps: &[usize], device: &De
     let a: Vec<f32> = timesteps.iter().map(|&t| (ac[t] as f32).sqrt()).collect();
     let s: Vec<f32> = timesteps.iter().map(|&t| (1.0 - ac[t] as f32).sqrt()).collect();
     let n = timesteps.len();
-    Ok((Tensor::from_vec(a, (n, 1, 1, 1), device)?, Tensor::from_vec(s, (n, 1, 1, 1), device)?))
+    Ok((
+        Tensor::from_vec(a, (n, 1, 1, 1), device)?,
+        Tensor::from_vec(s, (n, 1, 1, 1), device)?,
+    ))
 }
 
 /// The evaluator of one method's loss: the UNets, the noise schedule and the objective.
@@ -250,7 +281,10 @@ impl DiffusionPreference<'_> {
                 if t.fract() == 0.0 && t >= 0.0 && (t as usize) < n {
                     Ok(t as usize)
                 } else {
-                    Err(Error::input("timesteps", format!("expected integers in 0..{n}, got {t}")))
+                    Err(Error::input(
+                        "timesteps",
+                        format!("expected integers in 0..{n}, got {t}"),
+                    ))
                 }
             })
             .collect::<Result<_>>()?;
@@ -297,7 +331,10 @@ impl DiffusionPreference<'_> {
             None => None,
         };
         if self.objective.needs_reference() && ref_mse.is_none() {
-            return Err(Error::input("reference", format!("{} needs a reference UNet", self.method.name())));
+            return Err(Error::input(
+                "reference",
+                format!("{} needs a reference UNet", self.method.name()),
+            ));
         }
         let weights = match self.method {
             Method::Smpo { .. } => {
@@ -313,11 +350,20 @@ impl DiffusionPreference<'_> {
         let scores = PairScores {
             policy_w: proxy(&mse_w)?,
             policy_l: proxy(&mse_l)?,
-            reference: ref_mse.as_ref().map(|(w, l)| Ok::<_, Error>((proxy(w)?, proxy(l)?))).transpose()?,
+            reference: ref_mse
+                .as_ref()
+                .map(|(w, l)| Ok::<_, Error>((proxy(w)?, proxy(l)?)))
+                .transpose()?,
             weights,
         };
         let loss = self.objective.evaluate(&scores)?;
-        Ok(DiffusionLoss { loss, mse_w, mse_l, ref_mse, inverted })
+        Ok(DiffusionLoss {
+            loss,
+            mse_w,
+            mse_l,
+            ref_mse,
+            inverted,
+        })
     }
 
     fn policy_dtype(&self) -> DType {
@@ -352,7 +398,11 @@ impl DiffusionPreference<'_> {
             let mask = Tensor::from_vec(active, (n, 1, 1, 1), &device)?;
             let ts = Tensor::from_vec(vec![s as f32; n], n, &device)?;
             let eval = |x: &Tensor| -> Result<Tensor> {
-                Ok(self.policy.forward(&x.to_dtype(dtype)?, &ts, &context, added)?.to_dtype(DType::F32)?.detach())
+                Ok(self
+                    .policy
+                    .forward(&x.to_dtype(dtype)?, &ts, &context, added)?
+                    .to_dtype(DType::F32)?
+                    .detach())
             };
             let e1 = eval(&x)?;
             let x1 = inverse.step_to(&e1, s, &x)?;

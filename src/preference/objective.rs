@@ -78,7 +78,11 @@ impl Objective {
     /// Checks the settings; errors name the setting.
     pub fn validate(&self) -> Result<()> {
         match *self {
-            Objective::Dpo { loss_type, beta, label_smoothing } => {
+            Objective::Dpo {
+                loss_type,
+                beta,
+                label_smoothing,
+            } => {
                 if !(beta > 0.0 && beta.is_finite()) {
                     return Err(Error::input("beta", format!("must be a positive number, got {beta}")));
                 }
@@ -94,7 +98,11 @@ impl Objective {
                     ));
                 }
             }
-            Objective::Mapo { beta, margin_scale, snr } => {
+            Objective::Mapo {
+                beta,
+                margin_scale,
+                snr,
+            } => {
                 for (what, v) in [("beta", beta), ("margin_scale", margin_scale), ("snr", snr)] {
                     if !(v > 0.0 && v.is_finite()) {
                         return Err(Error::input(what, format!("must be a positive number, got {v}")));
@@ -168,7 +176,11 @@ impl Objective {
     /// Evaluates the objective on per-pair scores.
     pub fn evaluate(&self, s: &PairScores) -> Result<PreferenceLoss> {
         match *self {
-            Objective::Dpo { loss_type, beta, label_smoothing: eps } => {
+            Objective::Dpo {
+                loss_type,
+                beta,
+                label_smoothing: eps,
+            } => {
                 let (ref_w, ref_l) = s
                     .reference
                     .as_ref()
@@ -202,17 +214,32 @@ impl Objective {
                     implicit_acc: Some(acc),
                     reward_margin: Some(mean_scalar(&z)?),
                 };
-                Ok(PreferenceLoss { loss, margins: Some(z), metrics })
+                Ok(PreferenceLoss {
+                    loss,
+                    margins: Some(z),
+                    metrics,
+                })
             }
-            Objective::Mapo { beta, margin_scale, snr } => {
+            Objective::Mapo {
+                beta,
+                margin_scale,
+                snr,
+            } => {
                 // MaPO works on the MSEs: L = -2 * proxy.
                 let l_w = (&s.policy_w * -2.0)?;
                 let l_l = (&s.policy_l * -2.0)?;
                 let log_odds = (mapo_f(&l_w, snr)? - mapo_f(&l_l, snr)?)?;
                 let ratio = log_sigmoid(&(log_odds * margin_scale)?)?;
                 let loss = (l_w.mean_all()? - (ratio.mean_all()? * beta)?)?;
-                let metrics = Metrics { loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, ..Default::default() };
-                Ok(PreferenceLoss { loss, margins: None, metrics })
+                let metrics = Metrics {
+                    loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                    ..Default::default()
+                };
+                Ok(PreferenceLoss {
+                    loss,
+                    margins: None,
+                    metrics,
+                })
             }
         }
     }

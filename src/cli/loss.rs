@@ -1,0 +1,176 @@
+//! `diffalign loss`: one preference loss on one given batch, with its metrics and gradients, so
+//! that the implementation can be checked against another one.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use diffalign::models::unet::{AddedCond, UNet2DConditionModel};
+use diffalign::preference::diffusion::{DiffusionPreference, Method, PairConditioning, PreferenceBatch};
+use diffalign::preference::{LossType, Objective};
+use diffalign::sampling::pipeline::PipelineSources;
+use diffalign::sampling::StableDiffusionPipeline;
+use diffalign::schedulers::NoiseSchedule;
+use diffalign::weights::{save_safetensors, LoadOptions};
+
+use super::model_args::ModelArgs;
+
+/// Flags of `diffalign loss`.
+#[derive(Debug, Args)]
+pub struct LossArgs {
+    /// The model; its own UNet is the frozen reference, `--unet` (a full UNet folder) or
+    /// `--lora` (an adapter on the model's UNet) the policy (default: a copy of the reference).
+    #[command(flatten)]
+    model: ModelArgs,
+    /// dpo, dcpo, mapo or smpo.
+    #[arg(long)]
+    method: String,
+    /// Beta (default: the paper's: dpo 5000, dcpo 500, mapo 0.1, smpo 2000).
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Loss form of dpo, dcpo and smpo: sigmoid, hinge, ipo or robust.
+    #[arg(long, default_value = "sigmoid")]
+    loss_type: String,
+    /// Label smoothing of the sigmoid and robust losses.
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// The batch: `latents_w`, `latents_l`, `noise`, `timesteps`, [`soft_label`], [`time_ids`],
+    /// metadata `captions_w`, [`captions_l`].
+    #[arg(long)]
+    batch: PathBuf,
+    /// SmPO's inverse-DDIM steps over the schedule.
+    #[arg(long, default_value_t = 5)]
+    inversion_steps: usize,
+    /// Write the gradient of every trainable tensor here, under its checkpoint name.
+    #[arg(long)]
+    grads_out: Option<PathBuf>,
+}
+
+fn objective(method: Method, args: &LossArgs) -> anyhow::Result<Objective> {
+    let beta = args.beta.unwrap_or(method.default_beta());
+    let loss_type: LossType = args.loss_type.parse()?;
+    Ok(match method {
+        Method::Mapo => {
+            if args.loss_type != "sigmoid" || args.label_smoothing != 0.0 {
+                bail!("--loss-type and --label-smoothing apply to dpo, dcpo and smpo, not mapo");
+            }
+            Objective::Mapo {
+                beta,
+                margin_scale: 1000.0,
+                snr: 0.5,
+            }
+        }
+        _ => Objective::Dpo {
+            loss_type,
+            beta,
+            label_smoothing: args.label_smoothing,
+        },
+    })
+}
+
+/// Both sides' text conditioning; SDXL time ids from the batch or `(H, W, 0, 0, H, W)`.
+pub fn conditioning(
+    pipe: &StableDiffusionPipeline,
+    batch: &PreferenceBatch,
+    method: Method,
+) -> anyhow::Result<PairConditioning> {
+    let enc_w = pipe.encode_text(&batch.captions_w)?;
+    let enc_l = if method == Method::Dcpo {
+        pipe.encode_text(&batch.captions_l)?
+    } else {
+        enc_w.clone()
+    };
+    let b = batch.len();
+    let time_ids = match &batch.time_ids {
+        Some(t) => t.clone(),
+        None => {
+            let f = pipe.vae_scale_factor() as f32;
+            let (_, _, h, w) = batch.latents_w.dims4()?;
+            let (h, w) = (h as f32 * f, w as f32 * f);
+            let row = [h, w, 0.0, 0.0, h, w];
+            Tensor::from_vec(row.repeat(b), (b, 6), pipe.device())?
+        }
+    };
+    let added = |pooled: &Option<Tensor>| -> Option<AddedCond> {
+        pooled.as_ref().map(|p| AddedCond {
+            text_embeds: p.clone(),
+            time_ids: time_ids.clone(),
+        })
+    };
+    Ok(PairConditioning {
+        added_w: added(&enc_w.pooled),
+        added_l: added(&enc_l.pooled),
+        context_w: enc_w.context,
+        context_l: enc_l.context,
+    })
+}
+
+fn to_list(t: &Tensor) -> anyhow::Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+pub fn run(args: LossArgs) -> anyhow::Result<()> {
+    let method = Method::parse(&args.method, args.inversion_steps)?;
+    let objective = objective(method, &args)?;
+    objective.validate()?;
+    let batch = PreferenceBatch::from_file(&args.batch)?;
+    let (root, opts) = args.model.resolve()?;
+    let sources = PipelineSources {
+        root: root.clone(),
+        vae: args.model.vae.clone(),
+        unet: None,
+    };
+    let pipe = StableDiffusionPipeline::load(&sources, &opts).with_context(|| format!("loading {}", root.display()))?;
+    let policy_dir = args.model.unet.clone().unwrap_or_else(|| root.join("unet"));
+    let policy_opts = LoadOptions {
+        trainable: true,
+        ..opts.clone()
+    };
+    let (policy, policy_vb) = UNet2DConditionModel::from_pretrained(&policy_dir, &policy_opts)
+        .with_context(|| format!("loading the policy UNet {}", policy_dir.display()))?;
+    let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
+    let cond = conditioning(&pipe, &batch, method)?;
+    let eval = DiffusionPreference {
+        policy: &policy,
+        reference: Some(&pipe.unet),
+        schedule: &schedule,
+        method,
+        objective,
+    };
+    let out = eval.loss(&batch, &cond)?;
+
+    if let Some(path) = &args.grads_out {
+        let grads = out.loss.loss.backward()?;
+        let mut tensors = HashMap::new();
+        for (name, var) in policy_vb.vars() {
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => var.as_tensor().zeros_like()?,
+            };
+            tensors.insert(name, g);
+        }
+        save_safetensors(path, &tensors, None)?;
+    }
+
+    let m = &out.loss.metrics;
+    let mut report = serde_json::json!({
+        "method": method.name(),
+        "loss": m.loss,
+        "implicit_acc": m.implicit_acc,
+        "reward_margin": m.reward_margin,
+        "mse_w": to_list(&out.mse_w)?,
+        "mse_l": to_list(&out.mse_l)?,
+    });
+    if let Objective::Dpo { loss_type, beta, .. } = objective {
+        report["loss_type"] = format!("{loss_type:?}").to_lowercase().into();
+        report["beta"] = beta.into();
+    }
+    if let Some((w, l)) = &out.ref_mse {
+        report["ref_mse_w"] = to_list(w)?.into();
+        report["ref_mse_l"] = to_list(l)?.into();
+    }
+    println!("{report}");
+    Ok(())
+}
