@@ -315,6 +315,16 @@ impl StableDiffusionPipeline {
 
     /// Generates images; `progress` is called after each denoising step with `(done, total)`.
     pub fn generate(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Generated> {
+        self.generate_with(&self.unet, req, progress)
+    }
+
+    /// [`Self::generate`] with another UNet of the same architecture (e.g. a policy in training).
+    pub fn generate_with(
+        &self,
+        unet: &UNet2DConditionModel,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
         let b = req.prompts.len();
         if b == 0 {
             return Err(Error::input("prompt", "no prompt given"));
@@ -328,7 +338,7 @@ impl StableDiffusionPipeline {
             }
         }
         let (lh, lw) = self.check_size(req.height, req.width)?;
-        let want = [b, self.unet.in_channels(), lh, lw];
+        let want = [b, unet.in_channels(), lh, lw];
         if req.init_noise.dims() != want {
             return Err(Error::input(
                 "init noise",
@@ -371,9 +381,7 @@ impl StableDiffusionPipeline {
             };
             let input = scheduler.scale_model_input(&input, i)?;
             let ts = Tensor::from_vec(vec![t as f32; rows], rows, &self.device)?;
-            let pred = self
-                .unet
-                .forward(&input.to_dtype(self.dtype)?, &ts, &context, added.as_ref())?;
+            let pred = unet.forward(&input.to_dtype(self.dtype)?, &ts, &context, added.as_ref())?;
             let pred = pred.to_dtype(DType::F32)?;
             let pred = if guidance {
                 let (uncond, text) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
