@@ -50,7 +50,30 @@ def main():
         loss = (unet(x, t, ctx).sample - target).pow(2).mean()
         loss.backward()
 
-    for name, f in [("unet_forward", forward), ("unet_forward_backward", forward_backward)]:
+    reference = UNet2DConditionModel.from_config(config).float().requires_grad_(False)
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    lw, ll, noise = torch.randn(1, 4, s, s), torch.randn(1, 4, s, s), torch.randn(1, 4, s, s)
+    ctx1 = torch.randn(1, text_len, unet.config.cross_attention_dim)
+    tt = torch.tensor([500])
+
+    def dpo_step():
+        # Diffusion-DPO's train.py: shared noise and timestep, policy fwd+bwd and reference fwd on the pair.
+        unet.zero_grad(set_to_none=True)
+        x0 = torch.cat([lw, ll])
+        n2 = noise.repeat(2, 1, 1, 1)
+        t2 = tt.repeat(2)
+        xt = sched.add_noise(x0, n2, t2)
+        c2 = ctx1.repeat(2, 1, 1)
+        pred = unet(xt, t2, c2).sample
+        mse = (pred.float() - n2.float()).pow(2).mean(dim=[1, 2, 3])
+        with torch.no_grad():
+            rmse = (reference(xt, t2, c2).sample.float() - n2.float()).pow(2).mean(dim=[1, 2, 3])
+        inside = -0.5 * 5000 * ((mse[0] - mse[1]) - (rmse[0] - rmse[1]))
+        loss = -torch.nn.functional.logsigmoid(inside).mean()
+        loss.backward()
+
+    for name, f in [("unet_forward", forward), ("unet_forward_backward", forward_backward), ("dpo_step", dpo_step)]:
         secs = median_secs(repeats, f)
         print(json.dumps({"bench": name, "shape": shape, "median_s": secs, "threads": torch.get_num_threads(), "impl": f"pytorch {torch.__version__}"}))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

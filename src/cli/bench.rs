@@ -17,6 +17,9 @@ use diffalign::weights::VarBuilder;
 enum Suite {
     /// UNet forward, and forward + backward to every weight, at batch 2.
     Unet,
+    /// One Diffusion-DPO step on one pair: policy forward + backward and reference forward, each
+    /// on the batch of 2 (preferred, rejected).
+    DpoStep,
 }
 
 /// Flags of `diffalign bench`.
@@ -69,6 +72,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     match args.suite {
         Suite::Unet => bench_unet(&args),
+        Suite::DpoStep => bench_dpo_step(&args),
     }
 }
 
@@ -112,6 +116,56 @@ fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64})
         );
+    }
+    Ok(())
+}
+
+fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
+    use diffalign::preference::diffusion::{DiffusionPreference, Method, PairConditioning, PreferenceBatch};
+    use diffalign::preference::{LossType, Objective};
+    use diffalign::schedulers::{NoiseSchedule, SchedulerConfig};
+
+    let cfg = UNet2DConditionConfig::from_file(&args.config)?;
+    let dev = Device::Cpu;
+    let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
+    let policy = UNet2DConditionModel::new(&cfg, &args.config, policy_vb.clone())?;
+    let reference = frozen_unet(&cfg, args)?;
+    let schedule = NoiseSchedule::from_config(&SchedulerConfig::from_json(
+        r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
+        "(bench scheduler)",
+    )?)?;
+    let mut rng = Rng::new(2);
+    let s = args.latent_size;
+    let c = policy.in_channels();
+    let batch = PreferenceBatch {
+        latents_w: rng.randn((1, c, s, s), &dev)?,
+        latents_l: rng.randn((1, c, s, s), &dev)?,
+        noise: rng.randn((1, c, s, s), &dev)?,
+        timesteps: Tensor::new(&[500f32], &dev)?,
+        soft_label: None,
+        time_ids: None,
+        captions_w: vec![String::new()],
+        captions_l: vec![String::new()],
+    };
+    let ctx = rng.randn((1, args.text_len, policy.cross_attention_dim()), &dev)?;
+    let cond = PairConditioning { context_w: ctx.clone(), context_l: ctx, added_w: None, added_l: None };
+    let eval = DiffusionPreference {
+        policy: &policy,
+        reference: Some(&reference),
+        schedule: &schedule,
+        method: Method::Dpo,
+        objective: Objective::Dpo { loss_type: LossType::Sigmoid, beta: 5000.0, label_smoothing: 0.0 },
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let shape = format!("unet-mid DPO step: one pair, latents {c}x{s}x{s}, text {}x{}", args.text_len, policy.cross_attention_dim());
+    let secs = median_secs(args.repeats, || {
+        let out = eval.loss(&batch, &cond)?;
+        std::hint::black_box(out.loss.loss.backward()?);
+        Ok(())
+    })?;
+    report("dpo_step", &shape, secs, threads);
+    if let Some(rss) = peak_rss_bytes() {
+        println!("{}", serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64}));
     }
     Ok(())
 }

@@ -194,6 +194,7 @@ pub struct AutoencoderKL {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     config: AutoencoderKLConfig,
+    dtype: candle_core::DType,
 }
 
 impl AutoencoderKL {
@@ -223,6 +224,7 @@ impl AutoencoderKL {
                 None
             },
             config: cfg.clone(),
+            dtype: vb.dtype(),
         })
     }
 
@@ -234,6 +236,11 @@ impl AutoencoderKL {
         let model = Self::new(&cfg, &config_file, vb.clone())?;
         crate::weights::check_all_used(&vb, |_| false)?;
         Ok((model, vb))
+    }
+
+    /// The dtype of the weights (inputs are expected in it).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.dtype
     }
 
     /// The config the model was built from.
