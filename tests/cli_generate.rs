@@ -151,3 +151,40 @@ fn generate_rejects_unknown_scheduler() {
 fn generate_rejects_missing_model_folder() {
     expect_error(Path::new("/nonexistent/model"), &[], &["/nonexistent/model"]);
 }
+
+#[test]
+fn generate_prompts_file_writes_one_png_per_prompt_and_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\n\na blue square\n").unwrap();
+    let out = tmp.path().join("img.png");
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(shared_fixtures().join("turbo"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--num-images", "2", "--steps", "1", "--guidance", "0", "--seed", "5", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    let seeds: Vec<u64> = lines.iter().map(|l| l["seed"].as_u64().unwrap()).collect();
+    assert_eq!(seeds, [5, 6, 5, 6]);
+    for (p, k) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+        assert!(tmp.path().join(format!("img-{p:03}-{k}.png")).is_file());
+    }
+    // The same seed reproduces the same image: prompt 0 image 0 equals a single run with seed 5.
+    let single = tmp.path().join("single.png");
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(shared_fixtures().join("turbo"))
+        .args(["--prompt", "a red circle", "--steps", "1", "--guidance", "0", "--seed", "5", "--out"])
+        .arg(&single)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(std::fs::read(&single).unwrap(), std::fs::read(tmp.path().join("img-000-0.png")).unwrap());
+}
