@@ -47,7 +47,10 @@ impl Rng {
     /// A generator that continues exactly where the one that gave `state` was.
     pub fn from_state(state: [u64; 6]) -> Self {
         let spare_normal = (state[4] == 1).then(|| f64::from_bits(state[5]));
-        Rng { s: [state[0], state[1], state[2], state[3]], spare_normal }
+        Rng {
+            s: [state[0], state[1], state[2], state[3]],
+            spare_normal,
+        }
     }
 
     /// The next 64 random bits.

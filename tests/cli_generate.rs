@@ -163,13 +163,25 @@ fn generate_prompts_file_writes_one_png_per_prompt_and_seed() {
         .arg(shared_fixtures().join("turbo"))
         .arg("--prompts")
         .arg(&prompts)
-        .args(["--num-images", "2", "--steps", "1", "--guidance", "0", "--seed", "5", "--out"])
+        .args([
+            "--num-images",
+            "2",
+            "--steps",
+            "1",
+            "--guidance",
+            "0",
+            "--seed",
+            "5",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4);
     let seeds: Vec<u64> = lines.iter().map(|l| l["seed"].as_u64().unwrap()).collect();
     assert_eq!(seeds, [5, 6, 5, 6]);
@@ -181,10 +193,23 @@ fn generate_prompts_file_writes_one_png_per_prompt_and_seed() {
     let o = bin()
         .args(["generate", "--model"])
         .arg(shared_fixtures().join("turbo"))
-        .args(["--prompt", "a red circle", "--steps", "1", "--guidance", "0", "--seed", "5", "--out"])
+        .args([
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "1",
+            "--guidance",
+            "0",
+            "--seed",
+            "5",
+            "--out",
+        ])
         .arg(&single)
         .output()
         .unwrap();
     assert!(o.status.success());
-    assert_eq!(std::fs::read(&single).unwrap(), std::fs::read(tmp.path().join("img-000-0.png")).unwrap());
+    assert_eq!(
+        std::fs::read(&single).unwrap(),
+        std::fs::read(tmp.path().join("img-000-0.png")).unwrap()
+    );
 }

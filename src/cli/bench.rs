@@ -148,16 +148,29 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
         captions_l: vec![String::new()],
     };
     let ctx = rng.randn((1, args.text_len, policy.cross_attention_dim()), &dev)?;
-    let cond = PairConditioning { context_w: ctx.clone(), context_l: ctx, added_w: None, added_l: None };
+    let cond = PairConditioning {
+        context_w: ctx.clone(),
+        context_l: ctx,
+        added_w: None,
+        added_l: None,
+    };
     let eval = DiffusionPreference {
         policy: &policy,
         reference: Some(&reference),
         schedule: &schedule,
         method: Method::Dpo,
-        objective: Objective::Dpo { loss_type: LossType::Sigmoid, beta: 5000.0, label_smoothing: 0.0 },
+        objective: Objective::Dpo {
+            loss_type: LossType::Sigmoid,
+            beta: 5000.0,
+            label_smoothing: 0.0,
+        },
     };
     let threads = candle_core::utils::get_num_threads();
-    let shape = format!("unet-mid DPO step: one pair, latents {c}x{s}x{s}, text {}x{}", args.text_len, policy.cross_attention_dim());
+    let shape = format!(
+        "unet-mid DPO step: one pair, latents {c}x{s}x{s}, text {}x{}",
+        args.text_len,
+        policy.cross_attention_dim()
+    );
     let secs = median_secs(args.repeats, || {
         let out = eval.loss(&batch, &cond)?;
         std::hint::black_box(out.loss.loss.backward()?);
@@ -165,7 +178,10 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     })?;
     report("dpo_step", &shape, secs, threads);
     if let Some(rss) = peak_rss_bytes() {
-        println!("{}", serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64})
+        );
     }
     Ok(())
 }

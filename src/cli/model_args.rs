@@ -33,13 +33,22 @@ pub struct ModelArgs {
     /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Download a repo id that is not in the cache (configs, tokenizers and safetensors weights
+    /// of the chosen variant) into the Hugging Face cache. Nothing is downloaded without it.
+    #[arg(long)]
+    pub download: bool,
 }
 
 impl ModelArgs {
     /// The model folder (resolved offline) and the load options the flags give.
     pub fn resolve(&self) -> anyhow::Result<(PathBuf, LoadOptions)> {
         let cache = layout::hub_cache_dir(|k| std::env::var(k).ok());
-        let root = layout::resolve_model(&self.model, cache.as_deref(), self.revision.as_deref())?;
+        let root = match layout::resolve_model(&self.model, cache.as_deref(), self.revision.as_deref()) {
+            Ok(root) => root,
+            Err(e) if self.download => download(&self.model, self.revision.as_deref(), self.variant.as_deref(), cache)
+                .with_context(|| format!("{e:#}; downloading it"))?,
+            Err(e) => return Err(e.into()),
+        };
         let opts = LoadOptions {
             dtype: diffalign::device::parse_dtype(&self.dtype)?,
             device: diffalign::device::parse_device(&self.device)?,
@@ -59,4 +68,22 @@ impl ModelArgs {
         };
         StableDiffusionPipeline::load(&sources, &opts).with_context(|| format!("loading model {}", root.display()))
     }
+}
+
+#[cfg(feature = "download")]
+fn download(
+    repo: &str,
+    revision: Option<&str>,
+    variant: Option<&str>,
+    cache: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    let cache = cache.context("no Hugging Face cache folder: set HF_HUB_CACHE or HF_HOME")?;
+    Ok(diffalign::weights::hub::download_pipeline(
+        repo, revision, variant, &cache,
+    )?)
+}
+
+#[cfg(not(feature = "download"))]
+fn download(repo: &str, _: Option<&str>, _: Option<&str>, _: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    anyhow::bail!("--download: {repo}: this build has no download support (build with --features download)")
 }

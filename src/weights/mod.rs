@@ -2,6 +2,8 @@
 //! and where a pipeline's files are ([`layout`]: diffusers folders, shards, variants, the Hugging
 //! Face cache).
 
+#[cfg(feature = "download")]
+pub mod hub;
 pub mod layout;
 pub mod store;
 
