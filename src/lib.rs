@@ -12,16 +12,22 @@
 //! - [`schedulers`]: the noise schedule and the step rules.
 //! - [`sampling`]: the text-to-image pipeline.
 //! - [`preference`]: preference objectives (DPO family, MaPO, SmPO) and their diffusion proxy.
+//! - [`data`]: preference pairs from parquet, JSONL or folders, preprocessing, the latent cache.
+//! - [`train`]: the fine-tuning loop, optimizer, checkpoints and report; [`recipe`]: its TOML plans.
 
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod models;
 pub mod nn;
 pub mod preference;
+pub mod recipe;
+pub mod reward;
 pub mod rng;
 pub mod sampling;
 pub mod schedulers;
 pub mod text;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

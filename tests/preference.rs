@@ -69,9 +69,9 @@ fn run_loss(model: &Path, policy: &[&str], method: &str, batch: &Path, grads_out
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-/// Compares a `diffalign loss` report and gradient file with `expected.safetensors` under `prefix`.
-fn check_against_expected(prefix: &str, report: &serde_json::Value, grads: &Path, grad_keys: &[String]) {
-    let expected = load(&losses_dir().join("expected.safetensors"));
+/// Compares a `diffalign loss` report and gradient file with `dir/expected.safetensors` under `prefix`.
+fn check_against_expected(dir: &Path, prefix: &str, report: &serde_json::Value, grads: &Path, grad_keys: &[String]) {
+    let expected = load(&dir.join("expected.safetensors"));
     let e = |k: &str| &expected[&format!("{prefix}.{k}")];
     assert_rel(
         &format!("{prefix}.loss"),

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::Args;
-use diffalign::models::unet::{AddedCond, UNet2DConditionModel};
-use diffalign::preference::diffusion::{DiffusionPreference, Method, PairConditioning, PreferenceBatch};
+use diffalign::models::unet::UNet2DConditionModel;
+use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch};
 use diffalign::preference::{LossType, Objective};
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::schedulers::NoiseSchedule;
+use diffalign::train::pair_conditioning;
 use diffalign::weights::{save_safetensors, LoadOptions};
 
 use super::model_args::ModelArgs;
@@ -70,43 +71,6 @@ fn objective(method: Method, args: &LossArgs) -> anyhow::Result<Objective> {
     })
 }
 
-/// Both sides' text conditioning; SDXL time ids from the batch or `(H, W, 0, 0, H, W)`.
-pub fn conditioning(
-    pipe: &StableDiffusionPipeline,
-    batch: &PreferenceBatch,
-    method: Method,
-) -> anyhow::Result<PairConditioning> {
-    let enc_w = pipe.encode_text(&batch.captions_w)?;
-    let enc_l = if method == Method::Dcpo {
-        pipe.encode_text(&batch.captions_l)?
-    } else {
-        enc_w.clone()
-    };
-    let b = batch.len();
-    let time_ids = match &batch.time_ids {
-        Some(t) => t.clone(),
-        None => {
-            let f = pipe.vae_scale_factor() as f32;
-            let (_, _, h, w) = batch.latents_w.dims4()?;
-            let (h, w) = (h as f32 * f, w as f32 * f);
-            let row = [h, w, 0.0, 0.0, h, w];
-            Tensor::from_vec(row.repeat(b), (b, 6), pipe.device())?
-        }
-    };
-    let added = |pooled: &Option<Tensor>| -> Option<AddedCond> {
-        pooled.as_ref().map(|p| AddedCond {
-            text_embeds: p.clone(),
-            time_ids: time_ids.clone(),
-        })
-    };
-    Ok(PairConditioning {
-        added_w: added(&enc_w.pooled),
-        added_l: added(&enc_l.pooled),
-        context_w: enc_w.context,
-        context_l: enc_l.context,
-    })
-}
-
 fn to_list(t: &Tensor) -> anyhow::Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
@@ -131,7 +95,7 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
     let (policy, policy_vb) = UNet2DConditionModel::from_pretrained(&policy_dir, &policy_opts)
         .with_context(|| format!("loading the policy UNet {}", policy_dir.display()))?;
     let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
-    let cond = conditioning(&pipe, &batch, method)?;
+    let cond = pair_conditioning(&pipe, &batch, method)?;
     let eval = DiffusionPreference {
         policy: &policy,
         reference: Some(&pipe.unet),

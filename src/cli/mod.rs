@@ -3,7 +3,9 @@
 mod bench;
 mod generate;
 mod loss;
+mod train;
 mod model_args;
+mod score;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Compute one preference loss (dpo, dcpo, mapo, smpo) on one batch, with metrics and gradients.
     Loss(loss::LossArgs),
+    /// Fine-tune a model from preference pairs with a recipe (see `pipelines/`).
+    Train(train::TrainArgs),
+    /// Score images for a prompt with reward models (one JSON line per image).
+    Score(score::ScoreArgs),
     /// Time the hot paths on CPU (one JSON line per measurement).
     Bench(bench::BenchArgs),
 }
@@ -31,6 +37,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Score(args) => score::run(args),
         Command::Loss(args) => loss::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

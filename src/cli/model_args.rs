@@ -1,20 +1,27 @@
 //! Flags shared by every command that loads a pipeline: which model, which files, which dtype.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
+use diffalign::weights::single_file::{summarize_skipped, SingleFile};
 use diffalign::weights::{layout, LoadOptions};
 
 /// Where the model comes from and how it is loaded.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A diffusers pipeline folder, or a Hugging Face repo id (`stabilityai/sd-turbo`) found in
-    /// the local cache (`HF_HUB_CACHE`, `HF_HOME/hub` or `~/.cache/huggingface/hub`).
+    /// A diffusers pipeline folder, a Hugging Face repo id (`stabilityai/sd-turbo`) found in the
+    /// local cache (`HF_HUB_CACHE`, `HF_HOME/hub` or `~/.cache/huggingface/hub`), or a single-file
+    /// SD 1.x / 2.x / XL checkpoint (`.safetensors` in the original layout, as A1111 and ComfyUI
+    /// keep them; needs --config).
     #[arg(long)]
     pub model: String,
+    /// For a single-file --model: the diffusers pipeline (folder or cached repo id, like --model)
+    /// of the same architecture that gives the configs, tokenizers and scheduler.
+    #[arg(long)]
+    pub config: Option<String>,
     /// Cache revision (branch, tag or snapshot hash) of a repo id.
     #[arg(long)]
     pub revision: Option<String>,
@@ -40,33 +47,111 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The model folder (resolved offline) and the load options the flags give.
-    pub fn resolve(&self) -> anyhow::Result<(PathBuf, LoadOptions)> {
+    /// The single-file checkpoint `--model` names, if it names a file.
+    fn single_file(&self) -> anyhow::Result<Option<&Path>> {
+        let path = Path::new(&self.model);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            bail!(
+                "--model {}: single-file checkpoints must be .safetensors (pickled .ckpt files are not read)",
+                path.display()
+            );
+        }
+        Ok(Some(path))
+    }
+
+    /// A pipeline folder or repo id, resolved offline (downloaded with --download).
+    fn resolve_folder(&self, spec: &str) -> anyhow::Result<PathBuf> {
         let cache = layout::hub_cache_dir(|k| std::env::var(k).ok());
-        let root = match layout::resolve_model(&self.model, cache.as_deref(), self.revision.as_deref()) {
-            Ok(root) => root,
-            Err(e) if self.download => download(&self.model, self.revision.as_deref(), self.variant.as_deref(), cache)
-                .with_context(|| format!("{e:#}; downloading it"))?,
-            Err(e) => return Err(e.into()),
-        };
-        let opts = LoadOptions {
+        match layout::resolve_model(spec, cache.as_deref(), self.revision.as_deref()) {
+            Ok(root) => Ok(root),
+            Err(e) if self.download => download(spec, self.revision.as_deref(), self.variant.as_deref(), cache)
+                .with_context(|| format!("{e:#}; downloading it")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        Ok(LoadOptions {
             dtype: diffalign::device::parse_dtype(&self.dtype)?,
             device: diffalign::device::parse_device(&self.device)?,
             variant: self.variant.clone(),
             trainable: false,
-        };
-        Ok((root, opts))
+        })
     }
 
-    /// Resolves the model folder (offline) and loads the pipeline.
+    /// The model folder (resolved offline) and the load options the flags give. A single-file
+    /// `--model` is an error here: callers of this read the folder's weights themselves.
+    pub fn resolve(&self) -> anyhow::Result<(PathBuf, LoadOptions)> {
+        if let Some(file) = self.single_file()? {
+            bail!(
+                "--model {}: a single-file checkpoint; this command needs a diffusers pipeline folder or repo id",
+                file.display()
+            );
+        }
+        if let Some(config) = &self.config {
+            bail!(
+                "--config {config}: only for a single-file --model, but --model {} is not a file",
+                self.model
+            );
+        }
+        Ok((self.resolve_folder(&self.model)?, self.load_options()?))
+    }
+
+    /// Resolves the model (offline) and loads the pipeline: from a diffusers folder, or from a
+    /// single-file checkpoint with --config's folder.
     pub fn load_pipeline(&self) -> anyhow::Result<StableDiffusionPipeline> {
-        let (root, opts) = self.resolve()?;
+        let Some(file) = self.single_file()? else {
+            let (root, opts) = self.resolve()?;
+            let sources = PipelineSources {
+                root: root.clone(),
+                vae: self.vae.clone(),
+                unet: self.unet.clone(),
+            };
+            return StableDiffusionPipeline::load(&sources, &opts)
+                .with_context(|| format!("loading model {}", root.display()));
+        };
+        let config = self.config.as_deref().with_context(|| {
+            format!(
+                "--model {}: a single-file checkpoint holds weights only; pass --config with a diffusers \
+                 pipeline folder or repo id of the same architecture for its configs, tokenizers and scheduler",
+                file.display()
+            )
+        })?;
+        let root = self.resolve_folder(config).context("--config")?;
+        let opts = self.load_options()?;
+        let checkpoint = SingleFile::open(file)?;
         let sources = PipelineSources {
             root: root.clone(),
             vae: self.vae.clone(),
             unet: self.unet.clone(),
         };
-        StableDiffusionPipeline::load(&sources, &opts).with_context(|| format!("loading model {}", root.display()))
+        let pipe = StableDiffusionPipeline::load_single_file(&checkpoint, &sources, &opts).with_context(|| {
+            format!(
+                "loading {} checkpoint {} with configs from {}",
+                checkpoint.architecture().name(),
+                file.display(),
+                root.display()
+            )
+        })?;
+        for (flag, replaced, prefix) in [
+            ("--unet", &self.unet, "model.diffusion_model.*"),
+            ("--vae", &self.vae, "first_stage_model.*"),
+        ] {
+            if let Some(dir) = replaced {
+                eprintln!(
+                    "note: {}: {prefix} not loaded ({flag} {} replaces it)",
+                    file.display(),
+                    dir.display()
+                );
+            }
+        }
+        for line in summarize_skipped(&checkpoint.skipped()) {
+            eprintln!("note: {}: skipped {line}", file.display());
+        }
+        Ok(pipe)
     }
 }
 

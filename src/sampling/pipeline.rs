@@ -1,5 +1,6 @@
 //! A whole Stable Diffusion pipeline (SD 1.x / 2.x and XL, Turbo included) loaded from a
-//! diffusers folder, and text-to-image generation with diffusers' semantics.
+//! diffusers folder or from a single-file (LDM-layout) checkpoint with a diffusers folder for its
+//! configs, and text-to-image generation with diffusers' semantics.
 //! Counterparts: `diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py` and
 //! `stable_diffusion_xl/pipeline_stable_diffusion_xl.py`.
 
@@ -9,12 +10,13 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::models::clip::text_model::{is_known_buffer, ClipTextConfig, ClipTextModel};
-use crate::models::unet::{AddedCond, UNet2DConditionModel};
-use crate::models::vae::AutoencoderKL;
+use crate::models::unet::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::rng::Rng;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::ClipTokenizer;
-use crate::weights::LoadOptions;
+use crate::weights::single_file::{Architecture, SingleFile};
+use crate::weights::{LoadOptions, TensorStore};
 use crate::{Error, Result};
 
 /// Which pipeline family a folder holds.
@@ -48,7 +50,9 @@ impl ModelIndex {
     }
 }
 
-/// Where each component of a pipeline comes from, for [`StableDiffusionPipeline::load`].
+/// Where each component of a pipeline comes from, for [`StableDiffusionPipeline::load`] and
+/// [`StableDiffusionPipeline::load_single_file`] (where `root` gives only configs, tokenizers and
+/// the scheduler, and `vae` / `unet` replace the checkpoint's).
 #[derive(Debug, Clone, Default)]
 pub struct PipelineSources {
     /// The pipeline folder (with `model_index.json`).
@@ -130,10 +134,36 @@ pub struct StableDiffusionPipeline {
 
 /// Loads a CLIP text encoder from a transformers folder; every tensor must be used.
 pub fn load_text_encoder(dir: &Path, opts: &LoadOptions) -> Result<ClipTextModel> {
+    let store = crate::weights::layout::open_weights(dir, "model", opts.variant.as_deref())?;
+    text_encoder_from_store(dir, store, opts)
+}
+
+/// Builds a CLIP text encoder with `dir/config.json` from `store`; every tensor must be used.
+fn text_encoder_from_store(dir: &Path, store: TensorStore, opts: &LoadOptions) -> Result<ClipTextModel> {
     let cfg = ClipTextConfig::from_file(dir.join("config.json"))?;
-    let vb = opts.open(dir, "model")?;
+    let vb = opts.var_builder(store);
     let model = ClipTextModel::load(&cfg, vb.clone())?;
     crate::weights::check_all_used(&vb, is_known_buffer)?;
+    Ok(model)
+}
+
+/// Builds a UNet with `dir/config.json` from `store`; every tensor must be used.
+fn unet_from_store(dir: &Path, store: TensorStore, opts: &LoadOptions) -> Result<UNet2DConditionModel> {
+    let config_file = dir.join("config.json");
+    let cfg = UNet2DConditionConfig::from_file(&config_file)?;
+    let vb = opts.var_builder(store);
+    let model = UNet2DConditionModel::new(&cfg, &config_file, vb.clone())?;
+    crate::weights::check_all_used(&vb, |_| false)?;
+    Ok(model)
+}
+
+/// Builds a VAE with `dir/config.json` from `store`; every tensor must be used.
+fn vae_from_store(dir: &Path, store: TensorStore, opts: &LoadOptions) -> Result<AutoencoderKL> {
+    let config_file = dir.join("config.json");
+    let cfg = AutoencoderKLConfig::from_file(&config_file)?;
+    let vb = opts.var_builder(store);
+    let model = AutoencoderKL::new(&cfg, &config_file, vb.clone())?;
+    crate::weights::check_all_used(&vb, |_| false)?;
     Ok(model)
 }
 
@@ -151,6 +181,19 @@ fn require_dir(dir: &Path, what: &str) -> Result<()> {
 impl StableDiffusionPipeline {
     /// Loads every component of a diffusers pipeline folder.
     pub fn load(sources: &PipelineSources, opts: &LoadOptions) -> Result<Self> {
+        Self::load_from(sources, None, opts)
+    }
+
+    /// Loads the weights of a single-file checkpoint (see [`SingleFile`]): UNet, VAE and text
+    /// encoders, except those `sources.unet` / `sources.vae` replace. `sources.root` is a diffusers
+    /// pipeline folder of the same architecture that gives the components' `config.json`, the
+    /// tokenizers and the scheduler (its weight files are not read). A folder of another family
+    /// (an SDXL file with an SD 1.x folder, or the reverse) is an error naming both.
+    pub fn load_single_file(checkpoint: &SingleFile, sources: &PipelineSources, opts: &LoadOptions) -> Result<Self> {
+        Self::load_from(sources, Some(checkpoint), opts)
+    }
+
+    fn load_from(sources: &PipelineSources, single: Option<&SingleFile>, opts: &LoadOptions) -> Result<Self> {
         let root = &sources.root;
         let index_path = root.join("model_index.json");
         let index: ModelIndex = crate::models::config::read_config(&index_path)?;
@@ -167,6 +210,30 @@ impl StableDiffusionPipeline {
                 ))
             }
         };
+        if let Some(sf) = single {
+            let file_kind = match sf.architecture() {
+                Architecture::Sdxl => PipelineKind::StableDiffusionXl,
+                Architecture::Sd1 | Architecture::Sd2 => PipelineKind::StableDiffusion,
+            };
+            if file_kind != kind {
+                let class = |k: PipelineKind| match k {
+                    PipelineKind::StableDiffusion => "StableDiffusionPipeline",
+                    PipelineKind::StableDiffusionXl => "StableDiffusionXLPipeline",
+                };
+                return Err(Error::config(
+                    &index_path,
+                    "_class_name",
+                    format!(
+                        "a {} folder does not fit {}, an {} checkpoint: its configs, tokenizers and \
+                         scheduler must come from a {} folder of the same architecture",
+                        class(kind),
+                        sf.path().display(),
+                        sf.architecture().name(),
+                        class(file_kind)
+                    ),
+                ));
+            }
+        }
         for comp in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             if !index.has(comp) {
                 return Err(Error::config(&index_path, comp, "component missing (null or absent)"));
@@ -185,11 +252,19 @@ impl StableDiffusionPipeline {
         }
         let scheduler_config = SchedulerConfig::from_file(root.join("scheduler").join("scheduler_config.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
-        let text_encoder = load_text_encoder(&root.join("text_encoder"), opts)?;
+        let te_dir = root.join("text_encoder");
+        let text_encoder = match single {
+            Some(sf) => text_encoder_from_store(&te_dir, sf.text_encoder(&te_dir.join("config.json"))?, opts)?,
+            None => load_text_encoder(&te_dir, opts)?,
+        };
         let (tokenizer_2, text_encoder_2) = if kind == PipelineKind::StableDiffusionXl {
-            require_dir(&root.join("text_encoder_2"), "text_encoder_2")?;
+            let te2_dir = root.join("text_encoder_2");
+            require_dir(&te2_dir, "text_encoder_2")?;
             require_dir(&root.join("tokenizer_2"), "tokenizer_2")?;
-            let te2 = load_text_encoder(&root.join("text_encoder_2"), opts)?;
+            let te2 = match single {
+                Some(sf) => text_encoder_from_store(&te2_dir, sf.text_encoder_2(&te2_dir.join("config.json"))?, opts)?,
+                None => load_text_encoder(&te2_dir, opts)?,
+            };
             if !te2.config().architecture.has_projection() {
                 return Err(Error::config(
                     root.join("text_encoder_2/config.json"),
@@ -201,9 +276,15 @@ impl StableDiffusionPipeline {
         } else {
             (None, None)
         };
-        let (unet, _) = UNet2DConditionModel::from_pretrained(&unet_dir, opts)?;
+        // The checkpoint's UNet and VAE, unless a replacement folder is given.
+        let single_unet = single.filter(|_| sources.unet.is_none());
+        let single_vae = single.filter(|_| sources.vae.is_none());
+        let unet = match single_unet {
+            Some(sf) => unet_from_store(&unet_dir, sf.unet(&unet_dir.join("config.json"))?, opts)?,
+            None => UNet2DConditionModel::from_pretrained(&unet_dir, opts)?.0,
+        };
         // diffusers runs `force_upcast` VAEs in f32 whatever the pipeline dtype (fp16 SD VAEs overflow).
-        let vae_cfg = crate::models::vae::AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
+        let vae_cfg = AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
         let vae_opts = if vae_cfg.force_upcast {
             LoadOptions {
                 dtype: DType::F32,
@@ -212,7 +293,10 @@ impl StableDiffusionPipeline {
         } else {
             opts.clone()
         };
-        let (vae, _) = AutoencoderKL::from_pretrained(&vae_dir, &vae_opts)?;
+        let vae = match single_vae {
+            Some(sf) => vae_from_store(&vae_dir, sf.vae(&vae_dir.join("config.json"))?, &vae_opts)?,
+            None => AutoencoderKL::from_pretrained(&vae_dir, &vae_opts)?.0,
+        };
         if unet.needs_added_cond() != (kind == PipelineKind::StableDiffusionXl) {
             return Err(Error::config(
                 unet_dir.join("config.json"),

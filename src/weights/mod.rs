@@ -5,6 +5,7 @@
 #[cfg(feature = "download")]
 pub mod hub;
 pub mod layout;
+pub mod single_file;
 pub mod store;
 
 use std::sync::{Arc, Mutex};

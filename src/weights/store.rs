@@ -1,9 +1,14 @@
 //! Memory-mapped safetensors files, one or several (shards), with shape checks and a record of
 //! which tensors were read, so that a loader can report tensors the model did not use.
+//!
+//! A store can also present *views* ([`TensorStore::from_views`]): tensors under our (diffusers)
+//! names that are read from a file tensor of another name through a [`ViewTransform`] (reshape,
+//! slice, transpose), as single-file checkpoints need (see [`super::single_file`]). The used-key
+//! audit of such a store counts the file's tensors: one read through any view counts as used.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -25,9 +30,16 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a file changed underneath us while loading is outside
         // what any loader can guard against (candle and safetensors map files the same way).
         let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::BadSafetensors { file: path.to_path_buf(), reason: describe(&e) })?;
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + n, meta })
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadSafetensors {
+            file: path.to_path_buf(),
+            reason: describe(&e),
+        })?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + n,
+            meta,
+        })
     }
 
     /// The file's path.
@@ -52,10 +64,10 @@ impl SafetensorsFile {
 
     /// Loads tensor `name` in its stored dtype onto `device`.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let info = self
-            .meta
-            .info(name)
-            .ok_or_else(|| Error::MissingTensor { file: self.path.clone(), name: name.to_string() })?;
+        let info = self.meta.info(name).ok_or_else(|| Error::MissingTensor {
+            file: self.path.clone(),
+            name: name.to_string(),
+        })?;
         self.load_info(name, info, device)
     }
 
@@ -94,11 +106,109 @@ fn convert_dtype(d: safetensors::Dtype) -> Option<DType> {
     })
 }
 
-/// A set of safetensors files seen as one checkpoint (a single file or the shards of one).
+/// How a view's tensor is made from the file tensor it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewTransform {
+    /// The file tensor as stored.
+    Identity,
+    /// The same elements in another shape, e.g. a 1x1 convolution weight `[C, C, 1, 1]` read as a
+    /// linear weight `[C, C]`.
+    Reshape(Vec<usize>),
+    /// `len` entries from `start` along `dim`, e.g. the query third of a fused `[3D, D]` projection.
+    Narrow {
+        /// The sliced dimension.
+        dim: usize,
+        /// First index taken.
+        start: usize,
+        /// Number of indices taken.
+        len: usize,
+    },
+    /// A matrix `[R, C]` read transposed as `[C, R]` (OpenCLIP keeps its text projection as the `P`
+    /// of `x @ P`; a linear layer's weight is `P^T`).
+    Transpose,
+}
+
+impl ViewTransform {
+    /// The shape this transform gives a tensor of shape `src`, or why it cannot apply.
+    pub fn shape(&self, src: &[usize]) -> std::result::Result<Vec<usize>, String> {
+        match self {
+            ViewTransform::Identity => Ok(src.to_vec()),
+            ViewTransform::Reshape(to) => {
+                let (a, b) = (src.iter().product::<usize>(), to.iter().product::<usize>());
+                if a == b {
+                    Ok(to.clone())
+                } else {
+                    Err(format!(
+                        "cannot reshape {src:?} ({a} elements) to {to:?} ({b} elements)"
+                    ))
+                }
+            }
+            ViewTransform::Narrow { dim, start, len } => match src.get(*dim) {
+                Some(&n) if start + len <= n => {
+                    let mut out = src.to_vec();
+                    out[*dim] = *len;
+                    Ok(out)
+                }
+                _ => Err(format!(
+                    "cannot take {len} entries from {start} along dim {dim} of {src:?}"
+                )),
+            },
+            ViewTransform::Transpose => match src {
+                [r, c] => Ok(vec![*c, *r]),
+                _ => Err(format!("cannot transpose a tensor of shape {src:?} (not a matrix)")),
+            },
+        }
+    }
+
+    fn apply(&self, t: Tensor) -> Result<Tensor> {
+        Ok(match self {
+            ViewTransform::Identity => t,
+            ViewTransform::Reshape(to) => t.reshape(to.as_slice())?,
+            ViewTransform::Narrow { dim, start, len } => t.narrow(*dim, *start, *len)?.contiguous()?,
+            ViewTransform::Transpose => t.t()?.contiguous()?,
+        })
+    }
+}
+
+/// A tensor a store presents under our name: file tensor `source` through `transform`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorView {
+    /// The file tensor read.
+    pub source: String,
+    /// How it becomes our tensor.
+    pub transform: ViewTransform,
+}
+
+/// What [`TensorStore::from_views`] presents and answers for.
+#[derive(Debug, Clone, Default)]
+pub struct ViewSpec {
+    /// Our names and where each comes from.
+    pub views: BTreeMap<String, TensorView>,
+    /// The file tensors this store answers for in the used-key audit (a component's whole key
+    /// prefix, so that a file tensor no view reads is reported). Views' sources are added.
+    pub scope: BTreeSet<String>,
+    /// Tensors of `scope` expected to go unused, each with the reason: the explicit allow-list.
+    pub skipped: BTreeMap<String, String>,
+    /// What part of the file the store is, for errors: `"unet (model.diffusion_model.*)"`.
+    pub component: String,
+}
+
+/// A view store's map, with each view's shape.
+struct Views {
+    map: HashMap<String, (TensorView, Vec<usize>)>,
+    skipped: BTreeMap<String, String>,
+    component: String,
+}
+
+/// A set of safetensors files seen as one checkpoint (a single file or the shards of one), or
+/// views with our names over part of one file ([`TensorStore::from_views`]).
 pub struct TensorStore {
     label: PathBuf,
-    files: Vec<SafetensorsFile>,
+    files: Vec<Arc<SafetensorsFile>>,
+    /// File tensor names (the audit's domain) to their file.
     location: HashMap<String, usize>,
+    views: Option<Views>,
+    /// File tensor names read so far.
     used: Mutex<BTreeSet<String>>,
 }
 
@@ -119,9 +229,52 @@ impl TensorStore {
                     });
                 }
             }
-            files.push(f);
+            files.push(Arc::new(f));
         }
-        Ok(TensorStore { label, files, location, used: Mutex::new(BTreeSet::new()) })
+        Ok(TensorStore {
+            label,
+            files,
+            location,
+            views: None,
+            used: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// A store over `file` that presents `spec.views` under our names, checks each view against
+    /// the file (its source exists, its transform fits the stored shape) and audits the file
+    /// tensors of `spec.scope`. Tensors load lazily, on [`TensorStore::get`].
+    pub fn from_views(file: Arc<SafetensorsFile>, spec: ViewSpec) -> Result<Self> {
+        let path = file.path().to_path_buf();
+        let mut location = HashMap::new();
+        for name in spec.scope.iter().chain(spec.views.values().map(|v| &v.source)) {
+            if file.shape(name).is_none() {
+                return Err(Error::MissingTensor {
+                    file: path.clone(),
+                    name: name.clone(),
+                });
+            }
+            location.insert(name.clone(), 0);
+        }
+        let mut map = HashMap::with_capacity(spec.views.len());
+        for (name, view) in spec.views {
+            let src = file.shape(&view.source).expect("checked above");
+            let shape = view.transform.shape(&src).map_err(|why| Error::BadSafetensors {
+                file: path.clone(),
+                reason: format!("{} cannot be read as {name}: {why}", view.source),
+            })?;
+            map.insert(name, (view, shape));
+        }
+        Ok(TensorStore {
+            label: path,
+            files: vec![file],
+            location,
+            views: Some(Views {
+                map,
+                skipped: spec.skipped,
+                component: spec.component,
+            }),
+            used: Mutex::new(BTreeSet::new()),
+        })
     }
 
     /// Opens a single file.
@@ -134,21 +287,44 @@ impl TensorStore {
         &self.label
     }
 
-    /// Whether tensor `name` exists.
+    /// Whether tensor `name` exists (for a view store: whether a view has this name).
     pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
+        match &self.views {
+            Some(v) => v.map.contains_key(name),
+            None => self.location.contains_key(name),
+        }
     }
 
-    /// The stored shape of `name`, if present.
+    /// The shape of `name` as [`TensorStore::get`] gives it, if present.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.location.get(name).and_then(|&i| self.files[i].shape(name))
+        match &self.views {
+            Some(v) => v.map.get(name).map(|(_, shape)| shape.clone()),
+            None => self.location.get(name).and_then(|&i| self.files[i].shape(name)),
+        }
     }
 
-    /// All tensor names, sorted.
+    /// All tensor names (for a view store: our names), sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.location.keys().cloned().collect();
+        let mut v: Vec<String> = match &self.views {
+            Some(v) => v.map.keys().cloned().collect(),
+            None => self.location.keys().cloned().collect(),
+        };
         v.sort();
         v
+    }
+
+    /// The view behind our name `name`, for a view store.
+    pub fn view(&self, name: &str) -> Option<&TensorView> {
+        self.views.as_ref()?.map.get(name).map(|(v, _)| v)
+    }
+
+    /// The file tensors a view store expects to go unused, with the reason for each (sorted by
+    /// name; empty for plain stores), for a warning at load time.
+    pub fn skipped(&self) -> Vec<(String, String)> {
+        self.views
+            .as_ref()
+            .map(|v| v.skipped.iter().map(|(k, r)| (k.clone(), r.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// The files' metadata, merged (first file wins on conflicts).
@@ -163,10 +339,13 @@ impl TensorStore {
     /// Loads `name`, checking its shape when `expected` is given, converted to `dtype` on
     /// `device`, and marks it used.
     pub fn get(&self, name: &str, expected: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
-        let &i = self
-            .location
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { file: self.label.clone(), name: name.to_string() })?;
+        if let Some(views) = &self.views {
+            return self.get_view(views, name, expected, dtype, device);
+        }
+        let &i = self.location.get(name).ok_or_else(|| Error::MissingTensor {
+            file: self.label.clone(),
+            name: name.to_string(),
+        })?;
         let file = &self.files[i];
         if let Some(expected) = expected {
             let got = file.shape(name).expect("name is in the location map");
@@ -184,22 +363,76 @@ impl TensorStore {
         Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
     }
 
-    /// Names of tensors never read through [`TensorStore::get`], sorted.
+    fn get_view(
+        &self,
+        views: &Views,
+        name: &str,
+        expected: Option<&[usize]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (view, shape) = views.map.get(name).ok_or_else(|| Error::MissingTensor {
+            file: self.label.clone(),
+            name: format!("{name} (no tensor of the {} maps to it)", views.component),
+        })?;
+        if let Some(expected) = expected {
+            if shape.as_slice() != expected {
+                return Err(Error::ShapeMismatch {
+                    file: self.label.clone(),
+                    name: format!("{name} (from {})", view.source),
+                    expected: expected.to_vec(),
+                    got: shape.clone(),
+                });
+            }
+        }
+        let t = view.transform.apply(self.files[0].load(&view.source, device)?)?;
+        self.used.lock().expect("used-set lock").insert(view.source.clone());
+        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+    }
+
+    /// Names of file tensors never read through [`TensorStore::get`], sorted; for a view store,
+    /// those of its scope that no view read and that are not in its allow-list.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().expect("used-set lock");
-        let mut v: Vec<String> = self.location.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        let skipped = self.views.as_ref().map(|v| &v.skipped);
+        let mut v: Vec<String> = self
+            .location
+            .keys()
+            .filter(|k| !used.contains(*k) && !skipped.is_some_and(|s| s.contains_key(*k)))
+            .cloned()
+            .collect();
         v.sort();
         v
     }
 
     /// Fails if a tensor went unused, except names for which `allowed` returns true (known
-    /// non-parameter buffers).
+    /// non-parameter buffers). For a view store, `allowed` sees the file name and our names of
+    /// the views reading it.
     pub fn check_all_used(&self, allowed: impl Fn(&str) -> bool) -> Result<()> {
-        let names: Vec<String> = self.unused().into_iter().filter(|n| !allowed(n)).collect();
+        let our_names = |file_name: &str| -> Vec<&str> {
+            self.views
+                .as_ref()
+                .map(|v| {
+                    v.map
+                        .iter()
+                        .filter(|(_, (view, _))| view.source == file_name)
+                        .map(|(k, _)| k.as_str())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let names: Vec<String> = self
+            .unused()
+            .into_iter()
+            .filter(|n| !allowed(n) && !our_names(n).into_iter().any(&allowed))
+            .collect();
         if names.is_empty() {
             Ok(())
         } else {
-            Err(Error::UnusedTensors { file: self.label.clone(), names })
+            Err(Error::UnusedTensors {
+                file: self.label.clone(),
+                names,
+            })
         }
     }
 }
@@ -218,8 +451,10 @@ pub fn save_safetensors(
             data.push((k, t.to_device(&Device::Cpu)?.contiguous()?));
         }
         let views: Vec<(&String, &Tensor)> = data.iter().map(|(k, t)| (*k, t)).collect();
-        safetensors::serialize_to_file(views, metadata, &tmp)
-            .map_err(|e| Error::BadSafetensors { file: tmp.clone(), reason: e.to_string() })?;
+        safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::BadSafetensors {
+            file: tmp.clone(),
+            reason: e.to_string(),
+        })?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     };
     let r = write();

@@ -1,0 +1,78 @@
+//! `diffalign score`: reward-model scores of image files for one prompt, one JSON object per
+//! image: `{"image": PATH, "scores": {KIND: SCORE, ...}}`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use diffalign::reward::{load_reward, RewardSpec};
+use diffalign::sampling::image_io::load_image;
+use diffalign::weights::LoadOptions;
+
+/// Flags of `diffalign score`.
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// A reward model as KIND=PATH, repeatable. Kinds: pickscore, clipscore (transformers
+    /// CLIPModel folders), hpsv2 (open_clip folder), aesthetic (folder with `clip/` and
+    /// `aesthetic.safetensors`), imagereward (not supported yet).
+    #[arg(long = "reward", required = true, value_parser = parse_spec)]
+    rewards: Vec<RewardSpec>,
+    /// The prompt the images are scored against.
+    #[arg(long)]
+    prompt: String,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Image files (PNG or JPEG); each is scored on its own, at its own size.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+fn parse_spec(s: &str) -> Result<RewardSpec, String> {
+    s.parse().map_err(|e: diffalign::Error| e.to_string())
+}
+
+pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
+    let mut seen = BTreeSet::new();
+    for spec in &args.rewards {
+        if !seen.insert(spec.kind) {
+            bail!("--reward: {} given twice", spec.kind);
+        }
+    }
+    let opts = LoadOptions {
+        dtype: diffalign::device::parse_dtype(&args.dtype)?,
+        device: diffalign::device::parse_device(&args.device)?,
+        variant: None,
+        trainable: false,
+    };
+    let rewards = args
+        .rewards
+        .iter()
+        .map(|spec| {
+            load_reward(spec.kind, &spec.path, &opts)
+                .with_context(|| format!("loading the {} reward from {}", spec.kind, spec.path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for path in &args.images {
+        let image: Tensor = load_image(path)
+            .with_context(|| format!("reading image {}", path.display()))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_device(&opts.device)?;
+        let mut scores = serde_json::Map::new();
+        for reward in &rewards {
+            let s = reward
+                .score(&image, &args.prompt)
+                .with_context(|| format!("{}: scoring with {}", path.display(), reward.kind()))?;
+            let s = s.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+            scores.insert(reward.kind().name().to_string(), s.into());
+        }
+        println!("{}", serde_json::json!({ "image": path, "scores": scores }));
+    }
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! Preference-pair data: the `[data]` spec ([`spec`]), the pair index ([`dataset`]) over three
+//! layouts ([`pickapic`] parquet, [`jsonl`], [`folders`]), image and caption preparation
+//! ([`preprocess`], with Pillow-exact resampling in [`resize`]), and the VAE latent cache
+//! ([`latent_cache`]) that encodes each image once.
+//!
+//! Every pair is ordered preferred-first. A bad record (a missing or null field, a label outside
+//! {0, 0.5, 1}, a soft label outside [0.5, 1], a missing image file, a name without its partner) is
+//! skipped and listed in [`PairDataset::skipped`], or is an error, as `bad_records` says; it
+//! never becomes a silently wrong pair. An image that does not decode is found by
+//! [`PairDataset::get`] and reported as [`crate::Error::Record`] naming the file, the record and
+//! the column or side.
+
+pub mod dataset;
+pub mod folders;
+pub mod jsonl;
+pub mod latent_cache;
+pub mod pickapic;
+pub mod preprocess;
+pub mod resize;
+pub mod spec;
+
+pub use dataset::{PairDataset, PreferencePair, RecordLocation};
+pub use latent_cache::{LatentCache, LatentKey};
+pub use preprocess::{PreparedImage, Preprocess};
+pub use resize::{resize, ResampleFilter};
+pub use spec::{BadRecordPolicy, ColumnNames, DataFormat, DataSpec};

@@ -1,0 +1,313 @@
+//! Training recipes: `pipelines/*.toml` read into a validated [`Plan`].
+//!
+//! A recipe has the tables `[model]`, `[data]`, `[train]`, optionally `[lora]` (LoRA training;
+//! without it the whole UNet is trained) and `[output]`. Unknown keys are errors. `--set
+//! key=value` overrides any key by its dotted path (`train.steps=10`); the value is read as a TOML
+//! value, or as a string when it is not one. Relative paths are taken from the current folder.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::data::DataSpec;
+use crate::preference::diffusion::Method;
+use crate::preference::{LossType, Objective};
+use crate::train::optim::{AdamWConfig, LrSchedule};
+use crate::{Error, Result};
+
+/// `[model]`: what to fine-tune.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A diffusers pipeline folder or a cached Hub repo id.
+    pub path: String,
+    /// Cache revision of a repo id.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// A replacement VAE: a `vae/` folder or a cached VAE repo id (e.g. the fp16-fixed SDXL VAE).
+    #[serde(default)]
+    pub vae: Option<String>,
+    /// Weight-file variant (`fp16`).
+    #[serde(default)]
+    pub variant: Option<String>,
+    /// Compute dtype: f32, f16, bf16 (master weights and optimizer state stay f32).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+/// `[train]`: the method and the optimisation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// dpo, dcpo, mapo or smpo.
+    pub method: String,
+    /// Beta (default: the method's paper value).
+    #[serde(default)]
+    pub beta: Option<f64>,
+    /// Loss form of the DPO family: sigmoid, hinge, ipo, robust.
+    #[serde(default = "default_loss_type")]
+    pub loss_type: String,
+    /// Label smoothing of the sigmoid and robust losses.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// SmPO's inversion steps (5 for SD 1.5, 10 for SDXL).
+    #[serde(default = "default_inversion_steps")]
+    pub inversion_steps: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Pairs per forward pass.
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    /// Forward passes per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Learning-rate schedule.
+    #[serde(default = "default_schedule")]
+    pub lr_schedule: LrSchedule,
+    /// Warm-up steps of the schedule.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this (none when absent or 0).
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// AdamW settings.
+    #[serde(default)]
+    pub adam: AdamWConfig,
+    /// Seed of every random choice (data order, crops, flips, noise, timesteps).
+    #[serde(default)]
+    pub seed: u64,
+    /// Training resolution in pixels (square).
+    pub resolution: usize,
+    /// Centre crop (true) or random crop.
+    #[serde(default = "yes")]
+    pub center_crop: bool,
+    /// Random horizontal flips.
+    #[serde(default = "yes")]
+    pub random_flip: bool,
+    /// One flip decision for both images of a pair (MaPO) instead of one each (Diffusion-DPO).
+    #[serde(default)]
+    pub flip_pair_together: Option<bool>,
+    /// Probability of training on an empty caption.
+    #[serde(default)]
+    pub empty_caption_prob: f64,
+    /// Encode each image once and keep its latent distribution under `output.dir/latents`.
+    #[serde(default = "yes")]
+    pub cache_latents: bool,
+    /// Stop after this many non-finite steps in a row (each is skipped and logged).
+    #[serde(default = "default_max_nonfinite")]
+    pub max_nonfinite_steps: usize,
+}
+
+fn default_loss_type() -> String {
+    "sigmoid".into()
+}
+fn default_inversion_steps() -> usize {
+    5
+}
+fn one() -> usize {
+    1
+}
+fn default_schedule() -> LrSchedule {
+    LrSchedule::Constant
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_nonfinite() -> usize {
+    5
+}
+
+/// `[lora]`: train a LoRA adapter instead of the whole UNet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Rank.
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    /// Alpha (default: the rank, so scale 1).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Target modules, by name suffix (`to_q`) or full diffusers path.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+}
+
+fn default_rank() -> usize {
+    8
+}
+fn default_targets() -> Vec<String> {
+    ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec()
+}
+
+/// `[output]`: where results go and what is written along the way.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Output folder (created if needed).
+    pub dir: PathBuf,
+    /// Write a resumable checkpoint every N optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Generate validation images every N steps (0: only before and after).
+    #[serde(default)]
+    pub validation_every: usize,
+    /// Validation prompts (none: no validation images).
+    #[serde(default)]
+    pub validation_prompts: Vec<String>,
+    /// Seeds of the validation images.
+    #[serde(default = "default_seeds")]
+    pub validation_seeds: Vec<u64>,
+    /// Denoising steps of the validation images.
+    #[serde(default = "default_validation_steps")]
+    pub validation_steps: usize,
+    /// Guidance of the validation images.
+    #[serde(default = "default_validation_guidance")]
+    pub validation_guidance: f64,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+fn default_validation_steps() -> usize {
+    25
+}
+fn default_validation_guidance() -> f64 {
+    7.5
+}
+
+/// A recipe as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRecipe {
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[data]`.
+    pub data: DataSpec,
+    /// `[train]`.
+    pub train: TrainSection,
+    /// `[lora]`, when training a LoRA.
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
+    /// `[output]`.
+    pub output: OutputSection,
+}
+
+/// A validated recipe.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The recipe file.
+    pub source: PathBuf,
+    /// The recipe as written (after `--set`).
+    pub raw: RawRecipe,
+    /// The method.
+    pub method: Method,
+    /// The objective.
+    pub objective: Objective,
+    /// The TOML text after overrides (saved beside the results).
+    pub resolved_toml: String,
+}
+
+/// Applies `key=value` to `table` at the dotted `key`.
+fn apply_set(table: &mut toml::Table, set: &str, source: &Path) -> Result<()> {
+    let (key, value) = set
+        .split_once('=')
+        .ok_or_else(|| Error::input("--set", format!("expected key=value, got {set:?}")))?;
+    let parsed: toml::Value = match format!("v = {value}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("the key was just written"),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut cur = table;
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            cur.insert(part.to_string(), parsed);
+            return Ok(());
+        }
+        let entry = cur.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::config(source, key, format!("--set: {part} is not a table")))?;
+    }
+    Err(Error::input("--set", format!("empty key in {set:?}")))
+}
+
+impl Plan {
+    /// Reads `path`, applies `sets` (`key=value`), and validates.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Plan> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| Error::config(path, "(toml)", e.to_string()))?;
+        for s in sets {
+            apply_set(&mut table, s, path)?;
+        }
+        let resolved_toml = toml::to_string(&table).map_err(|e| Error::config(path, "(toml)", e.to_string()))?;
+        let raw: RawRecipe = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::config(path, "(recipe)", e.message().to_string()))?;
+        Self::validate(path, raw, resolved_toml)
+    }
+
+    fn validate(path: &Path, raw: RawRecipe, resolved_toml: String) -> Result<Plan> {
+        let err = |key: &str, reason: String| Error::config(path, key, reason);
+        let t = &raw.train;
+        let method = Method::parse(&t.method, t.inversion_steps).map_err(|_| {
+            err("train.method", format!("expected one of dpo, dcpo, mapo, smpo, got {:?}", t.method))
+        })?;
+        let beta = t.beta.unwrap_or(method.default_beta());
+        let objective = match method {
+            Method::Mapo => Objective::Mapo { beta, margin_scale: 1000.0, snr: 0.5 },
+            _ => Objective::Dpo {
+                loss_type: t
+                    .loss_type
+                    .parse::<LossType>()
+                    .map_err(|e| err("train.loss_type", e.to_string()))?,
+                beta,
+                label_smoothing: t.label_smoothing,
+            },
+        };
+        objective.validate().map_err(|e| err("train.beta", e.to_string()))?;
+        let positive = [
+            ("train.steps", t.steps),
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.resolution", t.resolution),
+            ("train.inversion_steps", t.inversion_steps),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(err(key, "must be > 0, got 0".into()));
+            }
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(err("train.lr", format!("must be > 0, got {}", t.lr)));
+        }
+        if !(0.0..=1.0).contains(&t.empty_caption_prob) {
+            return Err(err("train.empty_caption_prob", format!("must be in [0, 1], got {}", t.empty_caption_prob)));
+        }
+        if t.max_grad_norm < 0.0 {
+            return Err(err("train.max_grad_norm", format!("must be >= 0, got {}", t.max_grad_norm)));
+        }
+        crate::device::parse_dtype(&raw.model.dtype).map_err(|e| err("model.dtype", e.to_string()))?;
+        if let Some(l) = &raw.lora {
+            if l.rank == 0 {
+                return Err(err("lora.rank", "must be > 0, got 0".into()));
+            }
+            if l.targets.is_empty() {
+                return Err(err("lora.targets", "must name at least one module".into()));
+            }
+        }
+        if raw.output.validation_seeds.is_empty() && !raw.output.validation_prompts.is_empty() {
+            return Err(err("output.validation_seeds", "must not be empty when there are validation prompts".into()));
+        }
+        Ok(Plan { source: path.to_path_buf(), raw, method, objective, resolved_toml })
+    }
+}

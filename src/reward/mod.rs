@@ -1,0 +1,208 @@
+//! Differentiable image reward models behind one [`ImageReward`] trait, for ReNO (Eyring et al.
+//! 2024, arXiv 2406.04312, <https://github.com/ExplainableML/ReNO> `rewards/*.py`) and for scoring.
+//!
+//! Every reward maps images `[B, 3, H, W]` in [0, 1] and a prompt to scores `[B]`, with a
+//! gradient to the images: the CLIP preprocessing runs in the graph ([`preprocess`]). Kinds and
+//! the checkpoint folder each expects ([`load_reward`]):
+//!
+//! | kind | score | folder |
+//! |---|---|---|
+//! | `pickscore` | `exp(logit_scale) · cos(img, txt)` | transformers `CLIPModel` + tokenizer (`yuvalkirstain/PickScore_v1` with the `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` tokenizer files) |
+//! | `clipscore` | `exp(logit_scale) · cos(img, txt)` (ReNO's CLIPScore) | transformers `CLIPModel` + tokenizer (`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`) |
+//! | `hpsv2` | `cos(img, txt)` | open_clip layout, see [`clip_reward::ClipReward::from_open_clip`] |
+//! | `aesthetic` | LAION aesthetic predictor v2 on normalised CLIP ViT-L/14 image embeddings | see [`aesthetic::AestheticReward::load`] |
+//! | `imagereward` | (BLIP) | not supported yet: [`load_reward`] fails with a clear error |
+//!
+//! [`RewardKind::reno_loss`] is the one table of ReNO's per-reward losses and default weights.
+
+pub mod aesthetic;
+pub mod clip_reward;
+pub mod preprocess;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::Tensor;
+
+use crate::weights::LoadOptions;
+use crate::{Error, Result};
+
+pub use aesthetic::AestheticReward;
+pub use clip_reward::ClipReward;
+pub use preprocess::ClipPreprocess;
+
+/// Which reward model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RewardKind {
+    /// PickScore (Kirstain et al. 2023): a CLIP-H/14 fine-tuned on Pick-a-Pic preferences.
+    PickScore,
+    /// CLIPScore as ReNO computes it: LAION CLIP-H/14, `exp(logit_scale) · cos` (≈ 100 · cos).
+    ClipScore,
+    /// HPSv2 / HPSv2.1 (Wu et al. 2023): an open_clip ViT-H-14, raw cosine.
+    Hpsv2,
+    /// The LAION aesthetic predictor v2 (an MLP on CLIP ViT-L/14 image embeddings).
+    Aesthetic,
+    /// ImageReward (Xu et al. 2023, BLIP based); not implemented yet.
+    ImageReward,
+}
+
+/// ReNO's loss for one reward: `weight · (offset − score)` per image (lower is better).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RenoLoss {
+    /// The constant the score is subtracted from.
+    pub offset: f64,
+    /// ReNO's default weight (`arguments.py`).
+    pub weight: f64,
+}
+
+impl RenoLoss {
+    /// `weight · (offset − score)`, elementwise, in the score's dtype.
+    pub fn apply(&self, score: &Tensor) -> Result<Tensor> {
+        Ok(score.affine(-self.weight, self.weight * self.offset)?)
+    }
+}
+
+impl RewardKind {
+    /// Every kind, in the order of the table in the module docs.
+    pub const ALL: [RewardKind; 5] = [
+        RewardKind::PickScore,
+        RewardKind::ClipScore,
+        RewardKind::Hpsv2,
+        RewardKind::Aesthetic,
+        RewardKind::ImageReward,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            RewardKind::PickScore => "pickscore",
+            RewardKind::ClipScore => "clipscore",
+            RewardKind::Hpsv2 => "hpsv2",
+            RewardKind::Aesthetic => "aesthetic",
+            RewardKind::ImageReward => "imagereward",
+        }
+    }
+
+    /// ReNO's loss for this reward (`rewards/*.py` `compute_loss`, weights from `arguments.py`):
+    ///
+    /// | kind | loss | default weight |
+    /// |---|---|---|
+    /// | hpsv2 | 1 − score | 5.0 |
+    /// | imagereward | 2 − score | 1.0 |
+    /// | clipscore | 100 − score | 0.01 |
+    /// | pickscore | 30 − score | 0.05 |
+    /// | aesthetic | 10 − score | 0.0 (ReNO disables it by default; pass your own weight) |
+    pub fn reno_loss(self) -> RenoLoss {
+        let (offset, weight) = match self {
+            RewardKind::Hpsv2 => (1.0, 5.0),
+            RewardKind::ImageReward => (2.0, 1.0),
+            RewardKind::ClipScore => (100.0, 0.01),
+            RewardKind::PickScore => (30.0, 0.05),
+            RewardKind::Aesthetic => (10.0, 0.0),
+        };
+        RenoLoss { offset, weight }
+    }
+}
+
+impl fmt::Display for RewardKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for RewardKind {
+    type Err = Error;
+
+    /// Parses a kind name (case-insensitive); an unknown name lists the known ones.
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.to_ascii_lowercase();
+        RewardKind::ALL.into_iter().find(|k| k.name() == lower).ok_or_else(|| {
+            let names: Vec<&str> = RewardKind::ALL.iter().map(|k| k.name()).collect();
+            Error::input(
+                "reward",
+                format!("unknown reward kind {s:?}; expected one of {}", names.join(", ")),
+            )
+        })
+    }
+}
+
+/// A reward kind and its checkpoint folder, as the CLI takes it: `KIND=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewardSpec {
+    /// The reward.
+    pub kind: RewardKind,
+    /// Its folder.
+    pub path: PathBuf,
+}
+
+impl FromStr for RewardSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (kind, path) = s.split_once('=').ok_or_else(|| {
+            Error::input(
+                "--reward",
+                format!("expected KIND=PATH (e.g. pickscore=/models/PickScore_v1), got {s:?}"),
+            )
+        })?;
+        let kind = kind.trim().parse()?;
+        if path.is_empty() {
+            return Err(Error::input(
+                "--reward",
+                format!("{kind}: empty checkpoint path in {s:?}"),
+            ));
+        }
+        Ok(RewardSpec {
+            kind,
+            path: PathBuf::from(path),
+        })
+    }
+}
+
+/// A differentiable image reward.
+pub trait ImageReward: Send + Sync {
+    /// Which reward this is.
+    fn kind(&self) -> RewardKind;
+
+    /// Scores `images` `[B, 3, H, W]` (values in [0, 1], any size: they are resized and
+    /// cropped in the graph) for `prompt`: `[B]`, in the model's dtype, differentiable with
+    /// respect to `images`. Text-side results are cached per prompt and carry no gradient.
+    fn score(&self, images: &Tensor, prompt: &str) -> Result<Tensor>;
+
+    /// ReNO's loss for `score` `[B]` with ReNO's default weight ([`RewardKind::reno_loss`]): `[B]`.
+    fn loss(&self, score: &Tensor) -> Result<Tensor> {
+        self.kind().reno_loss().apply(score)
+    }
+}
+
+/// Loads the reward `kind` from its folder `path` (see the module docs for each layout).
+pub fn load_reward(kind: RewardKind, path: &Path, opts: &LoadOptions) -> Result<Box<dyn ImageReward>> {
+    if kind != RewardKind::ImageReward && !path.is_dir() {
+        return Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            what: format!("{kind} reward model folder"),
+        });
+    }
+    Ok(match kind {
+        RewardKind::PickScore | RewardKind::ClipScore => Box::new(ClipReward::from_clip_model(kind, path, opts)?),
+        RewardKind::Hpsv2 => Box::new(ClipReward::from_open_clip(path, opts)?),
+        RewardKind::Aesthetic => Box::new(AestheticReward::load(path, opts)?),
+        RewardKind::ImageReward => {
+            return Err(Error::input(
+                "imagereward",
+                "not supported yet (its BLIP ViT-L/16 + BERT cross-attention model is not implemented); \
+                 use pickscore, clipscore, hpsv2 or aesthetic",
+            ))
+        }
+    })
+}
+
+/// L2-normalises `xs` `[B, D]` over its last dimension (differentiable); rows of norm 0 are
+/// left at 0, as ReNO's aesthetic reward guards them.
+pub(crate) fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    let norm = xs.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let ones = norm.ones_like()?;
+    let safe = norm.eq(0.0)?.where_cond(&ones, &norm)?;
+    Ok(xs.broadcast_div(&safe)?)
+}

@@ -1,0 +1,105 @@
+//! Resumable checkpoints: f32 master weights, AdamW moments, and the loop state (step, data
+//! position, RNG state), written to a temporary folder and renamed into place, so a checkpoint is
+//! either complete or absent.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use crate::weights::{save_safetensors, TensorStore};
+use crate::{Error, Result};
+
+/// The loop's position, enough to continue exactly.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Passes over the data started.
+    pub epoch: usize,
+    /// Next position in this epoch's order.
+    pub position: usize,
+    /// State of the training RNG.
+    pub rng: [u64; 6],
+    /// Non-finite steps in a row so far.
+    pub nonfinite_in_a_row: usize,
+}
+
+const PARAMS: &str = "params.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+
+/// Writes `checkpoints/step-NNNNNNNN/` under `dir` atomically; returns its path.
+pub fn save(dir: &Path, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let final_dir = dir.join(format!("step-{:08}", state.step));
+    let tmp = dir.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let write = || -> Result<()> {
+        let params: HashMap<String, Tensor> = opt.params.iter().map(|p| (p.name.clone(), p.master.clone())).collect();
+        save_safetensors(&tmp.join(PARAMS), &params, None)?;
+        let mut moments = HashMap::new();
+        for p in &opt.params {
+            moments.insert(format!("m.{}", p.name), p.m.clone());
+            moments.insert(format!("v.{}", p.name), p.v.clone());
+        }
+        let meta = HashMap::from([("adam_step".to_string(), opt.step.to_string())]);
+        save_safetensors(&tmp.join(OPTIMIZER), &moments, Some(meta))?;
+        let json = serde_json::to_string_pretty(state).expect("state serialises");
+        std::fs::write(tmp.join(STATE), json).map_err(|e| Error::io(tmp.join(STATE), e))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))
+    };
+    let r = write();
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    r.map(|_| final_dir)
+}
+
+/// The newest complete checkpoint under `dir`, if any.
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")) && p.join(STATE).is_file()
+        })
+        .collect();
+    found.sort();
+    Ok(found.pop())
+}
+
+/// Restores `opt` (master weights into the model's `Var`s, moments, step) from the checkpoint
+/// folder `path` and returns the loop state. Names and shapes must match the current run.
+pub fn load(path: &Path, opt: &mut AdamW) -> Result<TrainState> {
+    let state_file = path.join(STATE);
+    let text = std::fs::read_to_string(&state_file).map_err(|e| Error::io(&state_file, e))?;
+    let state: TrainState =
+        serde_json::from_str(&text).map_err(|e| Error::config(&state_file, "(json)", e.to_string()))?;
+    let params = TensorStore::open_file(&path.join(PARAMS))?;
+    let moments = TensorStore::open_file(&path.join(OPTIMIZER))?;
+    let dev = opt.params.first().map(|p| p.master.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    for p in opt.params.iter_mut() {
+        let shape = p.master.dims().to_vec();
+        p.master = params.get(&p.name, Some(&shape), DType::F32, &dev)?;
+        p.m = moments.get(&format!("m.{}", p.name), Some(&shape), DType::F32, &dev)?;
+        p.v = moments.get(&format!("v.{}", p.name), Some(&shape), DType::F32, &dev)?;
+        p.var.set(&p.master.to_dtype(p.var.dtype())?)?;
+    }
+    params.check_all_used(|_| false)?;
+    let adam_step = moments.metadata().get("adam_step").and_then(|s| s.parse().ok()).unwrap_or(state.step);
+    opt.step = adam_step;
+    Ok(state)
+}

@@ -1,0 +1,506 @@
+//! The training loop: data to latents, the preference loss on the policy UNet against the frozen
+//! reference, gradient accumulation, clipping, AdamW with f32 master weights, a non-finite guard,
+//! checkpoints, validation images, per-step metrics (JSONL) and the final weights and report.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::checkpoint::{self, TrainState};
+use super::optim::{clip_grad_norm, AdamW};
+use super::report::{write_report, Curve, ImageRow};
+use crate::data::{LatentCache, PairDataset, Preprocess};
+use crate::models::unet::UNet2DConditionModel;
+use crate::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch};
+use crate::recipe::Plan;
+use crate::rng::Rng;
+use crate::sampling::image_io::save_png;
+use crate::sampling::pipeline::PipelineSources;
+use crate::sampling::{GenerateRequest, StableDiffusionPipeline};
+use crate::schedulers::NoiseSchedule;
+use crate::weights::{layout, save_safetensors, LoadOptions, VarBuilder};
+use crate::{Error, Result};
+
+/// Run-time choices that are not part of the recipe.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in the output folder.
+    pub resume: bool,
+    /// Stop after this many optimizer steps in this invocation (a later `resume` continues).
+    pub max_steps_this_run: Option<usize>,
+    /// Where to compute.
+    pub device: Device,
+    /// The Hugging Face cache folder for repo ids.
+    pub hub_cache: Option<PathBuf>,
+}
+
+/// What one optimizer step logged.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// Optimizer step (1-based).
+    pub step: usize,
+    /// Mean loss over the accumulated passes.
+    pub loss: f64,
+    /// Mean implicit accuracy (DPO family).
+    pub implicit_acc: Option<f64>,
+    /// Mean reward margin (DPO family).
+    pub reward_margin: Option<f64>,
+    /// Mean policy MSE of the preferred and rejected images.
+    pub mse_w: f64,
+    /// See `mse_w`.
+    pub mse_l: f64,
+    /// Mean reference MSEs, when the reference runs.
+    pub ref_mse_w: Option<f64>,
+    /// See `ref_mse_w`.
+    pub ref_mse_l: Option<f64>,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Whether the step was skipped for a non-finite loss or gradient.
+    pub skipped: bool,
+}
+
+/// A training run.
+pub struct Trainer {
+    plan: Plan,
+    pipe: StableDiffusionPipeline,
+    policy: UNet2DConditionModel,
+    policy_unet_dir: PathBuf,
+    opt: AdamW,
+    schedule: NoiseSchedule,
+    data: PairDataset,
+    preprocess: Preprocess,
+    cache: Option<LatentCache>,
+    rng: Rng,
+    state: TrainState,
+    out: PathBuf,
+    records: Vec<StepRecord>,
+}
+
+fn mean(t: &Tensor) -> Result<f64> {
+    Ok(t.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The data order of `epoch`: a permutation of `0..n` fixed by the seed.
+fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+    let mut rng = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+impl Trainer {
+    /// Loads the model, the data and (with `resume`) the newest checkpoint.
+    pub fn new(plan: Plan, opts: &TrainOptions) -> Result<Self> {
+        let r = &plan.raw;
+        let root = layout::resolve_model(&r.model.path, opts.hub_cache.as_deref(), r.model.revision.as_deref())?;
+        let dtype = crate::device::parse_dtype(&r.model.dtype)?;
+        let load = LoadOptions { dtype, device: opts.device.clone(), variant: r.model.variant.clone(), ..Default::default() };
+        let vae = match &r.model.vae {
+            Some(v) => Some(layout::resolve_model(v, opts.hub_cache.as_deref(), None)?),
+            None => None,
+        };
+        let sources = PipelineSources { root: root.clone(), vae, ..Default::default() };
+        let pipe = StableDiffusionPipeline::load(&sources, &load)?;
+        let policy_unet_dir = root.join("unet");
+        if r.lora.is_some() {
+            return Err(Error::config(&plan.source, "lora", "LoRA training is not wired into the trainer yet"));
+        }
+        let lopts = LoadOptions { trainable: true, ..load.clone() };
+        let (policy, vb): (UNet2DConditionModel, VarBuilder) =
+            UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?;
+        let vars = vb.vars();
+        let opt = AdamW::new(vars, r.train.adam)?;
+        let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
+        let data = PairDataset::open(&r.data)?;
+        if data.is_empty() {
+            return Err(Error::input("data", format!("{}: no usable preference pairs", r.data.path.display())));
+        }
+        let t = &r.train;
+        let preprocess = Preprocess {
+            resolution: (t.resolution, t.resolution),
+            center_crop: t.center_crop,
+            random_flip: t.random_flip,
+            flip_pair_together: t.flip_pair_together.unwrap_or(plan.method == Method::Mapo),
+            empty_caption_prob: t.empty_caption_prob,
+        };
+        let out = r.output.dir.clone();
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let cache = if t.cache_latents && t.center_crop {
+            let identity = format!(
+                "data {:?} {} {:?} dual={} ties={} limit={:?}; {} pairs; resolution {}; center crop; vae {}",
+                r.data.format,
+                r.data.path.display(),
+                r.data.columns,
+                r.data.dual_captions,
+                r.data.drop_ties,
+                r.data.limit,
+                data.len(),
+                t.resolution,
+                sources.vae.as_ref().unwrap_or(&root.join("vae")).display()
+            );
+            Some(LatentCache::open(&out.join("latents"), &identity)?)
+        } else {
+            None
+        };
+        let state = TrainState { step: 0, epoch: 0, position: 0, rng: Rng::new(t.seed).state(), nonfinite_in_a_row: 0 };
+        let mut trainer = Trainer {
+            rng: Rng::from_state(state.rng),
+            plan,
+            pipe,
+            policy,
+            policy_unet_dir,
+            opt,
+            schedule,
+            data,
+            preprocess,
+            cache,
+            state,
+            out,
+            records: Vec::new(),
+        };
+        if opts.resume {
+            if let Some(ck) = checkpoint::latest(&trainer.checkpoint_dir())? {
+                trainer.state = checkpoint::load(&ck, &mut trainer.opt)?;
+                trainer.rng = Rng::from_state(trainer.state.rng);
+                trainer.records = trainer.read_records()?;
+            }
+        }
+        std::fs::write(trainer.out.join("recipe.toml"), &trainer.plan.resolved_toml)
+            .map_err(|e| Error::io(trainer.out.join("recipe.toml"), e))?;
+        Ok(trainer)
+    }
+
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.out.join("checkpoints")
+    }
+
+    fn metrics_path(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+
+    /// The metrics of the steps a resumed run already did (later lines are dropped).
+    fn read_records(&self) -> Result<Vec<StepRecord>> {
+        let path = self.metrics_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let mut kept = String::new();
+        let mut records = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| Error::Record { file: path.clone(), index: i, reason: e.to_string() })?;
+            let step = v["step"].as_u64().unwrap_or(u64::MAX) as usize;
+            if step > self.state.step {
+                break;
+            }
+            kept.push_str(line);
+            kept.push('\n');
+            records.push(StepRecord {
+                step,
+                loss: v["loss"].as_f64().unwrap_or(f64::NAN),
+                implicit_acc: v["implicit_acc"].as_f64(),
+                reward_margin: v["reward_margin"].as_f64(),
+                mse_w: v["mse_w"].as_f64().unwrap_or(f64::NAN),
+                mse_l: v["mse_l"].as_f64().unwrap_or(f64::NAN),
+                ref_mse_w: v["ref_mse_w"].as_f64(),
+                ref_mse_l: v["ref_mse_l"].as_f64(),
+                lr: v["lr"].as_f64().unwrap_or(0.0),
+                grad_norm: v["grad_norm"].as_f64().unwrap_or(f64::NAN),
+                skipped: v["skipped"].as_bool().unwrap_or(false),
+            });
+        }
+        std::fs::write(&path, kept).map_err(|e| Error::io(&path, e))?;
+        Ok(records)
+    }
+
+    /// The next `n` dataset indices in this run's order.
+    fn next_indices(&mut self, n: usize) -> Vec<usize> {
+        let len = self.data.len();
+        let mut out = Vec::with_capacity(n);
+        let mut order = epoch_order(self.plan.raw.train.seed, self.state.epoch, len);
+        while out.len() < n {
+            if self.state.position >= len {
+                self.state.epoch += 1;
+                self.state.position = 0;
+                order = epoch_order(self.plan.raw.train.seed, self.state.epoch, len);
+            }
+            out.push(order[self.state.position]);
+            self.state.position += 1;
+        }
+        out
+    }
+
+    /// Encodes one preprocessed image `[3, H, W]` to a latent sample (times the scaling factor).
+    fn latent(&mut self, image: &Tensor, key: Option<crate::data::LatentKey>) -> Result<Tensor> {
+        let vae = &self.pipe.vae;
+        let device = self.pipe.device().clone();
+        let encode = || -> Result<(Tensor, Tensor)> {
+            let d = vae.encode(&image.to_device(&device)?.unsqueeze(0)?.to_dtype(vae.dtype())?)?;
+            Ok((d.mean.squeeze(0)?.to_dtype(DType::F32)?, d.std.squeeze(0)?.to_dtype(DType::F32)?))
+        };
+        let (m, s) = match (&self.cache, key) {
+            (Some(cache), Some(key)) => cache.get_or_encode(&key, encode)?,
+            _ => encode()?,
+        };
+        let noise = self.rng.randn(m.dims(), m.device())?;
+        Ok(((m + (s * noise)?)? * vae.config().scaling_factor)?)
+    }
+
+    /// Builds one micro-batch.
+    fn next_batch(&mut self) -> Result<PreferenceBatch> {
+        let t = self.plan.raw.train.clone();
+        let indices = self.next_indices(t.batch_size);
+        let (mut lw, mut ll, mut noise, mut ts, mut soft) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut cw, mut cl) = (vec![], vec![]);
+        for i in indices {
+            let pair = self.data.get(i)?;
+            let (img_w, img_l, flip_w, flip_l) = self.preprocess.pair(&pair, &mut self.rng)?;
+            let key_w = self.cache.as_ref().map(|_| crate::data::LatentKey::new(i, true, flip_w));
+            let key_l = self.cache.as_ref().map(|_| crate::data::LatentKey::new(i, false, flip_l));
+            let zw = self.latent(&img_w, key_w)?;
+            let zl = self.latent(&img_l, key_l)?;
+            noise.push(self.rng.randn(zw.dims(), zw.device())?);
+            ts.push(self.rng.below(self.schedule.num_train_timesteps() as u64) as f32);
+            let caption_w = self.preprocess.caption(&pair.caption_w, &mut self.rng);
+            let caption_l = if self.plan.method == Method::Dcpo { pair.caption_l.clone() } else { caption_w.clone() };
+            cw.push(caption_w);
+            cl.push(caption_l);
+            if let Method::Smpo { .. } = self.plan.method {
+                let p = pair.soft_label.ok_or_else(|| Error::Record {
+                    file: pair.location.file.clone(),
+                    index: pair.location.index,
+                    reason: "smpo needs a soft label for every pair".into(),
+                })?;
+                soft.push(p);
+            }
+            lw.push(zw);
+            ll.push(zl);
+        }
+        let b = cw.len();
+        let device = self.pipe.device().clone();
+        Ok(PreferenceBatch {
+            latents_w: Tensor::stack(&lw, 0)?,
+            latents_l: Tensor::stack(&ll, 0)?,
+            noise: Tensor::stack(&noise, 0)?,
+            timesteps: Tensor::from_vec(ts, b, &device)?,
+            soft_label: if soft.is_empty() { None } else { Some(Tensor::from_vec(soft, b, &device)?) },
+            time_ids: None,
+            captions_w: cw,
+            captions_l: cl,
+        })
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    fn step(&mut self) -> Result<StepRecord> {
+        let t = self.plan.raw.train.clone();
+        let lr = t.lr_schedule.lr(t.lr, self.state.step, t.warmup_steps, t.steps);
+        let mut grads: Vec<Tensor> =
+            self.opt.params.iter().map(|p| p.master.zeros_like()).collect::<candle_core::Result<_>>()?;
+        let (mut loss, mut acc, mut margin, mut mw, mut ml, mut rw, mut rl) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let mut finite = true;
+        for _ in 0..t.grad_accum {
+            let batch = self.next_batch()?;
+            let reference = if self.plan.objective.needs_reference() { Some(&self.pipe.unet) } else { None };
+            let cond = super::pair_conditioning(&self.pipe, &batch, self.plan.method)?;
+            let eval = DiffusionPreference {
+                policy: &self.policy,
+                reference,
+                schedule: &self.schedule,
+                method: self.plan.method,
+                objective: self.plan.objective,
+            };
+            let out = eval.loss(&batch, &cond)?;
+            let m = &out.loss.metrics;
+            finite &= m.loss.is_finite();
+            let k = t.grad_accum as f64;
+            loss += m.loss / k;
+            acc += m.implicit_acc.unwrap_or(0.0) / k;
+            margin += m.reward_margin.unwrap_or(0.0) / k;
+            mw += mean(&out.mse_w)? / k;
+            ml += mean(&out.mse_l)? / k;
+            if let Some((w, l)) = &out.ref_mse {
+                rw += mean(w)? / k;
+                rl += mean(l)? / k;
+            }
+            if finite {
+                let g = (out.loss.loss / k)?.backward()?;
+                for (acc, p) in grads.iter_mut().zip(&self.opt.params) {
+                    if let Some(gi) = g.get(p.var.as_tensor()) {
+                        *acc = (&*acc + gi.to_dtype(DType::F32)?)?;
+                    }
+                }
+            }
+        }
+        let max_norm = (t.max_grad_norm > 0.0).then_some(t.max_grad_norm);
+        let grad_norm = if finite { clip_grad_norm(&mut grads, max_norm)? } else { f64::NAN };
+        let skipped = !(finite && grad_norm.is_finite());
+        if skipped {
+            self.state.nonfinite_in_a_row += 1;
+        } else {
+            self.state.nonfinite_in_a_row = 0;
+            self.opt.update(&grads, lr)?;
+        }
+        self.state.step += 1;
+        let dpo = self.plan.objective.needs_reference();
+        Ok(StepRecord {
+            step: self.state.step,
+            loss,
+            implicit_acc: dpo.then_some(acc),
+            reward_margin: dpo.then_some(margin),
+            mse_w: mw,
+            mse_l: ml,
+            ref_mse_w: dpo.then_some(rw),
+            ref_mse_l: dpo.then_some(rl),
+            lr,
+            grad_norm,
+            skipped,
+        })
+    }
+
+    /// Runs to the recipe's step count (or `max_steps_this_run`); `on_step` sees each record.
+    pub fn run(&mut self, opts: &TrainOptions, on_step: &mut dyn FnMut(&StepRecord, usize)) -> Result<()> {
+        let total = self.plan.raw.train.steps;
+        let o = self.plan.raw.output.clone();
+        if self.state.step == 0 {
+            self.validation_images(0)?;
+        }
+        let mut done_here = 0;
+        while self.state.step < total {
+            if opts.max_steps_this_run.is_some_and(|m| done_here >= m) {
+                self.save_checkpoint()?;
+                return Ok(());
+            }
+            let record = self.step()?;
+            done_here += 1;
+            self.state.rng = self.rng.state();
+            self.append_record(&record)?;
+            on_step(&record, total);
+            self.records.push(record);
+            if self.state.nonfinite_in_a_row >= self.plan.raw.train.max_nonfinite_steps {
+                self.save_checkpoint()?;
+                return Err(Error::input(
+                    "training",
+                    format!("{} non-finite steps in a row at step {}; stopped", self.state.nonfinite_in_a_row, self.state.step),
+                ));
+            }
+            let step = self.state.step;
+            if o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step < total {
+                self.save_checkpoint()?;
+            }
+            if o.validation_every > 0 && step % o.validation_every == 0 && step < total {
+                self.validation_images(step)?;
+            }
+        }
+        self.save_checkpoint()?;
+        self.validation_images(total)?;
+        self.save_weights()?;
+        self.write_report()
+    }
+
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.state.rng = self.rng.state();
+        checkpoint::save(&self.checkpoint_dir(), &self.opt, &self.state)?;
+        Ok(())
+    }
+
+    fn append_record(&self, record: &StepRecord) -> Result<()> {
+        let path = self.metrics_path();
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        writeln!(f, "{}", serde_json::to_string(record).expect("record serialises")).map_err(|e| Error::io(&path, e))
+    }
+
+    fn validation_path(&self, step: usize, prompt: usize, seed: u64) -> PathBuf {
+        self.out.join("validation").join(format!("step-{step:06}-p{prompt}-s{seed}.png"))
+    }
+
+    /// Validation images of the policy at `step`, from the same seeds every time.
+    fn validation_images(&self, step: usize) -> Result<()> {
+        let o = &self.plan.raw.output;
+        let res = self.plan.raw.train.resolution;
+        let (lh, lw) = self.pipe.check_size(res, res)?;
+        for (pi, prompt) in o.validation_prompts.iter().enumerate() {
+            for &seed in &o.validation_seeds {
+                let req = GenerateRequest {
+                    prompts: vec![prompt.clone()],
+                    negative_prompts: None,
+                    steps: o.validation_steps,
+                    guidance: o.validation_guidance,
+                    height: res,
+                    width: res,
+                    init_noise: Rng::new(seed).randn((1, self.policy.in_channels(), lh, lw), &Device::Cpu)?,
+                    scheduler: None,
+                    seed,
+                    time_ids: None,
+                };
+                let img = self.pipe.generate_with(&self.policy, &req, &mut |_, _| {})?.images;
+                save_png(&img.get(0)?, &self.validation_path(step, pi, seed))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The trained weights as a diffusers `unet/` folder.
+    fn save_weights(&self) -> Result<()> {
+        let dir = self.out.join("unet");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let cfg = self.policy_unet_dir.join("config.json");
+        std::fs::copy(&cfg, dir.join("config.json")).map_err(|e| Error::io(&cfg, e))?;
+        let tensors: HashMap<String, Tensor> =
+            self.opt.params.iter().map(|p| (p.name.clone(), p.master.clone())).collect();
+        save_safetensors(&dir.join("diffusion_pytorch_model.safetensors"), &tensors, None)
+    }
+
+    fn write_report(&self) -> Result<()> {
+        let pts = |f: &dyn Fn(&StepRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+            self.records.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect()
+        };
+        let curves = [
+            Curve { title: "loss", points: pts(&|r| Some(r.loss)) },
+            Curve { title: "implicit accuracy", points: pts(&|r| r.implicit_acc) },
+            Curve { title: "reward margin", points: pts(&|r| r.reward_margin) },
+            Curve { title: "policy MSE, preferred", points: pts(&|r| Some(r.mse_w)) },
+        ];
+        let o = &self.plan.raw.output;
+        let total = self.plan.raw.train.steps;
+        let rel = |p: PathBuf| p.strip_prefix(&self.out).map(Path::to_path_buf).unwrap_or(p).display().to_string();
+        let mut rows = Vec::new();
+        for (pi, prompt) in o.validation_prompts.iter().enumerate() {
+            for &seed in &o.validation_seeds {
+                rows.push(ImageRow {
+                    prompt: prompt.clone(),
+                    seed,
+                    before: rel(self.validation_path(0, pi, seed)),
+                    after: rel(self.validation_path(total, pi, seed)),
+                });
+            }
+        }
+        let summary = format!(
+            "recipe: {}\nmethod: {} ({:?})\nsteps: {}\n",
+            self.plan.source.display(),
+            self.plan.method.name(),
+            self.plan.objective,
+            self.state.step
+        );
+        write_report(&self.out.join("report.html"), "diffalign training report", &summary, &curves, &rows)
+    }
+
+    /// Steps done so far.
+    pub fn step_count(&self) -> usize {
+        self.state.step
+    }
+
+    /// The trainable parameters' f32 master weights by name.
+    pub fn master_weights(&self) -> Vec<(String, Tensor)> {
+        self.opt.params.iter().map(|p| (p.name.clone(), p.master.clone())).collect()
+    }
+}
