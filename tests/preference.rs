@@ -108,26 +108,37 @@ fn check_against_expected(dir: &Path, prefix: &str, report: &serde_json::Value, 
     }
 }
 
-fn grad_keys(meta_key: &str) -> Vec<String> {
-    serde_json::from_str(&metadata(&losses_dir().join("expected.safetensors"))[meta_key]).unwrap()
+fn grad_keys(dir: &Path, meta_key: &str) -> Vec<String> {
+    serde_json::from_str(&metadata(&dir.join("expected.safetensors"))[meta_key]).unwrap()
+}
+
+/// Every method with the full-UNet policy of the loss case in `dir` on the pipeline `model`.
+fn check_full_policy_case(model: &Path, dir: &Path) {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = dir.join("policy_unet");
+    let meta = metadata(&dir.join("expected.safetensors"));
+    let steps = meta.get("inversion_steps").cloned().unwrap_or_else(|| "5".into());
+    let policy_arg = ["--unet", policy.to_str().unwrap(), "--inversion-steps", &steps];
+    for method in ["dpo", "dcpo", "mapo", "smpo"] {
+        let grads = tmp.path().join(format!("{method}.safetensors"));
+        let report = run_loss(model, &policy_arg, method, &dir.join("batch.safetensors"), Some(&grads));
+        check_against_expected(dir, &format!("full.{method}"), &report, &grads, &grad_keys(dir, "grad_keys_full"));
+    }
 }
 
 #[test]
 fn loss_full_unet_policy_matches_reference_for_every_method() {
-    let tmp = tempfile::tempdir().unwrap();
-    let policy = losses_dir().join("policy_unet");
-    let policy_arg = ["--unet", policy.to_str().unwrap()];
-    for method in ["dpo", "dcpo", "mapo", "smpo"] {
-        let grads = tmp.path().join(format!("{method}.safetensors"));
-        let report = run_loss(
-            &shared_fixtures().join("sd15"),
-            &policy_arg,
-            method,
-            &losses_dir().join("batch.safetensors"),
-            Some(&grads),
-        );
-        check_against_expected(&format!("full.{method}"), &report, &grads, &grad_keys("grad_keys_full"));
-    }
+    check_full_policy_case(&shared_fixtures().join("sd15"), &losses_dir());
+}
+
+#[test]
+fn loss_sd21_v_prediction_matches_reference_for_every_method() {
+    check_full_policy_case(&own_fixtures().join("sd21v"), &own_fixtures().join("losses-sd21v"));
+}
+
+#[test]
+fn loss_sdxl_matches_reference_for_every_method() {
+    check_full_policy_case(&own_fixtures().join("sdxl"), &own_fixtures().join("losses-sdxl"));
 }
 
 #[test]
