@@ -1,6 +1,6 @@
 //! Preference-pair data: the `[data]` spec ([`spec`]), the pair index ([`dataset`]) over three
 //! layouts ([`pickapic`] parquet, [`jsonl`], [`folders`]), image and caption preparation
-//! ([`preprocess`], with Pillow-exact resampling in [`resize`]), and the VAE latent cache
+//! ([`preprocess`], with Pillow-exact resampling in [`mod@resize`]), and the VAE latent cache
 //! ([`latent_cache`]) that encodes each image once.
 //!
 //! Every pair is ordered preferred-first. A bad record (a missing or null field, a label outside

@@ -9,9 +9,15 @@
 //! label is the probability of the preferred image after this ordering. Any other label value, a
 //! null label, caption or soft label is a bad record.
 //!
-//! Opening reads only the label, caption and soft-label columns (with the parquet record reader);
-//! [`PairSource::get`] reads one row's image and caption values with column readers that skip
-//! whole pages, so a lookup costs about one page per column, whatever the row group size.
+//! Opening reads only the label, caption and soft-label columns (with the parquet record reader).
+//! `get` reads one row's image and caption values with column readers that skip whole pages
+//! unread, so a lookup decompresses one page per column: the page holding the row. Pages are
+//! what the writer made them: pyarrow closes a page after at most 1024 rows, so a file with large
+//! row groups of large images can have pages of hundreds of MB, and random access into it is
+//! slow (about 0.5 s per lookup for 200 MB pages); rewrite such files with small row groups
+//! (`pyarrow.parquet.write_table(t, f, compression="snappy", row_group_size=100)`). Reads in row
+//! order are cheap anyway: the readers of the last row group read are kept (one per column), and a
+//! later row of that group continues from where the previous lookup stopped.
 //! Images may be plain binary columns or Hugging Face `Image` structs (`{bytes, path}`).
 //!
 //! Codecs: this build reads uncompressed and snappy parquet (Pick-a-Pic v2's shards are snappy);
@@ -19,10 +25,11 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use parquet::basic::{Compression, Type as PhysicalType};
-use parquet::column::reader::ColumnReader;
+use parquet::column::reader::{ColumnReader, ColumnReaderImpl};
+use parquet::data_type::ByteArrayType;
 use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::ReaderProperties;
 use parquet::file::reader::{FileReader, RowGroupReader, SerializedFileReader};
@@ -63,6 +70,7 @@ pub(super) struct PickapicPairs {
     entries: Vec<Entry>,
     column_names: [[String; 2]; 2],
     skipped: Vec<(RecordLocation, String)>,
+    cursors: Mutex<Vec<Cursor>>,
 }
 
 /// The parquet files of `path`: the file itself, or the folder's `*.parquet` in name order.
@@ -402,34 +410,85 @@ impl PickapicPairs {
             entries,
             column_names,
             skipped,
+            cursors: Mutex::new(Vec::new()),
         })
     }
 }
 
-/// Reads the binary value of leaf column `col` in row `row` of a row group (`None` for null),
-/// skipping whole pages before it.
-fn read_binary(
-    rg: &SerializedRowGroupReader<'_, File>,
-    col: usize,
-    row: usize,
-) -> parquet::errors::Result<Option<Vec<u8>>> {
-    let ColumnReader::ByteArrayColumnReader(mut reader) = rg.get_column_reader(col)? else {
-        return Err(parquet::errors::ParquetError::General("not a binary column".into()));
-    };
-    let skipped = reader.skip_records(row)?;
-    if skipped != row {
-        return Err(parquet::errors::ParquetError::General(format!(
-            "the row group ends after {skipped} rows"
-        )));
+type BinaryReader = ColumnReaderImpl<ByteArrayType>;
+
+/// A column reader left positioned after a row, so a later row of the same row group is reached
+/// by skipping forward instead of re-reading (and re-decompressing) the pages before it.
+struct Cursor {
+    /// (shard, row group, leaf column).
+    key: (u32, u32, usize),
+    next_row: usize,
+    reader: BinaryReader,
+}
+
+/// Cursors kept: one per column read by `get` (two images, up to two captions). Each holds at
+/// most one decompressed page.
+const MAX_CURSORS: usize = 4;
+
+impl PickapicPairs {
+    /// Reads the binary value of leaf column `leaf` in row `row` of row group `rg` of `shard`
+    /// (`None` for null): from a cursor at or before the row when there is one, else from a new
+    /// column reader that skips whole pages up to the row.
+    fn read_binary<'a>(
+        &self,
+        (shard_index, shard): (u32, &'a Shard),
+        rg: usize,
+        leaf: usize,
+        row: usize,
+        group: &mut Option<SerializedRowGroupReader<'a, File>>,
+    ) -> std::result::Result<Option<Vec<u8>>, String> {
+        let key = (shard_index, rg as u32, leaf);
+        let cached = {
+            let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+            let found = cursors.iter().position(|c| c.key == key && c.next_row <= row);
+            found.map(|i| cursors.remove(i))
+        };
+        let (mut reader, next_row) = match cached {
+            Some(c) => (c.reader, c.next_row),
+            None => {
+                if group.is_none() {
+                    let file = File::open(&shard.path).map_err(|e| e.to_string())?;
+                    let props = Arc::new(ReaderProperties::builder().build());
+                    let g = SerializedRowGroupReader::new(Arc::new(file), shard.meta.row_group(rg), None, props)
+                        .map_err(|e| e.to_string())?;
+                    *group = Some(g);
+                }
+                let g = group.as_ref().expect("set above");
+                match g.get_column_reader(leaf).map_err(|e| e.to_string())? {
+                    ColumnReader::ByteArrayColumnReader(r) => (r, 0),
+                    _ => return Err("not a binary column".into()),
+                }
+            }
+        };
+        let gap = row - next_row;
+        let skipped = reader.skip_records(gap).map_err(|e| e.to_string())?;
+        if skipped != gap {
+            return Err(format!("the row group ends after {} rows", next_row + skipped));
+        }
+        let (mut defs, mut reps, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        let (records, _, _) = reader
+            .read_records(1, Some(&mut defs), Some(&mut reps), &mut values)
+            .map_err(|e| e.to_string())?;
+        if records != 1 {
+            return Err("the row group ends before this row".into());
+        }
+        let value = values.first().map(|v| v.data().to_vec());
+        let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        if cursors.len() >= MAX_CURSORS {
+            cursors.remove(0);
+        }
+        cursors.push(Cursor {
+            key,
+            next_row: row + 1,
+            reader,
+        });
+        Ok(value)
     }
-    let (mut defs, mut reps, mut values) = (Vec::new(), Vec::new(), Vec::new());
-    let (records, _, _) = reader.read_records(1, Some(&mut defs), Some(&mut reps), &mut values)?;
-    if records != 1 {
-        return Err(parquet::errors::ParquetError::General(
-            "the row group ends before this row".into(),
-        ));
-    }
-    Ok(values.first().map(|v| v.data().to_vec()))
 }
 
 impl PairSource for PickapicPairs {
@@ -442,12 +501,9 @@ impl PairSource for PickapicPairs {
         let shard = &self.shards[e.shard as usize];
         let (rg, row) = (e.row_group as usize, e.row_in_group as usize);
         let loc = RecordLocation::new(&shard.path, shard.row_group_start[rg] + row);
-        let file = File::open(&shard.path).map_err(|err| Error::io(&shard.path, err))?;
-        let props = Arc::new(ReaderProperties::builder().build());
-        let group = SerializedRowGroupReader::new(Arc::new(file), shard.meta.row_group(rg), None, props)
-            .map_err(|err| loc.error(format!("cannot read the row group: {err}")))?;
-        let read = |col: usize, name: &str| -> Result<Vec<u8>> {
-            read_binary(&group, col, row)
+        let group = std::cell::RefCell::new(None);
+        let read = |leaf: usize, name: &str| -> Result<Vec<u8>> {
+            self.read_binary((e.shard, shard), rg, leaf, row, &mut group.borrow_mut())
                 .map_err(|err| loc.error(format!("{name}: cannot read: {err}")))?
                 .ok_or_else(|| loc.error(format!("{name} is null")))
         };

@@ -2,7 +2,7 @@
 //!
 //! Per image (Diffusion-DPO's `train_transforms`): resize so the image covers the resolution
 //! (for a square resolution: shorter side to the resolution, longer side `int(res * long / short)`,
-//! as torchvision's `Resize(int)`), with Pillow's antialiased bilinear filter ([`super::resize`]);
+//! as torchvision's `Resize(int)`), with Pillow's antialiased bilinear filter ([`mod@super::resize`]);
 //! crop to the resolution, centred (torchvision's `CenterCrop`: offsets `round((H - h) / 2)` with
 //! ties to even) or at a uniform random offset; optionally flip horizontally; then
 //! `(byte / 255 - 0.5) / 0.5`, so values are in [-1, 1], as `ToTensor` + `Normalize([0.5], [0.5])`.

@@ -135,7 +135,8 @@ impl Trainer {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let cache = if t.cache_latents && t.center_crop {
             let identity = format!(
-                "data {:?} {} {:?} dual={} ties={} limit={:?}; {} pairs; resolution {}; center crop; vae {}",
+                "data {} {:?} {} {:?} dual={} ties={} limit={:?}; {} pairs; resolution {}; center crop; vae {}",
+                data.fingerprint(),
                 r.data.format,
                 r.data.path.display(),
                 r.data.columns,
@@ -146,7 +147,7 @@ impl Trainer {
                 t.resolution,
                 sources.vae.as_ref().unwrap_or(&root.join("vae")).display()
             );
-            Some(LatentCache::open(&out.join("latents"), &identity)?)
+            Some(LatentCache::open(&out.join("latents"), &identity)?.with_device(opts.device.clone()))
         } else {
             None
         };
