@@ -232,7 +232,9 @@ fn apply_set(table: &mut toml::Table, set: &str, source: &Path) -> Result<()> {
             cur.insert(part.to_string(), parsed);
             return Ok(());
         }
-        let entry = cur.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         cur = entry
             .as_table_mut()
             .ok_or_else(|| Error::config(source, key, format!("--set: {part} is not a table")))?;
@@ -244,8 +246,9 @@ impl Plan {
     /// Reads `path`, applies `sets` (`key=value`), and validates.
     pub fn load(path: &Path, sets: &[String]) -> Result<Plan> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| Error::config(path, "(toml)", e.to_string()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::config(path, "(toml)", e.to_string()))?;
         for s in sets {
             apply_set(&mut table, s, path)?;
         }
@@ -260,11 +263,18 @@ impl Plan {
         let err = |key: &str, reason: String| Error::config(path, key, reason);
         let t = &raw.train;
         let method = Method::parse(&t.method, t.inversion_steps).map_err(|_| {
-            err("train.method", format!("expected one of dpo, dcpo, mapo, smpo, got {:?}", t.method))
+            err(
+                "train.method",
+                format!("expected one of dpo, dcpo, mapo, smpo, got {:?}", t.method),
+            )
         })?;
         let beta = t.beta.unwrap_or(method.default_beta());
         let objective = match method {
-            Method::Mapo => Objective::Mapo { beta, margin_scale: 1000.0, snr: 0.5 },
+            Method::Mapo => Objective::Mapo {
+                beta,
+                margin_scale: 1000.0,
+                snr: 0.5,
+            },
             _ => Objective::Dpo {
                 loss_type: t
                     .loss_type
@@ -291,10 +301,16 @@ impl Plan {
             return Err(err("train.lr", format!("must be > 0, got {}", t.lr)));
         }
         if !(0.0..=1.0).contains(&t.empty_caption_prob) {
-            return Err(err("train.empty_caption_prob", format!("must be in [0, 1], got {}", t.empty_caption_prob)));
+            return Err(err(
+                "train.empty_caption_prob",
+                format!("must be in [0, 1], got {}", t.empty_caption_prob),
+            ));
         }
         if t.max_grad_norm < 0.0 {
-            return Err(err("train.max_grad_norm", format!("must be >= 0, got {}", t.max_grad_norm)));
+            return Err(err(
+                "train.max_grad_norm",
+                format!("must be >= 0, got {}", t.max_grad_norm),
+            ));
         }
         crate::device::parse_dtype(&raw.model.dtype).map_err(|e| err("model.dtype", e.to_string()))?;
         if let Some(l) = &raw.lora {
@@ -306,8 +322,17 @@ impl Plan {
             }
         }
         if raw.output.validation_seeds.is_empty() && !raw.output.validation_prompts.is_empty() {
-            return Err(err("output.validation_seeds", "must not be empty when there are validation prompts".into()));
+            return Err(err(
+                "output.validation_seeds",
+                "must not be empty when there are validation prompts".into(),
+            ));
         }
-        Ok(Plan { source: path.to_path_buf(), raw, method, objective, resolved_toml })
+        Ok(Plan {
+            source: path.to_path_buf(),
+            raw,
+            method,
+            objective,
+            resolved_toml,
+        })
     }
 }

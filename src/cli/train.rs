@@ -40,16 +40,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {}", args.recipe.display()))?;
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} training [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} training [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_position(trainer.step_count() as u64);
     trainer.run(&opts, &mut |r, total| {
         bar.set_length(total as u64);
         bar.set_position(r.step as u64);
         let acc = r.implicit_acc.map(|a| format!(" acc {a:.2}")).unwrap_or_default();
-        bar.set_message(format!("loss {:.4}{acc}{}", r.loss, if r.skipped { " (skipped)" } else { "" }));
+        bar.set_message(format!(
+            "loss {:.4}{acc}{}",
+            r.loss,
+            if r.skipped { " (skipped)" } else { "" }
+        ));
     })?;
     bar.finish_and_clear();
     println!("{}", serde_json::json!({"output": out, "steps": trainer.step_count()}));

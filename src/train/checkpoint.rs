@@ -74,7 +74,10 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")) && p.join(STATE).is_file()
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+                && p.join(STATE).is_file()
         })
         .collect();
     found.sort();
@@ -90,7 +93,11 @@ pub fn load(path: &Path, opt: &mut AdamW) -> Result<TrainState> {
         serde_json::from_str(&text).map_err(|e| Error::config(&state_file, "(json)", e.to_string()))?;
     let params = TensorStore::open_file(&path.join(PARAMS))?;
     let moments = TensorStore::open_file(&path.join(OPTIMIZER))?;
-    let dev = opt.params.first().map(|p| p.master.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    let dev = opt
+        .params
+        .first()
+        .map(|p| p.master.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
     for p in opt.params.iter_mut() {
         let shape = p.master.dims().to_vec();
         p.master = params.get(&p.name, Some(&shape), DType::F32, &dev)?;
@@ -99,7 +106,11 @@ pub fn load(path: &Path, opt: &mut AdamW) -> Result<TrainState> {
         p.var.set(&p.master.to_dtype(p.var.dtype())?)?;
     }
     params.check_all_used(|_| false)?;
-    let adam_step = moments.metadata().get("adam_step").and_then(|s| s.parse().ok()).unwrap_or(state.step);
+    let adam_step = moments
+        .metadata()
+        .get("adam_step")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(state.step);
     opt.step = adam_step;
     Ok(state)
 }

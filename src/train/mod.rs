@@ -25,7 +25,11 @@ pub fn pair_conditioning(
     method: Method,
 ) -> Result<PairConditioning> {
     let enc_w = pipe.encode_text(&batch.captions_w)?;
-    let enc_l = if method == Method::Dcpo { pipe.encode_text(&batch.captions_l)? } else { enc_w.clone() };
+    let enc_l = if method == Method::Dcpo {
+        pipe.encode_text(&batch.captions_l)?
+    } else {
+        enc_w.clone()
+    };
     let b = batch.len();
     let time_ids = match &batch.time_ids {
         Some(t) => t.to_device(pipe.device())?,
@@ -36,8 +40,12 @@ pub fn pair_conditioning(
             Tensor::from_vec([h, w, 0.0, 0.0, h, w].repeat(b), (b, 6), pipe.device())?
         }
     };
-    let added =
-        |pooled: &Option<Tensor>| pooled.as_ref().map(|p| AddedCond { text_embeds: p.clone(), time_ids: time_ids.clone() });
+    let added = |pooled: &Option<Tensor>| {
+        pooled.as_ref().map(|p| AddedCond {
+            text_embeds: p.clone(),
+            time_ids: time_ids.clone(),
+        })
+    };
     Ok(PairConditioning {
         added_w: added(&enc_w.pooled),
         added_l: added(&enc_l.pooled),

@@ -41,7 +41,12 @@ fn default_weight_decay() -> f64 {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
     }
 }
 
@@ -80,16 +85,29 @@ impl AdamW {
                 let master = var.as_tensor().to_dtype(DType::F32)?.detach();
                 let m = master.zeros_like()?;
                 let v = master.zeros_like()?;
-                Ok(Param { name, var, master, m, v })
+                Ok(Param {
+                    name,
+                    var,
+                    master,
+                    m,
+                    v,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { params, config, step: 0 })
+        Ok(AdamW {
+            params,
+            config,
+            step: 0,
+        })
     }
 
     /// One update with learning rate `lr` from f32 gradients aligned with `params`.
     pub fn update(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(Error::input("gradients", format!("expected {}, got {}", self.params.len(), grads.len())));
+            return Err(Error::input(
+                "gradients",
+                format!("expected {}, got {}", self.params.len(), grads.len()),
+            ));
         }
         self.step += 1;
         let c = self.config;
@@ -144,7 +162,13 @@ pub enum LrSchedule {
 impl LrSchedule {
     /// The rate at optimizer step `step` (0-based) of `total`, with `warmup` warm-up steps.
     pub fn lr(self, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
-        let warm = |s: usize| if warmup > 0 && s < warmup { s as f64 / warmup as f64 } else { 1.0 };
+        let warm = |s: usize| {
+            if warmup > 0 && s < warmup {
+                s as f64 / warmup as f64
+            } else {
+                1.0
+            }
+        };
         match self {
             LrSchedule::Constant => base,
             LrSchedule::ConstantWithWarmup => base * warm(step),

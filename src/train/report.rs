@@ -24,8 +24,14 @@ pub fn line_plot_svg(curve: &Curve) -> Result<String> {
         let root = SVGBackend::with_string(&mut svg, (480, 260)).into_drawing_area();
         let draw = || -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
             root.fill(&WHITE)?;
-            let (x0, x1) = curve.points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-            let (y0, y1) = curve.points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            let (x0, x1) = curve
+                .points
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+            let (y0, y1) = curve
+                .points
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
             let (x0, x1) = if x0 < x1 { (x0, x1) } else { (x0 - 1.0, x0 + 1.0) };
             let pad = ((y1 - y0).abs() * 0.05).max(1e-6);
             let (y0, y1) = if y0 <= y1 { (y0 - pad, y1 + pad) } else { (-1.0, 1.0) };
@@ -58,7 +64,10 @@ pub struct ImageRow {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Writes `path` (HTML) atomically with the curves and the image rows.
@@ -74,7 +83,9 @@ pub fn write_report(path: &Path, title: &str, summary: &str, curves: &[Curve], i
         html.push_str(&line_plot_svg(c)?);
     }
     if !images.is_empty() {
-        html.push_str("<h2>Validation images</h2><table><tr><th>prompt</th><th>seed</th><th>before</th><th>after</th></tr>");
+        html.push_str(
+            "<h2>Validation images</h2><table><tr><th>prompt</th><th>seed</th><th>before</th><th>after</th></tr>",
+        );
         for r in images {
             let _ = write!(
                 html,

@@ -102,18 +102,34 @@ impl Trainer {
         let r = &plan.raw;
         let root = layout::resolve_model(&r.model.path, opts.hub_cache.as_deref(), r.model.revision.as_deref())?;
         let dtype = crate::device::parse_dtype(&r.model.dtype)?;
-        let load = LoadOptions { dtype, device: opts.device.clone(), variant: r.model.variant.clone(), ..Default::default() };
+        let load = LoadOptions {
+            dtype,
+            device: opts.device.clone(),
+            variant: r.model.variant.clone(),
+            ..Default::default()
+        };
         let vae = match &r.model.vae {
             Some(v) => Some(layout::resolve_model(v, opts.hub_cache.as_deref(), None)?),
             None => None,
         };
-        let sources = PipelineSources { root: root.clone(), vae, ..Default::default() };
+        let sources = PipelineSources {
+            root: root.clone(),
+            vae,
+            ..Default::default()
+        };
         let pipe = StableDiffusionPipeline::load(&sources, &load)?;
         let policy_unet_dir = root.join("unet");
         if r.lora.is_some() {
-            return Err(Error::config(&plan.source, "lora", "LoRA training is not wired into the trainer yet"));
+            return Err(Error::config(
+                &plan.source,
+                "lora",
+                "LoRA training is not wired into the trainer yet",
+            ));
         }
-        let lopts = LoadOptions { trainable: true, ..load.clone() };
+        let lopts = LoadOptions {
+            trainable: true,
+            ..load.clone()
+        };
         let (policy, vb): (UNet2DConditionModel, VarBuilder) =
             UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?;
         let vars = vb.vars();
@@ -121,7 +137,10 @@ impl Trainer {
         let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
         let data = PairDataset::open(&r.data)?;
         if data.is_empty() {
-            return Err(Error::input("data", format!("{}: no usable preference pairs", r.data.path.display())));
+            return Err(Error::input(
+                "data",
+                format!("{}: no usable preference pairs", r.data.path.display()),
+            ));
         }
         let t = &r.train;
         let preprocess = Preprocess {
@@ -151,7 +170,13 @@ impl Trainer {
         } else {
             None
         };
-        let state = TrainState { step: 0, epoch: 0, position: 0, rng: Rng::new(t.seed).state(), nonfinite_in_a_row: 0 };
+        let state = TrainState {
+            step: 0,
+            epoch: 0,
+            position: 0,
+            rng: Rng::new(t.seed).state(),
+            nonfinite_in_a_row: 0,
+        };
         let mut trainer = Trainer {
             rng: Rng::from_state(state.rng),
             plan,
@@ -198,8 +223,11 @@ impl Trainer {
         let mut kept = String::new();
         let mut records = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| Error::Record { file: path.clone(), index: i, reason: e.to_string() })?;
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Record {
+                file: path.clone(),
+                index: i,
+                reason: e.to_string(),
+            })?;
             let step = v["step"].as_u64().unwrap_or(u64::MAX) as usize;
             if step > self.state.step {
                 break;
@@ -247,7 +275,10 @@ impl Trainer {
         let device = self.pipe.device().clone();
         let encode = || -> Result<(Tensor, Tensor)> {
             let d = vae.encode(&image.to_device(&device)?.unsqueeze(0)?.to_dtype(vae.dtype())?)?;
-            Ok((d.mean.squeeze(0)?.to_dtype(DType::F32)?, d.std.squeeze(0)?.to_dtype(DType::F32)?))
+            Ok((
+                d.mean.squeeze(0)?.to_dtype(DType::F32)?,
+                d.std.squeeze(0)?.to_dtype(DType::F32)?,
+            ))
         };
         let (m, s) = match (&self.cache, key) {
             (Some(cache), Some(key)) => cache.get_or_encode(&key, encode)?,
@@ -266,14 +297,24 @@ impl Trainer {
         for i in indices {
             let pair = self.data.get(i)?;
             let (img_w, img_l, flip_w, flip_l) = self.preprocess.pair(&pair, &mut self.rng)?;
-            let key_w = self.cache.as_ref().map(|_| crate::data::LatentKey::new(i, true, flip_w));
-            let key_l = self.cache.as_ref().map(|_| crate::data::LatentKey::new(i, false, flip_l));
+            let key_w = self
+                .cache
+                .as_ref()
+                .map(|_| crate::data::LatentKey::new(i, true, flip_w));
+            let key_l = self
+                .cache
+                .as_ref()
+                .map(|_| crate::data::LatentKey::new(i, false, flip_l));
             let zw = self.latent(&img_w, key_w)?;
             let zl = self.latent(&img_l, key_l)?;
             noise.push(self.rng.randn(zw.dims(), zw.device())?);
             ts.push(self.rng.below(self.schedule.num_train_timesteps() as u64) as f32);
             let caption_w = self.preprocess.caption(&pair.caption_w, &mut self.rng);
-            let caption_l = if self.plan.method == Method::Dcpo { pair.caption_l.clone() } else { caption_w.clone() };
+            let caption_l = if self.plan.method == Method::Dcpo {
+                pair.caption_l.clone()
+            } else {
+                caption_w.clone()
+            };
             cw.push(caption_w);
             cl.push(caption_l);
             if let Method::Smpo { .. } = self.plan.method {
@@ -294,7 +335,11 @@ impl Trainer {
             latents_l: Tensor::stack(&ll, 0)?,
             noise: Tensor::stack(&noise, 0)?,
             timesteps: Tensor::from_vec(ts, b, &device)?,
-            soft_label: if soft.is_empty() { None } else { Some(Tensor::from_vec(soft, b, &device)?) },
+            soft_label: if soft.is_empty() {
+                None
+            } else {
+                Some(Tensor::from_vec(soft, b, &device)?)
+            },
             time_ids: None,
             captions_w: cw,
             captions_l: cl,
@@ -305,13 +350,21 @@ impl Trainer {
     fn step(&mut self) -> Result<StepRecord> {
         let t = self.plan.raw.train.clone();
         let lr = t.lr_schedule.lr(t.lr, self.state.step, t.warmup_steps, t.steps);
-        let mut grads: Vec<Tensor> =
-            self.opt.params.iter().map(|p| p.master.zeros_like()).collect::<candle_core::Result<_>>()?;
+        let mut grads: Vec<Tensor> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| p.master.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
         let (mut loss, mut acc, mut margin, mut mw, mut ml, mut rw, mut rl) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         let mut finite = true;
         for _ in 0..t.grad_accum {
             let batch = self.next_batch()?;
-            let reference = if self.plan.objective.needs_reference() { Some(&self.pipe.unet) } else { None };
+            let reference = if self.plan.objective.needs_reference() {
+                Some(&self.pipe.unet)
+            } else {
+                None
+            };
             let cond = super::pair_conditioning(&self.pipe, &batch, self.plan.method)?;
             let eval = DiffusionPreference {
                 policy: &self.policy,
@@ -343,7 +396,11 @@ impl Trainer {
             }
         }
         let max_norm = (t.max_grad_norm > 0.0).then_some(t.max_grad_norm);
-        let grad_norm = if finite { clip_grad_norm(&mut grads, max_norm)? } else { f64::NAN };
+        let grad_norm = if finite {
+            clip_grad_norm(&mut grads, max_norm)?
+        } else {
+            f64::NAN
+        };
         let skipped = !(finite && grad_norm.is_finite());
         if skipped {
             self.state.nonfinite_in_a_row += 1;
@@ -391,7 +448,10 @@ impl Trainer {
                 self.save_checkpoint()?;
                 return Err(Error::input(
                     "training",
-                    format!("{} non-finite steps in a row at step {}; stopped", self.state.nonfinite_in_a_row, self.state.step),
+                    format!(
+                        "{} non-finite steps in a row at step {}; stopped",
+                        self.state.nonfinite_in_a_row, self.state.step
+                    ),
                 ));
             }
             let step = self.state.step;
@@ -416,12 +476,18 @@ impl Trainer {
 
     fn append_record(&self, record: &StepRecord) -> Result<()> {
         let path = self.metrics_path();
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
         writeln!(f, "{}", serde_json::to_string(record).expect("record serialises")).map_err(|e| Error::io(&path, e))
     }
 
     fn validation_path(&self, step: usize, prompt: usize, seed: u64) -> PathBuf {
-        self.out.join("validation").join(format!("step-{step:06}-p{prompt}-s{seed}.png"))
+        self.out
+            .join("validation")
+            .join(format!("step-{step:06}-p{prompt}-s{seed}.png"))
     }
 
     /// Validation images of the policy at `step`, from the same seeds every time.
@@ -456,24 +522,49 @@ impl Trainer {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let cfg = self.policy_unet_dir.join("config.json");
         std::fs::copy(&cfg, dir.join("config.json")).map_err(|e| Error::io(&cfg, e))?;
-        let tensors: HashMap<String, Tensor> =
-            self.opt.params.iter().map(|p| (p.name.clone(), p.master.clone())).collect();
+        let tensors: HashMap<String, Tensor> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.master.clone()))
+            .collect();
         save_safetensors(&dir.join("diffusion_pytorch_model.safetensors"), &tensors, None)
     }
 
     fn write_report(&self) -> Result<()> {
         let pts = |f: &dyn Fn(&StepRecord) -> Option<f64>| -> Vec<(f64, f64)> {
-            self.records.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect()
+            self.records
+                .iter()
+                .filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
+                .collect()
         };
         let curves = [
-            Curve { title: "loss", points: pts(&|r| Some(r.loss)) },
-            Curve { title: "implicit accuracy", points: pts(&|r| r.implicit_acc) },
-            Curve { title: "reward margin", points: pts(&|r| r.reward_margin) },
-            Curve { title: "policy MSE, preferred", points: pts(&|r| Some(r.mse_w)) },
+            Curve {
+                title: "loss",
+                points: pts(&|r| Some(r.loss)),
+            },
+            Curve {
+                title: "implicit accuracy",
+                points: pts(&|r| r.implicit_acc),
+            },
+            Curve {
+                title: "reward margin",
+                points: pts(&|r| r.reward_margin),
+            },
+            Curve {
+                title: "policy MSE, preferred",
+                points: pts(&|r| Some(r.mse_w)),
+            },
         ];
         let o = &self.plan.raw.output;
         let total = self.plan.raw.train.steps;
-        let rel = |p: PathBuf| p.strip_prefix(&self.out).map(Path::to_path_buf).unwrap_or(p).display().to_string();
+        let rel = |p: PathBuf| {
+            p.strip_prefix(&self.out)
+                .map(Path::to_path_buf)
+                .unwrap_or(p)
+                .display()
+                .to_string()
+        };
         let mut rows = Vec::new();
         for (pi, prompt) in o.validation_prompts.iter().enumerate() {
             for &seed in &o.validation_seeds {
@@ -492,7 +583,13 @@ impl Trainer {
             self.plan.objective,
             self.state.step
         );
-        write_report(&self.out.join("report.html"), "diffalign training report", &summary, &curves, &rows)
+        write_report(
+            &self.out.join("report.html"),
+            "diffalign training report",
+            &summary,
+            &curves,
+            &rows,
+        )
     }
 
     /// Steps done so far.
@@ -502,6 +599,10 @@ impl Trainer {
 
     /// The trainable parameters' f32 master weights by name.
     pub fn master_weights(&self) -> Vec<(String, Tensor)> {
-        self.opt.params.iter().map(|p| (p.name.clone(), p.master.clone())).collect()
+        self.opt
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.master.clone()))
+            .collect()
     }
 }
