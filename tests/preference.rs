@@ -122,7 +122,13 @@ fn check_full_policy_case(model: &Path, dir: &Path) {
     for method in ["dpo", "dcpo", "mapo", "smpo"] {
         let grads = tmp.path().join(format!("{method}.safetensors"));
         let report = run_loss(model, &policy_arg, method, &dir.join("batch.safetensors"), Some(&grads));
-        check_against_expected(dir, &format!("full.{method}"), &report, &grads, &grad_keys(dir, "grad_keys_full"));
+        check_against_expected(
+            dir,
+            &format!("full.{method}"),
+            &report,
+            &grads,
+            &grad_keys(dir, "grad_keys_full"),
+        );
     }
 }
 

@@ -3,9 +3,9 @@
 mod bench;
 mod generate;
 mod loss;
-mod train;
 mod model_args;
 mod score;
+mod train;
 
 use clap::{Parser, Subcommand};
 
