@@ -132,6 +132,33 @@ fn check_full_policy_case(model: &Path, dir: &Path) {
     }
 }
 
+/// Every method with the LoRA policy of the loss case in `dir`: gradients under the file's keys.
+fn check_lora_policy_case(model: &Path, dir: &Path) {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = dir.join("policy_lora/pytorch_lora_weights.safetensors");
+    let meta = metadata(&dir.join("expected.safetensors"));
+    let steps = meta.get("inversion_steps").cloned().unwrap_or_else(|| "5".into());
+    let policy_arg = ["--lora", lora.to_str().unwrap(), "--inversion-steps", &steps];
+    for method in ["dpo", "dcpo", "mapo", "smpo"] {
+        let grads = tmp.path().join(format!("{method}.safetensors"));
+        let report = run_loss(model, &policy_arg, method, &dir.join("batch.safetensors"), Some(&grads));
+        check_against_expected(
+            dir,
+            &format!("lora.{method}"),
+            &report,
+            &grads,
+            &grad_keys(dir, "grad_keys_lora"),
+        );
+    }
+}
+
+#[test]
+fn loss_lora_policy_matches_reference_for_every_method() {
+    check_lora_policy_case(&shared_fixtures().join("sd15"), &losses_dir());
+    check_lora_policy_case(&own_fixtures().join("sd21v"), &own_fixtures().join("losses-sd21v"));
+    check_lora_policy_case(&own_fixtures().join("sdxl"), &own_fixtures().join("losses-sdxl"));
+}
+
 #[test]
 fn loss_full_unet_policy_matches_reference_for_every_method() {
     check_full_policy_case(&shared_fixtures().join("sd15"), &losses_dir());

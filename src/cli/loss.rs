@@ -14,7 +14,9 @@ use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::schedulers::NoiseSchedule;
 use diffalign::train::pair_conditioning;
+use diffalign::weights::lora::LoraSource;
 use diffalign::weights::{save_safetensors, LoadOptions};
+use std::sync::Arc;
 
 use super::model_args::ModelArgs;
 
@@ -86,14 +88,28 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
         vae: args.model.vae.clone(),
         unet: None,
     };
-    let pipe = StableDiffusionPipeline::load(&sources, &opts).with_context(|| format!("loading {}", root.display()))?;
+    // The reference is the model's own UNet, never adapted.
+    let pipe = StableDiffusionPipeline::load(&sources, &opts.without_lora())
+        .with_context(|| format!("loading {}", root.display()))?;
     let policy_dir = args.model.unet.clone().unwrap_or_else(|| root.join("unet"));
-    let policy_opts = LoadOptions {
-        trainable: true,
-        ..opts.clone()
+    // A `--lora` policy trains the adapter on the frozen UNet; otherwise every UNet weight trains.
+    let policy_opts = match &args.model.lora {
+        Some(path) => LoadOptions {
+            lora: Some(Arc::new(LoraSource::from_file(path, "unet", true).context("--lora")?)),
+            ..opts.without_lora()
+        },
+        None => LoadOptions {
+            trainable: true,
+            ..opts.without_lora()
+        },
     };
     let (policy, policy_vb) = UNet2DConditionModel::from_pretrained(&policy_dir, &policy_opts)
         .with_context(|| format!("loading the policy UNet {}", policy_dir.display()))?;
+    let trainable = if args.model.lora.is_some() {
+        policy_vb.lora_vars()
+    } else {
+        policy_vb.vars()
+    };
     let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
     let cond = pair_conditioning(&pipe, &batch, method)?;
     let eval = DiffusionPreference {
@@ -108,7 +124,7 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.grads_out {
         let grads = out.loss.loss.backward()?;
         let mut tensors = HashMap::new();
-        for (name, var) in policy_vb.vars() {
+        for (name, var) in trainable {
             let g = match grads.get(var.as_tensor()) {
                 Some(g) => g.clone(),
                 None => var.as_tensor().zeros_like()?,

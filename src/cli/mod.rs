@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod lora;
 mod loss;
 mod model_args;
 mod score;
@@ -28,6 +29,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Score images for a prompt with reward models (one JSON line per image).
     Score(score::ScoreArgs),
+    /// Merge a LoRA into a UNet, or convert a LoRA between diffusers/PEFT and kohya forms.
+    Lora(lora::LoraArgs),
     /// Time the hot paths on CPU (one JSON line per measurement).
     Bench(bench::BenchArgs),
 }
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Lora(args) => lora::run(args),
         Command::Score(args) => score::run(args),
         Command::Loss(args) => loss::run(args),
         Command::Train(args) => train::run(args),

@@ -1,13 +1,14 @@
 //! Flags shared by every command that loads a pipeline: which model, which files, which dtype.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::weights::single_file::{summarize_skipped, SingleFile};
-use diffalign::weights::{layout, LoadOptions};
+use diffalign::weights::{layout, LoadOptions, LoraSource};
 
 /// Where the model comes from and how it is loaded.
 #[derive(Debug, Args)]
@@ -31,6 +32,11 @@ pub struct ModelArgs {
     /// Replace the pipeline's UNet with this `unet/` folder (e.g. a fine-tuned one).
     #[arg(long)]
     pub unet: Option<PathBuf>,
+    /// A LoRA applied to the UNet: a safetensors file in diffusers/PEFT, old diffusers
+    /// (`lora.down`/`lora.up`) or kohya (`lora_unet_*`) form. Its text-encoder tensors, if any, are
+    /// not applied (a note lists them).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
     /// Weight-file variant: `fp16` loads `*.fp16.safetensors`.
     #[arg(long)]
     pub variant: Option<String>,
@@ -79,7 +85,26 @@ impl ModelArgs {
             device: diffalign::device::parse_device(&self.device)?,
             variant: self.variant.clone(),
             trainable: false,
+            lora: self.lora_source()?,
         })
+    }
+
+    /// The `--lora` file, read for the UNet.
+    fn lora_source(&self) -> anyhow::Result<Option<Arc<LoraSource>>> {
+        let Some(path) = &self.lora else {
+            return Ok(None);
+        };
+        let source = LoraSource::from_file(path, "unet", false).context("--lora")?;
+        let ignored = source.ignored_keys();
+        if !ignored.is_empty() {
+            eprintln!(
+                "note: {}: {} text-encoder LoRA tensor(s) not applied (only the UNet takes a LoRA), e.g. {}",
+                path.display(),
+                ignored.len(),
+                ignored[0]
+            );
+        }
+        Ok(Some(Arc::new(source)))
     }
 
     /// The model folder (resolved offline) and the load options the flags give. A single-file

@@ -49,6 +49,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         device: diffalign::device::parse_device(&args.device)?,
         variant: None,
         trainable: false,
+        lora: None,
     };
     let rewards = args
         .rewards

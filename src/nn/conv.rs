@@ -1,9 +1,11 @@
-//! A 2-D convolution with PyTorch's `[out, in/groups, kh, kw]` weight layout.
+//! A 2-D convolution with PyTorch's `[out, in/groups, kh, kw]` weight layout, and an optional
+//! LoRA adapter (`y + scale * B (A * x)`, see [`super::lora`]).
 
 use candle_core::Tensor;
 
+use super::lora::LoraAdapter;
 use crate::weights::VarBuilder;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Stride, padding and groups of a [`Conv2d`].
 #[derive(Debug, Clone, Copy)]
@@ -32,10 +34,13 @@ pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
+    lora: Option<LoraAdapter>,
 }
 
 impl Conv2d {
-    /// Loads a `kernel x kernel` convolution from `in_channels` to `out_channels` with a bias.
+    /// Loads a `kernel x kernel` convolution from `in_channels` to `out_channels` with a bias, and
+    /// the LoRA adapter `vb` has for this module, if any ([`VarBuilder::lora`]; dense
+    /// convolutions only).
     pub fn new(
         in_channels: usize,
         out_channels: usize,
@@ -43,9 +48,41 @@ impl Conv2d {
         cfg: Conv2dConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let weight = vb.get(&[out_channels, in_channels / cfg.groups, kernel, kernel], "weight")?;
+        let shape = [out_channels, in_channels / cfg.groups, kernel, kernel];
+        let weight = vb.get(&shape, "weight")?;
         let bias = Some(vb.get(&[out_channels], "bias")?);
-        Ok(Conv2d { weight, bias, cfg })
+        let lora = vb.lora(&shape)?;
+        if lora.is_some() && cfg.groups != 1 {
+            return Err(Error::input(
+                vb.path("weight"),
+                format!("LoRA on a grouped convolution (groups {}) is not supported", cfg.groups),
+            ));
+        }
+        Ok(Conv2d {
+            weight,
+            bias,
+            cfg,
+            lora,
+        })
+    }
+
+    /// The base weight, `[out, in/groups, k, k]` (without the LoRA update).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The LoRA adapter, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// The weight with the LoRA update merged, `W + scale * B @ A` (B @ A over the flattened
+    /// kernel; computed in f32, in the weight's dtype); the base weight without a LoRA.
+    pub fn fused_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            Some(l) => l.fuse(&self.weight),
+            None => Ok(self.weight.clone()),
+        }
     }
 
     /// A same-size `kernel x kernel` convolution (padding `kernel / 2`, stride 1).
@@ -66,13 +103,14 @@ impl Conv2d {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let gemm = super::gemm_dtype(xs);
         let weight = self.weight.to_dtype(gemm)?;
-        let ys = match self.exact_cover(xs)? {
-            Some(cropped) => cropped
-                .to_dtype(gemm)?
-                .conv2d(&weight, 0, self.cfg.stride, 1, self.cfg.groups)?,
-            None => xs
-                .to_dtype(gemm)?
-                .conv2d(&weight, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?,
+        let (input, padding) = match self.exact_cover(xs)? {
+            Some(cropped) => (cropped.to_dtype(gemm)?, 0),
+            None => (xs.to_dtype(gemm)?, self.cfg.padding),
+        };
+        let ys = input.conv2d(&weight, padding, self.cfg.stride, 1, self.cfg.groups)?;
+        let ys = match &self.lora {
+            Some(l) => (ys + l.conv_delta(&input, padding, self.cfg.stride)?)?,
+            None => ys,
         };
         let ys = ys.to_dtype(xs.dtype())?;
         Ok(match &self.bias {

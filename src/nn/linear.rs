@@ -1,7 +1,9 @@
-//! A fully connected layer, `y = x W^T + b`, with PyTorch's `[out, in]` weight layout.
+//! A fully connected layer, `y = x W^T + b`, with PyTorch's `[out, in]` weight layout, and an
+//! optional LoRA adapter (`y + scale * B (A x)`, see [`super::lora`]).
 
 use candle_core::{Module, Tensor};
 
+use super::lora::LoraAdapter;
 use crate::weights::VarBuilder;
 use crate::Result;
 
@@ -10,10 +12,12 @@ use crate::Result;
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
-    /// Loads `weight` (and `bias` when `bias` is true) under `vb`.
+    /// Loads `weight` (and `bias` when `bias` is true) under `vb`, and the LoRA adapter `vb` has
+    /// for this module, if any ([`VarBuilder::lora`]).
     pub fn new(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get(&[out_features, in_features], "weight")?;
         let bias = if bias {
@@ -21,12 +25,27 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        let lora = vb.lora(&[out_features, in_features])?;
+        Ok(Linear { weight, bias, lora })
     }
 
-    /// The weight, `[out, in]`.
+    /// The base weight, `[out, in]` (without the LoRA update; see [`Linear::fused_weight`]).
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The LoRA adapter, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// The weight with the LoRA update merged, `W + scale * B @ A` (computed in f32, in the
+    /// weight's dtype); the base weight without a LoRA.
+    pub fn fused_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            Some(l) => l.fuse(&self.weight),
+            None => Ok(self.weight.clone()),
+        }
     }
 
     /// Applies the layer to `xs` of shape `[..., in]`, giving `[..., out]`.
@@ -36,10 +55,12 @@ impl Linear {
         let rows = xs.elem_count() / in_features.max(1);
         let dtype = xs.dtype();
         let gemm = super::gemm_dtype(xs);
-        let ys = xs
-            .reshape((rows, in_features))?
-            .to_dtype(gemm)?
-            .matmul(&self.weight.to_dtype(gemm)?.t()?)?;
+        let x2 = xs.reshape((rows, in_features))?.to_dtype(gemm)?;
+        let ys = x2.matmul(&self.weight.to_dtype(gemm)?.t()?)?;
+        let ys = match &self.lora {
+            Some(l) => (ys + l.linear_delta(&x2)?)?,
+            None => ys,
+        };
         let ys = ys.to_dtype(dtype)?;
         let ys = match &self.bias {
             Some(b) => ys.broadcast_add(b)?,

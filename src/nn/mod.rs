@@ -6,12 +6,14 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 
 pub use activation::Activation;
 pub use attention::{scaled_dot_product_attention, softmax};
 pub use conv::Conv2d;
 pub use linear::Linear;
+pub use lora::LoraAdapter;
 pub use norm::{GroupNorm, LayerNorm};
 
 use candle_core::{DType, Tensor};

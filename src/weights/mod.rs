@@ -1,17 +1,20 @@
 //! Weights: safetensors files ([`store`]), the cursor models load through ([`VarBuilder`]),
 //! and where a pipeline's files are ([`layout`]: diffusers folders, shards, variants, the Hugging
-//! Face cache).
+//! Face cache), and LoRA adapters attached at load time ([`lora`]).
 
 #[cfg(feature = "download")]
 pub mod hub;
 pub mod layout;
+pub mod lora;
 pub mod single_file;
 pub mod store;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+pub use lora::{LoraAdapter, LoraConfig, LoraSource};
 pub use store::{save_safetensors, SafetensorsFile, TensorStore};
 
 use crate::rng::Rng;
@@ -32,12 +35,28 @@ struct Inner {
     vars: Option<Mutex<Vec<(String, Var)>>>,
 }
 
+/// A LoRA attached to one builder: the source and what the model built from it took.
+struct LoraState {
+    source: Arc<LoraSource>,
+    /// Module path to its adapter and, when trainable, its `Var`s under the file's key names.
+    attached: Mutex<BTreeMap<String, Attached>>,
+}
+
+#[derive(Clone)]
+struct Attached {
+    adapter: LoraAdapter,
+    vars: Vec<(String, Var)>,
+}
+
 /// A cursor into a checkpoint's key tree: [`VarBuilder::pp`] steps into a prefix, and
-/// [`VarBuilder::get`] loads `prefix.name` with a shape check. Cheap to clone.
+/// [`VarBuilder::get`] loads `prefix.name` with a shape check. With a LoRA attached
+/// ([`VarBuilder::with_lora`]), [`VarBuilder::lora`] gives the adapter of the module at the
+/// cursor. Cheap to clone.
 #[derive(Clone)]
 pub struct VarBuilder {
     inner: Arc<Inner>,
     prefix: String,
+    lora: Option<Arc<LoraState>>,
 }
 
 impl VarBuilder {
@@ -51,6 +70,7 @@ impl VarBuilder {
                 vars,
             }),
             prefix: String::new(),
+            lora: None,
         }
     }
 
@@ -79,6 +99,7 @@ impl VarBuilder {
         VarBuilder {
             inner: self.inner.clone(),
             prefix,
+            lora: self.lora.clone(),
         }
     }
 
@@ -146,6 +167,113 @@ impl VarBuilder {
             Source::Random(_) => None,
         }
     }
+
+    /// This builder with LoRA adapters from `source` for the modules built through it (the base
+    /// weights keep their own trainability; the adapters are `Var`s when `source` is trainable).
+    /// Builders made from it by [`VarBuilder::pp`] share what was attached.
+    pub fn with_lora(self, source: Arc<LoraSource>) -> VarBuilder {
+        VarBuilder {
+            lora: Some(Arc::new(LoraState {
+                source,
+                attached: Mutex::new(BTreeMap::new()),
+            })),
+            ..self
+        }
+    }
+
+    /// The attached LoRA source, if any.
+    pub fn lora_source(&self) -> Option<&Arc<LoraSource>> {
+        self.lora.as_ref().map(|l| &l.source)
+    }
+
+    /// The LoRA adapter of the module at this cursor (its path is the prefix, e.g.
+    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), whose base weight has shape
+    /// `weight_shape` (`[out, in]` or `[out, in, k, k]`); `None` without a LoRA or when the LoRA
+    /// has none for this module. A/B are f32 on the builder's device; a tensor whose shape does not
+    /// fit the module is an error naming the key, the file and both shapes. Asking twice for one
+    /// module gives the same adapter (the same `Var`s).
+    pub fn lora(&self, weight_shape: &[usize]) -> Result<Option<LoraAdapter>> {
+        let Some(state) = &self.lora else {
+            return Ok(None);
+        };
+        let mut attached = state.attached.lock().expect("lora lock");
+        if let Some(a) = attached.get(&self.prefix) {
+            return Ok(Some(a.adapter.clone()));
+        }
+        let Some(found) = state.source.adapter(&self.prefix, weight_shape, &self.inner.device)? else {
+            return Ok(None);
+        };
+        let entry = if state.source.trainable() {
+            let mut adapter = found.adapter;
+            let mut vars = Vec::with_capacity(2);
+            let [name_a, name_b] = found.names;
+            let [stored_a, stored_b] = found.stored;
+            for (name, stored, slot) in [(name_a, stored_a, &mut adapter.a), (name_b, stored_b, &mut adapter.b)] {
+                let var = Var::from_tensor(&stored)?;
+                let t = var.as_tensor();
+                *slot = if t.dims() == slot.dims() {
+                    t.clone()
+                } else {
+                    t.reshape(slot.dims())?
+                };
+                vars.push((name, var));
+            }
+            Attached { adapter, vars }
+        } else {
+            Attached {
+                adapter: found.adapter,
+                vars: Vec::new(),
+            }
+        };
+        let adapter = entry.adapter.clone();
+        attached.insert(self.prefix.clone(), entry);
+        Ok(Some(adapter))
+    }
+
+    /// The trainable LoRA `Var`s attached so far, under the LoRA file's own key names (for a
+    /// fresh LoRA, PEFT names `unet.<module>.lora_A.weight` / `.lora_B.weight`), sorted by module,
+    /// A before B. Empty without a trainable LoRA.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        self.lora
+            .as_ref()
+            .map(|l| {
+                l.attached
+                    .lock()
+                    .expect("lora lock")
+                    .values()
+                    .flat_map(|a| a.vars.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The LoRA adapters attached so far, by module path (sorted), with their current values;
+    /// for [`lora::save_peft`] and [`lora::save_kohya`].
+    pub fn lora_adapters(&self) -> Vec<(String, LoraAdapter)> {
+        self.lora
+            .as_ref()
+            .map(|l| {
+                l.attached
+                    .lock()
+                    .expect("lora lock")
+                    .iter()
+                    .map(|(m, a)| (m.clone(), a.adapter.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Fails unless every key of the attached LoRA file found a module (or, for a fresh LoRA,
+    /// every target matched one); see [`LoraSource::check_attached`]. Ok without a LoRA.
+    pub fn check_lora_attached(&self) -> Result<()> {
+        match &self.lora {
+            Some(l) => {
+                let attached = l.attached.lock().expect("lora lock");
+                l.source.check_attached(attached.keys())
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 fn random_init(rng: &mut Rng, shape: &[usize], name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -162,8 +290,8 @@ fn random_init(rng: &mut Rng, shape: &[usize], name: &str, dtype: DType, device:
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
 }
 
-/// How to load a component: dtype, device, weight-file variant, and whether weights become
-/// trainable `Var`s.
+/// How to load a component: dtype, device, weight-file variant, whether weights become
+/// trainable `Var`s, and a LoRA for the UNet.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// The dtype weights are converted to.
@@ -174,6 +302,9 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Load the weights as trainable `Var`s.
     pub trainable: bool,
+    /// A LoRA attached to the builders of its component only ([`LoraSource::applies_to`]: the
+    /// UNet, recognised by its tensors), so one set of options can load a whole pipeline.
+    pub lora: Option<Arc<LoraSource>>,
 }
 
 impl Default for LoadOptions {
@@ -183,17 +314,32 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             variant: None,
             trainable: false,
+            lora: None,
         }
     }
 }
 
 impl LoadOptions {
-    /// A [`VarBuilder`] over `store` with these options.
+    /// A [`VarBuilder`] over `store` with these options; with `lora` attached when `store` holds
+    /// the LoRA's component.
     pub fn var_builder(&self, store: TensorStore) -> VarBuilder {
-        if self.trainable {
+        let lora = self.lora.as_ref().filter(|l| l.applies_to(&store)).cloned();
+        let vb = if self.trainable {
             VarBuilder::trainable_from_store(store, self.dtype, &self.device)
         } else {
             VarBuilder::from_store(store, self.dtype, &self.device)
+        };
+        match lora {
+            Some(l) => vb.with_lora(l),
+            None => vb,
+        }
+    }
+
+    /// These options without a LoRA (for loading a component the LoRA must not reach).
+    pub fn without_lora(&self) -> LoadOptions {
+        LoadOptions {
+            lora: None,
+            ..self.clone()
         }
     }
 
@@ -204,10 +350,11 @@ impl LoadOptions {
 }
 
 /// After a model was built from `vb`, fails if the checkpoint holds tensors the model did not
-/// read, except those `allowed` (known non-parameter buffers).
+/// read, except those `allowed` (known non-parameter buffers), or if a key of its LoRA found no
+/// module ([`VarBuilder::check_lora_attached`]).
 pub fn check_all_used(vb: &VarBuilder, allowed: impl Fn(&str) -> bool) -> Result<()> {
-    match vb.store() {
-        Some(store) => store.check_all_used(allowed),
-        None => Ok(()),
+    if let Some(store) = vb.store() {
+        store.check_all_used(allowed)?;
     }
+    vb.check_lora_attached()
 }

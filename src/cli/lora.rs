@@ -1,0 +1,203 @@
+//! `diffalign lora`: fuse a LoRA into a UNet (`merge`), or rewrite a LoRA file in another key form
+//! (`convert`). Applying a LoRA without merging is `--lora` on any command that loads a model.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, Subcommand, ValueEnum};
+use diffalign::weights::lora::{dominant_rank_alpha, fuse_store, save_kohya, save_peft};
+use diffalign::weights::{layout, save_safetensors, LoraSource, SafetensorsFile};
+
+/// Flags of `diffalign lora`.
+#[derive(Debug, Args)]
+pub struct LoraArgs {
+    #[command(subcommand)]
+    command: LoraCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum LoraCommand {
+    /// Fuse a UNet LoRA into the UNet's weights (W + scale * B @ A) and write a diffusers `unet/`
+    /// folder (config.json and diffusion_pytorch_model.safetensors), usable as `--unet`.
+    Merge(MergeArgs),
+    /// Rewrite a UNet LoRA in diffusers/PEFT or kohya (A1111, ComfyUI) form.
+    Convert(ConvertArgs),
+}
+
+/// Flags of `diffalign lora merge`.
+#[derive(Debug, Args)]
+struct MergeArgs {
+    /// A diffusers pipeline folder, a Hugging Face repo id found in the local cache, or a `unet/`
+    /// folder itself.
+    #[arg(long)]
+    model: String,
+    /// Cache revision (branch, tag or snapshot hash) of a repo id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Weight-file variant: `fp16` reads `diffusion_pytorch_model.fp16.safetensors`.
+    #[arg(long)]
+    variant: Option<String>,
+    /// The LoRA (diffusers/PEFT, old diffusers or kohya safetensors).
+    #[arg(long)]
+    lora: PathBuf,
+    /// The `unet/` folder to write; it must not exist, or be empty.
+    #[arg(long)]
+    out: PathBuf,
+    /// Dtype of the merged weights: f32, f16 or bf16 (default: the stored dtype). The fusion
+    /// itself is computed in f32.
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+/// Key form of `diffalign lora convert --to`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Form {
+    /// `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+    Kohya,
+    /// `unet.<module>.lora_A.weight` / `.lora_B.weight` with `lora_adapter_metadata`.
+    Peft,
+}
+
+/// Flags of `diffalign lora convert`.
+#[derive(Debug, Args)]
+struct ConvertArgs {
+    /// The LoRA to read (any supported form).
+    #[arg(long)]
+    lora: PathBuf,
+    /// The form to write.
+    #[arg(long, value_enum)]
+    to: Form,
+    /// The file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Runs `diffalign lora`.
+pub fn run(args: LoraArgs) -> anyhow::Result<()> {
+    match args.command {
+        LoraCommand::Merge(a) => merge(a),
+        LoraCommand::Convert(a) => convert(a),
+    }
+}
+
+const STEM: &str = "diffusion_pytorch_model";
+
+fn read_lora(path: &Path) -> anyhow::Result<LoraSource> {
+    let source = LoraSource::from_file(path, "unet", false).context("--lora")?;
+    let ignored = source.ignored_keys();
+    if !ignored.is_empty() {
+        eprintln!(
+            "note: {}: {} text-encoder LoRA tensor(s) skipped (only the UNet's are used), e.g. {}",
+            path.display(),
+            ignored.len(),
+            ignored[0]
+        );
+    }
+    Ok(source)
+}
+
+/// The `unet/` folder `--model` names: the folder itself when it holds a UNet config, else the
+/// `unet/` of a pipeline folder or cached repo.
+fn unet_dir(args: &MergeArgs) -> anyhow::Result<PathBuf> {
+    let direct = Path::new(&args.model);
+    if direct.join("config.json").is_file() && !direct.join("model_index.json").is_file() {
+        return Ok(direct.to_path_buf());
+    }
+    let cache = layout::hub_cache_dir(|k| std::env::var(k).ok());
+    let root = layout::resolve_model(&args.model, cache.as_deref(), args.revision.as_deref())?;
+    Ok(root.join("unet"))
+}
+
+/// The dtype the UNet's weights are stored in (of its first file's first tensor).
+fn stored_dtype(dir: &Path, variant: Option<&str>) -> anyhow::Result<DType> {
+    let suffix = variant.map(|v| format!(".{v}")).unwrap_or_default();
+    let single = dir.join(format!("{STEM}{suffix}.safetensors"));
+    let file = if single.is_file() {
+        single
+    } else {
+        let index = dir.join(format!("{STEM}.safetensors.index{suffix}.json"));
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| index.display().to_string())?;
+        let first = json["weight_map"]
+            .as_object()
+            .and_then(|m| m.values().next())
+            .and_then(|v| v.as_str())
+            .with_context(|| format!("{}: no weight_map entries", index.display()))?;
+        dir.join(first)
+    };
+    let f = SafetensorsFile::open(&file)?;
+    let name = f
+        .names()
+        .into_iter()
+        .next()
+        .with_context(|| format!("{}: no tensors", file.display()))?;
+    Ok(f.load(&name, &Device::Cpu)?.dtype())
+}
+
+fn merge(args: MergeArgs) -> anyhow::Result<()> {
+    let out = &args.out;
+    if out.exists() {
+        let empty = out.is_dir() && std::fs::read_dir(out)?.next().is_none();
+        if !empty {
+            bail!("--out {}: already exists and is not an empty folder", out.display());
+        }
+    }
+    let dir = unet_dir(&args)?;
+    let source = read_lora(&args.lora)?;
+    let store = layout::open_weights(&dir, STEM, args.variant.as_deref())?;
+    let dtype = match &args.dtype {
+        Some(d) => diffalign::device::parse_dtype(d)?,
+        None => stored_dtype(&dir, args.variant.as_deref())?,
+    };
+    let tensors = fuse_store(&store, &source, dtype, &Device::Cpu)
+        .with_context(|| format!("merging {} into {}", args.lora.display(), dir.display()))?;
+    let name = out.file_name().context("--out: needs a folder name")?.to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> anyhow::Result<()> {
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let config = dir.join("config.json");
+        // Written, not copied: a copy would keep a read-only source's permissions.
+        let text = std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
+        std::fs::write(tmp.join("config.json"), text).with_context(|| format!("writing {}", tmp.display()))?;
+        let map: HashMap<String, _> = tensors.into_iter().collect();
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        save_safetensors(&tmp.join(format!("{STEM}.safetensors")), &map, Some(metadata))?;
+        if out.exists() {
+            std::fs::remove_dir(out).with_context(|| format!("replacing the empty folder {}", out.display()))?;
+        }
+        std::fs::rename(&tmp, out).with_context(|| format!("moving {} to {}", tmp.display(), out.display()))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    eprintln!(
+        "merged {} LoRA tensor(s) of {} into {} ({dtype:?})",
+        source.keys().len(),
+        args.lora.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    let source = read_lora(&args.lora)?;
+    let adapters = source.file_adapters(&Device::Cpu)?;
+    match args.to {
+        Form::Kohya => save_kohya(&args.out, &adapters)?,
+        Form::Peft => {
+            let (rank, alpha) = dominant_rank_alpha(&adapters).context("--lora: no adapters")?;
+            save_peft(&args.out, &adapters, rank, alpha, &[])?
+        }
+    }
+    eprintln!(
+        "wrote {} adapter(s) of {} to {}",
+        adapters.len(),
+        args.lora.display(),
+        args.out.display()
+    );
+    Ok(())
+}
