@@ -367,3 +367,49 @@ fn adamw_matches_pytorch_formula() {
         assert!((got[i] as f64 - w[i]).abs() < 1e-6, "w[{i}]: {} vs {}", got[i], w[i]);
     }
 }
+
+#[test]
+fn lora_training_saves_peft_and_kohya_files_that_load_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(&tmp.path().join("data"), 3, 5);
+    let r = recipe(tmp.path(), &data, "dpo", "");
+    let lora = [
+        "--set",
+        "lora.rank=2",
+        "--set",
+        "lora.alpha=4",
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.lr=1e-2",
+    ];
+    train(&r, &lora);
+    let out = tmp.path().join("out");
+    let peft = out.join("pytorch_lora_weights.safetensors");
+    let kohya = out.join("lora_kohya.safetensors");
+    assert!(peft.is_file() && kohya.is_file() && !out.join("unet").exists());
+    // Both files apply to the base UNet and give the same output, which differs from the base.
+    let r0 = load(&shared_fixtures().join("sd15/reference.safetensors"));
+    let run = |file: Option<&Path>| -> Tensor {
+        let opts = LoadOptions {
+            lora: file.map(|f| {
+                std::sync::Arc::new(diffalign::weights::lora::LoraSource::from_file(f, "unet", false).unwrap())
+            }),
+            ..Default::default()
+        };
+        let (unet, _) = UNet2DConditionModel::from_pretrained(&shared_fixtures().join("sd15/unet"), &opts).unwrap();
+        unet.forward(
+            &r0["unet.sample"],
+            &r0["unet.timesteps"],
+            &r0["unet.encoder_hidden_states"],
+            None,
+        )
+        .unwrap()
+    };
+    let (base, with_peft, with_kohya) = (run(None), run(Some(&peft)), run(Some(&kohya)));
+    assert!(
+        max_abs_diff(&base, &with_peft) > 1e-6,
+        "the trained LoRA changes nothing"
+    );
+    assert_close("peft vs kohya", &with_peft, &with_kohya, 1e-5);
+}

@@ -79,6 +79,7 @@ pub struct Trainer {
     state: TrainState,
     out: PathBuf,
     records: Vec<StepRecord>,
+    policy_vb: VarBuilder,
 }
 
 fn mean(t: &Tensor) -> Result<f64> {
@@ -119,20 +120,35 @@ impl Trainer {
         };
         let pipe = StableDiffusionPipeline::load(&sources, &load)?;
         let policy_unet_dir = root.join("unet");
-        if r.lora.is_some() {
-            return Err(Error::config(
-                &plan.source,
-                "lora",
-                "LoRA training is not wired into the trainer yet",
-            ));
-        }
-        let lopts = LoadOptions {
-            trainable: true,
-            ..load.clone()
+        let (policy, policy_vb) = match &r.lora {
+            // LoRA: a fresh adapter (PEFT's gaussian init, B = 0) on the frozen UNet.
+            Some(l) => {
+                let cfg = crate::weights::lora::LoraConfig {
+                    rank: l.rank,
+                    alpha: l.alpha.unwrap_or(l.rank as f64),
+                    target_modules: l.targets.clone(),
+                    init_seed: r.train.seed,
+                };
+                let source = std::sync::Arc::new(crate::weights::lora::LoraSource::fresh(&cfg));
+                let lopts = LoadOptions {
+                    lora: Some(source),
+                    ..load.without_lora()
+                };
+                UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?
+            }
+            None => {
+                let lopts = LoadOptions {
+                    trainable: true,
+                    ..load.without_lora()
+                };
+                UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?
+            }
         };
-        let (policy, vb): (UNet2DConditionModel, VarBuilder) =
-            UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?;
-        let vars = vb.vars();
+        let vars = if r.lora.is_some() {
+            policy_vb.lora_vars()
+        } else {
+            policy_vb.vars()
+        };
         let opt = AdamW::new(vars, r.train.adam)?;
         let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
         let data = PairDataset::open(&r.data)?;
@@ -191,6 +207,7 @@ impl Trainer {
             state,
             out,
             records: Vec::new(),
+            policy_vb,
         };
         if opts.resume {
             if let Some(ck) = checkpoint::latest(&trainer.checkpoint_dir())? {
@@ -516,8 +533,16 @@ impl Trainer {
         Ok(())
     }
 
-    /// The trained weights as a diffusers `unet/` folder.
+    /// The trained weights: a PEFT LoRA (which diffusers' `load_lora_weights` reads) plus a kohya
+    /// copy for ComfyUI and A1111, or a diffusers `unet/` folder.
     fn save_weights(&self) -> Result<()> {
+        if let Some(l) = &self.plan.raw.lora {
+            let adapters = self.policy_vb.lora_adapters();
+            let alpha = l.alpha.unwrap_or(l.rank as f64);
+            let peft = self.out.join("pytorch_lora_weights.safetensors");
+            crate::weights::lora::save_peft(&peft, &adapters, l.rank, alpha, &l.targets)?;
+            return crate::weights::lora::save_kohya(&self.out.join("lora_kohya.safetensors"), &adapters);
+        }
         let dir = self.out.join("unet");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let cfg = self.policy_unet_dir.join("config.json");
