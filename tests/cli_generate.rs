@@ -213,3 +213,53 @@ fn generate_prompts_file_writes_one_png_per_prompt_and_seed() {
         std::fs::read(tmp.path().join("img-000-0.png")).unwrap()
     );
 }
+
+#[test]
+fn generate_warns_about_config_keys_it_does_not_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("turbo");
+    fn copy(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy(&e.path(), &dst.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    copy(&shared_fixtures().join("turbo"), &model);
+    let cfg = model.join("unet/config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replacen('{', "{\n  \"some_future_key\": 3,", 1);
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.path().join("x.png");
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--prompt", "a circle", "--steps", "1", "--guidance", "0", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("some_future_key") && err.contains("unet/config.json"),
+        "{err}"
+    );
+    // The unmodified fixture gives no warning.
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(shared_fixtures().join("turbo"))
+        .args(["--prompt", "a circle", "--steps", "1", "--guidance", "0", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

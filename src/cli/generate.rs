@@ -123,6 +123,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("--init-noise: gives the noise of one image; use it with one --prompt and --num-images 1");
     }
     let pipe = args.model.load_pipeline()?;
+    for w in &pipe.warnings {
+        eprintln!("warning: {w}");
+    }
     let f = pipe.vae_scale_factor();
     let (height, width) = match (&init_noise, args.height, args.width) {
         (_, Some(h), Some(w)) => (h, w),

@@ -128,6 +128,8 @@ pub struct StableDiffusionPipeline {
     pub scheduler_config: SchedulerConfig,
     /// SDXL: zero negative embeddings when no negative prompt is given.
     pub force_zeros_for_empty_prompt: bool,
+    /// Config keys this implementation does not read, one line per file, for the caller to show.
+    pub warnings: Vec<String>,
     dtype: DType,
     device: Device,
 }
@@ -307,6 +309,33 @@ impl StableDiffusionPipeline {
         let force_zeros_for_empty_prompt = index
             .force_zeros_for_empty_prompt
             .unwrap_or(kind == PipelineKind::StableDiffusionXl);
+        let unet_config = unet_dir.join("config.json");
+        let mut unknown = vec![
+            (
+                root.join("scheduler/scheduler_config.json"),
+                scheduler_config.unknown_keys(),
+            ),
+            (
+                unet_config.clone(),
+                UNet2DConditionConfig::from_file(&unet_config)?.unknown_keys(),
+            ),
+            (vae_dir.join("config.json"), vae_cfg.unknown_keys()),
+            (te_dir.join("config.json"), text_encoder.config().unknown_keys()),
+        ];
+        if let Some(te2) = &text_encoder_2 {
+            unknown.push((root.join("text_encoder_2/config.json"), te2.config().unknown_keys()));
+        }
+        let warnings = unknown
+            .into_iter()
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(file, keys)| {
+                format!(
+                    "{}: ignoring keys this version does not read: {}",
+                    file.display(),
+                    keys.join(", ")
+                )
+            })
+            .collect();
         Ok(StableDiffusionPipeline {
             kind,
             tokenizer,
@@ -317,6 +346,7 @@ impl StableDiffusionPipeline {
             vae,
             scheduler_config,
             force_zeros_for_empty_prompt,
+            warnings,
             dtype: opts.dtype,
             device: opts.device.clone(),
         })

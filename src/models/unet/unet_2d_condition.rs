@@ -233,6 +233,9 @@ pub struct UNet2DConditionConfig {
     /// Must be null or false.
     #[serde(default)]
     pub mid_block_only_cross_attention: Option<bool>,
+    /// Heads of the `text_image` added embedding (unused by the supported `text_time`).
+    #[serde(default)]
+    pub addition_embed_type_num_heads: Option<usize>,
     /// Must be null.
     #[serde(default)]
     pub cross_attention_norm: Option<String>,
