@@ -12,6 +12,7 @@
 //! - [`schedulers`]: the noise schedule and the step rules.
 //! - [`sampling`]: the text-to-image pipeline.
 //! - [`preference`]: preference objectives (DPO family, MaPO, SmPO) and their diffusion proxy.
+//! - [`reward`]: differentiable image reward models (PickScore, CLIPScore, HPSv2, aesthetic).
 //! - [`data`]: preference pairs from parquet, JSONL or folders, preprocessing, the latent cache.
 //! - [`train`]: the fine-tuning loop, optimizer, checkpoints and report; [`recipe`]: its TOML plans.
 

@@ -218,18 +218,7 @@ fn generate_prompts_file_writes_one_png_per_prompt_and_seed() {
 fn generate_warns_about_config_keys_it_does_not_read() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("turbo");
-    fn copy(src: &Path, dst: &Path) {
-        std::fs::create_dir_all(dst).unwrap();
-        for e in std::fs::read_dir(src).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                copy(&e.path(), &dst.join(e.file_name()));
-            } else {
-                std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-            }
-        }
-    }
-    copy(&shared_fixtures().join("turbo"), &model);
+    copy_dir(&shared_fixtures().join("turbo"), &model);
     let cfg = model.join("unet/config.json");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()

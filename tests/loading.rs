@@ -13,20 +13,6 @@ use diffalign::sampling::{GenerateRequest, StableDiffusionPipeline};
 use diffalign::weights::{layout, LoadOptions};
 use diffalign::Error;
 
-/// Copies a fixture folder recursively into `dst`.
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
-}
-
 /// The error of a call expected to fail.
 fn failure<T>(r: diffalign::Result<T>, what: &str) -> Error {
     match r {

@@ -64,20 +64,8 @@ fn write_pairs(dir: &Path, n: usize, seed: u64) -> PathBuf {
 /// -20): the random fixture VAE's std (about 1.2) dwarfs its means (about 0.3), so sampled
 /// latents would carry almost nothing of the images and no method could learn a preference.
 fn sharp_vae_pipeline(dir: &Path) -> PathBuf {
-    fn copy(src: &Path, dst: &Path) {
-        std::fs::create_dir_all(dst).unwrap();
-        for e in std::fs::read_dir(src).unwrap() {
-            let e = e.unwrap();
-            let to = dst.join(e.file_name());
-            if e.file_type().unwrap().is_dir() {
-                copy(&e.path(), &to);
-            } else {
-                std::fs::copy(e.path(), &to).unwrap();
-            }
-        }
-    }
     let root = dir.join("sd15-sharp-vae");
-    copy(&shared_fixtures().join("sd15"), &root);
+    copy_dir(&shared_fixtures().join("sd15"), &root);
     let file = root.join("vae/diffusion_pytorch_model.safetensors");
     let mut t = load(&file);
     let w = &t["quant_conv.weight"];

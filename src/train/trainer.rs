@@ -621,13 +621,4 @@ impl Trainer {
     pub fn step_count(&self) -> usize {
         self.state.step
     }
-
-    /// The trainable parameters' f32 master weights by name.
-    pub fn master_weights(&self) -> Vec<(String, Tensor)> {
-        self.opt
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.master.clone()))
-            .collect()
-    }
 }

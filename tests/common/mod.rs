@@ -92,3 +92,17 @@ pub fn assert_every_var_has_gradient(out: &Tensor, vb: &diffalign::weights::VarB
         vars.len()
     );
 }
+
+/// Copies a fixture folder recursively into `dst` (for tests that edit a pipeline).
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
