@@ -13,6 +13,7 @@
 //! - [`sampling`]: the text-to-image pipeline.
 //! - [`preference`]: preference objectives (DPO family, MaPO, SmPO) and their diffusion proxy.
 //! - [`reward`]: differentiable image reward models (PickScore, CLIPScore, HPSv2, aesthetic).
+//! - [`reno`]: ReNO, reward-based optimisation of the initial noise of one-step models.
 //! - [`data`]: preference pairs from parquet, JSONL or folders, preprocessing, the latent cache.
 //! - [`train`]: the fine-tuning loop, optimizer, checkpoints and report; [`recipe`]: its TOML plans.
 
@@ -23,6 +24,7 @@ pub mod models;
 pub mod nn;
 pub mod preference;
 pub mod recipe;
+pub mod reno;
 pub mod reward;
 pub mod rng;
 pub mod sampling;

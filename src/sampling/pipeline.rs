@@ -13,7 +13,7 @@ use crate::models::clip::text_model::{is_known_buffer, ClipTextConfig, ClipTextM
 use crate::models::unet::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::rng::Rng;
-use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text::ClipTokenizer;
 use crate::weights::single_file::{Architecture, SingleFile};
 use crate::weights::{LoadOptions, TensorStore};
@@ -97,6 +97,21 @@ pub struct GenerateRequest {
     /// SDXL micro-conditioning `(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`;
     /// `None` gives `(height, width, 0, 0, height, width)`.
     pub time_ids: Option<[f64; 6]>,
+}
+
+/// What the denoiser is conditioned on, from [`StableDiffusionPipeline::conditioning`].
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// Text states, `[B or 2B, 77, D]` in the pipeline's dtype (negatives first under guidance).
+    pub context: Tensor,
+    /// SDXL's pooled embedding and time ids.
+    pub added: Option<AddedCond>,
+    /// Classifier-free guidance scale; guidance runs only when > 1.
+    pub guidance: f64,
+    /// Images per call.
+    pub batch: usize,
+    /// Latent `(h, w)`.
+    pub latent_size: (usize, usize),
 }
 
 /// Generated images.
@@ -439,11 +454,36 @@ impl StableDiffusionPipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
-        let b = req.prompts.len();
+        let cond = self.conditioning(
+            &req.prompts,
+            req.negative_prompts.as_deref(),
+            req.guidance,
+            (req.height, req.width),
+            req.time_ids,
+        )?;
+        let mut scheduler = self.scheduler_config.build(req.scheduler, req.steps)?;
+        let mut rng = Rng::new(req.seed);
+        let latents = self.denoise(unet, &cond, scheduler.as_mut(), &req.init_noise, &mut rng, progress)?;
+        let images = self.decode_latents(&latents)?;
+        Ok(Generated { images, latents })
+    }
+
+    /// Everything the denoiser is conditioned on for `prompts` at `(height, width)` pixels: the
+    /// text states (with the negatives first when `guidance > 1`) and SDXL's added conditions
+    /// (`time_ids` `None` gives `(H, W, 0, 0, H, W)`).
+    pub fn conditioning(
+        &self,
+        prompts: &[String],
+        negative_prompts: Option<&[String]>,
+        guidance: f64,
+        (height, width): (usize, usize),
+        time_ids: Option<[f64; 6]>,
+    ) -> Result<Conditioning> {
+        let b = prompts.len();
         if b == 0 {
             return Err(Error::input("prompt", "no prompt given"));
         }
-        if let Some(n) = &req.negative_prompts {
+        if let Some(n) = negative_prompts {
             if n.len() != b {
                 return Err(Error::input(
                     "negative prompt",
@@ -451,28 +491,14 @@ impl StableDiffusionPipeline {
                 ));
             }
         }
-        let (lh, lw) = self.check_size(req.height, req.width)?;
-        let want = [b, unet.in_channels(), lh, lw];
-        if req.init_noise.dims() != want {
-            return Err(Error::input(
-                "init noise",
-                format!("expected shape {want:?}, got {:?}", req.init_noise.dims()),
-            ));
-        }
-        let guidance = req.guidance > 1.0;
-        let embeds = self.encode_prompts(&req.prompts, req.negative_prompts.as_deref(), guidance)?;
+        let latent_size = self.check_size(height, width)?;
+        let guided = guidance > 1.0;
+        let embeds = self.encode_prompts(prompts, negative_prompts, guided)?;
         let context = embeds.context.to_dtype(self.dtype)?;
-        let rows = if guidance { 2 * b } else { b };
+        let rows = if guided { 2 * b } else { b };
         let added = match &embeds.pooled {
             Some(pooled) => {
-                let ids = req.time_ids.unwrap_or([
-                    req.height as f64,
-                    req.width as f64,
-                    0.0,
-                    0.0,
-                    req.height as f64,
-                    req.width as f64,
-                ]);
+                let ids = time_ids.unwrap_or([height as f64, width as f64, 0.0, 0.0, height as f64, width as f64]);
                 let ids: Vec<f32> = (0..rows).flat_map(|_| ids.iter().map(|&v| v as f32)).collect();
                 Some(AddedCond {
                     text_embeds: pooled.to_dtype(self.dtype)?,
@@ -481,42 +507,73 @@ impl StableDiffusionPipeline {
             }
             None => None,
         };
+        Ok(Conditioning {
+            context,
+            added,
+            guidance,
+            batch: b,
+            latent_size,
+        })
+    }
 
-        let mut scheduler = self.scheduler_config.build(req.scheduler, req.steps)?;
-        let mut rng = Rng::new(req.seed);
-        let mut latents =
-            (req.init_noise.to_device(&self.device)?.to_dtype(DType::F32)? * scheduler.init_noise_sigma())?;
+    /// Runs `scheduler`'s sampling loop from the unscaled noise `init_noise` `[B, C, h, w]` and
+    /// returns the final (scaled) latents in f32. Every op is differentiable, so a gradient
+    /// reaches `init_noise` when it is a variable (ReNO). `progress` gets `(done, total)`.
+    pub fn denoise(
+        &self,
+        unet: &UNet2DConditionModel,
+        cond: &Conditioning,
+        scheduler: &mut dyn Scheduler,
+        init_noise: &Tensor,
+        rng: &mut Rng,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let b = cond.batch;
+        let want = [b, unet.in_channels(), cond.latent_size.0, cond.latent_size.1];
+        if init_noise.dims() != want {
+            return Err(Error::input(
+                "init noise",
+                format!("expected shape {want:?}, got {:?}", init_noise.dims()),
+            ));
+        }
+        let guided = cond.guidance > 1.0;
+        let rows = if guided { 2 * b } else { b };
+        let mut latents = (init_noise.to_device(&self.device)?.to_dtype(DType::F32)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guidance {
+            let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
             let ts = Tensor::from_vec(vec![t as f32; rows], rows, &self.device)?;
-            let pred = unet.forward(&input.to_dtype(self.dtype)?, &ts, &context, added.as_ref())?;
+            let pred = unet.forward(&input.to_dtype(self.dtype)?, &ts, &cond.context, cond.added.as_ref())?;
             let pred = pred.to_dtype(DType::F32)?;
-            let pred = if guidance {
+            let pred = if guided {
                 let (uncond, text) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
-                (&uncond + ((text - &uncond)? * req.guidance)?)?
+                (&uncond + ((text - &uncond)? * cond.guidance)?)?
             } else {
                 pred
             };
-            latents = scheduler.step(&pred, i, &latents, &mut rng)?;
+            latents = scheduler.step(&pred, i, &latents, rng)?;
             progress(i + 1, timesteps.len());
         }
-        let images = self.decode_latents(&latents)?;
-        Ok(Generated { images, latents })
+        Ok(latents)
+    }
+
+    /// Decodes scaled latents to `[B, 3, H, W]` f32 images in [0, 1] (differentiable; the clamp
+    /// passes no gradient where it clips, as in diffusers).
+    pub fn decode_images(&self, latents: &Tensor) -> Result<Tensor> {
+        let vae_dtype = self.vae_dtype();
+        let z = (latents.to_dtype(vae_dtype)? / self.vae.config().scaling_factor)?;
+        let decoded = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        Ok(((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
     /// Decodes scaled latents to `[B, H, W, 3]` images in [0, 1].
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let vae_dtype = self.vae_dtype();
-        let z = (latents.to_dtype(vae_dtype)? / self.vae.config().scaling_factor)?;
-        let decoded = self.vae.decode(&z)?.to_dtype(DType::F32)?;
-        let images = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-        Ok(images.permute((0, 2, 3, 1))?.contiguous()?)
+        Ok(self.decode_images(latents)?.permute((0, 2, 3, 1))?.contiguous()?)
     }
 
     /// The dtype the VAE runs in (f32 for `force_upcast` VAEs).

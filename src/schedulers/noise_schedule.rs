@@ -330,6 +330,27 @@ impl NoiseSchedule {
     }
 }
 
+impl NoiseSchedule {
+    /// One Euler step from timestep `t` (in `[0, T−1]`, fractional allowed) straight to σ = 0,
+    /// starting from noise scaled by σ_t: the one-step generation ReNO runs at an explicit
+    /// timestep, which for t = T−1 is a one-step trailing Euler schedule (SD-Turbo's).
+    pub fn one_step_sigmas(&self, t: f64) -> Result<SigmaSchedule> {
+        let last = (self.alphas_cumprod.len() - 1) as f64;
+        if !(0.0..=last).contains(&t) {
+            return Err(Error::input(
+                "timestep",
+                format!("expected a value in [0, {last}] (the training timesteps), got {t}"),
+            ));
+        }
+        let sigma = np_interp_unit(t, &self.train_sigmas()) as f32 as f64;
+        Ok(SigmaSchedule {
+            timesteps: vec![t],
+            sigmas: vec![sigma, 0.0],
+            init_noise_sigma: sigma,
+        })
+    }
+}
+
 /// Checks that the noise has the shape of x0.
 fn check_same_shape(x0: &Tensor, noise: &Tensor) -> Result<()> {
     if x0.dims() != noise.dims() {

@@ -128,6 +128,48 @@ impl AdamW {
     }
 }
 
+/// SGD with momentum on one tensor, as `torch.optim.SGD` (no dampening, no weight decay): the
+/// buffer starts at the first gradient, then `b = m·b + g`; the step is `−lr·(g + m·b)` with
+/// Nesterov momentum and `−lr·b` without. ReNO optimises its noise with it.
+#[derive(Debug, Clone)]
+pub struct Sgd {
+    lr: f64,
+    momentum: f64,
+    nesterov: bool,
+    buf: Option<Tensor>,
+}
+
+impl Sgd {
+    /// A fresh optimizer.
+    pub fn new(lr: f64, momentum: f64, nesterov: bool) -> Self {
+        Sgd {
+            lr,
+            momentum,
+            nesterov,
+            buf: None,
+        }
+    }
+
+    /// The parameter after one step from `param` with gradient `grad` (both detached).
+    pub fn step(&mut self, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let direction = if self.momentum == 0.0 {
+            grad.clone()
+        } else {
+            let buf = match &self.buf {
+                None => grad.clone(),
+                Some(b) => ((b * self.momentum)? + grad)?,
+            };
+            self.buf = Some(buf.clone());
+            if self.nesterov {
+                (grad + (buf * self.momentum)?)?
+            } else {
+                buf
+            }
+        };
+        Ok((param - (direction * self.lr)?)?.detach())
+    }
+}
+
 /// Scales `grads` in place so that their global L2 norm is at most `max_norm`; returns the norm
 /// before clipping (`clip_grad_norm_` semantics: factor `max_norm / (norm + 1e-6)` when above).
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {

@@ -51,7 +51,8 @@ pub fn line_plot_svg(curve: &Curve) -> Result<String> {
     Ok(svg)
 }
 
-/// Validation images of one prompt: paths relative to the report, before and after.
+/// Images of one prompt and seed, paths relative to the report: before and after (training, or
+/// noise optimisation).
 pub struct ImageRow {
     /// The prompt.
     pub prompt: String,
@@ -84,7 +85,7 @@ pub fn write_report(path: &Path, title: &str, summary: &str, curves: &[Curve], i
     }
     if !images.is_empty() {
         html.push_str(
-            "<h2>Validation images</h2><table><tr><th>prompt</th><th>seed</th><th>before</th><th>after</th></tr>",
+            "<h2>Before and after</h2><table><tr><th>prompt</th><th>seed</th><th>before</th><th>after</th></tr>",
         );
         for r in images {
             let _ = write!(
