@@ -114,8 +114,11 @@ pub struct IterationRecord {
 impl IterationRecord {
     /// The JSON line of `iterations.jsonl`.
     pub fn to_json(&self) -> serde_json::Value {
-        let scores: serde_json::Map<String, serde_json::Value> =
-            self.scores.iter().map(|(k, s)| (k.name().to_string(), (*s).into())).collect();
+        let scores: serde_json::Map<String, serde_json::Value> = self
+            .scores
+            .iter()
+            .map(|(k, s)| (k.name().to_string(), (*s).into()))
+            .collect();
         serde_json::json!({
             "iter": self.iter,
             "scores": scores,
@@ -191,13 +194,20 @@ impl<'a> Reno<'a> {
         if config.iters == 0 {
             return Err(Error::input("iters", "must be at least 1"));
         }
-        for (what, v) in [("lr", config.lr), ("momentum", config.momentum), ("reg weight", config.reg_weight)] {
+        for (what, v) in [
+            ("lr", config.lr),
+            ("momentum", config.momentum),
+            ("reg weight", config.reg_weight),
+        ] {
             if !v.is_finite() || v < 0.0 {
                 return Err(Error::input(what, format!("must be a finite value >= 0, got {v}")));
             }
         }
         if let Some(c) = config.grad_clip.filter(|c| !(c.is_finite() && *c > 0.0)) {
-            return Err(Error::input("grad clip", format!("must be a finite value > 0, got {c}")));
+            return Err(Error::input(
+                "grad clip",
+                format!("must be a finite value > 0, got {c}"),
+            ));
         }
         // Build the sampler once so that a bad timestep or scheduler fails before any work.
         let reno = Reno {
@@ -242,7 +252,11 @@ impl<'a> Reno<'a> {
     /// Scores, losses and (with `with_grad`) the gradient of the total loss for noise `z`.
     pub fn evaluate(&self, cond: &Conditioning, prompt: &str, z: &Tensor, with_grad: bool) -> Result<Evaluation> {
         let var = Var::from_tensor(&z.to_dtype(DType::F32)?.detach())?;
-        let z = if with_grad { var.as_tensor().clone() } else { var.as_tensor().detach() };
+        let z = if with_grad {
+            var.as_tensor().clone()
+        } else {
+            var.as_tensor().detach()
+        };
         let image = self.generate(cond, &z)?;
         let mut scores = Vec::with_capacity(self.rewards.len());
         let mut total: Option<Tensor> = None;
@@ -250,7 +264,10 @@ impl<'a> Reno<'a> {
         for r in self.rewards {
             let score = r.reward.score(&image, prompt)?.to_dtype(DType::F32)?;
             let loss = r.loss.apply(&score)?.sum_all()?;
-            scores.push((r.reward.kind(), score.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?));
+            scores.push((
+                r.reward.kind(),
+                score.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?,
+            ));
             reward_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             total = Some(match total {
                 None => loss,
@@ -294,13 +311,9 @@ impl<'a> Reno<'a> {
                 format!("expected one noise tensor [1, C, h, w], got shape {:?}", z0.dims()),
             ));
         }
-        let cond = self.pipeline.conditioning(
-            &[prompt.to_string()],
-            None,
-            1.0,
-            self.image_size(z0)?,
-            None,
-        )?;
+        let cond = self
+            .pipeline
+            .conditioning(&[prompt.to_string()], None, 1.0, self.image_size(z0)?, None)?;
         self.run_with(&cond, prompt, z0, observe)
     }
 

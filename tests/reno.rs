@@ -9,7 +9,9 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use common::{load, max_abs_diff, metadata, shared_fixtures};
-use diffalign::reno::{noise_regularizer, IterationRecord, IterationTensors, Reno, RenoConfig, Sampler, WeightedReward};
+use diffalign::reno::{
+    noise_regularizer, IterationRecord, IterationTensors, Reno, RenoConfig, Sampler, WeightedReward,
+};
 use diffalign::reward::{load_reward, RewardKind};
 use diffalign::sampling::pipeline::{PipelineSources, StableDiffusionPipeline};
 use diffalign::train::optim::Sgd;
@@ -37,7 +39,12 @@ fn prompt() -> String {
 }
 
 fn scalar(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0]
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[0]
 }
 
 fn assert_rel(what: &str, got: f64, want: f64, rtol: f64) {
@@ -49,7 +56,15 @@ fn assert_rel(what: &str, got: f64, want: f64, rtol: f64) {
 
 /// `|a − b| / |b|` over the whole tensor.
 fn rel_norm_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    let d = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt();
     let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
     d / n.max(1e-12)
 }
@@ -63,7 +78,12 @@ fn turbo_pipeline() -> StableDiffusionPipeline {
 }
 
 fn pickscore() -> Vec<WeightedReward> {
-    let reward = load_reward(RewardKind::PickScore, &reno_dir().join("reward_clip"), &LoadOptions::default()).unwrap();
+    let reward = load_reward(
+        RewardKind::PickScore,
+        &reno_dir().join("reward_clip"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     vec![WeightedReward::new(reward, None)]
 }
 
@@ -85,14 +105,27 @@ fn reno_three_iterations_match_shared_fixture() {
         })
         .unwrap();
     assert_eq!(outcome.records.len(), 4);
-    assert!(seen[3].1.grad.is_none() && seen[3].1.next_noise.is_none(), "the last iteration only evaluates");
+    assert!(
+        seen[3].1.grad.is_none() && seen[3].1.next_noise.is_none(),
+        "the last iteration only evaluates"
+    );
     for (i, (record, tensors)) in seen.iter().take(3).enumerate() {
         let key = |name: &str| format!("reno.iter{i}.{name}");
         assert_eq!(record.iter, i);
         assert_eq!(record.scores[0].0, RewardKind::PickScore);
         assert_rel(&key("score"), record.scores[0].1, scalar(&e[&key("score")]), LOSS_RTOL);
-        assert_rel(&key("reward_loss"), record.reward_loss, scalar(&e[&key("reward_loss")]), LOSS_RTOL);
-        assert_rel(&key("reg_loss"), record.reg_loss, scalar(&e[&key("reg_loss")]), LOSS_RTOL);
+        assert_rel(
+            &key("reward_loss"),
+            record.reward_loss,
+            scalar(&e[&key("reward_loss")]),
+            LOSS_RTOL,
+        );
+        assert_rel(
+            &key("reg_loss"),
+            record.reg_loss,
+            scalar(&e[&key("reg_loss")]),
+            LOSS_RTOL,
+        );
         let image_diff = max_abs_diff(&tensors.image, &e[&key("image")]);
         assert!(image_diff < 1e-4, "{}: max abs diff {image_diff}", key("image"));
         let grad = tensors.grad.as_ref().unwrap();
@@ -119,10 +152,15 @@ fn explicit_timestep_999_equals_the_turbo_one_step_schedule() {
     let pipe = turbo_pipeline();
     let rewards = pickscore();
     let z0 = &e["reno.z0"];
-    let cond = pipe
-        .conditioning(&[prompt()], None, 1.0, (64, 64), None)
-        .unwrap();
-    let default = Reno::new(&pipe, &rewards, Sampler::Scheduler { kind: None, steps: 1 }, RenoConfig::default(), 0).unwrap();
+    let cond = pipe.conditioning(&[prompt()], None, 1.0, (64, 64), None).unwrap();
+    let default = Reno::new(
+        &pipe,
+        &rewards,
+        Sampler::Scheduler { kind: None, steps: 1 },
+        RenoConfig::default(),
+        0,
+    )
+    .unwrap();
     let explicit = Reno::new(&pipe, &rewards, Sampler::Timestep(999.0), RenoConfig::default(), 0).unwrap();
     let a = default.generate(&cond, z0).unwrap();
     let b = explicit.generate(&cond, z0).unwrap();
@@ -163,7 +201,10 @@ fn sgd_nesterov_matches_torch_update_rule() {
     let p2 = sgd.step(&p1, &g2).unwrap();
     let p1_want = [1.0 - 0.1 * (0.5 + 0.9 * 0.5), -2.0 - 0.1 * (0.25 + 0.9 * 0.25)];
     let b2 = [0.9 * 0.5 - 1.0, 0.9 * 0.25 + 2.0];
-    let p2_want = [p1_want[0] - 0.1 * (-1.0 + 0.9 * b2[0]), p1_want[1] - 0.1 * (2.0 + 0.9 * b2[1])];
+    let p2_want = [
+        p1_want[0] - 0.1 * (-1.0 + 0.9 * b2[0]),
+        p1_want[1] - 0.1 * (2.0 + 0.9 * b2[1]),
+    ];
     for (got, want) in [(p1, p1_want), (p2, p2_want)] {
         let got = got.to_vec1::<f64>().unwrap();
         for (g, w) in got.iter().zip(want) {
@@ -178,18 +219,248 @@ fn reno_rejects_bad_settings() {
     let rewards = pickscore();
     let sampler = Sampler::Scheduler { kind: None, steps: 1 };
     let bad = [
-        (RenoConfig { iters: 0, ..RenoConfig::default() }, "iters"),
-        (RenoConfig { lr: f64::NAN, ..RenoConfig::default() }, "lr"),
-        (RenoConfig { grad_clip: Some(0.0), ..RenoConfig::default() }, "grad clip"),
+        (
+            RenoConfig {
+                iters: 0,
+                ..RenoConfig::default()
+            },
+            "iters",
+        ),
+        (
+            RenoConfig {
+                lr: f64::NAN,
+                ..RenoConfig::default()
+            },
+            "lr",
+        ),
+        (
+            RenoConfig {
+                grad_clip: Some(0.0),
+                ..RenoConfig::default()
+            },
+            "grad clip",
+        ),
     ];
     for (config, what) in bad {
-        let err = Reno::new(&pipe, &rewards, sampler, config, 0).err().unwrap().to_string();
+        let err = Reno::new(&pipe, &rewards, sampler, config, 0)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains(what), "{what}: {err}");
     }
-    let err = Reno::new(&pipe, &[], sampler, RenoConfig::default(), 0).err().unwrap().to_string();
+    let err = Reno::new(&pipe, &[], sampler, RenoConfig::default(), 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("reward"), "{err}");
     let reno = Reno::new(&pipe, &rewards, sampler, RenoConfig::default(), 0).unwrap();
     let wrong = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
-    let err = reno.run(&prompt(), &wrong, &mut |_, _| Ok(())).err().unwrap().to_string();
+    let err = reno
+        .run(&prompt(), &wrong, &mut |_, _| Ok(()))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("channels"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `reno` command
+
+fn diffalign() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_diffalign"))
+}
+
+/// `reno.z0` as `init_noise` in a safetensors file under `dir`.
+fn write_z0(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("z0.safetensors");
+    let z0 = expected()["reno.z0"].clone();
+    let tensors = std::collections::HashMap::from([("init_noise".to_string(), z0)]);
+    diffalign::weights::store::save_safetensors(&path, &tensors, None).unwrap();
+    path
+}
+
+fn reno_cmd(out: &std::path::Path, z0: &std::path::Path, reward: &str) -> Command {
+    let mut cmd = diffalign();
+    cmd.arg("reno")
+        .arg("--model")
+        .arg(turbo_dir())
+        .args(["--prompt", &prompt(), "--reward", reward, "--init-noise"])
+        .arg(z0)
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
+fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn reno_cli_writes_iterations_matching_the_fixture() {
+    let e = expected();
+    let tmp = tempfile::tempdir().unwrap();
+    let z0 = write_z0(tmp.path());
+    let out = tmp.path().join("new/run");
+    let reward = format!("pickscore={}", reno_dir().join("reward_clip").display());
+    let o = reno_cmd(&out, &z0, &reward).args(["--iters", "3"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines = jsonl(&out.join("iterations.jsonl"));
+    assert_eq!(lines.len(), 3);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["iter"], i);
+        let key = |name: &str| format!("reno.iter{i}.{name}");
+        let score = line["scores"]["pickscore"].as_f64().unwrap();
+        assert_rel(&key("score"), score, scalar(&e[&key("score")]), LOSS_RTOL);
+        let reward_loss = line["reward_loss"].as_f64().unwrap();
+        assert_rel(
+            &key("reward_loss"),
+            reward_loss,
+            scalar(&e[&key("reward_loss")]),
+            LOSS_RTOL,
+        );
+        let reg_loss = line["reg_loss"].as_f64().unwrap();
+        assert_rel(&key("reg_loss"), reg_loss, scalar(&e[&key("reg_loss")]), LOSS_RTOL);
+    }
+    for name in ["initial.png", "best.png", "best_noise.safetensors", "index.html"] {
+        assert!(out.join(name).is_file(), "{name} missing");
+    }
+    // The summary names the best iteration; its noise regenerates its image.
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let best = summary["best_iter"].as_u64().unwrap() as usize;
+    let best_loss = lines[best]["reward_loss"].as_f64().unwrap();
+    assert!(lines.iter().all(|l| l["reward_loss"].as_f64().unwrap() >= best_loss));
+    let best_noise = load(&out.join("best_noise.safetensors"))["init_noise"].clone();
+    let z_best = if best == 0 {
+        e["reno.z0"].clone()
+    } else {
+        e[&format!("reno.iter{}.z_after", best - 1)].clone()
+    };
+    assert!(max_abs_diff(&best_noise, &z_best) < 1e-4);
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("best.png") && html.contains("pickscore score"));
+}
+
+#[test]
+fn reno_cli_prompts_file_gives_one_folder_per_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\n\na blue square\n").unwrap();
+    let out = tmp.path().join("out");
+    let reward = format!("pickscore={}", reno_dir().join("reward_clip").display());
+    let o = diffalign()
+        .arg("reno")
+        .arg("--model")
+        .arg(turbo_dir())
+        .arg("--prompts")
+        .arg(&prompts)
+        .args([
+            "--reward",
+            &reward,
+            "--weight",
+            "pickscore=1",
+            "--iters",
+            "2",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summaries: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(summaries.len(), 2);
+    assert_eq!(summaries[1]["prompt"], "a blue square");
+    for p in ["000", "001"] {
+        let lines = jsonl(&out.join(p).join("iterations.jsonl"));
+        assert_eq!(lines.len(), 2);
+        // --weight pickscore=1: the reward loss is 30 − score.
+        let (s, l) = (
+            lines[1]["scores"]["pickscore"].as_f64().unwrap(),
+            lines[1]["reward_loss"].as_f64().unwrap(),
+        );
+        assert_rel("reward loss at weight 1", l, 30.0 - s, 1e-6);
+    }
+    assert!(std::fs::read_to_string(out.join("index.html"))
+        .unwrap()
+        .contains("001/best.png"));
+}
+
+#[test]
+fn reno_cli_stops_on_a_non_finite_loss_and_keeps_what_it_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let z0 = write_z0(tmp.path());
+    let out = tmp.path().join("run");
+    let reward = format!("pickscore={}", reno_dir().join("reward_clip").display());
+    // A learning rate of 1e30 sends |z| past f32's range after the first step.
+    let o = reno_cmd(&out, &z0, &reward)
+        .args(["--iters", "5", "--lr", "1e30"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("iteration 1") && err.contains("non-finite"), "{err}");
+    let lines = jsonl(&out.join("iterations.jsonl"));
+    assert_eq!(lines.len(), 1, "only iteration 0 was finite");
+    for name in ["initial.png", "best.png", "index.html"] {
+        assert!(out.join(name).is_file(), "{name} missing");
+    }
+    assert!(!std::fs::read_dir(&out)
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+}
+
+#[test]
+fn reno_cli_rejects_bad_rewards_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let z0 = write_z0(tmp.path());
+    let out = tmp.path().join("run");
+    // An aesthetic predictor whose MLP expects 12 features over a CLIP that projects to 16.
+    let aesthetic = tmp.path().join("aesthetic");
+    std::fs::create_dir_all(aesthetic.join("clip")).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            reno_dir().join("reward_clip").join(name),
+            aesthetic.join("clip").join(name),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        common::own_fixtures().join("reward/aesthetic/aesthetic.safetensors"),
+        aesthetic.join("aesthetic.safetensors"),
+    )
+    .unwrap();
+    let cases = [
+        ("imagescore=/x".to_string(), vec!["unknown reward kind", "pickscore"]),
+        (
+            format!("pickscore={}", tmp.path().join("missing").display()),
+            vec!["missing", "pickscore reward model folder"],
+        ),
+        (
+            format!("aesthetic={}", aesthetic.display()),
+            vec!["layers.0.weight", "[32, 16]", "[32, 12]"],
+        ),
+    ];
+    for (reward, needles) in cases {
+        let o = reno_cmd(&out, &z0, &reward).output().unwrap();
+        assert!(!o.status.success(), "{reward}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        for n in needles {
+            assert!(err.contains(n), "{reward}: {n:?} not in {err}");
+        }
+    }
+    let reward = format!("pickscore={}", reno_dir().join("reward_clip").display());
+    let o = reno_cmd(&out, &z0, &reward)
+        .args(["--weight", "hpsv2=1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--weight hpsv2"));
 }

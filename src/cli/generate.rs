@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use candle_core::{Device, Tensor};
+use anyhow::bail;
+use candle_core::Device;
 use clap::Args;
 use diffalign::rng::Rng;
 use diffalign::sampling::image_io::save_png;
@@ -11,6 +11,7 @@ use diffalign::sampling::{GenerateRequest, PipelineKind};
 use diffalign::schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::inputs::{load_init_noise, read_prompts};
 use super::model_args::ModelArgs;
 
 /// Flags of `diffalign generate`.
@@ -58,39 +59,6 @@ pub struct GenerateArgs {
     out: PathBuf,
 }
 
-fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
-    match (&args.prompt, &args.prompts) {
-        (Some(p), None) => Ok(vec![p.clone()]),
-        (None, Some(file)) => {
-            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-            let prompts: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect();
-            if prompts.is_empty() {
-                bail!("{}: no prompts in the file", file.display());
-            }
-            Ok(prompts)
-        }
-        _ => bail!("give --prompt TEXT or --prompts FILE"),
-    }
-}
-
-fn load_init_noise(path: &Path) -> anyhow::Result<Tensor> {
-    let store = diffalign::weights::TensorStore::open_file(path)?;
-    let t = store.get("init_noise", None, candle_core::DType::F32, &Device::Cpu)?;
-    if t.rank() != 4 || t.dim(0)? != 1 {
-        bail!(
-            "{}: init_noise: expected shape [1, C, h, w], got {:?}",
-            path.display(),
-            t.dims()
-        );
-    }
-    Ok(t)
-}
-
 /// Output path of image `k` of prompt `p` when several are written.
 fn numbered(out: &Path, p: usize, k: usize) -> PathBuf {
     let stem = out
@@ -101,7 +69,7 @@ fn numbered(out: &Path, p: usize, k: usize) -> PathBuf {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let prompts = read_prompts(&args)?;
+    let prompts = read_prompts(args.prompt.as_deref(), args.prompts.as_deref())?;
     if args.num_images == 0 {
         bail!("--num-images: must be at least 1");
     }

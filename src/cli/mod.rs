@@ -2,9 +2,11 @@
 
 mod bench;
 mod generate;
+mod inputs;
 mod lora;
 mod loss;
 mod model_args;
+mod reno;
 mod score;
 mod train;
 
@@ -29,6 +31,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Score images for a prompt with reward models (one JSON line per image).
     Score(score::ScoreArgs),
+    /// Optimise the initial noise of a one-step model against reward models (ReNO).
+    Reno(reno::RenoArgs),
     /// Merge a LoRA into a UNet, or convert a LoRA between diffusers/PEFT and kohya forms.
     Lora(lora::LoraArgs),
     /// Time the hot paths on CPU (one JSON line per measurement).
@@ -42,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Lora(args) => lora::run(args),
         Command::Score(args) => score::run(args),
+        Command::Reno(args) => reno::run(args),
         Command::Loss(args) => loss::run(args),
         Command::Train(args) => train::run(args),
     }

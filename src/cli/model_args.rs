@@ -79,7 +79,8 @@ impl ModelArgs {
         }
     }
 
-    fn load_options(&self) -> anyhow::Result<LoadOptions> {
+    /// The dtype, device, variant and LoRA the flags give.
+    pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
         Ok(LoadOptions {
             dtype: diffalign::device::parse_dtype(&self.dtype)?,
             device: diffalign::device::parse_device(&self.device)?,

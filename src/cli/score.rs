@@ -1,15 +1,16 @@
 //! `diffalign score`: reward-model scores of image files for one prompt, one JSON object per
 //! image: `{"image": PATH, "scores": {KIND: SCORE, ...}}`.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Args;
-use diffalign::reward::{load_reward, RewardSpec};
+use diffalign::reward::RewardSpec;
 use diffalign::sampling::image_io::load_image;
 use diffalign::weights::LoadOptions;
+
+use super::inputs::{load_rewards, parse_reward_spec};
 
 /// Flags of `diffalign score`.
 #[derive(Debug, Args)]
@@ -17,7 +18,7 @@ pub struct ScoreArgs {
     /// A reward model as KIND=PATH, repeatable. Kinds: pickscore, clipscore (transformers
     /// CLIPModel folders), hpsv2 (open_clip folder), aesthetic (folder with `clip/` and
     /// `aesthetic.safetensors`), imagereward (not supported yet).
-    #[arg(long = "reward", required = true, value_parser = parse_spec)]
+    #[arg(long = "reward", required = true, value_parser = parse_reward_spec)]
     rewards: Vec<RewardSpec>,
     /// The prompt the images are scored against.
     #[arg(long)]
@@ -33,17 +34,7 @@ pub struct ScoreArgs {
     images: Vec<PathBuf>,
 }
 
-fn parse_spec(s: &str) -> Result<RewardSpec, String> {
-    s.parse().map_err(|e: diffalign::Error| e.to_string())
-}
-
 pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
-    let mut seen = BTreeSet::new();
-    for spec in &args.rewards {
-        if !seen.insert(spec.kind) {
-            bail!("--reward: {} given twice", spec.kind);
-        }
-    }
     let opts = LoadOptions {
         dtype: diffalign::device::parse_dtype(&args.dtype)?,
         device: diffalign::device::parse_device(&args.device)?,
@@ -51,14 +42,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         trainable: false,
         lora: None,
     };
-    let rewards = args
-        .rewards
-        .iter()
-        .map(|spec| {
-            load_reward(spec.kind, &spec.path, &opts)
-                .with_context(|| format!("loading the {} reward from {}", spec.kind, spec.path.display()))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rewards = load_rewards(&args.rewards, &opts)?;
     for path in &args.images {
         let image: Tensor = load_image(path)
             .with_context(|| format!("reading image {}", path.display()))?

@@ -1,0 +1,304 @@
+//! `diffalign reno`: ReNO noise optimisation against reward models (see [`diffalign::reno`]).
+//!
+//! For each prompt it writes, into `--out` (or `--out/NNN/` with a prompts file):
+//! `iterations.jsonl` (one line per iteration, appended and flushed as it is computed),
+//! `initial.png`, `best.png`, `best_noise.safetensors` (tensor `init_noise`, for
+//! `generate --init-noise`) and `index.html` (the trajectory and both images). With a prompts file,
+//! `--out/index.html` shows every prompt. One JSON summary line per prompt goes to stdout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use diffalign::reno::{IterationRecord, Reno, RenoConfig, RenoOutcome, Sampler, WeightedReward};
+use diffalign::reward::{RewardKind, RewardSpec};
+use diffalign::rng::Rng;
+use diffalign::sampling::image_io::save_png;
+use diffalign::sampling::pipeline::Conditioning;
+use diffalign::schedulers::SchedulerKind;
+use diffalign::train::report::{write_report, Curve, ImageRow};
+use diffalign::weights::store::save_safetensors;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::inputs::{load_init_noise, load_rewards, parse_reward_spec, read_prompts};
+use super::model_args::ModelArgs;
+
+/// Flags of `diffalign reno`.
+#[derive(Debug, Args)]
+pub struct RenoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long, conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A file with one prompt per line (blank lines skipped); each gets its own folder in --out.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic.
+    #[arg(long = "reward", required = true, value_parser = parse_reward_spec)]
+    rewards: Vec<RewardSpec>,
+    /// A reward's loss weight as KIND=W, replacing ReNO's default (hpsv2 5, clipscore 0.01,
+    /// pickscore 0.05, aesthetic 0).
+    #[arg(long = "weight", value_parser = parse_weight)]
+    weights: Vec<(RewardKind, f64)>,
+    /// Iterations (evaluations of the noise; the last one is not followed by an update).
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 5.0)]
+    lr: f64,
+    /// Nesterov momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Maximum L2 norm of the gradient on the noise before each step; 0 disables clipping.
+    #[arg(long, default_value_t = 0.1)]
+    grad_clip: f64,
+    /// Weight of the noise-norm regulariser `0.5|z|^2 - (d-1) log|z|`.
+    #[arg(long, default_value_t = 0.01)]
+    reg_weight: f64,
+    /// Seed of the initial noise (and of any noise a stochastic sampler adds).
+    #[arg(long, default_value_t = 0, conflicts_with = "init_noise")]
+    seed: u64,
+    /// A safetensors file with a tensor `init_noise` [1, C, h, w]: the initial noise.
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Sampling steps with the checkpoint's scheduler (1: a Turbo model's trailing timestep).
+    #[arg(long, default_value_t = 1, conflicts_with = "timestep")]
+    steps: usize,
+    /// One Euler step from this timestep to the image, for models without a one-step schedule.
+    #[arg(long)]
+    timestep: Option<f64>,
+    /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
+    #[arg(long, conflicts_with = "timestep")]
+    scheduler: Option<String>,
+    /// Classifier-free guidance scale; guidance runs only when > 1 (Turbo models use none).
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f64,
+    /// Image height in pixels (default: the init noise's, or the UNet's sample size).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels (default: the init noise's, or the UNet's sample size).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Output folder (created if needed).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn parse_weight(s: &str) -> Result<(RewardKind, f64), String> {
+    let (kind, w) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KIND=WEIGHT (e.g. pickscore=0.05), got {s:?}"))?;
+    let kind: RewardKind = kind.trim().parse().map_err(|e: diffalign::Error| e.to_string())?;
+    let w: f64 = w.trim().parse().map_err(|_| format!("{kind}: not a number: {w:?}"))?;
+    if !w.is_finite() {
+        return Err(format!("{kind}: the weight must be finite, got {w}"));
+    }
+    Ok((kind, w))
+}
+
+pub fn run(args: RenoArgs) -> anyhow::Result<()> {
+    let prompts = read_prompts(args.prompt.as_deref(), args.prompts.as_deref())?;
+    let weights: HashMap<RewardKind, f64> = args.weights.iter().copied().collect();
+    for kind in weights.keys() {
+        if !args.rewards.iter().any(|r| r.kind == *kind) {
+            bail!("--weight {kind}: no --reward {kind}=PATH given");
+        }
+    }
+    let init_noise = args.init_noise.as_deref().map(load_init_noise).transpose()?;
+    let sampler = match args.timestep {
+        Some(t) => Sampler::Timestep(t),
+        None => {
+            if args.steps == 0 {
+                bail!("--steps: must be at least 1");
+            }
+            let kind = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+            Sampler::Scheduler {
+                kind,
+                steps: args.steps,
+            }
+        }
+    };
+    let config = RenoConfig {
+        iters: args.iters,
+        lr: args.lr,
+        momentum: args.momentum,
+        grad_clip: (args.grad_clip != 0.0).then_some(args.grad_clip),
+        reg_weight: args.reg_weight,
+    };
+
+    let pipe = args.model.load_pipeline()?;
+    for w in &pipe.warnings {
+        eprintln!("warning: {w}");
+    }
+    let opts = args.model.load_options()?;
+    let rewards: Vec<WeightedReward> = load_rewards(&args.rewards, &opts)?
+        .into_iter()
+        .map(|r| {
+            let w = weights.get(&r.kind()).copied();
+            WeightedReward::new(r, w)
+        })
+        .collect();
+    let reno = Reno::new(&pipe, &rewards, sampler, config, args.seed)?;
+
+    let f = pipe.vae_scale_factor();
+    let (height, width) = match (&init_noise, args.height, args.width) {
+        (_, Some(h), Some(w)) => (h, w),
+        (Some(n), h, w) => (h.unwrap_or(n.dim(2)? * f), w.unwrap_or(n.dim(3)? * f)),
+        (None, h, w) => {
+            let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
+            (h.unwrap_or(sh * f), w.unwrap_or(sw * f))
+        }
+    };
+    let (lh, lw) = pipe.check_size(height, width)?;
+    let z0 = match init_noise {
+        Some(n) => {
+            let want = [1, pipe.unet.in_channels(), lh, lw];
+            if n.dims() != want {
+                bail!(
+                    "--init-noise: init_noise has shape {:?}, but a {height}x{width} image needs {want:?}",
+                    n.dims()
+                );
+            }
+            n
+        }
+        None => Rng::new(args.seed).randn((1, pipe.unet.in_channels(), lh, lw), &Device::Cpu)?,
+    };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+
+    let bar = ProgressBar::new((prompts.len() * args.iters) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} reno [{bar:30}] {pos}/{len} iterations {elapsed_precise} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let mut rows = Vec::new();
+    for (p, prompt) in prompts.iter().enumerate() {
+        let dir = if prompts.len() == 1 {
+            args.out.clone()
+        } else {
+            args.out.join(format!("{p:03}"))
+        };
+        let cond = pipe.conditioning(std::slice::from_ref(prompt), None, args.guidance, (height, width), None)?;
+        let outcome = optimise_prompt(&reno, args.seed, &cond, prompt, &z0, &dir, &bar)?;
+        let summary = serde_json::json!({
+            "prompt": prompt,
+            "out": dir,
+            "best_iter": outcome.best_iter,
+            "initial": scores_json(&outcome.records[0]),
+            "best": scores_json(&outcome.records[outcome.best_iter]),
+        });
+        bar.suspend(|| println!("{summary}"));
+        if prompts.len() > 1 {
+            rows.push(ImageRow {
+                prompt: prompt.clone(),
+                seed: args.seed,
+                before: format!("{p:03}/initial.png"),
+                after: format!("{p:03}/best.png"),
+            });
+        }
+    }
+    bar.finish_and_clear();
+    if !rows.is_empty() {
+        let summary = format!("{} prompts; each folder has its own trajectory.", rows.len());
+        write_report(&args.out.join("index.html"), "ReNO", &summary, &[], &rows)?;
+    }
+    Ok(())
+}
+
+fn scores_json(r: &IterationRecord) -> serde_json::Value {
+    r.to_json()["scores"].clone()
+}
+
+/// Runs ReNO for one prompt into `dir`. Each iteration's line is flushed as it is computed and the
+/// images are replaced atomically, so an error (a non-finite gradient, say) leaves every file
+/// valid; the page is written either way.
+fn optimise_prompt(
+    reno: &Reno,
+    seed: u64,
+    cond: &Conditioning,
+    prompt: &str,
+    z0: &Tensor,
+    dir: &Path,
+    bar: &ProgressBar,
+) -> anyhow::Result<RenoOutcome> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let jsonl = dir.join("iterations.jsonl");
+    let mut file = std::fs::File::create(&jsonl).with_context(|| format!("creating {}", jsonl.display()))?;
+    let mut records: Vec<IterationRecord> = Vec::new();
+    let mut best_loss = f64::INFINITY;
+    let to_hwc = |image: &Tensor| -> diffalign::Result<Tensor> { Ok(image.get(0)?.permute((1, 2, 0))?) };
+    let result = reno.run_with(cond, prompt, z0, &mut |record, tensors| {
+        let mut line = record.to_json().to_string();
+        line.push('\n');
+        file.write_all(line.as_bytes())
+            .and_then(|_| file.flush())
+            .map_err(|e| diffalign::Error::io(&jsonl, e))?;
+        if record.iter == 0 {
+            save_png(&to_hwc(&tensors.image)?, &dir.join("initial.png"))?;
+        }
+        if record.reward_loss < best_loss {
+            best_loss = record.reward_loss;
+            save_png(&to_hwc(&tensors.image)?, &dir.join("best.png"))?;
+            let noise = HashMap::from([("init_noise".to_string(), tensors.noise.clone())]);
+            save_safetensors(&dir.join("best_noise.safetensors"), &noise, None)?;
+        }
+        records.push(record.clone());
+        bar.set_message(format!("reward loss {:.4}", record.reward_loss));
+        bar.inc(1);
+        Ok(())
+    });
+    write_page(dir, prompt, seed, &records)?;
+    result.with_context(|| {
+        format!(
+            "ReNO for prompt {prompt:?} (what was written to {} is valid)",
+            dir.display()
+        )
+    })
+}
+
+/// The per-prompt page: one curve per score and loss, and the initial and best images.
+fn write_page(dir: &Path, prompt: &str, seed: u64, records: &[IterationRecord]) -> anyhow::Result<()> {
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in records {
+        let x = r.iter as f64;
+        series.entry("reward loss".into()).or_default().push((x, r.reward_loss));
+        series.entry("regulariser".into()).or_default().push((x, r.reg_loss));
+        for (k, s) in &r.scores {
+            series.entry(format!("{k} score")).or_default().push((x, *s));
+        }
+    }
+    let curves: Vec<Curve> = series
+        .iter()
+        .map(|(title, points)| Curve {
+            title,
+            points: points.clone(),
+        })
+        .collect();
+    let best = records
+        .iter()
+        .min_by(|a, b| a.reward_loss.total_cmp(&b.reward_loss))
+        .map(|r| r.iter);
+    let summary = format!(
+        "prompt: {prompt}\niterations: {}\nbest iteration (lowest reward loss): {}",
+        records.len(),
+        best.map_or("none".into(), |b| b.to_string())
+    );
+    let rows = if records.is_empty() {
+        Vec::new()
+    } else {
+        vec![ImageRow {
+            prompt: prompt.to_string(),
+            seed,
+            before: "initial.png".into(),
+            after: "best.png".into(),
+        }]
+    };
+    write_report(&dir.join("index.html"), "ReNO trajectory", &summary, &curves, &rows)?;
+    Ok(())
+}
