@@ -14,12 +14,14 @@
 //! - [`preference`]: preference objectives (DPO family, MaPO, SmPO) and their diffusion proxy.
 //! - [`reward`]: differentiable image reward models (PickScore, CLIPScore, HPSv2, aesthetic).
 //! - [`reno`]: ReNO, reward-based optimisation of the initial noise of one-step models.
+//! - [`eval`]: tuned-versus-base comparison statistics (win rates with intervals).
 //! - [`data`]: preference pairs from parquet, JSONL or folders, preprocessing, the latent cache.
 //! - [`train`]: the fine-tuning loop, optimizer, checkpoints and report; [`recipe`]: its TOML plans.
 
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod models;
 pub mod nn;
 pub mod preference;

@@ -464,3 +464,47 @@ fn reno_cli_rejects_bad_rewards_with_clear_errors() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--weight hpsv2"));
 }
+
+#[test]
+fn sdxl_turbo_noise_gradient_matches_a_central_difference() {
+    // SDXL-Turbo: two text encoders, time ids, one Euler-ancestral step at the trailing timestep.
+    let sources = PipelineSources {
+        root: common::own_fixtures().join("sdxl-turbo"),
+        ..Default::default()
+    };
+    let pipe = StableDiffusionPipeline::load(&sources, &LoadOptions::default()).unwrap();
+    let rewards = pickscore();
+    let reno = Reno::new(
+        &pipe,
+        &rewards,
+        Sampler::Scheduler { kind: None, steps: 1 },
+        RenoConfig::default(),
+        0,
+    )
+    .unwrap();
+    let (lh, lw) = (8, 12);
+    let z = diffalign::rng::Rng::new(5).randn((1, 4, lh, lw), &Device::Cpu).unwrap();
+    let size = reno.image_size(&z).unwrap();
+    let cond = pipe.conditioning(&[prompt()], None, 0.0, size, None).unwrap();
+    let eval = reno.evaluate(&cond, &prompt(), &z, true).unwrap();
+    let grad = eval.grad.unwrap();
+    let norm = grad
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt() as f64;
+    assert!(norm > 0.0 && norm.is_finite());
+    let total = |z: &Tensor| {
+        let e = reno.evaluate(&cond, &prompt(), z, false).unwrap();
+        e.reward_loss + e.reg_loss
+    };
+    let eps = 1e-2;
+    let dir = (&grad / norm).unwrap();
+    let plus = total(&(&z + (&dir * eps).unwrap()).unwrap());
+    let minus = total(&(&z - (&dir * eps).unwrap()).unwrap());
+    let directional = (plus - minus) / (2.0 * eps);
+    assert_rel("directional derivative along the gradient", directional, norm, 0.05);
+}

@@ -20,6 +20,9 @@ enum Suite {
     /// One Diffusion-DPO step on one pair: policy forward + backward and reference forward, each
     /// on the batch of 2 (preferred, rejected).
     DpoStep,
+    /// One ReNO iteration: one-step generation (UNet, VAE decoder), CLIP score, backward to the
+    /// noise, clipping and the SGD step (needs --vae-config and --clip-config).
+    Reno,
 }
 
 /// Flags of `diffalign bench`.
@@ -31,6 +34,12 @@ pub struct BenchArgs {
     /// A diffusers UNet `config.json` (e.g. `../shared/bench/unet-mid/config.json`).
     #[arg(long)]
     config: PathBuf,
+    /// A diffusers `AutoencoderKL` `config.json` (suite reno; e.g. `../shared/bench/vae-mid`).
+    #[arg(long)]
+    vae_config: Option<PathBuf>,
+    /// A transformers `CLIPModel` `config.json` (suite reno; e.g. `../shared/bench/clip-mid`).
+    #[arg(long)]
+    clip_config: Option<PathBuf>,
     /// Latent height and width.
     #[arg(long, default_value_t = 32)]
     latent_size: usize,
@@ -73,6 +82,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.suite {
         Suite::Unet => bench_unet(&args),
         Suite::DpoStep => bench_dpo_step(&args),
+        Suite::Reno => bench_reno(&args),
     }
 }
 
@@ -177,6 +187,74 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     report("dpo_step", &shape, secs, threads);
+    if let Some(rss) = peak_rss_bytes() {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64})
+        );
+    }
+    Ok(())
+}
+
+fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
+    use diffalign::models::clip::vision_model::{ClipKeyLayout, ClipVisionConfig, ClipVisionModel};
+    use diffalign::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+    use diffalign::reno::noise_regularizer;
+    use diffalign::reward::ClipPreprocess;
+    use diffalign::schedulers::{EulerDiscreteScheduler, NoiseSchedule, Scheduler, SchedulerConfig};
+    use diffalign::train::optim::{clip_grad_norm, Sgd};
+
+    let vae_path = args.vae_config.as_ref().context("--suite reno needs --vae-config")?;
+    let clip_path = args.clip_config.as_ref().context("--suite reno needs --clip-config")?;
+    let dev = Device::Cpu;
+    let unet = frozen_unet(&UNet2DConditionConfig::from_file(&args.config)?, args)?;
+    let vae_cfg = AutoencoderKLConfig::from_file(vae_path)?;
+    let vae = AutoencoderKL::new(&vae_cfg, vae_path, VarBuilder::random(1, DType::F32, &dev, false))?;
+    let clip_cfg = ClipVisionConfig::from_file(clip_path)?;
+    let clip = ClipVisionModel::new(
+        &clip_cfg,
+        ClipKeyLayout::Transformers,
+        VarBuilder::random(2, DType::F32, &dev, false).pp("vision_model"),
+    )?;
+    let preprocess = ClipPreprocess::new(clip_cfg.image_size);
+    let schedule = NoiseSchedule::from_config(&SchedulerConfig::from_json(
+        r#"{"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "trailing"}"#,
+        "(bench scheduler)",
+    )?)?;
+    let mut rng = Rng::new(3);
+    let s = args.latent_size;
+    let c = unet.in_channels();
+    let ctx = rng.randn((1, args.text_len, unet.cross_attention_dim()), &dev)?;
+    let text = rng.randn((1, clip_cfg.projection_dim), &dev)?;
+    let text = text.broadcast_div(&text.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let mut z = rng.randn((1, c, s, s), &dev)?;
+    let mut sgd = Sgd::new(5.0, 0.9, true);
+    let shape = format!(
+        "unet-mid + vae-mid + clip-mid: noise {c}x{s}x{s}, image {0}x{0}, CLIP {1}x{1}",
+        s * vae_cfg.downscale_factor(),
+        clip_cfg.image_size
+    );
+    let secs = median_secs(args.repeats, || {
+        let var = candle_core::Var::from_tensor(&z)?;
+        let mut sched = EulerDiscreteScheduler::new(&schedule, schedule.one_step_sigmas(999.0)?);
+        let latents = (var.as_tensor() * sched.init_noise_sigma())?;
+        let input = sched.scale_model_input(&latents, 0)?;
+        let t = Tensor::new(&[999f32], &dev)?;
+        let eps = unet.forward(&input, &t, &ctx, None)?;
+        let x0 = sched.step(&eps, 0, &latents, &mut rng)?;
+        let decoded = vae.decode(&(x0 / vae_cfg.scaling_factor)?)?;
+        let image = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        let embeds = clip.forward(&preprocess.forward(&image)?)?.image_embeds;
+        let embeds = embeds.broadcast_div(&embeds.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+        let score = (embeds.broadcast_mul(&text)?.sum_all()? * 100.0)?;
+        let loss = ((score.affine(-0.05, 0.05 * 30.0))? + noise_regularizer(var.as_tensor(), 0.01)?)?;
+        let grads = loss.backward()?;
+        let mut g = [grads.get(var.as_tensor()).context("no gradient on the noise")?.clone()];
+        clip_grad_norm(&mut g, Some(0.1))?;
+        z = sgd.step(&z, &g[0])?;
+        Ok(())
+    })?;
+    report("reno_iteration", &shape, secs, candle_core::utils::get_num_threads());
     if let Some(rss) = peak_rss_bytes() {
         println!(
             "{}",

@@ -1,6 +1,7 @@
 //! Subcommands. Each file owns one command's flags (clap derive) and its run function.
 
 mod bench;
+mod eval;
 mod generate;
 mod inputs;
 mod lora;
@@ -33,6 +34,8 @@ enum Command {
     Score(score::ScoreArgs),
     /// Optimise the initial noise of a one-step model against reward models (ReNO).
     Reno(reno::RenoArgs),
+    /// Compare a tuned model (LoRA or UNet) with its base on the same prompts and seeds by rewards.
+    Eval(eval::EvalArgs),
     /// Merge a LoRA into a UNet, or convert a LoRA between diffusers/PEFT and kohya forms.
     Lora(lora::LoraArgs),
     /// Time the hot paths on CPU (one JSON line per measurement).
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lora(args) => lora::run(args),
         Command::Score(args) => score::run(args),
         Command::Reno(args) => reno::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Loss(args) => loss::run(args),
         Command::Train(args) => train::run(args),
     }

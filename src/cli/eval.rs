@@ -1,0 +1,219 @@
+//! `diffalign eval`: a tuned model (a LoRA or a UNet folder) against its base, from the same
+//! prompts and seeds, scored by reward models.
+//!
+//! Writes `--out/images/NNN-SEED-{base,tuned}.png`, `--out/eval.json` (the summary and every
+//! image's scores) and `--out/index.html` (the summary and same-seed pairs side by side), and
+//! prints the summary as one JSON line.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::Args;
+use diffalign::eval::{mean, WinRate};
+use diffalign::models::unet::UNet2DConditionModel;
+use diffalign::reward::RewardSpec;
+use diffalign::rng::Rng;
+use diffalign::sampling::image_io::save_png;
+use diffalign::sampling::pipeline::PipelineSources;
+use diffalign::sampling::{GenerateRequest, PipelineKind, StableDiffusionPipeline};
+use diffalign::schedulers::SchedulerKind;
+use diffalign::train::report::{write_report, ImageRow};
+use diffalign::weights::lora::LoraSource;
+use diffalign::weights::LoadOptions;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::inputs::{load_rewards, parse_reward_spec, read_prompts};
+use super::model_args::ModelArgs;
+
+/// Flags of `diffalign eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The base model, and the tuned one as `--lora FILE` (on the base UNet) or `--unet DIR`.
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A file with one prompt per line (blank lines skipped).
+    #[arg(long)]
+    prompts: PathBuf,
+    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic.
+    #[arg(long = "reward", required = true, value_parser = parse_reward_spec)]
+    rewards: Vec<RewardSpec>,
+    /// Seeds per prompt: 0..N, the same for base and tuned.
+    #[arg(long, default_value_t = 4)]
+    seeds: u64,
+    /// Denoising steps (1 for Turbo models).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale (default: 7.5, or 5.0 for SDXL, as diffusers).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Image height in pixels (default: the UNet's sample size times the VAE factor).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels (default: the UNet's sample size times the VAE factor).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Output folder (created if needed).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The base pipeline and the tuned UNet.
+fn load_models(model: &ModelArgs) -> anyhow::Result<(StableDiffusionPipeline, UNet2DConditionModel)> {
+    let (root, opts) = model.resolve()?;
+    let base_opts = opts.without_lora();
+    let sources = PipelineSources {
+        root: root.clone(),
+        vae: model.vae.clone(),
+        unet: None,
+    };
+    let pipe = StableDiffusionPipeline::load(&sources, &base_opts)
+        .with_context(|| format!("loading the base model {}", root.display()))?;
+    let tuned = match (&model.unet, &model.lora) {
+        (Some(_), Some(_)) => bail!("give the tuned model as --lora FILE or --unet DIR, not both"),
+        (None, None) => bail!("give the tuned model: --lora FILE (on the base UNet) or --unet DIR"),
+        (Some(dir), None) => {
+            UNet2DConditionModel::from_pretrained(dir, &base_opts)
+                .with_context(|| format!("loading the tuned UNet {}", dir.display()))?
+                .0
+        }
+        (None, Some(file)) => {
+            let lora = LoraSource::from_file(file, "unet", false).context("--lora")?;
+            let opts = LoadOptions {
+                lora: Some(Arc::new(lora)),
+                ..base_opts
+            };
+            UNet2DConditionModel::from_pretrained(&root.join("unet"), &opts)
+                .with_context(|| format!("applying --lora {}", file.display()))?
+                .0
+        }
+    };
+    Ok((pipe, tuned))
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let prompts = read_prompts(None, Some(&args.prompts))?;
+    if args.seeds == 0 {
+        bail!("--seeds: must be at least 1");
+    }
+    if args.steps == 0 {
+        bail!("--steps: must be at least 1");
+    }
+    let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+    let (pipe, tuned) = load_models(&args.model)?;
+    for w in &pipe.warnings {
+        eprintln!("warning: {w}");
+    }
+    let rewards = load_rewards(&args.rewards, &args.model.load_options()?.without_lora())?;
+    let f = pipe.vae_scale_factor();
+    let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
+    let (height, width) = (args.height.unwrap_or(sh * f), args.width.unwrap_or(sw * f));
+    let (lh, lw) = pipe.check_size(height, width)?;
+    let guidance = args
+        .guidance
+        .unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXl {
+            5.0
+        } else {
+            7.5
+        });
+    let images_dir = args.out.join("images");
+    std::fs::create_dir_all(&images_dir).with_context(|| format!("creating {}", images_dir.display()))?;
+
+    let total = prompts.len() as u64 * args.seeds * 2 * args.steps as u64;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} eval [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    // scores[kind] = (base, tuned), one entry per (prompt, seed).
+    let mut scores: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut records = Vec::new();
+    let mut rows = Vec::new();
+    for (p, prompt) in prompts.iter().enumerate() {
+        for seed in 0..args.seeds {
+            let req = GenerateRequest {
+                prompts: vec![prompt.clone()],
+                negative_prompts: None,
+                steps: args.steps,
+                guidance,
+                height,
+                width,
+                init_noise: Rng::new(seed).randn((1, pipe.unet.in_channels(), lh, lw), &Device::Cpu)?,
+                scheduler,
+                seed,
+                time_ids: None,
+            };
+            let mut record = serde_json::json!({"prompt": prompt, "seed": seed});
+            let mut paths = Vec::with_capacity(2);
+            for (side, unet) in [("base", &pipe.unet), ("tuned", &tuned)] {
+                let done = bar.position();
+                let image = pipe
+                    .generate_with(unet, &req, &mut |i, _| bar.set_position(done + i as u64))?
+                    .images;
+                let name = format!("{p:03}-{seed}-{side}.png");
+                save_png(&image.get(0)?, &images_dir.join(&name))?;
+                let nchw = image.permute((0, 3, 1, 2))?.to_device(pipe.device())?;
+                let mut side_scores = serde_json::Map::new();
+                for reward in &rewards {
+                    let s = reward
+                        .score(&nchw, prompt)
+                        .with_context(|| format!("scoring {name} with {}", reward.kind()))?
+                        .to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?[0];
+                    let entry = scores.entry(reward.kind().name().to_string()).or_default();
+                    if side == "base" { &mut entry.0 } else { &mut entry.1 }.push(s);
+                    side_scores.insert(reward.kind().name().to_string(), s.into());
+                }
+                record[side] = serde_json::json!({"image": format!("images/{name}"), "scores": side_scores});
+                paths.push(format!("images/{name}"));
+            }
+            rows.push(ImageRow {
+                prompt: prompt.clone(),
+                seed,
+                before: paths[0].clone(),
+                after: paths[1].clone(),
+            });
+            records.push(record);
+        }
+    }
+    bar.finish_and_clear();
+
+    let mut per_reward = serde_json::Map::new();
+    let mut text = format!(
+        "{} prompts x {} seeds, {} steps, guidance {guidance}\nreward: base mean -> tuned mean; win rate of tuned [95% Wilson interval]\n",
+        prompts.len(),
+        args.seeds,
+        args.steps
+    );
+    for (kind, (base, tuned)) in &scores {
+        let win = WinRate::from_scores(base, tuned).expect("one score per image on both sides");
+        let (mb, mt) = (mean(base), mean(tuned));
+        text.push_str(&format!(
+            "{kind}: {mb:.4} -> {mt:.4}; {:.3} [{:.3}, {:.3}] ({} wins, {} ties of {})\n",
+            win.rate, win.low, win.high, win.wins, win.ties, win.n
+        ));
+        per_reward.insert(
+            kind.clone(),
+            serde_json::json!({"base_mean": mb, "tuned_mean": mt, "win_rate": win}),
+        );
+    }
+    let summary = serde_json::json!({
+        "prompts": prompts.len(),
+        "seeds": args.seeds,
+        "rewards": per_reward,
+    });
+    let full = serde_json::json!({"summary": summary, "images": records});
+    let json_path = args.out.join("eval.json");
+    let tmp = diffalign::weights::store::tmp_path(&json_path);
+    std::fs::write(&tmp, serde_json::to_string_pretty(&full)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &json_path).with_context(|| format!("writing {}", json_path.display()))?;
+    write_report(&args.out.join("index.html"), "Tuned versus base", &text, &[], &rows)?;
+    println!("{summary}");
+    Ok(())
+}
