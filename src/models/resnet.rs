@@ -1,8 +1,11 @@
 //! ResNet blocks and the 2x resamplers shared by the UNet and the VAE.
 //! Counterpart: `diffusers/models/resnet.py` (`ResnetBlock2D`), `downsampling.py`, `upsampling.py`.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
+use crate::nn::checkpoint::Recompute;
 use crate::nn::conv::Conv2dConfig;
 use crate::nn::{Activation, Conv2d, GroupNorm, Linear};
 use crate::weights::VarBuilder;
@@ -35,6 +38,7 @@ pub struct ResnetBlock2D {
     conv_shortcut: Option<Conv2d>,
     act: Activation,
     output_scale_factor: f64,
+    recompute: Recompute,
 }
 
 impl ResnetBlock2D {
@@ -55,20 +59,32 @@ impl ResnetBlock2D {
             Some(t) => Some(Linear::new(t, out_channels, true, vb.pp("time_emb_proj"))?),
             None => None,
         };
+        let norm1 = GroupNorm::new(opts.groups, in_channels, opts.eps, vb.pp("norm1"))?;
+        let conv1 = Conv2d::same(in_channels, out_channels, 3, vb.pp("conv1"))?;
+        let norm2 = GroupNorm::new(opts.groups, out_channels, opts.eps, vb.pp("norm2"))?;
+        let conv2 = Conv2d::same(out_channels, out_channels, 3, vb.pp("conv2"))?;
         Ok(ResnetBlock2D {
-            norm1: GroupNorm::new(opts.groups, in_channels, opts.eps, vb.pp("norm1"))?,
-            conv1: Conv2d::same(in_channels, out_channels, 3, vb.pp("conv1"))?,
+            norm1,
+            conv1,
             time_emb_proj,
-            norm2: GroupNorm::new(opts.groups, out_channels, opts.eps, vb.pp("norm2"))?,
-            conv2: Conv2d::same(out_channels, out_channels, 3, vb.pp("conv2"))?,
+            norm2,
+            conv2,
             conv_shortcut,
             act: opts.act,
             output_scale_factor: opts.output_scale_factor,
+            recompute: Recompute::new(&vb),
         })
     }
 
-    /// `xs` `[B, C_in, H, W]`, `temb` `[B, temb_channels]` (ignored by blocks without a time input).
+    /// `xs` `[B, C_in, H, W]`, `temb` `[B, temb_channels]` (ignored by blocks without a time input);
+    /// recomputed in the backward pass when the model's recomputation is on.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let this = self.clone();
+        self.recompute
+            .run(Arc::new(move |xs, temb| this.forward_plain(xs, temb)), xs, temb)
+    }
+
+    fn forward_plain(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.conv1.forward(&self.act.forward(&self.norm1.forward(xs)?)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {

@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 pub mod conv;
 pub mod linear;
 pub mod lora;

@@ -33,6 +33,8 @@ struct Inner {
     device: Device,
     /// Present when loading for training: every tensor handed out becomes a `Var` recorded here.
     vars: Option<Mutex<Vec<(String, Var)>>>,
+    /// Whether blocks built from this builder recompute their activations in the backward pass.
+    recompute: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A LoRA attached to one builder: the source and what the model built from it took.
@@ -68,6 +70,7 @@ impl VarBuilder {
                 dtype,
                 device: device.clone(),
                 vars,
+                recompute: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             }),
             prefix: String::new(),
             lora: None,
@@ -158,6 +161,37 @@ impl VarBuilder {
             .as_ref()
             .map(|v| v.lock().expect("vars lock").clone())
             .unwrap_or_default()
+    }
+
+    /// The switch, shared by every builder of this model, that turns block recomputation on
+    /// ([`crate::nn::checkpoint::Recompute`]).
+    pub fn recompute_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.inner.recompute.clone()
+    }
+
+    /// The trainable tensors (weights and attached LoRA factors) created so far under this
+    /// builder's prefix.
+    pub fn trainable_under_prefix(&self) -> Vec<Tensor> {
+        let under = |name: &str| {
+            self.prefix.is_empty()
+                || name
+                    .strip_prefix(self.prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+        };
+        let mut out: Vec<Tensor> = self
+            .vars()
+            .into_iter()
+            .filter(|(name, _)| under(name))
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        if let Some(lora) = &self.lora {
+            for (path, attached) in lora.attached.lock().expect("lora lock").iter() {
+                if under(path) {
+                    out.extend(attached.vars.iter().map(|(_, v)| v.as_tensor().clone()));
+                }
+            }
+        }
+        out
     }
 
     /// The underlying store, if the weights come from files.

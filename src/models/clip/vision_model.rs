@@ -14,11 +14,14 @@
 //! transformers' separate `q_proj`/`k_proj`/`v_proj`, or open_clip's fused `in_proj_weight`.
 //! There is no dropout (`attention_dropout` is 0 in every released checkpoint).
 
+use std::sync::Arc;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
+use crate::nn::checkpoint::Recompute;
 use crate::models::config::read_config;
 use crate::nn::{scaled_dot_product_attention, Activation, LayerNorm, Linear};
 use crate::weights::{LoadOptions, VarBuilder};
@@ -174,6 +177,7 @@ struct ClipEncoderLayer {
     layer_norm1: LayerNorm,
     mlp: ClipMlp,
     layer_norm2: LayerNorm,
+    recompute: Recompute,
 }
 
 impl ClipEncoderLayer {
@@ -183,15 +187,26 @@ impl ClipEncoderLayer {
             ClipKeyLayout::OpenClip => ("attn", "ln_1", "ln_2"),
         };
         let d = cfg.hidden_size;
+        let self_attn = ClipAttention::new(cfg, layout, vb.pp(attn))?;
+        let layer_norm1 = LayerNorm::new(d, cfg.layer_norm_eps, vb.pp(ln1))?;
+        let mlp = ClipMlp::new(cfg, layout, vb.pp("mlp"))?;
+        let layer_norm2 = LayerNorm::new(d, cfg.layer_norm_eps, vb.pp(ln2))?;
         Ok(ClipEncoderLayer {
-            self_attn: ClipAttention::new(cfg, layout, vb.pp(attn))?,
-            layer_norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp(ln1))?,
-            mlp: ClipMlp::new(cfg, layout, vb.pp("mlp"))?,
-            layer_norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp(ln2))?,
+            self_attn,
+            layer_norm1,
+            mlp,
+            layer_norm2,
+            recompute: Recompute::new(&vb),
         })
     }
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let this = self.clone();
+        self.recompute
+            .run(Arc::new(move |xs, mask| this.forward_plain(xs, mask)), xs, mask)
+    }
+
+    fn forward_plain(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?)?;
         Ok((&xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?)
     }
@@ -491,6 +506,7 @@ pub struct ClipVisionModel {
     post_layernorm: LayerNorm,
     visual_projection: Projection,
     config: ClipVisionConfig,
+    recompute: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ClipVisionModel {
@@ -538,7 +554,15 @@ impl ClipVisionModel {
             post_layernorm: post,
             visual_projection: projection,
             config: cfg.clone(),
+            recompute: vb.recompute_flag(),
         })
+    }
+
+    /// Turns activation recomputation by block on or off (diffusers'
+    /// `enable_gradient_checkpointing`): every encoder layer then keeps only its
+    /// output and runs again in the backward pass, trading one extra forward for memory.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.recompute.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Loads the image tower of a transformers folder: `dir/config.json` (a `CLIPModel` or

@@ -3,8 +3,11 @@
 //! Counterpart: `diffusers/models/transformers/transformer_2d.py` and `models/attention.py`
 //! (`BasicTransformerBlock`, `FeedForward`, `GEGLU`).
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
+use crate::nn::checkpoint::Recompute;
 use crate::models::attention::Attention;
 use crate::nn::conv::Conv2dConfig;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
@@ -106,6 +109,7 @@ pub struct Transformer2DModel {
     proj_in: Projection,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
+    recompute: Recompute,
 }
 
 impl Transformer2DModel {
@@ -116,16 +120,29 @@ impl Transformer2DModel {
         let transformer_blocks = (0..opts.num_layers)
             .map(|i| BasicTransformerBlock::new(inner, &opts, vb.pp("transformer_blocks").pp(i)))
             .collect::<Result<Vec<_>>>()?;
+        let norm = GroupNorm::new(opts.norm_num_groups, in_channels, 1e-6, vb.pp("norm"))?;
+        let proj_in = Projection::new(in_channels, inner, linear, vb.pp("proj_in"))?;
+        let proj_out = Projection::new(inner, in_channels, linear, vb.pp("proj_out"))?;
         Ok(Transformer2DModel {
-            norm: GroupNorm::new(opts.norm_num_groups, in_channels, 1e-6, vb.pp("norm"))?,
-            proj_in: Projection::new(in_channels, inner, linear, vb.pp("proj_in"))?,
+            norm,
+            proj_in,
             transformer_blocks,
-            proj_out: Projection::new(inner, in_channels, linear, vb.pp("proj_out"))?,
+            proj_out,
+            recompute: Recompute::new(&vb),
         })
     }
 
-    /// `xs` `[B, C, H, W]` attending to `context` `[B, L, cross_attention_dim]`.
+    /// `xs` `[B, C, H, W]` attending to `context` `[B, L, cross_attention_dim]`; recomputed in
+    /// the backward pass when the model's recomputation is on.
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let this = self.clone();
+        let f = move |xs: &Tensor, context: Option<&Tensor>| {
+            this.forward_plain(xs, context.expect("the context is always passed"))
+        };
+        self.recompute.run(Arc::new(f), xs, Some(context))
+    }
+
+    fn forward_plain(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let to_tokens = |t: &Tensor| -> Result<Tensor> {

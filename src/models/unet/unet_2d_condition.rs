@@ -498,6 +498,7 @@ pub struct UNet2DConditionModel {
     sample_size: Option<(usize, usize)>,
     dtype: DType,
     device: candle_core::Device,
+    recompute: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl UNet2DConditionModel {
@@ -649,7 +650,15 @@ impl UNet2DConditionModel {
             sample_size: cfg.sample_size_hw(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            recompute: vb.recompute_flag(),
         })
+    }
+
+    /// Turns activation recomputation by block on or off (diffusers'
+    /// `enable_gradient_checkpointing`): every resnet and transformer block then keeps only its
+    /// output and runs again in the backward pass, trading one extra forward for memory.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.recompute.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The dtype of the weights.

@@ -195,6 +195,7 @@ pub struct AutoencoderKL {
     post_quant_conv: Option<Conv2d>,
     config: AutoencoderKLConfig,
     dtype: candle_core::DType,
+    recompute: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AutoencoderKL {
@@ -225,7 +226,15 @@ impl AutoencoderKL {
             },
             config: cfg.clone(),
             dtype: vb.dtype(),
+            recompute: vb.recompute_flag(),
         })
+    }
+
+    /// Turns activation recomputation by block on or off (diffusers'
+    /// `enable_gradient_checkpointing`): every resnet block then keeps only its
+    /// output and runs again in the backward pass, trading one extra forward for memory.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.recompute.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Loads a diffusers `vae/` folder; every checkpoint tensor must be used.
