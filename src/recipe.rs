@@ -102,6 +102,10 @@ pub struct TrainSection {
     /// Stop after this many non-finite steps in a row (each is skipped and logged).
     #[serde(default = "default_max_nonfinite")]
     pub max_nonfinite_steps: usize,
+    /// Recompute the policy's activations block by block in the backward pass (diffusers'
+    /// gradient checkpointing): less memory for one extra forward.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn default_loss_type() -> String {

@@ -39,9 +39,19 @@ fn check_same_gradients(params: &[Tensor], set: &dyn Fn(bool), forward: &dyn Fn(
     set(false);
     assert_eq!(max_abs_diff(&runs[0].0, &runs[1].0), 0.0, "outputs differ");
     for (i, (a, b)) in runs[0].1.iter().zip(&runs[1].1).enumerate() {
-        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12);
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-12);
         let d = max_abs_diff(a, b);
-        assert!(d <= 1e-5 * scale, "parameter {i}: gradients differ by {d} (scale {scale})");
+        assert!(
+            d <= 1e-5 * scale,
+            "parameter {i}: gradients differ by {d} (scale {scale})"
+        );
     }
 }
 
@@ -100,7 +110,9 @@ fn vae_decoder_and_clip_vision_same_gradients_with_recomputation() {
     let vae_cfg = AutoencoderKLConfig::from_file(&vae_cfg_path).unwrap();
     let vb = VarBuilder::random(1, DType::F32, &candle_core::Device::Cpu, true);
     let vae = AutoencoderKL::new(&vae_cfg, &vae_cfg_path, vb.clone()).unwrap();
-    let z = diffalign::rng::Rng::new(2).randn((1, 4, 8, 8), &candle_core::Device::Cpu).unwrap();
+    let z = diffalign::rng::Rng::new(2)
+        .randn((1, 4, 8, 8), &candle_core::Device::Cpu)
+        .unwrap();
     let decoder_params: Vec<Tensor> = vb
         .vars()
         .into_iter()
@@ -116,7 +128,9 @@ fn vae_decoder_and_clip_vision_same_gradients_with_recomputation() {
     let vb = VarBuilder::random(4, DType::F32, &candle_core::Device::Cpu, true);
     let clip = ClipVisionModel::new(&clip_cfg, ClipKeyLayout::Transformers, vb.pp("vision_model")).unwrap();
     let s = clip_cfg.image_size;
-    let pixels = diffalign::rng::Rng::new(5).randn((2, 3, s, s), &candle_core::Device::Cpu).unwrap();
+    let pixels = diffalign::rng::Rng::new(5)
+        .randn((2, 3, s, s), &candle_core::Device::Cpu)
+        .unwrap();
     let params: Vec<Tensor> = vb.vars().into_iter().map(|(_, v)| v.as_tensor().clone()).collect();
     check_same_gradients(&params, &|on| clip.set_gradient_checkpointing(on), &|| {
         clip.forward(&pixels).unwrap().image_embeds

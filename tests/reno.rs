@@ -342,6 +342,18 @@ fn reno_cli_writes_iterations_matching_the_fixture() {
     assert!(max_abs_diff(&best_noise, &z_best) < 1e-4);
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("best.png") && html.contains("pickscore score"));
+
+    // With block recomputation the trajectory is the same.
+    let out2 = tmp.path().join("recompute");
+    let o = reno_cmd(&out2, &z0, &reward)
+        .args(["--iters", "3", "--recompute"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (a, b) in lines.iter().zip(jsonl(&out2.join("iterations.jsonl"))) {
+        let (a, b) = (a["reward_loss"].as_f64().unwrap(), b["reward_loss"].as_f64().unwrap());
+        assert_rel("reward loss with --recompute", b, a, 1e-5);
+    }
 }
 
 #[test]

@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// Batch size.
     #[arg(long, default_value_t = 2)]
     batch: usize,
+    /// Recompute activations block by block in backward passes (suites dpo-step and reno).
+    #[arg(long)]
+    recompute: bool,
     /// Timed repetitions (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -140,6 +143,7 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
     let policy = UNet2DConditionModel::new(&cfg, &args.config, policy_vb.clone())?;
     let reference = frozen_unet(&cfg, args)?;
+    policy.set_gradient_checkpointing(args.recompute);
     let schedule = NoiseSchedule::from_config(&SchedulerConfig::from_json(
         r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
         "(bench scheduler)",
@@ -217,6 +221,9 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
         VarBuilder::random(2, DType::F32, &dev, false).pp("vision_model"),
     )?;
     let preprocess = ClipPreprocess::new(clip_cfg.image_size);
+    unet.set_gradient_checkpointing(args.recompute);
+    vae.set_gradient_checkpointing(args.recompute);
+    clip.set_gradient_checkpointing(args.recompute);
     let schedule = NoiseSchedule::from_config(&SchedulerConfig::from_json(
         r#"{"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "trailing"}"#,
         "(bench scheduler)",
@@ -230,9 +237,10 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     let mut z = rng.randn((1, c, s, s), &dev)?;
     let mut sgd = Sgd::new(5.0, 0.9, true);
     let shape = format!(
-        "unet-mid + vae-mid + clip-mid: noise {c}x{s}x{s}, image {0}x{0}, CLIP {1}x{1}",
+        "unet-mid + vae-mid + clip-mid: noise {c}x{s}x{s}, image {0}x{0}, CLIP {1}x{1}, recompute {2}",
         s * vae_cfg.downscale_factor(),
-        clip_cfg.image_size
+        clip_cfg.image_size,
+        args.recompute
     );
     let secs = median_secs(args.repeats, || {
         let var = candle_core::Var::from_tensor(&z)?;

@@ -83,6 +83,10 @@ pub struct RenoArgs {
     /// Image width in pixels (default: the init noise's, or the UNet's sample size).
     #[arg(long)]
     width: Option<usize>,
+    /// Recompute activations block by block in the backward pass (UNet, VAE decoder, reward
+    /// image towers): much less memory for about one extra forward per iteration.
+    #[arg(long)]
+    recompute: bool,
     /// Output folder (created if needed).
     #[arg(long)]
     out: PathBuf,
@@ -142,6 +146,13 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
             WeightedReward::new(r, w)
         })
         .collect();
+    if args.recompute {
+        pipe.unet.set_gradient_checkpointing(true);
+        pipe.vae.set_gradient_checkpointing(true);
+        for r in &rewards {
+            r.reward.set_gradient_checkpointing(true);
+        }
+    }
     let reno = Reno::new(&pipe, &rewards, sampler, config, args.seed)?;
 
     let f = pipe.vae_scale_factor();

@@ -59,8 +59,7 @@ impl Recompute {
     /// Runs `f` on `(a, b)`: plainly when recomputation is off or nothing needs a gradient,
     /// otherwise keeping only the output and recomputing in the backward pass.
     pub fn run(&self, f: Arc<BlockFn>, a: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let needs_grad =
-            a.track_op() || b.is_some_and(|b| b.track_op()) || self.params.iter().any(|p| p.track_op());
+        let needs_grad = a.track_op() || b.is_some_and(|b| b.track_op()) || self.params.iter().any(|p| p.track_op());
         if !self.enabled.load(Ordering::Relaxed) || !needs_grad || !a.device().is_cpu() {
             return f(a, b);
         }
@@ -148,7 +147,11 @@ impl CustomOp3 for BlockOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let wrap = |e: crate::Error| candle_core::Error::Msg(format!("recomputed block: {e}"));
         let a_var = Var::from_tensor(&a.detach())?;
-        let b_var = if self.has_b { Some(Var::from_tensor(&b.detach())?) } else { None };
+        let b_var = if self.has_b {
+            Some(Var::from_tensor(&b.detach())?)
+        } else {
+            None
+        };
         let out = (self.f)(a_var.as_tensor(), b_var.as_ref().map(|v| v.as_tensor())).map_err(wrap)?;
         let grads = (out * grad_res.detach())?.sum_all()?.backward()?;
         RECOMPUTED.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +209,11 @@ impl CustomOp2 for Tap {
             Some(g) => g,
             None => param.zeros_like()?,
         };
-        let chain_grad = if chain.track_op() { Some(chain.zeros_like()?) } else { None };
+        let chain_grad = if chain.track_op() {
+            Some(chain.zeros_like()?)
+        } else {
+            None
+        };
         Ok((chain_grad, Some(grad)))
     }
 }

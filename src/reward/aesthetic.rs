@@ -123,6 +123,10 @@ impl ImageReward for AestheticReward {
         RewardKind::Aesthetic
     }
 
+    fn set_gradient_checkpointing(&self, on: bool) {
+        self.clip.set_gradient_checkpointing(on);
+    }
+
     fn score(&self, images: &Tensor, _prompt: &str) -> Result<Tensor> {
         let w = self.mlp.layers[0].weight();
         let images = images.to_device(w.device())?.to_dtype(w.dtype())?;

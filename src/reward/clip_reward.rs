@@ -168,6 +168,10 @@ impl ImageReward for ClipReward {
         self.kind
     }
 
+    fn set_gradient_checkpointing(&self, on: bool) {
+        self.model.vision().set_gradient_checkpointing(on);
+    }
+
     fn score(&self, images: &Tensor, prompt: &str) -> Result<Tensor> {
         let text = self.text_embedding(prompt)?;
         let image = self.image_embedding(images)?;

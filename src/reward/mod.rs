@@ -170,6 +170,10 @@ pub trait ImageReward: Send + Sync {
     /// respect to `images`. Text-side results are cached per prompt and carry no gradient.
     fn score(&self, images: &Tensor, prompt: &str) -> Result<Tensor>;
 
+    /// Turns activation recomputation by layer on or off in the image tower (see
+    /// [`crate::nn::checkpoint`]).
+    fn set_gradient_checkpointing(&self, on: bool);
+
     /// ReNO's loss for `score` `[B]` with ReNO's default weight ([`RewardKind::reno_loss`]): `[B]`.
     fn loss(&self, score: &Tensor) -> Result<Tensor> {
         self.kind().reno_loss().apply(score)

@@ -149,6 +149,7 @@ impl Trainer {
         } else {
             policy_vb.vars()
         };
+        policy.set_gradient_checkpointing(r.train.gradient_checkpointing);
         let opt = AdamW::new(vars, r.train.adam)?;
         let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
         let data = PairDataset::open(&r.data)?;

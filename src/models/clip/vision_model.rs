@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use crate::nn::checkpoint::Recompute;
 use crate::models::config::read_config;
+use crate::nn::checkpoint::Recompute;
 use crate::nn::{scaled_dot_product_attention, Activation, LayerNorm, Linear};
 use crate::weights::{LoadOptions, VarBuilder};
 use crate::{Error, Result};

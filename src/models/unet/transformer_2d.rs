@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::nn::checkpoint::Recompute;
 use crate::models::attention::Attention;
+use crate::nn::checkpoint::Recompute;
 use crate::nn::conv::Conv2dConfig;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::VarBuilder;
