@@ -15,6 +15,7 @@
 //! - [`reward`]: differentiable image reward models (PickScore, CLIPScore, HPSv2, aesthetic).
 //! - [`reno`]: ReNO, reward-based optimisation of the initial noise of one-step models.
 //! - [`eval`]: tuned-versus-base comparison statistics (win rates with intervals).
+//! - [`world`]: the procedural shapes world and its ground-truth rater.
 //! - [`data`]: preference pairs from parquet, JSONL or folders, preprocessing, the latent cache.
 //! - [`train`]: the fine-tuning loop, optimizer, checkpoints and report; [`recipe`]: its TOML plans.
 
@@ -34,5 +35,6 @@ pub mod schedulers;
 pub mod text;
 pub mod train;
 pub mod weights;
+pub mod world;
 
 pub use error::{Error, Result};

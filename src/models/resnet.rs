@@ -159,7 +159,10 @@ impl Upsample2D {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         let up = if (th, tw) == (2 * h, 2 * w) {
-            xs.upsample_nearest2d(th, tw)?
+            // The backward of candle's nearest upsampling is a convolution, which has no bf16
+            // kernel on CPU: upsample in the gemm dtype there.
+            let gemm = crate::nn::gemm_dtype(xs);
+            xs.to_dtype(gemm)?.upsample_nearest2d(th, tw)?.to_dtype(xs.dtype())?
         } else {
             // candle's nearest upsampling has no backward for non-integer scales; gathering the
             // source rows and columns (PyTorch's `floor(dst * in / out)`) has one.
