@@ -7,6 +7,7 @@ mod inputs;
 mod lora;
 mod loss;
 mod model_args;
+mod pretrain;
 mod reno;
 mod score;
 mod train;
@@ -30,6 +31,8 @@ enum Command {
     Loss(loss::LossArgs),
     /// Fine-tune a model from preference pairs with a recipe (see `pipelines/`).
     Train(train::TrainArgs),
+    /// Train a small text-to-image pipeline from scratch on the shapes world (the embedded model).
+    Pretrain(pretrain::PretrainArgs),
     /// Score images for a prompt with reward models (one JSON line per image).
     Score(score::ScoreArgs),
     /// Optimise the initial noise of a one-step model against reward models (ReNO).
@@ -53,5 +56,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Loss(args) => loss::run(args),
         Command::Train(args) => train::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod pretrain;
 pub mod report;
 pub mod trainer;
 

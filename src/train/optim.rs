@@ -114,9 +114,11 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (p, g) in self.params.iter_mut().zip(grads) {
-            let g = g.to_dtype(DType::F32)?;
-            p.m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            // candle's gradients may still reference the forward graph (a matmul's gradient is an
+            // op on the weight); detached, the moments do not chain every step's graph together.
+            let g = g.to_dtype(DType::F32)?.detach();
+            p.m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
+            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let denom = ((p.v.clone() / bc2)?.sqrt()? + c.eps)?;
             let update = ((&p.m / bc1)? / denom)?;
             // Decoupled decay first, as torch.optim.AdamW: w <- w * (1 - lr * wd) - lr * update.
