@@ -16,10 +16,13 @@
 //! - [`reno`]: ReNO, reward-based optimisation of the initial noise of one-step models.
 //! - [`eval`]: tuned-versus-base comparison statistics (win rates with intervals).
 //! - [`world`]: the procedural shapes world and its ground-truth rater.
+//! - [`demo`]: the demo on the embedded model; [`assets`]: the embedded shapes-world model and reward.
 //! - [`data`]: preference pairs from parquet, JSONL or folders, preprocessing, the latent cache.
 //! - [`train`]: the fine-tuning loop, optimizer, checkpoints and report; [`recipe`]: its TOML plans.
 
+pub mod assets;
 pub mod data;
+pub mod demo;
 pub mod device;
 pub mod error;
 pub mod eval;

@@ -117,3 +117,42 @@ fn bradley_terry_probability_is_a_sigmoid_of_the_gap() {
     assert!((p - 1.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-12);
     assert!((p + preference_probability(0.5, 0.6, 0.05) - 1.0).abs() < 1e-12);
 }
+
+#[test]
+fn embedded_reward_prefers_the_true_caption_of_rendered_scenes() {
+    use diffalign::reward::{load_reward, RewardKind};
+    let tmp = tempfile::tempdir().unwrap();
+    std::env::set_var("DIFFALIGN_CACHE", tmp.path());
+    let dir = diffalign::assets::shapes_reward_dir().unwrap();
+    let reward = load_reward(RewardKind::ClipScore, &dir, &Default::default()).unwrap();
+    let mut rng = Rng::new(21);
+    // Pairwise: the true caption against a wrong colour or background, and against a wrong shape.
+    let (mut colour_wins, mut shape_wins, trials) = (0, 0, 100);
+    for _ in 0..trials {
+        let p = Prompt::random(&mut rng);
+        let img = Scene::random(p, &mut rng).render(32);
+        let t = candle_core::Tensor::from_vec(floats(&img), (32, 32, 3), &candle_core::Device::Cpu)
+            .unwrap()
+            .permute((2, 0, 1))
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let score = |q: &Prompt| reward.score(&t, &q.to_string()).unwrap().to_vec1::<f32>().unwrap()[0];
+        let truth = score(&p);
+        let other_shape =
+            Shape::ALL[(Shape::ALL.iter().position(|s| *s == p.shape).unwrap() + 1 + rng.below(2) as usize) % 3];
+        colour_wins += usize::from(score(&p.perturbed(&mut rng)) < truth);
+        shape_wins += usize::from(
+            score(&Prompt {
+                shape: other_shape,
+                ..p
+            }) < truth,
+        );
+    }
+    eprintln!("learned reward: colour/background {colour_wins}/{trials}, shape {shape_wins}/{trials}");
+    assert!(
+        colour_wins as f64 >= 0.9 * trials as f64,
+        "colour/background: {colour_wins}/{trials}"
+    );
+    assert!(shape_wins as f64 >= 0.7 * trials as f64, "shape: {shape_wins}/{trials}");
+}

@@ -25,7 +25,7 @@ use diffalign::weights::lora::LoraSource;
 use diffalign::weights::LoadOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::inputs::{load_rewards, parse_reward_spec, read_prompts};
+use super::inputs::{load_rewards, parse_reward_spec, read_prompts, reward_specs_or_default};
 use super::model_args::ModelArgs;
 
 /// Flags of `diffalign eval`.
@@ -37,8 +37,9 @@ pub struct EvalArgs {
     /// A file with one prompt per line (blank lines skipped).
     #[arg(long)]
     prompts: PathBuf,
-    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic.
-    #[arg(long = "reward", required = true, value_parser = parse_reward_spec)]
+    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic. Default:
+    /// the embedded shapes-world reward (a small CLIP, as clipscore).
+    #[arg(long = "reward", value_parser = parse_reward_spec)]
     rewards: Vec<RewardSpec>,
     /// Seeds per prompt: 0..N, the same for base and tuned.
     #[arg(long, default_value_t = 4)]
@@ -109,7 +110,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     for w in &pipe.warnings {
         eprintln!("warning: {w}");
     }
-    let rewards = load_rewards(&args.rewards, &args.model.load_options()?.without_lora())?;
+    let rewards = load_rewards(
+        &reward_specs_or_default(&args.rewards)?,
+        &args.model.load_options()?.without_lora(),
+    )?;
     let f = pipe.vae_scale_factor();
     let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
     let (height, width) = (args.height.unwrap_or(sh * f), args.width.unwrap_or(sw * f));

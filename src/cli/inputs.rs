@@ -48,6 +48,17 @@ pub fn parse_reward_spec(s: &str) -> Result<RewardSpec, String> {
     s.parse().map_err(|e: diffalign::Error| e.to_string())
 }
 
+/// The `--reward` list, or the embedded shapes-world reward (`clipscore`) when none is given.
+pub fn reward_specs_or_default(specs: &[RewardSpec]) -> anyhow::Result<Vec<RewardSpec>> {
+    if !specs.is_empty() {
+        return Ok(specs.to_vec());
+    }
+    Ok(vec![RewardSpec {
+        kind: diffalign::reward::RewardKind::ClipScore,
+        path: diffalign::assets::shapes_reward_dir()?,
+    }])
+}
+
 /// Loads every `--reward` (each kind at most once), naming the kind and folder on failure.
 pub fn load_rewards(specs: &[RewardSpec], opts: &LoadOptions) -> anyhow::Result<Vec<Box<dyn ImageReward>>> {
     let mut seen = BTreeSet::new();

@@ -1,6 +1,7 @@
 //! Subcommands. Each file owns one command's flags (clap derive) and its run function.
 
 mod bench;
+mod demo;
 mod eval;
 mod generate;
 mod inputs;
@@ -25,6 +26,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per run
 enum Command {
+    /// Run the whole framework on the embedded shapes-world model: pairs, DPO/DCPO/MaPO/SmPO, ReNO, evaluation.
+    Demo(demo::DemoArgs),
     /// Generate images from text with a Stable Diffusion 1.x / 2.x / XL / Turbo pipeline.
     Generate(generate::GenerateArgs),
     /// Compute one preference loss (dpo, dcpo, mapo, smpo) on one batch, with metrics and gradients.
@@ -45,10 +48,24 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// A progress bar labelled `label` over `len` units, with elapsed time, ETA and a message.
+pub(crate) fn progress_bar(label: &str, len: u64) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {label:<14} [{{bar:30}}] {{pos}}/{{len}} {{elapsed_precise}} eta {{eta}} {{msg}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    b
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Lora(args) => lora::run(args),
         Command::Score(args) => score::run(args),

@@ -16,9 +16,9 @@ pub struct ModelArgs {
     /// A diffusers pipeline folder, a Hugging Face repo id (`stabilityai/sd-turbo`) found in the
     /// local cache (`HF_HUB_CACHE`, `HF_HOME/hub` or `~/.cache/huggingface/hub`), or a single-file
     /// SD 1.x / 2.x / XL checkpoint (`.safetensors` in the original layout, as A1111 and ComfyUI
-    /// keep them; needs --config).
+    /// keep them; needs --config). Default: the embedded shapes-world model (`assets/shapes`).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// For a single-file --model: the diffusers pipeline (folder or cached repo id, like --model)
     /// of the same architecture that gives the configs, tokenizers and scheduler.
     #[arg(long)]
@@ -54,8 +54,17 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// The single-file checkpoint `--model` names, if it names a file.
-    fn single_file(&self) -> anyhow::Result<Option<&Path>> {
-        let path = Path::new(&self.model);
+    /// `--model`, or the embedded shapes-world pipeline when it is not given.
+    fn model_spec(&self) -> anyhow::Result<String> {
+        match &self.model {
+            Some(m) => Ok(m.clone()),
+            None => Ok(diffalign::assets::shapes_model_dir()?.to_string_lossy().into_owned()),
+        }
+    }
+
+    fn single_file(&self) -> anyhow::Result<Option<PathBuf>> {
+        let spec = self.model_spec()?;
+        let path = Path::new(&spec);
         if !path.is_file() {
             return Ok(None);
         }
@@ -65,7 +74,7 @@ impl ModelArgs {
                 path.display()
             );
         }
-        Ok(Some(path))
+        Ok(Some(path.to_path_buf()))
     }
 
     /// A pipeline folder or repo id, resolved offline (downloaded with --download).
@@ -120,10 +129,10 @@ impl ModelArgs {
         if let Some(config) = &self.config {
             bail!(
                 "--config {config}: only for a single-file --model, but --model {} is not a file",
-                self.model
+                self.model_spec()?
             );
         }
-        Ok((self.resolve_folder(&self.model)?, self.load_options()?))
+        Ok((self.resolve_folder(&self.model_spec()?)?, self.load_options()?))
     }
 
     /// Resolves the model (offline) and loads the pipeline: from a diffusers folder, or from a
@@ -148,7 +157,7 @@ impl ModelArgs {
         })?;
         let root = self.resolve_folder(config).context("--config")?;
         let opts = self.load_options()?;
-        let checkpoint = SingleFile::open(file)?;
+        let checkpoint = SingleFile::open(&file)?;
         let sources = PipelineSources {
             root: root.clone(),
             vae: self.vae.clone(),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use diffalign::train::pretrain::{pretrain, pretrain_reward, PretrainRecipe};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 /// Flags of `diffalign pretrain`.
 #[derive(Debug, Args)]
@@ -49,14 +49,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
             if let Some((_, b)) = bar.take() {
                 b.finish();
             }
-            let b = ProgressBar::new(steps as u64);
-            b.set_style(
-                ProgressStyle::with_template(&format!(
-                    "{{spinner}} pretrain {phase:<8} [{{bar:30}}] {{pos}}/{{len}} {{elapsed_precise}} eta {{eta}} {{msg}}"
-                ))
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
+            let b = super::progress_bar(&format!("pretrain {phase}"), steps as u64);
             bar = Some((phase.to_string(), b));
             ema = None;
         }

@@ -23,7 +23,7 @@ use diffalign::train::report::{write_report, Curve, ImageRow};
 use diffalign::weights::store::save_safetensors;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::inputs::{load_init_noise, load_rewards, parse_reward_spec, read_prompts};
+use super::inputs::{load_init_noise, load_rewards, parse_reward_spec, read_prompts, reward_specs_or_default};
 use super::model_args::ModelArgs;
 
 /// Flags of `diffalign reno`.
@@ -37,8 +37,9 @@ pub struct RenoArgs {
     /// A file with one prompt per line (blank lines skipped); each gets its own folder in --out.
     #[arg(long)]
     prompts: Option<PathBuf>,
-    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic.
-    #[arg(long = "reward", required = true, value_parser = parse_reward_spec)]
+    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic. Default:
+    /// the embedded shapes-world reward (a small CLIP, as clipscore).
+    #[arg(long = "reward", value_parser = parse_reward_spec)]
     rewards: Vec<RewardSpec>,
     /// A reward's loss weight as KIND=W, replacing ReNO's default (hpsv2 5, clipscore 0.01,
     /// pickscore 0.05, aesthetic 0).
@@ -106,9 +107,10 @@ fn parse_weight(s: &str) -> Result<(RewardKind, f64), String> {
 
 pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     let prompts = read_prompts(args.prompt.as_deref(), args.prompts.as_deref())?;
+    let specs = reward_specs_or_default(&args.rewards)?;
     let weights: HashMap<RewardKind, f64> = args.weights.iter().copied().collect();
     for kind in weights.keys() {
-        if !args.rewards.iter().any(|r| r.kind == *kind) {
+        if !specs.iter().any(|r| r.kind == *kind) {
             bail!("--weight {kind}: no --reward {kind}=PATH given");
         }
     }
@@ -139,7 +141,7 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     let opts = args.model.load_options()?;
-    let rewards: Vec<WeightedReward> = load_rewards(&args.rewards, &opts)?
+    let rewards: Vec<WeightedReward> = load_rewards(&specs, &opts)?
         .into_iter()
         .map(|r| {
             let w = weights.get(&r.kind()).copied();

@@ -10,15 +10,16 @@ use diffalign::reward::RewardSpec;
 use diffalign::sampling::image_io::load_image;
 use diffalign::weights::LoadOptions;
 
-use super::inputs::{load_rewards, parse_reward_spec};
+use super::inputs::{load_rewards, parse_reward_spec, reward_specs_or_default};
 
 /// Flags of `diffalign score`.
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
     /// A reward model as KIND=PATH, repeatable. Kinds: pickscore, clipscore (transformers
     /// CLIPModel folders), hpsv2 (open_clip folder), aesthetic (folder with `clip/` and
-    /// `aesthetic.safetensors`), imagereward (not supported yet).
-    #[arg(long = "reward", required = true, value_parser = parse_reward_spec)]
+    /// `aesthetic.safetensors`), imagereward (not supported yet). Default: the embedded
+    /// shapes-world reward (clipscore).
+    #[arg(long = "reward", value_parser = parse_reward_spec)]
     rewards: Vec<RewardSpec>,
     /// The prompt the images are scored against.
     #[arg(long)]
@@ -42,7 +43,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         trainable: false,
         lora: None,
     };
-    let rewards = load_rewards(&args.rewards, &opts)?;
+    let rewards = load_rewards(&reward_specs_or_default(&args.rewards)?, &opts)?;
     for path in &args.images {
         let image: Tensor = load_image(path)
             .with_context(|| format!("reading image {}", path.display()))?

@@ -1,0 +1,264 @@
+//! `diffalign demo`: the whole framework on the embedded shapes-world model, with nothing
+//! downloaded (see [`diffalign::demo`] for what it does and its honesty rules).
+//!
+//! Writes into `--out` (default `demo/`, which may exist): `index.html` (win-rate table, training
+//! curves, ReNO trajectories, same-seed grid), `metrics.json`
+//! (`{"methods": {METHOD: {"win_rate", "ci95", "n", "true_reward", "base_true_reward"}}}`),
+//! `gallery/manifest.json` (one object per image: `path`, `prompt`, `method`, `seed`), the
+//! images, the labelled pairs and each method's training run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::Tensor;
+use clap::Args;
+use diffalign::demo::{
+    eval_cases, method_recipe, sample_pairs, split_prompts, true_reward, DemoConfig, GalleryImage, Generator,
+    MethodResult, METHODS,
+};
+use diffalign::models::unet::UNet2DConditionModel;
+use diffalign::recipe::Plan;
+use diffalign::reno::{Reno, RenoConfig, Sampler, WeightedReward};
+use diffalign::reward::{load_reward, RewardKind};
+use diffalign::sampling::image_io::save_png;
+use diffalign::schedulers::SchedulerKind;
+use diffalign::train::report::{line_plot_svg, Curve};
+use diffalign::train::{TrainOptions, Trainer};
+use diffalign::weights::LoadOptions;
+use indicatif::ProgressBar;
+
+/// Flags of `diffalign demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Output folder (created if needed; may exist).
+    #[arg(long, default_value = "demo")]
+    out: PathBuf,
+    /// A short pass through every phase (under three minutes on two cores).
+    #[arg(long)]
+    quick: bool,
+}
+
+fn bar(phase: &str, len: usize) -> ProgressBar {
+    super::progress_bar(phase, len as u64)
+}
+
+fn hwc(image_nchw: &Tensor) -> anyhow::Result<Tensor> {
+    Ok(image_nchw.get(0)?.permute((1, 2, 0))?.contiguous()?)
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let cfg = if args.quick {
+        DemoConfig::quick()
+    } else {
+        DemoConfig::full()
+    };
+    let start = std::time::Instant::now();
+    let out = &args.out;
+    std::fs::create_dir_all(out.join("gallery")).with_context(|| format!("creating {}", out.display()))?;
+    let model_dir = diffalign::assets::shapes_model_dir()?;
+    let reward_dir = diffalign::assets::shapes_reward_dir()?;
+    let gen = Generator::load(&model_dir, &cfg)?;
+    let (train, held_out) = split_prompts();
+    let train: Vec<_> = train.into_iter().take(cfg.train_prompts).collect();
+
+    // 1. Pairs from the base model, labelled by the rater.
+    let b = bar("pairs", train.len() * cfg.pairs_per_prompt);
+    let pairs = sample_pairs(&gen, &train, &cfg, &out.join("pairs"), &mut |i, _| {
+        b.set_position(i as u64)
+    })?;
+    b.finish();
+
+    // 2. Base images of the held-out cases.
+    let cases = eval_cases(&held_out, &cfg);
+    let mut manifest: Vec<GalleryImage> = Vec::new();
+    let mut scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let render =
+        |method: &str, unet: &UNet2DConditionModel, manifest: &mut Vec<GalleryImage>| -> anyhow::Result<Vec<f64>> {
+            let b = bar(method, cases.len());
+            let mut s = Vec::with_capacity(cases.len());
+            for (i, (prompt, seed)) in cases.iter().enumerate() {
+                let image = gen.generate(unet, prompt, &gen.noise(*seed)?, *seed)?;
+                let path = format!("gallery/{method}/{i:03}-{seed}.png");
+                save_png(&image, &out.join(&path))?;
+                manifest.push(GalleryImage {
+                    path,
+                    prompt: prompt.to_string(),
+                    method: method.into(),
+                    seed: *seed,
+                });
+                s.push(true_reward(&image, prompt)?);
+                b.inc(1);
+            }
+            b.finish();
+            Ok(s)
+        };
+    let base = render("base", &gen.pipe.unet, &mut manifest)?;
+
+    // 3. Each method: train, then render the held-out cases.
+    let mut results: BTreeMap<String, MethodResult> = BTreeMap::new();
+    let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let opts = TrainOptions {
+        resume: false,
+        max_steps_this_run: None,
+        device: candle_core::Device::Cpu,
+        hub_cache: None,
+    };
+    for method in METHODS {
+        let run_dir = out.join("runs").join(method);
+        if run_dir.exists() {
+            std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
+        }
+        std::fs::create_dir_all(&run_dir)?;
+        let recipe = run_dir.join("recipe.toml");
+        std::fs::write(&recipe, method_recipe(method, &model_dir, &pairs, &run_dir, &cfg))?;
+        let plan = Plan::load(&recipe, &[])?;
+        let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {method}"))?;
+        let b = bar(&format!("train {method}"), cfg.train_steps);
+        let mut points = Vec::new();
+        trainer.run(&opts, &mut |r, _| {
+            b.set_position(r.step as u64);
+            b.set_message(format!("loss {:.4}", r.loss));
+            points.push((r.step as f64, r.loss));
+        })?;
+        b.finish();
+        curves.push((format!("{method} training loss"), points));
+        let (tuned, _) = UNet2DConditionModel::from_pretrained(&run_dir.join("unet"), &LoadOptions::default())
+            .with_context(|| format!("loading the {method} UNet"))?;
+        let s = render(method, &tuned, &mut manifest)?;
+        results.insert(method.into(), MethodResult::from_scores(&base, &s)?);
+        scores.insert(method.into(), s);
+    }
+
+    // 4. ReNO with the learned shapes reward, from each held-out case's own noise.
+    let reward = load_reward(RewardKind::ClipScore, &reward_dir, &LoadOptions::default())?;
+    let rewards = vec![WeightedReward::new(reward, None)];
+    let reno_cfg = RenoConfig {
+        iters: cfg.reno_iters,
+        ..RenoConfig::default()
+    };
+    let sampler = Sampler::Scheduler {
+        kind: Some(SchedulerKind::Ddim),
+        steps: cfg.steps,
+    };
+    let b = bar("reno", cases.len() * cfg.reno_iters);
+    let mut reno_scores = Vec::with_capacity(cases.len());
+    let mut trajectory = vec![Vec::new(); cfg.reno_iters];
+    for (i, (prompt, seed)) in cases.iter().enumerate() {
+        let reno = Reno::new(&gen.pipe, &rewards, sampler, reno_cfg.clone(), *seed)?;
+        let z0 = gen.noise(*seed)?;
+        let size = reno.image_size(&z0)?;
+        let cond = gen
+            .pipe
+            .conditioning(&[prompt.to_string()], None, cfg.guidance, size, None)?;
+        let outcome = reno.run_with(&cond, &prompt.to_string(), &z0, &mut |r, _| {
+            trajectory[r.iter].push(r.reward_loss);
+            b.inc(1);
+            Ok(())
+        })?;
+        let image = hwc(&outcome.best_image)?;
+        let path = format!("gallery/reno/{i:03}-{seed}.png");
+        save_png(&image, &out.join(&path))?;
+        manifest.push(GalleryImage {
+            path,
+            prompt: prompt.to_string(),
+            method: "reno".into(),
+            seed: *seed,
+        });
+        reno_scores.push(true_reward(&image, prompt)?);
+    }
+    b.finish();
+    results.insert("reno".into(), MethodResult::from_scores(&base, &reno_scores)?);
+    scores.insert("reno".into(), reno_scores);
+    let reno_curve: Vec<(f64, f64)> = trajectory
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(i, v)| (i as f64, v.iter().sum::<f64>() / v.len() as f64))
+        .collect();
+    curves.push(("ReNO reward loss (mean over held-out images)".into(), reno_curve));
+
+    // 5. Outputs.
+    let metrics = serde_json::json!({
+        "methods": results,
+        "config": {"quick": args.quick, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
+                   "train_steps": cfg.train_steps, "sampler_steps": cfg.steps, "guidance": cfg.guidance},
+        "seconds": start.elapsed().as_secs_f64(),
+    });
+    write_atomic(&out.join("metrics.json"), &serde_json::to_string_pretty(&metrics)?)?;
+    write_atomic(
+        &out.join("gallery/manifest.json"),
+        &serde_json::to_string_pretty(&manifest)?,
+    )?;
+    write_atomic(
+        &out.join("index.html"),
+        &page(&results, &curves, &manifest, &cases, &base, &scores)?,
+    )?;
+    println!("{}", serde_json::json!({"out": out, "metrics": metrics}));
+    Ok(())
+}
+
+fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = diffalign::weights::store::tmp_path(path);
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn page(
+    results: &BTreeMap<String, MethodResult>,
+    curves: &[(String, Vec<(f64, f64)>)],
+    manifest: &[GalleryImage],
+    cases: &[(diffalign::world::Prompt, u64)],
+    base: &[f64],
+    scores: &BTreeMap<String, Vec<f64>>,
+) -> anyhow::Result<String> {
+    let mut h = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>diffalign demo</title><style>body{font-family:sans-serif;margin:2em}img{image-rendering:pixelated;width:96px}td,th{padding:4px;text-align:center}</style></head><body><h1>diffalign demo: the shapes world</h1>",
+    );
+    h.push_str("<p>Base model against each aligned model on held-out prompts, same seeds, judged by the ground-truth rater.</p><table><tr><th>method</th><th>win rate</th><th>95% interval</th><th>n</th><th>mean true reward</th><th>base</th></tr>");
+    for (m, r) in results {
+        let _ = write!(
+            h,
+            "<tr><td>{m}</td><td>{:.3}</td><td>[{:.3}, {:.3}]</td><td>{}</td><td>{:.4}</td><td>{:.4}</td></tr>",
+            r.win_rate, r.ci95[0], r.ci95[1], r.n, r.true_reward, r.base_true_reward
+        );
+    }
+    h.push_str("</table><h2>Curves</h2>");
+    for (title, points) in curves.iter().filter(|c| !c.1.is_empty()) {
+        h.push_str(&line_plot_svg(&Curve {
+            title,
+            points: points.clone(),
+        })?);
+    }
+    h.push_str(
+        "<h2>Same-seed images (true reward below each)</h2><table><tr><th>prompt</th><th>seed</th><th>base</th>",
+    );
+    for m in scores.keys() {
+        let _ = write!(h, "<th>{m}</th>");
+    }
+    h.push_str("</tr>");
+    let path_of = |method: &str, i: usize| {
+        manifest
+            .iter()
+            .filter(|g| g.method == method)
+            .nth(i)
+            .map(|g| g.path.clone())
+            .unwrap_or_default()
+    };
+    for (i, (prompt, seed)) in cases.iter().enumerate() {
+        let _ = write!(
+            h,
+            "<tr><td>{prompt}</td><td>{seed}</td><td><img src=\"{}\"><br>{:.3}</td>",
+            path_of("base", i),
+            base[i]
+        );
+        for (m, s) in scores {
+            let _ = write!(h, "<td><img src=\"{}\"><br>{:.3}</td>", path_of(m, i), s[i]);
+        }
+        h.push_str("</tr>");
+    }
+    h.push_str("</table></body></html>\n");
+    Ok(h)
+}

@@ -1,0 +1,317 @@
+//! The demo on the embedded shapes-world model: sample preference pairs from the base model,
+//! label them with the ground-truth rater (Bradley-Terry noise), align the model with DPO, DCPO,
+//! MaPO and SmPO, run ReNO with the learned shapes reward, and judge every result against the base
+//! model on held-out prompts with the same seeds, by the ground-truth rater.
+//!
+//! Honesty rules: prompts are split once (every fifth prompt of [`Prompt::all`] is held out); the
+//! rater only labels training pairs (and, for DCPO, names what a rejected image shows, as a
+//! captioner would); evaluation images of base and aligned models share their seeds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::eval::{mean, WinRate};
+use crate::models::unet::UNet2DConditionModel;
+use crate::rng::Rng;
+use crate::sampling::image_io::save_png;
+use crate::sampling::pipeline::{PipelineSources, StableDiffusionPipeline};
+use crate::sampling::GenerateRequest;
+use crate::schedulers::SchedulerKind;
+use crate::weights::LoadOptions;
+use crate::world::{preference_probability, rate, Prompt};
+use crate::{Error, Result};
+
+/// The preference methods the demo trains.
+pub const METHODS: [&str; 4] = ["dpo", "dcpo", "mapo", "smpo"];
+
+/// How much the demo does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoConfig {
+    /// Pairs sampled per training prompt.
+    pub pairs_per_prompt: usize,
+    /// Training prompts used (all when larger than the split).
+    pub train_prompts: usize,
+    /// Held-out prompts evaluated.
+    pub eval_prompts: usize,
+    /// Seeds per held-out prompt.
+    pub eval_seeds: u64,
+    /// Optimizer steps per method.
+    pub train_steps: usize,
+    /// Pairs per training step.
+    pub batch_size: usize,
+    /// Learning rate of the aligned UNet.
+    pub lr: f64,
+    /// DDIM steps of every generation (ReNO backpropagates through them).
+    pub steps: usize,
+    /// Classifier-free guidance.
+    pub guidance: f64,
+    /// ReNO iterations per held-out image.
+    pub reno_iters: usize,
+    /// Temperature of the Bradley-Terry labelling noise.
+    pub temperature: f64,
+}
+
+impl DemoConfig {
+    /// The full demo (about ten minutes on two cores).
+    pub fn full() -> Self {
+        DemoConfig {
+            pairs_per_prompt: 3,
+            train_prompts: usize::MAX,
+            eval_prompts: usize::MAX,
+            eval_seeds: 4,
+            train_steps: 120,
+            batch_size: 8,
+            lr: 1e-4,
+            steps: 8,
+            guidance: 3.0,
+            reno_iters: 8,
+            temperature: 0.05,
+        }
+    }
+
+    /// A quick pass through every phase (under three minutes).
+    pub fn quick() -> Self {
+        DemoConfig {
+            pairs_per_prompt: 1,
+            train_prompts: 8,
+            eval_prompts: 3,
+            eval_seeds: 2,
+            train_steps: 3,
+            batch_size: 4,
+            steps: 4,
+            reno_iters: 2,
+            ..Self::full()
+        }
+    }
+}
+
+/// Training and held-out prompts: every fifth prompt of the world is held out.
+pub fn split_prompts() -> (Vec<Prompt>, Vec<Prompt>) {
+    let (mut train, mut held) = (Vec::new(), Vec::new());
+    for (i, p) in Prompt::all().into_iter().enumerate() {
+        if i % 5 == 4 {
+            held.push(p);
+        } else {
+            train.push(p);
+        }
+    }
+    (train, held)
+}
+
+/// The demo's generator: one pipeline, DDIM with fixed steps and guidance.
+pub struct Generator {
+    /// The base pipeline.
+    pub pipe: StableDiffusionPipeline,
+    steps: usize,
+    guidance: f64,
+}
+
+impl Generator {
+    /// Loads the pipeline folder `dir`.
+    pub fn load(dir: &Path, cfg: &DemoConfig) -> Result<Self> {
+        let sources = PipelineSources {
+            root: dir.to_path_buf(),
+            ..Default::default()
+        };
+        Ok(Generator {
+            pipe: StableDiffusionPipeline::load(&sources, &LoadOptions::default())?,
+            steps: cfg.steps,
+            guidance: cfg.guidance,
+        })
+    }
+
+    /// The noise of `seed`.
+    pub fn noise(&self, seed: u64) -> Result<Tensor> {
+        let (h, w) = self.latent_size();
+        Rng::new(seed).randn((1, self.pipe.unet.in_channels(), h, w), &Device::Cpu)
+    }
+
+    /// The latent size of the model's images.
+    pub fn latent_size(&self) -> (usize, usize) {
+        self.pipe.unet.sample_size().unwrap_or((8, 8))
+    }
+
+    /// The image `[H, W, 3]` in [0, 1] of `prompt` from `noise` with `unet`.
+    pub fn generate(&self, unet: &UNet2DConditionModel, prompt: &Prompt, noise: &Tensor, seed: u64) -> Result<Tensor> {
+        let f = self.pipe.vae_scale_factor();
+        let (h, w) = (noise.dim(2)? * f, noise.dim(3)? * f);
+        let req = GenerateRequest {
+            prompts: vec![prompt.to_string()],
+            negative_prompts: None,
+            steps: self.steps,
+            guidance: self.guidance,
+            height: h,
+            width: w,
+            init_noise: noise.clone(),
+            scheduler: Some(SchedulerKind::Ddim),
+            seed,
+            time_ids: None,
+        };
+        Ok(self.pipe.generate_with(unet, &req, &mut |_, _| {})?.images.get(0)?)
+    }
+}
+
+/// The rater's score of an image `[H, W, 3]` for `prompt`.
+pub fn true_reward(image: &Tensor, prompt: &Prompt) -> Result<f64> {
+    let (h, w, _) = image.dims3()?;
+    let data: Vec<f32> = image.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(rate(&data, h, w, prompt)?.score)
+}
+
+/// The prompt of the world that best describes `image` by the rater: the world's captioner.
+pub fn caption_of(image: &Tensor) -> Result<Prompt> {
+    let (h, w, _) = image.dims3()?;
+    let data: Vec<f32> = image.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut best: Option<(f64, Prompt)> = None;
+    for p in Prompt::all() {
+        let s = rate(&data, h, w, &p)?.score;
+        if best.is_none_or(|b| s > b.0) {
+            best = Some((s, p));
+        }
+    }
+    Ok(best.expect("the world has prompts").1)
+}
+
+/// Samples and labels preference pairs into `dir` (`pairs.jsonl` and PNGs): two seeds per pair,
+/// the label drawn from `sigmoid((r_a − r_b) / T)`, `soft_label` that probability for the
+/// chosen image, `caption_rejected` what the rejected image shows. Returns the file.
+pub fn sample_pairs(
+    gen: &Generator,
+    prompts: &[Prompt],
+    cfg: &DemoConfig,
+    dir: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut rng = Rng::new(1234);
+    let total = prompts.len() * cfg.pairs_per_prompt;
+    let mut lines = String::new();
+    for (i, prompt) in prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, cfg.pairs_per_prompt))
+        .enumerate()
+    {
+        let seeds = [100_000 + 2 * i as u64, 100_001 + 2 * i as u64];
+        let mut images = Vec::with_capacity(2);
+        for (k, &seed) in seeds.iter().enumerate() {
+            let image = gen.generate(&gen.pipe.unet, prompt, &gen.noise(seed)?, seed)?;
+            let name = format!("{i:04}-{k}.png");
+            save_png(&image, &dir.join(&name))?;
+            images.push((name, true_reward(&image, prompt)?, image));
+        }
+        let p_a = preference_probability(images[0].1, images[1].1, cfg.temperature);
+        let a_wins = rng.uniform() < p_a;
+        let (w, l, p) = if a_wins { (0, 1, p_a) } else { (1, 0, 1.0 - p_a) };
+        let line = serde_json::json!({
+            "prompt": prompt.to_string(),
+            "chosen": images[w].0,
+            "rejected": images[l].0,
+            "caption_chosen": prompt.to_string(),
+            "caption_rejected": caption_of(&images[l].2)?.to_string(),
+            "soft_label": p,
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+        progress(i + 1, total);
+    }
+    let path = dir.join("pairs.jsonl");
+    std::fs::write(&path, lines).map_err(|e| Error::io(&path, e))?;
+    Ok(path)
+}
+
+/// The recipe that aligns the pipeline at `model` with `method` on `pairs`, into `out`.
+pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: &DemoConfig) -> String {
+    let beta = match method {
+        "mapo" => 0.1,
+        "smpo" => 50.0,
+        _ => 500.0,
+    };
+    format!(
+        r#"[model]
+path = "{model}"
+
+[data]
+format = "jsonl"
+path = "{pairs}"
+dual_captions = {dual}
+
+[train]
+method = "{method}"
+beta = {beta}
+steps = {steps}
+batch_size = {batch}
+lr = {lr:e}
+resolution = {res}
+random_flip = false
+seed = 0
+inversion_steps = 2
+
+[output]
+dir = "{out}"
+"#,
+        model = model.display(),
+        pairs = pairs.display(),
+        dual = method == "dcpo",
+        steps = cfg.train_steps,
+        batch = cfg.batch_size,
+        lr = cfg.lr,
+        res = 32,
+        out = out.display(),
+    )
+}
+
+/// One method's judgement against the base model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MethodResult {
+    /// Win rate of the method over the base model by the rater.
+    pub win_rate: f64,
+    /// Its 95% Wilson interval.
+    pub ci95: [f64; 2],
+    /// Pairs compared.
+    pub n: usize,
+    /// The method's mean rater score.
+    pub true_reward: f64,
+    /// The base model's mean rater score on the same prompts and seeds.
+    pub base_true_reward: f64,
+}
+
+impl MethodResult {
+    /// From paired rater scores.
+    pub fn from_scores(base: &[f64], tuned: &[f64]) -> Result<Self> {
+        let w = WinRate::from_scores(base, tuned).ok_or_else(|| Error::input("scores", "no pairs to compare"))?;
+        Ok(MethodResult {
+            win_rate: w.rate,
+            ci95: [w.low, w.high],
+            n: w.n,
+            true_reward: mean(tuned),
+            base_true_reward: mean(base),
+        })
+    }
+}
+
+/// Gallery entries: `path` (relative), `prompt`, `method`, `seed`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GalleryImage {
+    /// Relative to the demo folder.
+    pub path: String,
+    /// The caption.
+    pub prompt: String,
+    /// `base` or a method.
+    pub method: String,
+    /// The seed of its noise.
+    pub seed: u64,
+}
+
+/// The held-out evaluation cases: `(prompt, seed)`.
+pub fn eval_cases(held_out: &[Prompt], cfg: &DemoConfig) -> Vec<(Prompt, u64)> {
+    held_out
+        .iter()
+        .take(cfg.eval_prompts)
+        .flat_map(|p| (0..cfg.eval_seeds).map(move |s| (*p, s)))
+        .collect()
+}
+
+/// Per-method rater scores by case, for the page.
+pub type Scores = HashMap<String, Vec<f64>>;

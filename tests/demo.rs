@@ -1,0 +1,70 @@
+//! `diffalign demo --quick` on the embedded model: every file, and the schemas of
+//! `metrics.json` and `gallery/manifest.json`.
+
+use std::process::Command;
+
+#[test]
+fn quick_demo_writes_every_file_with_its_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    // The folder may exist already.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "kept").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .args(["demo", "--quick", "--out"])
+        .arg(&out)
+        .env("DIFFALIGN_CACHE", tmp.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "kept");
+    assert!(std::fs::read_to_string(out.join("index.html"))
+        .unwrap()
+        .contains("<svg"));
+
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    for method in ["dpo", "dcpo", "mapo", "smpo", "reno"] {
+        let m = &metrics["methods"][method];
+        let win = m["win_rate"].as_f64().unwrap_or_else(|| panic!("{method}: win_rate"));
+        let ci = m["ci95"].as_array().unwrap();
+        let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&win) && lo <= win && win <= hi, "{method}: {m}");
+        assert!(m["n"].as_u64().unwrap() > 0);
+        for key in ["true_reward", "base_true_reward"] {
+            assert!(
+                m[key].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)),
+                "{method}: {key}"
+            );
+        }
+    }
+
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("gallery/manifest.json")).unwrap()).unwrap();
+    let methods = ["base", "dpo", "dcpo", "mapo", "smpo", "reno"];
+    for m in methods {
+        assert!(manifest.iter().any(|g| g["method"] == m), "no {m} image");
+    }
+    for g in &manifest {
+        let path = out.join(g["path"].as_str().unwrap());
+        assert!(path.is_file(), "{path:?}");
+        assert!(methods.contains(&g["method"].as_str().unwrap()));
+        g["prompt"]
+            .as_str()
+            .unwrap()
+            .parse::<diffalign::world::Prompt>()
+            .unwrap();
+        assert!(g["seed"].as_u64().is_some());
+    }
+    // Same seeds for base and every method: the same (prompt, seed) cases.
+    let cases = |m: &str| -> Vec<(String, u64)> {
+        manifest
+            .iter()
+            .filter(|g| g["method"] == m)
+            .map(|g| (g["prompt"].as_str().unwrap().to_string(), g["seed"].as_u64().unwrap()))
+            .collect()
+    };
+    for m in &methods[1..] {
+        assert_eq!(cases(m), cases("base"), "{m}");
+    }
+}
