@@ -3,7 +3,7 @@
 //! MaPO and SmPO, run ReNO with the learned shapes reward, and judge every result against the base
 //! model on held-out prompts with the same seeds, by the ground-truth rater.
 //!
-//! Honesty rules: prompts are split once (every fifth prompt of [`Prompt::all`] is held out); the
+//! Honesty rules: prompts are split once (every fifth of a fixed shuffle is held out); the
 //! rater only labels training pairs (and, for DCPO, names what a rejected image shows, as a
 //! captioner would); evaluation images of base and aligned models share their seeds.
 
@@ -87,10 +87,16 @@ impl DemoConfig {
     }
 }
 
-/// Training and held-out prompts: every fifth prompt of the world is held out.
+/// Training and held-out prompts: the world's prompts in a fixed shuffled order (seed 5), every
+/// fifth one held out, so that held-out prompts cover every shape, colour and background.
 pub fn split_prompts() -> (Vec<Prompt>, Vec<Prompt>) {
+    let mut all = Prompt::all();
+    let mut rng = Rng::new(5);
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.below(i as u64 + 1) as usize);
+    }
     let (mut train, mut held) = (Vec::new(), Vec::new());
-    for (i, p) in Prompt::all().into_iter().enumerate() {
+    for (i, p) in all.into_iter().enumerate() {
         if i % 5 == 4 {
             held.push(p);
         } else {
