@@ -282,9 +282,18 @@ fn every_recipe_in_pipelines_parses() {
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
+        let is_pretrain = p
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with("pretrain-"));
         if p.extension().is_some_and(|x| x == "toml") {
-            diffalign::recipe::Plan::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            n += 1;
+            if is_pretrain {
+                let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+                diffalign::train::pretrain::PretrainRecipe::load(&p, &root)
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            } else {
+                diffalign::recipe::Plan::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
         }
     }
     assert!(n >= 6, "expected the papers' recipes, found {n}");
