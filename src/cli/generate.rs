@@ -11,7 +11,7 @@ use diffalign::sampling::{GenerateRequest, PipelineKind};
 use diffalign::schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::inputs::{load_init_noise, read_prompts};
+use super::inputs::{image_size, load_init_noise, read_prompts};
 use super::model_args::ModelArgs;
 
 /// Flags of `diffalign generate`.
@@ -94,15 +94,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     for w in &pipe.warnings {
         eprintln!("warning: {w}");
     }
-    let f = pipe.vae_scale_factor();
-    let (height, width) = match (&init_noise, args.height, args.width) {
-        (_, Some(h), Some(w)) => (h, w),
-        (Some(n), h, w) => (h.unwrap_or(n.dim(2)? * f), w.unwrap_or(n.dim(3)? * f)),
-        (None, h, w) => {
-            let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
-            (h.unwrap_or(sh * f), w.unwrap_or(sw * f))
-        }
-    };
+    let (height, width) = image_size(&pipe, init_noise.as_ref(), args.height, args.width)?;
     let (lh, lw) = pipe.check_size(height, width)?;
     let guidance = args
         .guidance

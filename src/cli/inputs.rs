@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use diffalign::reward::{load_reward, ImageReward, RewardSpec};
+use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::weights::{LoadOptions, TensorStore};
 
 /// The prompts of `--prompt TEXT` or `--prompts FILE` (one per line, blank lines skipped).
@@ -41,6 +42,25 @@ pub fn load_init_noise(path: &Path) -> anyhow::Result<Tensor> {
         );
     }
     Ok(t)
+}
+
+/// The image size in pixels: `--height`/`--width` when given, else the initial noise's size, else
+/// the UNet's sample size, times the VAE factor.
+pub fn image_size(
+    pipe: &StableDiffusionPipeline,
+    init_noise: Option<&Tensor>,
+    height: Option<usize>,
+    width: Option<usize>,
+) -> anyhow::Result<(usize, usize)> {
+    let f = pipe.vae_scale_factor();
+    Ok(match (init_noise, height, width) {
+        (_, Some(h), Some(w)) => (h, w),
+        (Some(n), h, w) => (h.unwrap_or(n.dim(2)? * f), w.unwrap_or(n.dim(3)? * f)),
+        (None, h, w) => {
+            let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
+            (h.unwrap_or(sh * f), w.unwrap_or(sw * f))
+        }
+    })
 }
 
 /// Parses `--reward KIND=PATH` for clap.

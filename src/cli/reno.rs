@@ -23,7 +23,9 @@ use diffalign::train::report::{write_report, Curve, ImageRow};
 use diffalign::weights::store::save_safetensors;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::inputs::{load_init_noise, load_rewards, parse_reward_spec, read_prompts, reward_specs_or_default};
+use super::inputs::{
+    image_size, load_init_noise, load_rewards, parse_reward_spec, read_prompts, reward_specs_or_default,
+};
 use super::model_args::ModelArgs;
 
 /// Flags of `diffalign reno`.
@@ -157,15 +159,7 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     }
     let reno = Reno::new(&pipe, &rewards, sampler, config, args.seed)?;
 
-    let f = pipe.vae_scale_factor();
-    let (height, width) = match (&init_noise, args.height, args.width) {
-        (_, Some(h), Some(w)) => (h, w),
-        (Some(n), h, w) => (h.unwrap_or(n.dim(2)? * f), w.unwrap_or(n.dim(3)? * f)),
-        (None, h, w) => {
-            let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
-            (h.unwrap_or(sh * f), w.unwrap_or(sw * f))
-        }
-    };
+    let (height, width) = image_size(&pipe, init_noise.as_ref(), args.height, args.width)?;
     let (lh, lw) = pipe.check_size(height, width)?;
     let z0 = match init_noise {
         Some(n) => {
