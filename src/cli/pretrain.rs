@@ -21,6 +21,9 @@ pub struct PretrainArgs {
     /// Override the output folder.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Override the reward model's folder.
+    #[arg(long)]
+    reward_out: Option<PathBuf>,
     /// Run only the pipeline phases (VAE, denoiser) or only the reward model.
     #[arg(long, value_parser = ["pipeline", "reward"])]
     only: Option<String>,
@@ -37,6 +40,9 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     }
     if let Some(out) = args.out {
         recipe.output.dir = out;
+    }
+    if let (Some(out), Some(r)) = (args.reward_out, &mut recipe.reward) {
+        r.dir = out;
     }
     std::fs::create_dir_all(&recipe.output.dir).with_context(|| format!("creating {}", recipe.output.dir.display()))?;
     let log_path = recipe.output.dir.join("pretrain.jsonl");
