@@ -1,8 +1,6 @@
 //! ResNet blocks and the 2x resamplers shared by the UNet and the VAE.
 //! Counterpart: `diffusers/models/resnet.py` (`ResnetBlock2D`), `downsampling.py`, `upsampling.py`.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 
 use crate::nn::checkpoint::Recompute;
@@ -79,9 +77,7 @@ impl ResnetBlock2D {
     /// `xs` `[B, C_in, H, W]`, `temb` `[B, temb_channels]` (ignored by blocks without a time input);
     /// recomputed in the backward pass when the model's recomputation is on.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let this = self.clone();
-        self.recompute
-            .run(Arc::new(move |xs, temb| this.forward_plain(xs, temb)), xs, temb)
+        self.recompute.run(self, Self::forward_plain, xs, temb)
     }
 
     fn forward_plain(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {

@@ -56,13 +56,22 @@ impl Recompute {
         }
     }
 
-    /// Runs `f` on `(a, b)`: plainly when recomputation is off or nothing needs a gradient,
-    /// otherwise keeping only the output and recomputing in the backward pass.
-    pub fn run(&self, f: Arc<BlockFn>, a: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    /// Runs `f(block, a, b)`: plainly when recomputation is off or nothing needs a gradient (the
+    /// block is then not cloned), otherwise keeping only the output and recomputing in the
+    /// backward pass.
+    pub fn run<M: Clone + Send + Sync + 'static>(
+        &self,
+        block: &M,
+        f: fn(&M, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+        a: &Tensor,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let needs_grad = a.track_op() || b.is_some_and(|b| b.track_op()) || self.params.iter().any(|p| p.track_op());
         if !self.enabled.load(Ordering::Relaxed) || !needs_grad || !a.device().is_cpu() {
-            return f(a, b);
+            return f(block, a, b);
         }
+        let block = block.clone();
+        let f: Arc<BlockFn> = Arc::new(move |a, b| f(&block, a, b));
         // The forward: the graph built through the parameters is dropped with `full`.
         let out = {
             let full = f(&a.detach(), b.map(|t| t.detach()).as_ref())?;

@@ -201,9 +201,7 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let this = self.clone();
-        self.recompute
-            .run(Arc::new(move |xs, mask| this.forward_plain(xs, mask)), xs, mask)
+        self.recompute.run(self, Self::forward_plain, xs, mask)
     }
 
     fn forward_plain(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {

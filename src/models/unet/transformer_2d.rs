@@ -3,8 +3,6 @@
 //! Counterpart: `diffusers/models/transformers/transformer_2d.py` and `models/attention.py`
 //! (`BasicTransformerBlock`, `FeedForward`, `GEGLU`).
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 
 use crate::models::attention::Attention;
@@ -135,11 +133,10 @@ impl Transformer2DModel {
     /// `xs` `[B, C, H, W]` attending to `context` `[B, L, cross_attention_dim]`; recomputed in
     /// the backward pass when the model's recomputation is on.
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let this = self.clone();
-        let f = move |xs: &Tensor, context: Option<&Tensor>| {
-            this.forward_plain(xs, context.expect("the context is always passed"))
+        let f = |t: &Self, xs: &Tensor, context: Option<&Tensor>| {
+            t.forward_plain(xs, context.expect("the context is always passed"))
         };
-        self.recompute.run(Arc::new(f), xs, Some(context))
+        self.recompute.run(self, f, xs, Some(context))
     }
 
     fn forward_plain(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
