@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::Tensor;
@@ -26,6 +26,7 @@ use diffalign::sampling::image_io::save_png;
 use diffalign::schedulers::SchedulerKind;
 use diffalign::train::report::{line_plot_svg, Curve};
 use diffalign::train::{TrainOptions, Trainer};
+use diffalign::weights::store::write_atomic;
 use diffalign::weights::LoadOptions;
 use indicatif::ProgressBar;
 
@@ -196,13 +197,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         &page(&results, &curves, &manifest, &cases, &base, &scores)?,
     )?;
     println!("{}", serde_json::json!({"out": out, "metrics": metrics}));
-    Ok(())
-}
-
-fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = diffalign::weights::store::tmp_path(path);
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

@@ -22,6 +22,7 @@ use diffalign::sampling::{GenerateRequest, PipelineKind, StableDiffusionPipeline
 use diffalign::schedulers::SchedulerKind;
 use diffalign::train::report::{write_report, ImageRow};
 use diffalign::weights::lora::LoraSource;
+use diffalign::weights::store::write_atomic;
 use diffalign::weights::LoadOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -213,10 +214,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "rewards": per_reward,
     });
     let full = serde_json::json!({"summary": summary, "images": records});
-    let json_path = args.out.join("eval.json");
-    let tmp = diffalign::weights::store::tmp_path(&json_path);
-    std::fs::write(&tmp, serde_json::to_string_pretty(&full)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &json_path).with_context(|| format!("writing {}", json_path.display()))?;
+    write_atomic(&args.out.join("eval.json"), serde_json::to_string_pretty(&full)?)?;
     write_report(&args.out.join("index.html"), "Tuned versus base", &text, &[], &rows)?;
     println!("{summary}");
     Ok(())

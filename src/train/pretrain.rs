@@ -27,6 +27,7 @@ use crate::rng::Rng;
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use crate::text::ClipTokenizer;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::weights::store::write_atomic;
 use crate::weights::{save_safetensors, VarBuilder};
 use crate::world::{Prompt, Scene};
 use crate::{Error, Result};
@@ -368,10 +369,8 @@ fn write_pipeline(r: &PretrainRecipe, scale: f64, parts: &[(&str, &VarBuilder)])
         if *name == "vae" {
             config["scaling_factor"] = scale.into();
         }
-        let config_path = dir.join("config.json");
-        let tmp = crate::weights::store::tmp_path(&config_path);
-        std::fs::write(&tmp, serde_json::to_string_pretty(&config).expect("json")).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+        write_atomic(&dir.join("config.json"), config)?;
         let tensors: HashMap<String, Tensor> = vb
             .vars()
             .into_iter()

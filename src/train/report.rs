@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::weights::store::tmp_path;
+use crate::weights::store::write_atomic;
 use crate::{Error, Result};
 
 /// One curve: `(step, value)` points.
@@ -100,7 +100,5 @@ pub fn write_report(path: &Path, title: &str, summary: &str, curves: &[Curve], i
         html.push_str("</table>");
     }
     html.push_str("</body></html>\n");
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, html).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    write_atomic(path, html)
 }

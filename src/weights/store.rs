@@ -464,6 +464,19 @@ pub fn save_safetensors(
     r
 }
 
+/// Writes `bytes` to `path` through a temporary sibling and a rename, so that no half-written
+/// file is ever left at `path` (the temporary file is removed on failure).
+pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
+    let tmp = tmp_path(path);
+    let r = std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
 /// A temporary sibling of `path` for write-then-rename.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
