@@ -159,17 +159,21 @@ impl Generator {
     }
 }
 
+/// The values of an image `[H, W, 3]` as the rater reads them, with `(H, W)`.
+fn pixels(image: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
+    let (h, w, _) = image.dims3()?;
+    Ok((image.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, h, w))
+}
+
 /// The rater's score of an image `[H, W, 3]` for `prompt`.
 pub fn true_reward(image: &Tensor, prompt: &Prompt) -> Result<f64> {
-    let (h, w, _) = image.dims3()?;
-    let data: Vec<f32> = image.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let (data, h, w) = pixels(image)?;
     Ok(rate(&data, h, w, prompt)?.score)
 }
 
 /// The prompt of the world that best describes `image` by the rater: the world's captioner.
 pub fn caption_of(image: &Tensor) -> Result<Prompt> {
-    let (h, w, _) = image.dims3()?;
-    let data: Vec<f32> = image.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let (data, h, w) = pixels(image)?;
     let mut best: Option<(f64, Prompt)> = None;
     for p in Prompt::all() {
         let s = rate(&data, h, w, &p)?.score;

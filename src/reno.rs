@@ -112,16 +112,21 @@ pub struct IterationRecord {
 }
 
 impl IterationRecord {
-    /// The JSON line of `iterations.jsonl`.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The scores as a JSON object keyed by reward kind.
+    pub fn scores_json(&self) -> serde_json::Value {
         let scores: serde_json::Map<String, serde_json::Value> = self
             .scores
             .iter()
             .map(|(k, s)| (k.name().to_string(), (*s).into()))
             .collect();
+        scores.into()
+    }
+
+    /// The JSON line of `iterations.jsonl`.
+    pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "iter": self.iter,
-            "scores": scores,
+            "scores": self.scores_json(),
             "reward_loss": self.reward_loss,
             "reg_loss": self.reg_loss,
             "noise_norm": self.noise_norm,

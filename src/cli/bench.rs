@@ -70,6 +70,16 @@ fn median_secs(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> any
     Ok(times[times.len() / 2])
 }
 
+/// Prints the peak resident memory line, when the platform reports it.
+fn report_peak_rss() {
+    if let Some(rss) = peak_rss_bytes() {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64})
+        );
+    }
+}
+
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -124,12 +134,7 @@ fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     report("unet_forward_backward", &shape, step, threads);
-    if let Some(rss) = peak_rss_bytes() {
-        println!(
-            "{}",
-            serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64})
-        );
-    }
+    report_peak_rss();
     Ok(())
 }
 
@@ -191,12 +196,7 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     report("dpo_step", &shape, secs, threads);
-    if let Some(rss) = peak_rss_bytes() {
-        println!(
-            "{}",
-            serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64})
-        );
-    }
+    report_peak_rss();
     Ok(())
 }
 
@@ -204,7 +204,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::models::clip::vision_model::{ClipKeyLayout, ClipVisionConfig, ClipVisionModel};
     use diffalign::models::vae::{AutoencoderKL, AutoencoderKLConfig};
     use diffalign::reno::noise_regularizer;
-    use diffalign::reward::ClipPreprocess;
+    use diffalign::reward::{l2_normalize, ClipPreprocess};
     use diffalign::schedulers::{EulerDiscreteScheduler, NoiseSchedule, Scheduler, SchedulerConfig};
     use diffalign::train::optim::{clip_grad_norm, Sgd};
 
@@ -233,7 +233,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     let c = unet.in_channels();
     let ctx = rng.randn((1, args.text_len, unet.cross_attention_dim()), &dev)?;
     let text = rng.randn((1, clip_cfg.projection_dim), &dev)?;
-    let text = text.broadcast_div(&text.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let text = l2_normalize(&text)?;
     let mut z = rng.randn((1, c, s, s), &dev)?;
     let mut sgd = Sgd::new(5.0, 0.9, true);
     let shape = format!(
@@ -252,8 +252,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
         let x0 = sched.step(&eps, 0, &latents, &mut rng)?;
         let decoded = vae.decode(&(x0 / vae_cfg.scaling_factor)?)?;
         let image = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-        let embeds = clip.forward(&preprocess.forward(&image)?)?.image_embeds;
-        let embeds = embeds.broadcast_div(&embeds.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+        let embeds = l2_normalize(&clip.forward(&preprocess.forward(&image)?)?.image_embeds)?;
         let score = (embeds.broadcast_mul(&text)?.sum_all()? * 100.0)?;
         let loss = ((score.affine(-0.05, 0.05 * 30.0))? + noise_regularizer(var.as_tensor(), 0.01)?)?;
         let grads = loss.backward()?;
@@ -263,12 +262,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     report("reno_iteration", &shape, secs, candle_core::utils::get_num_threads());
-    if let Some(rss) = peak_rss_bytes() {
-        println!(
-            "{}",
-            serde_json::json!({"bench": "peak_rss", "bytes": rss, "gib": rss as f64 / (1u64 << 30) as f64})
-        );
-    }
+    report_peak_rss();
     Ok(())
 }
 

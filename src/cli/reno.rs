@@ -197,8 +197,8 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
             "prompt": prompt,
             "out": dir,
             "best_iter": outcome.best_iter,
-            "initial": scores_json(&outcome.records[0]),
-            "best": scores_json(&outcome.records[outcome.best_iter]),
+            "initial": outcome.records[0].scores_json(),
+            "best": outcome.records[outcome.best_iter].scores_json(),
         });
         bar.suspend(|| println!("{summary}"));
         if prompts.len() > 1 {
@@ -216,10 +216,6 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
         write_report(&args.out.join("index.html"), "ReNO", &summary, &[], &rows)?;
     }
     Ok(())
-}
-
-fn scores_json(r: &IterationRecord) -> serde_json::Value {
-    r.to_json()["scores"].clone()
 }
 
 /// Runs ReNO for one prompt into `dir`. Each iteration's line is flushed as it is computed and the

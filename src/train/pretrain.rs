@@ -200,10 +200,6 @@ pub fn scene_batch(n: usize, resolution: usize, rng: &mut Rng) -> Result<(Tensor
     Ok((images, prompts))
 }
 
-fn vars_of(vb: &VarBuilder) -> Vec<(String, Var)> {
-    vb.vars()
-}
-
 fn grads_for(loss: &Tensor, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
     let grads = loss.backward()?;
     vars.iter()
@@ -227,7 +223,7 @@ fn train_vae(r: &PretrainRecipe, rng: &mut Rng, progress: &mut Progress) -> Resu
     let cfg = AutoencoderKLConfig::from_file(&path)?;
     let vb = VarBuilder::random(r.world.seed, DType::F32, &Device::Cpu, true);
     let vae = AutoencoderKL::new(&cfg, &path, vb.clone())?;
-    let vars = vars_of(&vb);
+    let vars = vb.vars();
     let mut opt = AdamW::new(vars.clone(), adamw())?;
     let s = &r.vae;
     for step in 0..s.steps {
@@ -293,8 +289,8 @@ pub fn pretrain(r: &PretrainRecipe, progress: &mut Progress) -> Result<PathBuf> 
     }
     let (means, stds) = (Tensor::cat(&means, 0)?, Tensor::cat(&stds, 0)?);
 
-    let mut vars = vars_of(&te_vb);
-    vars.extend(vars_of(&unet_vb));
+    let mut vars = te_vb.vars();
+    vars.extend(unet_vb.vars());
     let mut opt = AdamW::new(vars.clone(), adamw())?;
     let d = &r.denoiser;
     for step in 0..d.steps {
@@ -341,24 +337,10 @@ pub fn pretrain(r: &PretrainRecipe, progress: &mut Progress) -> Result<PathBuf> 
 fn write_pipeline(r: &PretrainRecipe, scale: f64, parts: &[(&str, &VarBuilder)]) -> Result<()> {
     let out = &r.output.dir;
     let dtype = crate::device::parse_dtype(&r.output.dtype)?;
-    let copy = |from: &Path, to: &Path| -> Result<()> {
-        if let Some(dir) = to.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::copy(from, to).map_err(|e| Error::io(from, e)).map(|_| ())
-    };
-    copy(&r.model.configs.join("model_index.json"), &out.join("model_index.json"))?;
-    copy(
-        &r.model.configs.join("scheduler/scheduler_config.json"),
-        &out.join("scheduler/scheduler_config.json"),
-    )?;
-    let tok_dir = out.join("tokenizer");
-    if std::fs::canonicalize(&r.model.tokenizer).ok() != std::fs::canonicalize(&tok_dir).ok() {
-        for entry in std::fs::read_dir(&r.model.tokenizer).map_err(|e| Error::io(&r.model.tokenizer, e))? {
-            let entry = entry.map_err(|e| Error::io(&r.model.tokenizer, e))?;
-            copy(&entry.path(), &tok_dir.join(entry.file_name()))?;
-        }
+    for name in ["model_index.json", "scheduler/scheduler_config.json"] {
+        copy_file(&r.model.configs.join(name), &out.join(name))?;
     }
+    copy_files(&r.model.tokenizer, &out.join("tokenizer"))?;
     for (name, vb) in parts {
         let dir = out.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -371,19 +353,44 @@ fn write_pipeline(r: &PretrainRecipe, scale: f64, parts: &[(&str, &VarBuilder)])
         }
         let config = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
         write_atomic(&dir.join("config.json"), config)?;
-        let tensors: HashMap<String, Tensor> = vb
-            .vars()
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(dtype)?)))
-            .collect::<Result<_>>()?;
         let file = if *name == "text_encoder" {
             "model.safetensors"
         } else {
             "diffusion_pytorch_model.safetensors"
         };
-        save_safetensors(&dir.join(file), &tensors, None)?;
+        save_vars(vb, dtype, &dir.join(file))?;
     }
     Ok(())
+}
+
+/// Copies `from` to `to`, creating `to`'s folder.
+fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::copy(from, to).map_err(|e| Error::io(from, e)).map(|_| ())
+}
+
+/// Copies every file of the folder `from` into `to` (nothing when they are the same folder).
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::canonicalize(from).ok() == std::fs::canonicalize(to).ok() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        copy_file(&entry.path(), &to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// Saves the trainable tensors of `vb`, under their checkpoint names, in `dtype`.
+fn save_vars(vb: &VarBuilder, dtype: DType, path: &Path) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = vb
+        .vars()
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    save_safetensors(path, &tensors, None)
 }
 
 /// `−mean_i Σ_j targets_ij · log_softmax(logits)_ij` over rows.
@@ -414,7 +421,7 @@ pub fn pretrain_reward(r: &PretrainRecipe, progress: &mut Progress) -> Result<Pa
         ClipPreprocess::from_preprocessor_config(&s.configs.join("preprocessor_config.json"), vision_cfg.image_size)?;
     let tokenizer = ClipTokenizer::from_dir(&r.model.tokenizer)?;
     let mut rng = Rng::new(r.world.seed + 3);
-    let vars = vars_of(&vb);
+    let vars = vb.vars();
     let mut opt = AdamW::new(vars.clone(), adamw())?;
     let n = s.batch_size;
     for step in 0..s.steps {
@@ -437,21 +444,14 @@ pub fn pretrain_reward(r: &PretrainRecipe, progress: &mut Progress) -> Result<Pa
         progress("reward", step + 1, s.steps, loss.to_scalar::<f32>()? as f64);
     }
     let dir = &s.dir;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     for name in ["config.json", "preprocessor_config.json"] {
-        let from = s.configs.join(name);
-        std::fs::copy(&from, dir.join(name)).map_err(|e| Error::io(&from, e))?;
+        copy_file(&s.configs.join(name), &dir.join(name))?;
     }
-    for entry in std::fs::read_dir(&r.model.tokenizer).map_err(|e| Error::io(&r.model.tokenizer, e))? {
-        let entry = entry.map_err(|e| Error::io(&r.model.tokenizer, e))?;
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).map_err(|e| Error::io(entry.path(), e))?;
-    }
-    let dtype = crate::device::parse_dtype(&r.output.dtype)?;
-    let tensors: HashMap<String, Tensor> = vb
-        .vars()
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(dtype)?)))
-        .collect::<Result<_>>()?;
-    save_safetensors(&dir.join("model.safetensors"), &tensors, None)?;
+    copy_files(&r.model.tokenizer, dir)?;
+    save_vars(
+        &vb,
+        crate::device::parse_dtype(&r.output.dtype)?,
+        &dir.join("model.safetensors"),
+    )?;
     Ok(dir.clone())
 }
