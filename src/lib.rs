@@ -18,6 +18,8 @@
 //! - [`world`]: the procedural shapes world and its ground-truth rater.
 //! - [`demo`]: the demo on the embedded model; [`assets`]: the embedded shapes-world model and reward.
 //! - [`data`]: preference pairs from parquet, JSONL or folders, preprocessing, the latent cache.
+//! - [`lm`]: language-model preference components (Llama-family LMs, log-probabilities, reward
+//!   models) on the shared [`preference`] core.
 //! - [`train`]: the fine-tuning loop, optimizer, checkpoints and report; [`recipe`]: its TOML plans.
 
 pub mod assets;
@@ -26,6 +28,7 @@ pub mod demo;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod lm;
 pub mod models;
 pub mod nn;
 pub mod preference;

@@ -48,12 +48,18 @@ pub struct TrainSection {
     /// Beta (default: the method's paper value).
     #[serde(default)]
     pub beta: Option<f64>,
-    /// Loss form of the DPO family: sigmoid, hinge, ipo, robust.
+    /// Loss form of the DPO family, TRL's `loss_type` names (see `preference::LOSS_TYPES`).
     #[serde(default = "default_loss_type")]
     pub loss_type: String,
-    /// Label smoothing of the sigmoid and robust losses.
+    /// Label smoothing of the sigmoid, robust, exo_pair, aot and simpo losses.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// SimPO's gamma (default 0.5).
+    #[serde(default)]
+    pub simpo_gamma: Option<f64>,
+    /// DiscoPOP's tau (default 0.05).
+    #[serde(default)]
+    pub discopop_tau: Option<f64>,
     /// SmPO's inversion steps (5 for SD 1.5, 10 for SDXL).
     #[serde(default = "default_inversion_steps")]
     pub inversion_steps: usize,
@@ -280,10 +286,23 @@ impl Plan {
                 snr: 0.5,
             },
             _ => Objective::Dpo {
-                loss_type: t
-                    .loss_type
-                    .parse::<LossType>()
-                    .map_err(|e| err("train.loss_type", e.to_string()))?,
+                loss_type: {
+                    let mut lt = t
+                        .loss_type
+                        .parse::<LossType>()
+                        .map_err(|e| err("train.loss_type", e.to_string()))?;
+                    if let Some(g) = t.simpo_gamma {
+                        lt = lt
+                            .with_simpo_gamma(g)
+                            .map_err(|e| err("train.simpo_gamma", e.to_string()))?;
+                    }
+                    if let Some(tau) = t.discopop_tau {
+                        lt = lt
+                            .with_discopop_tau(tau)
+                            .map_err(|e| err("train.discopop_tau", e.to_string()))?;
+                    }
+                    lt
+                },
                 beta,
                 label_smoothing: t.label_smoothing,
             },

@@ -20,6 +20,34 @@ use std::sync::Arc;
 
 use super::model_args::ModelArgs;
 
+/// The loss settings beyond its type and beta, shared by `loss`, `lm loss` and `lm train`.
+#[derive(Debug, Args)]
+pub struct LossParams {
+    /// Label smoothing eps of sigmoid, robust, exo_pair, aot and simpo.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// SimPO's target margin gamma (default 0.5).
+    #[arg(long)]
+    pub simpo_gamma: Option<f64>,
+    /// DiscoPOP's tau (default 0.05).
+    #[arg(long)]
+    pub discopop_tau: Option<f64>,
+}
+
+impl LossParams {
+    /// `loss_type` with `--simpo-gamma` / `--discopop-tau` applied (an error for other losses).
+    pub fn apply(&self, loss_type: LossType) -> anyhow::Result<LossType> {
+        let mut t = loss_type;
+        if let Some(g) = self.simpo_gamma {
+            t = t.with_simpo_gamma(g)?;
+        }
+        if let Some(tau) = self.discopop_tau {
+            t = t.with_discopop_tau(tau)?;
+        }
+        Ok(t)
+    }
+}
+
 /// Flags of `diffalign loss`.
 #[derive(Debug, Args)]
 pub struct LossArgs {
@@ -33,12 +61,13 @@ pub struct LossArgs {
     /// Beta (default: the paper's: dpo 5000, dcpo 500, mapo 0.1, smpo 2000).
     #[arg(long)]
     beta: Option<f64>,
-    /// Loss form of dpo, dcpo and smpo: sigmoid, hinge, ipo or robust.
+    /// Loss form of dpo, dcpo and smpo, TRL's names: sigmoid, hinge, ipo, robust, exo_pair,
+    /// nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop,
+    /// sigmoid_norm, simpo, orpo (the last two need no reference).
     #[arg(long, default_value = "sigmoid")]
     loss_type: String,
-    /// Label smoothing of the sigmoid and robust losses.
-    #[arg(long, default_value_t = 0.0)]
-    label_smoothing: f64,
+    #[command(flatten)]
+    loss_params: LossParams,
     /// The batch: `latents_w`, `latents_l`, `noise`, `timesteps`, [`soft_label`], [`time_ids`],
     /// metadata `captions_w`, [`captions_l`].
     #[arg(long)]
@@ -53,10 +82,10 @@ pub struct LossArgs {
 
 fn objective(method: Method, args: &LossArgs) -> anyhow::Result<Objective> {
     let beta = args.beta.unwrap_or(method.default_beta());
-    let loss_type: LossType = args.loss_type.parse()?;
+    let loss_type = args.loss_params.apply(args.loss_type.parse()?)?;
     Ok(match method {
         Method::Mapo => {
-            if args.loss_type != "sigmoid" || args.label_smoothing != 0.0 {
+            if args.loss_type != "sigmoid" || args.loss_params.label_smoothing != 0.0 {
                 bail!("--loss-type and --label-smoothing apply to dpo, dcpo and smpo, not mapo");
             }
             Objective::Mapo {
@@ -68,7 +97,7 @@ fn objective(method: Method, args: &LossArgs) -> anyhow::Result<Objective> {
         _ => Objective::Dpo {
             loss_type,
             beta,
-            label_smoothing: args.label_smoothing,
+            label_smoothing: args.loss_params.label_smoothing,
         },
     })
 }
@@ -144,7 +173,7 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
         "mse_l": to_list(&out.mse_l)?,
     });
     if let Objective::Dpo { loss_type, beta, .. } = objective {
-        report["loss_type"] = format!("{loss_type:?}").to_lowercase().into();
+        report["loss_type"] = loss_type.to_string().into();
         report["beta"] = beta.into();
     }
     if let Some((w, l)) = &out.ref_mse {

@@ -1,7 +1,8 @@
-//! Models: CLIP text encoders, UNet, VAE.
+//! Models: CLIP text encoders, UNet, VAE, and Llama-family language models.
 pub mod attention;
 pub mod clip;
 pub mod config;
+pub mod llama;
 pub mod resnet;
 pub mod unet;
 pub mod vae;

@@ -89,3 +89,29 @@ impl GroupNorm {
         Ok(y.broadcast_mul(&w)?.broadcast_add(&bias)?)
     }
 }
+
+/// Root-mean-square normalisation over the last dimension with a learned scale (Llama's
+/// `LlamaRMSNorm`): `w * x / sqrt(mean(x^2) + eps)`, statistics in at least f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `weight` of size `dim`.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get(&[dim], "weight")?,
+            eps,
+        })
+    }
+
+    /// Normalises `xs` `[..., dim]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = xs.to_dtype(compute_dtype(xs.dtype()))?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(xs.dtype())?;
+        Ok(y.broadcast_mul(&self.weight)?)
+    }
+}

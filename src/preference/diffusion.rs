@@ -355,6 +355,7 @@ impl DiffusionPreference<'_> {
                 .map(|(w, l)| Ok::<_, Error>((proxy(w)?, proxy(l)?)))
                 .transpose()?,
             weights,
+            lengths: None,
         };
         let loss = self.objective.evaluate(&scores)?;
         Ok(DiffusionLoss {

@@ -1,11 +1,13 @@
-//! Preference objectives over per-sample log-likelihood proxies, shared by every model family.
-//!
-//! - [`objective`]: the loss table (DPO-family losses, MaPO's margin form) and its metrics; it
-//!   knows nothing about diffusion or language models.
-//! - [`diffusion`]: the denoising-error proxy (`-0.5 * per-sample MSE`), DCPO's per-side
-//!   captions, SmPO's soft-label scale and ReNoise inversion, and the batch format.
+//! Preference objectives, shared by the diffusion and language-model sides: the loss table
+//! ([`objective`]: DPO family, SimPO, ORPO, MaPO), KTO, reward heads (Bradley-Terry and the
+//! General Preference Model), reward transforms and ranking metrics. [`diffusion`] supplies
+//! the denoising-error proxy; `crate::lm` the sequence log-probabilities.
 
 pub mod diffusion;
+pub mod heads;
+pub mod kto;
+pub mod metrics;
 pub mod objective;
+pub mod transform;
 
-pub use objective::{LossType, Metrics, Objective, PairScores, PreferenceLoss};
+pub use objective::{log_sigmoid, sigmoid, LossType, Metrics, Objective, PairScores, PreferenceLoss, LOSS_TYPES};
