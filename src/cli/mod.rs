@@ -5,6 +5,7 @@ mod demo;
 mod eval;
 mod generate;
 mod inputs;
+mod lm;
 mod lora;
 mod loss;
 mod model_args;
@@ -44,6 +45,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Merge a LoRA into a UNet, or convert a LoRA between diffusers/PEFT and kohya forms.
     Lora(lora::LoraArgs),
+    /// Language-model preference components: losses, reward models, training, RewardBench.
+    Lm(lm::LmArgs),
     /// Time the hot paths on CPU (one JSON line per measurement).
     Bench(bench::BenchArgs),
 }
@@ -74,5 +77,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loss(args) => loss::run(args),
         Command::Train(args) => train::run(args),
         Command::Pretrain(args) => pretrain::run(args),
+        Command::Lm(args) => lm::run(args),
     }
 }

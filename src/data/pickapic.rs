@@ -74,7 +74,7 @@ pub(super) struct PickapicPairs {
 }
 
 /// The parquet files of `path`: the file itself, or the folder's `*.parquet` in name order.
-fn parquet_files(path: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn parquet_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -173,7 +173,7 @@ fn scalar_leaf(path: &Path, schema: &SchemaDescriptor, name: &str) -> Result<usi
         })
 }
 
-fn open_reader(path: &Path) -> Result<SerializedFileReader<File>> {
+pub(crate) fn open_reader(path: &Path) -> Result<SerializedFileReader<File>> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     SerializedFileReader::new(f)
         .map_err(|e| Error::config(path, "parquet", format!("not a readable parquet file: {e}")))
@@ -223,7 +223,7 @@ fn number(f: &Field) -> std::result::Result<Option<f64>, String> {
 }
 
 /// A parquet value as text, `Ok(None)` for null, `Err(description)` for another type.
-fn text(f: &Field) -> std::result::Result<Option<String>, String> {
+pub(crate) fn text(f: &Field) -> std::result::Result<Option<String>, String> {
     match f {
         Field::Null => Ok(None),
         Field::Str(s) => Ok(Some(s.clone())),

@@ -5,8 +5,11 @@
 //! completion log-probability) where diffusion supplies `-0.5 * MSE`.
 
 pub mod batch;
+pub mod data;
 pub mod logprob;
 pub mod reward_model;
+pub mod rewardbench;
+pub mod train;
 
 use candle_core::Tensor;
 

@@ -364,7 +364,7 @@ fn write_pipeline(r: &PretrainRecipe, scale: f64, parts: &[(&str, &VarBuilder)])
 }
 
 /// Copies `from` to `to`, creating `to`'s folder.
-fn copy_file(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
     if let Some(dir) = to.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -372,7 +372,7 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Copies every file of the folder `from` into `to` (nothing when they are the same folder).
-fn copy_files(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_files(from: &Path, to: &Path) -> Result<()> {
     if std::fs::canonicalize(from).ok() == std::fs::canonicalize(to).ok() {
         return Ok(());
     }
@@ -384,7 +384,7 @@ fn copy_files(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Saves the trainable tensors of `vb`, under their checkpoint names, in `dtype`.
-fn save_vars(vb: &VarBuilder, dtype: DType, path: &Path) -> Result<()> {
+pub(crate) fn save_vars(vb: &VarBuilder, dtype: DType, path: &Path) -> Result<()> {
     let tensors: HashMap<String, Tensor> = vb
         .vars()
         .into_iter()

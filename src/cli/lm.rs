@@ -1,0 +1,428 @@
+//! `diffalign lm`: language-model preference commands on the shared preference core.
+//!
+//! - `lm loss`: one batch's DPO-family loss, log-probabilities, metrics and (optionally) the
+//!   gradient of every policy weight.
+//! - `lm reward`: a reward model's rewards (BT) or embeddings and pair scores (GPM) for a batch.
+//! - `lm train`: DPO-family fine-tuning of a causal LM on pairs.
+//! - `lm train-rm`: a Bradley-Terry or GPM reward model trained on pairs.
+//! - `lm eval-rm`: a reward model on RewardBench-format data (per-subset accuracy, section scores).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Subcommand};
+use diffalign::lm::batch::PairBatch;
+use diffalign::lm::data::load_pairs;
+use diffalign::lm::reward_model::{HeadKind, RewardModel, RewardOutput};
+use diffalign::lm::train::{self as lm_train, HeadSettings, StepRecord, TrainSettings};
+use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
+use diffalign::preference::heads::gpm_score;
+use diffalign::preference::{metrics, LossType, Objective};
+use diffalign::train::optim::AdamWConfig;
+use diffalign::weights::{save_safetensors, LoadOptions};
+
+use super::loss::LossParams;
+
+/// Flags of `diffalign lm`.
+#[derive(Debug, Args)]
+pub struct LmArgs {
+    #[command(subcommand)]
+    command: LmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum LmCommand {
+    /// One batch's preference loss, log-probabilities and metrics as one JSON object.
+    Loss(LossArgs),
+    /// A reward model's outputs for a batch as one JSON object.
+    Reward(RewardArgs),
+    /// DPO-family fine-tuning of a causal LM on preference pairs.
+    Train(TrainArgs),
+    /// Train a Bradley-Terry or General Preference reward model on preference pairs.
+    TrainRm(TrainRmArgs),
+    /// Evaluate a reward model on RewardBench-format pairs.
+    EvalRm(EvalRmArgs),
+}
+
+/// The loss type, beta and the other loss settings.
+#[derive(Debug, Args)]
+struct ObjectiveArgs {
+    /// The loss, TRL's names: sigmoid, hinge, ipo, robust, exo_pair, nca_pair, bco_pair,
+    /// sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, simpo, orpo.
+    #[arg(long, default_value = "sigmoid")]
+    loss_type: String,
+    /// Beta (TRL's default 0.1; ORPO's lambda; SimPO's beta).
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    #[command(flatten)]
+    params: LossParams,
+}
+
+impl ObjectiveArgs {
+    fn objective(&self) -> anyhow::Result<Objective> {
+        let loss_type = self.params.apply(self.loss_type.parse::<LossType>()?)?;
+        let o = Objective::Dpo {
+            loss_type,
+            beta: self.beta,
+            label_smoothing: self.params.label_smoothing,
+        };
+        o.validate()?;
+        Ok(o)
+    }
+}
+
+#[derive(Debug, Args)]
+struct LossArgs {
+    /// The policy: a transformers causal-LM folder (Llama, Mistral, Qwen2).
+    #[arg(long)]
+    policy: PathBuf,
+    /// The frozen reference (needed by every loss but simpo and orpo).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// A pre-tokenised batch: `input_ids_{w,l}`, `attention_mask_{w,l}`, `completion_mask_{w,l}`.
+    #[arg(long)]
+    batch: PathBuf,
+    #[command(flatten)]
+    objective: ObjectiveArgs,
+    /// Write the gradient of every policy weight here, under its checkpoint name.
+    #[arg(long)]
+    grads_out: Option<PathBuf>,
+    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Debug, Args)]
+struct RewardArgs {
+    /// A reward model folder: a transformers `*ForSequenceClassification` (BT) or a GPM from `lm train-rm`.
+    #[arg(long)]
+    model: PathBuf,
+    /// A pre-tokenised batch (as for `lm loss`).
+    #[arg(long)]
+    batch: PathBuf,
+    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Optimisation flags shared by `lm train` and `lm train-rm`.
+#[derive(Debug, Args)]
+struct OptimArgs {
+    /// Training pairs: JSONL or parquet with `prompt`, `chosen`, `rejected` (tokenised with the
+    /// model's tokenizer.json), or a pre-tokenised `.safetensors` batch.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the trained model, `metrics.jsonl` and the tokenizer go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Pairs per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Learning rate (AdamW, constant).
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seed of the batch order and of a new head.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Held-out pairs evaluated before and after training (same formats as `--data`).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl OptimArgs {
+    fn settings(&self) -> anyhow::Result<TrainSettings> {
+        Ok(TrainSettings {
+            device: diffalign::device::parse_device(&self.device)?,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            seed: self.seed,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            adamw: AdamWConfig {
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// The starting policy (a transformers causal-LM folder); it is also the frozen reference.
+    #[arg(long)]
+    policy: PathBuf,
+    #[command(flatten)]
+    objective: ObjectiveArgs,
+    #[command(flatten)]
+    optim: OptimArgs,
+}
+
+#[derive(Debug, Args)]
+struct TrainRmArgs {
+    /// The backbone: a transformers causal-LM or sequence-classification folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// The head: bt (a scalar reward) or gpm (General Preference Model embedding).
+    #[arg(long, default_value = "bt")]
+    head: String,
+    /// GPM embedding width 2k (even).
+    #[arg(long, default_value_t = 6)]
+    value_head_dim: usize,
+    /// GPM: weigh the k blocks by a softmax gate read at the prompt's last token.
+    #[arg(long)]
+    prompt_gate: bool,
+    /// Temperature of the pairwise logit: GPM's tau (default 0.1), BT's (default 1).
+    #[arg(long)]
+    tau: Option<f64>,
+    #[command(flatten)]
+    optim: OptimArgs,
+}
+
+#[derive(Debug, Args)]
+struct EvalRmArgs {
+    /// The reward model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// RewardBench-format pairs: JSONL or parquet with `prompt`, `chosen`, `rejected`, `subset`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Pairs per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Also write the report here (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(args: LmArgs) -> anyhow::Result<()> {
+    match args.command {
+        LmCommand::Loss(a) => loss(a),
+        LmCommand::Reward(a) => reward(a),
+        LmCommand::Train(a) => train(a),
+        LmCommand::TrainRm(a) => train_rm(a),
+        LmCommand::EvalRm(a) => eval_rm(a),
+    }
+}
+
+fn list(t: &Tensor) -> anyhow::Result<Vec<f64>> {
+    Ok(t.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+}
+
+fn load_lm(
+    dir: &Path,
+    device: &Device,
+    trainable: bool,
+) -> anyhow::Result<(LlamaForCausalLM, diffalign::weights::VarBuilder)> {
+    let opts = LoadOptions {
+        device: device.clone(),
+        trainable,
+        ..Default::default()
+    };
+    LlamaForCausalLM::from_pretrained(dir, &opts).with_context(|| format!("loading {}", dir.display()))
+}
+
+fn loss(args: LossArgs) -> anyhow::Result<()> {
+    let objective = args.objective.objective()?;
+    let device = diffalign::device::parse_device(&args.device)?;
+    if objective.needs_reference() && args.reference.is_none() {
+        bail!("--loss-type {} needs --reference", args.objective.loss_type);
+    }
+    let batch = PairBatch::from_file(&args.batch, &device)?;
+    let (policy, vb) = load_lm(&args.policy, &device, args.grads_out.is_some())?;
+    let reference = args
+        .reference
+        .as_deref()
+        .map(|d| load_lm(d, &device, false).map(|m| m.0))
+        .transpose()?;
+    let (loss, _, scores) = lm_train::policy_loss(&policy, reference.as_ref(), &objective, &batch)?;
+    let (lw, ll) = (list(&scores.policy_w)?, list(&scores.policy_l)?);
+    let (nw, nl) = scores
+        .lengths
+        .as_ref()
+        .map(|(w, l)| (list(w), list(l)))
+        .expect("lengths");
+    let (nw, nl) = (nw?, nl?);
+    let mut report = serde_json::json!({
+        "loss_type": args.objective.loss_type,
+        "beta": args.objective.beta,
+        "loss": list(&loss)?[0],
+        "logp_w": lw,
+        "logp_l": ll,
+        "n_w": nw,
+        "n_l": nl,
+        "ranking_accuracy": metrics::ranking_accuracy(&lw, &ll)?,
+        "normalized_ranking_accuracy": metrics::normalized_ranking_accuracy(&lw, &nw, &ll, &nl)?,
+    });
+    if let Some((rw, rl)) = &scores.reference {
+        let (rw, rl) = (list(rw)?, list(rl)?);
+        let rho_w: Vec<f64> = lw.iter().zip(&rw).map(|(a, b)| a - b).collect();
+        let rho_l: Vec<f64> = ll.iter().zip(&rl).map(|(a, b)| a - b).collect();
+        report["ref_logp_w"] = rw.into();
+        report["ref_logp_l"] = rl.into();
+        report["reward_accuracy"] = metrics::reward_accuracy(&rho_w, &rho_l)?.into();
+        let margin: f64 = rho_w.iter().zip(&rho_l).map(|(w, l)| w - l).sum::<f64>() / rho_w.len() as f64;
+        report["reward_margin"] = (args.objective.beta * margin).into();
+    }
+    if let Some(path) = &args.grads_out {
+        let grads = loss.backward()?;
+        let mut tensors = HashMap::new();
+        for (name, var) in vb.vars() {
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => var.as_tensor().zeros_like()?,
+            };
+            tensors.insert(name, g);
+        }
+        save_safetensors(path, &tensors, None)?;
+    }
+    println!("{report}");
+    Ok(())
+}
+
+fn reward(args: RewardArgs) -> anyhow::Result<()> {
+    let device = diffalign::device::parse_device(&args.device)?;
+    let batch = PairBatch::from_file(&args.batch, &device)?;
+    let opts = LoadOptions {
+        device,
+        ..Default::default()
+    };
+    let (rm, _) = RewardModel::from_pretrained(&args.model, &opts)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let report = match (rm.forward(&batch.chosen)?, rm.forward(&batch.rejected)?) {
+        (RewardOutput::Rewards(w), RewardOutput::Rewards(l)) => {
+            serde_json::json!({"reward_w": list(&w)?, "reward_l": list(&l)?})
+        }
+        (RewardOutput::Embeddings { v: vw, gate }, RewardOutput::Embeddings { v: vl, .. }) => {
+            let s = gpm_score(&vw, &vl, gate.as_ref())?;
+            let rows = |t: &Tensor| -> anyhow::Result<Vec<Vec<f64>>> { Ok(t.to_dtype(DType::F64)?.to_vec2::<f64>()?) };
+            let mut r = serde_json::json!({
+                "embedding_w": rows(&vw)?,
+                "embedding_l": rows(&vl)?,
+                "score": list(&s)?,
+            });
+            if let Some(g) = &gate {
+                r["gate"] = rows(g)?.into();
+            }
+            r
+        }
+        _ => unreachable!("one model gives one kind of output"),
+    };
+    println!("{report}");
+    Ok(())
+}
+
+/// A progress bar and a JSONL line on stdout per step.
+fn step_printer(label: &str, steps: usize) -> (indicatif::ProgressBar, impl FnMut(&StepRecord)) {
+    let bar = super::progress_bar(label, steps as u64);
+    let b = bar.clone();
+    (bar, move |r: &StepRecord| {
+        b.set_message(format!("loss {:.4} acc {:.2}", r.loss, r.accuracy));
+        b.inc(1);
+        b.suspend(|| println!("{}", serde_json::to_string(r).expect("plain record")));
+    })
+}
+
+fn eos_of(dir: &Path) -> anyhow::Result<Option<u32>> {
+    Ok(LlamaConfig::from_file(&dir.join("config.json"))?.eos_id())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let objective = args.objective.objective()?;
+    let s = args.optim.settings()?;
+    let eos = eos_of(&args.policy)?;
+    let pairs = load_pairs(&args.optim.data, &args.policy, eos)?;
+    let held_out = args
+        .optim
+        .eval_data
+        .as_deref()
+        .map(|p| load_pairs(p, &args.policy, eos))
+        .transpose()?;
+    let evaluate = |dir: &Path| -> anyhow::Result<Option<lm_train::PolicyMetrics>> {
+        let Some(pairs) = &held_out else { return Ok(None) };
+        let (policy, _) = load_lm(dir, &s.device, false)?;
+        let (reference, _) = load_lm(&args.policy, &s.device, false)?;
+        Ok(Some(lm_train::evaluate_policy(
+            &policy,
+            &reference,
+            pairs,
+            s.batch_size,
+        )?))
+    };
+    let before = evaluate(&args.policy)?;
+    let (bar, mut on_step) = step_printer("lm train", s.steps);
+    lm_train::train_policy(&args.policy, &pairs, &objective, &s, &args.optim.out, &mut on_step)?;
+    bar.finish();
+    let after = evaluate(&args.optim.out)?;
+    println!(
+        "{}",
+        serde_json::json!({"out": args.optim.out, "pairs": pairs.len(), "eval_before": before, "eval_after": after})
+    );
+    Ok(())
+}
+
+fn train_rm(args: TrainRmArgs) -> anyhow::Result<()> {
+    let kind: HeadKind = args.head.parse()?;
+    let s = args.optim.settings()?;
+    let head = HeadSettings {
+        kind,
+        gpm_dim: args.value_head_dim,
+        gate: args.prompt_gate,
+        tau: args.tau.unwrap_or(match kind {
+            HeadKind::Bt => 1.0,
+            HeadKind::Gpm => 0.1,
+        }),
+        seed: args.optim.seed,
+    };
+    let eos = eos_of(&args.model)?;
+    let pairs = load_pairs(&args.optim.data, &args.model, eos)?;
+    let (bar, mut on_step) = step_printer("lm train-rm", s.steps);
+    lm_train::train_reward_model(&args.model, &pairs, &head, &s, &args.optim.out, &mut on_step)?;
+    bar.finish();
+    let eval = match &args.optim.eval_data {
+        Some(p) => {
+            let held = load_pairs(p, &args.model, eos)?;
+            Some(lm_train::evaluate_reward_model(
+                &args.optim.out,
+                &held,
+                s.batch_size,
+                &s.device,
+            )?)
+        }
+        None => None,
+    };
+    println!(
+        "{}",
+        serde_json::json!({"out": args.optim.out, "pairs": pairs.len(), "eval": eval})
+    );
+    Ok(())
+}
+
+fn eval_rm(args: EvalRmArgs) -> anyhow::Result<()> {
+    let device = diffalign::device::parse_device(&args.device)?;
+    let eos = eos_of(&args.model)?;
+    let pairs = load_pairs(&args.data, &args.model, eos)?;
+    let report = lm_train::evaluate_reward_model(&args.model, &pairs, args.batch_size, &device)?;
+    let text = serde_json::to_string_pretty(&report)?;
+    if let Some(out) = &args.out {
+        diffalign::weights::store::write_atomic(out, text.clone() + "\n")?;
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

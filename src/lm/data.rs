@@ -1,0 +1,255 @@
+//! Text preference pairs for language models and their tokenisation: JSONL or parquet records
+//! with `prompt`, `chosen`, `rejected` (and RewardBench's `subset`), a `tokenizer.json`
+//! (Hugging Face tokenizers), or the pre-tokenised safetensors batch format.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+use super::batch::{PairBatch, Sequences};
+use crate::{Error, Result};
+
+/// One text pair; `subset` is RewardBench's subset name, when given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextPair {
+    /// The prompt.
+    pub prompt: String,
+    /// The preferred completion.
+    pub chosen: String,
+    /// The rejected completion.
+    pub rejected: String,
+    /// RewardBench subset.
+    pub subset: Option<String>,
+}
+
+/// A tokenised sequence: prompt and completion tokens, and where the completion starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenSeq {
+    /// All tokens.
+    pub tokens: Vec<u32>,
+    /// Index of the first completion token (at least 1).
+    pub completion_start: usize,
+}
+
+/// A tokenised pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenPair {
+    /// The preferred sequence.
+    pub chosen: TokenSeq,
+    /// The rejected sequence.
+    pub rejected: TokenSeq,
+    /// RewardBench subset.
+    pub subset: Option<String>,
+}
+
+/// Reads text pairs from a `.jsonl` file or a `.parquet` file / folder of shards. Errors name the
+/// file and record.
+pub fn read_text_pairs(path: &Path) -> Result<Vec<TextPair>> {
+    let is_parquet = path.is_dir() || path.extension().is_some_and(|e| e == "parquet");
+    let pairs = if is_parquet {
+        read_parquet(path)?
+    } else {
+        read_jsonl(path)?
+    };
+    if pairs.is_empty() {
+        return Err(Error::input(path.display().to_string(), "no preference pairs"));
+    }
+    Ok(pairs)
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<TextPair>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = |reason: String| Error::Record {
+            file: path.to_path_buf(),
+            index: i,
+            reason,
+        };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| record(format!("not JSON: {e}")))?;
+        let get = |key: &str| -> Result<String> {
+            v.get(key)
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| record(format!("missing string field {key:?}")))
+        };
+        out.push(TextPair {
+            prompt: get("prompt")?,
+            chosen: get("chosen")?,
+            rejected: get("rejected")?,
+            subset: v.get("subset").and_then(|x| x.as_str()).map(str::to_string),
+        });
+    }
+    Ok(out)
+}
+
+fn read_parquet(path: &Path) -> Result<Vec<TextPair>> {
+    use parquet::file::reader::FileReader;
+    let mut out = Vec::new();
+    for file in crate::data::pickapic::parquet_files(path)? {
+        let reader = crate::data::pickapic::open_reader(&file)?;
+        let rows = reader
+            .get_row_iter(None)
+            .map_err(|e| Error::config(&file, "parquet", e.to_string()))?;
+        for (i, row) in rows.enumerate() {
+            let record = |reason: String| Error::Record {
+                file: file.clone(),
+                index: i,
+                reason,
+            };
+            let row = row.map_err(|e| record(format!("cannot read row: {e}")))?;
+            let mut fields: std::collections::HashMap<&str, Option<String>> = std::collections::HashMap::new();
+            for (name, f) in row.get_column_iter() {
+                if matches!(name.as_str(), "prompt" | "chosen" | "rejected" | "subset") {
+                    let t = crate::data::pickapic::text(f)
+                        .map_err(|g| record(format!("column {name}: expected a string, got {g}")))?;
+                    fields.insert(name.as_str(), t);
+                }
+            }
+            let mut get = |key: &str| -> Result<String> {
+                fields
+                    .remove(key)
+                    .flatten()
+                    .ok_or_else(|| record(format!("missing or null string column {key:?}")))
+            };
+            let (prompt, chosen, rejected) = (get("prompt")?, get("chosen")?, get("rejected")?);
+            out.push(TextPair {
+                prompt,
+                chosen,
+                rejected,
+                subset: fields.remove("subset").flatten(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A Hugging Face `tokenizer.json` with the model's end-of-sequence id.
+pub struct LmTokenizer {
+    inner: tokenizers::Tokenizer,
+    eos: Option<u32>,
+}
+
+impl LmTokenizer {
+    /// Loads `dir/tokenizer.json`; `eos` is appended to every completion when given.
+    pub fn from_dir(dir: &Path, eos: Option<u32>) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                path,
+                what: "tokenizer (text data needs the model's tokenizer.json; pre-tokenised batches do not)".into(),
+            });
+        }
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::config(&path, "(tokenizer)", e.to_string()))?;
+        Ok(LmTokenizer { inner, eos })
+    }
+
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, special)
+            .map_err(|e| Error::input("tokenizer", format!("cannot encode {text:?}: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The prompt with the tokenizer's special tokens, then the completion without them and the
+    /// end-of-sequence token.
+    pub fn encode_pair(&self, prompt: &str, completion: &str) -> Result<TokenSeq> {
+        let mut tokens = self.encode(prompt, true)?;
+        if tokens.is_empty() {
+            return Err(Error::input("prompt", format!("{prompt:?} encodes to no tokens")));
+        }
+        let completion_start = tokens.len();
+        tokens.extend(self.encode(completion, false)?);
+        tokens.extend(self.eos);
+        Ok(TokenSeq {
+            tokens,
+            completion_start,
+        })
+    }
+
+    /// Tokenises text pairs.
+    pub fn encode_pairs(&self, pairs: &[TextPair]) -> Result<Vec<TokenPair>> {
+        pairs
+            .iter()
+            .map(|p| {
+                Ok(TokenPair {
+                    chosen: self.encode_pair(&p.prompt, &p.chosen)?,
+                    rejected: self.encode_pair(&p.prompt, &p.rejected)?,
+                    subset: p.subset.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Sequences {
+    /// The rows as token sequences, padding stripped (by the attention mask).
+    pub fn to_token_seqs(&self) -> Result<Vec<TokenSeq>> {
+        let ids = self.input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let att = self.attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let starts = self.last_prompt_positions()?;
+        Ok(ids
+            .into_iter()
+            .zip(att)
+            .zip(starts)
+            .map(|((row, mask), last_prompt)| TokenSeq {
+                tokens: row
+                    .into_iter()
+                    .zip(mask)
+                    .filter(|(_, m)| *m > 0.0)
+                    .map(|(t, _)| t)
+                    .collect(),
+                completion_start: last_prompt + 1,
+            })
+            .collect())
+    }
+}
+
+impl PairBatch {
+    /// The batch's pairs as token sequences.
+    pub fn to_token_pairs(&self) -> Result<Vec<TokenPair>> {
+        let w = self.chosen.to_token_seqs()?;
+        let l = self.rejected.to_token_seqs()?;
+        Ok(w.into_iter()
+            .zip(l)
+            .map(|(chosen, rejected)| TokenPair {
+                chosen,
+                rejected,
+                subset: None,
+            })
+            .collect())
+    }
+
+    /// A right-padded batch of `pairs` (padding with `pad_id`).
+    pub fn from_pairs(pairs: &[&TokenPair], pad_id: u32, device: &Device) -> Result<Self> {
+        let rows = |f: fn(&TokenPair) -> &TokenSeq| -> Vec<(Vec<u32>, usize)> {
+            pairs
+                .iter()
+                .map(|p| {
+                    let s = f(p);
+                    (s.tokens.clone(), s.completion_start)
+                })
+                .collect()
+        };
+        Ok(PairBatch {
+            chosen: Sequences::from_rows(&rows(|p| &p.chosen), pad_id, device)?,
+            rejected: Sequences::from_rows(&rows(|p| &p.rejected), pad_id, device)?,
+        })
+    }
+}
+
+/// Loads pairs for training or evaluation: a pre-tokenised `.safetensors` batch, or JSONL /
+/// parquet text tokenised with the model's `tokenizer.json` from `model_dir`.
+pub fn load_pairs(path: &Path, model_dir: &Path, eos: Option<u32>) -> Result<Vec<TokenPair>> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        return PairBatch::from_file(path, &Device::Cpu)?.to_token_pairs();
+    }
+    let text = read_text_pairs(path)?;
+    LmTokenizer::from_dir(model_dir, eos)?.encode_pairs(&text)
+}
