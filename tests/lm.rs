@@ -192,3 +192,133 @@ fn gpm_scores_and_reward_transform_match_the_fixture() {
     let combined = transform::combine(&expected["transform.rewards"], &refs).unwrap();
     assert_rel("transform.combined", &combined, &expected["transform.combined"], 1e-5);
 }
+
+/// The project's own cases: Qwen2 (q/k/v biases, one KV head, tied embeddings, top-level
+/// `rope_theta`), Mistral (explicit head_dim, sharded weights) and a Llama reward model.
+#[test]
+fn other_architectures_match_transformers() {
+    use diffalign::lm::batch::Sequences;
+    let root = common::own_fixtures().join("lm");
+    for case in ["qwen2", "mistral", "llama_rm"] {
+        let dir = root.join(case);
+        let t = load(&dir.join("case.safetensors"));
+        let meta = metadata(&dir.join("case.safetensors"));
+        let seq = Sequences {
+            input_ids: t["input_ids"].to_dtype(DType::U32).unwrap(),
+            attention_mask: t["attention_mask"].to_dtype(DType::F32).unwrap(),
+            completion_mask: t["completion_mask"].to_dtype(DType::F32).unwrap(),
+        };
+        let opts = LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        let (out, vb) = if case == "llama_rm" {
+            let (rm, vb) = RewardModel::from_pretrained(&dir.join("model"), &opts).unwrap();
+            let RewardOutput::Rewards(r) = rm.forward(&seq).unwrap() else {
+                panic!("{case}: expected rewards")
+            };
+            assert_rel(&format!("{case} rewards"), &r, &t["rewards"], 1e-5);
+            (r, vb)
+        } else {
+            let (lm, vb) = LlamaForCausalLM::from_pretrained(&dir.join("model"), &opts).unwrap();
+            let logits = lm.forward(&seq.input_ids, Some(&seq.attention_mask)).unwrap();
+            assert_rel(&format!("{case} logits"), &logits, &t["logits"], 1e-5);
+            let (logp, _) = completion_logps(&lm, &seq).unwrap();
+            assert_rel(&format!("{case} logp"), &logp, &t["logp"], 1e-5);
+            (logp, vb)
+        };
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        let vars: HashMap<String, candle_core::Var> = vb.vars().into_iter().collect();
+        let keys: Vec<String> = serde_json::from_str(&meta["grad_keys"]).unwrap();
+        assert!(!keys.is_empty());
+        for key in keys {
+            let g = grads
+                .get(vars[&key].as_tensor())
+                .unwrap_or_else(|| panic!("{case}: no gradient for {key}"));
+            assert_rel(&format!("{case} grad {key}"), g, &t[&format!("grad.{key}")], 1e-4);
+        }
+    }
+}
+
+#[test]
+fn bad_lm_inputs_give_clear_errors() {
+    let dir = lm_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    // A batch without its rejected side names the missing tensor.
+    let mut t = load(&dir.join("batch.safetensors"));
+    t.retain(|k, _| k.ends_with("_w"));
+    let path = tmp.path().join("half.safetensors");
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let err = PairBatch::from_file(&path, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("input_ids_l"), "{err}");
+    // An unknown loss type lists the valid ones.
+    let err = "dpo".parse::<LossType>().unwrap_err().to_string();
+    assert!(err.contains("sigmoid") && err.contains("orpo"), "{err}");
+    // A token id outside the vocabulary is named.
+    let (policy, _) = load_policy(&dir.join("policy"), false);
+    let ids = Tensor::new(&[[1u32, 999]], &Device::Cpu).unwrap();
+    let err = policy.forward(&ids, None).unwrap_err().to_string();
+    assert!(err.contains("999"), "{err}");
+    // An unsupported RoPE type names the key.
+    let cfg_dir = tmp.path().join("m");
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("policy/config.json")).unwrap()).unwrap();
+    cfg["rope_parameters"]["rope_type"] = "yarn".into();
+    std::fs::write(cfg_dir.join("config.json"), cfg.to_string()).unwrap();
+    let err = diffalign::models::llama::LlamaConfig::from_file(&cfg_dir.join("config.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rope_type") && err.contains("yarn"), "{err}");
+}
+
+/// SimPO, ORPO, KTO and the metrics on hand-computed values (f64, independent formulas).
+#[test]
+fn kto_and_metrics_match_their_formulas() {
+    use diffalign::preference::kto::Kto;
+    let dev = Device::Cpu;
+    let t = |v: &[f64]| Tensor::new(v, &dev).unwrap();
+    let (lp, rlp) = ([-3.0, -5.0, -2.0, -4.0], [-3.5, -4.0, -2.5, -3.0]);
+    let (kl, rkl) = ([-6.0, -7.0, -5.0, -8.0], [-6.5, -7.2, -5.1, -8.4]);
+    let desirable = [true, false, true, false];
+    let kto = Kto {
+        beta: 0.5,
+        desirable_weight: 1.0,
+        undesirable_weight: 1.33,
+    };
+    let got = kto.loss(&t(&lp), &t(&rlp), &desirable, &t(&kl), &t(&rkl)).unwrap();
+    let z = ((0..4).map(|i| kl[i] - rkl[i]).sum::<f64>() / 4.0).max(0.0);
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let want = (0..4)
+        .map(|i| {
+            let rho = lp[i] - rlp[i];
+            if desirable[i] {
+                1.0 - sig(0.5 * (rho - z))
+            } else {
+                1.33 * (1.0 - sig(0.5 * (z - rho)))
+            }
+        })
+        .sum::<f64>()
+        / 4.0;
+    assert!((got.to_scalar::<f64>().unwrap() - want).abs() < 1e-12, "kto");
+
+    assert_eq!(
+        metrics::reward_accuracy(&[1.0, 0.0, 2.0], &[0.0, 0.0, 3.0]).unwrap(),
+        1.0 / 3.0
+    );
+    assert_eq!(
+        metrics::ranking_accuracy(&[1.0, 0.0, 2.0], &[0.0, 0.0, 3.0]).unwrap(),
+        2.0 / 3.0
+    );
+    let ideal = metrics::idealized_ranking_accuracy(&[-5.0, -2.0], &[-4.0, -3.0], &[0.9, 0.6], 1.0).unwrap();
+    // Pair 1: -1 + ln 9 > 0; pair 2: 1 + ln 1.5 > 0.
+    assert_eq!(ideal, 1.0);
+    let ideal = metrics::idealized_ranking_accuracy(&[-5.0, -2.0], &[-4.0, -3.0], &[0.9, 0.6], 10.0).unwrap();
+    // At beta 10 pair 1 gives -1 + ln(9) / 10 < 0.
+    assert_eq!(ideal, 0.5);
+    let (c, threshold) = metrics::flip_threshold(-5.0, -4.0, 0.1);
+    assert_eq!(c, 1.0);
+    assert!((threshold - (1.0 + (-0.1f64).exp()).ln()).abs() < 1e-12);
+    // The quantile reference of the transform interpolates like numpy.
+    assert_eq!(transform::quantile(&[1.0, 2.0, 3.0, 4.0], 0.5).unwrap(), 2.5);
+}

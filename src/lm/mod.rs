@@ -9,6 +9,7 @@ pub mod data;
 pub mod logprob;
 pub mod reward_model;
 pub mod rewardbench;
+pub mod synthetic;
 pub mod train;
 
 use candle_core::Tensor;
