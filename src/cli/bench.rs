@@ -23,6 +23,9 @@ enum Suite {
     /// One ReNO iteration: one-step generation (UNet, VAE decoder), CLIP score, backward to the
     /// noise, clipping and the SGD step (needs --vae-config and --clip-config).
     Reno,
+    /// Summed completion log-probabilities of a causal LM plus backward to every weight (one
+    /// policy step of the LM preference losses); `--config` is a transformers Llama config.
+    Lm,
 }
 
 /// Flags of `diffalign bench`.
@@ -49,6 +52,9 @@ pub struct BenchArgs {
     /// Batch size.
     #[arg(long, default_value_t = 2)]
     batch: usize,
+    /// Tokens per row (suite lm; the second half of each row is the completion).
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
     /// Recompute activations block by block in backward passes (suites dpo-step and reno).
     #[arg(long)]
     recompute: bool,
@@ -96,6 +102,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Suite::Unet => bench_unet(&args),
         Suite::DpoStep => bench_dpo_step(&args),
         Suite::Reno => bench_reno(&args),
+        Suite::Lm => bench_lm(&args),
     }
 }
 
@@ -262,6 +269,35 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     report("reno_iteration", &shape, secs, candle_core::utils::get_num_threads());
+    report_peak_rss();
+    Ok(())
+}
+
+fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
+    use diffalign::lm::batch::Sequences;
+    use diffalign::lm::completion_logps;
+    use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
+    let cfg = LlamaConfig::from_file(&args.config)?;
+    let dev = Device::Cpu;
+    let vb = VarBuilder::random(0, DType::F32, &dev, true);
+    let lm = LlamaForCausalLM::new(&cfg, vb.clone()).context("building the LM")?;
+    let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let (b, t) = (args.batch, args.seq);
+    let mut rng = Rng::new(1);
+    let rows: Vec<(Vec<u32>, usize)> = (0..b)
+        .map(|_| ((0..t).map(|_| 3 + rng.below(cfg.vocab_size as u64 - 3) as u32).collect(), t / 2))
+        .collect();
+    let seq = Sequences::from_rows(&rows, 0, &dev)?;
+    let vars: Vec<candle_core::Tensor> = vb.vars().iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let threads = candle_core::utils::get_num_threads();
+    let secs = median_secs(args.repeats, || {
+        let (logp, _) = completion_logps(&lm, &seq)?;
+        let grads = logp.sum_all()?.backward()?;
+        anyhow::ensure!(vars.iter().all(|v| grads.get(v).is_some()), "a weight got no gradient");
+        Ok(())
+    })?;
+    let shape = format!("llama {params} params, batch {b}, seq {t}");
+    report("lm_logp_backward", &shape, secs, threads);
     report_peak_rss();
     Ok(())
 }
