@@ -79,9 +79,15 @@ fn dpo_on_generated_pairs_raises_held_out_reward_accuracy() {
     };
     let out = tmp.path().join("out");
     let mut losses = Vec::new();
-    let records = train_policy(&policy, &train_pairs, &objective, &settings(40, 2e-3), &out, &mut |r| {
-        losses.push(r.loss)
-    })
+    let records = train_policy(
+        &policy,
+        &train_pairs,
+        &objective,
+        &settings(40, 2e-3),
+        None,
+        &out,
+        &mut |r| losses.push(r.loss),
+    )
     .unwrap();
     assert_eq!(records.len(), 40);
     let load = |d: &Path| LlamaForCausalLM::from_pretrained(d, &LoadOptions::default()).unwrap().0;
@@ -225,4 +231,74 @@ fn gpm_fits_a_preference_cycle_that_bt_cannot() {
         train(&vb, &|| gpm_loss(&score(), gpm.tau).unwrap());
         assert_eq!(accuracy(score()), 1.0, "seed {seed}: GPM scores {}", score());
     }
+}
+
+/// `lm train --lora-rank`: only the targeted linear layers change, by exactly the saved PEFT
+/// adapters' `scale * B A`, and the policy learns the held-out preference.
+#[test]
+fn lora_policy_training_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = model_dir(tmp.path(), "policy");
+    let (train, held) = (tmp.path().join("train.jsonl"), tmp.path().join("held.jsonl"));
+    write_pairs(&train, 64, 11);
+    write_pairs(&held, 32, 12);
+    let out = tmp.path().join("out");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let report = run_cli(&[
+        "lm",
+        "train",
+        "--policy",
+        &s(&policy),
+        "--data",
+        &s(&train),
+        "--eval-data",
+        &s(&held),
+        "--out",
+        &s(&out),
+        "--loss-type",
+        "sigmoid",
+        "--beta",
+        "0.1",
+        "--steps",
+        "80",
+        "--lr",
+        "1e-2",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-targets",
+        "q_proj,v_proj,down_proj,lm_head",
+    ]);
+    let after = report["eval_after"]["reward_accuracy"].as_f64().unwrap();
+    assert!(after >= 0.8, "{report}");
+    let base = common::load(&policy.join("model.safetensors"));
+    let merged = common::load(&out.join("model.safetensors"));
+    let adapters = common::load(&out.join("adapter_model.safetensors"));
+    assert_eq!(
+        adapters.len(),
+        2 * (3 * 2 + 1),
+        "A and B for 3 modules in 2 layers and the head"
+    );
+    for (name, w) in &base {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let a_key = format!("base_model.model.{module}.lora_A.weight");
+        let delta = (&merged[name] - w).unwrap();
+        match adapters.get(&a_key) {
+            Some(a) => {
+                let b = &adapters[&format!("base_model.model.{module}.lora_B.weight")];
+                let want = (b.matmul(a).unwrap() * 2.0).unwrap();
+                common::assert_close(name, &delta, &want, 1e-5);
+                assert!(
+                    common::max_abs_diff(&delta, &delta.zeros_like().unwrap()) > 0.0,
+                    "{name} did not train"
+                );
+            }
+            None => assert_eq!(common::max_abs_diff(&merged[name], w), 0.0, "{name} changed"),
+        }
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
 }

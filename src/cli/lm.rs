@@ -21,6 +21,7 @@ use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
 use diffalign::preference::heads::gpm_score;
 use diffalign::preference::{metrics, LossType, Objective};
 use diffalign::train::optim::AdamWConfig;
+use diffalign::weights::lora::LoraConfig;
 use diffalign::weights::{save_safetensors, LoadOptions};
 
 use super::loss::LossParams;
@@ -167,6 +168,16 @@ struct TrainArgs {
     policy: PathBuf,
     #[command(flatten)]
     objective: ObjectiveArgs,
+    /// Train LoRA adapters of this rank instead of every weight (saved in PEFT's format beside
+    /// the merged weights).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha (default: the rank, a scale of 1).
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Comma-separated modules the LoRA adapts (PEFT's suffix matching).
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+    lora_targets: String,
     #[command(flatten)]
     optim: OptimArgs,
 }
@@ -367,7 +378,24 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let before = evaluate(&args.policy)?;
     let (bar, mut on_step) = step_printer("lm train", s.steps);
-    lm_train::train_policy(&args.policy, &pairs, &objective, &s, &args.optim.out, &mut on_step)?;
+    let lora = args.lora_rank.map(|rank| LoraConfig {
+        rank,
+        alpha: args.lora_alpha.unwrap_or(rank as f64),
+        target_modules: args.lora_targets.split(',').map(|t| t.trim().to_string()).collect(),
+        init_seed: args.optim.seed,
+    });
+    if lora.as_ref().is_some_and(|l| l.rank == 0) {
+        bail!("--lora-rank: must be at least 1");
+    }
+    lm_train::train_policy(
+        &args.policy,
+        &pairs,
+        &objective,
+        &s,
+        lora.as_ref(),
+        &args.optim.out,
+        &mut on_step,
+    )?;
     bar.finish();
     let after = evaluate(&args.optim.out)?;
     println!(

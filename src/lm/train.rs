@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
@@ -18,6 +19,7 @@ use crate::preference::heads::{bt_loss, gpm_loss};
 use crate::preference::{metrics, Objective, PairScores};
 use crate::rng::Rng;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::weights::lora::{LoraConfig, LoraSource};
 use crate::weights::store::write_atomic;
 use crate::weights::{save_safetensors, LoadOptions, VarBuilder};
 use crate::{Error, Result};
@@ -164,40 +166,51 @@ pub fn policy_loss(
     Ok((out.loss, acc, scores))
 }
 
-/// DPO-family fine-tuning of every weight of the causal LM in `policy_dir` against its frozen
-/// starting point; writes `out/` (config, weights, `metrics.jsonl`) and returns the records.
+/// DPO-family fine-tuning of the causal LM in `policy_dir` against its frozen starting point:
+/// every weight, or with `lora` only fresh LoRA adapters on the target linear layers. Writes
+/// `out/` (config, the whole merged weights, `metrics.jsonl`, and for a LoRA PEFT's
+/// `adapter_model.safetensors` + `adapter_config.json`) and returns the records.
 pub fn train_policy(
     policy_dir: &Path,
     pairs: &[TokenPair],
     objective: &Objective,
     s: &TrainSettings,
+    lora: Option<&LoraConfig>,
     out: &Path,
     on_step: &mut dyn FnMut(&StepRecord),
 ) -> Result<Vec<StepRecord>> {
     objective.validate()?;
-    let opts = LoadOptions {
-        trainable: true,
+    let frozen = LoadOptions {
         device: s.device.clone(),
         ..Default::default()
     };
-    let (policy, vb) = LlamaForCausalLM::from_pretrained(policy_dir, &opts)?;
+    let (policy, vb) = match lora {
+        Some(cfg) => {
+            let vb = frozen
+                .open(policy_dir, "model")?
+                .with_lora(Arc::new(LoraSource::fresh_for(cfg, PEFT_LM_PREFIX)));
+            let cfg_file = LlamaConfig::from_file(&policy_dir.join("config.json"))?;
+            let m = LlamaForCausalLM::new(&cfg_file, vb.clone())?;
+            vb.check_lora_attached()?;
+            (m, vb)
+        }
+        None => LlamaForCausalLM::from_pretrained(
+            policy_dir,
+            &LoadOptions {
+                trainable: true,
+                ..frozen.clone()
+            },
+        )?,
+    };
     let reference = if objective.needs_reference() {
-        Some(
-            LlamaForCausalLM::from_pretrained(
-                policy_dir,
-                &LoadOptions {
-                    trainable: false,
-                    ..opts
-                },
-            )?
-            .0,
-        )
+        Some(LlamaForCausalLM::from_pretrained(policy_dir, &frozen)?.0)
     } else {
         None
     };
+    let vars = if lora.is_some() { vb.lora_vars() } else { vb.vars() };
     let pad = pad_id(policy.model().config());
     let records = train_loop(
-        vb.vars(),
+        vars,
         pairs,
         pad,
         s,
@@ -207,8 +220,60 @@ pub fn train_policy(
         },
         on_step,
     )?;
-    save_model(policy_dir, &vb, None, out, &records)?;
+    match lora {
+        Some(cfg) => save_lora_policy(policy_dir, &vb, cfg, out, &records)?,
+        None => save_model(policy_dir, &vb, None, out, &records)?,
+    }
     Ok(records)
+}
+
+/// PEFT's key prefix for a causal LM's adapters (`base_model.model.<module>.lora_A.weight`).
+pub const PEFT_LM_PREFIX: &str = "base_model.model";
+
+/// Writes a LoRA policy: the PEFT adapter and config, and the base weights with the adapters
+/// merged (so that every command loads `out/` as a plain model).
+fn save_lora_policy(
+    base_dir: &Path,
+    vb: &VarBuilder,
+    cfg: &LoraConfig,
+    out: &Path,
+    records: &[StepRecord],
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let adapters: HashMap<String, Tensor> = vb
+        .lora_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().detach()))
+        .collect();
+    save_safetensors(&out.join("adapter_model.safetensors"), &adapters, None)?;
+    let adapter_config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "target_modules": cfg.target_modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": base_dir.display().to_string(),
+    });
+    write_atomic(
+        &out.join("adapter_config.json"),
+        serde_json::to_string_pretty(&adapter_config).expect("plain JSON") + "\n",
+    )?;
+    let store = crate::weights::layout::open_weights(base_dir, "model", None)?;
+    let merged_by_module: HashMap<String, crate::nn::LoraAdapter> = vb.lora_adapters().into_iter().collect();
+    let mut tensors = HashMap::new();
+    for name in store.names() {
+        let w = store.get(&name, None, DType::F32, &Device::Cpu)?;
+        let module = name.strip_suffix(".weight").unwrap_or(&name);
+        let w = match merged_by_module.get(module) {
+            Some(a) => a.fuse(&w.to_device(a.a.device())?)?.to_device(&Device::Cpu)?,
+            None => w,
+        };
+        tensors.insert(name, w);
+    }
+    save_safetensors(&out.join("model.safetensors"), &tensors, None)?;
+    copy_model_files(base_dir, out, records)
 }
 
 /// Log-probability metrics of a policy on pairs: reward accuracy against the reference, ranking
@@ -389,19 +454,30 @@ fn save_model(
     save_safetensors(&out.join("model.safetensors"), &tensors, None)?;
     let pretty = serde_json::to_string_pretty(&config).map_err(|e| Error::input("config", e.to_string()))?;
     write_atomic(&out.join("config.json"), pretty + "\n")?;
+    copy_model_files(base_dir, out, records)
+}
+
+/// Writes `metrics.jsonl` and copies the tokenizer and generation files (and, when `out` has
+/// no config yet, the config) from `base_dir`.
+fn copy_model_files(base_dir: &Path, out: &Path, records: &[StepRecord]) -> Result<()> {
     let lines: String = records
         .iter()
         .map(|r| serde_json::to_string(r).expect("plain record") + "\n")
         .collect();
     write_atomic(&out.join("metrics.jsonl"), lines)?;
+    if std::fs::canonicalize(base_dir).ok() == std::fs::canonicalize(out).ok() {
+        return Ok(());
+    }
     for extra in [
+        "config.json",
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
         "generation_config.json",
     ] {
         let from = base_dir.join(extra);
-        if from.is_file() && std::fs::canonicalize(base_dir).ok() != std::fs::canonicalize(out).ok() {
+        let keep = extra == "config.json" && out.join(extra).is_file();
+        if from.is_file() && !keep {
             crate::train::pretrain::copy_file(&from, &out.join(extra))?;
         }
     }

@@ -169,9 +169,16 @@ impl LoraSource {
 
     /// A fresh, always trainable UNet LoRA (see [`LoraConfig`]).
     pub fn fresh(cfg: &LoraConfig) -> Self {
+        Self::fresh_for(cfg, "unet")
+    }
+
+    /// A fresh, always trainable LoRA whose `Var`s are named `{prefix}.<module>.lora_A.weight`
+    /// (PEFT's causal-LM prefix is `base_model.model`). Attach it with
+    /// [`super::VarBuilder::with_lora`].
+    pub fn fresh_for(cfg: &LoraConfig, prefix: &str) -> Self {
         LoraSource {
             kind: Kind::Fresh(cfg.clone()),
-            component: "unet".to_string(),
+            component: prefix.to_string(),
             trainable: true,
         }
     }
