@@ -47,6 +47,11 @@ pub struct RenoArgs {
     /// pickscore 0.05, aesthetic 0).
     #[arg(long = "weight", value_parser = parse_weight)]
     weights: Vec<(RewardKind, f64)>,
+    /// Use the log-sigmoid-centred loss `-w * logsigmoid(score - REF)` for a reward, as
+    /// KIND=REF (its weight w is 1 unless `--weight` gives it); several such rewards combine as
+    /// the log-probability of beating every reference (Wang et al. 2024).
+    #[arg(long = "reward-ref", value_parser = parse_weight)]
+    reward_refs: Vec<(RewardKind, f64)>,
     /// Iterations (evaluations of the noise; the last one is not followed by an update).
     #[arg(long, default_value_t = 50)]
     iters: usize,
@@ -98,11 +103,11 @@ pub struct RenoArgs {
 fn parse_weight(s: &str) -> Result<(RewardKind, f64), String> {
     let (kind, w) = s
         .split_once('=')
-        .ok_or_else(|| format!("expected KIND=WEIGHT (e.g. pickscore=0.05), got {s:?}"))?;
+        .ok_or_else(|| format!("expected KIND=NUMBER (e.g. pickscore=0.05), got {s:?}"))?;
     let kind: RewardKind = kind.trim().parse().map_err(|e: diffalign::Error| e.to_string())?;
     let w: f64 = w.trim().parse().map_err(|_| format!("{kind}: not a number: {w:?}"))?;
     if !w.is_finite() {
-        return Err(format!("{kind}: the weight must be finite, got {w}"));
+        return Err(format!("{kind}: must be finite, got {w}"));
     }
     Ok((kind, w))
 }
@@ -111,9 +116,14 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     let prompts = read_prompts(args.prompt.as_deref(), args.prompts.as_deref())?;
     let specs = reward_specs_or_default(&args.rewards)?;
     let weights: HashMap<RewardKind, f64> = args.weights.iter().copied().collect();
-    for kind in weights.keys() {
+    let refs: HashMap<RewardKind, f64> = args.reward_refs.iter().copied().collect();
+    for (flag, kind) in weights
+        .keys()
+        .map(|k| ("--weight", k))
+        .chain(refs.keys().map(|k| ("--reward-ref", k)))
+    {
         if !specs.iter().any(|r| r.kind == *kind) {
-            bail!("--weight {kind}: no --reward {kind}=PATH given");
+            bail!("{flag} {kind}: no --reward {kind}=PATH given");
         }
     }
     let init_noise = args.init_noise.as_deref().map(load_init_noise).transpose()?;
@@ -146,8 +156,13 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     let rewards: Vec<WeightedReward> = load_rewards(&specs, &opts)?
         .into_iter()
         .map(|r| {
-            let w = weights.get(&r.kind()).copied();
-            WeightedReward::new(r, w)
+            let kind = r.kind();
+            let centred = refs.get(&kind).copied();
+            // The centred loss is on a log-probability scale: weight 1 unless given.
+            let w = weights.get(&kind).copied().or(centred.map(|_| 1.0));
+            let mut wr = WeightedReward::new(r, w);
+            wr.loss.centred = centred;
+            wr
         })
         .collect();
     if args.recompute {

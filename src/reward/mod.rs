@@ -47,19 +47,29 @@ pub enum RewardKind {
     ImageReward,
 }
 
-/// ReNO's loss for one reward: `weight · (offset − score)` per image (lower is better).
+/// ReNO's loss for one reward: `weight · (offset − score)` per image (lower is better), or with
+/// `centred` the log-sigmoid-centred transform of Wang et al. 2024 (arXiv 2402.00742):
+/// `−weight · logsigmoid(score − r_ref)`. Summed over rewards, the centred losses are the
+/// negative log-probability that the image is better than the reference on every reward.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RenoLoss {
     /// The constant the score is subtracted from.
     pub offset: f64,
     /// ReNO's default weight (`arguments.py`).
     pub weight: f64,
+    /// The reference reward `r_ref` of the centred form, `None` for ReNO's linear loss.
+    pub centred: Option<f64>,
 }
 
 impl RenoLoss {
-    /// `weight · (offset − score)`, elementwise, in the score's dtype.
+    /// The loss, elementwise, in the score's dtype.
     pub fn apply(&self, score: &Tensor) -> Result<Tensor> {
-        Ok(score.affine(-self.weight, self.weight * self.offset)?)
+        match self.centred {
+            None => Ok(score.affine(-self.weight, self.weight * self.offset)?),
+            Some(r_ref) => {
+                Ok(crate::preference::transform::log_sigmoid_centered(score, r_ref)?.affine(-self.weight, 0.0)?)
+            }
+        }
     }
 }
 
@@ -101,7 +111,11 @@ impl RewardKind {
             RewardKind::PickScore => (30.0, 0.05),
             RewardKind::Aesthetic => (10.0, 0.0),
         };
-        RenoLoss { offset, weight }
+        RenoLoss {
+            offset,
+            weight,
+            centred: None,
+        }
     }
 }
 
