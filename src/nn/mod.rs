@@ -15,7 +15,7 @@ pub use attention::{scaled_dot_product_attention, softmax};
 pub use conv::Conv2d;
 pub use linear::Linear;
 pub use lora::LoraAdapter;
-pub use norm::{GroupNorm, LayerNorm, RmsNorm};
+pub use norm::{l2_normalize, GroupNorm, LayerNorm, RmsNorm};
 
 use candle_core::{DType, Tensor};
 

@@ -115,3 +115,12 @@ impl RmsNorm {
         Ok(y.broadcast_mul(&self.weight)?)
     }
 }
+
+/// L2-normalises `xs` over its last dimension (differentiable); rows of norm 0 are left at 0, as
+/// ReNO's aesthetic reward guards them.
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    let ones = norm.ones_like()?;
+    let safe = norm.eq(0.0)?.where_cond(&ones, &norm)?;
+    Ok(xs.broadcast_div(&safe)?)
+}

@@ -3,10 +3,10 @@
 //! official `general-preference-model` repository's inference form). Both take hidden states
 //! `[B, hidden]` from any backbone: an LM's last token or a CLIP image embedding.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use super::objective::{log_sigmoid, sigmoid};
-use crate::nn::{softmax, Linear};
+use crate::nn::{l2_normalize, softmax, Linear};
 use crate::weights::VarBuilder;
 use crate::{Error, Result};
 
@@ -66,12 +66,6 @@ impl GpmHead {
             .map(|p| softmax(&p.forward(h_prompt)?))
             .transpose()
     }
-}
-
-/// `x / |x|` over the last dimension.
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    Ok(x.broadcast_div(&(norm + 1e-12)?)?)
 }
 
 /// GPM score `s(i > j) = sum_l gate_l * (v_i[2l] v_j[2l+1] - v_i[2l+1] v_j[2l])` for rows of

@@ -216,11 +216,4 @@ pub fn load_reward(kind: RewardKind, path: &Path, opts: &LoadOptions) -> Result<
     })
 }
 
-/// L2-normalises `xs` `[B, D]` over its last dimension (differentiable); rows of norm 0 are
-/// left at 0, as ReNO's aesthetic reward guards them.
-pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
-    let norm = xs.sqr()?.sum_keepdim(1)?.sqrt()?;
-    let ones = norm.ones_like()?;
-    let safe = norm.eq(0.0)?.where_cond(&ones, &norm)?;
-    Ok(xs.broadcast_div(&safe)?)
-}
+pub use crate::nn::l2_normalize;
