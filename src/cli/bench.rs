@@ -285,7 +285,14 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
     let (b, t) = (args.batch, args.seq);
     let mut rng = Rng::new(1);
     let rows: Vec<(Vec<u32>, usize)> = (0..b)
-        .map(|_| ((0..t).map(|_| 3 + rng.below(cfg.vocab_size as u64 - 3) as u32).collect(), t / 2))
+        .map(|_| {
+            (
+                (0..t)
+                    .map(|_| 3 + rng.below(cfg.vocab_size as u64 - 3) as u32)
+                    .collect(),
+                t / 2,
+            )
+        })
         .collect();
     let seq = Sequences::from_rows(&rows, 0, &dev)?;
     let vars: Vec<candle_core::Tensor> = vb.vars().iter().map(|(_, v)| v.as_tensor().clone()).collect();
