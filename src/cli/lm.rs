@@ -14,11 +14,12 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use diffalign::lm::batch::PairBatch;
-use diffalign::lm::data::load_pairs;
+use diffalign::lm::data::{load_examples, load_pairs};
 use diffalign::lm::reward_model::{HeadKind, RewardModel, RewardOutput};
-use diffalign::lm::train::{self as lm_train, HeadSettings, StepRecord, TrainSettings};
+use diffalign::lm::train::{self as lm_train, HeadSettings, PolicyData, StepRecord, TrainSettings};
 use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
 use diffalign::preference::heads::gpm_score;
+use diffalign::preference::kto::Kto;
 use diffalign::preference::{metrics, LossType, Objective};
 use diffalign::train::optim::AdamWConfig;
 use diffalign::weights::lora::LoraConfig;
@@ -51,7 +52,8 @@ enum LmCommand {
 #[derive(Debug, Args)]
 struct ObjectiveArgs {
     /// The loss, TRL's names: sigmoid, hinge, ipo, robust, exo_pair, nca_pair, bco_pair,
-    /// sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, simpo, orpo.
+    /// sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, simpo, orpo;
+    /// `lm train` also takes kto (unpaired data; pairs are split into desirable and undesirable).
     #[arg(long, default_value = "sigmoid")]
     loss_type: String,
     /// Beta (TRL's default 0.1; ORPO's lambda; SimPO's beta).
@@ -112,7 +114,8 @@ struct RewardArgs {
 #[derive(Debug, Args)]
 struct OptimArgs {
     /// Training pairs: JSONL or parquet with `prompt`, `chosen`, `rejected` (tokenised with the
-    /// model's tokenizer.json), or a pre-tokenised `.safetensors` batch.
+    /// model's tokenizer.json), or a pre-tokenised `.safetensors` batch. For KTO also JSONL with
+    /// `prompt`, `completion`, `label` (true: desirable).
     #[arg(long)]
     data: PathBuf,
     /// Where the trained model, `metrics.jsonl` and the tokenizer go.
@@ -178,6 +181,12 @@ struct TrainArgs {
     /// Comma-separated modules the LoRA adapts (PEFT's suffix matching).
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
     lora_targets: String,
+    /// KTO (`--loss-type kto`): weight of desirable examples.
+    #[arg(long, default_value_t = 1.0)]
+    desirable_weight: f64,
+    /// KTO: weight of undesirable examples.
+    #[arg(long, default_value_t = 1.0)]
+    undesirable_weight: f64,
     #[command(flatten)]
     optim: OptimArgs,
 }
@@ -355,10 +364,16 @@ fn eos_of(dir: &Path) -> anyhow::Result<Option<u32>> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let objective = args.objective.objective()?;
     let s = args.optim.settings()?;
     let eos = eos_of(&args.policy)?;
-    let pairs = load_pairs(&args.optim.data, &args.policy, eos)?;
+    let kto = args.objective.loss_type == "kto";
+    let (pairs, examples, objective) = if kto {
+        let examples = load_examples(&args.optim.data, &args.policy, eos)?;
+        (Vec::new(), examples, None)
+    } else {
+        let pairs = load_pairs(&args.optim.data, &args.policy, eos)?;
+        (pairs, Vec::new(), Some(args.objective.objective()?))
+    };
     let held_out = args
         .optim
         .eval_data
@@ -387,20 +402,27 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if lora.as_ref().is_some_and(|l| l.rank == 0) {
         bail!("--lora-rank: must be at least 1");
     }
-    lm_train::train_policy(
-        &args.policy,
-        &pairs,
-        &objective,
-        &s,
-        lora.as_ref(),
-        &args.optim.out,
-        &mut on_step,
-    )?;
+    let data = match objective {
+        Some(objective) => PolicyData::Pairs {
+            pairs: &pairs,
+            objective,
+        },
+        None => PolicyData::Unpaired {
+            examples: &examples,
+            kto: Kto {
+                beta: args.objective.beta,
+                desirable_weight: args.desirable_weight,
+                undesirable_weight: args.undesirable_weight,
+            },
+        },
+    };
+    let n = pairs.len().max(examples.len());
+    lm_train::train_policy(&args.policy, data, &s, lora.as_ref(), &args.optim.out, &mut on_step)?;
     bar.finish();
     let after = evaluate(&args.optim.out)?;
     println!(
         "{}",
-        serde_json::json!({"out": args.optim.out, "pairs": pairs.len(), "eval_before": before, "eval_after": after})
+        serde_json::json!({"out": args.optim.out, "examples": n, "eval_before": before, "eval_after": after})
     );
     Ok(())
 }

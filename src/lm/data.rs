@@ -42,6 +42,75 @@ pub struct TokenPair {
     pub subset: Option<String>,
 }
 
+/// One unpaired example (KTO): a prompt, a completion and whether it is desirable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenExample {
+    /// The tokenised prompt and completion.
+    pub seq: TokenSeq,
+    /// The label.
+    pub desirable: bool,
+}
+
+/// Pairs as unpaired examples, as TRL's `unpair_preference_dataset`: each chosen completion is
+/// desirable, each rejected one undesirable.
+pub fn unpair(pairs: &[TokenPair]) -> Vec<TokenExample> {
+    pairs
+        .iter()
+        .flat_map(|p| {
+            [
+                TokenExample {
+                    seq: p.chosen.clone(),
+                    desirable: true,
+                },
+                TokenExample {
+                    seq: p.rejected.clone(),
+                    desirable: false,
+                },
+            ]
+        })
+        .collect()
+}
+
+/// Loads unpaired examples: JSONL records `{"prompt", "completion", "label": bool}` (TRL's KTO
+/// format), tokenised with `model_dir`'s tokenizer; or any pair data, unpaired ([`unpair`]).
+pub fn load_examples(path: &Path, model_dir: &Path, eos: Option<u32>) -> Result<Vec<TokenExample>> {
+    let is_jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    if is_jsonl {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let first: Option<serde_json::Value> = text
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .and_then(|l| serde_json::from_str(l).ok());
+        if first.is_some_and(|v| v.get("completion").is_some()) {
+            let tok = LmTokenizer::from_dir(model_dir, eos)?;
+            let mut out = Vec::new();
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let record = |reason: String| Error::Record {
+                    file: path.to_path_buf(),
+                    index: i,
+                    reason,
+                };
+                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| record(format!("not JSON: {e}")))?;
+                let get = |k: &str| {
+                    v.get(k)
+                        .and_then(|x| x.as_str())
+                        .ok_or_else(|| record(format!("missing string field {k:?}")))
+                };
+                let desirable = v
+                    .get("label")
+                    .and_then(|x| x.as_bool())
+                    .ok_or_else(|| record("missing boolean field \"label\"".into()))?;
+                out.push(TokenExample {
+                    seq: tok.encode_pair(get("prompt")?, get("completion")?)?,
+                    desirable,
+                });
+            }
+            return Ok(out);
+        }
+    }
+    Ok(unpair(&load_pairs(path, model_dir, eos)?))
+}
+
 /// Reads text pairs from a `.jsonl` file or a `.parquet` file / folder of shards. Errors name the
 /// file and record.
 pub fn read_text_pairs(path: &Path) -> Result<Vec<TextPair>> {

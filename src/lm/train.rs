@@ -10,12 +10,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
-use super::batch::PairBatch;
-use super::data::TokenPair;
+use super::batch::{PairBatch, Sequences};
+use super::data::{TokenExample, TokenPair};
 use super::reward_model::{HeadKind, RewardModel};
 use super::{completion_logps, rewardbench};
 use crate::models::llama::{LlamaConfig, LlamaForCausalLM};
 use crate::preference::heads::{bt_loss, gpm_loss};
+use crate::preference::kto::Kto;
 use crate::preference::{metrics, Objective, PairScores};
 use crate::rng::Rng;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -76,16 +77,15 @@ pub fn pad_id(cfg: &LlamaConfig) -> u32 {
     cfg.pad_token_id.and_then(|p| u32::try_from(p).ok()).unwrap_or(0)
 }
 
-/// Runs `steps` AdamW steps of `loss_fn` (loss and batch accuracy) over shuffled batches of `pairs`.
-fn train_loop(
+/// Runs `steps` AdamW steps of `loss_fn` (loss and batch accuracy) over shuffled batches of `items`.
+fn train_loop<T>(
     vars: Vec<(String, Var)>,
-    pairs: &[TokenPair],
-    pad: u32,
+    items: &[T],
     s: &TrainSettings,
-    mut loss_fn: impl FnMut(&PairBatch) -> Result<(Tensor, f64)>,
+    mut loss_fn: impl FnMut(&[&T]) -> Result<(Tensor, f64)>,
     on_step: &mut dyn FnMut(&StepRecord),
 ) -> Result<Vec<StepRecord>> {
-    s.validate(pairs.len())?;
+    s.validate(items.len())?;
     let tensors: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
     let mut opt = AdamW::new(vars, s.adamw)?;
     let mut rng = Rng::new(s.seed);
@@ -93,17 +93,16 @@ fn train_loop(
     let mut records = Vec::with_capacity(s.steps);
     for step in 1..=s.steps {
         let mut picked = Vec::with_capacity(s.batch_size);
-        while picked.len() < s.batch_size.min(pairs.len()) {
+        while picked.len() < s.batch_size.min(items.len()) {
             if order.is_empty() {
-                order = (0..pairs.len()).collect();
+                order = (0..items.len()).collect();
                 for i in (1..order.len()).rev() {
                     order.swap(i, rng.below(i as u64 + 1) as usize);
                 }
             }
-            picked.push(&pairs[order.pop().expect("refilled")]);
+            picked.push(&items[order.pop().expect("refilled")]);
         }
-        let batch = PairBatch::from_pairs(&picked, pad, &s.device)?;
-        let (loss, accuracy) = loss_fn(&batch)?;
+        let (loss, accuracy) = loss_fn(&picked)?;
         let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_v.is_finite() {
             return Err(Error::input("training", format!("the loss is {loss_v} at step {step}")));
@@ -172,14 +171,19 @@ pub fn policy_loss(
 /// `adapter_model.safetensors` + `adapter_config.json`) and returns the records.
 pub fn train_policy(
     policy_dir: &Path,
-    pairs: &[TokenPair],
-    objective: &Objective,
+    data: PolicyData,
     s: &TrainSettings,
     lora: Option<&LoraConfig>,
     out: &Path,
     on_step: &mut dyn FnMut(&StepRecord),
 ) -> Result<Vec<StepRecord>> {
-    objective.validate()?;
+    let needs_reference = match &data {
+        PolicyData::Pairs { objective, .. } => {
+            objective.validate()?;
+            objective.needs_reference()
+        }
+        PolicyData::Unpaired { .. } => true,
+    };
     let frozen = LoadOptions {
         device: s.device.clone(),
         ..Default::default()
@@ -202,29 +206,107 @@ pub fn train_policy(
             },
         )?,
     };
-    let reference = if objective.needs_reference() {
+    let reference = if needs_reference {
         Some(LlamaForCausalLM::from_pretrained(policy_dir, &frozen)?.0)
     } else {
         None
     };
     let vars = if lora.is_some() { vb.lora_vars() } else { vb.vars() };
     let pad = pad_id(policy.model().config());
-    let records = train_loop(
-        vars,
-        pairs,
-        pad,
-        s,
-        |batch| {
-            let (loss, acc, _) = policy_loss(&policy, reference.as_ref(), objective, batch)?;
-            Ok((loss, acc))
-        },
-        on_step,
-    )?;
+    let records = match data {
+        PolicyData::Pairs { pairs, objective } => train_loop(
+            vars,
+            pairs,
+            s,
+            |picked| {
+                let batch = PairBatch::from_pairs(picked, pad, &s.device)?;
+                let (loss, acc, _) = policy_loss(&policy, reference.as_ref(), &objective, &batch)?;
+                Ok((loss, acc))
+            },
+            on_step,
+        )?,
+        PolicyData::Unpaired { examples, kto } => {
+            let reference = reference.as_ref().expect("KTO loads its reference");
+            train_loop(
+                vars,
+                examples,
+                s,
+                |picked| kto_loss(&policy, reference, &kto, picked, pad, &s.device),
+                on_step,
+            )?
+        }
+    };
     match lora {
         Some(cfg) => save_lora_policy(policy_dir, &vb, cfg, out, &records)?,
         None => save_model(policy_dir, &vb, None, out, &records)?,
     }
     Ok(records)
+}
+
+/// What a policy trains on.
+pub enum PolicyData<'a> {
+    /// Preference pairs under a DPO-family objective.
+    Pairs {
+        /// The pairs.
+        pairs: &'a [TokenPair],
+        /// The objective.
+        objective: Objective,
+    },
+    /// Unpaired desirable / undesirable examples under KTO.
+    Unpaired {
+        /// The examples.
+        examples: &'a [TokenExample],
+        /// KTO's settings.
+        kto: Kto,
+    },
+}
+
+/// KTO's loss on a batch of examples, with the KL completions made by rotating the completions
+/// by one within the batch (TRL's mismatched pairs), and the fraction of examples whose
+/// log-ratio has the label's sign.
+fn kto_loss(
+    policy: &LlamaForCausalLM,
+    reference: &LlamaForCausalLM,
+    kto: &Kto,
+    picked: &[&TokenExample],
+    pad: u32,
+    device: &Device,
+) -> Result<(Tensor, f64)> {
+    let n = picked.len();
+    let rows: Vec<(Vec<u32>, usize)> = picked
+        .iter()
+        .map(|e| (e.seq.tokens.clone(), e.seq.completion_start))
+        .collect();
+    let kl_rows: Vec<(Vec<u32>, usize)> = (0..n)
+        .map(|i| {
+            let own = &picked[i].seq;
+            let other = &picked[(i + 1) % n].seq;
+            let mut t = own.tokens[..own.completion_start].to_vec();
+            t.extend_from_slice(&other.tokens[other.completion_start..]);
+            (t, own.completion_start)
+        })
+        .collect();
+    let seq = Sequences::from_rows(&rows, pad, device)?;
+    let kl = Sequences::from_rows(&kl_rows, pad, device)?;
+    let (logp, _) = completion_logps(policy, &seq)?;
+    let (ref_logp, _) = completion_logps(reference, &seq)?;
+    let (kl_logp, _) = completion_logps(policy, &kl)?;
+    let (kl_ref, _) = completion_logps(reference, &kl)?;
+    let desirable: Vec<bool> = picked.iter().map(|e| e.desirable).collect();
+    let loss = kto.loss(
+        &logp,
+        &ref_logp.detach(),
+        &desirable,
+        &kl_logp.detach(),
+        &kl_ref.detach(),
+    )?;
+    let rho = to_vec(&(logp.detach() - ref_logp)?)?;
+    let right = rho
+        .iter()
+        .zip(&desirable)
+        .filter(|(r, d)| (**r > 0.0) == **d && **r != 0.0)
+        .count();
+    Ok((loss, right as f64 / n as f64))
 }
 
 /// PEFT's key prefix for a causal LM's adapters (`base_model.model.<module>.lora_A.weight`).
@@ -375,9 +457,9 @@ pub fn train_reward_model(
     let records = train_loop(
         vars,
         pairs,
-        pad,
         s,
-        |batch| {
+        |picked| {
+            let batch = PairBatch::from_pairs(picked, pad, &s.device)?;
             let logits = rm.pair_logits(&batch.chosen, &batch.rejected)?;
             let zero = logits.zeros_like()?;
             let loss = match head.kind {
