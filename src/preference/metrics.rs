@@ -51,7 +51,7 @@ pub const IDEAL_BETAS: [f64; 5] = [0.01, 0.1, 1.0, 5.0, 10.0];
 pub fn idealized_ranking_accuracy(ref_w: &[f64], ref_l: &[f64], alpha: &[f64], beta: f64) -> Result<f64> {
     check_lengths("idealised ranking accuracy", ref_w, ref_l)?;
     check_lengths("idealised ranking accuracy rater fractions", ref_w, alpha)?;
-    if !(beta > 0.0) {
+    if beta.is_nan() || beta <= 0.0 {
         return Err(Error::input("beta", format!("must be positive, got {beta}")));
     }
     let eps = 1e-3;
