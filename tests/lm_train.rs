@@ -192,23 +192,6 @@ fn gpm_fits_a_preference_cycle_that_bt_cannot() {
         eye.index_select(&idx(&[0, 1, 2]), 0).unwrap(),
         eye.index_select(&idx(&[1, 2, 0]), 0).unwrap(),
     );
-    let train = |vb: &VarBuilder, loss_of: &dyn Fn() -> Tensor| {
-        let cfg = AdamWConfig {
-            weight_decay: 0.0,
-            ..Default::default()
-        };
-        let mut opt = AdamW::new(vb.vars(), cfg).unwrap();
-        for _ in 0..300 {
-            let loss = loss_of();
-            let grads = loss.backward().unwrap();
-            let g: Vec<Tensor> = opt
-                .params
-                .iter()
-                .map(|p| grads.get(p.var.as_tensor()).unwrap().clone())
-                .collect();
-            opt.update(&g, 0.05).unwrap();
-        }
-    };
     let accuracy = |margins: Tensor| -> f64 {
         let m: Vec<f32> = margins.to_vec1().unwrap();
         m.iter().filter(|&&x| x > 0.0).count() as f64 / m.len() as f64
@@ -217,17 +200,14 @@ fn gpm_fits_a_preference_cycle_that_bt_cannot() {
         let vb = VarBuilder::random(seed, DType::F32, &dev, true);
         let bt = Linear::new(3, 1, false, vb.pp("score")).unwrap();
         let reward = |x: &Tensor| bt.forward(x).unwrap().squeeze(1).unwrap();
-        train(&vb, &|| bt_loss(&reward(&w), &reward(&l), 1.0).unwrap());
+        adam_fit(&vb, &|| bt_loss(&reward(&w), &reward(&l), 1.0).unwrap());
         let bt_acc = accuracy((reward(&w) - reward(&l)).unwrap());
         assert!(bt_acc <= 2.0 / 3.0 + 1e-9, "BT cannot fit a cycle, got {bt_acc}");
 
-        let vb = VarBuilder::random(seed, DType::F32, &dev, true);
         // 2k = 6, the GPM default; with k = 1 gradient descent often collapses all three
         // embeddings onto one direction (a stationary point of the cycle), at 2k >= 4 it does not.
-        let gpm = GpmHead::new(3, 6, false, 0.1, vb.clone()).unwrap();
-        let score = || gpm_score(&gpm.embed(&w).unwrap(), &gpm.embed(&l).unwrap(), None).unwrap();
-        train(&vb, &|| gpm_loss(&score(), gpm.tau).unwrap());
-        assert_eq!(accuracy(score()), 1.0, "seed {seed}: GPM scores {}", score());
+        let scores = fit_gpm(&w, &l, seed);
+        assert_eq!(accuracy(scores.clone()), 1.0, "seed {seed}: GPM scores {scores}");
     }
 }
 
@@ -331,30 +311,12 @@ fn gpm_head_fits_a_cycle_over_clip_image_embeddings() {
         .image_embedding(&Tensor::stack(&images, 0).unwrap())
         .unwrap()
         .detach();
-    let dim = emb.dim(1).unwrap();
     let idx = |v: &[u32]| Tensor::new(v, &dev).unwrap();
     let (w, l) = (
         emb.index_select(&idx(&[0, 1, 2]), 0).unwrap(),
         emb.index_select(&idx(&[1, 2, 0]), 0).unwrap(),
     );
-    let vb = VarBuilder::random(0, DType::F32, &dev, true);
-    let gpm = GpmHead::new(dim, 6, false, 0.1, vb.clone()).unwrap();
-    let score = || gpm_score(&gpm.embed(&w).unwrap(), &gpm.embed(&l).unwrap(), None).unwrap();
-    let cfg = AdamWConfig {
-        weight_decay: 0.0,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(vb.vars(), cfg).unwrap();
-    for _ in 0..300 {
-        let grads = gpm_loss(&score(), gpm.tau).unwrap().backward().unwrap();
-        let g: Vec<Tensor> = opt
-            .params
-            .iter()
-            .map(|p| grads.get(p.var.as_tensor()).unwrap().clone())
-            .collect();
-        opt.update(&g, 0.05).unwrap();
-    }
-    let s: Vec<f32> = score().to_vec1().unwrap();
+    let s: Vec<f32> = fit_gpm(&w, &l, 0).to_vec1().unwrap();
     assert!(s.iter().all(|&x| x > 0.0), "GPM scores over CLIP embeddings {s:?}");
 }
 
@@ -400,4 +362,32 @@ fn kto_on_unpaired_examples_through_the_cli() {
     assert_eq!(report["examples"], 96);
     let after = report["eval_after"]["reward_accuracy"].as_f64().unwrap();
     assert!(after >= 0.9, "{report}");
+}
+
+/// Trains a GPM head (2k = 6, no gate, tau 0.1) from seed `seed` on pairs `w[i] > l[i]` of fixed
+/// features (300 AdamW steps, lr 0.05); the final scores `s(w > l)`.
+fn fit_gpm(w: &Tensor, l: &Tensor, seed: u64) -> Tensor {
+    let vb = VarBuilder::random(seed, DType::F32, w.device(), true);
+    let gpm = GpmHead::new(w.dim(1).unwrap(), 6, false, 0.1, vb.clone()).unwrap();
+    let score = || gpm_score(&gpm.embed(w).unwrap(), &gpm.embed(l).unwrap(), None).unwrap();
+    adam_fit(&vb, &|| gpm_loss(&score(), gpm.tau).unwrap());
+    score()
+}
+
+/// 300 AdamW steps (lr 0.05, no weight decay) on every `Var` of `vb`.
+fn adam_fit(vb: &VarBuilder, loss_of: &dyn Fn() -> Tensor) {
+    let cfg = AdamWConfig {
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(vb.vars(), cfg).unwrap();
+    for _ in 0..300 {
+        let grads = loss_of().backward().unwrap();
+        let g: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| grads.get(p.var.as_tensor()).unwrap().clone())
+            .collect();
+        opt.update(&g, 0.05).unwrap();
+    }
 }

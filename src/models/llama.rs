@@ -2,8 +2,9 @@
 //! `models/llama/modeling_llama.py` (and the Mistral / Qwen2 files, which differ only in their
 //! config defaults: Qwen2's q/k/v biases, Mistral's sliding window): token embeddings, decoder
 //! layers of RMSNorm → grouped-query attention with rotary position embeddings → residual,
-//! RMSNorm → SwiGLU MLP → residual, a final RMSNorm, and either the LM head
-//! ([`LlamaForCausalLM`]) or a per-sequence score head ([`LlamaForSequenceClassification`]).
+//! RMSNorm → SwiGLU MLP → residual, a final RMSNorm, and the LM head ([`LlamaForCausalLM`]);
+//! `crate::lm::reward_model` puts reward heads (transformers' `*ForSequenceClassification`
+//! `score`, or a GPM head) on the same [`LlamaModel`].
 //!
 //! Every op has a backward pass (our RMSNorm and softmax, see `crate::nn`), so every parameter
 //! receives a gradient; candle-transformers' versions cut gradients at their fused norms.
@@ -574,44 +575,6 @@ impl LlamaForCausalLM {
     }
 }
 
-/// A sequence classifier / reward model: [`LlamaModel`] and `score.weight` `[num_labels, hidden]`
-/// (no bias), read at the last non-padding token of each row.
-#[derive(Debug, Clone)]
-pub struct LlamaForSequenceClassification {
-    model: LlamaModel,
-    score: Linear,
-}
-
-impl LlamaForSequenceClassification {
-    /// Builds the model from `vb` (checkpoint names `model.*`, `score.weight`).
-    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(LlamaForSequenceClassification {
-            model: LlamaModel::new(cfg, vb.pp("model"))?,
-            score: Linear::new(cfg.hidden_size, cfg.num_labels(), false, vb.pp("score"))?,
-        })
-    }
-
-    /// Loads a transformers folder; the builder is returned for its trainable `Var`s.
-    pub fn from_pretrained(dir: &Path, opts: &crate::weights::LoadOptions) -> Result<(Self, VarBuilder)> {
-        let (cfg, vb) = open(dir, opts)?;
-        let m = Self::new(&cfg, vb.clone())?;
-        crate::weights::check_all_used(&vb, |n| n.ends_with("rotary_emb.inv_freq"))?;
-        Ok((m, vb))
-    }
-
-    /// The decoder stack.
-    pub fn model(&self) -> &LlamaModel {
-        &self.model
-    }
-
-    /// Scores `[B, num_labels]` at each row's last attended token.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let h = self.model.forward(input_ids, Some(attention_mask))?;
-        let last = last_token_states(&h, attention_mask)?;
-        self.score.forward(&last)
-    }
-}
-
 /// The index of each row's last position with `mask` 1, `[B]`; an error for an empty row.
 pub fn last_positions(mask: &Tensor) -> Result<Vec<usize>> {
     let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -623,11 +586,6 @@ pub fn last_positions(mask: &Tensor) -> Result<Vec<usize>> {
                 .ok_or_else(|| Error::input("attention_mask", format!("row {i} has no token")))
         })
         .collect()
-}
-
-/// The hidden state `[B, hidden]` at each row's last attended position.
-pub fn last_token_states(h: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-    gather_positions(h, &last_positions(attention_mask)?)
 }
 
 /// Rows `h[b, pos[b]]` of `h` `[B, T, D]`, differentiably.
