@@ -2,7 +2,7 @@
 LlamaForCausalLM forward on a random batch, the summed completion log-probabilities of each row
 (log_softmax(logits[t-1])[token t] over the completion tokens, which are the second half of every
 row; no padding), and `.backward()` of their sum to every weight. Random weights, float32, CPU, one
-warm-up, median of N. Not run by CI.
+warm-up, median of N. Not run by CI. BENCH_DEVICE=cuda runs it on the GPU (see bench_common.py).
 
     /path/to/venv/bin/python benches/pytorch_lm.py [CONFIG_JSON|-] [REPEATS] [THREADS] [--batch B] [--seq T]
 
@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench_common import DEVICE, median_secs, peak_gpu_gib, setup
 
 DEFAULTS = dict(
     vocab_size=32000,
@@ -36,16 +36,6 @@ DEFAULTS = dict(
 )
 
 
-def median_secs(repeats, f):
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", nargs="?", default="-", help="transformers Llama config.json, or - for the defaults")
@@ -58,6 +48,7 @@ def main():
         ap.error("REPEATS must be at least 1")
 
     torch.set_num_threads(args.threads)
+    setup()
     torch.manual_seed(0)
     if args.config == "-":
         config = LlamaConfig(**DEFAULTS)
@@ -109,6 +100,8 @@ def main():
                 "threads": torch.get_num_threads(),
                 "median_ms": secs * 1000.0,
                 "peak_rss_mb": rss_mb,
+                "device": DEVICE,
+                "peak_gpu_gib": peak_gpu_gib(),
             }
         )
     )

@@ -2,33 +2,26 @@
 (random weights, batch 2, one warm-up, median of N), so both can be run in one session on the
 same machine. Not run by CI.
 
-    /path/to/venv/bin/python benches/pytorch_unet.py ../shared/bench/unet-mid/config.json
+    /path/to/venv/bin/python benches/pytorch_unet.py ../shared/bench/unet-mid/config.json [REPEATS]
+
+BENCH_DEVICE=cuda runs it on the GPU (f32, TF32 off, as candle computes; each run synchronised).
 """
 
 import json
 import resource
-import statistics
 import sys
-import time
 
 import torch
 from diffusers import UNet2DConditionModel
 
-
-def median_secs(repeats, f):
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from bench_common import DEVICE, median_secs, peak_gpu_gib, setup
 
 
 def main():
     config_path = sys.argv[1]
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     torch.set_num_threads(2)
+    setup()
     torch.manual_seed(0)
     with open(config_path) as f:
         config = json.load(f)
@@ -75,9 +68,11 @@ def main():
 
     for name, f in [("unet_forward", forward), ("unet_forward_backward", forward_backward), ("dpo_step", dpo_step)]:
         secs = median_secs(repeats, f)
-        print(json.dumps({"bench": name, "shape": shape, "median_s": secs, "threads": torch.get_num_threads(), "impl": f"pytorch {torch.__version__}"}))
+        print(json.dumps({"bench": name, "shape": shape, "median_s": secs, "threads": torch.get_num_threads(), "impl": f"pytorch {torch.__version__}", "device": DEVICE}))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"bench": "peak_rss", "bytes": rss, "gib": rss / (1 << 30), "impl": "pytorch"}))
+    if peak_gpu_gib() is not None:
+        print(json.dumps({"bench": "peak_gpu_memory", "gib": peak_gpu_gib(), "impl": "pytorch"}))
 
 
 if __name__ == "__main__":

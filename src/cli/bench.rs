@@ -58,18 +58,24 @@ pub struct BenchArgs {
     /// Recompute activations block by block in backward passes (suites dpo-step and reno).
     #[arg(long)]
     recompute: bool,
+    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Timed repetitions (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
 }
 
-/// Median wall time in seconds of `repeats` runs of `f`, after one warm-up run.
-fn median_secs(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+/// Median wall time in seconds of `repeats` runs of `f` on `dev` (waiting for the device to
+/// finish each run), after one warm-up run.
+fn median_secs(dev: &Device, repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     f()?;
+    dev.synchronize()?;
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {
         let t = Instant::now();
         f()?;
+        dev.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -108,7 +114,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
     let cfg = UNet2DConditionConfig::from_file(&args.config)?;
-    let dev = Device::Cpu;
+    let dev = diffalign::device::parse_device(&args.device)?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let unet = UNet2DConditionModel::new(&cfg, &args.config, vb.clone()).context("building the UNet")?;
     let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();
@@ -128,12 +134,12 @@ fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
 
     // Forward only: no graph is kept, as in a no-grad PyTorch forward.
     let frozen = frozen_unet(&cfg, args)?;
-    let fwd = median_secs(args.repeats, || {
+    let fwd = median_secs(&dev, args.repeats, || {
         frozen.forward(&x, &t, &ctx, None)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
     report("unet_forward", &shape, fwd, threads);
-    let step = median_secs(args.repeats, || {
+    let step = median_secs(&dev, args.repeats, || {
         let y = unet.forward(&x, &t, &ctx, None)?;
         let loss = (y - &target)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
@@ -151,7 +157,7 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::schedulers::{NoiseSchedule, SchedulerConfig};
 
     let cfg = UNet2DConditionConfig::from_file(&args.config)?;
-    let dev = Device::Cpu;
+    let dev = diffalign::device::parse_device(&args.device)?;
     let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
     let policy = UNet2DConditionModel::new(&cfg, &args.config, policy_vb.clone())?;
     let reference = frozen_unet(&cfg, args)?;
@@ -197,7 +203,7 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
         args.text_len,
         policy.cross_attention_dim()
     );
-    let secs = median_secs(args.repeats, || {
+    let secs = median_secs(&dev, args.repeats, || {
         let out = eval.loss(&batch, &cond)?;
         std::hint::black_box(out.loss.loss.backward()?);
         Ok(())
@@ -217,7 +223,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
 
     let vae_path = args.vae_config.as_ref().context("--suite reno needs --vae-config")?;
     let clip_path = args.clip_config.as_ref().context("--suite reno needs --clip-config")?;
-    let dev = Device::Cpu;
+    let dev = diffalign::device::parse_device(&args.device)?;
     let unet = frozen_unet(&UNet2DConditionConfig::from_file(&args.config)?, args)?;
     let vae_cfg = AutoencoderKLConfig::from_file(vae_path)?;
     let vae = AutoencoderKL::new(&vae_cfg, vae_path, VarBuilder::random(1, DType::F32, &dev, false))?;
@@ -249,7 +255,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
         clip_cfg.image_size,
         args.recompute
     );
-    let secs = median_secs(args.repeats, || {
+    let secs = median_secs(&dev, args.repeats, || {
         let var = candle_core::Var::from_tensor(&z)?;
         let mut sched = EulerDiscreteScheduler::new(&schedule, schedule.one_step_sigmas(999.0)?);
         let latents = (var.as_tensor() * sched.init_noise_sigma())?;
@@ -278,7 +284,7 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::lm::completion_logps;
     use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
     let cfg = LlamaConfig::from_file(&args.config)?;
-    let dev = Device::Cpu;
+    let dev = diffalign::device::parse_device(&args.device)?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let lm = LlamaForCausalLM::new(&cfg, vb.clone()).context("building the LM")?;
     let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();
@@ -297,7 +303,7 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
     let seq = Sequences::from_rows(&rows, 0, &dev)?;
     let vars: Vec<candle_core::Tensor> = vb.vars().iter().map(|(_, v)| v.as_tensor().clone()).collect();
     let threads = candle_core::utils::get_num_threads();
-    let secs = median_secs(args.repeats, || {
+    let secs = median_secs(&dev, args.repeats, || {
         let (logp, _) = completion_logps(&lm, &seq)?;
         let grads = logp.sum_all()?.backward()?;
         anyhow::ensure!(vars.iter().all(|v| grads.get(v).is_some()), "a weight got no gradient");
@@ -311,7 +317,7 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// The same architecture with constant (non-`Var`) weights, so the forward records no graph.
 fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs) -> anyhow::Result<UNet2DConditionModel> {
-    let vb = VarBuilder::random(0, DType::F32, &Device::Cpu, false);
+    let vb = VarBuilder::random(0, DType::F32, &diffalign::device::parse_device(&args.device)?, false);
     Ok(UNet2DConditionModel::new(cfg, &args.config, vb)?)
 }
 
