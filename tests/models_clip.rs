@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, load, own_fixtures, shared_fixtures, MODULE_ATOL};
+use common::{assert_close, device, load, load_on_device, own_fixtures, shared_fixtures, MODULE_ATOL};
 use diffalign::models::clip::{
     is_known_buffer, pooled_positions, ClipPooling, ClipTextArchitecture, ClipTextConfig, ClipTextForwardOptions,
     ClipTextLayout, ClipTextModel, ClipTextOutput,
@@ -18,14 +18,14 @@ use diffalign::rng::Rng;
 use diffalign::weights::{save_safetensors, TensorStore, VarBuilder};
 use diffalign::Error;
 
-/// A text encoder folder: `config.json` + `model.safetensors`.
+/// A text encoder folder: `config.json` + `model.safetensors`, on the test device.
 fn open(dir: &Path, dtype: DType, trainable: bool) -> (ClipTextConfig, VarBuilder) {
     let cfg = ClipTextConfig::from_file(dir.join("config.json")).unwrap();
     let store = TensorStore::open_file(&dir.join("model.safetensors")).unwrap();
     let vb = if trainable {
-        VarBuilder::trainable_from_store(store, dtype, &Device::Cpu)
+        VarBuilder::trainable_from_store(store, dtype, &device())
     } else {
-        VarBuilder::from_store(store, dtype, &Device::Cpu)
+        VarBuilder::from_store(store, dtype, &device())
     };
     (cfg, vb)
 }
@@ -43,7 +43,7 @@ fn check_shared(case: &str, act: Activation) {
     let dir = shared_fixtures().join(case);
     let model = load_model(&dir.join("text_encoder"));
     assert_eq!(model.config().hidden_act, act);
-    let r = load(&dir.join("reference.safetensors"));
+    let r = load_on_device(&dir.join("reference.safetensors"));
     let out = model.forward(&r["text.input_ids"]).unwrap();
     assert_close(
         &format!("{case} last_hidden_state"),
@@ -81,7 +81,7 @@ fn clip_text_turbo_matches_transformers() {
 fn check_own(case: &str) -> ClipTextOutput {
     let dir = own_case(case);
     let model = load_model(&dir);
-    let e = load(&dir.join("expected.safetensors"));
+    let e = load_on_device(&dir.join("expected.safetensors"));
     let opts = ClipTextForwardOptions {
         output_hidden_states: true,
     };
@@ -194,7 +194,12 @@ impl Probe {
         }
         let weights = shapes
             .into_iter()
-            .map(|s| rng.randn(s, &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+            .map(|s| {
+                rng.randn(s, out.last_hidden_state.device())
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            })
             .collect();
         Probe { weights }
     }
@@ -256,13 +261,13 @@ fn check_every_var_gets_gradient(dir: &Path, ids: &Tensor) {
 #[test]
 fn clip_text_grad_reaches_every_weight_with_projection() {
     let dir = own_case("with_projection_legacy_eos");
-    let ids = load(&dir.join("expected.safetensors"))["input_ids"].clone();
+    let ids = load_on_device(&dir.join("expected.safetensors"))["input_ids"].clone();
     check_every_var_gets_gradient(&dir, &ids);
 }
 
 #[test]
 fn clip_text_grad_reaches_every_weight_sd15() {
-    let ids = load(&shared_fixtures().join("sd15/reference.safetensors"))["text.input_ids"].clone();
+    let ids = load_on_device(&shared_fixtures().join("sd15/reference.safetensors"))["text.input_ids"].clone();
     check_every_var_gets_gradient(&shared_fixtures().join("sd15/text_encoder"), &ids);
 }
 
@@ -278,7 +283,7 @@ fn set_entry(var: &Var, index: usize, value: f64) {
 fn clip_text_grad_matches_finite_differences_f64() {
     let dir = own_case("with_projection_legacy_eos");
     // A short prefix of the fixture's ids keeps the loss small (less rounding noise).
-    let ids = load(&dir.join("expected.safetensors"))["input_ids"]
+    let ids = load_on_device(&dir.join("expected.safetensors"))["input_ids"]
         .narrow(1, 0, 16)
         .unwrap();
     let (cfg, vb) = open(&dir, DType::F64, true);
@@ -496,7 +501,7 @@ fn clip_text_config_reads_clip_model_text_config() {
     assert_eq!(cfg.hidden_act, Activation::Gelu);
     // The text half reads every text tensor; the rest belongs to the vision half.
     let store = TensorStore::open_file(&dir.join("model.safetensors")).unwrap();
-    let vb = VarBuilder::from_store(store, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_store(store, DType::F32, &device());
     let model = ClipTextModel::new(&cfg, ClipTextLayout::Prefixed, vb.clone()).unwrap();
     let unused = vb.store().unwrap().unused();
     assert!(
@@ -505,7 +510,7 @@ fn clip_text_config_reads_clip_model_text_config() {
             .all(|n| n.starts_with("vision_model.") || n == "logit_scale" || n == "visual_projection.weight"),
         "{unused:?}"
     );
-    let ids = Tensor::new(&[[49406u32, 320, 736, 49407, 49407]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[49406u32, 320, 736, 49407, 49407]], &device()).unwrap();
     let out = model.forward(&ids).unwrap();
     assert_eq!(out.text_embeds.unwrap().dims(), &[1, 16]);
 
@@ -523,11 +528,11 @@ fn clip_text_config_reads_clip_model_text_config() {
 fn clip_text_rejects_bad_input_ids() {
     let model = load_model(&own_case("quick_gelu_prefixed"));
     let cases = [
-        Tensor::new(&[[998i64, 1000, 999]], &Device::Cpu).unwrap(),
-        Tensor::new(&[[998i64, -1, 999]], &Device::Cpu).unwrap(),
-        Tensor::new(&[998u32, 3, 999], &Device::Cpu).unwrap(),
-        Tensor::zeros((1, 78), DType::U32, &Device::Cpu).unwrap(),
-        Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::new(&[[998i64, 1000, 999]], &device()).unwrap(),
+        Tensor::new(&[[998i64, -1, 999]], &device()).unwrap(),
+        Tensor::new(&[998u32, 3, 999], &device()).unwrap(),
+        Tensor::zeros((1, 78), DType::U32, &device()).unwrap(),
+        Tensor::zeros((1, 3), DType::F32, &device()).unwrap(),
     ];
     for ids in cases {
         match model.forward(&ids) {

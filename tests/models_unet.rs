@@ -2,14 +2,14 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use common::*;
 use diffalign::models::unet::{AddedCond, UNet2DConditionModel};
 use diffalign::weights::LoadOptions;
 
 fn check_unet_fixture(dir: &std::path::Path) {
-    let (unet, _) = UNet2DConditionModel::from_pretrained(&dir.join("unet"), &LoadOptions::default()).unwrap();
-    let r = load(&dir.join("reference.safetensors"));
+    let (unet, _) = UNet2DConditionModel::from_pretrained(&dir.join("unet"), &load_options()).unwrap();
+    let r = load_on_device(&dir.join("reference.safetensors"));
     let added = r.get("unet.time_ids").map(|ids| AddedCond {
         text_embeds: r["unet.text_embeds"].clone(),
         time_ids: ids.clone(),
@@ -56,10 +56,10 @@ fn unet_sdxl_every_parameter_gets_a_gradient() {
     let dir = own_fixtures().join("sdxl/unet");
     let opts = LoadOptions {
         trainable: true,
-        ..Default::default()
+        ..load_options()
     };
     let (unet, vb) = UNet2DConditionModel::from_pretrained(&dir, &opts).unwrap();
-    let r = load(&own_fixtures().join("sdxl/reference.safetensors"));
+    let r = load_on_device(&own_fixtures().join("sdxl/reference.safetensors"));
     let added = AddedCond {
         text_embeds: r["unet.text_embeds"].clone(),
         time_ids: r["unet.time_ids"].clone(),
@@ -91,10 +91,10 @@ fn check_all_gradients(h: usize, w: usize) {
     let dir = shared_fixtures().join("sd15/unet");
     let opts = LoadOptions {
         trainable: true,
-        ..Default::default()
+        ..load_options()
     };
     let (unet, vb) = UNet2DConditionModel::from_pretrained(&dir, &opts).unwrap();
-    let dev = Device::Cpu;
+    let dev = device();
     let mut rng = diffalign::rng::Rng::new(3);
     let x = rng.randn((2, 4, h, w), &dev).unwrap();
     let ctx = rng.randn((2, 5, 32), &dev).unwrap();

@@ -8,8 +8,8 @@ use diffalign::weights::LoadOptions;
 
 fn check_vae_fixture(dir: &std::path::Path) {
     let case = dir.display();
-    let (vae, _) = AutoencoderKL::from_pretrained(&dir.join("vae"), &LoadOptions::default()).unwrap();
-    let r = load(&dir.join("reference.safetensors"));
+    let (vae, _) = AutoencoderKL::from_pretrained(&dir.join("vae"), &load_options()).unwrap();
+    let r = load_on_device(&dir.join("reference.safetensors"));
     let decoded = vae.decode(&r["vae.latents"]).unwrap();
     assert_close(&format!("{case} vae.decoded"), &decoded, &r["vae.decoded"], MODULE_ATOL);
     let dist = vae.encode(&r["vae.image"]).unwrap();
@@ -49,10 +49,10 @@ fn vae_decoder_and_encoder_every_parameter_gets_a_gradient() {
     let dir = shared_fixtures().join("sd15/vae");
     let opts = LoadOptions {
         trainable: true,
-        ..Default::default()
+        ..load_options()
     };
     let (vae, vb) = AutoencoderKL::from_pretrained(&dir, &opts).unwrap();
-    let dev = candle_core::Device::Cpu;
+    let dev = device();
     let mut rng = diffalign::rng::Rng::new(11);
     let image = rng.randn((1, 3, 32, 32), &dev).unwrap();
     let dist = vae.encode(&image).unwrap();

@@ -1,7 +1,10 @@
-//! Finite-difference checks of every differentiable op on the model paths (f64, CPU): the
-//! autograd gradient of each parameter and of the input must match central differences.
+//! Finite-difference checks of every differentiable op on the model paths (f64, on the test
+//! device: the CPU unless `DIFFALIGN_TEST_DEVICE` says otherwise): the autograd gradient of each
+//! parameter and of the input must match central differences.
 
-use candle_core::{DType, Device, Tensor, Var};
+mod common;
+
+use candle_core::{DType, Tensor, Var};
 use diffalign::models::attention::Attention;
 use diffalign::models::resnet::{Downsample2D, ResnetBlock2D, ResnetOptions, Upsample2D};
 use diffalign::nn::conv::Conv2dConfig;
@@ -13,13 +16,16 @@ const H: f64 = 1e-6;
 const RTOL: f64 = 1e-5;
 
 fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
-    rng.randn(shape, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
+    rng.randn(shape, &common::device())
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
 }
 
 /// Random, trainable f64 weights; norm scales and biases are perturbed away from 1 and 0 so a
 /// wrong gradient cannot hide behind them.
 fn weights(seed: u64) -> VarBuilder {
-    VarBuilder::random(seed, DType::F64, &Device::Cpu, true)
+    VarBuilder::random(seed, DType::F64, &common::device(), true)
 }
 
 fn perturb_all(vb: &VarBuilder, seed: u64) {
@@ -49,12 +55,12 @@ fn check_var(name: &str, var: &Var, loss: &dyn Fn() -> Tensor, rng: &mut Rng) {
         let eval = |delta: f64| {
             let mut v = base.clone();
             v[i] += delta;
-            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+            var.set(&Tensor::from_vec(v, var.dims(), &common::device()).unwrap())
                 .unwrap();
             loss().to_scalar::<f64>().unwrap()
         };
         let fd = (eval(H) - eval(-H)) / (2.0 * H);
-        var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+        var.set(&Tensor::from_vec(base.clone(), var.dims(), &common::device()).unwrap())
             .unwrap();
         let err = (fd - g[i]).abs() / scale;
         assert!(

@@ -7,7 +7,6 @@ use std::path::Path;
 use common::*;
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::{GenerateRequest, StableDiffusionPipeline};
-use diffalign::weights::LoadOptions;
 
 fn json_list(meta: &std::collections::HashMap<String, String>, key: &str) -> Option<Vec<String>> {
     let v = meta.get(key)?;
@@ -21,13 +20,13 @@ fn json_list(meta: &std::collections::HashMap<String, String>, key: &str) -> Opt
 fn check_pipeline(dir: &Path, prefix: &str, negatives_key: &str) {
     let reference = dir.join("reference.safetensors");
     let meta = metadata(&reference);
-    let r = load(&reference);
+    let r = load_on_device(&reference);
     let pipe = StableDiffusionPipeline::load(
         &PipelineSources {
             root: dir.to_path_buf(),
             ..Default::default()
         },
-        &LoadOptions::default(),
+        &load_options(),
     )
     .unwrap();
     let req = GenerateRequest {
@@ -90,13 +89,13 @@ fn pipeline_sdxl_prompt_conditioning_matches_diffusers() {
     let dir = own_fixtures().join("sdxl");
     let reference = dir.join("reference.safetensors");
     let meta = metadata(&reference);
-    let r = load(&reference);
+    let r = load_on_device(&reference);
     let pipe = StableDiffusionPipeline::load(
         &PipelineSources {
             root: dir.clone(),
             ..Default::default()
         },
-        &LoadOptions::default(),
+        &load_options(),
     )
     .unwrap();
     let prompts = json_list(&meta, "prompts").unwrap();

@@ -15,7 +15,6 @@ use diffalign::preference::{LossType, Objective, PairScores};
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::schedulers::NoiseSchedule;
-use diffalign::weights::LoadOptions;
 
 /// Relative tolerance on losses (beta in the thousands amplifies f32 rounding of the MSEs).
 const LOSS_RTOL: f64 = 1e-3;
@@ -177,7 +176,7 @@ fn loss_sdxl_matches_reference_for_every_method() {
 #[test]
 fn smpo_renoise_inversion_matches_reference() {
     let root = shared_fixtures().join("sd15");
-    let opts = LoadOptions::default();
+    let opts = load_options();
     let pipe = StableDiffusionPipeline::load(
         &PipelineSources {
             root: root.clone(),
@@ -226,7 +225,7 @@ fn diffalign_cli_conditioning(
 /// The loss table against its formulas, computed here independently in f64.
 #[test]
 fn objective_loss_types_match_their_formulas() {
-    let dev = candle_core::Device::Cpu;
+    let dev = device();
     let t = |v: &[f64]| Tensor::new(v, &dev).unwrap();
     let (pw, pl, rw, rl) = (
         [-0.2, -0.5, -0.1],
@@ -239,6 +238,7 @@ fn objective_loss_types_match_their_formulas() {
         policy_l: t(&pl),
         reference: Some((t(&rw), t(&rl))),
         weights: None,
+        lengths: None,
     };
     let (beta, eps) = (2.0, 0.1);
     let ls = |x: f64| x.min(0.0) - (-x.abs()).exp().ln_1p();

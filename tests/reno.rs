@@ -7,15 +7,14 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
-use common::{load, max_abs_diff, metadata, shared_fixtures};
+use candle_core::{DType, Tensor};
+use common::{device, load, load_on_device, load_options, max_abs_diff, metadata, shared_fixtures};
 use diffalign::reno::{
     noise_regularizer, IterationRecord, IterationTensors, Reno, RenoConfig, Sampler, WeightedReward,
 };
 use diffalign::reward::{load_reward, RewardKind};
 use diffalign::sampling::pipeline::{PipelineSources, StableDiffusionPipeline};
 use diffalign::train::optim::Sgd;
-use diffalign::weights::LoadOptions;
 
 /// Relative tolerance on scores and losses (the fixture README's 1e-3 on losses).
 const LOSS_RTOL: f64 = 1e-3;
@@ -30,8 +29,9 @@ fn turbo_dir() -> PathBuf {
     shared_fixtures().join("turbo")
 }
 
+/// The fixture's tensors, on the test device.
 fn expected() -> std::collections::HashMap<String, Tensor> {
-    load(&reno_dir().join("expected.safetensors"))
+    load_on_device(&reno_dir().join("expected.safetensors"))
 }
 
 fn prompt() -> String {
@@ -74,16 +74,11 @@ fn turbo_pipeline() -> StableDiffusionPipeline {
         root: turbo_dir(),
         ..Default::default()
     };
-    StableDiffusionPipeline::load(&sources, &LoadOptions::default()).unwrap()
+    StableDiffusionPipeline::load(&sources, &load_options()).unwrap()
 }
 
 fn pickscore() -> Vec<WeightedReward> {
-    let reward = load_reward(
-        RewardKind::PickScore,
-        &reno_dir().join("reward_clip"),
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let reward = load_reward(RewardKind::PickScore, &reno_dir().join("reward_clip"), &load_options()).unwrap();
     vec![WeightedReward::new(reward, None)]
 }
 
@@ -177,7 +172,7 @@ fn explicit_timestep_999_equals_the_turbo_one_step_schedule() {
 
 #[test]
 fn regulariser_matches_its_formula_in_f64() {
-    let dev = Device::Cpu;
+    let dev = device();
     let values: Vec<f64> = (0..24).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0).collect();
     let z = Tensor::from_vec(values.clone(), (1, 2, 3, 4), &dev).unwrap();
     let got = scalar(&noise_regularizer(&z, 0.01).unwrap());
@@ -190,7 +185,7 @@ fn regulariser_matches_its_formula_in_f64() {
 fn sgd_nesterov_matches_torch_update_rule() {
     // torch.optim.SGD(momentum=0.9, nesterov=True): b1 = g1, p1 = p0 − lr(g1 + m·b1);
     // b2 = m·b1 + g2, p2 = p1 − lr(g2 + m·b2).
-    let dev = Device::Cpu;
+    let dev = device();
     let p0 = Tensor::new(&[1.0f64, -2.0], &dev).unwrap();
     let (g1, g2) = (
         Tensor::new(&[0.5f64, 0.25], &dev).unwrap(),
@@ -254,7 +249,7 @@ fn reno_rejects_bad_settings() {
         .to_string();
     assert!(err.contains("reward"), "{err}");
     let reno = Reno::new(&pipe, &rewards, sampler, RenoConfig::default(), 0).unwrap();
-    let wrong = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let wrong = Tensor::zeros((1, 3, 16, 16), DType::F32, &device()).unwrap();
     let err = reno
         .run(&prompt(), &wrong, &mut |_, _| Ok(()))
         .err()
@@ -273,7 +268,7 @@ fn diffalign() -> Command {
 /// `reno.z0` as `init_noise` in a safetensors file under `dir`.
 fn write_z0(dir: &std::path::Path) -> PathBuf {
     let path = dir.join("z0.safetensors");
-    let z0 = expected()["reno.z0"].clone();
+    let z0 = load(&reno_dir().join("expected.safetensors"))["reno.z0"].clone();
     let tensors = std::collections::HashMap::from([("init_noise".to_string(), z0)]);
     diffalign::weights::store::save_safetensors(&path, &tensors, None).unwrap();
     path
@@ -484,7 +479,7 @@ fn sdxl_turbo_noise_gradient_matches_a_central_difference() {
         root: common::own_fixtures().join("sdxl-turbo"),
         ..Default::default()
     };
-    let pipe = StableDiffusionPipeline::load(&sources, &LoadOptions::default()).unwrap();
+    let pipe = StableDiffusionPipeline::load(&sources, &load_options()).unwrap();
     let rewards = pickscore();
     let reno = Reno::new(
         &pipe,
@@ -495,7 +490,7 @@ fn sdxl_turbo_noise_gradient_matches_a_central_difference() {
     )
     .unwrap();
     let (lh, lw) = (8, 12);
-    let z = diffalign::rng::Rng::new(5).randn((1, 4, lh, lw), &Device::Cpu).unwrap();
+    let z = diffalign::rng::Rng::new(5).randn((1, 4, lh, lw), &device()).unwrap();
     let size = reno.image_size(&z).unwrap();
     let cond = pipe.conditioning(&[prompt()], None, 0.0, size, None).unwrap();
     let eval = reno.evaluate(&cond, &prompt(), &z, true).unwrap();

@@ -9,7 +9,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, assert_every_var_has_gradient, load, metadata, own_fixtures, shared_fixtures};
+use common::{
+    assert_close, assert_every_var_has_gradient, device, load_on_device, load_options, metadata, own_fixtures,
+    shared_fixtures,
+};
 use diffalign::models::clip::clip_model::{ClipModel, OpenClipConfig};
 use diffalign::models::clip::vision_model::{ClipKeyLayout, ClipVisionConfig, ClipVisionModel};
 use diffalign::reward::preprocess::{bicubic_aa_weights, resize_bicubic_aa, resize_shorter_and_center_crop};
@@ -59,7 +62,7 @@ fn assert_scores(what: &str, got: &Tensor, want: &Tensor) {
 }
 
 fn f32_opts() -> LoadOptions {
-    LoadOptions::default()
+    load_options()
 }
 
 fn load_pickscore() -> Box<dyn ImageReward> {
@@ -92,7 +95,7 @@ fn hpsv2_dir() -> tempfile::TempDir {
 
 #[test]
 fn preprocess_resize_matches_torch_interpolate() {
-    let r = load(&own_reward().join("resize.safetensors"));
+    let r = load_on_device(&own_reward().join("resize.safetensors"));
     let mut n = 0;
     for (key, input) in &r {
         let Some(case) = key.strip_prefix("resize.").and_then(|k| k.strip_suffix(".input")) else {
@@ -121,7 +124,7 @@ fn preprocess_resize_matches_torch_interpolate() {
 
 #[test]
 fn preprocess_crop_matches_torchvision_resize_center_crop() {
-    let r = load(&own_reward().join("resize.safetensors"));
+    let r = load_on_device(&own_reward().join("resize.safetensors"));
     let mut n = 0;
     for (key, input) in &r {
         let Some(case) = key.strip_prefix("crop.").and_then(|k| k.strip_suffix(".input")) else {
@@ -158,15 +161,15 @@ fn preprocess_normalises_with_preprocessor_config_and_rejects_non_rgb() {
     assert!((pre.image_mean[0] - 0.48145467042922974).abs() < 1e-12);
     let missing = ClipPreprocess::from_preprocessor_config(Path::new("/nonexistent/preprocessor_config.json"), 32);
     assert_eq!(missing.unwrap(), ClipPreprocess::new(32));
-    let grey = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let grey = Tensor::zeros((1, 3, 32, 32), DType::F32, &device()).unwrap();
     let out = pre.forward(&grey).unwrap();
     let want = -pre.image_mean[2] / pre.image_std[2];
     let got = f64s(&out.narrow(1, 2, 1).unwrap())[0];
     assert!((got - want).abs() < 1e-6, "normalised 0: got {got}, want {want}");
-    let rgba = Tensor::zeros((1, 4, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let rgba = Tensor::zeros((1, 4, 32, 32), DType::F32, &device()).unwrap();
     let err = pre.forward(&rgba).unwrap_err().to_string();
     assert!(err.contains("3 channels"), "{err}");
-    let hwc = Tensor::zeros((32, 32, 3), DType::F32, &Device::Cpu).unwrap();
+    let hwc = Tensor::zeros((32, 32, 3), DType::F32, &device()).unwrap();
     let err = pre.forward(&hwc).unwrap_err().to_string();
     assert!(err.contains("[B, C, H, W]"), "{err}");
 }
@@ -176,7 +179,7 @@ fn preprocess_normalises_with_preprocessor_config_and_rejects_non_rgb() {
 
 #[test]
 fn pickscore_scores_match_shared_fixture() {
-    let e = load(&reno_dir().join("expected.safetensors"));
+    let e = load_on_device(&reno_dir().join("expected.safetensors"));
     let reward = load_pickscore();
     assert_eq!(reward.kind(), RewardKind::PickScore);
     let scores = reward.score(&e["reward.images"], &prompt()).unwrap();
@@ -186,7 +189,7 @@ fn pickscore_scores_match_shared_fixture() {
 
 #[test]
 fn pickscore_input_ids_match_shared_fixture() {
-    let e = load(&reno_dir().join("expected.safetensors"));
+    let e = load_on_device(&reno_dir().join("expected.safetensors"));
     let tok = ClipTokenizer::from_dir(&reward_clip()).unwrap();
     let ids = tok.encode_batch_tensor(&[prompt()], &Device::Cpu).unwrap();
     let want: Vec<i64> = e["reward.input_ids"].flatten_all().unwrap().to_vec1().unwrap();
@@ -216,14 +219,14 @@ fn pickscore_png_scores_match_json() {
 
 #[test]
 fn pickscore_non_square_image_matches_torchvision_pipeline() {
-    let e = load(&own_reward().join("expected.safetensors"));
+    let e = load_on_device(&own_reward().join("expected.safetensors"));
     let scores = load_pickscore().score(&e["pickscore.images"], &prompt()).unwrap();
     assert_scores("pickscore.scores", &scores, &e["pickscore.scores"]);
 }
 
 #[test]
 fn pickscore_reno_iterations_score_and_loss_match_shared_fixture() {
-    let e = load(&reno_dir().join("expected.safetensors"));
+    let e = load_on_device(&reno_dir().join("expected.safetensors"));
     let reward = load_pickscore();
     for i in 0..3 {
         let score = reward.score(&e[&format!("reno.iter{i}.image")], &prompt()).unwrap();
@@ -243,7 +246,7 @@ fn pickscore_reno_iterations_score_and_loss_match_shared_fixture() {
 
 #[test]
 fn clipscore_scores_like_pickscore_with_its_own_loss() {
-    let e = load(&reno_dir().join("expected.safetensors"));
+    let e = load_on_device(&reno_dir().join("expected.safetensors"));
     let reward = load_reward(RewardKind::ClipScore, &reward_clip(), &f32_opts()).unwrap();
     assert_eq!(reward.kind(), RewardKind::ClipScore);
     let s = reward.score(&e["reward.images"], &prompt()).unwrap();
@@ -270,7 +273,7 @@ fn reno_loss_table_matches_reno_defaults() {
             (RewardKind::ImageReward, 2.0, 1.0),
         ]
     );
-    let s = Tensor::new(&[0.25f32, 0.5], &Device::Cpu).unwrap();
+    let s = Tensor::new(&[0.25f32, 0.5], &device()).unwrap();
     assert_eq!(f64s(&RewardKind::Hpsv2.reno_loss().apply(&s).unwrap()), vec![3.75, 2.5]);
 }
 
@@ -293,10 +296,10 @@ fn pickscore_text_embedding_is_computed_once_per_prompt() {
 fn pickscore_image_gradient_matches_finite_differences_f64() {
     let opts = LoadOptions {
         dtype: DType::F64,
-        ..LoadOptions::default()
+        ..load_options()
     };
     let reward = ClipReward::from_clip_model(RewardKind::PickScore, &reward_clip(), &opts).unwrap();
-    let e = load(&reno_dir().join("expected.safetensors"));
+    let e = load_on_device(&reno_dir().join("expected.safetensors"));
     let image = e["reward.images"]
         .narrow(0, 0, 1)
         .unwrap()
@@ -325,7 +328,7 @@ fn pickscore_image_gradient_matches_finite_differences_f64() {
         plus[idx] += eps;
         let mut minus = flat.clone();
         minus[idx] -= eps;
-        let t = |v: Vec<f64>| Tensor::from_vec(v, (1, 3, 64, 64), &Device::Cpu).unwrap();
+        let t = |v: Vec<f64>| Tensor::from_vec(v, (1, 3, 64, 64), &device()).unwrap();
         let fd = (score(&t(plus)) - score(&t(minus))) / (2.0 * eps);
         let tol = 1e-6 * (1.0 + fd.abs());
         assert!(
@@ -340,13 +343,13 @@ fn pickscore_image_gradient_matches_finite_differences_f64() {
 fn clip_vision_every_parameter_gets_gradient_through_preprocessing() {
     let cfg = ClipVisionConfig::from_file(reward_clip().join("config.json")).unwrap();
     let store = TensorStore::open_file(&reward_clip().join("model.safetensors")).unwrap();
-    let vb = VarBuilder::trainable_from_store(store, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::trainable_from_store(store, DType::F32, &device());
     let model = ClipVisionModel::new(&cfg, ClipKeyLayout::Transformers, vb.clone()).unwrap();
     assert!(vb
         .vars()
         .iter()
         .all(|(n, _)| n.starts_with("vision_model.") || n == "visual_projection.weight"));
-    let e = load(&reno_dir().join("expected.safetensors"));
+    let e = load_on_device(&reno_dir().join("expected.safetensors"));
     let pixels = ClipPreprocess::new(cfg.image_size)
         .forward(&e["reward.images"])
         .unwrap();
@@ -360,7 +363,7 @@ fn clip_vision_every_parameter_gets_gradient_through_preprocessing() {
 #[test]
 fn hpsv2_tiny_open_clip_matches_open_clip() {
     let dir = hpsv2_dir();
-    let e = load(&own_reward().join("expected.safetensors"));
+    let e = load_on_device(&own_reward().join("expected.safetensors"));
     let reward = ClipReward::from_open_clip(dir.path(), &f32_opts()).unwrap();
     assert_eq!(reward.kind(), RewardKind::Hpsv2);
     // preprocess_cfg of open_clip_config.json replaces CLIP's constants.
@@ -376,10 +379,7 @@ fn hpsv2_tiny_open_clip_matches_open_clip() {
         1e-5,
     );
     // Our tokenizer pads with the end-of-text id, open_clip with 0: the same features.
-    let ids = reward
-        .tokenizer()
-        .encode_batch_tensor(&[prompt()], &Device::Cpu)
-        .unwrap();
+    let ids = reward.tokenizer().encode_batch_tensor(&[prompt()], &device()).unwrap();
     let text = model.get_text_features(&ids).unwrap();
     assert_close("hpsv2 text features (our ids)", &text, &e["hpsv2.text_features"], 1e-5);
 
@@ -403,16 +403,16 @@ fn hpsv2_open_clip_weights_all_get_gradient() {
     let dir = hpsv2_dir();
     let cfg = OpenClipConfig::from_file(dir.path().join("open_clip_config.json")).unwrap();
     let store = TensorStore::open_file(&dir.path().join("open_clip_model.safetensors")).unwrap();
-    let vb = VarBuilder::trainable_from_store(store, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::trainable_from_store(store, DType::F32, &device());
     let model = ClipVisionModel::new(&cfg.vision_config(), ClipKeyLayout::OpenClip, vb.clone()).unwrap();
-    let e = load(&own_reward().join("expected.safetensors"));
+    let e = load_on_device(&own_reward().join("expected.safetensors"));
     let pixels = ClipPreprocess::new(32).forward(&e["hpsv2.images"]).unwrap();
     assert_every_var_has_gradient(&model.forward(&pixels).unwrap().image_embeds, &vb);
 }
 
 #[test]
 fn aesthetic_tiny_predictor_matches_reference() {
-    let e = load(&own_reward().join("expected.safetensors"));
+    let e = load_on_device(&own_reward().join("expected.safetensors"));
     let dir = own_reward().join("aesthetic");
     let reward = load_reward(RewardKind::Aesthetic, &dir, &f32_opts()).unwrap();
     assert_eq!(reward.kind(), RewardKind::Aesthetic);
@@ -465,7 +465,7 @@ fn aesthetic_uses_only_the_image_tower_of_a_clip_model() {
 fn clip_model_loads_every_tensor_of_the_shared_checkpoint() {
     let (model, vb) = ClipModel::from_pretrained(&reward_clip(), &f32_opts()).unwrap();
     assert!(vb.store().unwrap().unused().is_empty());
-    let e = load(&reno_dir().join("expected.safetensors"));
+    let e = load_on_device(&reno_dir().join("expected.safetensors"));
     let text = model.get_text_features(&e["reward.input_ids"]).unwrap();
     assert_eq!(text.dims(), &[1, 16]);
 }
@@ -539,7 +539,7 @@ fn load_reward_errors_name_what_is_missing() {
 #[test]
 fn clip_vision_rejects_wrong_image_size() {
     let (vision, _) = ClipVisionModel::from_pretrained(&reward_clip(), &f32_opts()).unwrap();
-    let x = Tensor::zeros((1, 3, 30, 30), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((1, 3, 30, 30), DType::F32, &device()).unwrap();
     let err = vision.forward(&x).unwrap_err().to_string();
     assert!(
         err.contains("pixel_values") && err.contains("image_size 32") && err.contains("[1, 3, 30, 30]"),

@@ -91,7 +91,7 @@ fn add_noise_matches_shared_fixtures_per_sample() {
     for case in ["sd15", "turbo"] {
         let dir = common::shared_fixtures().join(case);
         let cfg = SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json")).unwrap();
-        let r = common::load(&dir.join("reference.safetensors"));
+        let r = common::load_on_device(&dir.join("reference.safetensors"));
         let schedule = NoiseSchedule::from_config(&cfg).unwrap();
         let (x0, noise, t) = (
             &r["sched.add_noise.x0"],
@@ -173,7 +173,7 @@ impl Expected {
             .map(|(i, c)| SchedulerConfig::from_json(&c.to_string(), format!("configs[{i}]")).unwrap())
             .collect();
         Expected {
-            tensors: common::load(&path),
+            tensors: common::load_on_device(&path),
             cases,
             configs,
         }
@@ -415,11 +415,10 @@ fn training_target_follows_prediction_type() {
 #[test]
 fn add_noise_scalar_timestep_and_dtype() {
     let s = NoiseSchedule::from_config(&sd_config()).unwrap();
-    let x0 = Tensor::ones((2, 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let dev = common::device();
+    let x0 = Tensor::ones((2, 1, 2, 2), DType::F32, &dev).unwrap();
     let noise = x0.zeros_like().unwrap();
-    let out = s
-        .add_noise(&x0, &noise, &Tensor::new(500u32, &Device::Cpu).unwrap())
-        .unwrap();
+    let out = s.add_noise(&x0, &noise, &Tensor::new(500u32, &dev).unwrap()).unwrap();
     let want = (s.alphas_cumprod()[500] as f32).sqrt();
     assert!(out
         .flatten_all()
@@ -432,7 +431,7 @@ fn add_noise_scalar_timestep_and_dtype() {
         .add_noise(
             &x0.to_dtype(DType::BF16).unwrap(),
             &noise.to_dtype(DType::BF16).unwrap(),
-            &Tensor::new(&[0i64, 999], &Device::Cpu).unwrap(),
+            &Tensor::new(&[0i64, 999], &dev).unwrap(),
         )
         .unwrap();
     assert_eq!(half.dtype(), DType::BF16);
@@ -665,7 +664,7 @@ fn perfect_output(pred: PredictionType, x: &Tensor, x0: &Tensor, sa: f64, sb: f6
 
 #[test]
 fn every_sampler_meets_the_contract() {
-    let dev = Device::Cpu;
+    let dev = common::device();
     let mut rng = Rng::new(42);
     let x0 = rng.randn((2, 4, 4, 4), &dev).unwrap().affine(0.5, 0.0).unwrap();
     let eps = rng.randn((2, 4, 4, 4), &dev).unwrap();
@@ -748,7 +747,7 @@ fn every_sampler_meets_the_contract() {
 
 #[test]
 fn ddim_inverse_meets_the_contract() {
-    let dev = Device::Cpu;
+    let dev = common::device();
     let mut rng = Rng::new(7);
     let x0 = rng.randn((1, 4, 4, 4), &dev).unwrap();
     let eps = rng.randn((1, 4, 4, 4), &dev).unwrap();
@@ -822,7 +821,7 @@ fn trailing_timesteps_have_exactly_n_values_for_every_n() {
 fn ancestral_noise_comes_from_the_seeded_rng() {
     let cfg =
         SchedulerConfig::from_file(common::shared_fixtures().join("turbo/scheduler/scheduler_config.json")).unwrap();
-    let x = Tensor::ones((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::ones((1, 4, 4, 4), DType::F32, &common::device()).unwrap();
     let run = |seed: u64| {
         let mut s = cfg.build(Some(SchedulerKind::EulerAncestralDiscrete), 4).unwrap();
         s.step(&x.zeros_like().unwrap(), 0, &x, &mut Rng::new(seed)).unwrap()
@@ -839,7 +838,7 @@ fn ancestral_noise_comes_from_the_seeded_rng() {
 #[test]
 fn steps_keep_half_precision_dtypes() {
     let cfg = sd_config();
-    let x = Tensor::ones((1, 4, 2, 2), DType::F16, &Device::Cpu).unwrap();
+    let x = Tensor::ones((1, 4, 2, 2), DType::F16, &common::device()).unwrap();
     for kind in SchedulerKind::ALL {
         let mut s = cfg.build(Some(kind), 4).unwrap();
         let input = s.scale_model_input(&x, 0).unwrap();

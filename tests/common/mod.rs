@@ -20,9 +20,36 @@ pub fn own_fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The device the model-stack tests compute on: `DIFFALIGN_TEST_DEVICE` as `--device` takes it
+/// (`cpu`, the default, or `cuda` / `cuda:N` in a build with the `cuda` feature). One device per
+/// test binary: candle refuses to mix tensors of two `Device::new_cuda` calls.
+pub fn device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let name = std::env::var("DIFFALIGN_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+            diffalign::device::parse_device(&name)
+                .unwrap_or_else(|e| panic!("DIFFALIGN_TEST_DEVICE={name:?}: cannot create the device: {e}"))
+        })
+        .clone()
+}
+
+/// Default [`LoadOptions`](diffalign::weights::LoadOptions) with the weights on [`device()`].
+pub fn load_options() -> diffalign::weights::LoadOptions {
+    diffalign::weights::LoadOptions {
+        device: device(),
+        ..Default::default()
+    }
+}
+
 /// Loads every tensor of a safetensors file onto the CPU.
 pub fn load(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Loads every tensor of a safetensors file onto [`device()`] (model inputs).
+pub fn load_on_device(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &device()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The `__metadata__` map of a safetensors file.
@@ -32,11 +59,12 @@ pub fn metadata(path: &std::path::Path) -> std::collections::HashMap<String, Str
     meta.metadata().clone().unwrap_or_default()
 }
 
-/// Largest absolute difference between two tensors of the same shape (as f32).
+/// Largest absolute difference between two tensors of the same shape (as f32, on the CPU, so
+/// either may live on [`device()`]).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
+    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
     (a - b)
         .unwrap()
         .abs()
