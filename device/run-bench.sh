@@ -2,7 +2,7 @@
 # One prepared GPU session: parity of the CUDA build against the CPU on the same machine, then
 # our benchmarks beside PyTorch's on the GPU. Run from the repository root; writes to $OUT.
 set -u
-G=device-bin/gpu
+G=device-bin/gpu # prepared as device/README.md says
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 log() { echo "== $*"; }
