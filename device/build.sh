@@ -2,10 +2,10 @@
 # Rebuilds device-bin/ (the CUDA build of diffalign and its test binaries, for an H100/H200 machine
 # without Rust or network) on a developer machine. Run from the repository root:
 #
-#   bash device-bin/build.sh          # build, collect, strip, pack
+#   bash device/build.sh          # build, collect, strip, pack
 #   SKIP_BUILD=1 bash device-bin/build.sh   # collect from an earlier build only
 #
-# Needs /work/cuda-venv with CUDA 13.0 from pip (see BUILD.md) and the `cuda` feature in Cargo.toml.
+# Needs /work/cuda-venv with CUDA 13.0 from pip (see device/README.md) and the `cuda` feature in Cargo.toml.
 set -euo pipefail
 ROOT=$(pwd)
 BIN="$ROOT/device-bin"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs diffalign's CUDA build (made elsewhere, see BUILD.md beside this script) on a GPU machine
+# Runs diffalign's CUDA build (made by device/build.sh, see device/README.md) on a GPU machine
 # that has no Rust toolchain and no network. Run it from the repository root:
 #
-#   bash device-bin/run-device.sh
+#   bash device/run-tests.sh
 #
 # What it does, in about 6 minutes at most:
 #   1. nvidia-smi;
