@@ -27,7 +27,7 @@ use crate::{Error, Result};
 pub const METHODS: [&str; 4] = ["dpo", "dcpo", "mapo", "smpo"];
 
 /// How much the demo does.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct DemoConfig {
     /// Pairs sampled per training prompt.
     pub pairs_per_prompt: usize,
@@ -51,6 +51,10 @@ pub struct DemoConfig {
     pub reno_iters: usize,
     /// Temperature of the Bradley-Terry labelling noise.
     pub temperature: f64,
+    /// Per-method beta overrides (by method name); the defaults are in [`method_recipe`].
+    pub betas: std::collections::BTreeMap<String, f64>,
+    /// Where the models run.
+    pub device: Device,
 }
 
 impl DemoConfig {
@@ -68,6 +72,8 @@ impl DemoConfig {
             guidance: 3.0,
             reno_iters: 8,
             temperature: 0.05,
+            betas: Default::default(),
+            device: Device::Cpu,
         }
     }
 
@@ -121,8 +127,12 @@ impl Generator {
             root: dir.to_path_buf(),
             ..Default::default()
         };
+        let opts = LoadOptions {
+            device: cfg.device.clone(),
+            ..Default::default()
+        };
         Ok(Generator {
-            pipe: StableDiffusionPipeline::load(&sources, &LoadOptions::default())?,
+            pipe: StableDiffusionPipeline::load(&sources, &opts)?,
             steps: cfg.steps,
             guidance: cfg.guidance,
         })
@@ -131,7 +141,10 @@ impl Generator {
     /// The noise of `seed`.
     pub fn noise(&self, seed: u64) -> Result<Tensor> {
         let (h, w) = self.latent_size();
-        Rng::new(seed).randn((1, self.pipe.unet.in_channels(), h, w), &Device::Cpu)
+        // Drawn on the CPU whatever the device, so that a seed gives the same noise everywhere.
+        Ok(Rng::new(seed)
+            .randn((1, self.pipe.unet.in_channels(), h, w), &Device::Cpu)?
+            .to_device(self.pipe.device())?)
     }
 
     /// The latent size of the model's images.
@@ -233,11 +246,11 @@ pub fn sample_pairs(
 
 /// The recipe that aligns the pipeline at `model` with `method` on `pairs`, into `out`.
 pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: &DemoConfig) -> String {
-    let beta = match method {
+    let beta = cfg.betas.get(method).copied().unwrap_or(match method {
         "mapo" => 0.1,
         "smpo" => 50.0,
         _ => 500.0,
-    };
+    });
     format!(
         r#"[model]
 path = "{model}"

@@ -39,6 +39,38 @@ pub struct DemoArgs {
     /// A short pass through every phase (under three minutes on two cores).
     #[arg(long)]
     quick: bool,
+    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Optimizer steps per method (default: 120, quick 3).
+    #[arg(long)]
+    train_steps: Option<usize>,
+    /// Learning rate of the aligned UNet (default 1e-4).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// A method's beta as METHOD=B, repeatable (defaults: dpo and dcpo 500, mapo 0.1, smpo 50).
+    #[arg(long = "beta", value_parser = parse_beta)]
+    betas: Vec<(String, f64)>,
+    /// Seeds per held-out prompt (default 4, quick 2).
+    #[arg(long)]
+    eval_seeds: Option<u64>,
+    /// ReNO iterations per held-out image (default 8, quick 2).
+    #[arg(long)]
+    reno_iters: Option<usize>,
+}
+
+fn parse_beta(s: &str) -> Result<(String, f64), String> {
+    let (m, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected METHOD=BETA, got {s:?}"))?;
+    if !METHODS.contains(&m) {
+        return Err(format!("unknown method {m:?}; expected one of {}", METHODS.join(", ")));
+    }
+    let b: f64 = b.parse().map_err(|_| format!("{m}: not a number: {b:?}"))?;
+    if !(b.is_finite() && b > 0.0) {
+        return Err(format!("{m}: beta must be positive, got {b}"));
+    }
+    Ok((m.to_string(), b))
 }
 
 fn bar(phase: &str, len: usize) -> ProgressBar {
@@ -50,17 +82,30 @@ fn hwc(image_nchw: &Tensor) -> anyhow::Result<Tensor> {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let cfg = if args.quick {
+    let mut cfg = if args.quick {
         DemoConfig::quick()
     } else {
         DemoConfig::full()
     };
+    cfg.device = diffalign::device::parse_device(&args.device)?;
+    cfg.train_steps = args.train_steps.unwrap_or(cfg.train_steps);
+    cfg.lr = args.lr.unwrap_or(cfg.lr);
+    cfg.eval_seeds = args.eval_seeds.unwrap_or(cfg.eval_seeds);
+    cfg.reno_iters = args.reno_iters.unwrap_or(cfg.reno_iters);
+    cfg.betas = args.betas.iter().cloned().collect();
+    if cfg.train_steps == 0 || cfg.eval_seeds == 0 || cfg.reno_iters == 0 {
+        anyhow::bail!("--train-steps, --eval-seeds and --reno-iters must be at least 1");
+    }
     let start = std::time::Instant::now();
     let out = &args.out;
     std::fs::create_dir_all(out.join("gallery")).with_context(|| format!("creating {}", out.display()))?;
     let model_dir = diffalign::assets::shapes_model_dir()?;
     let reward_dir = diffalign::assets::shapes_reward_dir()?;
     let gen = Generator::load(&model_dir, &cfg)?;
+    let device_opts = LoadOptions {
+        device: cfg.device.clone(),
+        ..Default::default()
+    };
     let (train, held_out) = split_prompts();
     let train: Vec<_> = train.into_iter().take(cfg.train_prompts).collect();
 
@@ -103,7 +148,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let opts = TrainOptions {
         resume: false,
         max_steps_this_run: None,
-        device: candle_core::Device::Cpu,
+        device: cfg.device.clone(),
         hub_cache: None,
     };
     for method in METHODS {
@@ -125,7 +170,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         })?;
         b.finish();
         curves.push((format!("{method} training loss"), points));
-        let (tuned, _) = UNet2DConditionModel::from_pretrained(&run_dir.join("unet"), &LoadOptions::default())
+        let (tuned, _) = UNet2DConditionModel::from_pretrained(&run_dir.join("unet"), &device_opts)
             .with_context(|| format!("loading the {method} UNet"))?;
         let s = render(method, &tuned, &mut manifest)?;
         results.insert(method.into(), MethodResult::from_scores(&base, &s)?);
@@ -133,7 +178,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     // 4. ReNO with the learned shapes reward, from each held-out case's own noise.
-    let reward = load_reward(RewardKind::ClipScore, &reward_dir, &LoadOptions::default())?;
+    let reward = load_reward(RewardKind::ClipScore, &reward_dir, &device_opts)?;
     let rewards = vec![WeightedReward::new(reward, None)];
     let reno_cfg = RenoConfig {
         iters: cfg.reno_iters,
@@ -184,7 +229,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let metrics = serde_json::json!({
         "methods": results,
         "config": {"quick": args.quick, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
-                   "train_steps": cfg.train_steps, "sampler_steps": cfg.steps, "guidance": cfg.guidance},
+                   "train_steps": cfg.train_steps, "lr": cfg.lr, "betas": cfg.betas, "reno_iters": cfg.reno_iters,
+                   "sampler_steps": cfg.steps, "guidance": cfg.guidance},
         "seconds": start.elapsed().as_secs_f64(),
     });
     write_atomic(&out.join("metrics.json"), &serde_json::to_string_pretty(&metrics)?)?;
