@@ -9,7 +9,7 @@
 //!   [`euler_discrete`], [`euler_ancestral_discrete`].
 //!
 //! A sampling loop reads:
-//! ```ignore
+//! ```text
 //! let mut sched = config.build(None, steps)?;
 //! let mut latents = (init_noise * sched.init_noise_sigma())?;
 //! for i in 0..sched.timesteps().len() {
