@@ -20,14 +20,7 @@ fn lm_dir() -> PathBuf {
     shared_fixtures().join("lm")
 }
 
-fn vec1(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use common::f64s as vec1;
 
 /// Largest |got - want| over the reference's largest magnitude.
 fn rel_err(got: &Tensor, want: &Tensor) -> f64 {

@@ -107,6 +107,27 @@ fn dpo_on_generated_pairs_raises_held_out_reward_accuracy() {
     assert_eq!(lines.lines().count(), 40);
 }
 
+/// `diffalign lm train` of the policy in `policy` on `train`, evaluated on `held`, into `out`,
+/// with `extra` flags; the final JSON report.
+fn lm_train_cli(policy: &Path, train: &Path, held: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (policy, train, held, out) = (s(policy), s(train), s(held), s(out));
+    let mut args = vec![
+        "lm",
+        "train",
+        "--policy",
+        &policy,
+        "--data",
+        &train,
+        "--eval-data",
+        &held,
+        "--out",
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    run_cli(&args)
+}
+
 fn run_cli(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_diffalign"))
         .args(args)
@@ -221,33 +242,28 @@ fn lora_policy_training_through_the_cli() {
     write_pairs(&train, 64, 11);
     write_pairs(&held, 32, 12);
     let out = tmp.path().join("out");
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let report = run_cli(&[
-        "lm",
-        "train",
-        "--policy",
-        &s(&policy),
-        "--data",
-        &s(&train),
-        "--eval-data",
-        &s(&held),
-        "--out",
-        &s(&out),
-        "--loss-type",
-        "sigmoid",
-        "--beta",
-        "0.1",
-        "--steps",
-        "80",
-        "--lr",
-        "1e-2",
-        "--lora-rank",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--lora-targets",
-        "q_proj,v_proj,down_proj,lm_head",
-    ]);
+    let report = lm_train_cli(
+        &policy,
+        &train,
+        &held,
+        &out,
+        &[
+            "--loss-type",
+            "sigmoid",
+            "--beta",
+            "0.1",
+            "--steps",
+            "80",
+            "--lr",
+            "1e-2",
+            "--lora-rank",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-targets",
+            "q_proj,v_proj,down_proj,lm_head",
+        ],
+    );
     let after = report["eval_after"]["reward_accuracy"].as_f64().unwrap();
     assert!(after >= 0.8, "{report}");
     let base = common::load(&policy.join("model.safetensors"));
@@ -338,27 +354,13 @@ fn kto_on_unpaired_examples_through_the_cli() {
     std::fs::write(&train, unpaired).unwrap();
     write_pairs(&held, 32, 22);
     let out = tmp.path().join("out");
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let report = run_cli(&[
-        "lm",
-        "train",
-        "--policy",
-        &s(&policy),
-        "--data",
-        &s(&train),
-        "--eval-data",
-        &s(&held),
-        "--out",
-        &s(&out),
-        "--loss-type",
-        "kto",
-        "--beta",
-        "0.5",
-        "--steps",
-        "40",
-        "--lr",
-        "2e-3",
-    ]);
+    let report = lm_train_cli(
+        &policy,
+        &train,
+        &held,
+        &out,
+        &["--loss-type", "kto", "--beta", "0.5", "--steps", "40", "--lr", "2e-3"],
+    );
     assert_eq!(report["examples"], 96);
     let after = report["eval_after"]["reward_accuracy"].as_f64().unwrap();
     assert!(after >= 0.9, "{report}");

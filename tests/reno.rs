@@ -286,13 +286,7 @@ fn reno_cmd(out: &std::path::Path, z0: &std::path::Path, reward: &str) -> Comman
     cmd
 }
 
-fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use common::read_jsonl as jsonl;
 
 #[test]
 fn reno_cli_writes_iterations_matching_the_fixture() {

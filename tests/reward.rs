@@ -41,14 +41,7 @@ fn prompt() -> String {
     metadata(&reno_dir().join("expected.safetensors"))["prompt"].clone()
 }
 
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use common::f64s;
 
 fn assert_scores(what: &str, got: &Tensor, want: &Tensor) {
     let (g, w) = (f64s(got), f64s(want));

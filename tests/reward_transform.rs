@@ -1,15 +1,11 @@
 //! The log-sigmoid-centred reward transform as ReNO's loss (`reno --reward-ref`), on the embedded
 //! shapes-world model and reward.
 
+mod common;
+
 use std::process::Command;
 
-fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use common::read_jsonl as jsonl;
 
 #[test]
 fn reno_with_a_centred_reward_logs_its_transformed_loss() {

@@ -47,14 +47,7 @@ fn assert_close_rel(what: &str, got: &Tensor, want: &Tensor, rtol: f32) {
     }
 }
 
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
+use common::f64s;
 
 fn f64_tensor(v: &[f64]) -> Tensor {
     Tensor::from_vec(v.to_vec(), v.len(), &Device::Cpu).unwrap()
