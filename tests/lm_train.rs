@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
@@ -21,7 +21,7 @@ use diffalign::weights::{LoadOptions, VarBuilder};
 const VOCAB: usize = 512;
 
 /// A copy of the fixture's tiny Llama with a word-level tokenizer for the generated world.
-fn model_dir(root: &Path, fixture: &str) -> std::path::PathBuf {
+fn model_dir(root: &Path, fixture: &str) -> PathBuf {
     let dir = root.join(fixture);
     std::fs::create_dir_all(&dir).unwrap();
     let src = common::shared_fixtures().join("lm").join(fixture);
@@ -34,6 +34,17 @@ fn model_dir(root: &Path, fixture: &str) -> std::path::PathBuf {
     )
     .unwrap();
     dir
+}
+
+/// A temp folder with the tiny Llama (`policy/`), `n_train` training pairs from `seed` and
+/// `n_held` held-out pairs from `seed + 1`.
+fn world(n_train: usize, n_held: usize, seed: u64) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = model_dir(tmp.path(), "policy");
+    let (train, held) = (tmp.path().join("train.jsonl"), tmp.path().join("held.jsonl"));
+    write_pairs(&train, n_train, seed);
+    write_pairs(&held, n_held, seed + 1);
+    (tmp, policy, train, held)
 }
 
 fn write_pairs(path: &Path, n: usize, seed: u64) {
@@ -57,11 +68,7 @@ fn settings(steps: usize, lr: f64) -> TrainSettings {
 
 #[test]
 fn dpo_on_generated_pairs_raises_held_out_reward_accuracy() {
-    let tmp = tempfile::tempdir().unwrap();
-    let policy = model_dir(tmp.path(), "policy");
-    let (train, held) = (tmp.path().join("train.jsonl"), tmp.path().join("held.jsonl"));
-    write_pairs(&train, 96, 1);
-    write_pairs(&held, 40, 2);
+    let (tmp, policy, train, held) = world(96, 40, 1);
     // Tokenisation: <s>, the prompt words, then the completion words and </s>.
     let train_pairs = load_pairs(&train, &policy, Some(2)).unwrap();
     let p0 = &train_pairs[0].chosen;
@@ -144,11 +151,7 @@ fn run_cli(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn bt_and_gpm_reward_models_train_and_score_on_rewardbench_format() {
-    let tmp = tempfile::tempdir().unwrap();
-    let base = model_dir(tmp.path(), "policy");
-    let (train, held) = (tmp.path().join("train.jsonl"), tmp.path().join("held.jsonl"));
-    write_pairs(&train, 96, 5);
-    write_pairs(&held, 50, 6);
+    let (tmp, base, train, held) = world(96, 50, 5);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     for (head, extra) in [("bt", vec![]), ("gpm", vec!["--prompt-gate", "--value-head-dim", "4"])] {
         let out = tmp.path().join(format!("rm-{head}"));
@@ -236,11 +239,7 @@ fn gpm_fits_a_preference_cycle_that_bt_cannot() {
 /// adapters' `scale * B A`, and the policy learns the held-out preference.
 #[test]
 fn lora_policy_training_through_the_cli() {
-    let tmp = tempfile::tempdir().unwrap();
-    let policy = model_dir(tmp.path(), "policy");
-    let (train, held) = (tmp.path().join("train.jsonl"), tmp.path().join("held.jsonl"));
-    write_pairs(&train, 64, 11);
-    write_pairs(&held, 32, 12);
+    let (tmp, policy, train, held) = world(64, 32, 11);
     let out = tmp.path().join("out");
     let report = lm_train_cli(
         &policy,
