@@ -226,6 +226,12 @@ pub fn train_policy(
             on_step,
         )?,
         PolicyData::Unpaired { examples, kto } => {
+            if s.batch_size < 2 || examples.len() < 2 {
+                return Err(Error::input(
+                    "kto",
+                    "needs at least 2 examples per batch (its KL completions come from the batch's other rows)",
+                ));
+            }
             let reference = reference.as_ref().expect("KTO loads its reference");
             train_loop(
                 vars,
