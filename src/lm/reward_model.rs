@@ -104,11 +104,15 @@ impl RewardModel {
                 Head::Bt(Linear::new(cfg.hidden_size, 1, false, vb.pp("score"))?)
             }
             HeadKind::Gpm => {
-                let dim = gpm_setting(cfg, "value_head_dim").and_then(|v| v.as_u64()).unwrap_or(6) as usize;
-                let gate = gpm_setting(cfg, "add_prompt_head")
+                let dim = cfg.other.get("value_head_dim").and_then(|v| v.as_u64()).unwrap_or(6) as usize;
+                let gate = cfg
+                    .other
+                    .get("add_prompt_head")
                     .and_then(|v| v.as_bool())
                     .unwrap_or_else(|| vb.contains("prompt_head.weight"));
-                let tau = gpm_setting(cfg, "general_preference_tau")
+                let tau = cfg
+                    .other
+                    .get("general_preference_tau")
                     .and_then(|v| v.as_f64())
                     .unwrap_or(0.1);
                 Head::Gpm(GpmHead::new(cfg.hidden_size, dim, gate, tau, vb.clone())?)
@@ -168,9 +172,4 @@ impl RewardModel {
             _ => unreachable!("one head gives one kind of output"),
         }
     }
-}
-
-/// A GPM setting from the config's extra keys.
-fn gpm_setting<'a>(cfg: &'a LlamaConfig, key: &str) -> Option<&'a serde_json::Value> {
-    cfg.other.get(key)
 }
