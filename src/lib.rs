@@ -4,6 +4,8 @@
 //! - [`error`]: the `Error` enum and `Result` alias.
 //! - [`rng`]: the seeded RNG used for all noise.
 //! - [`device`]: device and dtype choice.
+//! - [`ops`]: custom ops with forward and backward kernels (convolution, norms, softmax,
+//!   attention, per-sample MSE), each beside its composed reference.
 //! - [`weights`]: safetensors loading with shape checks and a used-key audit, the diffusers
 //!   folder layout and the Hugging Face cache.
 //! - [`nn`]: shared differentiable layers (linear, conv, norms, attention).
@@ -31,6 +33,7 @@ pub mod eval;
 pub mod lm;
 pub mod models;
 pub mod nn;
+pub mod ops;
 pub mod preference;
 pub mod recipe;
 pub mod reno;

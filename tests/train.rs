@@ -222,8 +222,11 @@ fn training_raises_held_out_implicit_accuracy_for_every_method() {
     .unwrap();
     let base = held_out_accuracy(&pipe, &pipe.unet, &held_out, Method::Dpo);
     // SmPO at the paper's beta 2000 times its soft-label scale (up to 8 here) saturates on this
-    // tiny model within a few steps; beta 200 keeps its margin informative.
-    for (method, extra) in [("dpo", ""), ("dcpo", ""), ("mapo", ""), ("smpo", "beta = 200")] {
+    // tiny model within a few steps. At beta 200 the first step alone (gradient norm ~500)
+    // decides the result, which then swings with f32 rounding (0.54 to 0.75 between the fused
+    // and composed kernels); at beta 20 the margin stays informative for all 20 steps (0.90 with
+    // either).
+    for (method, extra) in [("dpo", ""), ("dcpo", ""), ("mapo", ""), ("smpo", "beta = 20")] {
         let dir = tmp.path().join(method);
         std::fs::create_dir_all(&dir).unwrap();
         let r = recipe_for(&model, &dir, &train_data, method, extra);

@@ -23,6 +23,9 @@ enum Suite {
     /// One ReNO iteration: one-step generation (UNet, VAE decoder), CLIP score, backward to the
     /// noise, clipping and the SGD step (needs --vae-config and --clip-config).
     Reno,
+    /// Every fused kernel against its composed reference, forward and forward + backward, at
+    /// `unet-mid` sizes (no --config needed).
+    Kernels,
     /// Summed completion log-probabilities of a causal LM plus backward to every weight (one
     /// policy step of the LM preference losses); `--config` is a transformers Llama config.
     Lm,
@@ -34,9 +37,10 @@ pub struct BenchArgs {
     /// The measurements to run.
     #[arg(long, value_enum, default_value = "unet")]
     suite: Suite,
-    /// A diffusers UNet `config.json` (e.g. `../shared/bench/unet-mid/config.json`).
+    /// A diffusers UNet `config.json` (e.g. `../shared/bench/unet-mid/config.json`); a
+    /// transformers Llama config for suite lm; not used by suite kernels.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// A diffusers `AutoencoderKL` `config.json` (suite reno; e.g. `../shared/bench/vae-mid`).
     #[arg(long)]
     vae_config: Option<PathBuf>,
@@ -64,11 +68,24 @@ pub struct BenchArgs {
     /// Timed repetitions (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Run the composed reference ops instead of the fused kernels (A/B of whole steps; the
+    /// same as `DIFFALIGN_KERNELS=reference`).
+    #[arg(long)]
+    composed: bool,
+}
+
+impl BenchArgs {
+    /// `--config`, which every suite but kernels needs.
+    fn config(&self) -> anyhow::Result<&PathBuf> {
+        self.config
+            .as_ref()
+            .with_context(|| format!("--suite {:?} needs --config", self.suite))
+    }
 }
 
 /// Median wall time in seconds of `repeats` runs of `f` on `dev` (waiting for the device to
 /// finish each run), after one warm-up run.
-fn median_secs(dev: &Device, repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+pub(crate) fn median_secs(dev: &Device, repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     f()?;
     dev.synchronize()?;
     let mut times = Vec::with_capacity(repeats);
@@ -104,7 +121,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.repeats == 0 {
         bail!("--repeats: must be at least 1");
     }
+    if args.composed {
+        diffalign::ops::set_fused(false);
+    }
     match args.suite {
+        Suite::Kernels => super::bench_kernels::run(&diffalign::device::parse_device(&args.device)?, args.repeats),
         Suite::Unet => bench_unet(&args),
         Suite::DpoStep => bench_dpo_step(&args),
         Suite::Reno => bench_reno(&args),
@@ -113,10 +134,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
-    let cfg = UNet2DConditionConfig::from_file(&args.config)?;
+    let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
     let dev = diffalign::device::parse_device(&args.device)?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
-    let unet = UNet2DConditionModel::new(&cfg, &args.config, vb.clone()).context("building the UNet")?;
+    let unet = UNet2DConditionModel::new(&cfg, args.config()?, vb.clone()).context("building the UNet")?;
     let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let mut rng = Rng::new(1);
     let (b, s) = (args.batch, args.latent_size);
@@ -156,10 +177,10 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::preference::{LossType, Objective};
     use diffalign::schedulers::{NoiseSchedule, SchedulerConfig};
 
-    let cfg = UNet2DConditionConfig::from_file(&args.config)?;
+    let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
     let dev = diffalign::device::parse_device(&args.device)?;
     let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
-    let policy = UNet2DConditionModel::new(&cfg, &args.config, policy_vb.clone())?;
+    let policy = UNet2DConditionModel::new(&cfg, args.config()?, policy_vb.clone())?;
     let reference = frozen_unet(&cfg, args)?;
     policy.set_gradient_checkpointing(args.recompute);
     let schedule = NoiseSchedule::from_config(&SchedulerConfig::from_json(
@@ -224,7 +245,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     let vae_path = args.vae_config.as_ref().context("--suite reno needs --vae-config")?;
     let clip_path = args.clip_config.as_ref().context("--suite reno needs --clip-config")?;
     let dev = diffalign::device::parse_device(&args.device)?;
-    let unet = frozen_unet(&UNet2DConditionConfig::from_file(&args.config)?, args)?;
+    let unet = frozen_unet(&UNet2DConditionConfig::from_file(args.config()?)?, args)?;
     let vae_cfg = AutoencoderKLConfig::from_file(vae_path)?;
     let vae = AutoencoderKL::new(&vae_cfg, vae_path, VarBuilder::random(1, DType::F32, &dev, false))?;
     let clip_cfg = ClipVisionConfig::from_file(clip_path)?;
@@ -283,7 +304,7 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::lm::batch::Sequences;
     use diffalign::lm::completion_logps;
     use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
-    let cfg = LlamaConfig::from_file(&args.config)?;
+    let cfg = LlamaConfig::from_file(args.config()?)?;
     let dev = diffalign::device::parse_device(&args.device)?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let lm = LlamaForCausalLM::new(&cfg, vb.clone()).context("building the LM")?;
@@ -318,7 +339,7 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
 /// The same architecture with constant (non-`Var`) weights, so the forward records no graph.
 fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs) -> anyhow::Result<UNet2DConditionModel> {
     let vb = VarBuilder::random(0, DType::F32, &diffalign::device::parse_device(&args.device)?, false);
-    Ok(UNet2DConditionModel::new(cfg, &args.config, vb)?)
+    Ok(UNet2DConditionModel::new(cfg, args.config()?, vb)?)
 }
 
 fn report(name: &str, shape: &str, secs: f64, threads: usize) {

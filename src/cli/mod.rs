@@ -1,6 +1,7 @@
 //! Subcommands. Each file owns one command's flags (clap derive) and its run function.
 
 mod bench;
+mod bench_kernels;
 mod demo;
 mod eval;
 mod generate;

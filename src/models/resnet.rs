@@ -81,7 +81,7 @@ impl ResnetBlock2D {
     }
 
     fn forward_plain(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.act.forward(&self.norm1.forward(xs)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_act(xs, self.act)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let t = proj.forward(&self.act.forward(temb)?)?;
@@ -89,7 +89,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_act(&h, self.act)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

@@ -107,7 +107,11 @@ impl Conv2d {
             Some(cropped) => (cropped.to_dtype(gemm)?, 0),
             None => (xs.to_dtype(gemm)?, self.cfg.padding),
         };
-        let ys = input.conv2d(&weight, padding, self.cfg.stride, 1, self.cfg.groups)?;
+        let ys = if self.cfg.groups == 1 {
+            crate::ops::conv2d::conv2d(&input, &weight, self.cfg.stride, padding)?
+        } else {
+            input.conv2d(&weight, padding, self.cfg.stride, 1, self.cfg.groups)?
+        };
         let ys = match &self.lora {
             Some(l) => (ys + l.conv_delta(&input, padding, self.cfg.stride)?)?,
             None => ys,

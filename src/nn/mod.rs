@@ -1,9 +1,8 @@
-//! Shared layers, all differentiable: every op here has a backward pass in candle (composed
-//! ops), unlike candle-nn's `layer_norm` / `softmax_last_dim` fast paths, whose gradients are
-//! silently missing.
+//! Shared layers, all differentiable: every op here has a backward pass (candle ops or the
+//! kernels of [`crate::ops`]), unlike candle-nn's `layer_norm` / `softmax_last_dim` fast paths,
+//! whose gradients are silently missing.
 
 pub mod activation;
-pub mod attention;
 pub mod checkpoint;
 pub mod conv;
 pub mod linear;
@@ -11,7 +10,8 @@ pub mod lora;
 pub mod norm;
 
 pub use activation::Activation;
-pub use attention::{scaled_dot_product_attention, softmax};
+pub use crate::ops::attention::attention as scaled_dot_product_attention;
+pub use crate::ops::softmax::softmax;
 pub use conv::Conv2d;
 pub use linear::Linear;
 pub use lora::LoraAdapter;

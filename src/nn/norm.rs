@@ -1,27 +1,12 @@
-//! Layer and group normalisation from composed candle ops, so that both have a backward pass.
-//! Statistics are computed in f32 for half-precision inputs.
+//! Layer, group and RMS normalisation, all with a backward pass: layer and group norm run the
+//! fused kernels of [`crate::ops`] where they exist (their references elsewhere).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
+use super::Activation;
+use crate::ops::layer_norm::compute_dtype;
 use crate::weights::VarBuilder;
 use crate::Result;
-
-/// The dtype statistics and scores are computed in: f32 for half types, else the input's own.
-pub(crate) fn compute_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
-}
-
-/// Normalises `xs` over its last dimension (zero mean, unit variance, at least f32 precision).
-fn normalize_last(xs: &Tensor, eps: f64) -> Result<Tensor> {
-    let x = xs.to_dtype(compute_dtype(xs.dtype()))?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?)
-}
 
 /// Layer normalisation over the last dimension, with a learned scale and shift.
 #[derive(Debug, Clone)]
@@ -43,8 +28,7 @@ impl LayerNorm {
 
     /// Normalises `xs` `[..., dim]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let y = normalize_last(xs, self.eps)?.to_dtype(xs.dtype())?;
-        Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        Ok(crate::ops::layer_norm::layer_norm(xs, &self.weight, &self.bias, self.eps)?)
     }
 }
 
@@ -76,17 +60,22 @@ impl GroupNorm {
 
     /// Normalises `xs` of shape `[B, C, ...]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let grouped = xs.reshape((b, self.num_groups, ()))?;
-        let y = normalize_last(&grouped, self.eps)?
-            .to_dtype(xs.dtype())?
-            .reshape(dims.as_slice())?;
-        let mut affine_shape = vec![1usize; dims.len()];
-        affine_shape[1] = c;
-        let w = self.weight.reshape(affine_shape.as_slice())?;
-        let bias = self.bias.reshape(affine_shape.as_slice())?;
-        Ok(y.broadcast_mul(&w)?.broadcast_add(&bias)?)
+        Ok(crate::ops::group_norm::group_norm(xs, &self.weight, &self.bias, self.num_groups, self.eps, false)?)
+    }
+
+    /// `act(norm(xs))`, with SiLU fused into the normalisation.
+    pub fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        match act {
+            Activation::Silu => Ok(crate::ops::group_norm::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.num_groups,
+                self.eps,
+                true,
+            )?),
+            other => other.forward(&self.forward(xs)?),
+        }
     }
 }
 

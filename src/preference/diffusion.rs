@@ -223,9 +223,8 @@ pub struct DiffusionLoss {
 
 /// Per-sample mean over all but the first dimension of `(prediction - target)^2`, in f32.
 pub fn per_sample_mse(prediction: &Tensor, target: &Tensor) -> Result<Tensor> {
-    let d = (prediction.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?;
-    let b = d.dim(0)?;
-    Ok(d.reshape((b, ()))?.mean(1)?)
+    let (p, t) = (prediction.to_dtype(DType::F32)?, target.to_dtype(DType::F32)?);
+    Ok(crate::ops::mse::per_sample_mse(&p, &t)?)
 }
 
 fn cat_added(a: &Option<AddedCond>, b: &Option<AddedCond>) -> Result<Option<AddedCond>> {

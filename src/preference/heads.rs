@@ -63,7 +63,7 @@ impl GpmHead {
     pub fn gate(&self, h_prompt: &Tensor) -> Result<Option<Tensor>> {
         self.prompt_head
             .as_ref()
-            .map(|p| softmax(&p.forward(h_prompt)?))
+            .map(|p| Ok(softmax(&p.forward(h_prompt)?)?))
             .transpose()
     }
 }

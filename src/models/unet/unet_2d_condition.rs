@@ -754,7 +754,7 @@ impl UNet2DConditionModel {
             xs = block.forward(&xs, &mut skips, &emb, encoder_hidden_states, upsample_size)?;
         }
         debug_assert!(skips.is_empty());
-        let xs = self.act.forward(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_act(&xs, self.act)?;
         let out = self.conv_out.forward(&xs)?;
         debug_assert_eq!(out.dims4()?.2, h);
         debug_assert_eq!(out.dims4()?.3, w);

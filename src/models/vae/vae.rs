@@ -165,7 +165,7 @@ impl Encoder {
         }
         let xs = self.mid_block.forward(&xs)?;
         self.conv_out
-            .forward(&self.act.forward(&self.conv_norm_out.forward(&xs)?)?)
+            .forward(&self.conv_norm_out.forward_act(&xs, self.act)?)
     }
 }
 
@@ -233,6 +233,6 @@ impl Decoder {
             }
         }
         self.conv_out
-            .forward(&self.act.forward(&self.conv_norm_out.forward(&xs)?)?)
+            .forward(&self.conv_norm_out.forward_act(&xs, self.act)?)
     }
 }

@@ -1,0 +1,141 @@
+//! `diffalign bench --suite kernels`: every fused kernel of `diffalign::ops` against its composed
+//! reference on the same device in the same run, forward and forward + backward, one JSON line
+//! each: `{"op", "backend", "shape", "ours_ms", "baseline_ms", "max_abs_err", "max_rel_err"}`.
+
+use candle_core::{Device, Tensor, Var};
+use diffalign::ops;
+use diffalign::rng::Rng;
+
+type OpFn = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
+
+/// One benchmarked op: its inputs, the fused version and the reference.
+struct Case {
+    op: &'static str,
+    shape: String,
+    inputs: Vec<Tensor>,
+    ours: OpFn,
+    reference: OpFn,
+}
+
+/// The cases, at the sizes of the `unet-mid` benchmark UNet (latents 32x32, 128 channels).
+fn cases(dev: &Device) -> anyhow::Result<Vec<Case>> {
+    let mut rng = Rng::new(3);
+    let mut randn = |shape: &[usize]| rng.randn(shape, dev);
+    let (b, c, s) = (2, 128, 32);
+    let mut out = vec![
+        Case {
+            op: "conv2d",
+            shape: format!("x[{b},{c},{s},{s}] w[{c},{c},3,3] stride 1 pad 1"),
+            inputs: vec![randn(&[b, c, s, s])?, (randn(&[c, c, 3, 3])? * 0.03)?],
+            ours: Box::new(|x| ops::conv2d::conv2d(&x[0], &x[1], 1, 1)),
+            reference: Box::new(|x| ops::conv2d::reference(&x[0], &x[1], 1, 1)),
+        },
+        Case {
+            op: "conv2d_strided",
+            shape: format!("x[{b},{c},{s},{s}] w[{c},{c},3,3] stride 2 pad 0 (input cut to the windows)"),
+            inputs: vec![randn(&[b, c, s + 1, s + 1])?, (randn(&[c, c, 3, 3])? * 0.03)?],
+            ours: Box::new(|x| ops::conv2d::conv2d(&x[0], &x[1], 2, 0)),
+            reference: Box::new(|x| ops::conv2d::reference(&x[0], &x[1], 2, 0)),
+        },
+    ];
+    let groups = 32;
+    for silu in [false, true] {
+        out.push(Case {
+            op: if silu { "group_norm_silu" } else { "group_norm" },
+            shape: format!("x[{b},{c},{s},{s}] groups {groups}"),
+            inputs: vec![randn(&[b, c, s, s])?, randn(&[c])?, randn(&[c])?],
+            ours: Box::new(move |x| ops::group_norm::group_norm(&x[0], &x[1], &x[2], groups, 1e-5, silu)),
+            reference: Box::new(move |x| ops::group_norm::reference(&x[0], &x[1], &x[2], groups, 1e-5, silu)),
+        });
+    }
+    let (tokens, width, heads, text) = (s * s, 128, 8, 77);
+    out.extend([
+        Case {
+            op: "layer_norm",
+            shape: format!("x[{b},{tokens},{width}]"),
+            inputs: vec![randn(&[b, tokens, width])?, randn(&[width])?, randn(&[width])?],
+            ours: Box::new(|x| ops::layer_norm::layer_norm(&x[0], &x[1], &x[2], 1e-5)),
+            reference: Box::new(|x| ops::layer_norm::reference(&x[0], &x[1], &x[2], 1e-5)),
+        },
+        Case {
+            op: "softmax",
+            shape: format!("x[{},{tokens},{tokens}]", b * heads),
+            inputs: vec![(randn(&[b * heads, tokens, tokens])? * 3.0)?],
+            ours: Box::new(|x| ops::softmax::softmax(&x[0])),
+            reference: Box::new(|x| ops::softmax::reference(&x[0])),
+        },
+    ]);
+    let d = width / heads;
+    for (op, lk) in [("attention_self", tokens), ("attention_cross", text)] {
+        out.push(Case {
+            op,
+            shape: format!("q[{b},{heads},{tokens},{d}] k,v[{b},{heads},{lk},{d}]"),
+            inputs: vec![randn(&[b, heads, tokens, d])?, randn(&[b, heads, lk, d])?, randn(&[b, heads, lk, d])?],
+            ours: Box::new(move |x| ops::attention::attention(&x[0], &x[1], &x[2], 1.0 / (d as f64).sqrt(), None)),
+            reference: Box::new(move |x| ops::attention::reference(&x[0], &x[1], &x[2], 1.0 / (d as f64).sqrt(), None)),
+        });
+    }
+    out.push(Case {
+        op: "per_sample_mse",
+        shape: "a,b[8,4,64,64]".into(),
+        inputs: vec![randn(&[8, 4, 64, 64])?, randn(&[8, 4, 64, 64])?],
+        ours: Box::new(|x| ops::mse::per_sample_mse(&x[0], &x[1])),
+        reference: Box::new(|x| ops::mse::reference(&x[0], &x[1])),
+    });
+    Ok(out)
+}
+
+/// The gradients of `sum(f(inputs) * r)` with respect to every input.
+fn gradients(f: &OpFn, inputs: &[Tensor], r: &Tensor) -> anyhow::Result<Vec<Tensor>> {
+    let vars = inputs.iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = (f(&xs)? * r)?.sum_all()?.backward()?;
+    xs.iter()
+        .map(|x| grads.get(x).cloned().ok_or_else(|| anyhow::anyhow!("an input got no gradient")))
+        .collect()
+}
+
+/// Runs every case, forward and backward, printing one JSON line each.
+pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
+    if !dev.is_cpu() {
+        anyhow::bail!("--suite kernels: the fused kernels exist for the CPU only so far (use --device cpu)");
+    }
+    let backend = "cpu";
+    for case in cases(dev)? {
+        let (ours, reference) = ((case.ours)(&case.inputs)?, (case.reference)(&case.inputs)?);
+        let (abs, rel) = ops::compare(&ours, &reference)?;
+        let ours_s = super::bench::median_secs(dev, repeats, || Ok(drop((case.ours)(&case.inputs)?)))?;
+        let base_s = super::bench::median_secs(dev, repeats, || Ok(drop((case.reference)(&case.inputs)?)))?;
+        line(&format!("{}.forward", case.op), backend, &case.shape, ours_s, base_s, abs, rel);
+
+        let r = Rng::new(4).randn(reference.dims(), dev)?;
+        let (ga, gb) = (gradients(&case.ours, &case.inputs, &r)?, gradients(&case.reference, &case.inputs, &r)?);
+        let (mut abs, mut rel) = (0f64, 0f64);
+        for (a, b) in ga.iter().zip(&gb) {
+            let (x, y) = ops::compare(a, b)?;
+            (abs, rel) = (abs.max(x), rel.max(y));
+        }
+        let ours_s = super::bench::median_secs(dev, repeats, || Ok(drop(gradients(&case.ours, &case.inputs, &r)?)))?;
+        let base_s = super::bench::median_secs(dev, repeats, || {
+            Ok(drop(gradients(&case.reference, &case.inputs, &r)?))
+        })?;
+        line(&format!("{}.backward", case.op), backend, &case.shape, ours_s, base_s, abs, rel);
+    }
+    Ok(())
+}
+
+/// One JSON line; `.backward` timings are forward plus backward.
+fn line(op: &str, backend: &str, shape: &str, ours_s: f64, base_s: f64, abs: f64, rel: f64) {
+    println!(
+        "{}",
+        serde_json::json!({
+            "op": op,
+            "backend": backend,
+            "shape": shape,
+            "ours_ms": ours_s * 1e3,
+            "baseline_ms": base_s * 1e3,
+            "max_abs_err": abs,
+            "max_rel_err": rel,
+        })
+    );
+}

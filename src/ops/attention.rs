@@ -1,0 +1,237 @@
+//! Scaled dot-product attention, `softmax(q k^T * scale + mask) v`. The fused kernel works one
+//! (batch, head) slice at a time and keeps no attention matrix for the backward pass: it
+//! recomputes the scores there (the memory-efficient attention recipe).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::cpu::{dispatch_real, matmul, slice, Mat, Real};
+use super::layer_norm::compute_dtype;
+use super::softmax::softmax_row;
+
+/// The composed reference for `q` `[..., Lq, D]`, `k` `[..., Lk, D]`, `v` `[..., Lk, Dv]`; the
+/// mask, when given, is added to the scores (use `-inf` to block). Scores and softmax run in f32
+/// for half-precision inputs.
+pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    composed(q, k, v, scale, mask, super::softmax::reference)
+}
+
+/// Attention from tensor ops, with the softmax `softmax`.
+fn composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    softmax: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let compute = compute_dtype(dtype);
+    let q32 = q.to_dtype(compute)?;
+    let k32 = k.to_dtype(compute)?;
+    let scores = (q32.contiguous()?.matmul(&k32.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(compute)?)?,
+        None => scores,
+    };
+    let p = softmax(&scores)?;
+    let gemm = crate::nn::gemm_dtype(v);
+    let out = p.to_dtype(gemm)?.matmul(&v.to_dtype(gemm)?.contiguous()?)?;
+    out.to_dtype(dtype)
+}
+
+/// Attention of `q`, `k`, `v` as in [`reference`]: the fused kernel on CPU when there is no mask;
+/// with a mask, tensor ops around the [`super::softmax::softmax`] kernel.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    if mask.is_some() || !super::use_cpu_kernel(&[q, k, v]) || q.rank() < 3 {
+        return composed(q, k, v, scale, mask, super::softmax::softmax);
+    }
+    let dims = q.dims().to_vec();
+    let (lq, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let (lk, dv) = (k.dim(D::Minus2)?, v.dim(D::Minus1)?);
+    let n = q.elem_count() / (lq * d).max(1);
+    if k.dims()[..k.rank() - 2] != dims[..dims.len() - 2] || v.dim(D::Minus2)? != lk || k.dim(D::Minus1)? != d {
+        return composed(q, k, v, scale, mask, super::softmax::softmax);
+    }
+    let q3 = q.contiguous()?.reshape((n, lq, d))?;
+    let k3 = k.contiguous()?.reshape((n, lk, d))?;
+    let v3 = v.contiguous()?.reshape((n, lk, dv))?;
+    let out = q3.apply_op3(&k3, &v3, Attention { scale })?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank checked") = dv;
+    out.reshape(out_dims)
+}
+
+/// Sizes of one call: `n` slices of `lq` queries and `lk` keys, widths `d` and `dv`.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl Dims {
+    fn new(op: &str, q: &Layout, k: &Layout, v: &Layout) -> Result<Self> {
+        let (&[n, lq, d], &[nk, lk, dk], &[nv, lv, dv]) = (q.dims(), k.dims(), v.dims()) else {
+            candle_core::bail!("{op}: expected 3-D q, k, v, got {:?}, {:?}, {:?}", q.dims(), k.dims(), v.dims())
+        };
+        if nk != n || nv != n || dk != d || lv != lk {
+            candle_core::bail!("{op}: mismatched q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+        }
+        Ok(Dims { n, lq, lk, d, dv })
+    }
+}
+
+/// `p = softmax(scale * q k^T)` for one slice, into `p` `[lq, lk]`.
+fn probabilities<T: Real>(dims: &Dims, q: &[T], k: &[T], scale: T, p: &mut [T]) {
+    let Dims { lq, lk, d, .. } = *dims;
+    matmul(p, lk, Mat::rows(q, d), Mat::rows_t(k, d), (lq, lk, d), scale, false, false);
+    p.chunks_mut(lk.max(1)).for_each(softmax_row);
+}
+
+struct Attention {
+    scale: f64,
+}
+
+impl Attention {
+    fn forward<T: Real>(&self, dims: &Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let Dims { lq, lk, d, dv, .. } = *dims;
+        let scale = T::from_f64(self.scale);
+        let mut out = vec![T::zero(); dims.n * lq * dv];
+        out.par_chunks_mut(lq * dv).enumerate().for_each_init(
+            || vec![T::zero(); lq * lk],
+            |p, (i, o)| {
+                probabilities(dims, &q[i * lq * d..(i + 1) * lq * d], &k[i * lk * d..(i + 1) * lk * d], scale, p);
+                let vi = &v[i * lk * dv..(i + 1) * lk * dv];
+                matmul(o, dv, Mat::rows(p, lk), Mat::rows(vi, dv), (lq, dv, lk), T::one(), false, false);
+            },
+        );
+        out
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let dims = Dims::new(op, ql, kl, vl)?;
+        let out = dispatch_real!(op, qs, T => {
+            T::to_cpu_storage_owned(self.forward::<T>(&dims, slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?))
+        });
+        Ok((out, Shape::from((dims.n, dims.lq, dims.dv))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Packed so that the backward kernel fits three inputs: [k | v] and [dO | rowsum(dO * O)].
+        let grad = grad.contiguous()?;
+        let delta = (&grad * res)?.sum_keepdim(D::Minus1)?;
+        let kv = Tensor::cat(&[k, v], D::Minus1)?;
+        let go = Tensor::cat(&[&grad, &delta], D::Minus1)?;
+        let all = q.apply_op3_no_bwd(&kv, &go, &AttentionGrad { scale: self.scale })?;
+        let (nq, nk, nv) = (q.elem_count(), k.elem_count(), v.elem_count());
+        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = all.narrow(0, nq + nk, nv)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The backward kernel: inputs `(q, [k | v], [dO | delta])`, output `[dq | dk | dv]` flattened.
+struct AttentionGrad {
+    scale: f64,
+}
+
+impl AttentionGrad {
+    fn backward<T: Real>(&self, dims: &Dims, q: &[T], kv: &[T], go: &[T]) -> Vec<T> {
+        let Dims { n, lq, lk, d, dv } = *dims;
+        let scale = T::from_f64(self.scale);
+        let mut dq = vec![T::zero(); n * lq * d];
+        let mut dk = vec![T::zero(); n * lk * d];
+        let mut dvs = vec![T::zero(); n * lk * dv];
+        dq.par_chunks_mut(lq * d)
+            .zip(dk.par_chunks_mut(lk * d))
+            .zip(dvs.par_chunks_mut(lk * dv))
+            .enumerate()
+            .for_each_init(
+                || (vec![T::zero(); lq * lk], vec![T::zero(); lq * lk], Vec::new(), Vec::new()),
+                |(p, dp, ki, vi), (i, ((dqi, dki), dvi))| {
+                    let qi = &q[i * lq * d..(i + 1) * lq * d];
+                    let kvi = &kv[i * lk * (d + dv)..(i + 1) * lk * (d + dv)];
+                    ki.clear();
+                    vi.clear();
+                    for row in kvi.chunks(d + dv) {
+                        ki.extend_from_slice(&row[..d]);
+                        vi.extend_from_slice(&row[d..]);
+                    }
+                    let goi = &go[i * lq * (dv + 1)..(i + 1) * lq * (dv + 1)];
+                    let g = Mat { data: goi, rs: dv + 1, cs: 1 };
+                    probabilities(dims, qi, ki, scale, p);
+                    // dV = P^T dO; dP = dO V^T; dS = P * (dP - delta).
+                    matmul(dvi, dv, Mat::rows_t(p, lk), g, (lk, dv, lq), T::one(), false, false);
+                    matmul(dp, lk, g, Mat::rows_t(vi, dv), (lq, lk, dv), T::one(), false, false);
+                    for (r, (dpr, pr)) in dp.chunks_mut(lk.max(1)).zip(p.chunks(lk.max(1))).enumerate() {
+                        let delta = goi[r * (dv + 1) + dv];
+                        for (x, &pv) in dpr.iter_mut().zip(pr) {
+                            *x = pv * (*x - delta);
+                        }
+                    }
+                    // dQ = scale dS K; dK = scale dS^T Q.
+                    matmul(dqi, d, Mat::rows(dp, lk), Mat::rows(ki, d), (lq, d, lk), scale, false, false);
+                    matmul(dki, d, Mat::rows_t(dp, lk), Mat::rows(qi, d), (lk, d, lq), scale, false, false);
+                },
+            );
+        dq.extend(dk);
+        dq.extend(dvs);
+        dq
+    }
+}
+
+impl CustomOp3 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        kvs: &CpuStorage,
+        kvl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (&[n, lq, d], &[_, lk, dkv], &[_, _, dg]) = (ql.dims(), kvl.dims(), gl.dims()) else {
+            candle_core::bail!("{op}: expected 3-D inputs");
+        };
+        if dkv < d || dg != dkv - d + 1 {
+            candle_core::bail!("{op}: mismatched packed inputs {:?}, {:?}", kvl.dims(), gl.dims());
+        }
+        let dims = Dims { n, lq, lk, d, dv: dkv - d };
+        let total = n * (lq * d + lk * d + lk * dims.dv);
+        let out = dispatch_real!(op, qs, T => {
+            T::to_cpu_storage_owned(self.backward::<T>(&dims, slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?))
+        });
+        Ok((out, Shape::from(total)))
+    }
+}

@@ -1,0 +1,317 @@
+//! 2-D convolution (groups 1, no dilation) as an implicit GEMM: the input is unfolded (im2col)
+//! a band of output rows at a time, so the unfolded buffer stays small, and both gradients are
+//! GEMMs too (the input gradient folds back with col2im). candle's own CPU backward runs a direct
+//! conv_transpose2d loop for the input gradient, which dominates training time.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{dispatch_real, matmul, slice, Mat, Real};
+
+/// The composed reference: candle's `conv2d` (`x` `[B, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`).
+pub fn reference(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    x.conv2d(w, padding, stride, 1, 1)
+}
+
+/// `x * w` with zero padding `padding` and stride `stride`: the fused kernel on CPU, else the
+/// reference.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if !super::use_cpu_kernel(&[x, w]) || stride == 0 {
+        return reference(x, w, stride, padding);
+    }
+    let (_, c_in, h, wd) = x.dims4()?;
+    let (_, wc, kh, kw) = w.dims4()?;
+    if wc != c_in || h + 2 * padding < kh || wd + 2 * padding < kw {
+        return reference(x, w, stride, padding);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp { stride, padding })
+}
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    b: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    stride: usize,
+    pad: usize,
+}
+
+/// Elements of the unfolded buffer of one band (about 16 MB of f32).
+const BAND_ELEMENTS: usize = 1 << 22;
+
+impl Geometry {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[b, c_in, h, wd], &[c_out, wc, kh, kw]) = (x, w) else {
+            candle_core::bail!("conv2d: expected 4-D input and weight, got {x:?} and {w:?}")
+        };
+        if wc != c_in {
+            candle_core::bail!("conv2d: input has {c_in} channels, the weight {wc}");
+        }
+        Ok(Geometry {
+            b,
+            c_in,
+            h,
+            w: wd,
+            c_out,
+            kh,
+            kw,
+            ho: (h + 2 * pad - kh) / stride + 1,
+            wo: (wd + 2 * pad - kw) / stride + 1,
+            stride,
+            pad,
+        })
+    }
+
+    /// Rows of the unfolded matrix (`C_in * kh * kw`).
+    fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    /// Output positions per image.
+    fn l(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// A 1x1 convolution that reads the input as it is (no unfolding needed).
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Output-row bands `[oh0, oh1)` whose unfolded buffer fits [`BAND_ELEMENTS`].
+    fn bands(&self) -> impl Iterator<Item = (usize, usize)> {
+        let rows = (BAND_ELEMENTS / (self.k() * self.wo).max(1)).clamp(1, self.ho.max(1));
+        let ho = self.ho;
+        (0..ho).step_by(rows).map(move |r| (r, (r + rows).min(ho)))
+    }
+
+    /// For kernel offset `kj`: the output columns `[lo, hi)` whose input column is inside the image.
+    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+        valid_range(kj, self.pad, self.stride, self.w, self.wo)
+    }
+
+    fn valid_rows(&self, ki: usize) -> (usize, usize) {
+        valid_range(ki, self.pad, self.stride, self.h, self.ho)
+    }
+
+    /// Unfolds output rows `[oh0, oh1)` of image `x` (`[C_in, H, W]`) into `col` `[K, band]`.
+    fn im2col<T: Real>(&self, x: &[T], (oh0, oh1): (usize, usize), col: &mut [T]) {
+        let lc = (oh1 - oh0) * self.wo;
+        let (kh, kw) = (self.kh, self.kw);
+        col.par_chunks_mut(kh * kw * lc).enumerate().for_each(|(c, block)| {
+            let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ki in 0..kh {
+                let (r_lo, r_hi) = self.valid_rows(ki);
+                for kj in 0..kw {
+                    let (c_lo, c_hi) = self.valid_cols(kj);
+                    let row = &mut block[(ki * kw + kj) * lc..(ki * kw + kj + 1) * lc];
+                    for oh in oh0..oh1 {
+                        let out = &mut row[(oh - oh0) * self.wo..(oh - oh0 + 1) * self.wo];
+                        if oh < r_lo || oh >= r_hi || c_lo >= c_hi {
+                            out.fill(T::zero());
+                            continue;
+                        }
+                        let ih = oh * self.stride + ki - self.pad;
+                        let src = &plane[ih * self.w..(ih + 1) * self.w];
+                        out[..c_lo].fill(T::zero());
+                        out[c_hi..].fill(T::zero());
+                        for (ow, o) in out.iter_mut().enumerate().take(c_hi).skip(c_lo) {
+                            *o = src[ow * self.stride + kj - self.pad];
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Adds the unfolded gradient `col` `[K, band]` of output rows `[oh0, oh1)` back onto `dx`
+    /// (`[C_in, H, W]`).
+    fn col2im_add<T: Real>(&self, col: &[T], (oh0, oh1): (usize, usize), dx: &mut [T]) {
+        let lc = (oh1 - oh0) * self.wo;
+        let (kh, kw) = (self.kh, self.kw);
+        dx.par_chunks_mut(self.h * self.w).enumerate().for_each(|(c, plane)| {
+            let block = &col[c * kh * kw * lc..(c + 1) * kh * kw * lc];
+            for ki in 0..kh {
+                let (r_lo, r_hi) = self.valid_rows(ki);
+                for kj in 0..kw {
+                    let (c_lo, c_hi) = self.valid_cols(kj);
+                    let row = &block[(ki * kw + kj) * lc..(ki * kw + kj + 1) * lc];
+                    for oh in oh0.max(r_lo)..oh1.min(r_hi) {
+                        let ih = oh * self.stride + ki - self.pad;
+                        let src = &row[(oh - oh0) * self.wo..(oh - oh0 + 1) * self.wo];
+                        let dst = &mut plane[ih * self.w..(ih + 1) * self.w];
+                        for (ow, &g) in src.iter().enumerate().take(c_hi).skip(c_lo) {
+                            dst[ow * self.stride + kj - self.pad] += g;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The outputs `[lo, hi)` (of `n_out`) whose input `o * stride + k - pad` lies in `[0, n_in)`.
+fn valid_range(k: usize, pad: usize, stride: usize, n_in: usize, n_out: usize) -> (usize, usize) {
+    let lo = if k >= pad { 0 } else { (pad - k).div_ceil(stride) };
+    // o * stride + k - pad <= n_in - 1  <=>  o <= (n_in - 1 + pad - k) / stride
+    let hi = if n_in + pad > k { ((n_in - 1 + pad - k) / stride + 1).min(n_out) } else { 0 };
+    (lo.min(hi), hi)
+}
+
+/// The forward convolution; its backward runs [`InputGrad`] and [`WeightGrad`].
+struct Conv2dOp {
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2dOp {
+    fn run<T: Real>(&self, g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
+        let (k, l) = (g.k(), g.l());
+        let mut out = vec![T::zero(); g.b * g.c_out * l];
+        let mut col = Vec::new();
+        for (xb, ob) in x.chunks(g.c_in * g.h * g.w).zip(out.chunks_mut(g.c_out * l)) {
+            if g.is_pointwise() {
+                matmul(ob, l, Mat::rows(w, k), Mat::rows(xb, l), (g.c_out, l, k), T::one(), false, true);
+                continue;
+            }
+            for band in g.bands() {
+                let lc = (band.1 - band.0) * g.wo;
+                col.resize(k * lc, T::zero());
+                g.im2col(xb, band, &mut col);
+                let dst = &mut ob[band.0 * g.wo..];
+                matmul(dst, l, Mat::rows(w, k), Mat::rows(&col, lc), (g.c_out, lc, k), T::one(), false, true);
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
+        let out = dispatch_real!("conv2d", xs, T => {
+            let out = self.run::<T>(&g, slice("conv2d", xs, xl)?, slice("conv2d", ws, wl)?);
+            T::to_cpu_storage_owned(out)
+        });
+        Ok((out, Shape::from((g.b, g.c_out, g.ho, g.wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let (stride, padding) = (self.stride, self.padding);
+        let dx = grad.apply_op2_no_bwd(w, &InputGrad { stride, padding, h, w: wd })?;
+        let dw = x.apply_op2_no_bwd(&grad, &WeightGrad { stride, padding, kh, kw })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// The input gradient: `col = W^T dY`, folded back with col2im. Inputs `(dY, W)`.
+struct InputGrad {
+    stride: usize,
+    padding: usize,
+    h: usize,
+    w: usize,
+}
+
+impl InputGrad {
+    fn run<T: Real>(&self, g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
+        let (k, l) = (g.k(), g.l());
+        let mut dx = vec![T::zero(); g.b * g.c_in * g.h * g.w];
+        let mut col = Vec::new();
+        for (db, xb) in dy.chunks(g.c_out * l).zip(dx.chunks_mut(g.c_in * g.h * g.w)) {
+            if g.is_pointwise() {
+                matmul(xb, l, Mat::rows_t(w, k), Mat::rows(db, l), (k, l, g.c_out), T::one(), false, true);
+                continue;
+            }
+            for band in g.bands() {
+                let lc = (band.1 - band.0) * g.wo;
+                col.resize(k * lc, T::zero());
+                let rhs = Mat::rows(&db[band.0 * g.wo..], l);
+                matmul(&mut col, lc, Mat::rows_t(w, k), rhs, (k, lc, g.c_out), T::one(), false, true);
+                g.col2im_add(&col, band, xb);
+            }
+        }
+        dx
+    }
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-input-grad"
+    }
+
+    fn cpu_fwd(&self, ds: &CpuStorage, dl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let b = dl.dims()[0];
+        let c_in = wl.dims()[1];
+        let g = Geometry::new(&[b, c_in, self.h, self.w], wl.dims(), self.stride, self.padding)?;
+        if dl.dims() != [b, g.c_out, g.ho, g.wo] {
+            candle_core::bail!("conv2d-input-grad: gradient of shape {:?} for output {:?}", dl.dims(), (g.ho, g.wo));
+        }
+        let out = dispatch_real!("conv2d-input-grad", ds, T => {
+            let dx = self.run::<T>(&g, slice("conv2d-input-grad", ds, dl)?, slice("conv2d-input-grad", ws, wl)?);
+            T::to_cpu_storage_owned(dx)
+        });
+        Ok((out, Shape::from((b, c_in, self.h, self.w))))
+    }
+}
+
+/// The weight gradient: `dW = sum_b dY_b col_b^T`. Inputs `(X, dY)`.
+struct WeightGrad {
+    stride: usize,
+    padding: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl WeightGrad {
+    fn run<T: Real>(&self, g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
+        let (k, l) = (g.k(), g.l());
+        let mut dw = vec![T::zero(); g.c_out * k];
+        let mut col = Vec::new();
+        for (xb, db) in x.chunks(g.c_in * g.h * g.w).zip(dy.chunks(g.c_out * l)) {
+            if g.is_pointwise() {
+                matmul(&mut dw, k, Mat::rows(db, l), Mat::rows_t(xb, l), (g.c_out, k, l), T::one(), true, true);
+                continue;
+            }
+            for band in g.bands() {
+                let lc = (band.1 - band.0) * g.wo;
+                col.resize(k * lc, T::zero());
+                g.im2col(xb, band, &mut col);
+                let lhs = Mat::rows(&db[band.0 * g.wo..], l);
+                matmul(&mut dw, k, lhs, Mat::rows_t(&col, lc), (g.c_out, k, lc), T::one(), true, true);
+            }
+        }
+        dw
+    }
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (c_out, c_in) = (dl.dims()[1], xl.dims()[1]);
+        let g = Geometry::new(xl.dims(), &[c_out, c_in, self.kh, self.kw], self.stride, self.padding)?;
+        if dl.dims() != [g.b, c_out, g.ho, g.wo] {
+            candle_core::bail!("conv2d-weight-grad: gradient of shape {:?} for output {:?}", dl.dims(), (g.ho, g.wo));
+        }
+        let out = dispatch_real!("conv2d-weight-grad", xs, T => {
+            let dw = self.run::<T>(&g, slice("conv2d-weight-grad", xs, xl)?, slice("conv2d-weight-grad", ds, dl)?);
+            T::to_cpu_storage_owned(dw)
+        });
+        Ok((out, Shape::from((c_out, c_in, self.kh, self.kw))))
+    }
+}

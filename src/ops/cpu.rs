@@ -1,0 +1,127 @@
+//! Shared pieces of the CPU kernels: element types, contiguous slices of storages, and a
+//! strided matrix product on the `gemm` crate (the one candle's CPU matmul uses).
+
+use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
+
+/// The element types the CPU kernels run in (f32, and f64 for finite-difference tests).
+pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + std::iter::Sum + 'static {}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// Calls `$body` with `$t` bound to the Rust type of `$storage` (f32 or f64), else errors naming
+/// the op.
+macro_rules! dispatch_real {
+    ($op:expr, $storage:expr, $t:ident => $body:expr) => {{
+        use candle_core::WithDType as _;
+        match $storage {
+            candle_core::CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            candle_core::CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            _ => candle_core::bail!("{}: unsupported dtype (the CPU kernels take f32 or f64)", $op),
+        }
+    }};
+}
+pub(crate) use dispatch_real;
+
+/// The contiguous elements of `storage` under `layout`, or an error naming `op`.
+pub(crate) fn slice<'a, T: WithDType>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
+        None => bail!("{op}: the input must be contiguous"),
+    }
+}
+
+/// A read-only strided matrix: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A row-major matrix with `cols` columns.
+    pub fn rows(data: &'a [T], cols: usize) -> Self {
+        Mat { data, rs: cols, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub fn rows_t(data: &'a [T], cols: usize) -> Self {
+        Mat { data, rs: 1, cs: cols }
+    }
+}
+
+/// Whether the index range a `m x n` matrix with these strides touches fits `len`.
+fn fits(len: usize, m: usize, n: usize, rs: usize, cs: usize) -> bool {
+    m == 0 || n == 0 || (m - 1) * rs + (n - 1) * cs < len
+}
+
+/// `dst = (accumulate ? dst : 0) + alpha * lhs @ rhs` for `lhs` `m x k`, `rhs` `k x n`, `dst`
+/// `m x n` row-major with row stride `dst_rs`; threaded when `parallel` and the product is big.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    (m, n, k): (usize, usize, usize),
+    alpha: T,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(fits(dst.len(), m, n, dst_rs, 1), "matmul: dst out of bounds");
+    assert!(fits(lhs.data.len(), m, k, lhs.rs, lhs.cs), "matmul: lhs out of bounds");
+    assert!(fits(rhs.data.len(), k, n, rhs.rs, rhs.cs), "matmul: rhs out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(T::zero());
+            }
+        }
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if parallel && threads > 1 && m * n * k > 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the bounds of all three matrices were checked above, and `dst` is borrowed
+    // mutably, so it cannot alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::one(),
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `1 / (1 + exp(-x))`.
+pub(crate) fn sigmoid<T: Real>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}

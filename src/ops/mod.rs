@@ -1,0 +1,68 @@
+//! Custom ops for the hot paths of training and ReNO, each with a forward and a backward pass.
+//!
+//! Every op has a `reference` written in plain candle tensor ops: it is the spec, the test oracle
+//! and the fallback. The fused kernels run where they exist (CPU, f32 and f64); other devices and
+//! dtypes take the reference. [`set_fused`] (or `DIFFALIGN_KERNELS=reference` in the environment)
+//! switches the fused kernels off everywhere, for benchmarks and A/B checks.
+//!
+//! - [`conv2d`]: implicit-GEMM (im2col) convolution with input and weight gradients.
+//! - [`group_norm`] (optionally fused with SiLU) and [`layer_norm`]: one row-normalisation kernel.
+//! - [`softmax`]: softmax over the last dimension.
+//! - [`attention`]: scaled dot-product attention that recomputes the scores in its backward pass
+//!   instead of keeping the attention matrix.
+//! - [`mse`]: the per-sample mean squared error of the preference losses.
+
+pub mod attention;
+pub mod conv2d;
+pub(crate) mod cpu;
+pub mod group_norm;
+pub mod layer_norm;
+pub(crate) mod row_norm;
+pub mod mse;
+pub mod softmax;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{DType, Tensor};
+
+// 0: not read yet, 1: fused kernels on, 2: off.
+static FUSED: AtomicU8 = AtomicU8::new(0);
+
+/// Turns the fused kernels on or off for the whole process (the references run when off).
+pub fn set_fused(on: bool) {
+    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels are on: by default yes, unless `DIFFALIGN_KERNELS=reference`.
+pub fn fused_enabled() -> bool {
+    match FUSED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("DIFFALIGN_KERNELS").map_or(true, |v| v != "reference");
+            set_fused(on);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Whether the fused CPU kernels can take these tensors: kernels on, all on the CPU, all f32 or
+/// all f64.
+pub(crate) fn use_cpu_kernel(tensors: &[&Tensor]) -> bool {
+    let Some(first) = tensors.first() else { return false };
+    let dtype = first.dtype();
+    fused_enabled()
+        && matches!(dtype, DType::F32 | DType::F64)
+        && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+/// `(max_abs_err, max_rel_err)` of `got` against `want`: the largest absolute difference, and
+/// that divided by the largest magnitude of `want` (how kernels are judged against references).
+pub fn compare(got: &Tensor, want: &Tensor) -> candle_core::Result<(f64, f64)> {
+    if got.shape() != want.shape() {
+        candle_core::bail!("compare: shapes {:?} and {:?} differ", got.dims(), want.dims());
+    }
+    let (g, w) = (got.to_dtype(DType::F64)?, want.to_dtype(DType::F64)?);
+    let diff = (g - &w)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let scale = w.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    Ok((diff, diff / scale.max(1e-30)))
+}

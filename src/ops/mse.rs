@@ -1,0 +1,101 @@
+//! The per-sample mean squared error of the preference losses: `mean((a - b)^2)` over every
+//! dimension but the first, in one pass; its backward pass is one kernel too.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{dispatch_real, slice};
+
+/// The composed reference: `[B]` from `a`, `b` `[B, ...]`.
+pub fn reference(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let n = a.dim(0)?;
+    (a - b)?.sqr()?.reshape((n, ()))?.mean(1)
+}
+
+/// The per-sample MSE of `a` and `b` (same shape `[B, ...]`): the fused kernel on CPU, else the
+/// reference.
+pub fn per_sample_mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        candle_core::bail!("per_sample_mse: shapes {:?} and {:?} differ", a.dims(), b.dims());
+    }
+    if !super::use_cpu_kernel(&[a, b]) || a.rank() == 0 || a.elem_count() == 0 {
+        return reference(a, b);
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, Mse)
+}
+
+/// Rows `[B]` and elements per row of a `[B, ...]` layout.
+fn rows(l: &Layout) -> (usize, usize) {
+    let b = l.dims()[0];
+    (b, l.shape().elem_count() / b.max(1))
+}
+
+struct Mse;
+
+impl CustomOp2 for Mse {
+    fn name(&self) -> &'static str {
+        "per-sample-mse"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (b, m) = rows(l1);
+        let out = dispatch_real!(op, s1, T => {
+            let (x, y): (&[T], &[T]) = (slice(op, s1, l1)?, slice(op, s2, l2)?);
+            // Accumulated in f64: beta in the thousands amplifies the rounding of these means.
+            let out: Vec<T> = x
+                .par_chunks(m)
+                .zip(y.par_chunks(m))
+                .map(|(x, y)| {
+                    let sum: f64 = x.iter().zip(y).map(|(&a, &b)| candle_core::WithDType::to_f64(a - b).powi(2)).sum();
+                    T::from_f64(sum / m as f64)
+                })
+                .collect();
+            T::to_cpu_storage_owned(out)
+        });
+        Ok((out, Shape::from(b)))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let da = a.apply_op3_no_bwd(b, &grad.contiguous()?, &MseGrad)?;
+        let db = da.neg()?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// The backward kernel: `da = 2 (a - b) g_row / n`, inputs `(a, b, g)`.
+struct MseGrad;
+
+impl CustomOp3 for MseGrad {
+    fn name(&self) -> &'static str {
+        "per-sample-mse-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (b, m) = rows(l1);
+        if lg.shape().elem_count() != b {
+            candle_core::bail!("{op}: {} gradients for {b} samples", lg.shape().elem_count());
+        }
+        let out = dispatch_real!(op, s1, T => {
+            let (x, y, g): (&[T], &[T], &[T]) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, sg, lg)?);
+            let mut da = vec![T::from_f64(0.0); x.len()];
+            da.par_chunks_mut(m).enumerate().for_each(|(r, d)| {
+                let c = T::from_f64(2.0 / m as f64) * g[r];
+                for ((d, &a), &b) in d.iter_mut().zip(&x[r * m..(r + 1) * m]).zip(&y[r * m..(r + 1) * m]) {
+                    *d = (a - b) * c;
+                }
+            });
+            T::to_cpu_storage_owned(da)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}

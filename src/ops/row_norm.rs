@@ -1,0 +1,210 @@
+//! The row-normalisation kernel behind [`super::layer_norm`] and [`super::group_norm`]: each row
+//! of `x` is normalised to zero mean and unit variance, then scaled and shifted per segment
+//! (layer norm: every element is a segment with its own weight; group norm: a row is a group,
+//! its segments the channels, each `H * W` long), optionally followed by SiLU.
+//! The backward pass is one kernel that returns the input, weight and bias gradients together.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::cpu::{dispatch_real, sigmoid, slice, Real};
+
+/// How the rows of a normalised tensor map onto the affine parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowNorm {
+    /// Elements per row.
+    pub row_len: usize,
+    /// Elements sharing one weight (1 for layer norm, `H * W` for group norm).
+    pub segment: usize,
+    /// Rows per cycle of parameters: row `r` uses parameters from `(r % groups) * segments`.
+    pub groups: usize,
+    pub eps: f64,
+    pub silu: bool,
+}
+
+impl RowNorm {
+    fn segments(&self) -> usize {
+        self.row_len / self.segment
+    }
+
+    fn params(&self) -> usize {
+        self.groups * self.segments()
+    }
+
+    /// Applies the op to `x` (any shape whose element count divides into rows), `weight` and
+    /// `bias` of [`Self::params`] elements each.
+    pub fn apply(self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, self)
+    }
+
+    fn check(&self, op: &str, x: &Layout, p: &Layout) -> Result<usize> {
+        let n = x.shape().elem_count();
+        if self.row_len == 0 || self.segment == 0 || self.row_len % self.segment != 0 || n % self.row_len != 0 {
+            candle_core::bail!("{op}: {n} elements do not split into rows of {}", self.row_len);
+        }
+        if p.shape().elem_count() != self.params() {
+            candle_core::bail!("{op}: {} parameters, expected {}", p.shape().elem_count(), self.params());
+        }
+        Ok(n / self.row_len)
+    }
+
+    /// Mean and `1 / sqrt(var + eps)` of a row (two passes, accumulated in f64: rows of group
+    /// norms run to many thousands of elements, where f32 running sums drift).
+    fn stats<T: Real>(&self, row: &[T]) -> (T, T) {
+        let n = row.len() as f64;
+        let mean = row.iter().map(|&v| WithDType::to_f64(v)).sum::<f64>() / n;
+        let var = row.iter().map(|&v| (WithDType::to_f64(v) - mean).powi(2)).sum::<f64>() / n;
+        (T::from_f64(mean), T::from_f64(1.0 / (var + self.eps).sqrt()))
+    }
+
+    fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        let (seg, nseg) = (self.segment, self.segments());
+        out.par_chunks_mut(self.row_len)
+            .zip(x.par_chunks(self.row_len))
+            .enumerate()
+            .for_each(|(r, (o, xr))| {
+                let (mean, rstd) = self.stats(xr);
+                let base = (r % self.groups) * nseg;
+                for t in 0..nseg {
+                    let (g, sh) = (w[base + t], b[base + t]);
+                    for (o, &v) in o[t * seg..(t + 1) * seg].iter_mut().zip(&xr[t * seg..(t + 1) * seg]) {
+                        let y = (v - mean) * rstd * g + sh;
+                        *o = if self.silu { y * sigmoid(y) } else { y };
+                    }
+                }
+            });
+        out
+    }
+
+    /// `[dx (x.len()) | dweight (params) | dbias (params)]`.
+    fn backward<T: Real>(&self, x: &[T], dy: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        let (seg, nseg) = (self.segment, self.segments());
+        let rows = x.len() / self.row_len;
+        let mut dx = vec![T::zero(); x.len()];
+        // Per row and segment: (sum dy * xhat, sum dy), reduced over rows afterwards.
+        let mut partial = vec![T::zero(); rows * nseg * 2];
+        dx.par_chunks_mut(self.row_len)
+            .zip(partial.par_chunks_mut(nseg * 2))
+            .enumerate()
+            .for_each(|(r, (dxr, part))| {
+                let xr = &x[r * self.row_len..(r + 1) * self.row_len];
+                let dyr = &dy[r * self.row_len..(r + 1) * self.row_len];
+                let (mean, rstd) = self.stats(xr);
+                let base = (r % self.groups) * nseg;
+                let (mut c1, mut c2) = (T::zero(), T::zero());
+                for t in 0..nseg {
+                    let (g, sh) = (w[base + t], b[base + t]);
+                    let (mut sx, mut s) = (T::zero(), T::zero());
+                    let range = t * seg..(t + 1) * seg;
+                    for ((d, &v), &gy) in dxr[range.clone()].iter_mut().zip(&xr[range.clone()]).zip(&dyr[range]) {
+                        let xhat = (v - mean) * rstd;
+                        let gy = if self.silu {
+                            let y = xhat * g + sh;
+                            let s = sigmoid(y);
+                            gy * s * (T::one() + y * (T::one() - s))
+                        } else {
+                            gy
+                        };
+                        sx = sx + gy * xhat;
+                        s = s + gy;
+                        // dx holds d(xhat) until the second pass.
+                        *d = gy * g;
+                        c1 = c1 + *d;
+                        c2 = c2 + *d * xhat;
+                    }
+                    part[2 * t] = sx;
+                    part[2 * t + 1] = s;
+                }
+                let n = T::from_f64(self.row_len as f64);
+                let (c1, c2) = (c1 / n, c2 / n);
+                for (d, &v) in dxr.iter_mut().zip(xr) {
+                    let xhat = (v - mean) * rstd;
+                    *d = rstd * (*d - c1 - xhat * c2);
+                }
+            });
+        let p = self.params();
+        let mut grads = vec![T::zero(); 2 * p];
+        for (r, part) in partial.chunks(nseg * 2).enumerate() {
+            let base = (r % self.groups) * nseg;
+            for t in 0..nseg {
+                grads[base + t] = grads[base + t] + part[2 * t];
+                grads[p + base + t] = grads[p + base + t] + part[2 * t + 1];
+            }
+        }
+        dx.extend(grads);
+        dx
+    }
+}
+
+impl CustomOp3 for RowNorm {
+    fn name(&self) -> &'static str {
+        "row-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        self.check(op, xl, wl)?;
+        let out = dispatch_real!(op, xs, T => {
+            T::to_cpu_storage_owned(self.forward::<T>(slice(op, xs, xl)?, slice(op, ws, wl)?, slice(op, bs, bl)?))
+        });
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let params = Tensor::cat(&[w.flatten_all()?, b.flatten_all()?], 0)?;
+        let all = x.apply_op3_no_bwd(&grad.contiguous()?, &params, &RowNormGrad(*self))?;
+        let (n, p) = (x.elem_count(), self.params());
+        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = all.narrow(0, n, p)?.reshape(w.shape())?;
+        let db = all.narrow(0, n + p, p)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The backward kernel: inputs `(x, dy, [weight | bias])`, output all three gradients flattened.
+struct RowNormGrad(RowNorm);
+
+impl CustomOp3 for RowNormGrad {
+    fn name(&self) -> &'static str {
+        "row-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let p = self.0.params();
+        if pl.shape().elem_count() != 2 * p || dl.shape() != xl.shape() {
+            candle_core::bail!("{op}: mismatched gradient or parameter sizes");
+        }
+        let n = xl.shape().elem_count();
+        let out = dispatch_real!(op, xs, T => {
+            let params: &[T] = slice(op, ps, pl)?;
+            let (w, b) = params.split_at(p);
+            T::to_cpu_storage_owned(self.0.backward::<T>(slice(op, xs, xl)?, slice(op, ds, dl)?, w, b))
+        });
+        Ok((out, Shape::from(n + 2 * p)))
+    }
+}

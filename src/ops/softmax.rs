@@ -1,0 +1,89 @@
+//! Softmax over the last dimension; the backward pass `dx = y * (dy - sum(dy * y))` is its own
+//! kernel.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::cpu::{dispatch_real, slice, Real};
+
+/// The composed reference. The subtracted maximum is detached: it cancels out of the result, so
+/// its gradient is zero.
+pub fn reference(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let e = xs.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// Softmax of `xs` over its last dimension: the fused kernel on CPU, else the reference.
+pub fn softmax(xs: &Tensor) -> Result<Tensor> {
+    if !super::use_cpu_kernel(&[xs]) || xs.rank() == 0 {
+        return reference(xs);
+    }
+    xs.contiguous()?.apply_op1(Softmax)
+}
+
+/// Softmax of one row in place (max-subtracted).
+pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
+    let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
+    let mut sum = T::zero();
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum = sum + *v;
+    }
+    let inv = T::one() / sum;
+    row.iter_mut().for_each(|v| *v = *v * inv);
+}
+
+/// `dx = y * (dy - sum(dy * y))` for one row, written into `dy`.
+pub(crate) fn softmax_grad_row<T: Real>(y: &[T], dy: &mut [T]) {
+    let dot: T = y.iter().zip(dy.iter()).map(|(&a, &b)| a * b).sum();
+    for (d, &p) in dy.iter_mut().zip(y) {
+        *d = p * (*d - dot);
+    }
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let out = dispatch_real!("softmax", s, T => {
+            let mut y = slice::<T>("softmax", s, l)?.to_vec();
+            y.par_chunks_mut(d).for_each(softmax_row);
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// The backward kernel: inputs `(y, dy)`.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if yl.shape() != dl.shape() {
+            candle_core::bail!("softmax-grad: output {:?} but gradient {:?}", yl.dims(), dl.dims());
+        }
+        let d = yl.dims().last().copied().unwrap_or(1).max(1);
+        let out = dispatch_real!("softmax-grad", ys, T => {
+            let y: &[T] = slice("softmax-grad", ys, yl)?;
+            let mut dx = slice::<T>("softmax-grad", ds, dl)?.to_vec();
+            dx.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(g, y)| softmax_grad_row(y, g));
+            T::to_cpu_storage_owned(dx)
+        });
+        Ok((out, yl.shape().clone()))
+    }
+}
