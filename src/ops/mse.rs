@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{dispatch_real, slice};
+use super::cpu::{dispatch_real, slice, sum_zip};
 
 /// The composed reference: `[B]` from `a`, `b` `[B, ...]`.
 pub fn reference(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -43,27 +43,35 @@ impl CustomOp2 for Mse {
         let out = dispatch_real!(op, s1, T => {
             let (x, y): (&[T], &[T]) = (slice(op, s1, l1)?, slice(op, s2, l2)?);
             // Accumulated in f64: beta in the thousands amplifies the rounding of these means.
-            let out: Vec<T> = x
-                .par_chunks(m)
-                .zip(y.par_chunks(m))
-                .map(|(x, y)| {
-                    let sum: f64 = x.iter().zip(y).map(|(&a, &b)| candle_core::WithDType::to_f64(a - b).powi(2)).sum();
-                    T::from_f64(sum / m as f64)
+            // Rows are cut into pieces of at most PIECE elements so that even one sample keeps
+            // every thread busy; the partial sums are added per row afterwards.
+            const PIECE: usize = 8192;
+            let k = m.div_ceil(PIECE).max(1);
+            let partial: Vec<f64> = (0..b * k)
+                .into_par_iter()
+                .map(|p| {
+                    let (r, j) = (p / k, p % k);
+                    let range = r * m + j * m / k..r * m + (j + 1) * m / k;
+                    sum_zip(&x[range.clone()], &y[range], |a, b| (a - b) * (a - b))
                 })
                 .collect();
+            let out: Vec<T> = partial.chunks(k).map(|p| T::from_f64(p.iter().sum::<f64>() / m as f64)).collect();
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from(b)))
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let da = a.apply_op3_no_bwd(b, &grad.contiguous()?, &MseGrad)?;
-        let db = da.neg()?;
+        let both = a.apply_op3_no_bwd(b, &grad.contiguous()?, &MseGrad)?;
+        let n = a.elem_count();
+        let da = both.narrow(0, 0, n)?.reshape(a.shape())?;
+        let db = both.narrow(0, n, n)?.reshape(b.shape())?;
         Ok((Some(da), Some(db)))
     }
 }
 
-/// The backward kernel: `da = 2 (a - b) g_row / n`, inputs `(a, b, g)`.
+/// The backward kernel: `da = 2 (a - b) g_row / n` and `db = -da`, inputs `(a, b, g)`, output
+/// `[da | db]` flattened.
 struct MseGrad;
 
 impl CustomOp3 for MseGrad {
@@ -87,15 +95,19 @@ impl CustomOp3 for MseGrad {
         }
         let out = dispatch_real!(op, s1, T => {
             let (x, y, g): (&[T], &[T], &[T]) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, sg, lg)?);
-            let mut da = vec![T::from_f64(0.0); x.len()];
-            da.par_chunks_mut(m).enumerate().for_each(|(r, d)| {
+            let n = x.len();
+            let mut both = vec![T::from_f64(0.0); 2 * n];
+            let (da, db) = both.split_at_mut(n);
+            da.par_chunks_mut(m).zip(db.par_chunks_mut(m)).enumerate().for_each(|(r, (da, db))| {
                 let c = T::from_f64(2.0 / m as f64) * g[r];
-                for ((d, &a), &b) in d.iter_mut().zip(&x[r * m..(r + 1) * m]).zip(&y[r * m..(r + 1) * m]) {
-                    *d = (a - b) * c;
+                let (xr, yr) = (&x[r * m..(r + 1) * m], &y[r * m..(r + 1) * m]);
+                for (((da, db), &a), &b) in da.iter_mut().zip(db.iter_mut()).zip(xr).zip(yr) {
+                    *da = (a - b) * c;
+                    *db = (b - a) * c;
                 }
             });
-            T::to_cpu_storage_owned(da)
+            T::to_cpu_storage_owned(both)
         });
-        Ok((out, l1.shape().clone()))
+        Ok((out, Shape::from(2 * l1.shape().elem_count())))
     }
 }

@@ -4,7 +4,7 @@
 //! its segments the channels, each `H * W` long), optionally followed by SiLU.
 //! The backward pass is one kernel that returns the input, weight and bias gradients together.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{dispatch_real, sigmoid, slice, Real};
@@ -25,6 +25,11 @@ pub(crate) struct RowNorm {
 impl RowNorm {
     fn segments(&self) -> usize {
         self.row_len / self.segment
+    }
+
+    /// Rows per thread-pool task: short rows (layer norm) are batched so each task has work.
+    fn rows_per_task(&self) -> usize {
+        (16384 / self.row_len.max(1)).max(1)
     }
 
     fn params(&self) -> usize {
@@ -48,37 +53,94 @@ impl RowNorm {
         Ok(n / self.row_len)
     }
 
-    /// Mean and `1 / sqrt(var + eps)` of a row (two passes, accumulated in f64: rows of group
-    /// norms run to many thousands of elements, where f32 running sums drift).
+    /// Mean and `1 / sqrt(var + eps)` of a row, accumulated in f64: rows of group norms run to
+    /// many thousands of elements, where f32 running sums drift.
     fn stats<T: Real>(&self, row: &[T]) -> (T, T) {
         let n = row.len() as f64;
-        let mean = row.iter().map(|&v| WithDType::to_f64(v)).sum::<f64>() / n;
-        let var = row.iter().map(|&v| (WithDType::to_f64(v) - mean).powi(2)).sum::<f64>() / n;
+        // One pass over the row: sum and sum of squares, eight f64 lanes each. In f64 the
+        // cancellation of E[x^2] - mean^2 costs nothing visible at f32 precision.
+        let (mut s1, mut s2) = ([0f64; 8], [0f64; 8]);
+        let chunks = row.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..8 {
+                let v = c[l].to_f64();
+                s1[l] += v;
+                s2[l] += v * v;
+            }
+        }
+        let mut sum = s1.iter().sum::<f64>();
+        let mut sq = s2.iter().sum::<f64>();
+        for &v in rest {
+            let v = v.to_f64();
+            sum += v;
+            sq += v * v;
+        }
+        let mean = sum / n;
+        let var = (sq / n - mean * mean).max(0.0);
         (T::from_f64(mean), T::from_f64(1.0 / (var + self.eps).sqrt()))
     }
 
     fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
-        let mut out = vec![T::zero(); x.len()];
+        // The activation is a type-level choice: with a runtime branch in the loop, the compiler
+        // turns it into a select and evaluates exp for every element even without SiLU.
+        if self.silu {
+            self.forward_with::<T, true>(x, w, b)
+        } else {
+            self.forward_with::<T, false>(x, w, b)
+        }
+    }
+
+    fn forward_with<T: Real, const SILU: bool>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        // Written straight into uninitialised memory: zeroing first would be a third pass over
+        // the output, as long as the normalisation itself.
+        let mut out: Vec<T> = Vec::with_capacity(x.len());
         let (seg, nseg) = (self.segment, self.segments());
-        out.par_chunks_mut(self.row_len)
+        out.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(self.row_len)
             .zip(x.par_chunks(self.row_len))
             .enumerate()
+            .with_min_len(self.rows_per_task())
             .for_each(|(r, (o, xr))| {
                 let (mean, rstd) = self.stats(xr);
                 let base = (r % self.groups) * nseg;
+                if seg == 1 {
+                    // One weight per element (layer norm): a straight zip, which vectorises.
+                    let (w, b) = (&w[base..base + nseg], &b[base..base + nseg]);
+                    for (((o, &v), &g), &sh) in o.iter_mut().zip(xr).zip(w).zip(b) {
+                        o.write((v - mean) * rstd * g + sh);
+                    }
+                    return;
+                }
                 for t in 0..nseg {
-                    let (g, sh) = (w[base + t], b[base + t]);
+                    // y = x * (rstd g) + (sh - mean rstd g): one multiply-add per element.
+                    let scale = rstd * w[base + t];
+                    let shift = b[base + t] - mean * scale;
                     for (o, &v) in o[t * seg..(t + 1) * seg].iter_mut().zip(&xr[t * seg..(t + 1) * seg]) {
-                        let y = (v - mean) * rstd * g + sh;
-                        *o = if self.silu { y * sigmoid(y) } else { y };
+                        o.write(v * scale + shift);
                     }
                 }
             });
+        // SAFETY: the row chunks cover all `x.len()` elements and each was written above.
+        unsafe { out.set_len(x.len()) };
+        if SILU {
+            // A pass of its own: inside the affine loop, exp stops the loop from vectorising.
+            out.par_chunks_mut(self.row_len)
+                .for_each(|o| o.iter_mut().for_each(|y| *y = *y / (T::one() + (-*y).exp())));
+        }
         out
     }
 
     /// `[dx (x.len()) | dweight (params) | dbias (params)]`.
     fn backward<T: Real>(&self, x: &[T], dy: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        if self.silu {
+            self.backward_with::<T, true>(x, dy, w, b)
+        } else {
+            self.backward_with::<T, false>(x, dy, w, b)
+        }
+    }
+
+    fn backward_with<T: Real, const SILU: bool>(&self, x: &[T], dy: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let (seg, nseg) = (self.segment, self.segments());
         let rows = x.len() / self.row_len;
         let mut dx = vec![T::zero(); x.len()];
@@ -87,6 +149,7 @@ impl RowNorm {
         dx.par_chunks_mut(self.row_len)
             .zip(partial.par_chunks_mut(nseg * 2))
             .enumerate()
+            .with_min_len(self.rows_per_task())
             .for_each(|(r, (dxr, part))| {
                 let xr = &x[r * self.row_len..(r + 1) * self.row_len];
                 let dyr = &dy[r * self.row_len..(r + 1) * self.row_len];
@@ -99,7 +162,7 @@ impl RowNorm {
                     let range = t * seg..(t + 1) * seg;
                     for ((d, &v), &gy) in dxr[range.clone()].iter_mut().zip(&xr[range.clone()]).zip(&dyr[range]) {
                         let xhat = (v - mean) * rstd;
-                        let gy = if self.silu {
+                        let gy = if SILU {
                             let y = xhat * g + sh;
                             let s = sigmoid(y);
                             gy * s * (T::one() + y * (T::one() - s))
