@@ -31,8 +31,12 @@ fn check(what: &str, inputs: &[Tensor], ours: impl Fn(&[Tensor]) -> Tensor, refe
     let ga = (a * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let gb = (b * &r).unwrap().sum_all().unwrap().backward().unwrap();
     for (i, x) in xs.iter().enumerate() {
-        let da = ga.get(x).unwrap_or_else(|| panic!("{what}: input {i} has no gradient (fused)"));
-        let db = gb.get(x).unwrap_or_else(|| panic!("{what}: input {i} has no gradient (reference)"));
+        let da = ga
+            .get(x)
+            .unwrap_or_else(|| panic!("{what}: input {i} has no gradient (fused)"));
+        let db = gb
+            .get(x)
+            .unwrap_or_else(|| panic!("{what}: input {i} has no gradient (reference)"));
         let err = rel_err(da, db);
         assert!(err < TOL, "{what}: gradient of input {i}: relative error {err:e}");
     }
@@ -90,7 +94,12 @@ fn conv2d_large_input_uses_several_bands() {
 #[test]
 fn group_norm_matches_reference() {
     let mut rng = Rng::new(3);
-    for (shape, groups) in [(vec![2, 8, 5, 5], 4), (vec![1, 6, 3, 7], 6), (vec![3, 4, 4, 4], 1), (vec![2, 12, 9], 3)] {
+    for (shape, groups) in [
+        (vec![2, 8, 5, 5], 4),
+        (vec![1, 6, 3, 7], 6),
+        (vec![3, 4, 4, 4], 1),
+        (vec![2, 12, 9], 3),
+    ] {
         for silu in [false, true] {
             let c = shape[1];
             let inputs = [
@@ -170,11 +179,12 @@ fn attention_matches_reference() {
 #[test]
 fn masked_attention_matches_reference() {
     let mut rng = Rng::new(7);
-    let inputs = [randn(&mut rng, &[2, 6, 4]), randn(&mut rng, &[2, 6, 4]), randn(&mut rng, &[2, 6, 4])];
-    let mask = Tensor::tril2(6, DType::F32, &common::device())
-        .unwrap()
-        .log()
-        .unwrap();
+    let inputs = [
+        randn(&mut rng, &[2, 6, 4]),
+        randn(&mut rng, &[2, 6, 4]),
+        randn(&mut rng, &[2, 6, 4]),
+    ];
+    let mask = Tensor::tril2(6, DType::F32, &common::device()).unwrap().log().unwrap();
     check(
         "causal attention",
         &inputs,
@@ -221,7 +231,11 @@ fn per_sample_mse_gradient_matches_finite_differences() {
             loss(&t).to_scalar::<f64>().unwrap()
         };
         let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
-        assert!((fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()), "entry {i}: autograd {} vs {fd}", g[i]);
+        assert!(
+            (fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "entry {i}: autograd {} vs {fd}",
+            g[i]
+        );
     }
 }
 

@@ -85,7 +85,11 @@ impl BenchArgs {
 
 /// Median wall time in seconds of `repeats` runs of `f` on `dev` (waiting for the device to
 /// finish each run), after one warm-up run.
-pub(crate) fn median_secs(dev: &Device, repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+pub(crate) fn median_secs(
+    dev: &Device,
+    repeats: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
     f()?;
     dev.synchronize()?;
     let mut times = Vec::with_capacity(repeats);

@@ -70,7 +70,11 @@ fn cases(dev: &Device) -> anyhow::Result<Vec<Case>> {
         out.push(Case {
             op,
             shape: format!("q[{b},{heads},{tokens},{d}] k,v[{b},{heads},{lk},{d}]"),
-            inputs: vec![randn(&[b, heads, tokens, d])?, randn(&[b, heads, lk, d])?, randn(&[b, heads, lk, d])?],
+            inputs: vec![
+                randn(&[b, heads, tokens, d])?,
+                randn(&[b, heads, lk, d])?,
+                randn(&[b, heads, lk, d])?,
+            ],
             ours: Box::new(move |x| ops::attention::attention(&x[0], &x[1], &x[2], 1.0 / (d as f64).sqrt(), None)),
             reference: Box::new(move |x| ops::attention::reference(&x[0], &x[1], &x[2], 1.0 / (d as f64).sqrt(), None)),
         });
@@ -87,11 +91,19 @@ fn cases(dev: &Device) -> anyhow::Result<Vec<Case>> {
 
 /// The gradients of `sum(f(inputs) * r)` with respect to every input.
 fn gradients(f: &OpFn, inputs: &[Tensor], r: &Tensor) -> anyhow::Result<Vec<Tensor>> {
-    let vars = inputs.iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
+    let vars = inputs
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let grads = (f(&xs)? * r)?.sum_all()?.backward()?;
     xs.iter()
-        .map(|x| grads.get(x).cloned().ok_or_else(|| anyhow::anyhow!("an input got no gradient")))
+        .map(|x| {
+            grads
+                .get(x)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("an input got no gradient"))
+        })
         .collect()
 }
 
@@ -104,28 +116,53 @@ pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
     for case in cases(dev)? {
         let (ours, reference) = ((case.ours)(&case.inputs)?, (case.reference)(&case.inputs)?);
         let (abs, rel) = ops::compare(&ours, &reference)?;
-        let ours_s = super::bench::median_secs(dev, repeats, || Ok(drop((case.ours)(&case.inputs)?)))?;
-        let base_s = super::bench::median_secs(dev, repeats, || Ok(drop((case.reference)(&case.inputs)?)))?;
-        line(&format!("{}.forward", case.op), backend, &case.shape, ours_s, base_s, abs, rel);
+        let ours_s = super::bench::median_secs(dev, repeats, || {
+            (case.ours)(&case.inputs)?;
+            Ok(())
+        })?;
+        let base_s = super::bench::median_secs(dev, repeats, || {
+            (case.reference)(&case.inputs)?;
+            Ok(())
+        })?;
+        line(
+            &format!("{}.forward", case.op),
+            backend,
+            &case.shape,
+            (ours_s, base_s),
+            (abs, rel),
+        );
 
         let r = Rng::new(4).randn(reference.dims(), dev)?;
-        let (ga, gb) = (gradients(&case.ours, &case.inputs, &r)?, gradients(&case.reference, &case.inputs, &r)?);
+        let (ga, gb) = (
+            gradients(&case.ours, &case.inputs, &r)?,
+            gradients(&case.reference, &case.inputs, &r)?,
+        );
         let (mut abs, mut rel) = (0f64, 0f64);
         for (a, b) in ga.iter().zip(&gb) {
             let (x, y) = ops::compare(a, b)?;
             (abs, rel) = (abs.max(x), rel.max(y));
         }
-        let ours_s = super::bench::median_secs(dev, repeats, || Ok(drop(gradients(&case.ours, &case.inputs, &r)?)))?;
-        let base_s = super::bench::median_secs(dev, repeats, || {
-            Ok(drop(gradients(&case.reference, &case.inputs, &r)?))
+        let ours_s = super::bench::median_secs(dev, repeats, || {
+            gradients(&case.ours, &case.inputs, &r)?;
+            Ok(())
         })?;
-        line(&format!("{}.backward", case.op), backend, &case.shape, ours_s, base_s, abs, rel);
+        let base_s = super::bench::median_secs(dev, repeats, || {
+            gradients(&case.reference, &case.inputs, &r)?;
+            Ok(())
+        })?;
+        line(
+            &format!("{}.backward", case.op),
+            backend,
+            &case.shape,
+            (ours_s, base_s),
+            (abs, rel),
+        );
     }
     Ok(())
 }
 
 /// One JSON line; `.backward` timings are forward plus backward.
-fn line(op: &str, backend: &str, shape: &str, ours_s: f64, base_s: f64, abs: f64, rel: f64) {
+fn line(op: &str, backend: &str, shape: &str, (ours_s, base_s): (f64, f64), (abs, rel): (f64, f64)) {
     println!(
         "{}",
         serde_json::json!({

@@ -9,9 +9,9 @@ pub mod linear;
 pub mod lora;
 pub mod norm;
 
-pub use activation::Activation;
 pub use crate::ops::attention::attention as scaled_dot_product_attention;
 pub use crate::ops::softmax::softmax;
+pub use activation::Activation;
 pub use conv::Conv2d;
 pub use linear::Linear;
 pub use lora::LoraAdapter;

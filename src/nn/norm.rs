@@ -28,7 +28,12 @@ impl LayerNorm {
 
     /// Normalises `xs` `[..., dim]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(crate::ops::layer_norm::layer_norm(xs, &self.weight, &self.bias, self.eps)?)
+        Ok(crate::ops::layer_norm::layer_norm(
+            xs,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }
 
@@ -60,7 +65,14 @@ impl GroupNorm {
 
     /// Normalises `xs` of shape `[B, C, ...]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(crate::ops::group_norm::group_norm(xs, &self.weight, &self.bias, self.num_groups, self.eps, false)?)
+        Ok(crate::ops::group_norm::group_norm(
+            xs,
+            &self.weight,
+            &self.bias,
+            self.num_groups,
+            self.eps,
+            false,
+        )?)
     }
 
     /// `act(norm(xs))`, with SiLU fused into the normalisation.

@@ -75,7 +75,12 @@ struct Dims {
 impl Dims {
     fn new(op: &str, q: &Layout, k: &Layout, v: &Layout) -> Result<Self> {
         let (&[n, lq, d], &[nk, lk, dk], &[nv, lv, dv]) = (q.dims(), k.dims(), v.dims()) else {
-            candle_core::bail!("{op}: expected 3-D q, k, v, got {:?}, {:?}, {:?}", q.dims(), k.dims(), v.dims())
+            candle_core::bail!(
+                "{op}: expected 3-D q, k, v, got {:?}, {:?}, {:?}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )
         };
         if nk != n || nv != n || dk != d || lv != lk {
             candle_core::bail!("{op}: mismatched q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
@@ -87,7 +92,16 @@ impl Dims {
 /// `p = softmax(scale * q k^T)` for one slice, into `p` `[lq, lk]`.
 fn probabilities<T: Real>(dims: &Dims, q: &[T], k: &[T], scale: T, p: &mut [T]) {
     let Dims { lq, lk, d, .. } = *dims;
-    matmul(p, lk, Mat::rows(q, d), Mat::rows_t(k, d), (lq, lk, d), scale, false, false);
+    matmul(
+        p,
+        lk,
+        Mat::rows(q, d),
+        Mat::rows_t(k, d),
+        (lq, lk, d),
+        scale,
+        false,
+        false,
+    );
     p.chunks_mut(lk.max(1)).for_each(softmax_row);
 }
 
@@ -103,9 +117,24 @@ impl Attention {
         out.par_chunks_mut(lq * dv).enumerate().for_each_init(
             || vec![T::zero(); lq * lk],
             |p, (i, o)| {
-                probabilities(dims, &q[i * lq * d..(i + 1) * lq * d], &k[i * lk * d..(i + 1) * lk * d], scale, p);
+                probabilities(
+                    dims,
+                    &q[i * lq * d..(i + 1) * lq * d],
+                    &k[i * lk * d..(i + 1) * lk * d],
+                    scale,
+                    p,
+                );
                 let vi = &v[i * lk * dv..(i + 1) * lk * dv];
-                matmul(o, dv, Mat::rows(p, lk), Mat::rows(vi, dv), (lq, dv, lk), T::one(), false, false);
+                matmul(
+                    o,
+                    dv,
+                    Mat::rows(p, lk),
+                    Mat::rows(vi, dv),
+                    (lq, dv, lk),
+                    T::one(),
+                    false,
+                    false,
+                );
             },
         );
         out
@@ -173,7 +202,14 @@ impl AttentionGrad {
             .zip(dvs.par_chunks_mut(lk * dv))
             .enumerate()
             .for_each_init(
-                || (vec![T::zero(); lq * lk], vec![T::zero(); lq * lk], Vec::new(), Vec::new()),
+                || {
+                    (
+                        vec![T::zero(); lq * lk],
+                        vec![T::zero(); lq * lk],
+                        Vec::new(),
+                        Vec::new(),
+                    )
+                },
                 |(p, dp, ki, vi), (i, ((dqi, dki), dvi))| {
                     let qi = &q[i * lq * d..(i + 1) * lq * d];
                     let kvi = &kv[i * lk * (d + dv)..(i + 1) * lk * (d + dv)];
@@ -184,7 +220,11 @@ impl AttentionGrad {
                         vi.extend_from_slice(&row[d..]);
                     }
                     let goi = &go[i * lq * (dv + 1)..(i + 1) * lq * (dv + 1)];
-                    let g = Mat { data: goi, rs: dv + 1, cs: 1 };
+                    let g = Mat {
+                        data: goi,
+                        rs: dv + 1,
+                        cs: 1,
+                    };
                     probabilities(dims, qi, ki, scale, p);
                     // dV = P^T dO; dP = dO V^T; dS = P * (dP - delta).
                     matmul(dvi, dv, Mat::rows_t(p, lk), g, (lk, dv, lq), T::one(), false, false);
@@ -196,8 +236,26 @@ impl AttentionGrad {
                         }
                     }
                     // dQ = scale dS K; dK = scale dS^T Q.
-                    matmul(dqi, d, Mat::rows(dp, lk), Mat::rows(ki, d), (lq, d, lk), scale, false, false);
-                    matmul(dki, d, Mat::rows_t(dp, lk), Mat::rows(qi, d), (lk, d, lq), scale, false, false);
+                    matmul(
+                        dqi,
+                        d,
+                        Mat::rows(dp, lk),
+                        Mat::rows(ki, d),
+                        (lq, d, lk),
+                        scale,
+                        false,
+                        false,
+                    );
+                    matmul(
+                        dki,
+                        d,
+                        Mat::rows_t(dp, lk),
+                        Mat::rows(qi, d),
+                        (lk, d, lq),
+                        scale,
+                        false,
+                        false,
+                    );
                 },
             );
         dq.extend(dk);
@@ -227,7 +285,13 @@ impl CustomOp3 for AttentionGrad {
         if dkv < d || dg != dkv - d + 1 {
             candle_core::bail!("{op}: mismatched packed inputs {:?}, {:?}", kvl.dims(), gl.dims());
         }
-        let dims = Dims { n, lq, lk, d, dv: dkv - d };
+        let dims = Dims {
+            n,
+            lq,
+            lk,
+            d,
+            dv: dkv - d,
+        };
         let total = n * (lq * d + lk * d + lk * dims.dv);
         let out = dispatch_real!(op, qs, T => {
             T::to_cpu_storage_owned(self.backward::<T>(&dims, slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?))

@@ -24,7 +24,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     if wc != c_in || h + 2 * padding < kh || wd + 2 * padding < kw {
         return reference(x, w, stride, padding);
     }
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp { stride, padding })
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dOp { stride, padding })
 }
 
 /// Sizes of one convolution.
@@ -160,7 +161,11 @@ impl Geometry {
 fn valid_range(k: usize, pad: usize, stride: usize, n_in: usize, n_out: usize) -> (usize, usize) {
     let lo = if k >= pad { 0 } else { (pad - k).div_ceil(stride) };
     // o * stride + k - pad <= n_in - 1  <=>  o <= (n_in - 1 + pad - k) / stride
-    let hi = if n_in + pad > k { ((n_in - 1 + pad - k) / stride + 1).min(n_out) } else { 0 };
+    let hi = if n_in + pad > k {
+        ((n_in - 1 + pad - k) / stride + 1).min(n_out)
+    } else {
+        0
+    };
     (lo.min(hi), hi)
 }
 
@@ -177,7 +182,16 @@ impl Conv2dOp {
         let mut col = Vec::new();
         for (xb, ob) in x.chunks(g.c_in * g.h * g.w).zip(out.chunks_mut(g.c_out * l)) {
             if g.is_pointwise() {
-                matmul(ob, l, Mat::rows(w, k), Mat::rows(xb, l), (g.c_out, l, k), T::one(), false, true);
+                matmul(
+                    ob,
+                    l,
+                    Mat::rows(w, k),
+                    Mat::rows(xb, l),
+                    (g.c_out, l, k),
+                    T::one(),
+                    false,
+                    true,
+                );
                 continue;
             }
             for band in g.bands() {
@@ -185,7 +199,16 @@ impl Conv2dOp {
                 col.resize(k * lc, T::zero());
                 g.im2col(xb, band, &mut col);
                 let dst = &mut ob[band.0 * g.wo..];
-                matmul(dst, l, Mat::rows(w, k), Mat::rows(&col, lc), (g.c_out, lc, k), T::one(), false, true);
+                matmul(
+                    dst,
+                    l,
+                    Mat::rows(w, k),
+                    Mat::rows(&col, lc),
+                    (g.c_out, lc, k),
+                    T::one(),
+                    false,
+                    true,
+                );
             }
         }
         out
@@ -211,8 +234,24 @@ impl CustomOp2 for Conv2dOp {
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let (stride, padding) = (self.stride, self.padding);
-        let dx = grad.apply_op2_no_bwd(w, &InputGrad { stride, padding, h, w: wd })?;
-        let dw = x.apply_op2_no_bwd(&grad, &WeightGrad { stride, padding, kh, kw })?;
+        let dx = grad.apply_op2_no_bwd(
+            w,
+            &InputGrad {
+                stride,
+                padding,
+                h,
+                w: wd,
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &grad,
+            &WeightGrad {
+                stride,
+                padding,
+                kh,
+                kw,
+            },
+        )?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -232,14 +271,32 @@ impl InputGrad {
         let mut col = Vec::new();
         for (db, xb) in dy.chunks(g.c_out * l).zip(dx.chunks_mut(g.c_in * g.h * g.w)) {
             if g.is_pointwise() {
-                matmul(xb, l, Mat::rows_t(w, k), Mat::rows(db, l), (k, l, g.c_out), T::one(), false, true);
+                matmul(
+                    xb,
+                    l,
+                    Mat::rows_t(w, k),
+                    Mat::rows(db, l),
+                    (k, l, g.c_out),
+                    T::one(),
+                    false,
+                    true,
+                );
                 continue;
             }
             for band in g.bands() {
                 let lc = (band.1 - band.0) * g.wo;
                 col.resize(k * lc, T::zero());
                 let rhs = Mat::rows(&db[band.0 * g.wo..], l);
-                matmul(&mut col, lc, Mat::rows_t(w, k), rhs, (k, lc, g.c_out), T::one(), false, true);
+                matmul(
+                    &mut col,
+                    lc,
+                    Mat::rows_t(w, k),
+                    rhs,
+                    (k, lc, g.c_out),
+                    T::one(),
+                    false,
+                    true,
+                );
                 g.col2im_add(&col, band, xb);
             }
         }
@@ -257,7 +314,11 @@ impl CustomOp2 for InputGrad {
         let c_in = wl.dims()[1];
         let g = Geometry::new(&[b, c_in, self.h, self.w], wl.dims(), self.stride, self.padding)?;
         if dl.dims() != [b, g.c_out, g.ho, g.wo] {
-            candle_core::bail!("conv2d-input-grad: gradient of shape {:?} for output {:?}", dl.dims(), (g.ho, g.wo));
+            candle_core::bail!(
+                "conv2d-input-grad: gradient of shape {:?} for output {:?}",
+                dl.dims(),
+                (g.ho, g.wo)
+            );
         }
         let out = dispatch_real!("conv2d-input-grad", ds, T => {
             let dx = self.run::<T>(&g, slice("conv2d-input-grad", ds, dl)?, slice("conv2d-input-grad", ws, wl)?);
@@ -282,7 +343,16 @@ impl WeightGrad {
         let mut col = Vec::new();
         for (xb, db) in x.chunks(g.c_in * g.h * g.w).zip(dy.chunks(g.c_out * l)) {
             if g.is_pointwise() {
-                matmul(&mut dw, k, Mat::rows(db, l), Mat::rows_t(xb, l), (g.c_out, k, l), T::one(), true, true);
+                matmul(
+                    &mut dw,
+                    k,
+                    Mat::rows(db, l),
+                    Mat::rows_t(xb, l),
+                    (g.c_out, k, l),
+                    T::one(),
+                    true,
+                    true,
+                );
                 continue;
             }
             for band in g.bands() {
@@ -290,7 +360,16 @@ impl WeightGrad {
                 col.resize(k * lc, T::zero());
                 g.im2col(xb, band, &mut col);
                 let lhs = Mat::rows(&db[band.0 * g.wo..], l);
-                matmul(&mut dw, k, lhs, Mat::rows_t(&col, lc), (g.c_out, k, lc), T::one(), true, true);
+                matmul(
+                    &mut dw,
+                    k,
+                    lhs,
+                    Mat::rows_t(&col, lc),
+                    (g.c_out, k, lc),
+                    T::one(),
+                    true,
+                    true,
+                );
             }
         }
         dw
@@ -306,7 +385,11 @@ impl CustomOp2 for WeightGrad {
         let (c_out, c_in) = (dl.dims()[1], xl.dims()[1]);
         let g = Geometry::new(xl.dims(), &[c_out, c_in, self.kh, self.kw], self.stride, self.padding)?;
         if dl.dims() != [g.b, c_out, g.ho, g.wo] {
-            candle_core::bail!("conv2d-weight-grad: gradient of shape {:?} for output {:?}", dl.dims(), (g.ho, g.wo));
+            candle_core::bail!(
+                "conv2d-weight-grad: gradient of shape {:?} for output {:?}",
+                dl.dims(),
+                (g.ho, g.wo)
+            );
         }
         let out = dispatch_real!("conv2d-weight-grad", xs, T => {
             let dw = self.run::<T>(&g, slice("conv2d-weight-grad", xs, xl)?, slice("conv2d-weight-grad", ds, dl)?);

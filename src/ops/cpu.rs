@@ -140,12 +140,15 @@ pub(crate) fn sum_zip<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
         let (ra, rb) = (ca.remainder(), cb.remainder());
         for (x, y) in ca.zip(cb) {
             for l in 0..LANES {
-                acc[l] = acc[l] + f(x[l], y[l]);
+                acc[l] += f(x[l], y[l]);
             }
         }
         total += acc.iter().map(|&v| WithDType::to_f64(v)).sum::<f64>();
-        total += ra.iter().zip(rb).map(|(&x, &y)| WithDType::to_f64(f(x, y))).sum::<f64>();
+        total += ra
+            .iter()
+            .zip(rb)
+            .map(|(&x, &y)| WithDType::to_f64(f(x, y)))
+            .sum::<f64>();
     }
     total
 }
-

@@ -17,8 +17,8 @@ pub mod conv2d;
 pub(crate) mod cpu;
 pub mod group_norm;
 pub mod layer_norm;
-pub(crate) mod row_norm;
 pub mod mse;
+pub(crate) mod row_norm;
 pub mod softmax;
 
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -39,7 +39,8 @@ impl RowNorm {
     /// Applies the op to `x` (any shape whose element count divides into rows), `weight` and
     /// `bias` of [`Self::params`] elements each.
     pub fn apply(self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, self)
+        x.contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, self)
     }
 
     fn check(&self, op: &str, x: &Layout, p: &Layout) -> Result<usize> {
@@ -48,7 +49,11 @@ impl RowNorm {
             candle_core::bail!("{op}: {n} elements do not split into rows of {}", self.row_len);
         }
         if p.shape().elem_count() != self.params() {
-            candle_core::bail!("{op}: {} parameters, expected {}", p.shape().elem_count(), self.params());
+            candle_core::bail!(
+                "{op}: {} parameters, expected {}",
+                p.shape().elem_count(),
+                self.params()
+            );
         }
         Ok(n / self.row_len)
     }
@@ -169,12 +174,12 @@ impl RowNorm {
                         } else {
                             gy
                         };
-                        sx = sx + gy * xhat;
-                        s = s + gy;
+                        sx += gy * xhat;
+                        s += gy;
                         // dx holds d(xhat) until the second pass.
                         *d = gy * g;
-                        c1 = c1 + *d;
-                        c2 = c2 + *d * xhat;
+                        c1 += *d;
+                        c2 += *d * xhat;
                     }
                     part[2 * t] = sx;
                     part[2 * t + 1] = s;
@@ -191,8 +196,8 @@ impl RowNorm {
         for (r, part) in partial.chunks(nseg * 2).enumerate() {
             let base = (r % self.groups) * nseg;
             for t in 0..nseg {
-                grads[base + t] = grads[base + t] + part[2 * t];
-                grads[p + base + t] = grads[p + base + t] + part[2 * t + 1];
+                grads[base + t] += part[2 * t];
+                grads[p + base + t] += part[2 * t + 1];
             }
         }
         dx.extend(grads);

@@ -29,10 +29,10 @@ pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
     let mut sum = T::zero();
     for v in row.iter_mut() {
         *v = (*v - max).exp();
-        sum = sum + *v;
+        sum += *v;
     }
     let inv = T::one() / sum;
-    row.iter_mut().for_each(|v| *v = *v * inv);
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// `dx = y * (dy - sum(dy * y))` for one row, written into `dy`.

@@ -164,8 +164,7 @@ impl Encoder {
             }
         }
         let xs = self.mid_block.forward(&xs)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward_act(&xs, self.act)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_act(&xs, self.act)?)
     }
 }
 
@@ -232,7 +231,6 @@ impl Decoder {
                 xs = u.forward(&xs, None)?;
             }
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward_act(&xs, self.act)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_act(&xs, self.act)?)
     }
 }
