@@ -57,6 +57,13 @@ pub struct DemoArgs {
     /// ReNO iterations per held-out image (default 8, quick 2).
     #[arg(long)]
     reno_iters: Option<usize>,
+    /// A shapes-world pipeline folder to align instead of the embedded one (e.g. the output of
+    /// `diffalign pretrain`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A shapes-world reward CLIP folder for ReNO instead of the embedded one.
+    #[arg(long)]
+    reward: Option<PathBuf>,
 }
 
 fn parse_beta(s: &str) -> Result<(String, f64), String> {
@@ -99,8 +106,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let out = &args.out;
     std::fs::create_dir_all(out.join("gallery")).with_context(|| format!("creating {}", out.display()))?;
-    let model_dir = diffalign::assets::shapes_model_dir()?;
-    let reward_dir = diffalign::assets::shapes_reward_dir()?;
+    let model_dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => diffalign::assets::shapes_model_dir()?,
+    };
+    let reward_dir = match &args.reward {
+        Some(dir) => dir.clone(),
+        None => diffalign::assets::shapes_reward_dir()?,
+    };
     let gen = Generator::load(&model_dir, &cfg)?;
     let device_opts = LoadOptions {
         device: cfg.device.clone(),
@@ -230,7 +243,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "methods": results,
         "config": {"quick": args.quick, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
                    "train_steps": cfg.train_steps, "lr": cfg.lr, "betas": cfg.betas, "reno_iters": cfg.reno_iters,
-                   "sampler_steps": cfg.steps, "guidance": cfg.guidance},
+                   "sampler_steps": cfg.steps, "guidance": cfg.guidance,
+                   "model": args.model.as_ref().map(|p| p.display().to_string()),
+                   "reward": args.reward.as_ref().map(|p| p.display().to_string())},
         "seconds": start.elapsed().as_secs_f64(),
     });
     write_atomic(&out.join("metrics.json"), &serde_json::to_string_pretty(&metrics)?)?;
