@@ -120,7 +120,7 @@ fn group_norm_matches_reference() {
 #[test]
 fn layer_norm_matches_reference() {
     let mut rng = Rng::new(4);
-    for shape in [vec![2, 5, 16], vec![7, 3], vec![1, 1, 64]] {
+    for shape in [vec![2, 5, 16], vec![7, 3], vec![1, 1, 64], vec![4, 256, 80]] {
         let d = *shape.last().unwrap();
         let inputs = [
             randn(&mut rng, &shape).affine(3.0, 1.0).unwrap(),
@@ -139,7 +139,7 @@ fn layer_norm_matches_reference() {
 #[test]
 fn softmax_matches_reference() {
     let mut rng = Rng::new(5);
-    for shape in [vec![3, 7], vec![2, 4, 33], vec![5]] {
+    for shape in [vec![3, 7], vec![2, 4, 33], vec![5], vec![3, 100, 256]] {
         let inputs = [(randn(&mut rng, &shape) * 4.0).unwrap()];
         check(
             &format!("softmax {shape:?}"),
@@ -159,6 +159,8 @@ fn attention_matches_reference() {
         (vec![2, 4], 16, 7, 8, 8),
         (vec![1], 5, 9, 4, 6),
         (vec![3, 2], 1, 3, 5, 5),
+        // Big enough for the thread pool (slices in parallel).
+        (vec![2, 4], 96, 96, 8, 8),
     ] {
         let shape = |l: usize, w: usize| [lead.clone(), vec![l, w]].concat();
         let inputs = [
@@ -196,7 +198,7 @@ fn masked_attention_matches_reference() {
 #[test]
 fn per_sample_mse_matches_reference() {
     let mut rng = Rng::new(8);
-    for shape in [vec![4, 3, 5, 5], vec![2, 7], vec![1, 1]] {
+    for shape in [vec![4, 3, 5, 5], vec![2, 7], vec![1, 1], vec![2, 4, 96, 96]] {
         let inputs = [randn(&mut rng, &shape), randn(&mut rng, &shape)];
         check(
             &format!("per_sample_mse {shape:?}"),

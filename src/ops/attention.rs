@@ -3,9 +3,8 @@
 //! recomputes the scores there (the memory-efficient attention recipe).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use super::cpu::{dispatch_real, matmul, slice, Mat, Real};
+use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
 use super::layer_norm::compute_dtype;
 use super::softmax::softmax_row;
 
@@ -73,6 +72,11 @@ struct Dims {
 }
 
 impl Dims {
+    /// Whether the call is big enough for the thread pool (by score-matrix elements).
+    fn parallel(&self) -> bool {
+        self.n > 1 && self.n * self.lq * self.lk >= PAR_MIN_ELEMENTS
+    }
+
     fn new(op: &str, q: &Layout, k: &Layout, v: &Layout) -> Result<Self> {
         let (&[n, lq, d], &[nk, lk, dk], &[nv, lv, dv]) = (q.dims(), k.dims(), v.dims()) else {
             candle_core::bail!(
@@ -90,7 +94,7 @@ impl Dims {
 }
 
 /// `p = softmax(scale * q k^T)` for one slice, into `p` `[lq, lk]`.
-fn probabilities<T: Real>(dims: &Dims, q: &[T], k: &[T], scale: T, p: &mut [T]) {
+fn probabilities<T: Real>(dims: &Dims, q: &[T], k: &[T], scale: T, p: &mut [T], parallel: bool) {
     let Dims { lq, lk, d, .. } = *dims;
     matmul(
         p,
@@ -100,7 +104,7 @@ fn probabilities<T: Real>(dims: &Dims, q: &[T], k: &[T], scale: T, p: &mut [T]) 
         (lq, lk, d),
         scale,
         false,
-        false,
+        parallel,
     );
     p.chunks_mut(lk.max(1)).for_each(softmax_row);
 }
@@ -114,29 +118,30 @@ impl Attention {
         let Dims { lq, lk, d, dv, .. } = *dims;
         let scale = T::from_f64(self.scale);
         let mut out = vec![T::zero(); dims.n * lq * dv];
-        out.par_chunks_mut(lq * dv).enumerate().for_each_init(
-            || vec![T::zero(); lq * lk],
-            |p, (i, o)| {
-                probabilities(
-                    dims,
-                    &q[i * lq * d..(i + 1) * lq * d],
-                    &k[i * lk * d..(i + 1) * lk * d],
-                    scale,
-                    p,
-                );
-                let vi = &v[i * lk * dv..(i + 1) * lk * dv];
-                matmul(
-                    o,
-                    dv,
-                    Mat::rows(p, lk),
-                    Mat::rows(vi, dv),
-                    (lq, dv, lk),
-                    T::one(),
-                    false,
-                    false,
-                );
-            },
-        );
+        // Threads across slices when there are several, else inside the products.
+        let inner = !dims.parallel();
+        for_each_chunk(&mut out, lq * dv, dims.parallel(), 1, |i, o| {
+            let mut p = vec![T::zero(); lq * lk];
+            probabilities(
+                dims,
+                &q[i * lq * d..(i + 1) * lq * d],
+                &k[i * lk * d..(i + 1) * lk * d],
+                scale,
+                &mut p,
+                inner,
+            );
+            let vi = &v[i * lk * dv..(i + 1) * lk * dv];
+            matmul(
+                o,
+                dv,
+                Mat::rows(&p, lk),
+                Mat::rows(vi, dv),
+                (lq, dv, lk),
+                T::one(),
+                false,
+                inner,
+            );
+        });
         out
     }
 }
@@ -191,76 +196,79 @@ struct AttentionGrad {
 }
 
 impl AttentionGrad {
+    /// `[dq | dk | dv]`, each over all slices.
     fn backward<T: Real>(&self, dims: &Dims, q: &[T], kv: &[T], go: &[T]) -> Vec<T> {
         let Dims { n, lq, lk, d, dv } = *dims;
         let scale = T::from_f64(self.scale);
-        let mut dq = vec![T::zero(); n * lq * d];
-        let mut dk = vec![T::zero(); n * lk * d];
-        let mut dvs = vec![T::zero(); n * lk * dv];
-        dq.par_chunks_mut(lq * d)
-            .zip(dk.par_chunks_mut(lk * d))
-            .zip(dvs.par_chunks_mut(lk * dv))
-            .enumerate()
-            .for_each_init(
-                || {
-                    (
-                        vec![T::zero(); lq * lk],
-                        vec![T::zero(); lq * lk],
-                        Vec::new(),
-                        Vec::new(),
-                    )
-                },
-                |(p, dp, ki, vi), (i, ((dqi, dki), dvi))| {
-                    let qi = &q[i * lq * d..(i + 1) * lq * d];
-                    let kvi = &kv[i * lk * (d + dv)..(i + 1) * lk * (d + dv)];
-                    ki.clear();
-                    vi.clear();
-                    for row in kvi.chunks(d + dv) {
-                        ki.extend_from_slice(&row[..d]);
-                        vi.extend_from_slice(&row[d..]);
-                    }
-                    let goi = &go[i * lq * (dv + 1)..(i + 1) * lq * (dv + 1)];
-                    let g = Mat {
-                        data: goi,
-                        rs: dv + 1,
-                        cs: 1,
-                    };
-                    probabilities(dims, qi, ki, scale, p);
-                    // dV = P^T dO; dP = dO V^T; dS = P * (dP - delta).
-                    matmul(dvi, dv, Mat::rows_t(p, lk), g, (lk, dv, lq), T::one(), false, false);
-                    matmul(dp, lk, g, Mat::rows_t(vi, dv), (lq, lk, dv), T::one(), false, false);
-                    for (r, (dpr, pr)) in dp.chunks_mut(lk.max(1)).zip(p.chunks(lk.max(1))).enumerate() {
-                        let delta = goi[r * (dv + 1) + dv];
-                        for (x, &pv) in dpr.iter_mut().zip(pr) {
-                            *x = pv * (*x - delta);
-                        }
-                    }
-                    // dQ = scale dS K; dK = scale dS^T Q.
-                    matmul(
-                        dqi,
-                        d,
-                        Mat::rows(dp, lk),
-                        Mat::rows(ki, d),
-                        (lq, d, lk),
-                        scale,
-                        false,
-                        false,
-                    );
-                    matmul(
-                        dki,
-                        d,
-                        Mat::rows_t(dp, lk),
-                        Mat::rows(qi, d),
-                        (lk, d, lq),
-                        scale,
-                        false,
-                        false,
-                    );
-                },
+        // Per slice `[dq_i | dk_i | dv_i]`, regrouped by tensor at the end.
+        let (sq, sk, sv) = (lq * d, lk * d, lk * dv);
+        let mut per_slice = vec![T::zero(); n * (sq + sk + sv)];
+        let inner = !dims.parallel();
+        for_each_chunk(&mut per_slice, sq + sk + sv, dims.parallel(), 1, |i, out| {
+            let (dqi, rest) = out.split_at_mut(sq);
+            let (dki, dvi) = rest.split_at_mut(sk);
+            let qi = &q[i * sq..(i + 1) * sq];
+            let kvi = &kv[i * lk * (d + dv)..(i + 1) * lk * (d + dv)];
+            let (mut ki, mut vi) = (Vec::with_capacity(sk), Vec::with_capacity(sv));
+            for row in kvi.chunks(d + dv) {
+                ki.extend_from_slice(&row[..d]);
+                vi.extend_from_slice(&row[d..]);
+            }
+            let goi = &go[i * lq * (dv + 1)..(i + 1) * lq * (dv + 1)];
+            let g = Mat {
+                data: goi,
+                rs: dv + 1,
+                cs: 1,
+            };
+            let (mut p, mut dp) = (vec![T::zero(); lq * lk], vec![T::zero(); lq * lk]);
+            probabilities(dims, qi, &ki, scale, &mut p, inner);
+            // dV = P^T dO; dP = dO V^T; dS = P * (dP - delta).
+            matmul(dvi, dv, Mat::rows_t(&p, lk), g, (lk, dv, lq), T::one(), false, inner);
+            matmul(
+                &mut dp,
+                lk,
+                g,
+                Mat::rows_t(&vi, dv),
+                (lq, lk, dv),
+                T::one(),
+                false,
+                inner,
             );
-        dq.extend(dk);
-        dq.extend(dvs);
-        dq
+            for (r, (dpr, pr)) in dp.chunks_mut(lk.max(1)).zip(p.chunks(lk.max(1))).enumerate() {
+                let delta = goi[r * (dv + 1) + dv];
+                for (x, &pv) in dpr.iter_mut().zip(pr) {
+                    *x = pv * (*x - delta);
+                }
+            }
+            // dQ = scale dS K; dK = scale dS^T Q.
+            matmul(
+                dqi,
+                d,
+                Mat::rows(&dp, lk),
+                Mat::rows(&ki, d),
+                (lq, d, lk),
+                scale,
+                false,
+                inner,
+            );
+            matmul(
+                dki,
+                d,
+                Mat::rows_t(&dp, lk),
+                Mat::rows(qi, d),
+                (lk, d, lq),
+                scale,
+                false,
+                inner,
+            );
+        });
+        let mut out = Vec::with_capacity(per_slice.len());
+        for (offset, size) in [(0, sq), (sq, sk), (sq + sk, sv)] {
+            for slice in per_slice.chunks(sq + sk + sv) {
+                out.extend_from_slice(&slice[offset..offset + size]);
+            }
+        }
+        out
     }
 }
 

@@ -4,9 +4,8 @@
 //! conv_transpose2d loop for the input gradient, which dominates training time.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::cpu::{dispatch_real, matmul, slice, Mat, Real};
+use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
 
 /// The composed reference: candle's `conv2d` (`x` `[B, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`).
 pub fn reference(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
@@ -105,7 +104,8 @@ impl Geometry {
     fn im2col<T: Real>(&self, x: &[T], (oh0, oh1): (usize, usize), col: &mut [T]) {
         let lc = (oh1 - oh0) * self.wo;
         let (kh, kw) = (self.kh, self.kw);
-        col.par_chunks_mut(kh * kw * lc).enumerate().for_each(|(c, block)| {
+        let parallel = col.len() >= PAR_MIN_ELEMENTS;
+        for_each_chunk(col, kh * kw * lc, parallel, 1, |c, block| {
             let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
             for ki in 0..kh {
                 let (r_lo, r_hi) = self.valid_rows(ki);
@@ -136,7 +136,8 @@ impl Geometry {
     fn col2im_add<T: Real>(&self, col: &[T], (oh0, oh1): (usize, usize), dx: &mut [T]) {
         let lc = (oh1 - oh0) * self.wo;
         let (kh, kw) = (self.kh, self.kw);
-        dx.par_chunks_mut(self.h * self.w).enumerate().for_each(|(c, plane)| {
+        let parallel = col.len() >= PAR_MIN_ELEMENTS;
+        for_each_chunk(dx, self.h * self.w, parallel, 1, |c, plane| {
             let block = &col[c * kh * kw * lc..(c + 1) * kh * kw * lc];
             for ki in 0..kh {
                 let (r_lo, r_hi) = self.valid_rows(ki);

@@ -2,6 +2,7 @@
 //! strided matrix product on the `gemm` crate (the one candle's CPU matmul uses).
 
 use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
+use rayon::prelude::*;
 
 /// The element types the CPU kernels run in (f32, and f64 for finite-difference tests).
 pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + std::iter::Sum + 'static {}
@@ -89,7 +90,8 @@ pub(crate) fn matmul<T: Real>(
         return;
     }
     let threads = candle_core::utils::get_num_threads();
-    let par = if parallel && threads > 1 && m * n * k > 64 * 64 * 64 {
+    // Below ~2M multiply-adds (a fraction of a millisecond) the hand-off to the pool costs more.
+    let par = if parallel && threads > 1 && m * n * k > 1 << 21 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -151,4 +153,51 @@ pub(crate) fn sum_zip<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
             .sum::<f64>();
     }
     total
+}
+
+/// Elements a kernel must touch before it hands work to the thread pool: a job sent from outside
+/// the pool costs a thread switch each way, more than small tensors (the tiny demo model's) take.
+pub(crate) const PAR_MIN_ELEMENTS: usize = 1 << 16;
+
+/// Runs `f(i, chunk_i)` over the `len`-element chunks of `out`: on the thread pool (at least
+/// `min_per_task` chunks per task) when `parallel`, else on the calling thread.
+pub(crate) fn for_each_chunk<U: Send>(
+    out: &mut [U],
+    len: usize,
+    parallel: bool,
+    min_per_task: usize,
+    f: impl Fn(usize, &mut [U]) + Sync + Send,
+) {
+    let len = len.max(1);
+    if parallel {
+        out.par_chunks_mut(len)
+            .enumerate()
+            .with_min_len(min_per_task.max(1))
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        out.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// [`for_each_chunk`] over two outputs chunked in step: `f(i, a_i, b_i)`.
+pub(crate) fn for_each_chunk2<U: Send, V: Send>(
+    (a, la): (&mut [U], usize),
+    (b, lb): (&mut [V], usize),
+    parallel: bool,
+    min_per_task: usize,
+    f: impl Fn(usize, &mut [U], &mut [V]) + Sync + Send,
+) {
+    let (la, lb) = (la.max(1), lb.max(1));
+    if parallel {
+        a.par_chunks_mut(la)
+            .zip(b.par_chunks_mut(lb))
+            .enumerate()
+            .with_min_len(min_per_task.max(1))
+            .for_each(|(i, (x, y))| f(i, x, y));
+    } else {
+        a.chunks_mut(la)
+            .zip(b.chunks_mut(lb))
+            .enumerate()
+            .for_each(|(i, (x, y))| f(i, x, y));
+    }
 }

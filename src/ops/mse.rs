@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{dispatch_real, slice, sum_zip};
+use super::cpu::{dispatch_real, for_each_chunk2, slice, sum_zip, PAR_MIN_ELEMENTS};
 
 /// The composed reference: `[B]` from `a`, `b` `[B, ...]`.
 pub fn reference(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -47,14 +47,16 @@ impl CustomOp2 for Mse {
             // every thread busy; the partial sums are added per row afterwards.
             const PIECE: usize = 8192;
             let k = m.div_ceil(PIECE).max(1);
-            let partial: Vec<f64> = (0..b * k)
-                .into_par_iter()
-                .map(|p| {
-                    let (r, j) = (p / k, p % k);
-                    let range = r * m + j * m / k..r * m + (j + 1) * m / k;
-                    sum_zip(&x[range.clone()], &y[range], |a, b| (a - b) * (a - b))
-                })
-                .collect();
+            let piece = |p: usize| {
+                let (r, j) = (p / k, p % k);
+                let range = r * m + j * m / k..r * m + (j + 1) * m / k;
+                sum_zip(&x[range.clone()], &y[range], |a, b| (a - b) * (a - b))
+            };
+            let partial: Vec<f64> = if x.len() >= PAR_MIN_ELEMENTS {
+                (0..b * k).into_par_iter().map(piece).collect()
+            } else {
+                (0..b * k).map(piece).collect()
+            };
             let out: Vec<T> = partial.chunks(k).map(|p| T::from_f64(p.iter().sum::<f64>() / m as f64)).collect();
             T::to_cpu_storage_owned(out)
         });
@@ -98,7 +100,7 @@ impl CustomOp3 for MseGrad {
             let n = x.len();
             let mut both = vec![T::from_f64(0.0); 2 * n];
             let (da, db) = both.split_at_mut(n);
-            da.par_chunks_mut(m).zip(db.par_chunks_mut(m)).enumerate().for_each(|(r, (da, db))| {
+            for_each_chunk2((da, m), (db, m), n >= PAR_MIN_ELEMENTS, 1, |r, da, db| {
                 let c = T::from_f64(2.0 / m as f64) * g[r];
                 let (xr, yr) = (&x[r * m..(r + 1) * m], &y[r * m..(r + 1) * m]);
                 for (((da, db), &a), &b) in da.iter_mut().zip(db.iter_mut()).zip(xr).zip(yr) {

@@ -5,9 +5,8 @@
 //! The backward pass is one kernel that returns the input, weight and bias gradients together.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::cpu::{dispatch_real, sigmoid, slice, Real};
+use super::cpu::{dispatch_real, for_each_chunk, for_each_chunk2, sigmoid, slice, Real, PAR_MIN_ELEMENTS};
 
 /// How the rows of a normalised tensor map onto the affine parameters.
 #[derive(Debug, Clone, Copy)]
@@ -101,12 +100,14 @@ impl RowNorm {
         // the output, as long as the normalisation itself.
         let mut out: Vec<T> = Vec::with_capacity(x.len());
         let (seg, nseg) = (self.segment, self.segments());
-        out.spare_capacity_mut()[..x.len()]
-            .par_chunks_mut(self.row_len)
-            .zip(x.par_chunks(self.row_len))
-            .enumerate()
-            .with_min_len(self.rows_per_task())
-            .for_each(|(r, (o, xr))| {
+        let (len, parallel) = (self.row_len, x.len() >= PAR_MIN_ELEMENTS);
+        for_each_chunk(
+            &mut out.spare_capacity_mut()[..x.len()],
+            len,
+            parallel,
+            self.rows_per_task(),
+            |r, o| {
+                let xr = &x[r * len..(r + 1) * len];
                 let (mean, rstd) = self.stats(xr);
                 let base = (r % self.groups) * nseg;
                 if seg == 1 {
@@ -125,13 +126,15 @@ impl RowNorm {
                         o.write(v * scale + shift);
                     }
                 }
-            });
+            },
+        );
         // SAFETY: the row chunks cover all `x.len()` elements and each was written above.
         unsafe { out.set_len(x.len()) };
         if SILU {
             // A pass of its own: inside the affine loop, exp stops the loop from vectorising.
-            out.par_chunks_mut(self.row_len)
-                .for_each(|o| o.iter_mut().for_each(|y| *y = *y / (T::one() + (-*y).exp())));
+            for_each_chunk(&mut out, len, parallel, self.rows_per_task(), |_, o| {
+                o.iter_mut().for_each(|y| *y = *y / (T::one() + (-*y).exp()))
+            });
         }
         out
     }
@@ -151,11 +154,13 @@ impl RowNorm {
         let mut dx = vec![T::zero(); x.len()];
         // Per row and segment: (sum dy * xhat, sum dy), reduced over rows afterwards.
         let mut partial = vec![T::zero(); rows * nseg * 2];
-        dx.par_chunks_mut(self.row_len)
-            .zip(partial.par_chunks_mut(nseg * 2))
-            .enumerate()
-            .with_min_len(self.rows_per_task())
-            .for_each(|(r, (dxr, part))| {
+        let parallel = x.len() >= PAR_MIN_ELEMENTS;
+        for_each_chunk2(
+            (&mut dx, self.row_len),
+            (&mut partial, nseg * 2),
+            parallel,
+            self.rows_per_task(),
+            |r, dxr, part| {
                 let xr = &x[r * self.row_len..(r + 1) * self.row_len];
                 let dyr = &dy[r * self.row_len..(r + 1) * self.row_len];
                 let (mean, rstd) = self.stats(xr);
@@ -190,7 +195,8 @@ impl RowNorm {
                     let xhat = (v - mean) * rstd;
                     *d = rstd * (*d - c1 - xhat * c2);
                 }
-            });
+            },
+        );
         let p = self.params();
         let mut grads = vec![T::zero(); 2 * p];
         for (r, part) in partial.chunks(nseg * 2).enumerate() {

@@ -2,9 +2,8 @@
 //! kernel.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use super::cpu::{dispatch_real, slice, Real};
+use super::cpu::{dispatch_real, for_each_chunk, slice, Real, PAR_MIN_ELEMENTS};
 
 /// The composed reference. The subtracted maximum is detached: it cancels out of the result, so
 /// its gradient is zero.
@@ -43,6 +42,11 @@ pub(crate) fn softmax_grad_row<T: Real>(y: &[T], dy: &mut [T]) {
     }
 }
 
+/// Rows per thread-pool task: short rows are batched so each task has work.
+fn rows_per_task(d: usize) -> usize {
+    (16384 / d).max(1)
+}
+
 struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -54,7 +58,8 @@ impl CustomOp1 for Softmax {
         let d = l.dims().last().copied().unwrap_or(1).max(1);
         let out = dispatch_real!("softmax", s, T => {
             let mut y = slice::<T>("softmax", s, l)?.to_vec();
-            y.par_chunks_mut(d).for_each(softmax_row);
+            let parallel = y.len() >= PAR_MIN_ELEMENTS;
+            for_each_chunk(&mut y, d, parallel, rows_per_task(d), |_, row| softmax_row(row));
             T::to_cpu_storage_owned(y)
         });
         Ok((out, l.shape().clone()))
@@ -81,7 +86,8 @@ impl CustomOp2 for SoftmaxGrad {
         let out = dispatch_real!("softmax-grad", ys, T => {
             let y: &[T] = slice("softmax-grad", ys, yl)?;
             let mut dx = slice::<T>("softmax-grad", ds, dl)?.to_vec();
-            dx.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(g, y)| softmax_grad_row(y, g));
+            let parallel = dx.len() >= PAR_MIN_ELEMENTS;
+            for_each_chunk(&mut dx, d, parallel, rows_per_task(d), |r, g| softmax_grad_row(&y[r * d..(r + 1) * d], g));
             T::to_cpu_storage_owned(dx)
         });
         Ok((out, yl.shape().clone()))
