@@ -42,16 +42,16 @@ pub struct DemoArgs {
     /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Optimizer steps per method (default: 120, quick 3).
+    /// Optimizer steps per method (default: 240, quick 3).
     #[arg(long)]
     train_steps: Option<usize>,
-    /// Learning rate of the aligned UNet (default 1e-4).
+    /// Learning rate of the aligned UNet (default 3e-5).
     #[arg(long)]
     lr: Option<f64>,
-    /// A method's beta as METHOD=B, repeatable (defaults: dpo and dcpo 500, mapo 0.1, smpo 50).
+    /// A method's beta as METHOD=B, repeatable (defaults: dpo 1000, dcpo 5000, mapo 0.02, smpo 200).
     #[arg(long = "beta", value_parser = parse_beta)]
     betas: Vec<(String, f64)>,
-    /// Seeds per held-out prompt (default 4, quick 2).
+    /// Seeds per held-out prompt (default 6, quick 2).
     #[arg(long)]
     eval_seeds: Option<u64>,
     /// ReNO iterations per held-out image (default 8, quick 2).
