@@ -91,6 +91,22 @@ impl Geometry {
         (0..ho).step_by(rows).map(move |r| (r, (r + rows).min(ho)))
     }
 
+    /// Calls `f(band, cols, band_len)` for each band of output rows of image `x`, `cols` being
+    /// its unfolded `[K, band_len]` matrix: `x` itself for a pointwise convolution, else im2col
+    /// into `buf`.
+    fn for_each_unfolded<T: Real>(&self, x: &[T], buf: &mut Vec<T>, mut f: impl FnMut((usize, usize), &[T], usize)) {
+        if self.is_pointwise() {
+            f((0, self.ho), x, self.l());
+            return;
+        }
+        for band in self.bands() {
+            let lc = (band.1 - band.0) * self.wo;
+            buf.resize(self.k() * lc, T::zero());
+            self.im2col(x, band, buf);
+            f(band, buf, lc);
+        }
+    }
+
     /// For kernel offset `kj`: the output columns `[lo, hi)` whose input column is inside the image.
     fn valid_cols(&self, kj: usize) -> (usize, usize) {
         valid_range(kj, self.pad, self.stride, self.w, self.wo)
@@ -182,35 +198,19 @@ impl Conv2dOp {
         let mut out = vec![T::zero(); g.b * g.c_out * l];
         let mut col = Vec::new();
         for (xb, ob) in x.chunks(g.c_in * g.h * g.w).zip(out.chunks_mut(g.c_out * l)) {
-            if g.is_pointwise() {
+            g.for_each_unfolded(xb, &mut col, |band, cols, lc| {
+                let (lhs, rhs) = (Mat::rows(w, k), Mat::rows(cols, lc));
                 matmul(
-                    ob,
+                    &mut ob[band.0 * g.wo..],
                     l,
-                    Mat::rows(w, k),
-                    Mat::rows(xb, l),
-                    (g.c_out, l, k),
-                    T::one(),
-                    false,
-                    true,
-                );
-                continue;
-            }
-            for band in g.bands() {
-                let lc = (band.1 - band.0) * g.wo;
-                col.resize(k * lc, T::zero());
-                g.im2col(xb, band, &mut col);
-                let dst = &mut ob[band.0 * g.wo..];
-                matmul(
-                    dst,
-                    l,
-                    Mat::rows(w, k),
-                    Mat::rows(&col, lc),
+                    lhs,
+                    rhs,
                     (g.c_out, lc, k),
                     T::one(),
                     false,
                     true,
                 );
-            }
+            });
         }
         out
     }
@@ -343,35 +343,10 @@ impl WeightGrad {
         let mut dw = vec![T::zero(); g.c_out * k];
         let mut col = Vec::new();
         for (xb, db) in x.chunks(g.c_in * g.h * g.w).zip(dy.chunks(g.c_out * l)) {
-            if g.is_pointwise() {
-                matmul(
-                    &mut dw,
-                    k,
-                    Mat::rows(db, l),
-                    Mat::rows_t(xb, l),
-                    (g.c_out, k, l),
-                    T::one(),
-                    true,
-                    true,
-                );
-                continue;
-            }
-            for band in g.bands() {
-                let lc = (band.1 - band.0) * g.wo;
-                col.resize(k * lc, T::zero());
-                g.im2col(xb, band, &mut col);
-                let lhs = Mat::rows(&db[band.0 * g.wo..], l);
-                matmul(
-                    &mut dw,
-                    k,
-                    lhs,
-                    Mat::rows_t(&col, lc),
-                    (g.c_out, k, lc),
-                    T::one(),
-                    true,
-                    true,
-                );
-            }
+            g.for_each_unfolded(xb, &mut col, |band, cols, lc| {
+                let (lhs, rhs) = (Mat::rows(&db[band.0 * g.wo..], l), Mat::rows_t(cols, lc));
+                matmul(&mut dw, k, lhs, rhs, (g.c_out, k, lc), T::one(), true, true);
+            });
         }
         dw
     }
