@@ -358,7 +358,7 @@ impl Attention {
             (k, v)
         };
         let dtype = q.dtype();
-        let compute = crate::ops::layer_norm::compute_dtype(dtype);
+        let compute = crate::ops::compute_dtype(dtype);
         let scores = (q.to_dtype(compute)?.matmul(&k.to_dtype(compute)?.t()?)? / (self.head_dim as f64).sqrt())?;
         let p = softmax(&scores.broadcast_add(mask)?)?;
         let out = p.to_dtype(dtype)?.matmul(&v)?;
@@ -504,7 +504,7 @@ impl LlamaModel {
             .embed_tokens
             .index_select(&ids.to_device(device)?, 0)?
             .reshape((b, t, ()))?;
-        let compute = crate::ops::layer_norm::compute_dtype(xs.dtype());
+        let compute = crate::ops::compute_dtype(xs.dtype());
         let (cos, sin) = rope_tables(&self.cfg, t, xs.dtype(), device)?;
         let mask = self.mask(
             attention_mask.map(|m| m.to_device(device)).transpose()?.as_ref(),

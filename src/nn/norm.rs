@@ -4,7 +4,7 @@
 use candle_core::{Tensor, D};
 
 use super::Activation;
-use crate::ops::layer_norm::compute_dtype;
+use crate::ops::compute_dtype;
 use crate::weights::VarBuilder;
 use crate::Result;
 

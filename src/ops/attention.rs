@@ -4,8 +4,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
+use super::compute_dtype;
 use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
-use super::layer_norm::compute_dtype;
 use super::softmax::softmax_row;
 
 /// The composed reference for `q` `[..., Lq, D]`, `k` `[..., Lk, D]`, `v` `[..., Lk, Dv]`; the
@@ -120,7 +120,7 @@ impl Attention {
         let mut out = vec![T::zero(); dims.n * lq * dv];
         // Threads across slices when there are several, else inside the products.
         let inner = !dims.parallel();
-        for_each_chunk(&mut out, lq * dv, dims.parallel(), 1, |i, o| {
+        for_each_chunk(&mut out, lq * dv, dims.parallel(), |i, o| {
             let mut p = vec![T::zero(); lq * lk];
             probabilities(
                 dims,
@@ -204,7 +204,7 @@ impl AttentionGrad {
         let (sq, sk, sv) = (lq * d, lk * d, lk * dv);
         let mut per_slice = vec![T::zero(); n * (sq + sk + sv)];
         let inner = !dims.parallel();
-        for_each_chunk(&mut per_slice, sq + sk + sv, dims.parallel(), 1, |i, out| {
+        for_each_chunk(&mut per_slice, sq + sk + sv, dims.parallel(), |i, out| {
             let (dqi, rest) = out.split_at_mut(sq);
             let (dki, dvi) = rest.split_at_mut(sk);
             let qi = &q[i * sq..(i + 1) * sq];

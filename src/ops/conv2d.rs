@@ -121,7 +121,7 @@ impl Geometry {
         let lc = (oh1 - oh0) * self.wo;
         let (kh, kw) = (self.kh, self.kw);
         let parallel = col.len() >= PAR_MIN_ELEMENTS;
-        for_each_chunk(col, kh * kw * lc, parallel, 1, |c, block| {
+        for_each_chunk(col, kh * kw * lc, parallel, |c, block| {
             let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
             for ki in 0..kh {
                 let (r_lo, r_hi) = self.valid_rows(ki);
@@ -153,7 +153,7 @@ impl Geometry {
         let lc = (oh1 - oh0) * self.wo;
         let (kh, kw) = (self.kh, self.kw);
         let parallel = col.len() >= PAR_MIN_ELEMENTS;
-        for_each_chunk(dx, self.h * self.w, parallel, 1, |c, plane| {
+        for_each_chunk(dx, self.h * self.w, parallel, |c, plane| {
             let block = &col[c * kh * kw * lc..(c + 1) * kh * kw * lc];
             for ki in 0..kh {
                 let (r_lo, r_hi) = self.valid_rows(ki);

@@ -159,20 +159,25 @@ pub(crate) fn sum_zip<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
 /// the pool costs a thread switch each way, more than small tensors (the tiny demo model's) take.
 pub(crate) const PAR_MIN_ELEMENTS: usize = 1 << 16;
 
-/// Runs `f(i, chunk_i)` over the `len`-element chunks of `out`: on the thread pool (at least
-/// `min_per_task` chunks per task) when `parallel`, else on the calling thread.
+/// Chunks per thread-pool task for chunks of `len` elements: short rows (layer norm, softmax)
+/// are batched to about 16K elements a task, so each task has work.
+fn chunks_per_task(len: usize) -> usize {
+    (16384 / len.max(1)).max(1)
+}
+
+/// Runs `f(i, chunk_i)` over the `len`-element chunks of `out`: on the thread pool when
+/// `parallel`, else on the calling thread.
 pub(crate) fn for_each_chunk<U: Send>(
     out: &mut [U],
     len: usize,
     parallel: bool,
-    min_per_task: usize,
     f: impl Fn(usize, &mut [U]) + Sync + Send,
 ) {
     let len = len.max(1);
     if parallel {
         out.par_chunks_mut(len)
             .enumerate()
-            .with_min_len(min_per_task.max(1))
+            .with_min_len(chunks_per_task(len))
             .for_each(|(i, c)| f(i, c));
     } else {
         out.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
@@ -184,7 +189,6 @@ pub(crate) fn for_each_chunk2<U: Send, V: Send>(
     (a, la): (&mut [U], usize),
     (b, lb): (&mut [V], usize),
     parallel: bool,
-    min_per_task: usize,
     f: impl Fn(usize, &mut [U], &mut [V]) + Sync + Send,
 ) {
     let (la, lb) = (la.max(1), lb.max(1));
@@ -192,7 +196,7 @@ pub(crate) fn for_each_chunk2<U: Send, V: Send>(
         a.par_chunks_mut(la)
             .zip(b.par_chunks_mut(lb))
             .enumerate()
-            .with_min_len(min_per_task.max(1))
+            .with_min_len(chunks_per_task(la))
             .for_each(|(i, (x, y))| f(i, x, y));
     } else {
         a.chunks_mut(la)

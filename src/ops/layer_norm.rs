@@ -1,16 +1,10 @@
 //! Layer normalisation over the last dimension, with a learned scale and shift.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
+
+use super::compute_dtype;
 
 use super::row_norm::RowNorm;
-
-/// The dtype statistics and scores are computed in: f32 for half types, else the input's own.
-pub(crate) fn compute_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
-}
 
 /// `xs` normalised over its last dimension (zero mean, unit variance), in at least f32.
 pub(crate) fn normalize_last(xs: &Tensor, eps: f64) -> Result<Tensor> {

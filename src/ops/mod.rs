@@ -45,6 +45,14 @@ pub fn fused_enabled() -> bool {
     }
 }
 
+/// The dtype statistics and scores are computed in: f32 for half types, else the input's own.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
 /// Whether the fused CPU kernels can take these tensors: kernels on, all on the CPU, all f32 or
 /// all f64.
 pub(crate) fn use_cpu_kernel(tensors: &[&Tensor]) -> bool {

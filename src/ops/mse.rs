@@ -100,7 +100,7 @@ impl CustomOp3 for MseGrad {
             let n = x.len();
             let mut both = vec![T::from_f64(0.0); 2 * n];
             let (da, db) = both.split_at_mut(n);
-            for_each_chunk2((da, m), (db, m), n >= PAR_MIN_ELEMENTS, 1, |r, da, db| {
+            for_each_chunk2((da, m), (db, m), n >= PAR_MIN_ELEMENTS, |r, da, db| {
                 let c = T::from_f64(2.0 / m as f64) * g[r];
                 let (xr, yr) = (&x[r * m..(r + 1) * m], &y[r * m..(r + 1) * m]);
                 for (((da, db), &a), &b) in da.iter_mut().zip(db.iter_mut()).zip(xr).zip(yr) {

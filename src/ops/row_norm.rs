@@ -26,11 +26,6 @@ impl RowNorm {
         self.row_len / self.segment
     }
 
-    /// Rows per thread-pool task: short rows (layer norm) are batched so each task has work.
-    fn rows_per_task(&self) -> usize {
-        (16384 / self.row_len.max(1)).max(1)
-    }
-
     fn params(&self) -> usize {
         self.groups * self.segments()
     }
@@ -101,38 +96,32 @@ impl RowNorm {
         let mut out: Vec<T> = Vec::with_capacity(x.len());
         let (seg, nseg) = (self.segment, self.segments());
         let (len, parallel) = (self.row_len, x.len() >= PAR_MIN_ELEMENTS);
-        for_each_chunk(
-            &mut out.spare_capacity_mut()[..x.len()],
-            len,
-            parallel,
-            self.rows_per_task(),
-            |r, o| {
-                let xr = &x[r * len..(r + 1) * len];
-                let (mean, rstd) = self.stats(xr);
-                let base = (r % self.groups) * nseg;
-                if seg == 1 {
-                    // One weight per element (layer norm): a straight zip, which vectorises.
-                    let (w, b) = (&w[base..base + nseg], &b[base..base + nseg]);
-                    for (((o, &v), &g), &sh) in o.iter_mut().zip(xr).zip(w).zip(b) {
-                        o.write((v - mean) * rstd * g + sh);
-                    }
-                    return;
+        for_each_chunk(&mut out.spare_capacity_mut()[..x.len()], len, parallel, |r, o| {
+            let xr = &x[r * len..(r + 1) * len];
+            let (mean, rstd) = self.stats(xr);
+            let base = (r % self.groups) * nseg;
+            if seg == 1 {
+                // One weight per element (layer norm): a straight zip, which vectorises.
+                let (w, b) = (&w[base..base + nseg], &b[base..base + nseg]);
+                for (((o, &v), &g), &sh) in o.iter_mut().zip(xr).zip(w).zip(b) {
+                    o.write((v - mean) * rstd * g + sh);
                 }
-                for t in 0..nseg {
-                    // y = x * (rstd g) + (sh - mean rstd g): one multiply-add per element.
-                    let scale = rstd * w[base + t];
-                    let shift = b[base + t] - mean * scale;
-                    for (o, &v) in o[t * seg..(t + 1) * seg].iter_mut().zip(&xr[t * seg..(t + 1) * seg]) {
-                        o.write(v * scale + shift);
-                    }
+                return;
+            }
+            for t in 0..nseg {
+                // y = x * (rstd g) + (sh - mean rstd g): one multiply-add per element.
+                let scale = rstd * w[base + t];
+                let shift = b[base + t] - mean * scale;
+                for (o, &v) in o[t * seg..(t + 1) * seg].iter_mut().zip(&xr[t * seg..(t + 1) * seg]) {
+                    o.write(v * scale + shift);
                 }
-            },
-        );
+            }
+        });
         // SAFETY: the row chunks cover all `x.len()` elements and each was written above.
         unsafe { out.set_len(x.len()) };
         if SILU {
             // A pass of its own: inside the affine loop, exp stops the loop from vectorising.
-            for_each_chunk(&mut out, len, parallel, self.rows_per_task(), |_, o| {
+            for_each_chunk(&mut out, len, parallel, |_, o| {
                 o.iter_mut().for_each(|y| *y = *y / (T::one() + (-*y).exp()))
             });
         }
@@ -159,7 +148,6 @@ impl RowNorm {
             (&mut dx, self.row_len),
             (&mut partial, nseg * 2),
             parallel,
-            self.rows_per_task(),
             |r, dxr, part| {
                 let xr = &x[r * self.row_len..(r + 1) * self.row_len];
                 let dyr = &dy[r * self.row_len..(r + 1) * self.row_len];

@@ -42,11 +42,6 @@ pub(crate) fn softmax_grad_row<T: Real>(y: &[T], dy: &mut [T]) {
     }
 }
 
-/// Rows per thread-pool task: short rows are batched so each task has work.
-fn rows_per_task(d: usize) -> usize {
-    (16384 / d).max(1)
-}
-
 struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -59,7 +54,7 @@ impl CustomOp1 for Softmax {
         let out = dispatch_real!("softmax", s, T => {
             let mut y = slice::<T>("softmax", s, l)?.to_vec();
             let parallel = y.len() >= PAR_MIN_ELEMENTS;
-            for_each_chunk(&mut y, d, parallel, rows_per_task(d), |_, row| softmax_row(row));
+            for_each_chunk(&mut y, d, parallel, |_, row| softmax_row(row));
             T::to_cpu_storage_owned(y)
         });
         Ok((out, l.shape().clone()))
@@ -87,7 +82,7 @@ impl CustomOp2 for SoftmaxGrad {
             let y: &[T] = slice("softmax-grad", ys, yl)?;
             let mut dx = slice::<T>("softmax-grad", ds, dl)?.to_vec();
             let parallel = dx.len() >= PAR_MIN_ELEMENTS;
-            for_each_chunk(&mut dx, d, parallel, rows_per_task(d), |r, g| softmax_grad_row(&y[r * d..(r + 1) * d], g));
+            for_each_chunk(&mut dx, d, parallel, |r, g| softmax_grad_row(&y[r * d..(r + 1) * d], g));
             T::to_cpu_storage_owned(dx)
         });
         Ok((out, yl.shape().clone()))
