@@ -53,6 +53,12 @@ pub struct DemoConfig {
     pub temperature: f64,
     /// Per-method beta overrides (by method name); the defaults are in [`method_recipe`].
     pub betas: std::collections::BTreeMap<String, f64>,
+    /// How DCPO's caption of each rejected image is made.
+    pub dcpo_caption: DcpoCaption,
+    /// SmPO's ReNoise inversion steps.
+    pub inversion_steps: usize,
+    /// ReNO's weight on the pair head fitted on the labelled pairs (0: CLIP score alone).
+    pub head_weight: f64,
     /// Where the models run.
     pub device: Device,
 }
@@ -73,6 +79,9 @@ impl DemoConfig {
             reno_iters: 8,
             temperature: 0.05,
             betas: Default::default(),
+            dcpo_caption: DcpoCaption::Perturbed,
+            inversion_steps: 2,
+            head_weight: 1.0,
             device: Device::Cpu,
         }
     }
@@ -89,6 +98,35 @@ impl DemoConfig {
             steps: 4,
             reno_iters: 2,
             ..Self::full()
+        }
+    }
+}
+
+/// How DCPO's second caption, the rejected image's, is made: the paper's three variants, with
+/// the world's captioner ([`caption_of`]) and its caption generator ([`Prompt::perturbed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DcpoCaption {
+    /// DCPO-c: what the captioner says the rejected image shows.
+    Captioned,
+    /// DCPO-p: the prompt with one attribute changed.
+    Perturbed,
+    /// DCPO-h: the captioner's caption of the rejected image with one attribute changed.
+    Hybrid,
+}
+
+impl std::str::FromStr for DcpoCaption {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "captioned" => Ok(DcpoCaption::Captioned),
+            "perturbed" => Ok(DcpoCaption::Perturbed),
+            "hybrid" => Ok(DcpoCaption::Hybrid),
+            other => Err(Error::input(
+                "--dcpo-caption",
+                format!("expected captioned, perturbed or hybrid, got {other:?}"),
+            )),
         }
     }
 }
@@ -199,7 +237,8 @@ pub fn caption_of(image: &Tensor) -> Result<Prompt> {
 
 /// Samples and labels preference pairs into `dir` (`pairs.jsonl` and PNGs): two seeds per pair,
 /// the label drawn from `sigmoid((r_a − r_b) / T)`, `soft_label` that probability for the
-/// chosen image, `caption_rejected` what the rejected image shows. Returns the file.
+/// chosen image, `caption_rejected` DCPO's caption of the rejected image (see [`DcpoCaption`]).
+/// Returns the file.
 pub fn sample_pairs(
     gen: &Generator,
     prompts: &[Prompt],
@@ -209,6 +248,8 @@ pub fn sample_pairs(
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut rng = Rng::new(1234);
+    // Its own stream, so that every DCPO variant sees the same labels.
+    let mut caption_rng = Rng::new(4321);
     let total = prompts.len() * cfg.pairs_per_prompt;
     let mut lines = String::new();
     for (i, prompt) in prompts
@@ -232,7 +273,12 @@ pub fn sample_pairs(
             "chosen": images[w].0,
             "rejected": images[l].0,
             "caption_chosen": prompt.to_string(),
-            "caption_rejected": caption_of(&images[l].2)?.to_string(),
+            "caption_rejected": match cfg.dcpo_caption {
+                DcpoCaption::Captioned => caption_of(&images[l].2)?,
+                DcpoCaption::Perturbed => prompt.perturbed(&mut caption_rng),
+                DcpoCaption::Hybrid => caption_of(&images[l].2)?.perturbed(&mut caption_rng),
+            }
+            .to_string(),
             "soft_label": p,
         });
         lines.push_str(&line.to_string());
@@ -244,14 +290,122 @@ pub fn sample_pairs(
     Ok(path)
 }
 
+/// The pair head fitted for ReNO: where it was saved and how it did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PairHeadReport {
+    /// The reward folder (`clip/` and the head), loadable as `pairhead=DIR`.
+    pub dir: PathBuf,
+    /// Pairs it was fitted on.
+    pub pairs: usize,
+    /// Agreement with the labels of the pairs held out of a first fit (every fifth).
+    pub held_out_accuracy: f64,
+    /// Agreement with the labels of all pairs after the final fit on all of them.
+    pub train_accuracy: f64,
+}
+
+/// Fits a Bradley-Terry pair head ([`crate::reward::pair_head`]) on the patch tokens of the
+/// reward CLIP at `clip_dir` from the labelled pairs of `pairs_file` (their images and soft
+/// labels; nothing else of the rater), and saves it with a copy of the CLIP into `out`.
+pub fn fit_demo_pair_head(pairs_file: &Path, clip_dir: &Path, out: &Path, cfg: &DemoConfig) -> Result<PairHeadReport> {
+    use crate::reward::pair_head::{fit_pair_head, load_clip_tower, patch_features, PairHeadFit, PairHeadReward};
+    let opts = LoadOptions {
+        device: cfg.device.clone(),
+        ..Default::default()
+    };
+    let (clip, preprocess) = load_clip_tower(clip_dir, &opts)?;
+    let dir = pairs_file.parent().unwrap_or(Path::new("."));
+    let text = std::fs::read_to_string(pairs_file).map_err(|e| Error::io(pairs_file, e))?;
+    let (mut chosen, mut rejected, mut soft) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::input(pairs_file.display().to_string(), format!("line {}: {e}", i + 1)))?;
+        let field = |k: &str| {
+            v.get(k)
+                .ok_or_else(|| Error::input(pairs_file.display().to_string(), format!("line {}: no {k:?}", i + 1)))
+        };
+        let image = |k: &str| -> Result<Tensor> {
+            let name = field(k)?.as_str().unwrap_or_default();
+            Ok(crate::sampling::image_io::load_image(&dir.join(name))?.permute((2, 0, 1))?)
+        };
+        chosen.push(image("chosen")?);
+        rejected.push(image("rejected")?);
+        soft.push(field("soft_label")?.as_f64().unwrap_or(1.0));
+    }
+    let features = |images: &[Tensor]| -> Result<Tensor> {
+        let parts = images
+            .chunks(32)
+            .map(|c| {
+                let batch = Tensor::stack(c, 0)?.to_device(&cfg.device)?;
+                Ok(patch_features(&clip, &preprocess, &batch)?.detach())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    };
+    let (f_w, f_l) = (features(&chosen)?, features(&rejected)?);
+    let fit = PairHeadFit::default();
+    let accuracy = |w: &Tensor, idx: &[usize]| -> Result<f64> {
+        let idx_t = Tensor::from_vec(
+            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            idx.len(),
+            f_w.device(),
+        )?;
+        let d = (f_w.index_select(&idx_t, 0)? - f_l.index_select(&idx_t, 0)?)?;
+        let z: Vec<f32> = d.broadcast_mul(w)?.sum(1)?.to_vec1()?;
+        let agree = idx
+            .iter()
+            .zip(&z)
+            .filter(|(&i, &z)| (z > 0.0) == (soft[i] >= 0.5))
+            .count();
+        Ok(agree as f64 / idx.len().max(1) as f64)
+    };
+    let n = soft.len();
+    let (held, kept): (Vec<usize>, Vec<usize>) = (0..n).partition(|i| i % 5 == 4);
+    let select = |idx: &[usize]| -> Result<(Tensor, Tensor, Vec<f64>)> {
+        let t = Tensor::from_vec(
+            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            idx.len(),
+            f_w.device(),
+        )?;
+        Ok((
+            f_w.index_select(&t, 0)?,
+            f_l.index_select(&t, 0)?,
+            idx.iter().map(|&i| soft[i]).collect(),
+        ))
+    };
+    let (a, b, s) = select(&kept)?;
+    let held_out_accuracy = if held.is_empty() {
+        f64::NAN
+    } else {
+        accuracy(&fit_pair_head(&a, &b, &s, &fit)?.0, &held)?
+    };
+    let (weight, bias) = fit_pair_head(&f_w, &f_l, &soft, &fit)?;
+    let all: Vec<usize> = (0..n).collect();
+    let train_accuracy = accuracy(&weight, &all)?;
+    let clip_out = out.join("clip");
+    std::fs::create_dir_all(&clip_out).map_err(|e| Error::io(&clip_out, e))?;
+    for name in ["config.json", "model.safetensors", "preprocessor_config.json"] {
+        let from = clip_dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, clip_out.join(name)).map_err(|e| Error::io(&from, e))?;
+        }
+    }
+    PairHeadReward::save_head(&weight, &bias, out)?;
+    Ok(PairHeadReport {
+        dir: out.to_path_buf(),
+        pairs: n,
+        held_out_accuracy,
+        train_accuracy,
+    })
+}
+
 /// The recipe that aligns the pipeline at `model` with `method` on `pairs`, into `out`.
 pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: &DemoConfig) -> String {
-    // Measured on the embedded model (README): smaller betas let DCPO and SmPO shrink or erase
-    // the shapes, a larger one lets MaPO's margin term undo its gains.
+    // Measured on the embedded model (README): a smaller beta lets SmPO shrink the shapes, a
+    // larger one lets MaPO's margin term undo its gains; DCPO-p wins at 1000 to 5000.
     let beta = cfg.betas.get(method).copied().unwrap_or(match method {
         "mapo" => 0.02,
         "smpo" => 200.0,
-        "dcpo" => 5000.0,
+        "dcpo" => 2000.0,
         _ => 1000.0,
     });
     format!(
@@ -272,7 +426,7 @@ lr = {lr:e}
 resolution = {res}
 random_flip = false
 seed = 0
-inversion_steps = 2
+inversion_steps = {inv}
 
 [output]
 dir = "{out}"
@@ -284,6 +438,7 @@ dir = "{out}"
         batch = cfg.batch_size,
         lr = cfg.lr,
         res = 32,
+        inv = cfg.inversion_steps,
         out = out.display(),
     )
 }

@@ -675,3 +675,49 @@ fn score_cli_reports_bad_arguments() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.png"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The pair head (`tests/fixtures/gen_pair_head.py`)
+
+#[test]
+fn pair_head_scores_and_image_gradients_match_transformers() {
+    use diffalign::reward::PairHeadReward;
+    let e = load_on_device(&own_reward().join("pair_head.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    std::fs::create_dir_all(&clip).unwrap();
+    for entry in std::fs::read_dir(own_reward().join("aesthetic").join("clip")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, clip.join(path.file_name().unwrap())).unwrap();
+    }
+    PairHeadReward::save_head(&e["score.weight"], &e["score.bias"], dir.path()).unwrap();
+    let reward = load_reward(RewardKind::PairHead, dir.path(), &f32_opts()).unwrap();
+    assert_eq!(reward.kind(), RewardKind::PairHead);
+
+    let images = Var::from_tensor(&e["score.images"]).unwrap();
+    let scores = reward.score(images.as_tensor(), "ignored").unwrap();
+    assert_scores("score.scores", &scores, &e["score.scores"]);
+    let grads = scores.sum_all().unwrap().backward().unwrap();
+    let grad = grads.get(images.as_tensor()).expect("the images get a gradient");
+    assert_close("score.image_grad", grad, &e["score.image_grad"], 1e-4);
+
+    // A head of the wrong width is named in the error.
+    let wrong = Tensor::zeros((1, 10), DType::F32, &Device::Cpu).unwrap();
+    PairHeadReward::save_head(&wrong, &e["score.bias"], dir.path()).unwrap();
+    let err = load_reward(RewardKind::PairHead, dir.path(), &f32_opts())
+        .err()
+        .expect("wrong width fails");
+    assert!(err.to_string().contains("weight"), "{err}");
+}
+
+#[test]
+fn pair_head_fit_matches_torch_adam() {
+    use diffalign::reward::pair_head::{fit_pair_head, PairHeadFit};
+    let e = load_on_device(&own_reward().join("pair_head.safetensors"));
+    let soft: Vec<f64> = f64s(&e["fit.soft"]);
+    let (weight, bias) = fit_pair_head(&e["fit.f_w"], &e["fit.f_l"], &soft, &PairHeadFit::default()).unwrap();
+    assert_close("fit.weight", &weight, &e["fit.weight"], 1e-4);
+    assert_close("fit.bias", &bias, &e["fit.bias"], 1e-4);
+    // Mismatched labels are an error, not a panic.
+    assert!(fit_pair_head(&e["fit.f_w"], &e["fit.f_l"], &soft[..3], &PairHeadFit::default()).is_err());
+}

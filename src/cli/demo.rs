@@ -15,8 +15,8 @@ use anyhow::Context;
 use candle_core::Tensor;
 use clap::Args;
 use diffalign::demo::{
-    eval_cases, method_recipe, sample_pairs, split_prompts, true_reward, DemoConfig, GalleryImage, Generator,
-    MethodResult, METHODS,
+    eval_cases, fit_demo_pair_head, method_recipe, sample_pairs, split_prompts, true_reward, DcpoCaption, DemoConfig,
+    GalleryImage, Generator, MethodResult, METHODS,
 };
 use diffalign::models::unet::UNet2DConditionModel;
 use diffalign::recipe::Plan;
@@ -48,7 +48,7 @@ pub struct DemoArgs {
     /// Learning rate of the aligned UNet (default 3e-5).
     #[arg(long)]
     lr: Option<f64>,
-    /// A method's beta as METHOD=B, repeatable (defaults: dpo 1000, dcpo 5000, mapo 0.02, smpo 200).
+    /// A method's beta as METHOD=B, repeatable (defaults: dpo 1000, dcpo 2000, mapo 0.02, smpo 200).
     #[arg(long = "beta", value_parser = parse_beta)]
     betas: Vec<(String, f64)>,
     /// Seeds per held-out prompt (default 6, quick 2).
@@ -64,6 +64,32 @@ pub struct DemoArgs {
     /// A shapes-world reward CLIP folder for ReNO instead of the embedded one.
     #[arg(long)]
     reward: Option<PathBuf>,
+    /// The methods to run, comma-separated (default: dpo,dcpo,mapo,smpo,reno).
+    #[arg(long, value_delimiter = ',', value_parser = parse_method)]
+    methods: Vec<String>,
+    /// How DCPO's caption of each rejected image is made: `captioned` (DCPO-c, the world's
+    /// captioner), `perturbed` (DCPO-p, the prompt with one attribute changed) or `hybrid`
+    /// (DCPO-h, the captioner's caption with one attribute changed).
+    #[arg(long, default_value = "perturbed")]
+    dcpo_caption: DcpoCaption,
+    /// SmPO's ReNoise inversion steps (default 2).
+    #[arg(long)]
+    inversion_steps: Option<usize>,
+    /// ReNO's weight on the pair head fitted on the labelled pairs, beside the reward CLIP's
+    /// score (default 1; 0 leaves ReNO with the CLIP score alone).
+    #[arg(long)]
+    head_weight: Option<f64>,
+}
+
+fn parse_method(s: &str) -> Result<String, String> {
+    if METHODS.contains(&s) || s == "reno" {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "unknown method {s:?}; expected one of {}, reno",
+            METHODS.join(", ")
+        ))
+    }
 }
 
 fn parse_beta(s: &str) -> Result<(String, f64), String> {
@@ -100,6 +126,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.eval_seeds = args.eval_seeds.unwrap_or(cfg.eval_seeds);
     cfg.reno_iters = args.reno_iters.unwrap_or(cfg.reno_iters);
     cfg.betas = args.betas.iter().cloned().collect();
+    cfg.dcpo_caption = args.dcpo_caption;
+    cfg.inversion_steps = args.inversion_steps.unwrap_or(cfg.inversion_steps);
+    cfg.head_weight = args.head_weight.unwrap_or(cfg.head_weight);
+    if !(cfg.head_weight.is_finite() && cfg.head_weight >= 0.0) {
+        anyhow::bail!("--head-weight must be a number >= 0, got {}", cfg.head_weight);
+    }
+    let wanted = |m: &str| args.methods.is_empty() || args.methods.iter().any(|x| x == m);
     if cfg.train_steps == 0 || cfg.eval_seeds == 0 || cfg.reno_iters == 0 {
         anyhow::bail!("--train-steps, --eval-seeds and --reno-iters must be at least 1");
     }
@@ -164,7 +197,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         device: cfg.device.clone(),
         hub_cache: None,
     };
-    for method in METHODS {
+    for method in METHODS.into_iter().filter(|m| wanted(m)) {
         let run_dir = out.join("runs").join(method);
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
@@ -191,61 +224,72 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     // 4. ReNO with the learned shapes reward, from each held-out case's own noise.
-    let reward = load_reward(RewardKind::ClipScore, &reward_dir, &device_opts)?;
-    let rewards = vec![WeightedReward::new(reward, None)];
-    let reno_cfg = RenoConfig {
-        iters: cfg.reno_iters,
-        ..RenoConfig::default()
-    };
-    let sampler = Sampler::Scheduler {
-        kind: Some(SchedulerKind::Ddim),
-        steps: cfg.steps,
-    };
-    let b = bar("reno", cases.len() * cfg.reno_iters);
-    let mut reno_scores = Vec::with_capacity(cases.len());
-    let mut trajectory = vec![Vec::new(); cfg.reno_iters];
-    for (i, (prompt, seed)) in cases.iter().enumerate() {
-        let reno = Reno::new(&gen.pipe, &rewards, sampler, reno_cfg.clone(), *seed)?;
-        let z0 = gen.noise(*seed)?;
-        let size = reno.image_size(&z0)?;
-        let cond = gen
-            .pipe
-            .conditioning(&[prompt.to_string()], None, cfg.guidance, size, None)?;
-        let outcome = reno.run_with(&cond, &prompt.to_string(), &z0, &mut |r, _| {
-            trajectory[r.iter].push(r.reward_loss);
-            b.inc(1);
-            Ok(())
-        })?;
-        let image = hwc(&outcome.best_image)?;
-        let path = format!("gallery/reno/{i:03}-{seed}.png");
-        save_png(&image, &out.join(&path))?;
-        manifest.push(GalleryImage {
-            path,
-            prompt: prompt.to_string(),
-            method: "reno".into(),
-            seed: *seed,
-        });
-        reno_scores.push(true_reward(&image, prompt)?);
+    let mut head_report = None;
+    if wanted("reno") {
+        let reward = load_reward(RewardKind::ClipScore, &reward_dir, &device_opts)?;
+        let mut rewards = vec![WeightedReward::new(reward, None)];
+        if cfg.head_weight > 0.0 {
+            let b = bar("pair head", 1);
+            let report = fit_demo_pair_head(&pairs, &reward_dir, &out.join("reward"), &cfg)?;
+            b.finish();
+            let head = load_reward(RewardKind::PairHead, &report.dir, &device_opts)?;
+            rewards.push(WeightedReward::new(head, Some(cfg.head_weight)));
+            head_report = Some(report);
+        }
+        let reno_cfg = RenoConfig {
+            iters: cfg.reno_iters,
+            ..RenoConfig::default()
+        };
+        let sampler = Sampler::Scheduler {
+            kind: Some(SchedulerKind::Ddim),
+            steps: cfg.steps,
+        };
+        let b = bar("reno", cases.len() * cfg.reno_iters);
+        let mut reno_scores = Vec::with_capacity(cases.len());
+        let mut trajectory = vec![Vec::new(); cfg.reno_iters];
+        for (i, (prompt, seed)) in cases.iter().enumerate() {
+            let reno = Reno::new(&gen.pipe, &rewards, sampler, reno_cfg.clone(), *seed)?;
+            let z0 = gen.noise(*seed)?;
+            let size = reno.image_size(&z0)?;
+            let cond = gen
+                .pipe
+                .conditioning(&[prompt.to_string()], None, cfg.guidance, size, None)?;
+            let outcome = reno.run_with(&cond, &prompt.to_string(), &z0, &mut |r, _| {
+                trajectory[r.iter].push(r.reward_loss);
+                b.inc(1);
+                Ok(())
+            })?;
+            let image = hwc(&outcome.best_image)?;
+            let path = format!("gallery/reno/{i:03}-{seed}.png");
+            save_png(&image, &out.join(&path))?;
+            manifest.push(GalleryImage {
+                path,
+                prompt: prompt.to_string(),
+                method: "reno".into(),
+                seed: *seed,
+            });
+            reno_scores.push(true_reward(&image, prompt)?);
+        }
+        b.finish();
+        results.insert("reno".into(), MethodResult::from_scores(&base, &reno_scores)?);
+        scores.insert("reno".into(), reno_scores);
+        let reno_curve: Vec<(f64, f64)> = trajectory
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(i, v)| (i as f64, v.iter().sum::<f64>() / v.len() as f64))
+            .collect();
+        curves.push(("ReNO reward loss (mean over held-out images)".into(), reno_curve));
     }
-    b.finish();
-    results.insert("reno".into(), MethodResult::from_scores(&base, &reno_scores)?);
-    scores.insert("reno".into(), reno_scores);
-    let reno_curve: Vec<(f64, f64)> = trajectory
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(i, v)| (i as f64, v.iter().sum::<f64>() / v.len() as f64))
-        .collect();
-    curves.push(("ReNO reward loss (mean over held-out images)".into(), reno_curve));
-
     // 5. Outputs.
     let metrics = serde_json::json!({
         "methods": results,
-        "config": {"quick": args.quick, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
+        "config": {"quick": args.quick, "dcpo_caption": cfg.dcpo_caption, "inversion_steps": cfg.inversion_steps, "head_weight": cfg.head_weight, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
                    "train_steps": cfg.train_steps, "lr": cfg.lr, "betas": cfg.betas, "reno_iters": cfg.reno_iters,
                    "sampler_steps": cfg.steps, "guidance": cfg.guidance,
                    "model": args.model.as_ref().map(|p| p.display().to_string()),
                    "reward": args.reward.as_ref().map(|p| p.display().to_string())},
+        "pair_head": head_report,
         "seconds": start.elapsed().as_secs_f64(),
     });
     write_atomic(&out.join("metrics.json"), &serde_json::to_string_pretty(&metrics)?)?;

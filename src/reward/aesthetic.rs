@@ -82,14 +82,7 @@ impl AestheticReward {
     ///   e.g. `sac+logos+ava1-l14-linearMSE.pth` converted with
     ///   `safetensors.torch.save_file(torch.load(p), "aesthetic.safetensors")`.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let clip_dir = dir.join("clip");
-        if !clip_dir.is_dir() {
-            return Err(Error::MissingFile {
-                path: clip_dir,
-                what: "the aesthetic reward's CLIP image model folder".into(),
-            });
-        }
-        let (clip, _) = ClipVisionModel::from_pretrained(&clip_dir, opts)?;
+        let (clip, preprocess) = super::pair_head::load_clip_tower(&dir.join("clip"), opts)?;
         let file = dir.join("aesthetic.safetensors");
         if !file.is_file() {
             return Err(Error::MissingFile {
@@ -100,10 +93,6 @@ impl AestheticReward {
         let vb = opts.var_builder(TensorStore::open_file(&file)?);
         let mlp = AestheticMlp::new(clip.config().projection_dim, vb.clone())?;
         crate::weights::check_all_used(&vb, |_| false)?;
-        let preprocess = ClipPreprocess::from_preprocessor_config(
-            &clip_dir.join("preprocessor_config.json"),
-            clip.config().image_size,
-        )?;
         Ok(AestheticReward { clip, mlp, preprocess })
     }
 

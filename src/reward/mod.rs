@@ -11,12 +11,14 @@
 //! | `clipscore` | `exp(logit_scale) · cos(img, txt)` (ReNO's CLIPScore) | transformers `CLIPModel` + tokenizer (`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`) |
 //! | `hpsv2` | `cos(img, txt)` | open_clip layout, see [`clip_reward::ClipReward::from_open_clip`] |
 //! | `aesthetic` | LAION aesthetic predictor v2 on normalised CLIP ViT-L/14 image embeddings | see [`aesthetic::AestheticReward::load`] |
+//! | `pairhead` | a linear Bradley-Terry head on a CLIP image tower's patch tokens, fitted on labelled pairs | see [`pair_head::PairHeadReward::load`] |
 //! | `imagereward` | (BLIP) | not supported yet: [`load_reward`] fails with a clear error |
 //!
 //! [`RewardKind::reno_loss`] is the one table of ReNO's per-reward losses and default weights.
 
 pub mod aesthetic;
 pub mod clip_reward;
+pub mod pair_head;
 pub mod preprocess;
 
 use std::fmt;
@@ -30,6 +32,7 @@ use crate::{Error, Result};
 
 pub use aesthetic::AestheticReward;
 pub use clip_reward::ClipReward;
+pub use pair_head::PairHeadReward;
 pub use preprocess::ClipPreprocess;
 
 /// Which reward model.
@@ -45,6 +48,8 @@ pub enum RewardKind {
     Aesthetic,
     /// ImageReward (Xu et al. 2023, BLIP based); not implemented yet.
     ImageReward,
+    /// A Bradley-Terry head on CLIP patch tokens fitted on labelled pairs ([`pair_head`]).
+    PairHead,
 }
 
 /// ReNO's loss for one reward: `weight · (offset − score)` per image (lower is better), or with
@@ -75,12 +80,13 @@ impl RenoLoss {
 
 impl RewardKind {
     /// Every kind, in the order of the table in the module docs.
-    pub const ALL: [RewardKind; 5] = [
+    pub const ALL: [RewardKind; 6] = [
         RewardKind::PickScore,
         RewardKind::ClipScore,
         RewardKind::Hpsv2,
         RewardKind::Aesthetic,
         RewardKind::ImageReward,
+        RewardKind::PairHead,
     ];
 
     /// The name used on the command line and in reports.
@@ -91,6 +97,7 @@ impl RewardKind {
             RewardKind::Hpsv2 => "hpsv2",
             RewardKind::Aesthetic => "aesthetic",
             RewardKind::ImageReward => "imagereward",
+            RewardKind::PairHead => "pairhead",
         }
     }
 
@@ -103,6 +110,7 @@ impl RewardKind {
     /// | clipscore | 100 − score | 0.01 |
     /// | pickscore | 30 − score | 0.05 |
     /// | aesthetic | 10 − score | 0.0 (ReNO disables it by default; pass your own weight) |
+    /// | pairhead | −score (a Bradley-Terry logit) | 1.0 (ours; not in ReNO) |
     pub fn reno_loss(self) -> RenoLoss {
         let (offset, weight) = match self {
             RewardKind::Hpsv2 => (1.0, 5.0),
@@ -110,6 +118,7 @@ impl RewardKind {
             RewardKind::ClipScore => (100.0, 0.01),
             RewardKind::PickScore => (30.0, 0.05),
             RewardKind::Aesthetic => (10.0, 0.0),
+            RewardKind::PairHead => (0.0, 1.0),
         };
         RenoLoss {
             offset,
@@ -206,6 +215,7 @@ pub fn load_reward(kind: RewardKind, path: &Path, opts: &LoadOptions) -> Result<
         RewardKind::PickScore | RewardKind::ClipScore => Box::new(ClipReward::from_clip_model(kind, path, opts)?),
         RewardKind::Hpsv2 => Box::new(ClipReward::from_open_clip(path, opts)?),
         RewardKind::Aesthetic => Box::new(AestheticReward::load(path, opts)?),
+        RewardKind::PairHead => Box::new(PairHeadReward::load(path, opts)?),
         RewardKind::ImageReward => {
             return Err(Error::input(
                 "imagereward",
