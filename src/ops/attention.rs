@@ -91,6 +91,20 @@ impl Dims {
         }
         Ok(Dims { n, lq, lk, d, dv })
     }
+
+    /// The sizes as the wgpu kernels take them.
+    #[cfg(feature = "wgpu")]
+    fn sizes(&self, scale: f64) -> super::wgpu::attention::Sizes {
+        let Dims { n, lq, lk, d, dv } = *self;
+        super::wgpu::attention::Sizes {
+            n,
+            lq,
+            lk,
+            d,
+            dv,
+            scale,
+        }
+    }
 }
 
 /// `p = softmax(scale * q k^T)` for one slice, into `p` `[lq, lk]`.
@@ -162,6 +176,11 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let dims = Dims::new(op, ql, kl, vl)?;
+        super::on_wgpu!(qs, {
+            let (q, k, v) = (slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?);
+            super::wgpu::attention::forward(&dims.sizes(self.scale), q, k, v)
+                .map(|out| (out, Shape::from((dims.n, dims.lq, dims.dv))))
+        });
         let out = dispatch_real!(op, qs, T => {
             T::to_cpu_storage_owned(self.forward::<T>(&dims, slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?))
         });
@@ -301,6 +320,10 @@ impl CustomOp3 for AttentionGrad {
             dv: dkv - d,
         };
         let total = n * (lq * d + lk * d + lk * dims.dv);
+        super::on_wgpu!(qs, {
+            let (q, kv, go) = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
+            super::wgpu::attention::backward(&dims.sizes(self.scale), q, kv, go).map(|all| (all, Shape::from(total)))
+        });
         let out = dispatch_real!(op, qs, T => {
             T::to_cpu_storage_owned(self.backward::<T>(&dims, slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?))
         });

@@ -5,6 +5,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+#[cfg(feature = "wgpu")]
+use super::wgpu::conv2d::Product;
+
 use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
 
 /// The composed reference: candle's `conv2d` (`x` `[B, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`).
@@ -29,18 +32,18 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
 
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    b: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    kh: usize,
-    kw: usize,
-    ho: usize,
-    wo: usize,
-    stride: usize,
-    pad: usize,
+pub(crate) struct Geometry {
+    pub b: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub ho: usize,
+    pub wo: usize,
+    pub stride: usize,
+    pub pad: usize,
 }
 
 /// Elements of the unfolded buffer of one band (about 16 MB of f32).
@@ -223,11 +226,16 @@ impl CustomOp2 for Conv2dOp {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
+        let shape = Shape::from((g.b, g.c_out, g.ho, g.wo));
+        super::on_wgpu!(xs, {
+            let (x, w) = (slice(self.name(), xs, xl)?, slice(self.name(), ws, wl)?);
+            super::wgpu::conv2d::run(self.name(), &g, Product::Forward, x, w).map(|y| (y, shape))
+        });
         let out = dispatch_real!("conv2d", xs, T => {
             let out = self.run::<T>(&g, slice("conv2d", xs, xl)?, slice("conv2d", ws, wl)?);
             T::to_cpu_storage_owned(out)
         });
-        Ok((out, Shape::from((g.b, g.c_out, g.ho, g.wo))))
+        Ok((out, shape))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -321,11 +329,16 @@ impl CustomOp2 for InputGrad {
                 (g.ho, g.wo)
             );
         }
+        let shape = Shape::from((b, c_in, self.h, self.w));
+        super::on_wgpu!(ds, {
+            let (dy, w) = (slice(self.name(), ds, dl)?, slice(self.name(), ws, wl)?);
+            super::wgpu::conv2d::run(self.name(), &g, Product::InputGrad, dy, w).map(|dx| (dx, shape))
+        });
         let out = dispatch_real!("conv2d-input-grad", ds, T => {
             let dx = self.run::<T>(&g, slice("conv2d-input-grad", ds, dl)?, slice("conv2d-input-grad", ws, wl)?);
             T::to_cpu_storage_owned(dx)
         });
-        Ok((out, Shape::from((b, c_in, self.h, self.w))))
+        Ok((out, shape))
     }
 }
 
@@ -367,10 +380,15 @@ impl CustomOp2 for WeightGrad {
                 (g.ho, g.wo)
             );
         }
+        let shape = Shape::from((c_out, c_in, self.kh, self.kw));
+        super::on_wgpu!(xs, {
+            let (x, dy) = (slice(self.name(), xs, xl)?, slice(self.name(), ds, dl)?);
+            super::wgpu::conv2d::run(self.name(), &g, Product::WeightGrad, x, dy).map(|dw| (dw, shape))
+        });
         let out = dispatch_real!("conv2d-weight-grad", xs, T => {
             let dw = self.run::<T>(&g, slice("conv2d-weight-grad", xs, xl)?, slice("conv2d-weight-grad", ds, dl)?);
             T::to_cpu_storage_owned(dw)
         });
-        Ok((out, Shape::from((c_out, c_in, self.kh, self.kw))))
+        Ok((out, shape))
     }
 }

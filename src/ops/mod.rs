@@ -5,6 +5,11 @@
 //! dtypes take the reference. [`set_fused`] (or `DIFFALIGN_KERNELS=reference` in the environment)
 //! switches the fused kernels off everywhere, for benchmarks and A/B checks.
 //!
+//! Where the fused kernels run, [`backend`] picks who computes them: the CPU kernels, or (in
+//! builds with the `wgpu` feature) the WGSL shaders of `kernels/wgsl/` through `ops::wgpu`, for
+//! f32 tensors; f64 keeps the CPU kernels. Tensors stay in CPU storage either way. [`set_backend`]
+//! (or `DIFFALIGN_KERNELS=wgpu`, or `--device wgpu`) switches it for the whole process.
+//!
 //! - [`conv2d`]: implicit-GEMM (im2col) convolution with input and weight gradients.
 //! - [`group_norm`] (optionally fused with SiLU) and [`layer_norm`]: one row-normalisation kernel.
 //! - [`softmax`]: softmax over the last dimension.
@@ -20,10 +25,14 @@ pub mod layer_norm;
 pub mod mse;
 pub(crate) mod row_norm;
 pub mod softmax;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{DType, Tensor};
+
+use crate::Result;
 
 // 0: not read yet, 1: fused kernels on, 2: off.
 static FUSED: AtomicU8 = AtomicU8::new(0);
@@ -44,6 +53,75 @@ pub fn fused_enabled() -> bool {
         v => v == 1,
     }
 }
+
+/// Who runs the fused kernels of f32 tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The multithreaded CPU kernels (the default).
+    Cpu,
+    /// The WGSL compute shaders on a wgpu adapter (builds with the `wgpu` feature).
+    Wgpu,
+}
+
+// 0: not read yet, 1: cpu, 2: wgpu.
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the kernel backend for the whole process. [`Backend::Wgpu`] fails in builds without
+/// the `wgpu` feature, and when no adapter can be opened (the error names the problem).
+pub fn set_backend(backend: Backend) -> Result<()> {
+    if backend == Backend::Wgpu {
+        wgpu_available()?;
+    }
+    BACKEND.store(if backend == Backend::Wgpu { 2 } else { 1 }, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The kernel backend: [`Backend::Cpu`] unless set, or `DIFFALIGN_KERNELS=wgpu` in the environment
+/// (in a build without the feature that warns once and stays on the CPU; a missing adapter
+/// surfaces as the error of the first op).
+pub fn backend() -> Backend {
+    match BACKEND.load(Ordering::Relaxed) {
+        0 => {
+            let wanted = std::env::var("DIFFALIGN_KERNELS").is_ok_and(|v| v == "wgpu");
+            if wanted && !cfg!(feature = "wgpu") {
+                eprintln!("warning: DIFFALIGN_KERNELS=wgpu ignored: built without the `wgpu` feature");
+            }
+            let b = if wanted && cfg!(feature = "wgpu") {
+                Backend::Wgpu
+            } else {
+                Backend::Cpu
+            };
+            BACKEND.store(if b == Backend::Wgpu { 2 } else { 1 }, Ordering::Relaxed);
+            b
+        }
+        2 => Backend::Wgpu,
+        _ => Backend::Cpu,
+    }
+}
+
+/// Ok when the wgpu backend can run: built with the feature and an adapter found.
+fn wgpu_available() -> Result<()> {
+    #[cfg(feature = "wgpu")]
+    return wgpu::adapter_info().map(|_| ());
+    #[cfg(not(feature = "wgpu"))]
+    Err(crate::Error::Op {
+        op: "kernels".into(),
+        device: "wgpu".into(),
+        reason: "this build has no wgpu backend (rebuild with `--features wgpu`)".into(),
+    })
+}
+
+/// Inside a kernel's `cpu_fwd`: when the wgpu backend is on and `$storage` is f32, returns the
+/// result of `$wgpu_call` (a `crate::Result` of the output storage) from the enclosing function.
+macro_rules! on_wgpu {
+    ($storage:expr, $wgpu_call:expr) => {
+        #[cfg(feature = "wgpu")]
+        if matches!($storage, candle_core::CpuStorage::F32(_)) && $crate::ops::backend() == $crate::ops::Backend::Wgpu {
+            return $wgpu_call.map_err(candle_core::Error::wrap);
+        }
+    };
+}
+pub(crate) use on_wgpu;
 
 /// The dtype statistics and scores are computed in: f32 for half types, else the input's own.
 pub(crate) fn compute_dtype(dtype: DType) -> DType {

@@ -40,6 +40,10 @@ impl CustomOp2 for Mse {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let (b, m) = rows(l1);
+        super::on_wgpu!(s1, {
+            let (x, y) = (slice(op, s1, l1)?, slice(op, s2, l2)?);
+            super::wgpu::mse::forward(m, x, y).map(|out| (out, Shape::from(b)))
+        });
         let out = dispatch_real!(op, s1, T => {
             let (x, y): (&[T], &[T]) = (slice(op, s1, l1)?, slice(op, s2, l2)?);
             // Accumulated in f64: beta in the thousands amplifies the rounding of these means.
@@ -95,6 +99,10 @@ impl CustomOp3 for MseGrad {
         if lg.shape().elem_count() != b {
             candle_core::bail!("{op}: {} gradients for {b} samples", lg.shape().elem_count());
         }
+        super::on_wgpu!(s1, {
+            let (x, y, g) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, sg, lg)?);
+            super::wgpu::mse::backward(m, x, y, g).map(|both| (both, Shape::from(2 * l1.shape().elem_count())))
+        });
         let out = dispatch_real!(op, s1, T => {
             let (x, y, g): (&[T], &[T], &[T]) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, sg, lg)?);
             let n = x.len();

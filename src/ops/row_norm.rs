@@ -215,6 +215,10 @@ impl CustomOp3 for RowNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         self.check(op, xl, wl)?;
+        super::on_wgpu!(xs, {
+            let (w, b): (&[f32], &[f32]) = (slice(op, ws, wl)?, slice(op, bs, bl)?);
+            super::wgpu::row_norm::forward(self, slice(op, xs, xl)?, &[w, b].concat()).map(|y| (y, xl.shape().clone()))
+        });
         let out = dispatch_real!(op, xs, T => {
             T::to_cpu_storage_owned(self.forward::<T>(slice(op, xs, xl)?, slice(op, ws, wl)?, slice(op, bs, bl)?))
         });
@@ -262,6 +266,10 @@ impl CustomOp3 for RowNormGrad {
             candle_core::bail!("{op}: mismatched gradient or parameter sizes");
         }
         let n = xl.shape().elem_count();
+        super::on_wgpu!(xs, {
+            let (x, dy, params) = (slice(op, xs, xl)?, slice(op, ds, dl)?, slice(op, ps, pl)?);
+            super::wgpu::row_norm::backward(&self.0, x, dy, params).map(|all| (all, Shape::from(n + 2 * p)))
+        });
         let out = dispatch_real!(op, xs, T => {
             let params: &[T] = slice(op, ps, pl)?;
             let (w, b) = params.split_at(p);

@@ -51,6 +51,11 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = l.dims().last().copied().unwrap_or(1).max(1);
+        super::on_wgpu!(
+            s,
+            super::wgpu::softmax::run("softmax", d, slice(self.name(), s, l)?, None)
+                .map(|out| (out, l.shape().clone()))
+        );
         let out = dispatch_real!("softmax", s, T => {
             let mut y = slice::<T>("softmax", s, l)?.to_vec();
             let parallel = y.len() >= PAR_MIN_ELEMENTS;
@@ -78,6 +83,10 @@ impl CustomOp2 for SoftmaxGrad {
             candle_core::bail!("softmax-grad: output {:?} but gradient {:?}", yl.dims(), dl.dims());
         }
         let d = yl.dims().last().copied().unwrap_or(1).max(1);
+        super::on_wgpu!(ys, {
+            let (y, dy) = (slice(self.name(), ys, yl)?, slice(self.name(), ds, dl)?);
+            super::wgpu::softmax::run("softmax-grad", d, y, Some(dy)).map(|out| (out, yl.shape().clone()))
+        });
         let out = dispatch_real!("softmax-grad", ys, T => {
             let y: &[T] = slice("softmax-grad", ys, yl)?;
             let mut dx = slice::<T>("softmax-grad", ds, dl)?.to_vec();

@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture paths, tolerances, comparisons.
 #![allow(dead_code)]
 
+pub mod ops_check;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};

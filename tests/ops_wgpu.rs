@@ -1,0 +1,155 @@
+//! The wgpu kernels of `diffalign::ops` (the WGSL shaders of `kernels/wgsl/`) against the composed
+//! references: forward values and the gradient of every input, within 1e-4 of the reference's
+//! largest magnitude, over shapes that are not multiples of the workgroup tiles (64 x 64 GEMM
+//! tiles, 256-thread rows), strided and padded convolutions, cross-attention and odd group sizes.
+//! Every test switches the process to the wgpu backend and fails, naming the problem, when no
+//! adapter exists: CI must really run these (on Linux without a GPU, Mesa's lavapipe).
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use candle_core::DType;
+use diffalign::ops::{self, Backend};
+use diffalign::rng::Rng;
+
+use common::ops_check::{self, check, randn};
+
+/// Switches the kernels to wgpu, or fails the test with the reason there is no adapter.
+fn use_wgpu() {
+    if let Err(e) = ops::set_backend(Backend::Wgpu) {
+        panic!("the wgpu kernel tests need a wgpu adapter (install mesa-vulkan-drivers and libvulkan1): {e}");
+    }
+}
+
+#[test]
+fn wgpu_backend_runs_the_kernels() {
+    use_wgpu();
+    let before = ops::wgpu::transfer_totals();
+    let x = randn(&mut Rng::new(10), &[4, 300]);
+    let y = ops::softmax::softmax(&x).unwrap();
+    assert!(ops_check::rel_err(&y, &ops::softmax::reference(&x).unwrap()) < ops_check::KERNEL_REL_TOL);
+    let after = ops::wgpu::transfer_totals();
+    assert!(
+        after.download_bytes >= before.download_bytes + 4 * 1200,
+        "softmax did not read its output back from the wgpu device"
+    );
+    assert_eq!(ops::backend(), Backend::Wgpu);
+}
+
+#[test]
+fn conv2d_wgpu_matches_reference() {
+    use_wgpu();
+    // (batch, c_in, h, w, c_out, kernel, stride, padding): the CPU suite's cases, then outputs
+    // and reductions that are not multiples of the 64 x 64 x 16 tiles, a 1x1 convolution and a
+    // stride wider than the padding.
+    ops_check::check_conv2d_cases(
+        11,
+        &[
+            (2, 3, 8, 8, 5, 3, 1, 1),
+            (1, 4, 9, 7, 6, 3, 2, 1),
+            (3, 2, 11, 10, 3, 3, 2, 0),
+            (1, 5, 5, 5, 2, 5, 1, 2),
+            (1, 3, 70, 9, 65, 3, 1, 1),
+            (2, 17, 13, 11, 70, 3, 2, 1),
+            (2, 24, 6, 6, 20, 1, 1, 0),
+            (1, 2, 12, 12, 3, 5, 3, 2),
+        ],
+    );
+}
+
+#[test]
+fn group_norm_wgpu_matches_reference() {
+    use_wgpu();
+    ops_check::check_group_norm_cases(
+        12,
+        &[
+            (vec![2, 8, 5, 5], 4),
+            (vec![1, 6, 3, 7], 6),
+            (vec![3, 4, 4, 4], 1),
+            (vec![2, 12, 9], 3),
+            // Rows of 646 elements: three partial passes of 256 threads.
+            (vec![2, 6, 17, 19], 3),
+            (vec![1, 32, 9, 9], 32),
+        ],
+    );
+}
+
+#[test]
+fn layer_norm_wgpu_matches_reference() {
+    use_wgpu();
+    ops_check::check_layer_norm_cases(
+        13,
+        &[
+            vec![2, 5, 16],
+            vec![7, 3],
+            vec![1, 1, 64],
+            vec![3, 300],
+            vec![4, 33, 80],
+        ],
+    );
+}
+
+#[test]
+fn softmax_wgpu_matches_reference() {
+    use_wgpu();
+    ops_check::check_softmax_cases(
+        14,
+        &[vec![3, 7], vec![2, 4, 33], vec![5], vec![2, 3, 600], vec![3, 50, 256]],
+    );
+}
+
+#[test]
+fn attention_wgpu_matches_reference() {
+    use_wgpu();
+    // (leading dims, lq, lk, d, dv): self-attention, cross-attention (other key length and value
+    // width), a single query, and key and query lengths over one 256-row tile.
+    ops_check::check_attention_cases(
+        15,
+        &[
+            (vec![2, 3], 10, 10, 8, 8),
+            (vec![2, 4], 16, 7, 8, 8),
+            (vec![1], 5, 9, 4, 6),
+            (vec![3, 2], 1, 3, 5, 5),
+            (vec![1, 2], 300, 270, 16, 12),
+        ],
+    );
+}
+
+#[test]
+fn masked_attention_wgpu_matches_reference() {
+    use_wgpu();
+    ops_check::check_masked_attention(16);
+}
+
+#[test]
+fn per_sample_mse_wgpu_matches_reference() {
+    use_wgpu();
+    // [2, 3, 50, 50]: 7,500 elements per sample, two partial sums of 4,096.
+    ops_check::check_mse_cases(17, &[vec![4, 3, 5, 5], vec![2, 7], vec![1, 1], vec![2, 3, 50, 50]]);
+}
+
+#[test]
+fn f64_stays_on_the_cpu_kernels_under_wgpu() {
+    use_wgpu();
+    let x = randn(&mut Rng::new(18), &[3, 40]).to_dtype(DType::F64).unwrap();
+    let y = ops::softmax::softmax(&x).unwrap();
+    assert_eq!(y.dtype(), DType::F64);
+    // f32 shaders could not come this close.
+    assert!(ops_check::rel_err(&y, &ops::softmax::reference(&x).unwrap()) < 1e-12);
+}
+
+#[test]
+fn conv2d_wgpu_large_output_spans_many_tiles() {
+    use_wgpu();
+    let mut rng = Rng::new(19);
+    let inputs = [
+        randn(&mut rng, &[1, 32, 40, 40]),
+        (randn(&mut rng, &[40, 32, 3, 3]) * 0.1).unwrap(),
+    ];
+    check(
+        "conv2d 40x40",
+        &inputs,
+        |x| ops::conv2d::conv2d(&x[0], &x[1], 1, 1).unwrap(),
+        |x| ops::conv2d::reference(&x[0], &x[1], 1, 1).unwrap(),
+    );
+}
