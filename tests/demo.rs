@@ -39,6 +39,23 @@ fn quick_demo_writes_every_file_with_its_schema() {
         }
     }
 
+    // ReNO's pair head: fitted on the pairs, saved as a loadable `pairhead` folder.
+    let head = &metrics["pair_head"];
+    assert!(head["held_out_accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{head}");
+    assert!(head["pairs"].as_u64().unwrap() > 0);
+    assert!(out.join("reward/pair_head.safetensors").is_file());
+    assert!(out.join("reward/clip/config.json").is_file());
+
+    // DCPO-p (the default): each rejected image's caption is its prompt with one attribute changed.
+    let pairs = std::fs::read_to_string(out.join("pairs/pairs.jsonl")).unwrap();
+    for line in pairs.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let parse = |k: &str| v[k].as_str().unwrap().parse::<diffalign::world::Prompt>().unwrap();
+        let (p, c) = (parse("prompt"), parse("caption_rejected"));
+        let changed = [p.colour != c.colour, p.background != c.background, p.shape != c.shape];
+        assert_eq!(changed.iter().filter(|&&x| x).count(), 1, "{line}");
+    }
+
     let manifest: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(out.join("gallery/manifest.json")).unwrap()).unwrap();
     let methods = ["base", "dpo", "dcpo", "mapo", "smpo", "reno"];
@@ -67,6 +84,32 @@ fn quick_demo_writes_every_file_with_its_schema() {
     for m in &methods[1..] {
         assert_eq!(cases(m), cases("base"), "{m}");
     }
+}
+
+#[test]
+fn demo_runs_only_the_methods_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .args(["demo", "--quick", "--methods", "dcpo", "--dcpo-caption", "captioned", "--out"])
+        .arg(&out)
+        .env("DIFFALIGN_CACHE", tmp.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let methods: Vec<&String> = metrics["methods"].as_object().unwrap().keys().collect();
+    assert_eq!(methods, ["dcpo"]);
+    assert_eq!(metrics["config"]["dcpo_caption"], "captioned");
+    assert!(!out.join("reward").exists(), "no ReNO, no pair head");
+
+    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .args(["demo", "--quick", "--methods", "dpo,sft"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown method \"sft\""));
 }
 
 #[test]

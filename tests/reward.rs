@@ -264,6 +264,8 @@ fn reno_loss_table_matches_reno_defaults() {
             (RewardKind::Hpsv2, 1.0, 5.0),
             (RewardKind::Aesthetic, 10.0, 0.0),
             (RewardKind::ImageReward, 2.0, 1.0),
+            // Ours, not ReNO's: the head's logit, maximised.
+            (RewardKind::PairHead, 0.0, 1.0),
         ]
     );
     let s = Tensor::new(&[0.25f32, 0.5], &device()).unwrap();
@@ -715,9 +717,14 @@ fn pair_head_fit_matches_torch_adam() {
     use diffalign::reward::pair_head::{fit_pair_head, PairHeadFit};
     let e = load_on_device(&own_reward().join("pair_head.safetensors"));
     let soft: Vec<f64> = f64s(&e["fit.soft"]);
-    let (weight, bias) = fit_pair_head(&e["fit.f_w"], &e["fit.f_l"], &soft, &PairHeadFit::default()).unwrap();
+    let fit = PairHeadFit {
+        steps: 300,
+        lr: 0.01,
+        l2: 0.1,
+    };
+    let (weight, bias) = fit_pair_head(&e["fit.f_w"], &e["fit.f_l"], &soft, &fit).unwrap();
     assert_close("fit.weight", &weight, &e["fit.weight"], 1e-4);
     assert_close("fit.bias", &bias, &e["fit.bias"], 1e-4);
     // Mismatched labels are an error, not a panic.
-    assert!(fit_pair_head(&e["fit.f_w"], &e["fit.f_l"], &soft[..3], &PairHeadFit::default()).is_err());
+    assert!(fit_pair_head(&e["fit.f_w"], &e["fit.f_l"], &soft[..3], &fit).is_err());
 }

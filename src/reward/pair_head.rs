@@ -138,7 +138,8 @@ impl Default for PairHeadFit {
         PairHeadFit {
             steps: 300,
             lr: 0.01,
-            l2: 0.1,
+            // Best of 0.1, 1 and 10 in five-fold cross-validation on the demo's pairs.
+            l2: 1.0,
         }
     }
 }
