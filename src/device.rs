@@ -17,10 +17,23 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// Parses a device name: `cpu`, or `cuda` / `cuda:N` where built with the `cuda` feature.
+/// Parses a device name: `cpu`, `cuda` / `cuda:N` where built with the `cuda` feature, or `wgpu`
+/// where built with the `wgpu` feature. `wgpu` keeps tensors on the CPU (candle's `Device::Cpu`)
+/// and switches the hot-op kernels of [`crate::ops`] to the wgpu adapter for the whole process.
 pub fn parse_device(s: &str) -> Result<Device> {
     let s = s.to_ascii_lowercase();
     if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if s == "wgpu" {
+        if !cfg!(feature = "wgpu") {
+            return Err(Error::input(
+                "--device",
+                "wgpu needs a build with the `wgpu` feature (cargo build --features wgpu)",
+            ));
+        }
+        crate::ops::set_backend(crate::ops::Backend::Wgpu)
+            .map_err(|e| Error::input("--device", format!("cannot use wgpu: {e}")))?;
         return Ok(Device::Cpu);
     }
     if let Some(rest) = s.strip_prefix("cuda") {
@@ -29,9 +42,17 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 .parse::<usize>()
                 .map_err(|_| Error::input("--device", format!("bad cuda ordinal in {s:?}")))?,
             None if rest.is_empty() => 0,
-            None => return Err(Error::input("--device", format!("expected cpu or cuda[:N], got {s:?}"))),
+            None => {
+                return Err(Error::input(
+                    "--device",
+                    format!("expected cpu, cuda[:N] or wgpu, got {s:?}"),
+                ))
+            }
         };
         return Device::new_cuda(ordinal).map_err(|e| Error::input("--device", format!("cannot use {s}: {e}")));
     }
-    Err(Error::input("--device", format!("expected cpu or cuda[:N], got {s:?}")))
+    Err(Error::input(
+        "--device",
+        format!("expected cpu, cuda[:N] or wgpu, got {s:?}"),
+    ))
 }

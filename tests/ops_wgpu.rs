@@ -17,7 +17,7 @@ use common::ops_check::{self, check, randn};
 /// Switches the kernels to wgpu, or fails the test with the reason there is no adapter.
 fn use_wgpu() {
     if let Err(e) = ops::set_backend(Backend::Wgpu) {
-        panic!("the wgpu kernel tests need a wgpu adapter (install mesa-vulkan-drivers and libvulkan1): {e}");
+        panic!("the wgpu kernel tests need a wgpu adapter: {e}");
     }
 }
 

@@ -62,7 +62,8 @@ pub struct BenchArgs {
     /// Recompute activations block by block in backward passes (suites dpo-step and reno).
     #[arg(long)]
     recompute: bool,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    /// Device: cpu, cuda[:N] in builds with the `cuda` feature, or wgpu in builds with the `wgpu`
+    /// feature (tensors on the CPU, the kernels of suite kernels as WGSL shaders).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Timed repetitions (the median is reported), after one warm-up.

@@ -1,6 +1,11 @@
 //! `diffalign bench --suite kernels`: every fused kernel of `diffalign::ops` against its composed
 //! reference on the same device in the same run, forward and forward + backward, one JSON line
 //! each: `{"op", "backend", "shape", "ours_ms", "baseline_ms", "max_abs_err", "max_rel_err"}`.
+//!
+//! With `--device wgpu` the kernels run as WGSL shaders (`"backend": "wgpu"`) and the baseline is
+//! still the composed candle ops on the CPU; each line then adds `upload_ms` and `download_ms`,
+//! the part of `ours_ms` spent moving inputs to the device and outputs back (mean per call over
+//! the timed runs, all the op's kernel calls together).
 
 use candle_core::{Device, Tensor, Var};
 use diffalign::ops;
@@ -107,16 +112,59 @@ fn gradients(f: &OpFn, inputs: &[Tensor], r: &Tensor) -> anyhow::Result<Vec<Tens
         .collect()
 }
 
+/// Mean transfer time per call of `f` over its warm-up and `repeats` runs, as
+/// `(upload_ms, download_ms)`: `None` on the CPU backend.
+struct Transfers {
+    #[cfg(feature = "wgpu")]
+    before: Option<ops::wgpu::TransferTotals>,
+}
+
+impl Transfers {
+    fn start() -> Self {
+        Transfers {
+            #[cfg(feature = "wgpu")]
+            before: (ops::backend() == ops::Backend::Wgpu).then(ops::wgpu::transfer_totals),
+        }
+    }
+
+    fn per_call_ms(&self, _calls: usize) -> Option<(f64, f64)> {
+        #[cfg(feature = "wgpu")]
+        if let Some(b) = self.before {
+            let a = ops::wgpu::transfer_totals();
+            let n = _calls as f64;
+            return Some((
+                (a.upload_s - b.upload_s) * 1e3 / n,
+                (a.download_s - b.download_s) * 1e3 / n,
+            ));
+        }
+        None
+    }
+}
+
+/// The median time of `f` (see `median_secs`) and, on wgpu, its mean transfer time per call.
+fn timed(
+    dev: &Device,
+    repeats: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, Option<(f64, f64)>)> {
+    let transfers = Transfers::start();
+    let secs = super::bench::median_secs(dev, repeats, &mut f)?;
+    Ok((secs, transfers.per_call_ms(repeats + 1)))
+}
+
 /// Runs every case, forward and backward, printing one JSON line each.
 pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
     if !dev.is_cpu() {
-        anyhow::bail!("--suite kernels: the fused kernels exist for the CPU only so far (use --device cpu)");
+        anyhow::bail!("--suite kernels: the fused kernels exist for the CPU and wgpu only (use --device cpu or wgpu)");
     }
-    let backend = "cpu";
+    let backend = match ops::backend() {
+        ops::Backend::Cpu => "cpu",
+        ops::Backend::Wgpu => "wgpu",
+    };
     for case in cases(dev)? {
         let (ours, reference) = ((case.ours)(&case.inputs)?, (case.reference)(&case.inputs)?);
         let (abs, rel) = ops::compare(&ours, &reference)?;
-        let ours_s = super::bench::median_secs(dev, repeats, || {
+        let (ours_s, transfer) = timed(dev, repeats, || {
             (case.ours)(&case.inputs)?;
             Ok(())
         })?;
@@ -130,6 +178,7 @@ pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
             &case.shape,
             (ours_s, base_s),
             (abs, rel),
+            transfer,
         );
 
         let r = Rng::new(4).randn(reference.dims(), dev)?;
@@ -142,7 +191,7 @@ pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
             let (x, y) = ops::compare(a, b)?;
             (abs, rel) = (abs.max(x), rel.max(y));
         }
-        let ours_s = super::bench::median_secs(dev, repeats, || {
+        let (ours_s, transfer) = timed(dev, repeats, || {
             gradients(&case.ours, &case.inputs, &r)?;
             Ok(())
         })?;
@@ -156,23 +205,34 @@ pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
             &case.shape,
             (ours_s, base_s),
             (abs, rel),
+            transfer,
         );
     }
     Ok(())
 }
 
-/// One JSON line; `.backward` timings are forward plus backward.
-fn line(op: &str, backend: &str, shape: &str, (ours_s, base_s): (f64, f64), (abs, rel): (f64, f64)) {
-    println!(
-        "{}",
-        serde_json::json!({
-            "op": op,
-            "backend": backend,
-            "shape": shape,
-            "ours_ms": ours_s * 1e3,
-            "baseline_ms": base_s * 1e3,
-            "max_abs_err": abs,
-            "max_rel_err": rel,
-        })
-    );
+/// One JSON line; `.backward` timings are forward plus backward. `transfer` (wgpu only) adds
+/// `upload_ms` and `download_ms`.
+fn line(
+    op: &str,
+    backend: &str,
+    shape: &str,
+    (ours_s, base_s): (f64, f64),
+    (abs, rel): (f64, f64),
+    transfer: Option<(f64, f64)>,
+) {
+    let mut json = serde_json::json!({
+        "op": op,
+        "backend": backend,
+        "shape": shape,
+        "ours_ms": ours_s * 1e3,
+        "baseline_ms": base_s * 1e3,
+        "max_abs_err": abs,
+        "max_rel_err": rel,
+    });
+    if let Some((up, down)) = transfer {
+        json["upload_ms"] = up.into();
+        json["download_ms"] = down.into();
+    }
+    println!("{json}");
 }

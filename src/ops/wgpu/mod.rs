@@ -243,7 +243,7 @@ pub(crate) fn context() -> Result<&'static Context> {
     CONTEXT
         .get_or_init(Context::new)
         .as_ref()
-        .map_err(|reason| op_error("init", reason.clone()))
+        .map_err(|reason| op_error("kernels", reason.clone()))
 }
 
 impl Context {
