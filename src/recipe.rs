@@ -60,7 +60,7 @@ pub struct TrainSection {
     /// DiscoPOP's tau (default 0.05).
     #[serde(default)]
     pub discopop_tau: Option<f64>,
-    /// SmPO's inversion steps (5 for SD 1.5, 10 for SDXL).
+    /// SmPO's inversion steps (5 for SD 1.5, 10 for SDXL; 0: forward noising as Diffusion-DPO).
     #[serde(default = "default_inversion_steps")]
     pub inversion_steps: usize,
     /// Optimizer steps.
@@ -313,7 +313,6 @@ impl Plan {
             ("train.batch_size", t.batch_size),
             ("train.grad_accum", t.grad_accum),
             ("train.resolution", t.resolution),
-            ("train.inversion_steps", t.inversion_steps),
         ];
         for (key, v) in positive {
             if v == 0 {

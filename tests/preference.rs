@@ -208,6 +208,59 @@ fn smpo_renoise_inversion_matches_reference() {
     assert_close("smpo inverted_l", &l, &expected["full.smpo.inverted_l"], MODULE_ATOL);
 }
 
+/// SmPO with no inversion steps noises forward as Diffusion-DPO (same MSEs) and weighs each
+/// pair's margin by `10·(2p − 1)`: its loss, computed here in f64 from those MSEs.
+#[test]
+fn smpo_without_inversion_is_dpo_noising_with_smoothed_weights() {
+    let root = shared_fixtures().join("sd15");
+    let opts = load_options();
+    let pipe = StableDiffusionPipeline::load(
+        &PipelineSources {
+            root: root.clone(),
+            ..Default::default()
+        },
+        &opts,
+    )
+    .unwrap();
+    let (policy, _) = UNet2DConditionModel::from_pretrained(&losses_dir().join("policy_unet"), &opts).unwrap();
+    let schedule = NoiseSchedule::from_config(&pipe.scheduler_config).unwrap();
+    let batch = PreferenceBatch::from_file(&losses_dir().join("batch.safetensors")).unwrap();
+    let cond = diffalign_cli_conditioning(&pipe, &batch);
+    let beta = 2000.0;
+    let run = |method| {
+        DiffusionPreference {
+            policy: &policy,
+            reference: Some(&pipe.unet),
+            schedule: &schedule,
+            method,
+            objective: Objective::Dpo {
+                loss_type: LossType::Sigmoid,
+                beta,
+                label_smoothing: 0.0,
+            },
+        }
+        .loss(&batch, &cond)
+        .unwrap()
+    };
+    let dpo = run(Method::Dpo);
+    let smpo = run(Method::Smpo { inversion_steps: 0 });
+    assert!(smpo.inverted.is_none());
+    assert_close("smpo mse_w", &smpo.mse_w, &dpo.mse_w, 1e-7);
+    assert_close("smpo mse_l", &smpo.mse_l, &dpo.mse_l, 1e-7);
+    let (mw, ml) = (f64s(&smpo.mse_w), f64s(&smpo.mse_l));
+    let (rw, rl) = smpo.ref_mse.as_ref().map(|(w, l)| (f64s(w), f64s(l))).unwrap();
+    let p = f64s(batch.soft_label.as_ref().expect("the fixture batch has soft labels"));
+    let want: f64 = (0..p.len())
+        .map(|i| {
+            let inside = -0.5 * beta * 10.0 * (2.0 * p[i] - 1.0) * ((mw[i] - ml[i]) - (rw[i] - rl[i]));
+            (1.0 + (-inside).exp()).ln()
+        })
+        .sum::<f64>()
+        / p.len() as f64;
+    let got = scalar(&smpo.loss.loss);
+    assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "loss {got} vs {want}");
+}
+
 /// The preferred caption's conditioning on both sides (what DPO, MaPO and SmPO use).
 fn diffalign_cli_conditioning(
     pipe: &StableDiffusionPipeline,

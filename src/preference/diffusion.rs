@@ -32,7 +32,8 @@ pub enum Method {
     Mapo,
     /// Smoothed Preference Optimization with `inversion_steps` ReNoise inversion steps.
     Smpo {
-        /// Number of inverse-DDIM steps over the whole schedule (5 for SD 1.5, 10 for SDXL).
+        /// Number of inverse-DDIM steps over the whole schedule (5 for SD 1.5, 10 for SDXL); 0
+        /// noises forward as Diffusion-DPO does (the smoothed loss alone, an ablation).
         inversion_steps: usize,
     },
 }
@@ -294,7 +295,7 @@ impl DiffusionPreference<'_> {
         let ts = Tensor::from_vec(t2.iter().map(|&t| t as f32).collect::<Vec<_>>(), 2 * b, &device)?;
 
         let (x_t, target, inverted) = match self.method {
-            Method::Smpo { inversion_steps } => {
+            Method::Smpo { inversion_steps } if inversion_steps > 0 => {
                 let x_t = self.renoise_invert(&x0, &t2, &context, added.as_ref(), inversion_steps)?;
                 let (sa, s1a) = alpha_coefficients(self.schedule, &t2, &device)?;
                 let eps = (x_t.broadcast_sub(&x0.broadcast_mul(&sa)?)?).broadcast_div(&s1a)?;
