@@ -102,7 +102,7 @@ fn softmax_wgpu_matches_reference() {
 fn attention_wgpu_matches_reference() {
     use_wgpu();
     // (leading dims, lq, lk, d, dv): self-attention, cross-attention (other key length and value
-    // width), a single query, and key and query lengths over one 256-row tile.
+    // width), a single query, and query and key lengths over several 256-row tiles.
     ops_check::check_attention_cases(
         15,
         &[
@@ -111,6 +111,11 @@ fn attention_wgpu_matches_reference() {
             (vec![1], 5, 9, 4, 6),
             (vec![3, 2], 1, 3, 5, 5),
             (vec![1, 2], 300, 270, 16, 12),
+            // Long rows: lavapipe stops any invocation's loops after 65,535 iterations in all.
+            (vec![1], 40, 1100, 16, 16),
+            (vec![1], 1100, 40, 16, 16),
+            // Head widths of Stable Diffusion (40, 80).
+            (vec![2], 33, 20, 40, 80),
         ],
     );
 }
@@ -136,6 +141,14 @@ fn f64_stays_on_the_cpu_kernels_under_wgpu() {
     assert_eq!(y.dtype(), DType::F64);
     // f32 shaders could not come this close.
     assert!(ops_check::rel_err(&y, &ops::softmax::reference(&x).unwrap()) < 1e-12);
+}
+
+#[test]
+fn conv2d_wgpu_long_reductions() {
+    use_wgpu();
+    // The weight gradient reduces over B * Ho * Wo = 8,192 positions and the forward over
+    // C_in * 9 = 2,304: 512 and 144 tiles of depth 16.
+    ops_check::check_conv2d_cases(20, &[(2, 256, 64, 64, 4, 3, 1, 1)]);
 }
 
 #[test]

@@ -136,6 +136,28 @@ fn store(m: u32, n: u32, v: f32) {
     }
 }
 
+// Loads step i (of 4) of a 16 x 64 slice of A and of B into workgroup memory.
+fn load_step(i: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
+    let idx = lid + WG * i;
+    let kk = k0 + idx / TILE;
+    let c = idx % TILE;
+    tile_a[idx] = load_a(m0 + c, kk);
+    tile_b[idx] = load_b(kk, n0 + c);
+}
+
+// acc[i][j] += A[ty + 16 i, kk] * B[kk, tx + 16 j] for one depth step kk of the tiles.
+fn mac(acc: ptr<function, array<vec4<f32>, 4>>, kk: u32, tx: u32, ty: u32) {
+    let r = kk * TILE;
+    let a = vec4<f32>(tile_a[r + ty], tile_a[r + ty + 16u], tile_a[r + ty + 32u], tile_a[r + ty + 48u]);
+    let b = vec4<f32>(tile_b[r + tx], tile_b[r + tx + 16u], tile_b[r + tx + 32u], tile_b[r + tx + 48u]);
+    (*acc)[0] += a.x * b;
+    (*acc)[1] += a.y * b;
+    (*acc)[2] += a.z * b;
+    (*acc)[3] += a.w * b;
+}
+
+// Short inner loops are unrolled by hand: llvmpipe (lavapipe) caps the loop iterations of one
+// invocation at 65535 in total, and silently stops looping beyond; this way a k-tile costs five.
 @compute @workgroup_size(256)
 fn conv2d_gemm_f32(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -151,28 +173,18 @@ fn conv2d_gemm_f32(
     let n0 = (g % tiles_n) * TILE;
     let tx = lid % 16u;
     let ty = lid / 16u;
-    var acc: array<f32, 16>;
+    var acc = array<vec4<f32>, 4>();
     for (var k0 = 0u; k0 < cp.k; k0 += DEPTH) {
-        for (var i = 0u; i < 4u; i++) {
-            let idx = lid + WG * i;
-            let kk = idx / TILE;
-            let c = idx % TILE;
-            tile_a[idx] = load_a(m0 + c, k0 + kk);
-            tile_b[idx] = load_b(k0 + kk, n0 + c);
-        }
+        load_step(0u, m0, n0, k0, lid);
+        load_step(1u, m0, n0, k0, lid);
+        load_step(2u, m0, n0, k0, lid);
+        load_step(3u, m0, n0, k0, lid);
         workgroupBarrier();
-        for (var kk = 0u; kk < DEPTH; kk++) {
-            var a: array<f32, 4>;
-            var b: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                a[i] = tile_a[kk * TILE + ty + 16u * i];
-                b[i] = tile_b[kk * TILE + tx + 16u * i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i * 4u + j] += a[i] * b[j];
-                }
-            }
+        for (var kk = 0u; kk < DEPTH; kk += 4u) {
+            mac(&acc, kk, tx, ty);
+            mac(&acc, kk + 1u, tx, ty);
+            mac(&acc, kk + 2u, tx, ty);
+            mac(&acc, kk + 3u, tx, ty);
         }
         workgroupBarrier();
     }
@@ -181,7 +193,7 @@ fn conv2d_gemm_f32(
             let m = m0 + ty + 16u * i;
             let n = n0 + tx + 16u * j;
             if m < cp.m && n < cp.n {
-                store(m, n, acc[i * 4u + j]);
+                store(m, n, acc[i][j]);
             }
         }
     }
