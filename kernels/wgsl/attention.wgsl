@@ -46,6 +46,32 @@ fn grad_dot_v(qrow: u32, krow: u32) -> f32 {
     return s;
 }
 
+// The running softmax of one query row: max and sum of exp(score - max) so far.
+struct Online {
+    m: f32,
+    l: f32,
+}
+
+// Folds the tile of keys [j0, j0 + WG) of query row `row` into `st`: returns this thread's
+// exp(s_j - m_new) (zero past the keys) and the factor exp(m_old - m_new) that rescales what was
+// accumulated before.
+fn online_tile(st: ptr<function, Online>, row: u32, k0: u32, j0: u32, lid: u32) -> vec2<f32> {
+    let j = j0 + lid;
+    var s = NEG_BIG;
+    if j < ap.lk {
+        s = score(row, k0 + j);
+    }
+    let m_new = max((*st).m, reduce_max(s, lid));
+    var p = 0.0;
+    if j < ap.lk {
+        p = exp(s - m_new);
+    }
+    let corr = exp((*st).m - m_new);
+    (*st).l = (*st).l * corr + reduce_sum(p, lid);
+    (*st).m = m_new;
+    return vec2<f32>(p, corr);
+}
+
 @compute @workgroup_size(256)
 fn attention_fwd_f32(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -61,24 +87,14 @@ fn attention_fwd_f32(
     for (var c = lid; c < ap.dv; c += WG) {
         at_out[o + c] = 0.0;
     }
-    var m = NEG_BIG;
-    var l = 0.0;
+    var st = Online(NEG_BIG, 0.0);
     for (var j0 = 0u; j0 < ap.lk; j0 += WG) {
-        let j = j0 + lid;
-        var s = NEG_BIG;
-        if j < ap.lk {
-            s = score(row, k0 + j);
-        }
-        let m_new = max(m, reduce_max(s, lid));
-        var p = 0.0;
-        if j < ap.lk {
-            p = exp(s - m_new);
-        }
-        tile_p[lid] = p;
-        // reduce_sum's barriers also publish tile_p.
-        let corr = exp(m - m_new);
-        l = l * corr + reduce_sum(p, lid);
-        m = m_new;
+        // The sum's barriers inside online_tile separate this write from the last tile's reads
+        // and publish it.
+        let pc = online_tile(&st, row, k0, j0, lid);
+        tile_p[lid] = pc.x;
+        workgroupBarrier();
+        let corr = pc.y;
         let len = min(WG, ap.lk - j0);
         for (var c = lid; c < ap.dv; c += WG) {
             var acc = at_out[o + c] * corr;
@@ -89,7 +105,7 @@ fn attention_fwd_f32(
         }
         workgroupBarrier();
     }
-    let inv = 1.0 / l;
+    let inv = 1.0 / st.l;
     for (var c = lid; c < ap.dv; c += WG) {
         at_out[o + c] *= inv;
     }
@@ -108,23 +124,11 @@ fn attention_bwd_q_f32(
         return;
     }
     let k0 = (row / ap.lq) * ap.lk;
-    var m = NEG_BIG;
-    var l = 0.0;
+    var st = Online(NEG_BIG, 0.0);
     for (var j0 = 0u; j0 < ap.lk; j0 += WG) {
-        let j = j0 + lid;
-        var s = NEG_BIG;
-        if j < ap.lk {
-            s = score(row, k0 + j);
-        }
-        let m_new = max(m, reduce_max(s, lid));
-        var p = 0.0;
-        if j < ap.lk {
-            p = exp(s - m_new);
-        }
-        l = l * exp(m - m_new) + reduce_sum(p, lid);
-        m = m_new;
+        online_tile(&st, row, k0, j0, lid);
     }
-    let lse = m + log(l);
+    let lse = st.m + log(st.l);
     if lid == 0u {
         at_lse[row] = lse;
     }

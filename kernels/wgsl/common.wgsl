@@ -14,31 +14,25 @@ fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
-// The sum of `v` over the workgroup, returned to every thread. The leading barrier lets callers
-// reduce again right after reading a result.
-fn reduce_sum(v: f32, lid: u32) -> f32 {
+// The sum (or, with `take_max`, the maximum) of `v` over the workgroup, returned to every
+// thread. The leading barrier lets callers reduce again right after reading a result.
+fn reduce(v: f32, lid: u32, take_max: bool) -> f32 {
     workgroupBarrier();
     red[lid] = v;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s >> 1u) {
         if lid < s {
-            red[lid] = red[lid] + red[lid + s];
+            red[lid] = select(red[lid] + red[lid + s], max(red[lid], red[lid + s]), take_max);
         }
         workgroupBarrier();
     }
     return red[0];
 }
 
-// The maximum of `v` over the workgroup, returned to every thread.
+fn reduce_sum(v: f32, lid: u32) -> f32 {
+    return reduce(v, lid, false);
+}
+
 fn reduce_max(v: f32, lid: u32) -> f32 {
-    workgroupBarrier();
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if lid < s {
-            red[lid] = max(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    return red[0];
+    return reduce(v, lid, true);
 }

@@ -58,6 +58,14 @@ fn affine_grad(gy: f32, xhat: f32, t: u32) -> f32 {
     return gy * s * (1.0 + y * (1.0 - s));
 }
 
+// (dL/dxhat, xhat) of element i of row r, whose statistics are `st`.
+fn d_xhat(r: u32, i: u32, st: vec2<f32>) -> vec2<f32> {
+    let e = r * np.row_len + i;
+    let t = param_index(r, i);
+    let xhat = (rn_x[e] - st.x) * st.y;
+    return vec2<f32>(affine_grad(rn_dy[e], xhat, t) * rn_wb[t], xhat);
+}
+
 @compute @workgroup_size(256)
 fn row_norm_fwd_f32(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -93,24 +101,19 @@ fn row_norm_bwd_input_f32(
         return;
     }
     let st = row_stats(r, lid);
-    let base = r * np.row_len;
     var c1 = 0.0;
     var c2 = 0.0;
     for (var i = lid; i < np.row_len; i += WG) {
-        let t = param_index(r, i);
-        let xhat = (rn_x[base + i] - st.x) * st.y;
-        let d = affine_grad(rn_dy[base + i], xhat, t) * rn_wb[t];
-        c1 += d;
-        c2 += d * xhat;
+        let dx = d_xhat(r, i, st);
+        c1 += dx.x;
+        c2 += dx.x * dx.y;
     }
     let n = f32(np.row_len);
     c1 = reduce_sum(c1, lid) / n;
     c2 = reduce_sum(c2, lid) / n;
     for (var i = lid; i < np.row_len; i += WG) {
-        let t = param_index(r, i);
-        let xhat = (rn_x[base + i] - st.x) * st.y;
-        let d = affine_grad(rn_dy[base + i], xhat, t) * rn_wb[t];
-        rn_out[base + i] = st.y * (d - c1 - xhat * c2);
+        let dx = d_xhat(r, i, st);
+        rn_out[r * np.row_len + i] = st.y * (dx.x - c1 - dx.y * c2);
     }
     if lid == 0u {
         rn_stats[2u * r] = st.x;
