@@ -13,6 +13,7 @@
 pub(crate) mod attention;
 pub(crate) mod conv2d;
 pub(crate) mod mse;
+mod pool;
 pub(crate) mod row_norm;
 pub(crate) mod softmax;
 
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
+use self::pool::{Pool, Usage};
 use crate::{Error, Result};
 
 /// Words in the uniform parameter block (64 bytes).
@@ -195,45 +197,11 @@ struct State {
     modules: HashMap<&'static str, wgpu::ShaderModule>,
     layouts: HashMap<Vec<(u32, bool)>, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
-    pool: HashMap<(Usage, u64), Vec<wgpu::Buffer>>,
+    pool: Pool,
 }
 
 /// Shader, entry point, override constants (by bits) and binding signature.
 type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>, Vec<(u32, bool)>);
-
-/// What a pooled buffer is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Usage {
-    Uniform,
-    Storage,
-    Readback,
-}
-
-impl Usage {
-    fn flags(self) -> wgpu::BufferUsages {
-        use wgpu::BufferUsages as U;
-        match self {
-            Usage::Uniform => U::UNIFORM | U::COPY_DST,
-            Usage::Storage => U::STORAGE | U::COPY_DST | U::COPY_SRC,
-            Usage::Readback => U::MAP_READ | U::COPY_DST,
-        }
-    }
-}
-
-/// Buffers kept per size class: enough for the inputs, outputs and scratch of the largest job.
-const POOL_PER_CLASS: usize = 8;
-
-/// The allocation size for `bytes`: powers of two up to 1 MiB, then whole MiB, so that buffers
-/// of similar calls are shared without doubling large ones.
-fn size_class(bytes: u64) -> u64 {
-    const MIB: u64 = 1 << 20;
-    let bytes = bytes.max(256);
-    if bytes <= MIB {
-        bytes.next_power_of_two()
-    } else {
-        bytes.div_ceil(MIB) * MIB
-    }
-}
 
 static CONTEXT: OnceLock<std::result::Result<Context, String>> = OnceLock::new();
 
@@ -294,23 +262,11 @@ impl Context {
 
 impl State {
     fn buffer(&mut self, ctx: &Context, usage: Usage, bytes: u64) -> wgpu::Buffer {
-        let size = size_class(bytes);
-        if let Some(b) = self.pool.get_mut(&(usage, size)).and_then(Vec::pop) {
-            return b;
-        }
-        ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size,
-            usage: usage.flags(),
-            mapped_at_creation: false,
-        })
+        self.pool.take(&ctx.device, usage, bytes)
     }
 
     fn give_back(&mut self, usage: Usage, buffer: wgpu::Buffer) {
-        let list = self.pool.entry((usage, buffer.size())).or_default();
-        if list.len() < POOL_PER_CLASS {
-            list.push(buffer);
-        }
+        self.pool.give_back(usage, buffer);
     }
 
     fn layout(&mut self, ctx: &Context, sig: &[(u32, bool)]) -> &(wgpu::BindGroupLayout, wgpu::PipelineLayout) {
