@@ -54,7 +54,7 @@ pub struct DemoArgs {
     /// Seeds per held-out prompt (default 6, quick 2).
     #[arg(long)]
     eval_seeds: Option<u64>,
-    /// ReNO iterations per held-out image (default 8, quick 2).
+    /// ReNO iterations per held-out image (default 4, quick 2).
     #[arg(long)]
     reno_iters: Option<usize>,
     /// A shapes-world pipeline folder to align instead of the embedded one (e.g. the output of
@@ -72,11 +72,12 @@ pub struct DemoArgs {
     /// (DCPO-h, the captioner's caption with one attribute changed).
     #[arg(long, default_value = "perturbed")]
     dcpo_caption: DcpoCaption,
-    /// SmPO's ReNoise inversion steps (default 2).
+    /// SmPO's ReNoise inversion steps (default 0: forward noising as DPO, the smoothed loss
+    /// alone; the paper's SmPO uses 5 on SD 1.5).
     #[arg(long)]
     inversion_steps: Option<usize>,
     /// ReNO's weight on the pair head fitted on the labelled pairs, beside the reward CLIP's
-    /// score (default 1; 0 leaves ReNO with the CLIP score alone).
+    /// score (default 10; 0 leaves ReNO with the CLIP score alone).
     #[arg(long)]
     head_weight: Option<f64>,
 }
