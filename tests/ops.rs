@@ -130,3 +130,11 @@ fn fused_kernels_reject_bad_input_with_errors() {
     let err = ops::mse::per_sample_mse(&x, &x.narrow(1, 0, 3).unwrap()).unwrap_err();
     assert!(err.to_string().contains("differ"), "{err}");
 }
+
+#[cfg(not(feature = "wgpu"))]
+#[test]
+fn device_wgpu_without_the_feature_names_it() {
+    let err = diffalign::device::parse_device("wgpu").unwrap_err().to_string();
+    assert!(err.contains("`wgpu` feature"), "{err}");
+    assert_eq!(ops::backend(), ops::Backend::Cpu);
+}

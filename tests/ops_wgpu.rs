@@ -166,3 +166,10 @@ fn conv2d_wgpu_large_output_spans_many_tiles() {
         |x| ops::conv2d::reference(&x[0], &x[1], 1, 1).unwrap(),
     );
 }
+
+#[test]
+fn device_wgpu_keeps_tensors_on_the_cpu_and_switches_the_kernels() {
+    let dev = diffalign::device::parse_device("wgpu").unwrap_or_else(|e| panic!("--device wgpu: {e}"));
+    assert!(dev.is_cpu());
+    assert_eq!(ops::backend(), Backend::Wgpu);
+}
