@@ -41,7 +41,12 @@ fn quick_demo_writes_every_file_with_its_schema() {
 
     // ReNO's pair head: fitted on the pairs, saved as a loadable `pairhead` folder.
     let head = &metrics["pair_head"];
-    assert!(head["held_out_accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{head}");
+    assert!(
+        head["held_out_accuracy"]
+            .as_f64()
+            .is_some_and(|a| (0.0..=1.0).contains(&a)),
+        "{head}"
+    );
     assert!(head["pairs"].as_u64().unwrap() > 0);
     assert!(out.join("reward/pair_head.safetensors").is_file());
     assert!(out.join("reward/clip/config.json").is_file());
@@ -91,7 +96,15 @@ fn demo_runs_only_the_methods_asked_for() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
-        .args(["demo", "--quick", "--methods", "dcpo", "--dcpo-caption", "captioned", "--out"])
+        .args([
+            "demo",
+            "--quick",
+            "--methods",
+            "dcpo",
+            "--dcpo-caption",
+            "captioned",
+            "--out",
+        ])
         .arg(&out)
         .env("DIFFALIGN_CACHE", tmp.path().join("cache"))
         .output()
