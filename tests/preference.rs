@@ -173,13 +173,17 @@ fn loss_sdxl_matches_reference_for_every_method() {
     check_full_policy_case(&own_fixtures().join("sdxl"), &own_fixtures().join("losses-sdxl"));
 }
 
-#[test]
-fn smpo_renoise_inversion_matches_reference() {
-    let root = shared_fixtures().join("sd15");
+/// The shared SD 1.5 pipeline, the loss case's policy UNet, the noise schedule and the batch.
+fn sd15_loss_case() -> (
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    NoiseSchedule,
+    PreferenceBatch,
+) {
     let opts = load_options();
     let pipe = StableDiffusionPipeline::load(
         &PipelineSources {
-            root: root.clone(),
+            root: shared_fixtures().join("sd15"),
             ..Default::default()
         },
         &opts,
@@ -188,6 +192,12 @@ fn smpo_renoise_inversion_matches_reference() {
     let (policy, _) = UNet2DConditionModel::from_pretrained(&losses_dir().join("policy_unet"), &opts).unwrap();
     let schedule = NoiseSchedule::from_config(&pipe.scheduler_config).unwrap();
     let batch = PreferenceBatch::from_file(&losses_dir().join("batch.safetensors")).unwrap();
+    (pipe, policy, schedule, batch)
+}
+
+#[test]
+fn smpo_renoise_inversion_matches_reference() {
+    let (pipe, policy, schedule, batch) = sd15_loss_case();
     let method = Method::Smpo { inversion_steps: 5 };
     let cond = diffalign_cli_conditioning(&pipe, &batch);
     let eval = DiffusionPreference {
@@ -212,19 +222,7 @@ fn smpo_renoise_inversion_matches_reference() {
 /// pair's margin by `10·(2p − 1)`: its loss, computed here in f64 from those MSEs.
 #[test]
 fn smpo_without_inversion_is_dpo_noising_with_smoothed_weights() {
-    let root = shared_fixtures().join("sd15");
-    let opts = load_options();
-    let pipe = StableDiffusionPipeline::load(
-        &PipelineSources {
-            root: root.clone(),
-            ..Default::default()
-        },
-        &opts,
-    )
-    .unwrap();
-    let (policy, _) = UNet2DConditionModel::from_pretrained(&losses_dir().join("policy_unet"), &opts).unwrap();
-    let schedule = NoiseSchedule::from_config(&pipe.scheduler_config).unwrap();
-    let batch = PreferenceBatch::from_file(&losses_dir().join("batch.safetensors")).unwrap();
+    let (pipe, policy, schedule, batch) = sd15_loss_case();
     let cond = diffalign_cli_conditioning(&pipe, &batch);
     let beta = 2000.0;
     let run = |method| {
