@@ -1,4 +1,7 @@
-//! The shapes world: captions, rendering and the ground-truth rater's properties.
+//! The shapes world: captions, rendering, the ground-truth rater's properties, and the rater
+//! against an independent NumPy implementation (`tests/fixtures/gen_rater.py`).
+
+mod common;
 
 use diffalign::rng::Rng;
 use diffalign::world::{preference_probability, rate, Colour, Prompt, Scene, Shape};
@@ -155,4 +158,30 @@ fn embedded_reward_prefers_the_true_caption_of_rendered_scenes() {
         "colour/background: {colour_wins}/{trials}"
     );
     assert!(shape_wins as f64 >= 0.7 * trials as f64, "shape: {shape_wins}/{trials}");
+}
+
+#[test]
+fn rater_matches_independent_numpy_implementation() {
+    let path = common::own_fixtures().join("world/rater.safetensors");
+    let e = common::load(&path);
+    let prompts: Vec<String> = serde_json::from_str(&common::metadata(&path)["prompts"]).unwrap();
+    let images = &e["images"];
+    let (n, h, w, _) = images.dims4().unwrap();
+    assert_eq!(n, prompts.len());
+    let want: Vec<Vec<f64>> = ["background", "colour", "shape", "taste", "score"]
+        .iter()
+        .map(|k| common::f64s(&e[*k]))
+        .collect();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let pixels: Vec<f32> = images.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let r = rate(&pixels, h, w, &prompt.parse().unwrap()).unwrap();
+        let got = [r.background, r.colour, r.shape, r.taste, r.score];
+        for (k, (g, want)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - want[i]).abs() < 1e-9,
+                "image {i} ({prompt}), component {k}: {g} vs {}",
+                want[i]
+            );
+        }
+    }
 }
