@@ -59,6 +59,9 @@ pub struct DemoConfig {
     pub inversion_steps: usize,
     /// ReNO's weight on the pair head fitted on the labelled pairs (0: CLIP score alone).
     pub head_weight: f64,
+    /// The run's seed: it moves every random draw (pair noise, labels, captions, training,
+    /// evaluation noise); the prompt split stays.
+    pub seed: u64,
     /// Where the models run.
     pub device: Device,
 }
@@ -84,6 +87,7 @@ impl DemoConfig {
             // worse at every step count tried (README).
             inversion_steps: 0,
             head_weight: 10.0,
+            seed: 0,
             device: Device::Cpu,
         }
     }
@@ -249,9 +253,11 @@ pub fn sample_pairs(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut rng = Rng::new(1234);
+    let mut rng = Rng::new(1234 + cfg.seed);
     // Its own stream, so that every DCPO variant sees the same labels.
-    let mut caption_rng = Rng::new(4321);
+    let mut caption_rng = Rng::new(4321 + cfg.seed);
+    // Pair noise seeds start at 100,000 and take 1,000,000 per run seed, clear of evaluation's.
+    let base = 100_000 + 1_000_000 * cfg.seed;
     let total = prompts.len() * cfg.pairs_per_prompt;
     let mut lines = String::new();
     for (i, prompt) in prompts
@@ -259,7 +265,7 @@ pub fn sample_pairs(
         .flat_map(|p| std::iter::repeat_n(p, cfg.pairs_per_prompt))
         .enumerate()
     {
-        let seeds = [100_000 + 2 * i as u64, 100_001 + 2 * i as u64];
+        let seeds = [base + 2 * i as u64, base + 1 + 2 * i as u64];
         let mut images = Vec::with_capacity(2);
         for (k, &seed) in seeds.iter().enumerate() {
             let image = gen.generate(&gen.pipe.unet, prompt, &gen.noise(seed)?, seed)?;
@@ -427,7 +433,7 @@ batch_size = {batch}
 lr = {lr:e}
 resolution = {res}
 random_flip = false
-seed = 0
+seed = {seed}
 inversion_steps = {inv}
 
 [output]
@@ -441,6 +447,7 @@ dir = "{out}"
         lr = cfg.lr,
         res = 32,
         inv = cfg.inversion_steps,
+        seed = cfg.seed,
         out = out.display(),
     )
 }
@@ -487,12 +494,12 @@ pub struct GalleryImage {
     pub seed: u64,
 }
 
-/// The held-out evaluation cases: `(prompt, seed)`.
+/// The held-out evaluation cases: `(prompt, seed)`, seeds `1000·run seed + 0..eval_seeds`.
 pub fn eval_cases(held_out: &[Prompt], cfg: &DemoConfig) -> Vec<(Prompt, u64)> {
     held_out
         .iter()
         .take(cfg.eval_prompts)
-        .flat_map(|p| (0..cfg.eval_seeds).map(move |s| (*p, s)))
+        .flat_map(|p| (0..cfg.eval_seeds).map(move |s| (*p, 1000 * cfg.seed + s)))
         .collect()
 }
 

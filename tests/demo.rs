@@ -103,6 +103,8 @@ fn demo_runs_only_the_methods_asked_for() {
             "dcpo",
             "--dcpo-caption",
             "captioned",
+            "--seed",
+            "2",
             "--out",
         ])
         .arg(&out)
@@ -116,6 +118,13 @@ fn demo_runs_only_the_methods_asked_for() {
     assert_eq!(methods, ["dcpo"]);
     assert_eq!(metrics["config"]["dcpo_caption"], "captioned");
     assert!(!out.join("reward").exists(), "no ReNO, no pair head");
+    // The run seed moves the evaluation noise: seeds 2000 and 2001 in quick mode.
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("gallery/manifest.json")).unwrap()).unwrap();
+    let mut seeds: Vec<u64> = manifest.iter().map(|g| g["seed"].as_u64().unwrap()).collect();
+    seeds.sort_unstable();
+    seeds.dedup();
+    assert_eq!(seeds, [2000, 2001]);
 
     let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
         .args(["demo", "--quick", "--methods", "dpo,sft"])

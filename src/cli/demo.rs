@@ -76,6 +76,10 @@ pub struct DemoArgs {
     /// alone; the paper's SmPO uses 5 on SD 1.5).
     #[arg(long)]
     inversion_steps: Option<usize>,
+    /// The run's seed (default 0): it moves the pairs' noise, the labels, DCPO's captions, the
+    /// training and the evaluation noise; the prompt split stays.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// ReNO's weight on the pair head fitted on the labelled pairs, beside the reward CLIP's
     /// score (default 10; 0 leaves ReNO with the CLIP score alone).
     #[arg(long)]
@@ -130,6 +134,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.dcpo_caption = args.dcpo_caption;
     cfg.inversion_steps = args.inversion_steps.unwrap_or(cfg.inversion_steps);
     cfg.head_weight = args.head_weight.unwrap_or(cfg.head_weight);
+    cfg.seed = args.seed;
     if !(cfg.head_weight.is_finite() && cfg.head_weight >= 0.0) {
         anyhow::bail!("--head-weight must be a number >= 0, got {}", cfg.head_weight);
     }
@@ -285,7 +290,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     // 5. Outputs.
     let metrics = serde_json::json!({
         "methods": results,
-        "config": {"quick": args.quick, "dcpo_caption": cfg.dcpo_caption, "inversion_steps": cfg.inversion_steps, "head_weight": cfg.head_weight, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
+        "config": {"quick": args.quick, "dcpo_caption": cfg.dcpo_caption, "inversion_steps": cfg.inversion_steps, "head_weight": cfg.head_weight, "seed": cfg.seed, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
                    "train_steps": cfg.train_steps, "lr": cfg.lr, "betas": cfg.betas, "reno_iters": cfg.reno_iters,
                    "sampler_steps": cfg.steps, "guidance": cfg.guidance,
                    "model": args.model.as_ref().map(|p| p.display().to_string()),
