@@ -1,5 +1,7 @@
 //! Device and dtype choice.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use candle_core::{DType, Device};
 
 use crate::{Error, Result};
@@ -14,6 +16,47 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
             "--dtype",
             format!("expected one of f32, f16, bf16, got {other:?}"),
         )),
+    }
+}
+
+/// Who runs the fused kernels of f32 tensors (`crate::ops`): the CPU or a wgpu adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelBackend {
+    /// The multithreaded CPU kernels (the default).
+    Cpu,
+    /// The WGSL compute shaders on a wgpu adapter (builds with the `wgpu` feature).
+    Wgpu,
+}
+
+// 0: not read yet, 1: cpu, 2: wgpu.
+static KERNEL_BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the kernel backend for the whole process, unchecked (`crate::ops::set_backend`
+/// checks that an adapter opens first).
+pub fn set_kernel_backend(backend: KernelBackend) {
+    KERNEL_BACKEND.store(if backend == KernelBackend::Wgpu { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// The kernel backend: [`KernelBackend::Cpu`] unless set, or `DIFFALIGN_KERNELS=wgpu` in the
+/// environment (in a build without the feature that warns once and stays on the CPU; a missing
+/// adapter surfaces as the error of the first op).
+pub fn kernel_backend() -> KernelBackend {
+    match KERNEL_BACKEND.load(Ordering::Relaxed) {
+        0 => {
+            let wanted = std::env::var("DIFFALIGN_KERNELS").is_ok_and(|v| v == "wgpu");
+            if wanted && !cfg!(feature = "wgpu") {
+                eprintln!("warning: DIFFALIGN_KERNELS=wgpu ignored: built without the `wgpu` feature");
+            }
+            let b = if wanted && cfg!(feature = "wgpu") {
+                KernelBackend::Wgpu
+            } else {
+                KernelBackend::Cpu
+            };
+            set_kernel_backend(b);
+            b
+        }
+        2 => KernelBackend::Wgpu,
+        _ => KernelBackend::Cpu,
     }
 }
 
@@ -32,8 +75,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 "wgpu needs a build with the `wgpu` feature (cargo build --features wgpu)",
             ));
         }
-        crate::ops::set_backend(crate::ops::Backend::Wgpu)
-            .map_err(|e| Error::input("--device", format!("cannot use wgpu: {e}")))?;
+        // A missing adapter surfaces as the first kernel's error, which names the problem.
+        set_kernel_backend(KernelBackend::Wgpu);
         return Ok(Device::Cpu);
     }
     if let Some(rest) = s.strip_prefix("cuda") {

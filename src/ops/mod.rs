@@ -54,17 +54,7 @@ pub fn fused_enabled() -> bool {
     }
 }
 
-/// Who runs the fused kernels of f32 tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// The multithreaded CPU kernels (the default).
-    Cpu,
-    /// The WGSL compute shaders on a wgpu adapter (builds with the `wgpu` feature).
-    Wgpu,
-}
-
-// 0: not read yet, 1: cpu, 2: wgpu.
-static BACKEND: AtomicU8 = AtomicU8::new(0);
+pub use crate::device::KernelBackend as Backend;
 
 /// Selects the kernel backend for the whole process. [`Backend::Wgpu`] fails in builds without
 /// the `wgpu` feature, and when no adapter can be opened (the error names the problem).
@@ -72,31 +62,13 @@ pub fn set_backend(backend: Backend) -> Result<()> {
     if backend == Backend::Wgpu {
         wgpu_available()?;
     }
-    BACKEND.store(if backend == Backend::Wgpu { 2 } else { 1 }, Ordering::Relaxed);
+    crate::device::set_kernel_backend(backend);
     Ok(())
 }
 
-/// The kernel backend: [`Backend::Cpu`] unless set, or `DIFFALIGN_KERNELS=wgpu` in the environment
-/// (in a build without the feature that warns once and stays on the CPU; a missing adapter
-/// surfaces as the error of the first op).
+/// The kernel backend ([`crate::device::kernel_backend`]).
 pub fn backend() -> Backend {
-    match BACKEND.load(Ordering::Relaxed) {
-        0 => {
-            let wanted = std::env::var("DIFFALIGN_KERNELS").is_ok_and(|v| v == "wgpu");
-            if wanted && !cfg!(feature = "wgpu") {
-                eprintln!("warning: DIFFALIGN_KERNELS=wgpu ignored: built without the `wgpu` feature");
-            }
-            let b = if wanted && cfg!(feature = "wgpu") {
-                Backend::Wgpu
-            } else {
-                Backend::Cpu
-            };
-            BACKEND.store(if b == Backend::Wgpu { 2 } else { 1 }, Ordering::Relaxed);
-            b
-        }
-        2 => Backend::Wgpu,
-        _ => Backend::Cpu,
-    }
+    crate::device::kernel_backend()
 }
 
 /// Ok when the wgpu backend can run: built with the feature and an adapter found.
