@@ -67,7 +67,7 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    /// The full demo (about seven minutes on two cores).
+    /// The full demo (about four and a half minutes on two cores).
     pub fn full() -> Self {
         DemoConfig {
             pairs_per_prompt: 3,
@@ -79,7 +79,7 @@ impl DemoConfig {
             lr: 3e-5,
             steps: 8,
             guidance: 3.0,
-            reno_iters: 4,
+            reno_iters: 2,
             temperature: 0.05,
             betas: Default::default(),
             dcpo_caption: DcpoCaption::Perturbed,

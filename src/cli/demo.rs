@@ -54,7 +54,7 @@ pub struct DemoArgs {
     /// Seeds per held-out prompt (default 6, quick 2).
     #[arg(long)]
     eval_seeds: Option<u64>,
-    /// ReNO iterations per held-out image (default 4, quick 2).
+    /// ReNO iterations per held-out image (default 2, quick 2).
     #[arg(long)]
     reno_iters: Option<usize>,
     /// A shapes-world pipeline folder to align instead of the embedded one (e.g. the output of
