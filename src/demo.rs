@@ -1,11 +1,13 @@
 //! The demo on the embedded shapes-world model: sample preference pairs from the base model,
 //! label them with the ground-truth rater (Bradley-Terry noise), align the model with DPO, DCPO,
-//! MaPO and SmPO, run ReNO with the learned shapes reward, and judge every result against the base
-//! model on held-out prompts with the same seeds, by the ground-truth rater.
+//! MaPO and SmPO, run ReNO with the learned shapes reward plus a pair head fitted on the labelled
+//! pairs, and judge every result against the base model on held-out prompts with the same seeds,
+//! by the ground-truth rater.
 //!
 //! Honesty rules: prompts are split once (every fifth of a fixed shuffle is held out); the
-//! rater only labels training pairs (and, for DCPO, names what a rejected image shows, as a
-//! captioner would); evaluation images of base and aligned models share their seeds.
+//! rater only labels training pairs (with DCPO-c it also names what a rejected image shows, as a
+//! captioner would); the pair head sees only those pairs; evaluation images of base and aligned
+//! models share their seeds.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -229,7 +229,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         scores.insert(method.into(), s);
     }
 
-    // 4. ReNO with the learned shapes reward, from each held-out case's own noise.
+    // 4. ReNO with the learned shapes reward and the pair head, from each held-out case's own
+    //    noise.
     let mut head_report = None;
     if wanted("reno") {
         let reward = load_reward(RewardKind::ClipScore, &reward_dir, &device_opts)?;
