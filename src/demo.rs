@@ -353,23 +353,7 @@ pub fn fit_demo_pair_head(pairs_file: &Path, clip_dir: &Path, out: &Path, cfg: &
     };
     let (f_w, f_l) = (features(&chosen)?, features(&rejected)?);
     let fit = PairHeadFit::default();
-    let accuracy = |w: &Tensor, idx: &[usize]| -> Result<f64> {
-        let idx_t = Tensor::from_vec(
-            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            idx.len(),
-            f_w.device(),
-        )?;
-        let d = (f_w.index_select(&idx_t, 0)? - f_l.index_select(&idx_t, 0)?)?;
-        let z: Vec<f32> = d.broadcast_mul(w)?.sum(1)?.to_vec1()?;
-        let agree = idx
-            .iter()
-            .zip(&z)
-            .filter(|(&i, &z)| (z > 0.0) == (soft[i] >= 0.5))
-            .count();
-        Ok(agree as f64 / idx.len().max(1) as f64)
-    };
-    let n = soft.len();
-    let (held, kept): (Vec<usize>, Vec<usize>) = (0..n).partition(|i| i % 5 == 4);
+    // The pairs `idx`: their features on both sides and their soft labels.
     let select = |idx: &[usize]| -> Result<(Tensor, Tensor, Vec<f64>)> {
         let t = Tensor::from_vec(
             idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
@@ -382,6 +366,15 @@ pub fn fit_demo_pair_head(pairs_file: &Path, clip_dir: &Path, out: &Path, cfg: &
             idx.iter().map(|&i| soft[i]).collect(),
         ))
     };
+    // How often the head with weight `w` agrees with the labels of the pairs `idx`.
+    let accuracy = |w: &Tensor, idx: &[usize]| -> Result<f64> {
+        let (a, b, s) = select(idx)?;
+        let z: Vec<f32> = (a - b)?.broadcast_mul(w)?.sum(1)?.to_vec1()?;
+        let agree = z.iter().zip(&s).filter(|(&z, &p)| (z > 0.0) == (p >= 0.5)).count();
+        Ok(agree as f64 / idx.len().max(1) as f64)
+    };
+    let n = soft.len();
+    let (held, kept): (Vec<usize>, Vec<usize>) = (0..n).partition(|i| i % 5 == 4);
     let (a, b, s) = select(&kept)?;
     let held_out_accuracy = if held.is_empty() {
         f64::NAN
