@@ -19,44 +19,77 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// Who runs the fused kernels of f32 tensors (`crate::ops`): the CPU or a wgpu adapter.
+/// Who runs the fused kernels of f32 tensors in CPU storage (`crate::ops`): the CPU, a wgpu
+/// adapter, or the CPU emulator of the CUDA kernels. (Tensors on a CUDA device take the CUDA
+/// kernels, see `crate::ops::set_cuda_kernels`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelBackend {
     /// The multithreaded CPU kernels (the default).
     Cpu,
     /// The WGSL compute shaders on a wgpu adapter (builds with the `wgpu` feature).
     Wgpu,
+    /// The CUDA kernels compiled as C++ and run on a CPU emulator (builds with the `cuda-emu`
+    /// feature): slow, for testing the kernel sources without a GPU.
+    CudaEmu,
 }
 
-// 0: not read yet, 1: cpu, 2: wgpu.
+impl KernelBackend {
+    /// The name `DIFFALIGN_KERNELS` takes: `cpu`, `wgpu`, `cuda-emu`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelBackend::Cpu => "cpu",
+            KernelBackend::Wgpu => "wgpu",
+            KernelBackend::CudaEmu => "cuda-emu",
+        }
+    }
+
+    /// Whether this build has the backend.
+    pub fn is_built(self) -> bool {
+        match self {
+            KernelBackend::Cpu => true,
+            KernelBackend::Wgpu => cfg!(feature = "wgpu"),
+            KernelBackend::CudaEmu => cfg!(feature = "cuda-emu"),
+        }
+    }
+}
+
+// 0: not read yet, else 1 + the index in ALL_BACKENDS.
 static KERNEL_BACKEND: AtomicU8 = AtomicU8::new(0);
 
+const ALL_BACKENDS: [KernelBackend; 3] = [KernelBackend::Cpu, KernelBackend::Wgpu, KernelBackend::CudaEmu];
+
 /// Selects the kernel backend for the whole process, unchecked (`crate::ops::set_backend`
-/// checks that an adapter opens first).
+/// checks that it can run first).
 pub fn set_kernel_backend(backend: KernelBackend) {
-    KERNEL_BACKEND.store(if backend == KernelBackend::Wgpu { 2 } else { 1 }, Ordering::Relaxed);
+    let index = ALL_BACKENDS.iter().position(|&b| b == backend).unwrap_or(0);
+    KERNEL_BACKEND.store(index as u8 + 1, Ordering::Relaxed);
 }
 
-/// The kernel backend: [`KernelBackend::Cpu`] unless set, or `DIFFALIGN_KERNELS=wgpu` in the
-/// environment (in a build without the feature that warns once and stays on the CPU; a missing
-/// adapter surfaces as the error of the first op).
+/// The kernel backend: [`KernelBackend::Cpu`] unless set, or named by `DIFFALIGN_KERNELS`
+/// (`wgpu`, `cuda-emu`) in the environment. A backend this build lacks warns once and stays on
+/// the CPU; a missing wgpu adapter surfaces as the error of the first op.
 pub fn kernel_backend() -> KernelBackend {
     match KERNEL_BACKEND.load(Ordering::Relaxed) {
         0 => {
-            let wanted = std::env::var("DIFFALIGN_KERNELS").is_ok_and(|v| v == "wgpu");
-            if wanted && !cfg!(feature = "wgpu") {
-                eprintln!("warning: DIFFALIGN_KERNELS=wgpu ignored: built without the `wgpu` feature");
-            }
-            let b = if wanted && cfg!(feature = "wgpu") {
-                KernelBackend::Wgpu
-            } else {
-                KernelBackend::Cpu
+            let wanted = std::env::var("DIFFALIGN_KERNELS")
+                .ok()
+                .and_then(|v| ALL_BACKENDS.into_iter().find(|b| b.name() == v));
+            let b = match wanted {
+                Some(b) if !b.is_built() => {
+                    eprintln!(
+                        "warning: DIFFALIGN_KERNELS={} ignored: built without the `{}` feature",
+                        b.name(),
+                        b.name()
+                    );
+                    KernelBackend::Cpu
+                }
+                Some(b) => b,
+                None => KernelBackend::Cpu,
             };
             set_kernel_backend(b);
             b
         }
-        2 => KernelBackend::Wgpu,
-        _ => KernelBackend::Cpu,
+        v => ALL_BACKENDS[usize::from(v - 1).min(ALL_BACKENDS.len() - 1)],
     }
 }
 

@@ -154,12 +154,16 @@ fn timed(
 
 /// Runs every case, forward and backward, printing one JSON line each.
 pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
-    if !dev.is_cpu() {
-        anyhow::bail!("--suite kernels: the fused kernels exist for the CPU and wgpu only (use --device cpu or wgpu)");
-    }
-    let backend = match ops::backend() {
-        ops::Backend::Cpu => "cpu",
-        ops::Backend::Wgpu => "wgpu",
+    let backend = if dev.is_cuda() {
+        // On a CUDA device "ours" are the CUDA kernels, opt-in elsewhere.
+        ops::set_cuda_kernels(true);
+        "cuda"
+    } else if dev.is_cpu() {
+        ops::backend().name()
+    } else {
+        anyhow::bail!(
+            "--suite kernels: the fused kernels exist for the CPU, CUDA and wgpu (use --device cpu, cuda or wgpu)"
+        );
     };
     for case in cases(dev)? {
         let (ours, reference) = ((case.ours)(&case.inputs)?, (case.reference)(&case.inputs)?);

@@ -3,10 +3,11 @@
 //! GEMMs too (the input gradient folds back with col2im). candle's own CPU backward runs a direct
 //! conv_transpose2d loop for the input gradient, which dominates training time.
 
+#[cfg(feature = "cuda-emu")]
+use candle_core::DType;
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-
-#[cfg(feature = "wgpu")]
-use super::wgpu::conv2d::Product;
 
 use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
 
@@ -18,7 +19,7 @@ pub fn reference(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Resul
 /// `x * w` with zero padding `padding` and stride `stride`: the fused kernel on CPU, else the
 /// reference.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !super::use_cpu_kernel(&[x, w]) || stride == 0 {
+    if !super::use_kernel(&[x, w]) || stride == 0 {
         return reference(x, w, stride, padding);
     }
     let (_, c_in, h, wd) = x.dims4()?;
@@ -46,6 +47,32 @@ pub(crate) struct Geometry {
     pub pad: usize,
 }
 
+/// Which product of the convolution a GPU kernel computes: each is one implicit GEMM
+/// `C[M, N] = A[M, K] B[K, N]` (see `kernels/cuda/conv2d.cu`).
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Product {
+    /// `y` from `(x, w)`.
+    Forward,
+    /// `dx` from `(dy, w)`.
+    InputGrad,
+    /// `dw` from `(x, dy)`.
+    WeightGrad,
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+impl Product {
+    /// `(M, N, K)` of the product's GEMM for the convolution `g`.
+    pub fn gemm(self, g: &Geometry) -> (usize, usize, usize) {
+        let (kk, l, hw) = (g.kh * g.kw, g.ho * g.wo, g.h * g.w);
+        match self {
+            Product::Forward => (g.c_out, g.b * l, g.c_in * kk),
+            Product::InputGrad => (g.c_in, g.b * hw, g.c_out * kk),
+            Product::WeightGrad => (g.c_out, g.c_in * kk, g.b * l),
+        }
+    }
+}
+
 /// Elements of the unfolded buffer of one band (about 16 MB of f32).
 const BAND_ELEMENTS: usize = 1 << 22;
 
@@ -70,6 +97,29 @@ impl Geometry {
             stride,
             pad,
         })
+    }
+
+    /// The sizes the GPU kernels take, in their order: the geometry, then `(M, N, K)` of
+    /// `product`.
+    #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+    pub fn kernel_sizes(&self, product: Product) -> [(&'static str, usize); 14] {
+        let (m, n, k) = product.gemm(self);
+        [
+            ("batch", self.b),
+            ("c_in", self.c_in),
+            ("h", self.h),
+            ("w", self.w),
+            ("c_out", self.c_out),
+            ("kh", self.kh),
+            ("kw", self.kw),
+            ("ho", self.ho),
+            ("wo", self.wo),
+            ("stride", self.stride),
+            ("pad", self.pad),
+            ("m", m),
+            ("n", n),
+            ("k", k),
+        ]
     }
 
     /// Rows of the unfolded matrix (`C_in * kh * kw`).
@@ -189,6 +239,20 @@ fn valid_range(k: usize, pad: usize, stride: usize, n_in: usize, n_out: usize) -
     (lo.min(hi), hi)
 }
 
+/// Runs `product` of the convolution `g` on the CUDA kernels; the result has shape `shape`.
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    op: &'static str,
+    g: &Geometry,
+    product: Product,
+    src1: super::cuda::device::Input<'_>,
+    src2: super::cuda::device::Input<'_>,
+    shape: Shape,
+) -> Result<(CudaStorage, Shape)> {
+    let job = super::cuda::conv2d::job(op, src1.0.dtype(), g, product, src1, src2).map_err(candle_core::Error::wrap)?;
+    Ok((super::cuda::device::run(job)?, shape))
+}
+
 /// The forward convolution; its backward runs [`InputGrad`] and [`WeightGrad`].
 struct Conv2dOp {
     stride: usize,
@@ -231,11 +295,30 @@ impl CustomOp2 for Conv2dOp {
             let (x, w) = (slice(self.name(), xs, xl)?, slice(self.name(), ws, wl)?);
             super::wgpu::conv2d::run(self.name(), &g, Product::Forward, x, w).map(|y| (y, shape))
         });
+        super::on_cuda_emu!(
+            xs,
+            super::cuda::conv2d::job(
+                self.name(),
+                DType::F32,
+                &g,
+                Product::Forward,
+                slice(self.name(), xs, xl)?,
+                slice(self.name(), ws, wl)?
+            ),
+            shape
+        );
         let out = dispatch_real!("conv2d", xs, T => {
             let out = self.run::<T>(&g, slice("conv2d", xs, xl)?, slice("conv2d", ws, wl)?);
             T::to_cpu_storage_owned(out)
         });
         Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
+        let shape = Shape::from((g.b, g.c_out, g.ho, g.wo));
+        run_cuda(self.name(), &g, Product::Forward, (xs, xl), (ws, wl), shape)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -274,6 +357,21 @@ struct InputGrad {
 }
 
 impl InputGrad {
+    /// The convolution and the shape of `dx`, checking the gradient `dY` against the weight.
+    fn geometry(&self, dl: &Layout, wl: &Layout) -> Result<(Geometry, Shape)> {
+        let b = dl.dims()[0];
+        let c_in = wl.dims()[1];
+        let g = Geometry::new(&[b, c_in, self.h, self.w], wl.dims(), self.stride, self.padding)?;
+        if dl.dims() != [b, g.c_out, g.ho, g.wo] {
+            candle_core::bail!(
+                "conv2d-input-grad: gradient of shape {:?} for output {:?}",
+                dl.dims(),
+                (g.ho, g.wo)
+            );
+        }
+        Ok((g, Shape::from((b, c_in, self.h, self.w))))
+    }
+
     fn run<T: Real>(&self, g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
         let (k, l) = (g.k(), g.l());
         let mut dx = vec![T::zero(); g.b * g.c_in * g.h * g.w];
@@ -319,26 +417,34 @@ impl CustomOp2 for InputGrad {
     }
 
     fn cpu_fwd(&self, ds: &CpuStorage, dl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let b = dl.dims()[0];
-        let c_in = wl.dims()[1];
-        let g = Geometry::new(&[b, c_in, self.h, self.w], wl.dims(), self.stride, self.padding)?;
-        if dl.dims() != [b, g.c_out, g.ho, g.wo] {
-            candle_core::bail!(
-                "conv2d-input-grad: gradient of shape {:?} for output {:?}",
-                dl.dims(),
-                (g.ho, g.wo)
-            );
-        }
-        let shape = Shape::from((b, c_in, self.h, self.w));
+        let (g, shape) = self.geometry(dl, wl)?;
         super::on_wgpu!(ds, {
             let (dy, w) = (slice(self.name(), ds, dl)?, slice(self.name(), ws, wl)?);
             super::wgpu::conv2d::run(self.name(), &g, Product::InputGrad, dy, w).map(|dx| (dx, shape))
         });
+        super::on_cuda_emu!(
+            ds,
+            super::cuda::conv2d::job(
+                self.name(),
+                DType::F32,
+                &g,
+                Product::InputGrad,
+                slice(self.name(), ds, dl)?,
+                slice(self.name(), ws, wl)?
+            ),
+            shape
+        );
         let out = dispatch_real!("conv2d-input-grad", ds, T => {
             let dx = self.run::<T>(&g, slice("conv2d-input-grad", ds, dl)?, slice("conv2d-input-grad", ws, wl)?);
             T::to_cpu_storage_owned(dx)
         });
         Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, ds: &CudaStorage, dl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (g, shape) = self.geometry(dl, wl)?;
+        run_cuda(self.name(), &g, Product::InputGrad, (ds, dl), (ws, wl), shape)
     }
 }
 
@@ -351,6 +457,20 @@ struct WeightGrad {
 }
 
 impl WeightGrad {
+    /// The convolution and the shape of `dW`, checking the gradient `dY` against the input.
+    fn geometry(&self, xl: &Layout, dl: &Layout) -> Result<(Geometry, Shape)> {
+        let (c_out, c_in) = (dl.dims()[1], xl.dims()[1]);
+        let g = Geometry::new(xl.dims(), &[c_out, c_in, self.kh, self.kw], self.stride, self.padding)?;
+        if dl.dims() != [g.b, c_out, g.ho, g.wo] {
+            candle_core::bail!(
+                "conv2d-weight-grad: gradient of shape {:?} for output {:?}",
+                dl.dims(),
+                (g.ho, g.wo)
+            );
+        }
+        Ok((g, Shape::from((c_out, c_in, self.kh, self.kw))))
+    }
+
     fn run<T: Real>(&self, g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
         let (k, l) = (g.k(), g.l());
         let mut dw = vec![T::zero(); g.c_out * k];
@@ -371,24 +491,33 @@ impl CustomOp2 for WeightGrad {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (c_out, c_in) = (dl.dims()[1], xl.dims()[1]);
-        let g = Geometry::new(xl.dims(), &[c_out, c_in, self.kh, self.kw], self.stride, self.padding)?;
-        if dl.dims() != [g.b, c_out, g.ho, g.wo] {
-            candle_core::bail!(
-                "conv2d-weight-grad: gradient of shape {:?} for output {:?}",
-                dl.dims(),
-                (g.ho, g.wo)
-            );
-        }
-        let shape = Shape::from((c_out, c_in, self.kh, self.kw));
+        let (g, shape) = self.geometry(xl, dl)?;
         super::on_wgpu!(xs, {
             let (x, dy) = (slice(self.name(), xs, xl)?, slice(self.name(), ds, dl)?);
             super::wgpu::conv2d::run(self.name(), &g, Product::WeightGrad, x, dy).map(|dw| (dw, shape))
         });
+        super::on_cuda_emu!(
+            xs,
+            super::cuda::conv2d::job(
+                self.name(),
+                DType::F32,
+                &g,
+                Product::WeightGrad,
+                slice(self.name(), xs, xl)?,
+                slice(self.name(), ds, dl)?
+            ),
+            shape
+        );
         let out = dispatch_real!("conv2d-weight-grad", xs, T => {
             let dw = self.run::<T>(&g, slice("conv2d-weight-grad", xs, xl)?, slice("conv2d-weight-grad", ds, dl)?);
             T::to_cpu_storage_owned(dw)
         });
         Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ds: &CudaStorage, dl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (g, shape) = self.geometry(xl, dl)?;
+        run_cuda(self.name(), &g, Product::WeightGrad, (xs, xl), (ds, dl), shape)
     }
 }

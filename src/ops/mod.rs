@@ -20,6 +20,8 @@
 pub mod attention;
 pub mod conv2d;
 pub(crate) mod cpu;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+pub mod cuda;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod mse;
@@ -57,13 +59,45 @@ pub fn fused_enabled() -> bool {
 pub use crate::device::KernelBackend as Backend;
 
 /// Selects the kernel backend for the whole process. [`Backend::Wgpu`] fails in builds without
-/// the `wgpu` feature, and when no adapter can be opened (the error names the problem).
+/// the `wgpu` feature, and when no adapter can be opened (the error names the problem);
+/// [`Backend::CudaEmu`] fails in builds without the `cuda-emu` feature.
 pub fn set_backend(backend: Backend) -> Result<()> {
-    if backend == Backend::Wgpu {
-        wgpu_available()?;
+    match backend {
+        Backend::Wgpu => wgpu_available()?,
+        Backend::CudaEmu if !backend.is_built() => {
+            return Err(crate::Error::Op {
+                op: "kernels".into(),
+                device: "cuda-emu".into(),
+                reason: "this build has no CUDA emulator (rebuild with `--features cuda-emu`)".into(),
+            })
+        }
+        _ => {}
     }
     crate::device::set_kernel_backend(backend);
     Ok(())
+}
+
+// 0: not read yet, 1: CUDA kernels on, 2: off.
+static CUDA_KERNELS: AtomicU8 = AtomicU8::new(0);
+
+/// Turns the CUDA kernels of `kernels/cuda/` on or off for tensors on a CUDA device (builds with
+/// the `cuda` feature). Off, those tensors take the composed references (candle's CUDA ops).
+pub fn set_cuda_kernels(on: bool) {
+    CUDA_KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether tensors on a CUDA device take the CUDA kernels: off unless turned on with
+/// [`set_cuda_kernels`] or `DIFFALIGN_CUDA_KERNELS=1`. They stay opt-in until they have passed
+/// their parity tests on a GPU (the CPU emulator checks their sources in CI).
+pub fn cuda_kernels_enabled() -> bool {
+    match CUDA_KERNELS.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("DIFFALIGN_CUDA_KERNELS").is_ok_and(|v| v == "1");
+            set_cuda_kernels(on);
+            on
+        }
+        v => v == 1,
+    }
 }
 
 /// The kernel backend ([`crate::device::kernel_backend`]).
@@ -95,6 +129,24 @@ macro_rules! on_wgpu {
 }
 pub(crate) use on_wgpu;
 
+/// Inside a kernel's `cpu_fwd`: when the CUDA emulator backend is on and `$storage` is f32, runs
+/// the job `$job` (a `crate::Result` of a `cuda::Job` on host slices) on the emulator and returns
+/// its output with the shape `$shape` from the enclosing function.
+macro_rules! on_cuda_emu {
+    ($storage:expr, $job:expr, $shape:expr) => {
+        #[cfg(feature = "cuda-emu")]
+        if matches!($storage, candle_core::CpuStorage::F32(_))
+            && $crate::ops::backend() == $crate::ops::Backend::CudaEmu
+        {
+            return $job
+                .and_then($crate::ops::cuda::emu::run)
+                .map(|out| (out, $shape))
+                .map_err(candle_core::Error::wrap);
+        }
+    };
+}
+pub(crate) use on_cuda_emu;
+
 /// The dtype statistics and scores are computed in: f32 for half types, else the input's own.
 pub(crate) fn compute_dtype(dtype: DType) -> DType {
     match dtype {
@@ -103,14 +155,29 @@ pub(crate) fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Whether the fused CPU kernels can take these tensors: kernels on, all on the CPU, all f32 or
-/// all f64.
-pub(crate) fn use_cpu_kernel(tensors: &[&Tensor]) -> bool {
+/// Whether the fused kernels can take these tensors: kernels on, and all on the CPU in f32 or
+/// all in f64, or (with [`cuda_kernels_enabled`]) all on one CUDA device in f32, f16 or bf16.
+pub(crate) fn use_kernel(tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else { return false };
     let dtype = first.dtype();
-    fused_enabled()
-        && matches!(dtype, DType::F32 | DType::F64)
-        && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+    if !fused_enabled() || tensors.iter().any(|t| t.dtype() != dtype) {
+        return false;
+    }
+    let device = first.device();
+    if device.is_cpu() {
+        matches!(dtype, DType::F32 | DType::F64) && tensors.iter().all(|t| t.device().is_cpu())
+    } else {
+        device.is_cuda()
+            && cfg!(feature = "cuda")
+            && cuda_kernels_enabled()
+            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+            && tensors.iter().all(|t| t.device().same_device(device))
+    }
+}
+
+/// [`use_kernel`] restricted to the CPU: for ops without CUDA kernels.
+pub(crate) fn use_cpu_kernel(tensors: &[&Tensor]) -> bool {
+    use_kernel(tensors) && tensors.iter().all(|t| t.device().is_cpu())
 }
 
 /// `(max_abs_err, max_rel_err)` of `got` against `want`: the largest absolute difference, and

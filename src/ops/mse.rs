@@ -1,6 +1,10 @@
 //! The per-sample mean squared error of the preference losses: `mean((a - b)^2)` over every
 //! dimension but the first, in one pass; its backward pass is one kernel too.
 
+#[cfg(feature = "cuda-emu")]
+use candle_core::DType;
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -18,7 +22,7 @@ pub fn per_sample_mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.shape() != b.shape() {
         candle_core::bail!("per_sample_mse: shapes {:?} and {:?} differ", a.dims(), b.dims());
     }
-    if !super::use_cpu_kernel(&[a, b]) || a.rank() == 0 || a.elem_count() == 0 {
+    if !super::use_kernel(&[a, b]) || a.rank() == 0 || a.elem_count() == 0 {
         return reference(a, b);
     }
     a.contiguous()?.apply_op2(&b.contiguous()?, Mse)
@@ -44,6 +48,11 @@ impl CustomOp2 for Mse {
             let (x, y) = (slice(op, s1, l1)?, slice(op, s2, l2)?);
             super::wgpu::mse::forward(m, x, y).map(|out| (out, Shape::from(b)))
         });
+        super::on_cuda_emu!(
+            s1,
+            super::cuda::mse::forward(DType::F32, m, b * m, slice(op, s1, l1)?, slice(op, s2, l2)?),
+            Shape::from(b)
+        );
         let out = dispatch_real!(op, s1, T => {
             let (x, y): (&[T], &[T]) = (slice(op, s1, l1)?, slice(op, s2, l2)?);
             // Accumulated in f64: beta in the thousands amplifies the rounding of these means.
@@ -65,6 +74,14 @@ impl CustomOp2 for Mse {
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from(b)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (b, m) = rows(l1);
+        let job =
+            super::cuda::mse::forward(s1.dtype(), m, b * m, (s1, l1), (s2, l2)).map_err(candle_core::Error::wrap)?;
+        Ok((super::cuda::device::run(job)?, Shape::from(b)))
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -103,6 +120,18 @@ impl CustomOp3 for MseGrad {
             let (x, y, g) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, sg, lg)?);
             super::wgpu::mse::backward(m, x, y, g).map(|both| (both, Shape::from(2 * l1.shape().elem_count())))
         });
+        super::on_cuda_emu!(
+            s1,
+            super::cuda::mse::backward(
+                DType::F32,
+                m,
+                b * m,
+                slice(op, s1, l1)?,
+                slice(op, s2, l2)?,
+                slice(op, sg, lg)?
+            ),
+            Shape::from(2 * b * m)
+        );
         let out = dispatch_real!(op, s1, T => {
             let (x, y, g): (&[T], &[T], &[T]) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, sg, lg)?);
             let n = x.len();
@@ -119,5 +148,24 @@ impl CustomOp3 for MseGrad {
             T::to_cpu_storage_owned(both)
         });
         Ok((out, Shape::from(2 * l1.shape().elem_count())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        sg: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, m) = rows(l1);
+        if lg.shape().elem_count() != b {
+            candle_core::bail!("{}: {} gradients for {b} samples", self.name(), lg.shape().elem_count());
+        }
+        let job = super::cuda::mse::backward(s1.dtype(), m, b * m, (s1, l1), (s2, l2), (sg, lg))
+            .map_err(candle_core::Error::wrap)?;
+        Ok((super::cuda::device::run(job)?, Shape::from(2 * b * m)))
     }
 }

@@ -4,6 +4,10 @@
 //! its segments the channels, each `H * W` long), optionally followed by SiLU.
 //! The backward pass is one kernel that returns the input, weight and bias gradients together.
 
+#[cfg(feature = "cuda-emu")]
+use candle_core::DType;
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::cpu::{dispatch_real, for_each_chunk, for_each_chunk2, sigmoid, slice, Real, PAR_MIN_ELEMENTS};
@@ -26,7 +30,7 @@ impl RowNorm {
         self.row_len / self.segment
     }
 
-    fn params(&self) -> usize {
+    pub(crate) fn params(&self) -> usize {
         self.groups * self.segments()
     }
 
@@ -219,10 +223,39 @@ impl CustomOp3 for RowNorm {
             let (w, b): (&[f32], &[f32]) = (slice(op, ws, wl)?, slice(op, bs, bl)?);
             super::wgpu::row_norm::forward(self, slice(op, xs, xl)?, &[w, b].concat()).map(|y| (y, xl.shape().clone()))
         });
+        super::on_cuda_emu!(
+            xs,
+            super::cuda::row_norm::forward(
+                DType::F32,
+                self,
+                xl.shape().elem_count(),
+                slice(op, xs, xl)?,
+                slice(op, ws, wl)?,
+                slice(op, bs, bl)?
+            ),
+            xl.shape().clone()
+        );
         let out = dispatch_real!(op, xs, T => {
             T::to_cpu_storage_owned(self.forward::<T>(slice(op, xs, xl)?, slice(op, ws, wl)?, slice(op, bs, bl)?))
         });
         Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.check(self.name(), xl, wl)?;
+        let n = xl.shape().elem_count();
+        let job = super::cuda::row_norm::forward(xs.dtype(), self, n, (xs, xl), (ws, wl), (bs, bl))
+            .map_err(candle_core::Error::wrap)?;
+        Ok((super::cuda::device::run(job)?, xl.shape().clone()))
     }
 
     fn bwd(
@@ -270,11 +303,43 @@ impl CustomOp3 for RowNormGrad {
             let (x, dy, params) = (slice(op, xs, xl)?, slice(op, ds, dl)?, slice(op, ps, pl)?);
             super::wgpu::row_norm::backward(&self.0, x, dy, params).map(|all| (all, Shape::from(n + 2 * p)))
         });
+        super::on_cuda_emu!(
+            xs,
+            super::cuda::row_norm::backward(
+                DType::F32,
+                &self.0,
+                n,
+                slice(op, xs, xl)?,
+                slice(op, ds, dl)?,
+                slice(op, ps, pl)?
+            ),
+            Shape::from(n + 2 * p)
+        );
         let out = dispatch_real!(op, xs, T => {
             let params: &[T] = slice(op, ps, pl)?;
             let (w, b) = params.split_at(p);
             T::to_cpu_storage_owned(self.0.backward::<T>(slice(op, xs, xl)?, slice(op, ds, dl)?, w, b))
         });
         Ok((out, Shape::from(n + 2 * p)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ds: &CudaStorage,
+        dl: &Layout,
+        ps: &CudaStorage,
+        pl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let p = self.0.params();
+        if pl.shape().elem_count() != 2 * p || dl.shape() != xl.shape() {
+            candle_core::bail!("{}: mismatched gradient or parameter sizes", self.name());
+        }
+        let n = xl.shape().elem_count();
+        let job = super::cuda::row_norm::backward(xs.dtype(), &self.0, n, (xs, xl), (ds, dl), (ps, pl))
+            .map_err(candle_core::Error::wrap)?;
+        Ok((super::cuda::device::run(job)?, Shape::from(n + 2 * p)))
     }
 }

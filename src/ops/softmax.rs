@@ -1,6 +1,10 @@
 //! Softmax over the last dimension; the backward pass `dx = y * (dy - sum(dy * y))` is its own
 //! kernel.
 
+#[cfg(feature = "cuda-emu")]
+use candle_core::DType;
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
 use super::cpu::{dispatch_real, for_each_chunk, slice, Real, PAR_MIN_ELEMENTS};
@@ -16,7 +20,7 @@ pub fn reference(xs: &Tensor) -> Result<Tensor> {
 
 /// Softmax of `xs` over its last dimension: the fused kernel on CPU, else the reference.
 pub fn softmax(xs: &Tensor) -> Result<Tensor> {
-    if !super::use_cpu_kernel(&[xs]) || xs.rank() == 0 {
+    if !super::use_kernel(&[xs]) || xs.rank() == 0 {
         return reference(xs);
     }
     xs.contiguous()?.apply_op1(Softmax)
@@ -56,6 +60,18 @@ impl CustomOp1 for Softmax {
             super::wgpu::softmax::run("softmax", d, slice(self.name(), s, l)?, None)
                 .map(|out| (out, l.shape().clone()))
         );
+        super::on_cuda_emu!(
+            s,
+            super::cuda::softmax::job(
+                "softmax",
+                DType::F32,
+                d,
+                l.shape().elem_count(),
+                slice(self.name(), s, l)?,
+                None
+            ),
+            l.shape().clone()
+        );
         let out = dispatch_real!("softmax", s, T => {
             let mut y = slice::<T>("softmax", s, l)?.to_vec();
             let parallel = y.len() >= PAR_MIN_ELEMENTS;
@@ -63,6 +79,14 @@ impl CustomOp1 for Softmax {
             T::to_cpu_storage_owned(y)
         });
         Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let job = super::cuda::softmax::job(self.name(), s.dtype(), d, l.shape().elem_count(), (s, l), None)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((super::cuda::device::run(job)?, l.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -87,6 +111,18 @@ impl CustomOp2 for SoftmaxGrad {
             let (y, dy) = (slice(self.name(), ys, yl)?, slice(self.name(), ds, dl)?);
             super::wgpu::softmax::run("softmax-grad", d, y, Some(dy)).map(|out| (out, yl.shape().clone()))
         });
+        super::on_cuda_emu!(
+            ys,
+            super::cuda::softmax::job(
+                "softmax-grad",
+                DType::F32,
+                d,
+                yl.shape().elem_count(),
+                slice(self.name(), ys, yl)?,
+                Some(slice(self.name(), ds, dl)?)
+            ),
+            yl.shape().clone()
+        );
         let out = dispatch_real!("softmax-grad", ys, T => {
             let y: &[T] = slice("softmax-grad", ys, yl)?;
             let mut dx = slice::<T>("softmax-grad", ds, dl)?.to_vec();
@@ -95,5 +131,17 @@ impl CustomOp2 for SoftmaxGrad {
             T::to_cpu_storage_owned(dx)
         });
         Ok((out, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, ys: &CudaStorage, yl: &Layout, ds: &CudaStorage, dl: &Layout) -> Result<(CudaStorage, Shape)> {
+        if yl.shape() != dl.shape() {
+            candle_core::bail!("softmax-grad: output {:?} but gradient {:?}", yl.dims(), dl.dims());
+        }
+        let d = yl.dims().last().copied().unwrap_or(1).max(1);
+        let n = yl.shape().elem_count();
+        let job = super::cuda::softmax::job(self.name(), ys.dtype(), d, n, (ys, yl), Some((ds, dl)))
+            .map_err(candle_core::Error::wrap)?;
+        Ok((super::cuda::device::run(job)?, yl.shape().clone()))
     }
 }

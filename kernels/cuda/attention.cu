@@ -1,0 +1,188 @@
+// Memory-efficient scaled dot-product attention over n (batch * head) slices: one block per
+// query row (forward, backward dq) or key row (backward dk, dv) walks the other side in tiles of
+// BLOCK, so no attention matrix is ever stored. The forward pass keeps an online softmax (running
+// max and sum, rescaling the accumulated output); the backward pass recomputes the scores from
+// the row's log-sum-exp. Thread t accumulates output components t, t + BLOCK, ... in registers
+// (at most ATT_PER_THREAD of them, so widths up to ATT_MAX_WIDTH), in f32.
+// The backward pass reads keys and values packed side by side, kv [n, lk, d + dv], and the output
+// gradient packed with delta = rowsum(dO * O), go [n, lq, dv + 1]; it writes [dq | dk | dv].
+#include "common.cuh"
+
+#define ATT_PER_THREAD 4u
+#define ATT_MAX_WIDTH (ATT_PER_THREAD * BLOCK)
+
+// Copies `len` elements of `src` from `offset` into shared `dst` (f32), then syncs.
+template <typename T>
+__device__ void stage_row(const T* src, size_t offset, uint32_t len, float* dst) {
+    for (uint32_t c = threadIdx.x; c < len; c += BLOCK) dst[c] = load(src, offset + c);
+    __syncthreads();
+}
+
+// a . b[offset .. offset + len) with `a` in shared memory.
+template <typename T>
+__device__ __forceinline__ float dot_row(const float* a, const T* b, size_t offset, uint32_t len) {
+    float s = 0.0f;
+    for (uint32_t c = 0; c < len; ++c) s += a[c] * load(b, offset + c);
+    return s;
+}
+
+template <typename T>
+__device__ void attention_fwd(const T* q, const T* k, const T* v, T* out, uint32_t n, uint32_t lq, uint32_t lk,
+                              uint32_t d, uint32_t dv, float scale) {
+    __shared__ float q_row[ATT_MAX_WIDTH];
+    __shared__ float tile_p[BLOCK];
+    const uint32_t row = blockIdx.x;
+    if (row >= n * lq) return;
+    const unsigned t = threadIdx.x;
+    const size_t k0 = (size_t)(row / lq) * lk;
+    stage_row(q, (size_t)row * d, d, q_row);
+    float acc[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float m = NEG_BIG, l = 0.0f;
+    for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
+        const uint32_t j = j0 + t;
+        const float s = j < lk ? dot_row(q_row, k, (k0 + j) * d, d) * scale : NEG_BIG;
+        const float m_new = fmaxf(m, block_max(s));
+        const float p = j < lk ? expf(s - m_new) : 0.0f;
+        const float corr = expf(m - m_new);
+        // block_sum's leading barrier also orders this tile's tile_p write after the last reads.
+        l = l * corr + block_sum(p);
+        m = m_new;
+        tile_p[t] = p;
+        __syncthreads();
+        const uint32_t len = min(BLOCK, lk - j0);
+        for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
+            const uint32_t c = t + a * BLOCK;
+            if (c >= dv) break;
+            float sum = acc[a] * corr;
+            for (uint32_t jj = 0; jj < len; ++jj) sum += tile_p[jj] * load(v, (k0 + j0 + jj) * dv + c);
+            acc[a] = sum;
+        }
+    }
+    const float inv = 1.0f / l;
+    for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
+        const uint32_t c = t + a * BLOCK;
+        if (c < dv) store(out, (size_t)row * dv + c, acc[a] * inv);
+    }
+}
+
+// Backward, first pass (one block per query row): the row's log-sum-exp into `lse`, then
+// dq = scale * sum_j p_j (dO . v_j - delta) k_j.
+template <typename T>
+__device__ void attention_bwd_q(const T* q, const T* kv, const T* go, T* out, float* lse, uint32_t n, uint32_t lq,
+                                uint32_t lk, uint32_t d, uint32_t dv, float scale) {
+    __shared__ float q_row[ATT_MAX_WIDTH];
+    __shared__ float go_row[ATT_MAX_WIDTH];
+    __shared__ float tile_ds[BLOCK];
+    const uint32_t row = blockIdx.x;
+    if (row >= n * lq) return;
+    const unsigned t = threadIdx.x;
+    const uint32_t skv = d + dv;
+    const size_t k0 = (size_t)(row / lq) * lk;
+    stage_row(q, (size_t)row * d, d, q_row);
+    stage_row(go, (size_t)row * (dv + 1), dv + 1, go_row);
+    float m = NEG_BIG, l = 0.0f;
+    for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
+        const uint32_t j = j0 + t;
+        const float s = j < lk ? dot_row(q_row, kv, (k0 + j) * skv, d) * scale : NEG_BIG;
+        const float m_new = fmaxf(m, block_max(s));
+        const float p = j < lk ? expf(s - m_new) : 0.0f;
+        l = l * expf(m - m_new) + block_sum(p);
+        m = m_new;
+    }
+    const float row_lse = m + logf(l);
+    if (t == 0) lse[row] = row_lse;
+    const float delta = go_row[dv];
+    float acc[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
+        const uint32_t j = j0 + t;
+        float ds = 0.0f;
+        if (j < lk) {
+            const size_t kr = (k0 + j) * skv;
+            const float p = expf(dot_row(q_row, kv, kr, d) * scale - row_lse);
+            ds = p * (dot_row(go_row, kv, kr + d, dv) - delta);
+        }
+        __syncthreads();
+        tile_ds[t] = ds;
+        __syncthreads();
+        const uint32_t len = min(BLOCK, lk - j0);
+        for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
+            const uint32_t c = t + a * BLOCK;
+            if (c >= d) break;
+            float sum = acc[a];
+            for (uint32_t jj = 0; jj < len; ++jj) sum += tile_ds[jj] * load(kv, (k0 + j0 + jj) * skv + c);
+            acc[a] = sum;
+        }
+    }
+    for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
+        const uint32_t c = t + a * BLOCK;
+        if (c < d) store(out, (size_t)row * d + c, acc[a] * scale);
+    }
+}
+
+// Backward, second pass (one block per key row): dv = sum_i p_i dO_i and
+// dk = scale * sum_i p_i (dO_i . v - delta_i) q_i, with p_i from the first pass's log-sum-exp.
+template <typename T>
+__device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, T* out, const float* lse, uint32_t n,
+                                 uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale) {
+    __shared__ float k_row[ATT_MAX_WIDTH];
+    __shared__ float v_row[ATT_MAX_WIDTH];
+    __shared__ float tile_p[BLOCK];
+    __shared__ float tile_ds[BLOCK];
+    const uint32_t krow = blockIdx.x;
+    if (krow >= n * lk) return;
+    const unsigned t = threadIdx.x;
+    const uint32_t skv = d + dv, sgo = dv + 1;
+    const size_t q0 = (size_t)(krow / lk) * lq;
+    stage_row(kv, (size_t)krow * skv, d, k_row);
+    stage_row(kv, (size_t)krow * skv + d, dv, v_row);
+    float acc_k[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float acc_v[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (uint32_t i0 = 0; i0 < lq; i0 += BLOCK) {
+        const size_t i = q0 + i0 + t;
+        float p = 0.0f, ds = 0.0f;
+        if (i0 + t < lq) {
+            p = expf(dot_row(k_row, q, i * d, d) * scale - lse[i]);
+            ds = p * (dot_row(v_row, go, i * sgo, dv) - load(go, i * sgo + dv));
+        }
+        __syncthreads();
+        tile_p[t] = p;
+        tile_ds[t] = ds;
+        __syncthreads();
+        const uint32_t len = min(BLOCK, lq - i0);
+        for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
+            const uint32_t c = t + a * BLOCK;
+            if (c < dv) {
+                float sum = acc_v[a];
+                for (uint32_t ii = 0; ii < len; ++ii) sum += tile_p[ii] * load(go, (q0 + i0 + ii) * sgo + c);
+                acc_v[a] = sum;
+            }
+            if (c < d) {
+                float sum = acc_k[a];
+                for (uint32_t ii = 0; ii < len; ++ii) sum += tile_ds[ii] * load(q, (q0 + i0 + ii) * d + c);
+                acc_k[a] = sum;
+            }
+        }
+    }
+    const size_t nq = (size_t)n * lq * d, nk = (size_t)n * lk * d;
+    for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
+        const uint32_t c = t + a * BLOCK;
+        if (c < d) store(out, nq + (size_t)krow * d + c, acc_k[a] * scale);
+        if (c < dv) store(out, nq + nk + (size_t)krow * dv + c, acc_v[a]);
+    }
+}
+
+#define ATTENTION_SIZES uint32_t n, uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale
+
+#define ATTENTION_KERNELS(T, S)                                                                      \
+    extern "C" __global__ void attention_fwd_##S(const T* q, const T* k, const T* v, T* out, ATTENTION_SIZES) { \
+        attention_fwd<T>(q, k, v, out, n, lq, lk, d, dv, scale);                                     \
+    }                                                                                                \
+    extern "C" __global__ void attention_bwd_q_##S(const T* q, const T* kv, const T* go, T* out, float* lse, \
+                                                   ATTENTION_SIZES) {                               \
+        attention_bwd_q<T>(q, kv, go, out, lse, n, lq, lk, d, dv, scale);                            \
+    }                                                                                                \
+    extern "C" __global__ void attention_bwd_kv_##S(const T* q, const T* kv, const T* go, T* out,     \
+                                                    const float* lse, ATTENTION_SIZES) {            \
+        attention_bwd_kv<T>(q, kv, go, out, lse, n, lq, lk, d, dv, scale);                           \
+    }
+INSTANTIATE(ATTENTION_KERNELS)
