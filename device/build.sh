@@ -56,7 +56,7 @@ cp -L "$CUDA_ROOT/lib/libcudart.so.13" "$BIN/lib/"
 # Solid xz archives with a 1 GiB window: the binaries share most of their bytes (the same CUDA
 # kernels, PTX and embedded model in each), so 1.2 GB of binaries pack into about 41 MB.
 # run-device.sh unpacks them.
-core="diffalign test-ops_grad test-schedulers test-models_clip test-models_unet test-models_vae test-reward test-pipeline test-reno test-preference"
+core="diffalign test-ops_cuda test-ops_grad test-schedulers test-models_clip test-models_unet test-models_vae test-reward test-pipeline test-reno test-preference"
 extra=$(cd "$stage" && ls test-* | grep -v -x -F "$(echo $core | tr ' ' '\n')" | tr '\n' ' ')
 (cd "$stage" && tar -cf - $core | xz -T1 --lzma2=preset=9,dict=1024MiB >"$BIN/device-bin-core.tar.xz")
 (cd "$stage" && tar -cf - $extra | xz -T1 --lzma2=preset=9,dict=1024MiB >"$BIN/device-bin-extra.tar.xz")

@@ -51,6 +51,11 @@ timeout 120 $D bench --device cuda --suite unet --config $G/bench/unet-mid/confi
 timeout 90 $D bench --device cuda --suite dpo-step --config $G/bench/unet-mid/config.json --repeats 5 2>&1
 timeout 90 $D bench --device cuda --suite lm --config benches/llama-small/config.json --batch 4 --seq 256 --repeats 5 2>&1
 timeout 120 $D bench --device cuda --suite reno --config $G/bench/unet-mid/config.json --vae-config $G/bench/vae-mid/config.json --clip-config $G/bench/clip-mid/config.json --repeats 3 2>&1
+log "bench: our CUDA kernels against candle's composed ops (kernels/cuda)"
+timeout 120 $D bench --device cuda --suite kernels --repeats 5 2>&1
+log "bench: dpo-step and reno on our CUDA kernels (DIFFALIGN_CUDA_KERNELS=1)"
+DIFFALIGN_CUDA_KERNELS=1 timeout 90 $D bench --device cuda --suite dpo-step --config $G/bench/unet-mid/config.json --repeats 5 2>&1
+DIFFALIGN_CUDA_KERNELS=1 timeout 120 $D bench --device cuda --suite reno --config $G/bench/unet-mid/config.json --vae-config $G/bench/vae-mid/config.json --clip-config $G/bench/clip-mid/config.json --repeats 3 2>&1
 log "bench: pytorch on cuda"
 BENCH_DEVICE=cuda timeout 120 python3 benches/pytorch_unet.py $G/bench/unet-mid/config.json 5 2>&1 | grep -v Warning
 BENCH_DEVICE=cuda timeout 90 python3 benches/pytorch_lm.py benches/llama-small/config.json 5 --batch 4 --seq 256 2>&1 | tail -2

@@ -14,8 +14,10 @@
 #   3. makes the paths compiled into the test binaries exist: /work/main (the repository, for
 #      tests/fixtures), /work/shared/fixtures (../shared/fixtures beside it) and
 #      /work/target-cuda/release/diffalign (the CLI the tests spawn);
-#   4. runs each model-stack test binary with DIFFALIGN_TEST_DEVICE=cuda --test-threads=1
-#      (TESTS="a b" picks others, e.g. TESTS="models_unet reno"), each under `timeout`;
+#   4. runs each test binary with DIFFALIGN_TEST_DEVICE=cuda --test-threads=1: first ops_cuda
+#      (our CUDA kernels of kernels/cuda against candle's composed ops), then the model stack
+#      (TESTS="a b" picks others, e.g. TESTS="models_unet reno"), each under `timeout`; with
+#      DIFFALIGN_CUDA_KERNELS=1 in the environment the model stack runs on our kernels too;
 #   5. `diffalign generate --device cuda` (and the same on the CPU, to compare) on the embedded
 #      shapes-world model. `diffalign bench` has no --device flag (it times the CPU), so no bench.
 #
@@ -108,7 +110,7 @@ fi
 link "$BIN/diffalign" /work/target-cuda/release/diffalign
 
 # --- 4. tests ---------------------------------------------------------------------------------
-TESTS=${TESTS:-"ops_grad schedulers models_clip models_unet models_vae reward pipeline reno preference"}
+TESTS=${TESTS:-"ops_cuda ops_grad schedulers models_clip models_unet models_vae reward pipeline reno preference"}
 export DIFFALIGN_TEST_DEVICE=${DIFFALIGN_TEST_DEVICE:-cuda}
 export RUST_BACKTRACE=1
 for name in $TESTS; do

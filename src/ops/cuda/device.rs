@@ -138,6 +138,7 @@ fn run_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(job: Job<Input<'_>>) -
             // SAFETY: the arguments match the kernel's parameters in number, order and type
             // (pointers as 64-bit device addresses into buffers as long as the job says).
             unsafe { builder.launch(cfg) }.w()?;
+            super::count_launch();
         }
     }
     let out = outs[out_slot].take().expect("the output slot was allocated");

@@ -4,7 +4,6 @@
 //! arguments without a GPU. Slow (one OS thread per CUDA thread) and f32 only: a test tool.
 
 use std::ffi::{c_char, c_void, CString};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{CpuStorage, DType};
 
@@ -14,13 +13,6 @@ use crate::Result;
 extern "C" {
     /// Runs kernel `name` on `blocks` blocks of `threads` threads; 0, or 1 for an unknown name.
     fn diffalign_emu_launch(name: *const c_char, blocks: u32, threads: u32, args: *mut *mut c_void) -> i32;
-}
-
-static LAUNCHES: AtomicU64 = AtomicU64::new(0);
-
-/// Kernel launches the emulator has run in this process (tests check it was really used).
-pub fn launch_count() -> u64 {
-    LAUNCHES.load(Ordering::Relaxed)
 }
 
 /// One argument's value, which the launcher reads through a pointer.
@@ -87,7 +79,7 @@ pub(crate) fn run(job: Job<&[f32]>) -> Result<CpuStorage> {
                 format!("the emulator has no kernel {name} (kernels/cuda/{}.cu)", launch.module),
             ));
         }
-        LAUNCHES.fetch_add(1, Ordering::Relaxed);
+        super::count_launch();
     }
     Ok(CpuStorage::F32(std::mem::take(&mut owned[out])))
 }

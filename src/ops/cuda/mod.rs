@@ -12,10 +12,12 @@ pub(crate) mod conv2d;
 #[cfg(feature = "cuda")]
 pub(crate) mod device;
 #[cfg(feature = "cuda-emu")]
-pub mod emu;
+pub(crate) mod emu;
 pub(crate) mod mse;
 pub(crate) mod row_norm;
 pub(crate) mod softmax;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::DType;
 
@@ -23,6 +25,19 @@ use crate::{Error, Result};
 
 /// Threads per block of every kernel (`BLOCK` in `kernels/cuda/common.cuh`).
 pub(crate) const BLOCK: u32 = 256;
+
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// CUDA kernel launches queued so far in this process, on a device or the emulator (tests check
+/// that the kernels really ran).
+pub fn launch_count() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// Counts one launch.
+fn count_launch() {
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+}
 
 /// A buffer of a job: an input, the output (in the job's dtype), or f32 scratch kept between
 /// launches. `I` is how the runner holds an input (a device storage, or a host slice).
