@@ -80,7 +80,19 @@ fn attention_matches_reference() {
 
 #[test]
 fn masked_attention_matches_reference() {
-    ops_check::check_masked_attention(7);
+    ops_check::check_masked_attention_cases(7, ops_check::MASKED_ATTENTION_CASES);
+    // Big enough for the thread pool (slices in parallel).
+    ops_check::check_masked_attention_cases(8, &[((2, 4), 96, 96, 8, 8, ops_check::MaskKind::CausalPadded)]);
+}
+
+#[test]
+fn masked_attention_fully_masked_row_matches_reference_nans() {
+    ops_check::check_attention_fully_masked_row(21);
+}
+
+#[test]
+fn masked_attention_takes_the_fused_kernel() {
+    ops_check::check_masked_attention_is_fused(22);
 }
 
 #[test]

@@ -130,6 +130,34 @@ fn attention_core_gradient_matches_finite_differences() {
 }
 
 #[test]
+fn masked_attention_core_gradient_matches_finite_differences() {
+    // A [B, 1, Lq, Lk] mask (causal, batch row 1's last key padded, a bias elsewhere) on
+    // [2, 3, 5, 2] heads: the f64 fused kernel with a mask shared across heads.
+    let mask: Vec<f64> = (0..2 * 5 * 5)
+        .map(|e| {
+            let (b, i, j) = (e / 25, (e / 5) % 5, e % 5);
+            if j > i || (b == 1 && j == 4 && i > 0) {
+                f64::NEG_INFINITY
+            } else {
+                0.1 * ((e % 7) as f64 - 3.0)
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (2, 1, 5, 5), &common::device()).unwrap();
+    check_layer(
+        "masked sdpa",
+        &[2, 3, 5, 6],
+        |_| (),
+        |_, x| {
+            let q = x.narrow(3, 0, 2).unwrap();
+            let k = (x.narrow(3, 2, 2).unwrap() * 1.3).unwrap();
+            let v = x.narrow(3, 4, 2).unwrap();
+            scaled_dot_product_attention(&q, &k, &v, 0.7, Some(&mask)).unwrap()
+        },
+    );
+}
+
+#[test]
 fn activations_gradients_match_finite_differences() {
     for act in [
         Activation::Silu,

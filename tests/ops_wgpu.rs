@@ -123,7 +123,30 @@ fn attention_wgpu_matches_reference() {
 #[test]
 fn masked_attention_wgpu_matches_reference() {
     use_wgpu();
-    ops_check::check_masked_attention(16);
+    use ops_check::MaskKind::*;
+    ops_check::check_masked_attention_cases(16, ops_check::MASKED_ATTENTION_CASES);
+    // ((batch, heads), lq, lk, d, dv, mask): query and key lengths over several 256-row tiles,
+    // and rows long enough for lavapipe's loop cap.
+    ops_check::check_masked_attention_cases(
+        25,
+        &[
+            ((1, 2), 300, 270, 16, 12, CausalPadded),
+            ((1, 1), 40, 1100, 16, 16, PaddedKeys),
+            ((1, 1), 1100, 40, 16, 16, Causal),
+        ],
+    );
+}
+
+#[test]
+fn masked_attention_wgpu_fully_masked_row_matches_reference_nans() {
+    use_wgpu();
+    ops_check::check_attention_fully_masked_row(23);
+}
+
+#[test]
+fn masked_attention_wgpu_takes_the_fused_kernel() {
+    use_wgpu();
+    ops_check::check_masked_attention_is_fused(24);
 }
 
 #[test]

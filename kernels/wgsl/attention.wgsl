@@ -4,6 +4,10 @@
 // max and sum, rescaling the accumulated output); the backward pass recomputes the scores from
 // the row's log-sum-exp.
 // Accumulators live in the output rows themselves: thread t owns components t, t + WG, ...
+// With `masked` set, the additive mask at_mask [m, lq, lk] is added to the scores, slice i
+// reading mask slice at_mask_of[i]; a value at or below NEG_BIG (the host's stand-in for -inf)
+// blocks its key. A query row with every key blocked stays finite here (zero output, no
+// contribution to dk, dv); the host writes the reference's NaN into what depends on it.
 
 struct AttnParams {
     n: u32,
@@ -12,6 +16,7 @@ struct AttnParams {
     d: u32,
     dv: u32,
     scale: f32,
+    masked: u32,
 }
 
 @group(0) @binding(0) var<uniform> ap: AttnParams;
@@ -24,6 +29,9 @@ struct AttnParams {
 @group(0) @binding(5) var<storage, read_write> at_out: array<f32>;
 // Backward only: the log-sum-exp of each query row's scores.
 @group(0) @binding(6) var<storage, read_write> at_lse: array<f32>;
+// The additive mask and the mask slice of each slice (placeholders when `masked` is 0).
+@group(0) @binding(7) var<storage, read> at_mask: array<f32>;
+@group(0) @binding(8) var<storage, read> at_mask_of: array<u32>;
 
 var<workgroup> tile_p: array<f32, WG>;
 var<workgroup> tile_ds: array<f32, WG>;
@@ -35,6 +43,19 @@ fn score(qrow: u32, krow: u32) -> f32 {
         s += at_q[qrow * ap.d + c] * at_k[krow * ap.d + c];
     }
     return s * ap.scale;
+}
+
+// The masked score of query row `qrow` and key row `krow` (global indices, same slice), or
+// NEG_BIG when the mask blocks the key.
+fn masked_score(qrow: u32, krow: u32) -> f32 {
+    var mk = 0.0;
+    if ap.masked != 0u {
+        mk = at_mask[(at_mask_of[qrow / ap.lq] * ap.lq + qrow % ap.lq) * ap.lk + krow % ap.lk];
+    }
+    if mk <= NEG_BIG {
+        return NEG_BIG;
+    }
+    return score(qrow, krow) + mk;
 }
 
 // dO[qrow] . v[krow].
@@ -53,17 +74,17 @@ struct Online {
 }
 
 // Folds the tile of keys [j0, j0 + WG) of query row `row` into `st`: returns this thread's
-// exp(s_j - m_new) (zero past the keys) and the factor exp(m_old - m_new) that rescales what was
-// accumulated before.
+// exp(s_j - m_new) (zero past the keys and for blocked keys) and the factor exp(m_old - m_new)
+// that rescales what was accumulated before.
 fn online_tile(st: ptr<function, Online>, row: u32, k0: u32, j0: u32, lid: u32) -> vec2<f32> {
     let j = j0 + lid;
     var s = NEG_BIG;
     if j < ap.lk {
-        s = score(row, k0 + j);
+        s = masked_score(row, k0 + j);
     }
     let m_new = max((*st).m, reduce_max(s, lid));
     var p = 0.0;
-    if j < ap.lk {
+    if s > NEG_BIG {
         p = exp(s - m_new);
     }
     let corr = exp((*st).m - m_new);
@@ -105,7 +126,11 @@ fn attention_fwd_f32(
         }
         workgroupBarrier();
     }
-    let inv = 1.0 / st.l;
+    // l is 0 only when every key is blocked.
+    var inv = 0.0;
+    if st.l > 0.0 {
+        inv = 1.0 / st.l;
+    }
     for (var c = lid; c < ap.dv; c += WG) {
         at_out[o + c] *= inv;
     }
@@ -128,7 +153,11 @@ fn attention_bwd_q_f32(
     for (var j0 = 0u; j0 < ap.lk; j0 += WG) {
         online_tile(&st, row, k0, j0, lid);
     }
-    let lse = st.m + log(st.l);
+    // Unused when every key is blocked (l = 0): no key then reads it.
+    var lse = 0.0;
+    if st.l > 0.0 {
+        lse = st.m + log(st.l);
+    }
     if lid == 0u {
         at_lse[row] = lse;
     }
@@ -141,8 +170,10 @@ fn attention_bwd_q_f32(
         let j = j0 + lid;
         var ds = 0.0;
         if j < ap.lk {
-            let p = exp(score(row, k0 + j) - lse);
-            ds = p * (grad_dot_v(row, k0 + j) - delta);
+            let s = masked_score(row, k0 + j);
+            if s > NEG_BIG {
+                ds = exp(s - lse) * (grad_dot_v(row, k0 + j) - delta);
+            }
         }
         workgroupBarrier();
         tile_ds[lid] = ds;
@@ -189,8 +220,11 @@ fn attention_bwd_kv_f32(
         var p = 0.0;
         var ds = 0.0;
         if i0 + lid < ap.lq {
-            p = exp(score(i, krow) - at_lse[i]);
-            ds = p * (grad_dot_v(i, krow) - at_go[i * (ap.dv + 1u) + ap.dv]);
+            let s = masked_score(i, krow);
+            if s > NEG_BIG {
+                p = exp(s - at_lse[i]);
+                ds = p * (grad_dot_v(i, krow) - at_go[i * (ap.dv + 1u) + ap.dv]);
+            }
         }
         workgroupBarrier();
         tile_p[lid] = p;

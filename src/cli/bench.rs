@@ -66,6 +66,9 @@ pub struct BenchArgs {
     /// feature (tensors on the CPU, the kernels of suite kernels as WGSL shaders).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Suite kernels: only the cases whose op name starts with this (e.g. `attention`).
+    #[arg(long)]
+    op: Option<String>,
     /// Timed repetitions (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -130,7 +133,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         diffalign::ops::set_fused(false);
     }
     match args.suite {
-        Suite::Kernels => super::bench_kernels::run(&diffalign::device::parse_device(&args.device)?, args.repeats),
+        Suite::Kernels => super::bench_kernels::run(
+            &diffalign::device::parse_device(&args.device)?,
+            args.repeats,
+            args.op.as_deref(),
+        ),
         Suite::Unet => bench_unet(&args),
         Suite::DpoStep => bench_dpo_step(&args),
         Suite::Reno => bench_reno(&args),

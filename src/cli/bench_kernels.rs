@@ -84,6 +84,26 @@ fn cases(dev: &Device) -> anyhow::Result<Vec<Case>> {
             reference: Box::new(move |x| ops::attention::reference(&x[0], &x[1], &x[2], 1.0 / (d as f64).sqrt(), None)),
         });
     }
+    // Causal self-attention at the sizes of `benches/llama-small` (batch 4, 256 tokens, 8 heads
+    // of 64): one [1, 1, T, T] mask shared by every slice (no gradient).
+    let (lm_b, lm_heads, lm_t, lm_d) = (4, 8, 256, 64);
+    let causal: Vec<f32> = (0..lm_t * lm_t)
+        .map(|e| if e % lm_t > e / lm_t { f32::NEG_INFINITY } else { 0.0 })
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, lm_t, lm_t), dev)?;
+    let lm_scale = 1.0 / (lm_d as f64).sqrt();
+    let mask = causal.clone();
+    out.push(Case {
+        op: "attention_causal",
+        shape: format!("q,k,v[{lm_b},{lm_heads},{lm_t},{lm_d}] mask[1,1,{lm_t},{lm_t}]"),
+        inputs: vec![
+            randn(&[lm_b, lm_heads, lm_t, lm_d])?,
+            randn(&[lm_b, lm_heads, lm_t, lm_d])?,
+            randn(&[lm_b, lm_heads, lm_t, lm_d])?,
+        ],
+        ours: Box::new(move |x| ops::attention::attention(&x[0], &x[1], &x[2], lm_scale, Some(&mask))),
+        reference: Box::new(move |x| ops::attention::reference(&x[0], &x[1], &x[2], lm_scale, Some(&causal))),
+    });
     out.push(Case {
         op: "per_sample_mse",
         shape: "a,b[8,4,64,64]".into(),
@@ -152,8 +172,9 @@ fn timed(
     Ok((secs, transfers.per_call_ms(repeats + 1)))
 }
 
-/// Runs every case, forward and backward, printing one JSON line each.
-pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
+/// Runs every case whose op name starts with `only` (all when `None`), forward and backward,
+/// printing one JSON line each.
+pub fn run(dev: &Device, repeats: usize, only: Option<&str>) -> anyhow::Result<()> {
     let backend = if dev.is_cuda() {
         // On a CUDA device "ours" are the CUDA kernels, opt-in elsewhere.
         ops::set_cuda_kernels(true);
@@ -165,7 +186,14 @@ pub fn run(dev: &Device, repeats: usize) -> anyhow::Result<()> {
             "--suite kernels: the fused kernels exist for the CPU, CUDA and wgpu (use --device cpu, cuda or wgpu)"
         );
     };
-    for case in cases(dev)? {
+    let cases: Vec<Case> = cases(dev)?
+        .into_iter()
+        .filter(|c| only.is_none_or(|p| c.op.starts_with(p)))
+        .collect();
+    if cases.is_empty() {
+        anyhow::bail!("--op: no kernel case starts with {:?}", only.unwrap_or_default());
+    }
+    for case in cases {
         let (ours, reference) = ((case.ours)(&case.inputs)?, (case.reference)(&case.inputs)?);
         let (abs, rel) = ops::compare(&ours, &reference)?;
         let (ours_s, transfer) = timed(dev, repeats, || {

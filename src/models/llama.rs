@@ -6,8 +6,9 @@
 //! `crate::lm::reward_model` puts reward heads (transformers' `*ForSequenceClassification`
 //! `score`, or a GPM head) on the same [`LlamaModel`].
 //!
-//! Every op has a backward pass (our RMSNorm and softmax, see `crate::nn`), so every parameter
-//! receives a gradient; candle-transformers' versions cut gradients at their fused norms.
+//! Every op has a backward pass (our RMSNorm, and attention with its additive mask through
+//! `crate::nn::scaled_dot_product_attention`, the fused kernel), so every parameter receives a
+//! gradient; candle-transformers' versions cut gradients at their fused norms.
 //! Positions are `0..T` for every row, as transformers' plain forward does; the attention mask
 //! blocks padded keys.
 
@@ -18,7 +19,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::models::config::read_config;
-use crate::nn::{softmax, Activation, Linear, RmsNorm};
+use crate::nn::{scaled_dot_product_attention, Activation, Linear, RmsNorm};
 use crate::weights::VarBuilder;
 use crate::{Error, Result};
 
@@ -357,11 +358,8 @@ impl Attention {
         } else {
             (k, v)
         };
-        let dtype = q.dtype();
-        let compute = crate::ops::compute_dtype(dtype);
-        let scores = (q.to_dtype(compute)?.matmul(&k.to_dtype(compute)?.t()?)? / (self.head_dim as f64).sqrt())?;
-        let p = softmax(&scores.broadcast_add(mask)?)?;
-        let out = p.to_dtype(dtype)?.matmul(&v)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = scaled_dot_product_attention(&q, &k, &v, scale, Some(mask))?;
         let out = out.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }

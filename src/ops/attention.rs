@@ -1,8 +1,21 @@
 //! Scaled dot-product attention, `softmax(q k^T * scale + mask) v`. The fused kernel works one
 //! (batch, head) slice at a time and keeps no attention matrix for the backward pass: it
 //! recomputes the scores there (the memory-efficient attention recipe).
+//!
+//! The optional mask is additive (`-inf` blocks a key) and broadcasts to `[..., Lq, Lk]`, `...`
+//! being q's leading dims: `[Lq, Lk]`, `[1, 1, Lq, Lk]` (causal), `[B, 1, 1, Lk]` (padded keys),
+//! `[B, H, Lq, Lk]`, ... The fused kernels take it too: they keep one `[Lq, Lk]` copy per distinct
+//! mask slice (one for a mask shared by every head and batch row, `B` for a per-batch mask) and
+//! read slice `i`'s through an index map, never a copy per (batch, head) slice. No gradient flows
+//! to the mask: every caller in the crate passes a constant, and the fused kernels carry it
+//! detached, so even a mask that is a variable gets no gradient from them (the reference, and the
+//! composed fallback, would give it one). A query row whose keys are all blocked gives NaN in
+//! the fused kernels as in the reference (`0 / 0` in the softmax), and the NaN spreads through
+//! the backward pass the same way: that row of dq, and dk and dv of its whole slice.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 use super::compute_dtype;
 use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
@@ -39,26 +52,142 @@ fn composed(
     out.to_dtype(dtype)
 }
 
-/// Attention of `q`, `k`, `v` as in [`reference`]: the fused kernel on CPU when there is no mask;
-/// with a mask, tensor ops around the [`super::softmax::softmax`] kernel.
+/// Attention of `q`, `k`, `v` (and the additive `mask`) as in [`reference`]: the fused kernel
+/// on CPU (or wgpu) for f32 and f64, else tensor ops around the [`super::softmax::softmax`]
+/// kernel. The fused kernel gives the mask no gradient (see the module doc).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    if mask.is_some() || !super::use_cpu_kernel(&[q, k, v]) || q.rank() < 3 {
+    let fused = super::use_cpu_kernel(&[q, k, v]) && mask.is_none_or(|m| m.device().is_cpu());
+    if !fused || q.rank() < 3 || k.rank() != q.rank() || v.rank() != q.rank() {
         return composed(q, k, v, scale, mask, super::softmax::softmax);
     }
     let dims = q.dims().to_vec();
+    let lead = &dims[..dims.len() - 2];
     let (lq, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     let (lk, dv) = (k.dim(D::Minus2)?, v.dim(D::Minus1)?);
-    let n = q.elem_count() / (lq * d).max(1);
-    if k.dims()[..k.rank() - 2] != dims[..dims.len() - 2] || v.dim(D::Minus2)? != lk || k.dim(D::Minus1)? != d {
+    let n: usize = lead.iter().product();
+    if k.dims()[..k.rank() - 2] != *lead
+        || v.dims()[..v.rank() - 2] != *lead
+        || v.dim(D::Minus2)? != lk
+        || k.dim(D::Minus1)? != d
+    {
         return composed(q, k, v, scale, mask, super::softmax::softmax);
     }
+    let mask = match mask {
+        Some(m) => match Mask::new(m, lead, lq, lk, q.dtype())? {
+            // A mask that does not broadcast: the composed ops report it.
+            None => return composed(q, k, v, scale, Some(m), super::softmax::softmax),
+            some => some,
+        },
+        None => None,
+    };
     let q3 = q.contiguous()?.reshape((n, lq, d))?;
     let k3 = k.contiguous()?.reshape((n, lk, d))?;
     let v3 = v.contiguous()?.reshape((n, lk, dv))?;
-    let out = q3.apply_op3(&k3, &v3, Attention { scale })?;
+    let out = q3.apply_op3(&k3, &v3, Attention { scale, mask })?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank checked") = dv;
     out.reshape(out_dims)
+}
+
+/// An additive mask as the kernels take it: `values` `[m, lq, lk]` (contiguous, in q's dtype,
+/// detached), one per distinct mask slice, and `slice_of[i]`, the mask slice of (batch, head)
+/// slice `i`.
+#[derive(Debug, Clone)]
+struct Mask {
+    values: Tensor,
+    slice_of: Arc<[usize]>,
+}
+
+impl Mask {
+    /// `mask` for q's leading dims `lead` and `lq` queries, `lk` keys; `None` when it does not
+    /// broadcast to `[lead..., lq, lk]`. Only the mask's last two dims are expanded (to
+    /// `[lq, lk]`); its leading dims stay as they are, broadcast ones through `slice_of`.
+    fn new(mask: &Tensor, lead: &[usize], lq: usize, lk: usize, dtype: DType) -> Result<Option<Self>> {
+        let rank = lead.len() + 2;
+        if mask.rank() > rank {
+            return Ok(None);
+        }
+        let mut dims = vec![1; rank - mask.rank()];
+        dims.extend_from_slice(mask.dims());
+        let full = [lead, &[lq, lk]].concat();
+        if dims.iter().zip(&full).any(|(&m, &f)| m != 1 && m != f) {
+            return Ok(None);
+        }
+        let mask_lead = &dims[..rank - 2];
+        let m: usize = mask_lead.iter().product();
+        let values = mask
+            .detach()
+            .to_dtype(dtype)?
+            .reshape(dims.as_slice())?
+            .broadcast_as([mask_lead, &[lq, lk]].concat())?
+            .contiguous()?
+            .reshape((m, lq, lk))?;
+        // Slice `i` is row-major over `lead`; its mask slice is row-major over `mask_lead`, with
+        // the index of every broadcast (size-1) dim at 0.
+        let n: usize = lead.iter().product();
+        let slice_of = (0..n)
+            .map(|i| {
+                let (mut rest, mut at, mut stride) = (i, 0, 1);
+                for (&l, &ml) in lead.iter().zip(mask_lead).rev() {
+                    if ml != 1 {
+                        at += (rest % l) * stride;
+                        stride *= ml;
+                    }
+                    rest /= l;
+                }
+                at
+            })
+            .collect();
+        Ok(Some(Mask { values, slice_of }))
+    }
+}
+
+/// A mask's values as a kernel reads them: `values` `[m, lq, lk]` and the mask slice of each
+/// (batch, head) slice.
+#[derive(Clone, Copy)]
+pub(crate) struct MaskView<'a, T> {
+    pub values: &'a [T],
+    pub slice_of: &'a [usize],
+}
+
+impl<'a, T> MaskView<'a, T> {
+    /// The mask of slice `i`, `len` (`lq * lk`) values.
+    pub fn slice(&self, i: usize, len: usize) -> &'a [T] {
+        let s = self.slice_of[i];
+        &self.values[s * len..(s + 1) * len]
+    }
+}
+
+/// `f` of the view of `mask` (or of `None`) for a call of sizes `dims`, its values read in place
+/// from the tensor's storage.
+fn with_mask<T: candle_core::WithDType, R>(
+    op: &str,
+    dims: &Dims,
+    mask: Option<&Mask>,
+    f: impl FnOnce(Option<MaskView<'_, T>>) -> R,
+) -> Result<R> {
+    let Some(mask) = mask else { return Ok(f(None)) };
+    let &[m, lq, lk] = mask.values.dims() else {
+        candle_core::bail!("{op}: expected a 3-D mask, got {:?}", mask.values.dims())
+    };
+    if (lq, lk) != (dims.lq, dims.lk) || mask.slice_of.len() != dims.n || mask.slice_of.iter().any(|&s| s >= m) {
+        candle_core::bail!(
+            "{op}: a mask of {:?} for {} slices of {}x{} scores",
+            mask.values.dims(),
+            dims.n,
+            dims.lq,
+            dims.lk
+        );
+    }
+    let (storage, layout) = mask.values.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: the mask must be on the CPU")
+    };
+    let values = slice(op, cpu, layout)?;
+    Ok(f(Some(MaskView {
+        values,
+        slice_of: &mask.slice_of,
+    })))
 }
 
 /// Sizes of one call: `n` slices of `lq` queries and `lk` keys, widths `d` and `dv`.
@@ -107,8 +236,15 @@ impl Dims {
     }
 }
 
-/// `p = softmax(scale * q k^T)` for one slice, into `p` `[lq, lk]`.
-fn probabilities<T: Real>(dims: &Dims, q: &[T], k: &[T], scale: T, p: &mut [T], parallel: bool) {
+/// `p = softmax(scale * q k^T + mask)` for one slice, into `p` `[lq, lk]`.
+fn probabilities<T: Real>(
+    dims: &Dims,
+    (q, k): (&[T], &[T]),
+    mask: Option<&[T]>,
+    scale: T,
+    p: &mut [T],
+    parallel: bool,
+) {
     let Dims { lq, lk, d, .. } = *dims;
     matmul(
         p,
@@ -120,15 +256,19 @@ fn probabilities<T: Real>(dims: &Dims, q: &[T], k: &[T], scale: T, p: &mut [T], 
         false,
         parallel,
     );
+    if let Some(mask) = mask {
+        p.iter_mut().zip(mask).for_each(|(s, &m)| *s += m);
+    }
     p.chunks_mut(lk.max(1)).for_each(softmax_row);
 }
 
 struct Attention {
     scale: f64,
+    mask: Option<Mask>,
 }
 
 impl Attention {
-    fn forward<T: Real>(&self, dims: &Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    fn forward<T: Real>(&self, dims: &Dims, (q, k, v): (&[T], &[T], &[T]), mask: Option<MaskView<T>>) -> Vec<T> {
         let Dims { lq, lk, d, dv, .. } = *dims;
         let scale = T::from_f64(self.scale);
         let mut out = vec![T::zero(); dims.n * lq * dv];
@@ -138,8 +278,8 @@ impl Attention {
             let mut p = vec![T::zero(); lq * lk];
             probabilities(
                 dims,
-                &q[i * lq * d..(i + 1) * lq * d],
-                &k[i * lk * d..(i + 1) * lk * d],
+                (&q[i * lq * d..(i + 1) * lq * d], &k[i * lk * d..(i + 1) * lk * d]),
+                mask.map(|m| m.slice(i, lq * lk)),
                 scale,
                 &mut p,
                 inner,
@@ -178,11 +318,14 @@ impl CustomOp3 for Attention {
         let dims = Dims::new(op, ql, kl, vl)?;
         super::on_wgpu!(qs, {
             let (q, k, v) = (slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?);
-            super::wgpu::attention::forward(&dims.sizes(self.scale), q, k, v)
-                .map(|out| (out, Shape::from((dims.n, dims.lq, dims.dv))))
+            with_mask(op, &dims, self.mask.as_ref(), |mask| {
+                super::wgpu::attention::forward(&dims.sizes(self.scale), (q, k, v), mask)
+            })?
+            .map(|out| (out, Shape::from((dims.n, dims.lq, dims.dv))))
         });
         let out = dispatch_real!(op, qs, T => {
-            T::to_cpu_storage_owned(self.forward::<T>(&dims, slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?))
+            let qkv = (slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?);
+            with_mask(op, &dims, self.mask.as_ref(), |mask| T::to_cpu_storage_owned(self.forward::<T>(&dims, qkv, mask)))?
         });
         Ok((out, Shape::from((dims.n, dims.lq, dims.dv))))
     }
@@ -200,7 +343,11 @@ impl CustomOp3 for Attention {
         let delta = (&grad * res)?.sum_keepdim(D::Minus1)?;
         let kv = Tensor::cat(&[k, v], D::Minus1)?;
         let go = Tensor::cat(&[&grad, &delta], D::Minus1)?;
-        let all = q.apply_op3_no_bwd(&kv, &go, &AttentionGrad { scale: self.scale })?;
+        let grad_op = AttentionGrad {
+            scale: self.scale,
+            mask: self.mask.clone(),
+        };
+        let all = q.apply_op3_no_bwd(&kv, &go, &grad_op)?;
         let (nq, nk, nv) = (q.elem_count(), k.elem_count(), v.elem_count());
         let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
@@ -209,14 +356,16 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// The backward kernel: inputs `(q, [k | v], [dO | delta])`, output `[dq | dk | dv]` flattened.
+/// The backward kernel: inputs `(q, [k | v], [dO | delta])` and the forward's mask, output
+/// `[dq | dk | dv]` flattened.
 struct AttentionGrad {
     scale: f64,
+    mask: Option<Mask>,
 }
 
 impl AttentionGrad {
     /// `[dq | dk | dv]`, each over all slices.
-    fn backward<T: Real>(&self, dims: &Dims, q: &[T], kv: &[T], go: &[T]) -> Vec<T> {
+    fn backward<T: Real>(&self, dims: &Dims, (q, kv, go): (&[T], &[T], &[T]), mask: Option<MaskView<T>>) -> Vec<T> {
         let Dims { n, lq, lk, d, dv } = *dims;
         let scale = T::from_f64(self.scale);
         // Per slice `[dq_i | dk_i | dv_i]`, regrouped by tensor at the end.
@@ -240,7 +389,7 @@ impl AttentionGrad {
                 cs: 1,
             };
             let (mut p, mut dp) = (vec![T::zero(); lq * lk], vec![T::zero(); lq * lk]);
-            probabilities(dims, qi, &ki, scale, &mut p, inner);
+            probabilities(dims, (qi, &ki), mask.map(|m| m.slice(i, lq * lk)), scale, &mut p, inner);
             // dV = P^T dO; dP = dO V^T; dS = P * (dP - delta).
             matmul(dvi, dv, Mat::rows_t(&p, lk), g, (lk, dv, lq), T::one(), false, inner);
             matmul(
@@ -322,10 +471,14 @@ impl CustomOp3 for AttentionGrad {
         let total = n * (lq * d + lk * d + lk * dims.dv);
         super::on_wgpu!(qs, {
             let (q, kv, go) = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
-            super::wgpu::attention::backward(&dims.sizes(self.scale), q, kv, go).map(|all| (all, Shape::from(total)))
+            with_mask(op, &dims, self.mask.as_ref(), |mask| {
+                super::wgpu::attention::backward(&dims.sizes(self.scale), (q, kv, go), mask)
+            })?
+            .map(|all| (all, Shape::from(total)))
         });
         let out = dispatch_real!(op, qs, T => {
-            T::to_cpu_storage_owned(self.backward::<T>(&dims, slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?))
+            let inputs = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
+            with_mask(op, &dims, self.mask.as_ref(), |mask| T::to_cpu_storage_owned(self.backward::<T>(&dims, inputs, mask)))?
         });
         Ok((out, Shape::from(total)))
     }

@@ -13,8 +13,8 @@
 //! - [`conv2d`]: implicit-GEMM (im2col) convolution with input and weight gradients.
 //! - [`group_norm`] (optionally fused with SiLU) and [`layer_norm`]: one row-normalisation kernel.
 //! - [`softmax`]: softmax over the last dimension.
-//! - [`attention`]: scaled dot-product attention that recomputes the scores in its backward pass
-//!   instead of keeping the attention matrix.
+//! - [`attention`]: scaled dot-product attention (with an optional additive mask) that
+//!   recomputes the scores in its backward pass instead of keeping the attention matrix.
 //! - [`mse`]: the per-sample mean squared error of the preference losses.
 
 pub mod attention;

@@ -155,25 +155,174 @@ pub fn check_attention_cases(seed: u64, cases: &[(Vec<usize>, usize, usize, usiz
     }
 }
 
-/// Checks causally masked attention (`[2, 6, 4]` inputs): the composed path around the softmax
-/// kernel.
-pub fn check_masked_attention(seed: u64) {
+/// The additive mask of a masked-attention case, named by its shape. Blocked keys are `-inf`;
+/// every other entry gets a random bias (N(0, 0.5^2)), so the masks test addition, not only
+/// blocking. No query row has all its keys blocked.
+#[derive(Debug, Clone, Copy)]
+pub enum MaskKind {
+    /// `[Lq, Lk]`: causal (query `i` sees keys up to `i + Lk - Lq`, at least key 0), as the
+    /// CLIP text tower's.
+    Causal2d,
+    /// `[1, 1, Lq, Lk]`: causal, shared by every batch row and head.
+    Causal,
+    /// `[B, 1, 1, Lk]`: the last `2b + 1` keys of batch row `b` blocked (padding), capped to
+    /// leave one key.
+    PaddedKeys,
+    /// `[B, 1, Lq, Lk]`: causal and padded per batch row, as Llama's.
+    CausalPadded,
+    /// `[B, H, Lq, Lk]`: about a fifth of the keys blocked at random (never key 0), a different
+    /// mask per slice.
+    PerSlice,
+}
+
+/// The mask of `kind` for `b` batch rows, `h` heads, `lq` queries and `lk` keys.
+pub fn attention_mask(rng: &mut Rng, kind: MaskKind, (b, h): (usize, usize), lq: usize, lk: usize) -> Tensor {
+    let shape = match kind {
+        MaskKind::Causal2d => vec![lq, lk],
+        MaskKind::Causal => vec![1, 1, lq, lk],
+        MaskKind::PaddedKeys => vec![b, 1, 1, lk],
+        MaskKind::CausalPadded => vec![b, 1, lq, lk],
+        MaskKind::PerSlice => vec![b, h, lq, lk],
+    };
+    let count: usize = shape.iter().product();
+    let rows = shape[shape.len() - 2];
+    let per_batch = count / if shape.len() == 4 { shape[0] } else { 1 };
+    let causal = |i: usize, j: usize| j > i + lk.saturating_sub(lq);
+    let padded = |batch: usize, j: usize| j + (2 * batch + 1).min(lk - 1) >= lk;
+    let values = (0..count)
+        .map(|e| {
+            let (batch, i, j) = (e / per_batch, (e / lk) % rows, e % lk);
+            let (bias, noise) = (0.5 * rng.normal() as f32, rng.uniform());
+            let blocked = match kind {
+                MaskKind::Causal2d | MaskKind::Causal => causal(i, j),
+                MaskKind::PaddedKeys => padded(batch, j),
+                MaskKind::CausalPadded => causal(i, j) || padded(batch, j),
+                MaskKind::PerSlice => j != 0 && noise < 0.2,
+            };
+            if blocked {
+                f32::NEG_INFINITY
+            } else {
+                bias
+            }
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &super::device()).unwrap()
+}
+
+/// One masked-attention case: `((batch, heads), lq, lk, d, dv, mask)`.
+pub type MaskedCase = ((usize, usize), usize, usize, usize, usize, MaskKind);
+
+/// The masked-attention cases both kernel suites run: causal self- and cross-attention (Lq != Lk
+/// both ways), padded keys, Llama's causal + padding mask, a mask per slice, odd sizes, one query.
+pub const MASKED_ATTENTION_CASES: &[MaskedCase] = &[
+    ((2, 3), 10, 10, 8, 8, MaskKind::Causal),
+    ((2, 3), 7, 12, 5, 6, MaskKind::Causal),
+    ((2, 2), 13, 6, 8, 8, MaskKind::Causal2d),
+    ((3, 2), 9, 13, 8, 8, MaskKind::PaddedKeys),
+    ((2, 4), 11, 11, 4, 4, MaskKind::CausalPadded),
+    ((1, 3), 1, 9, 8, 8, MaskKind::CausalPadded),
+    ((2, 2), 6, 5, 3, 7, MaskKind::PerSlice),
+];
+
+/// Random `q` `[b, h, lq, d]`, `k` `[b, h, lk, d]`, `v` `[b, h, lk, dv]`.
+fn attention_inputs(rng: &mut Rng, (b, h): (usize, usize), lq: usize, lk: usize, d: usize, dv: usize) -> [Tensor; 3] {
+    [
+        randn(rng, &[b, h, lq, d]),
+        randn(rng, &[b, h, lk, d]),
+        randn(rng, &[b, h, lk, dv]),
+    ]
+}
+
+/// Checks masked `attention` on each case: forward and the gradients of q, k and v.
+pub fn check_masked_attention_cases(seed: u64, cases: &[MaskedCase]) {
     let mut rng = Rng::new(seed);
-    let inputs = [
-        randn(&mut rng, &[2, 6, 4]),
-        randn(&mut rng, &[2, 6, 4]),
-        randn(&mut rng, &[2, 6, 4]),
-    ];
-    let mask = Tensor::tril2(6, candle_core::DType::F32, &super::device())
-        .unwrap()
-        .log()
-        .unwrap();
-    check(
-        "causal attention",
-        &inputs,
-        |x| ops::attention::attention(&x[0], &x[1], &x[2], 0.5, Some(&mask)).unwrap(),
-        |x| ops::attention::reference(&x[0], &x[1], &x[2], 0.5, Some(&mask)).unwrap(),
+    for &(bh, lq, lk, d, dv, kind) in cases {
+        let inputs = attention_inputs(&mut rng, bh, lq, lk, d, dv);
+        let mask = attention_mask(&mut rng, kind, bh, lq, lk);
+        let scale = 1.0 / (d as f64).sqrt();
+        check(
+            &format!(
+                "attention {bh:?} lq {lq} lk {lk} d {d} dv {dv} mask {kind:?} {:?}",
+                mask.dims()
+            ),
+            &inputs,
+            |x| ops::attention::attention(&x[0], &x[1], &x[2], scale, Some(&mask)).unwrap(),
+            |x| ops::attention::reference(&x[0], &x[1], &x[2], scale, Some(&mask)).unwrap(),
+        );
+    }
+}
+
+/// `ops::attention::attention` or `ops::attention::reference`.
+type AttentionFn = fn(&Tensor, &Tensor, &Tensor, f64, Option<&Tensor>) -> candle_core::Result<Tensor>;
+
+/// Asserts that `got` is NaN exactly where `want` is, and elsewhere within [`KERNEL_REL_TOL`]
+/// of `want`'s largest finite magnitude.
+pub fn assert_same_nans_and_close(what: &str, got: &Tensor, want: &Tensor) {
+    let (g, w) = (super::f64s(got), super::f64s(want));
+    assert_eq!(g.len(), w.len(), "{what}: sizes differ");
+    let nan_at = |x: &[f64]| x.iter().map(|v| v.is_nan()).collect::<Vec<_>>();
+    assert_eq!(nan_at(&g), nan_at(&w), "{what}: NaN patterns differ");
+    let scale = w.iter().filter(|v| !v.is_nan()).fold(1e-30f64, |m, v| m.max(v.abs()));
+    let err = g
+        .iter()
+        .zip(&w)
+        .filter(|(_, b)| !b.is_nan())
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err / scale < KERNEL_REL_TOL,
+        "{what}: relative error {:e} outside the NaNs",
+        err / scale
     );
+}
+
+/// Attention with query row 2 of batch row 0 fully blocked (`[2, 1, 5, 7]` mask, 2 heads): the
+/// reference gives NaN in that row of the output and of dq, and in dk and dv of both heads of
+/// batch row 0; the fused path must give NaN in exactly those places and match elsewhere.
+pub fn check_attention_fully_masked_row(seed: u64) {
+    let mut rng = Rng::new(seed);
+    let bh = (2, 2);
+    let xs = attention_inputs(&mut rng, bh, 5, 7, 4, 3);
+    let mask = attention_mask(&mut rng, MaskKind::CausalPadded, bh, 5, 7);
+    let blocked = Tensor::full(f32::NEG_INFINITY, (1, 1, 1, 7), &super::device()).unwrap();
+    let mask = mask.slice_assign(&[0..1, 0..1, 2..3, 0..7], &blocked).unwrap();
+    let vars: Vec<Var> = xs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let r = randn(&mut rng, &[2, 2, 5, 3]);
+    let run = |f: AttentionFn| {
+        let out = f(&xs[0], &xs[1], &xs[2], 0.5, Some(&mask)).unwrap();
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut all = vec![out];
+        all.extend(xs.iter().map(|x| grads.get(x).unwrap().clone()));
+        all
+    };
+    let (ours, reference) = (run(ops::attention::attention), run(ops::attention::reference));
+    for (name, (a, b)) in ["output", "dq", "dk", "dv"].iter().zip(ours.iter().zip(&reference)) {
+        assert_same_nans_and_close(&format!("fully masked row: {name}"), a, b);
+    }
+    // The pattern is the documented one: one query row, and whole slices of dk and dv.
+    let nans = |t: &Tensor| super::f64s(t).iter().filter(|v| v.is_nan()).count();
+    assert_eq!(nans(&reference[0]), 2 * 3, "output");
+    assert_eq!(nans(&reference[1]), 2 * 4, "dq");
+    assert_eq!(nans(&reference[2]), 2 * 7 * 4, "dk");
+    assert_eq!(nans(&reference[3]), 2 * 7 * 3, "dv");
+}
+
+/// The fused path carries the mask detached, so a mask that is a variable gets no gradient
+/// there, while the composed reference gives it one: this tells the paths apart.
+pub fn check_masked_attention_is_fused(seed: u64) {
+    let mut rng = Rng::new(seed);
+    let bh = (2, 3);
+    let xs = attention_inputs(&mut rng, bh, 6, 6, 4, 4);
+    let mask = Var::from_tensor(&attention_mask(&mut rng, MaskKind::CausalPadded, bh, 6, 6)).unwrap();
+    let mask = mask.as_tensor();
+    for (path, f, mask_grad) in [
+        ("fused", ops::attention::attention as AttentionFn, false),
+        ("reference", ops::attention::reference, true),
+    ] {
+        let out = f(&xs[0], &xs[1], &xs[2], 0.5, Some(mask)).unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        assert_eq!(grads.get(mask).is_some(), mask_grad, "{path}: gradient of the mask");
+    }
 }
 
 /// Checks `per_sample_mse` on each shape.
