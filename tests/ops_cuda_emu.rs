@@ -3,7 +3,7 @@
 //! and the launch jobs `--device cuda` runs, against the composed references, forward values and
 //! the gradient of every input within 1e-4 of the reference's largest magnitude. The shapes are
 //! not multiples of the kernels' tiles (64 x 64 GEMM tiles, 256-thread rows and key tiles).
-//! The emulator runs one OS thread per CUDA thread, so the cases are small.
+//! The emulator runs a block's threads as fibers on one core, so the cases are small.
 #![cfg(feature = "cuda-emu")]
 
 mod common;
@@ -78,6 +78,49 @@ fn layer_norm_cuda_emu_matches_reference() {
 fn softmax_cuda_emu_matches_reference() {
     use_emulator();
     ops_check::check_softmax_cases(34, &[vec![3, 7], vec![2, 4, 33], vec![5], vec![2, 3, 600]]);
+}
+
+#[test]
+fn attention_cuda_emu_matches_reference() {
+    use_emulator();
+    // (leading dims, lq, lk, d, dv): self-attention, cross-attention (other key length and value
+    // width), a single query, query and key lengths over several 256-row tiles, and Stable
+    // Diffusion's head widths (40, 80).
+    ops_check::check_attention_cases(
+        37,
+        &[
+            (vec![2, 3], 10, 10, 8, 8),
+            (vec![2, 4], 16, 7, 8, 8),
+            (vec![1], 5, 9, 4, 6),
+            (vec![3, 2], 1, 3, 5, 5),
+            (vec![1, 2], 300, 270, 16, 12),
+            (vec![2], 33, 20, 40, 80),
+        ],
+    );
+}
+
+#[test]
+fn masked_attention_cuda_emu_matches_reference() {
+    use_emulator();
+    ops_check::check_masked_attention_cases(38, ops_check::MASKED_ATTENTION_CASES);
+    ops_check::check_masked_attention_cases(39, &[((1, 2), 300, 270, 16, 12, ops_check::MaskKind::CausalPadded)]);
+}
+
+#[test]
+fn masked_attention_cuda_emu_fully_masked_row_matches_reference_nans() {
+    use_emulator();
+    ops_check::check_attention_fully_masked_row(40);
+}
+
+#[test]
+fn masked_attention_cuda_emu_takes_the_kernel() {
+    use_emulator();
+    let before = ops::cuda::launch_count();
+    ops_check::check_masked_attention_is_fused(41);
+    assert!(
+        ops::cuda::launch_count() > before,
+        "masked attention launched no emulated kernel"
+    );
 }
 
 #[test]

@@ -6,6 +6,8 @@
 // (at most ATT_PER_THREAD of them, so widths up to ATT_MAX_WIDTH), in f32.
 // The backward pass reads keys and values packed side by side, kv [n, lk, d + dv], and the output
 // gradient packed with delta = rowsum(dO * O), go [n, lq, dv + 1]; it writes [dq | dk | dv].
+// The optional additive mask (null for none) holds `mask_slices` slices of [lq, lk]; slice i
+// reads mask slice (i / mask_div) % mask_slices (one shared mask, one per batch row, ...).
 #include "common.cuh"
 
 #define ATT_PER_THREAD 4u
@@ -18,6 +20,11 @@ __device__ void stage_row(const T* src, size_t offset, uint32_t len, float* dst)
     __syncthreads();
 }
 
+// The offset of query row `row`'s row of the mask.
+__device__ __forceinline__ size_t mask_row(uint32_t row, uint32_t lq, uint32_t lk, uint32_t div, uint32_t slices) {
+    return ((size_t)((row / lq / div) % slices) * lq + row % lq) * lk;
+}
+
 // a . b[offset .. offset + len) with `a` in shared memory.
 template <typename T>
 __device__ __forceinline__ float dot_row(const float* a, const T* b, size_t offset, uint32_t len) {
@@ -27,8 +34,9 @@ __device__ __forceinline__ float dot_row(const float* a, const T* b, size_t offs
 }
 
 template <typename T>
-__device__ void attention_fwd(const T* q, const T* k, const T* v, T* out, uint32_t n, uint32_t lq, uint32_t lk,
-                              uint32_t d, uint32_t dv, float scale) {
+__device__ void attention_fwd(const T* q, const T* k, const T* v, const T* mask, T* out, uint32_t n, uint32_t lq,
+                              uint32_t lk, uint32_t d, uint32_t dv, float scale, uint32_t mask_div,
+                              uint32_t mask_slices) {
     __shared__ float q_row[ATT_MAX_WIDTH];
     __shared__ float tile_p[BLOCK];
     const uint32_t row = blockIdx.x;
@@ -36,11 +44,13 @@ __device__ void attention_fwd(const T* q, const T* k, const T* v, T* out, uint32
     const unsigned t = threadIdx.x;
     const size_t k0 = (size_t)(row / lq) * lk;
     stage_row(q, (size_t)row * d, d, q_row);
+    const size_t mrow = mask ? mask_row(row, lq, lk, mask_div, mask_slices) : 0;
     float acc[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
     float m = NEG_BIG, l = 0.0f;
     for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
         const uint32_t j = j0 + t;
-        const float s = j < lk ? dot_row(q_row, k, (k0 + j) * d, d) * scale : NEG_BIG;
+        float s = NEG_BIG;
+        if (j < lk) s = dot_row(q_row, k, (k0 + j) * d, d) * scale + (mask ? load(mask, mrow + j) : 0.0f);
         const float m_new = fmaxf(m, block_max(s));
         const float p = j < lk ? expf(s - m_new) : 0.0f;
         const float corr = expf(m - m_new);
@@ -68,8 +78,9 @@ __device__ void attention_fwd(const T* q, const T* k, const T* v, T* out, uint32
 // Backward, first pass (one block per query row): the row's log-sum-exp into `lse`, then
 // dq = scale * sum_j p_j (dO . v_j - delta) k_j.
 template <typename T>
-__device__ void attention_bwd_q(const T* q, const T* kv, const T* go, T* out, float* lse, uint32_t n, uint32_t lq,
-                                uint32_t lk, uint32_t d, uint32_t dv, float scale) {
+__device__ void attention_bwd_q(const T* q, const T* kv, const T* go, const T* mask, T* out, float* lse, uint32_t n,
+                                uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale, uint32_t mask_div,
+                                uint32_t mask_slices) {
     __shared__ float q_row[ATT_MAX_WIDTH];
     __shared__ float go_row[ATT_MAX_WIDTH];
     __shared__ float tile_ds[BLOCK];
@@ -80,10 +91,12 @@ __device__ void attention_bwd_q(const T* q, const T* kv, const T* go, T* out, fl
     const size_t k0 = (size_t)(row / lq) * lk;
     stage_row(q, (size_t)row * d, d, q_row);
     stage_row(go, (size_t)row * (dv + 1), dv + 1, go_row);
+    const size_t mrow = mask ? mask_row(row, lq, lk, mask_div, mask_slices) : 0;
     float m = NEG_BIG, l = 0.0f;
     for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
         const uint32_t j = j0 + t;
-        const float s = j < lk ? dot_row(q_row, kv, (k0 + j) * skv, d) * scale : NEG_BIG;
+        float s = NEG_BIG;
+        if (j < lk) s = dot_row(q_row, kv, (k0 + j) * skv, d) * scale + (mask ? load(mask, mrow + j) : 0.0f);
         const float m_new = fmaxf(m, block_max(s));
         const float p = j < lk ? expf(s - m_new) : 0.0f;
         l = l * expf(m - m_new) + block_sum(p);
@@ -98,7 +111,8 @@ __device__ void attention_bwd_q(const T* q, const T* kv, const T* go, T* out, fl
         float ds = 0.0f;
         if (j < lk) {
             const size_t kr = (k0 + j) * skv;
-            const float p = expf(dot_row(q_row, kv, kr, d) * scale - row_lse);
+            const float bias = mask ? load(mask, mrow + j) : 0.0f;
+            const float p = expf(dot_row(q_row, kv, kr, d) * scale + bias - row_lse);
             ds = p * (dot_row(go_row, kv, kr + d, dv) - delta);
         }
         __syncthreads();
@@ -122,8 +136,9 @@ __device__ void attention_bwd_q(const T* q, const T* kv, const T* go, T* out, fl
 // Backward, second pass (one block per key row): dv = sum_i p_i dO_i and
 // dk = scale * sum_i p_i (dO_i . v - delta_i) q_i, with p_i from the first pass's log-sum-exp.
 template <typename T>
-__device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, T* out, const float* lse, uint32_t n,
-                                 uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale) {
+__device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, const T* mask, T* out, const float* lse,
+                                 uint32_t n, uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale,
+                                 uint32_t mask_div, uint32_t mask_slices) {
     __shared__ float k_row[ATT_MAX_WIDTH];
     __shared__ float v_row[ATT_MAX_WIDTH];
     __shared__ float tile_p[BLOCK];
@@ -141,7 +156,8 @@ __device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, T* out, c
         const size_t i = q0 + i0 + t;
         float p = 0.0f, ds = 0.0f;
         if (i0 + t < lq) {
-            p = expf(dot_row(k_row, q, i * d, d) * scale - lse[i]);
+            const float bias = mask ? load(mask, mask_row((uint32_t)i, lq, lk, mask_div, mask_slices) + krow % lk) : 0.0f;
+            p = expf(dot_row(k_row, q, i * d, d) * scale + bias - lse[i]);
             ds = p * (dot_row(v_row, go, i * sgo, dv) - load(go, i * sgo + dv));
         }
         __syncthreads();
@@ -171,18 +187,21 @@ __device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, T* out, c
     }
 }
 
-#define ATTENTION_SIZES uint32_t n, uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale
+#define ATTENTION_SIZES                                                                              \
+    uint32_t n, uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale, uint32_t mask_div,   \
+        uint32_t mask_slices
 
 #define ATTENTION_KERNELS(T, S)                                                                      \
-    extern "C" __global__ void attention_fwd_##S(const T* q, const T* k, const T* v, T* out, ATTENTION_SIZES) { \
-        attention_fwd<T>(q, k, v, out, n, lq, lk, d, dv, scale);                                     \
+    extern "C" __global__ void attention_fwd_##S(const T* q, const T* k, const T* v, const T* mask, T* out, \
+                                                 ATTENTION_SIZES) {                                 \
+        attention_fwd<T>(q, k, v, mask, out, n, lq, lk, d, dv, scale, mask_div, mask_slices);        \
     }                                                                                                \
-    extern "C" __global__ void attention_bwd_q_##S(const T* q, const T* kv, const T* go, T* out, float* lse, \
-                                                   ATTENTION_SIZES) {                               \
-        attention_bwd_q<T>(q, kv, go, out, lse, n, lq, lk, d, dv, scale);                            \
+    extern "C" __global__ void attention_bwd_q_##S(const T* q, const T* kv, const T* go, const T* mask, T* out, \
+                                                   float* lse, ATTENTION_SIZES) {                   \
+        attention_bwd_q<T>(q, kv, go, mask, out, lse, n, lq, lk, d, dv, scale, mask_div, mask_slices); \
     }                                                                                                \
-    extern "C" __global__ void attention_bwd_kv_##S(const T* q, const T* kv, const T* go, T* out,     \
-                                                    const float* lse, ATTENTION_SIZES) {            \
-        attention_bwd_kv<T>(q, kv, go, out, lse, n, lq, lk, d, dv, scale);                           \
+    extern "C" __global__ void attention_bwd_kv_##S(const T* q, const T* kv, const T* go, const T* mask,   \
+                                                    T* out, const float* lse, ATTENTION_SIZES) {    \
+        attention_bwd_kv<T>(q, kv, go, mask, out, lse, n, lq, lk, d, dv, scale, mask_div, mask_slices); \
     }
 INSTANTIATE(ATTENTION_KERNELS)

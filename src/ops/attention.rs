@@ -15,6 +15,8 @@
 
 use std::sync::Arc;
 
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 use super::compute_dtype;
@@ -56,7 +58,7 @@ fn composed(
 /// on CPU (or wgpu) for f32 and f64, else tensor ops around the [`super::softmax::softmax`]
 /// kernel. The fused kernel gives the mask no gradient (see the module doc).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let fused = super::use_cpu_kernel(&[q, k, v]) && mask.is_none_or(|m| m.device().is_cpu());
+    let fused = super::use_kernel(&[q, k, v]) && mask.is_none_or(|m| m.device().same_device(q.device()));
     if !fused || q.rank() < 3 || k.rank() != q.rank() || v.rank() != q.rank() {
         return composed(q, k, v, scale, mask, super::softmax::softmax);
     }
@@ -72,7 +74,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     {
         return composed(q, k, v, scale, mask, super::softmax::softmax);
     }
-    let mask = match mask {
+    let kernel_mask = match mask {
         Some(m) => match Mask::new(m, lead, lq, lk, q.dtype())? {
             // A mask that does not broadcast: the composed ops report it.
             None => return composed(q, k, v, scale, Some(m), super::softmax::softmax),
@@ -80,13 +82,35 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
         },
         None => None,
     };
+    if !q.device().is_cpu() && !cuda_takes(d, dv, kernel_mask.as_ref()) {
+        return composed(q, k, v, scale, mask, super::softmax::softmax);
+    }
     let q3 = q.contiguous()?.reshape((n, lq, d))?;
     let k3 = k.contiguous()?.reshape((n, lk, d))?;
     let v3 = v.contiguous()?.reshape((n, lk, dv))?;
-    let out = q3.apply_op3(&k3, &v3, Attention { scale, mask })?;
+    let out = q3.apply_op3(
+        &k3,
+        &v3,
+        Attention {
+            scale,
+            mask: kernel_mask,
+        },
+    )?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank checked") = dv;
     out.reshape(out_dims)
+}
+
+/// Whether the CUDA kernels take a call of widths `d` and `dv` with this mask: widths up to
+/// their register budget, and a mask whose slices they can index.
+fn cuda_takes(d: usize, dv: usize, mask: Option<&Mask>) -> bool {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    return d.max(dv) <= super::cuda::attention::MAX_WIDTH && mask.is_none_or(|m| m.strided().is_some());
+    #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+    {
+        let _ = (d, dv, mask);
+        false
+    }
 }
 
 /// An additive mask as the kernels take it: `values` `[m, lq, lk]` (contiguous, in q's dtype,
@@ -140,6 +164,43 @@ impl Mask {
             .collect();
         Ok(Some(Mask { values, slice_of }))
     }
+
+    /// Checks the mask fits a call of sizes `dims`.
+    fn check(&self, op: &str, dims: &Dims) -> Result<()> {
+        let &[m, lq, lk] = self.values.dims() else {
+            candle_core::bail!("{op}: expected a 3-D mask, got {:?}", self.values.dims())
+        };
+        if (lq, lk) != (dims.lq, dims.lk) || self.slice_of.len() != dims.n || self.slice_of.iter().any(|&s| s >= m) {
+            candle_core::bail!(
+                "{op}: a mask of {:?} for {} slices of {}x{} scores",
+                self.values.dims(),
+                dims.n,
+                dims.lq,
+                dims.lk
+            );
+        }
+        Ok(())
+    }
+
+    /// `(div, slices)` such that slice `i` reads mask slice `(i / div) % slices`, the form the
+    /// CUDA kernels take (a mask shared by all slices, one per batch row, per head, or per
+    /// slice); `None` for other broadcast patterns.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn strided(&self) -> Option<(usize, usize)> {
+        let slices = self.values.dim(0).ok()?.max(1);
+        let div = self.slice_of.iter().position(|&s| s != 0).unwrap_or(1).max(1);
+        let fits = self.slice_of.iter().enumerate().all(|(i, &s)| s == (i / div) % slices);
+        fits.then_some((div, slices))
+    }
+
+    /// The mask as the CUDA kernels take it, its values being `values`.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn input<I>(&self, op: &str, values: I) -> Result<super::cuda::attention::MaskInput<I>> {
+        let Some((div, slices)) = self.strided() else {
+            candle_core::bail!("{op}: the CUDA kernels cannot index this mask's slices")
+        };
+        Ok(super::cuda::attention::MaskInput { values, div, slices })
+    }
 }
 
 /// A mask's values as a kernel reads them: `values` `[m, lq, lk]` and the mask slice of each
@@ -167,18 +228,7 @@ fn with_mask<T: candle_core::WithDType, R>(
     f: impl FnOnce(Option<MaskView<'_, T>>) -> R,
 ) -> Result<R> {
     let Some(mask) = mask else { return Ok(f(None)) };
-    let &[m, lq, lk] = mask.values.dims() else {
-        candle_core::bail!("{op}: expected a 3-D mask, got {:?}", mask.values.dims())
-    };
-    if (lq, lk) != (dims.lq, dims.lk) || mask.slice_of.len() != dims.n || mask.slice_of.iter().any(|&s| s >= m) {
-        candle_core::bail!(
-            "{op}: a mask of {:?} for {} slices of {}x{} scores",
-            mask.values.dims(),
-            dims.n,
-            dims.lq,
-            dims.lk
-        );
-    }
+    mask.check(op, dims)?;
     let (storage, layout) = mask.values.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("{op}: the mask must be on the CPU")
@@ -188,6 +238,43 @@ fn with_mask<T: candle_core::WithDType, R>(
         values,
         slice_of: &mask.slice_of,
     })))
+}
+
+/// `f` of `mask` as the CUDA kernels take it (or of `None`), its values read in place from the
+/// tensor's device storage.
+#[cfg(feature = "cuda")]
+fn with_cuda_mask<R>(
+    op: &str,
+    dims: &Dims,
+    mask: Option<&Mask>,
+    f: impl FnOnce(Option<super::cuda::attention::MaskInput<super::cuda::device::Input<'_>>>) -> Result<R>,
+) -> Result<R> {
+    let Some(mask) = mask else { return f(None) };
+    mask.check(op, dims)?;
+    let (storage, layout) = mask.values.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        candle_core::bail!("{op}: the mask must be on the CUDA device")
+    };
+    f(Some(mask.input(op, (cuda, layout))?))
+}
+
+/// Whether `cpu_fwd` runs on the CUDA emulator: its backend on, f32, and a call the CUDA
+/// kernels take.
+#[cfg(feature = "cuda-emu")]
+fn emulated(storage: &CpuStorage, dims: &Dims, mask: Option<&Mask>) -> bool {
+    matches!(storage, CpuStorage::F32(_))
+        && super::backend() == super::Backend::CudaEmu
+        && cuda_takes(dims.d, dims.dv, mask)
+}
+
+/// The emulator's form of `mask`, whose values `view` holds.
+#[cfg(feature = "cuda-emu")]
+fn emulator_mask<'m>(
+    op: &str,
+    mask: Option<&Mask>,
+    view: Option<MaskView<'m, f32>>,
+) -> Result<Option<super::cuda::attention::MaskInput<&'m [f32]>>> {
+    mask.zip(view).map(|(m, v)| m.input(op, v.values)).transpose()
 }
 
 /// Sizes of one call: `n` slices of `lq` queries and `lk` keys, widths `d` and `dv`.
@@ -221,11 +308,33 @@ impl Dims {
         Ok(Dims { n, lq, lk, d, dv })
     }
 
-    /// The sizes as the wgpu kernels take them.
-    #[cfg(feature = "wgpu")]
-    fn sizes(&self, scale: f64) -> super::wgpu::attention::Sizes {
+    /// The sizes of a backward call from its packed inputs `q`, `[k | v]` and `[dO | delta]`.
+    fn packed(op: &str, q: &Layout, kv: &Layout, go: &Layout) -> Result<Self> {
+        let (&[n, lq, d], &[_, lk, dkv], &[_, _, dg]) = (q.dims(), kv.dims(), go.dims()) else {
+            candle_core::bail!("{op}: expected 3-D inputs");
+        };
+        if dkv < d || dg != dkv - d + 1 {
+            candle_core::bail!("{op}: mismatched packed inputs {:?}, {:?}", kv.dims(), go.dims());
+        }
+        Ok(Dims {
+            n,
+            lq,
+            lk,
+            d,
+            dv: dkv - d,
+        })
+    }
+
+    /// Elements of the backward output `[dq | dk | dv]`.
+    fn grad_len(&self) -> usize {
+        self.n * (self.lq * self.d + self.lk * self.d + self.lk * self.dv)
+    }
+
+    /// The sizes as the GPU kernels take them.
+    #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+    fn sizes(&self, scale: f64) -> Sizes {
         let Dims { n, lq, lk, d, dv } = *self;
-        super::wgpu::attention::Sizes {
+        Sizes {
             n,
             lq,
             lk,
@@ -234,6 +343,19 @@ impl Dims {
             scale,
         }
     }
+}
+
+/// The sizes of one call as the GPU kernels take them: `n` slices of `lq` queries and `lk` keys,
+/// widths `d` and `dv`, and the score scale.
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sizes {
+    pub n: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub scale: f64,
 }
 
 /// `p = softmax(scale * q k^T + mask)` for one slice, into `p` `[lq, lk]`.
@@ -323,10 +445,42 @@ impl CustomOp3 for Attention {
             })?
             .map(|out| (out, Shape::from((dims.n, dims.lq, dims.dv))))
         });
+        #[cfg(feature = "cuda-emu")]
+        if emulated(qs, &dims, self.mask.as_ref()) {
+            let qkv = (slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?);
+            let out = with_mask(op, &dims, self.mask.as_ref(), |view| {
+                let mask = emulator_mask(op, self.mask.as_ref(), view)?;
+                super::cuda::attention::forward(DType::F32, &dims.sizes(self.scale), qkv, mask)
+                    .and_then(super::cuda::emu::run)
+            })?
+            .map_err(candle_core::Error::wrap)?;
+            return Ok((out, Shape::from((dims.n, dims.lq, dims.dv))));
+        }
         let out = dispatch_real!(op, qs, T => {
             let qkv = (slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?);
             with_mask(op, &dims, self.mask.as_ref(), |mask| T::to_cpu_storage_owned(self.forward::<T>(&dims, qkv, mask)))?
         });
+        Ok((out, Shape::from((dims.n, dims.lq, dims.dv))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let dims = Dims::new(op, ql, kl, vl)?;
+        let out = with_cuda_mask(op, &dims, self.mask.as_ref(), |mask| {
+            let qkv = ((qs, ql), (ks, kl), (vs, vl));
+            let job = super::cuda::attention::forward(qs.dtype(), &dims.sizes(self.scale), qkv, mask)
+                .map_err(candle_core::Error::wrap)?;
+            super::cuda::device::run(job)
+        })?;
         Ok((out, Shape::from((dims.n, dims.lq, dims.dv))))
     }
 
@@ -455,20 +609,8 @@ impl CustomOp3 for AttentionGrad {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (&[n, lq, d], &[_, lk, dkv], &[_, _, dg]) = (ql.dims(), kvl.dims(), gl.dims()) else {
-            candle_core::bail!("{op}: expected 3-D inputs");
-        };
-        if dkv < d || dg != dkv - d + 1 {
-            candle_core::bail!("{op}: mismatched packed inputs {:?}, {:?}", kvl.dims(), gl.dims());
-        }
-        let dims = Dims {
-            n,
-            lq,
-            lk,
-            d,
-            dv: dkv - d,
-        };
-        let total = n * (lq * d + lk * d + lk * dims.dv);
+        let dims = Dims::packed(op, ql, kvl, gl)?;
+        let total = dims.grad_len();
         super::on_wgpu!(qs, {
             let (q, kv, go) = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
             with_mask(op, &dims, self.mask.as_ref(), |mask| {
@@ -476,10 +618,42 @@ impl CustomOp3 for AttentionGrad {
             })?
             .map(|all| (all, Shape::from(total)))
         });
+        #[cfg(feature = "cuda-emu")]
+        if emulated(qs, &dims, self.mask.as_ref()) {
+            let inputs = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
+            let out = with_mask(op, &dims, self.mask.as_ref(), |view| {
+                let mask = emulator_mask(op, self.mask.as_ref(), view)?;
+                super::cuda::attention::backward(DType::F32, &dims.sizes(self.scale), inputs, mask)
+                    .and_then(super::cuda::emu::run)
+            })?
+            .map_err(candle_core::Error::wrap)?;
+            return Ok((out, Shape::from(total)));
+        }
         let out = dispatch_real!(op, qs, T => {
             let inputs = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
             with_mask(op, &dims, self.mask.as_ref(), |mask| T::to_cpu_storage_owned(self.backward::<T>(&dims, inputs, mask)))?
         });
         Ok((out, Shape::from(total)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        kvs: &CudaStorage,
+        kvl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let dims = Dims::packed(op, ql, kvl, gl)?;
+        let out = with_cuda_mask(op, &dims, self.mask.as_ref(), |mask| {
+            let inputs = ((qs, ql), (kvs, kvl), (gs, gl));
+            let job = super::cuda::attention::backward(qs.dtype(), &dims.sizes(self.scale), inputs, mask)
+                .map_err(candle_core::Error::wrap)?;
+            super::cuda::device::run(job)
+        })?;
+        Ok((out, Shape::from(dims.grad_len())))
     }
 }

@@ -175,11 +175,6 @@ pub(crate) fn use_kernel(tensors: &[&Tensor]) -> bool {
     }
 }
 
-/// [`use_kernel`] restricted to the CPU: for ops without CUDA kernels.
-pub(crate) fn use_cpu_kernel(tensors: &[&Tensor]) -> bool {
-    use_kernel(tensors) && tensors.iter().all(|t| t.device().is_cpu())
-}
-
 /// `(max_abs_err, max_rel_err)` of `got` against `want`: the largest absolute difference, and
 /// that divided by the largest magnitude of `want` (how kernels are judged against references).
 pub fn compare(got: &Tensor, want: &Tensor) -> candle_core::Result<(f64, f64)> {

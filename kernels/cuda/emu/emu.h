@@ -1,7 +1,8 @@
 // Just enough of the CUDA execution model for the kernels of kernels/cuda to compile as plain
 // C++ and run on the CPU, so that CI (which has no GPU) tests the kernel sources themselves
-// (`--features cuda-emu`). Each block runs its threads as OS threads; `__syncthreads()` is a
-// barrier across them, and `__shared__` variables are statics (blocks run one after another).
+// (`--features cuda-emu`). Each block runs its threads as fibers; `__syncthreads()` yields to a
+// scheduler that lets every thread reach the barrier before any passes it, and `__shared__`
+// variables are statics (blocks run one after another).
 #pragma once
 
 #include <math.h>

@@ -118,6 +118,7 @@ fn run_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(job: Job<Input<'_>>) -
                 .iter()
                 .map(|a| match *a {
                     Arg::Buf(i, offset) => Value::Ptr(addrs[i].0 + offset as u64 * addrs[i].1),
+                    Arg::Null => Value::Ptr(0),
                     Arg::U32(v) => Value::U32(v),
                     Arg::F32(v) => Value::F32(v),
                 })

@@ -1,7 +1,8 @@
 //! The CPU emulator of the CUDA kernels (the `cuda-emu` feature): the sources of `kernels/cuda/`
 //! compiled as C++ against `kernels/cuda/emu/emu.h` by `build.rs`, run on host slices. It takes
 //! the same [`Job`]s as [`super::device`], so tests check the kernels and their launch
-//! arguments without a GPU. Slow (one OS thread per CUDA thread) and f32 only: a test tool.
+//! arguments without a GPU. Slow (each block's threads are fibers on one core) and f32 only: a
+//! test tool.
 
 use std::ffi::{c_char, c_void, CString};
 
@@ -57,6 +58,7 @@ pub(crate) fn run(job: Job<&[f32]>) -> Result<CpuStorage> {
                     Some(&(ptr, len)) if offset <= len => Ok(Value::Ptr(ptr.wrapping_add(offset))),
                     _ => Err(op_error(op, format!("{name}: bad buffer argument {i} + {offset}"))),
                 },
+                Arg::Null => Ok(Value::Ptr(std::ptr::null_mut())),
                 Arg::U32(v) => Ok(Value::U32(v)),
                 Arg::F32(v) => Ok(Value::F32(v)),
             })

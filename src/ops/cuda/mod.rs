@@ -47,10 +47,12 @@ pub(crate) enum Slot<I> {
     Scratch(usize),
 }
 
-/// One kernel argument: a buffer (by slot index, at an element offset), or a scalar.
+/// One kernel argument: a buffer (by slot index, at an element offset), a null pointer, or a
+/// scalar.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Arg {
     Buf(usize, usize),
+    Null,
     U32(u32),
     F32(f32),
 }

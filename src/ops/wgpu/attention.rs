@@ -11,21 +11,10 @@
 use candle_core::CpuStorage;
 
 use super::{f32_word, groups_for, run, shader, word, Job, Shader, Slot};
-use crate::ops::attention::MaskView;
+use crate::ops::attention::{MaskView, Sizes};
 use crate::Result;
 
 static SHADER: Shader = shader!("attention");
-
-/// `n` slices of `lq` queries and `lk` keys, widths `d` and `dv`, and the score scale.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Sizes {
-    pub n: usize,
-    pub lq: usize,
-    pub lk: usize,
-    pub d: usize,
-    pub dv: usize,
-    pub scale: f64,
-}
 
 impl Sizes {
     fn params(&self, op: &'static str, masked: bool) -> Result<[u32; 7]> {
