@@ -44,22 +44,22 @@ fn group_norm_matches_reference() {
     ops_check::check_group_norm_cases(
         3,
         &[
-            (vec![2, 8, 5, 5], 4),
-            (vec![1, 6, 3, 7], 6),
-            (vec![3, 4, 4, 4], 1),
-            (vec![2, 12, 9], 3),
+            (&[2, 8, 5, 5], 4),
+            (&[1, 6, 3, 7], 6),
+            (&[3, 4, 4, 4], 1),
+            (&[2, 12, 9], 3),
         ],
     );
 }
 
 #[test]
 fn layer_norm_matches_reference() {
-    ops_check::check_layer_norm_cases(4, &[vec![2, 5, 16], vec![7, 3], vec![1, 1, 64], vec![4, 256, 80]]);
+    ops_check::check_layer_norm_cases(4, &[&[2, 5, 16], &[7, 3], &[1, 1, 64], &[4, 256, 80]]);
 }
 
 #[test]
 fn softmax_matches_reference() {
-    ops_check::check_softmax_cases(5, &[vec![3, 7], vec![2, 4, 33], vec![5], vec![3, 100, 256]]);
+    ops_check::check_softmax_cases(5, &[&[3, 7], &[2, 4, 33], &[5], &[3, 100, 256]]);
 }
 
 #[test]
@@ -68,12 +68,12 @@ fn attention_matches_reference() {
     ops_check::check_attention_cases(
         6,
         &[
-            (vec![2, 3], 10, 10, 8, 8),
-            (vec![2, 4], 16, 7, 8, 8),
-            (vec![1], 5, 9, 4, 6),
-            (vec![3, 2], 1, 3, 5, 5),
+            (&[2, 3], 10, 10, 8, 8),
+            (&[2, 4], 16, 7, 8, 8),
+            (&[1], 5, 9, 4, 6),
+            (&[3, 2], 1, 3, 5, 5),
             // Big enough for the thread pool (slices in parallel).
-            (vec![2, 4], 96, 96, 8, 8),
+            (&[2, 4], 96, 96, 8, 8),
         ],
     );
 }
@@ -97,7 +97,7 @@ fn masked_attention_takes_the_fused_kernel() {
 
 #[test]
 fn per_sample_mse_matches_reference() {
-    ops_check::check_mse_cases(8, &[vec![4, 3, 5, 5], vec![2, 7], vec![1, 1], vec![2, 4, 96, 96]]);
+    ops_check::check_mse_cases(8, &[&[4, 3, 5, 5], &[2, 7], &[1, 1], &[2, 4, 96, 96]]);
 }
 
 #[test]

@@ -39,17 +39,12 @@ fn cuda_kernels_really_launch() {
 #[test]
 fn conv2d_cuda_matches_reference() {
     use_cuda_kernels();
+    ops_check::check_conv2d_cases(41, ops_check::GPU_CONV2D_CASES);
+    // Stable Diffusion: a 320-channel ResNet convolution at 32x32, a downsampler, and the
+    // long weight-gradient reduction of a 256-channel input into 4 latent channels.
     ops_check::check_conv2d_cases(
-        41,
+        51,
         &[
-            (2, 3, 8, 8, 5, 3, 1, 1),
-            (1, 4, 9, 7, 6, 3, 2, 1),
-            (3, 2, 11, 10, 3, 3, 2, 0),
-            (1, 5, 5, 5, 2, 5, 1, 2),
-            (1, 3, 70, 9, 65, 3, 1, 1),
-            (2, 24, 6, 6, 20, 1, 1, 0),
-            (1, 2, 12, 12, 3, 5, 3, 2),
-            // Stable Diffusion: a 320-channel ResNet convolution at 32x32, and a downsampler.
             (2, 320, 32, 32, 320, 3, 1, 1),
             (2, 64, 32, 32, 64, 3, 2, 1),
             (2, 256, 64, 64, 4, 3, 1, 1),
@@ -60,74 +55,47 @@ fn conv2d_cuda_matches_reference() {
 #[test]
 fn group_norm_cuda_matches_reference() {
     use_cuda_kernels();
-    ops_check::check_group_norm_cases(
-        42,
-        &[
-            (vec![2, 8, 5, 5], 4),
-            (vec![1, 6, 3, 7], 6),
-            (vec![3, 4, 4, 4], 1),
-            (vec![2, 12, 9], 3),
-            (vec![2, 6, 17, 19], 3),
-            (vec![2, 320, 32, 32], 32),
-        ],
-    );
+    ops_check::check_group_norm_cases(42, ops_check::GPU_GROUP_NORM_CASES);
+    ops_check::check_group_norm_cases(52, &[(&[2, 320, 32, 32], 32)]);
 }
 
 #[test]
 fn layer_norm_cuda_matches_reference() {
     use_cuda_kernels();
-    ops_check::check_layer_norm_cases(43, &[vec![2, 5, 16], vec![7, 3], vec![3, 300], vec![2, 1024, 320]]);
+    ops_check::check_layer_norm_cases(43, ops_check::GPU_LAYER_NORM_SHAPES);
+    ops_check::check_layer_norm_cases(53, &[&[2, 1024, 320]]);
 }
 
 #[test]
 fn softmax_cuda_matches_reference() {
     use_cuda_kernels();
-    ops_check::check_softmax_cases(
-        44,
-        &[
-            vec![3, 7],
-            vec![2, 4, 33],
-            vec![5],
-            vec![2, 3, 600],
-            vec![16, 256, 1024],
-        ],
-    );
+    ops_check::check_softmax_cases(44, ops_check::GPU_SOFTMAX_SHAPES);
+    ops_check::check_softmax_cases(54, &[&[16, 256, 1024]]);
 }
 
 #[test]
 fn attention_cuda_matches_reference() {
     use_cuda_kernels();
-    // (leading dims, lq, lk, d, dv): the wgpu suite's cases, then Stable Diffusion's self- and
-    // cross-attention at 32x32 latents (8 heads of 40, 77 text tokens).
+    ops_check::check_attention_cases(45, ops_check::GPU_ATTENTION_CASES);
+    // Long key rows, and Stable Diffusion's self- and cross-attention at 32x32 latents (8 heads
+    // of 40, 77 text tokens).
     ops_check::check_attention_cases(
-        45,
+        55,
         &[
-            (vec![2, 3], 10, 10, 8, 8),
-            (vec![2, 4], 16, 7, 8, 8),
-            (vec![1], 5, 9, 4, 6),
-            (vec![3, 2], 1, 3, 5, 5),
-            (vec![1, 2], 300, 270, 16, 12),
-            (vec![1], 40, 1100, 16, 16),
-            (vec![2], 33, 20, 40, 80),
-            (vec![2, 8], 1024, 1024, 40, 40),
-            (vec![2, 8], 1024, 77, 40, 40),
+            (&[1], 40, 1100, 16, 16),
+            (&[2, 8], 1024, 1024, 40, 40),
+            (&[2, 8], 1024, 77, 40, 40),
         ],
     );
+    ops_check::check_masked_attention_cases(56, ops_check::MASKED_ATTENTION_CASES);
+    ops_check::check_attention_fully_masked_row(57);
 }
 
 #[test]
 fn per_sample_mse_cuda_matches_reference() {
     use_cuda_kernels();
-    ops_check::check_mse_cases(
-        46,
-        &[
-            vec![4, 3, 5, 5],
-            vec![2, 7],
-            vec![1, 1],
-            vec![2, 3, 50, 50],
-            vec![4, 4, 64, 64],
-        ],
-    );
+    ops_check::check_mse_cases(46, ops_check::GPU_MSE_SHAPES);
+    ops_check::check_mse_cases(58, &[&[4, 4, 64, 64]]);
 }
 
 /// Relative tolerance of half-precision storage: outputs and gradients are rounded to 8 (bf16)

@@ -36,67 +36,32 @@ fn emulator_backend_runs_the_kernels() {
 #[test]
 fn conv2d_cuda_emu_matches_reference() {
     use_emulator();
-    // (batch, c_in, h, w, c_out, kernel, stride, padding): padded, strided, 1x1 and 5x5
-    // convolutions, and outputs and reductions that are not multiples of the 64 x 64 x 16 tiles.
-    ops_check::check_conv2d_cases(
-        31,
-        &[
-            (2, 3, 8, 8, 5, 3, 1, 1),
-            (1, 4, 9, 7, 6, 3, 2, 1),
-            (3, 2, 11, 10, 3, 3, 2, 0),
-            (1, 5, 5, 5, 2, 5, 1, 2),
-            (1, 3, 70, 9, 65, 3, 1, 1),
-            (2, 24, 6, 6, 20, 1, 1, 0),
-            (1, 2, 12, 12, 3, 5, 3, 2),
-        ],
-    );
+    ops_check::check_conv2d_cases(31, ops_check::GPU_CONV2D_CASES);
 }
 
 #[test]
 fn group_norm_cuda_emu_matches_reference() {
     use_emulator();
-    ops_check::check_group_norm_cases(
-        32,
-        &[
-            (vec![2, 8, 5, 5], 4),
-            (vec![1, 6, 3, 7], 6),
-            (vec![3, 4, 4, 4], 1),
-            (vec![2, 12, 9], 3),
-            // Rows of 646 elements: three partial passes of 256 threads.
-            (vec![2, 6, 17, 19], 3),
-        ],
-    );
+    ops_check::check_group_norm_cases(32, ops_check::GPU_GROUP_NORM_CASES);
 }
 
 #[test]
 fn layer_norm_cuda_emu_matches_reference() {
     use_emulator();
-    ops_check::check_layer_norm_cases(33, &[vec![2, 5, 16], vec![7, 3], vec![3, 300], vec![4, 9, 80]]);
+    ops_check::check_layer_norm_cases(33, ops_check::GPU_LAYER_NORM_SHAPES);
+    ops_check::check_layer_norm_cases(42, &[&[4, 9, 80]]);
 }
 
 #[test]
 fn softmax_cuda_emu_matches_reference() {
     use_emulator();
-    ops_check::check_softmax_cases(34, &[vec![3, 7], vec![2, 4, 33], vec![5], vec![2, 3, 600]]);
+    ops_check::check_softmax_cases(34, ops_check::GPU_SOFTMAX_SHAPES);
 }
 
 #[test]
 fn attention_cuda_emu_matches_reference() {
     use_emulator();
-    // (leading dims, lq, lk, d, dv): self-attention, cross-attention (other key length and value
-    // width), a single query, query and key lengths over several 256-row tiles, and Stable
-    // Diffusion's head widths (40, 80).
-    ops_check::check_attention_cases(
-        37,
-        &[
-            (vec![2, 3], 10, 10, 8, 8),
-            (vec![2, 4], 16, 7, 8, 8),
-            (vec![1], 5, 9, 4, 6),
-            (vec![3, 2], 1, 3, 5, 5),
-            (vec![1, 2], 300, 270, 16, 12),
-            (vec![2], 33, 20, 40, 80),
-        ],
-    );
+    ops_check::check_attention_cases(37, ops_check::GPU_ATTENTION_CASES);
 }
 
 #[test]
@@ -126,8 +91,7 @@ fn masked_attention_cuda_emu_takes_the_kernel() {
 #[test]
 fn per_sample_mse_cuda_emu_matches_reference() {
     use_emulator();
-    // [2, 3, 50, 50]: 7,500 elements per sample, two partial sums of 4,096.
-    ops_check::check_mse_cases(35, &[vec![4, 3, 5, 5], vec![2, 7], vec![1, 1], vec![2, 3, 50, 50]]);
+    ops_check::check_mse_cases(35, ops_check::GPU_MSE_SHAPES);
 }
 
 #[test]

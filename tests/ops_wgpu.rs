@@ -39,85 +39,38 @@ fn wgpu_backend_runs_the_kernels() {
 #[test]
 fn conv2d_wgpu_matches_reference() {
     use_wgpu();
-    // (batch, c_in, h, w, c_out, kernel, stride, padding): the CPU suite's cases, then outputs
-    // and reductions that are not multiples of the 64 x 64 x 16 tiles, a 1x1 convolution and a
-    // stride wider than the padding.
-    ops_check::check_conv2d_cases(
-        11,
-        &[
-            (2, 3, 8, 8, 5, 3, 1, 1),
-            (1, 4, 9, 7, 6, 3, 2, 1),
-            (3, 2, 11, 10, 3, 3, 2, 0),
-            (1, 5, 5, 5, 2, 5, 1, 2),
-            (1, 3, 70, 9, 65, 3, 1, 1),
-            (2, 17, 13, 11, 70, 3, 2, 1),
-            (2, 24, 6, 6, 20, 1, 1, 0),
-            (1, 2, 12, 12, 3, 5, 3, 2),
-        ],
-    );
+    ops_check::check_conv2d_cases(11, ops_check::GPU_CONV2D_CASES);
+    // A stride wider than the padding with 70 output channels.
+    ops_check::check_conv2d_cases(21, &[(2, 17, 13, 11, 70, 3, 2, 1)]);
 }
 
 #[test]
 fn group_norm_wgpu_matches_reference() {
     use_wgpu();
-    ops_check::check_group_norm_cases(
-        12,
-        &[
-            (vec![2, 8, 5, 5], 4),
-            (vec![1, 6, 3, 7], 6),
-            (vec![3, 4, 4, 4], 1),
-            (vec![2, 12, 9], 3),
-            // Rows of 646 elements: three partial passes of 256 threads.
-            (vec![2, 6, 17, 19], 3),
-            (vec![1, 32, 9, 9], 32),
-        ],
-    );
+    ops_check::check_group_norm_cases(12, ops_check::GPU_GROUP_NORM_CASES);
+    ops_check::check_group_norm_cases(22, &[(&[1, 32, 9, 9], 32)]);
 }
 
 #[test]
 fn layer_norm_wgpu_matches_reference() {
     use_wgpu();
-    ops_check::check_layer_norm_cases(
-        13,
-        &[
-            vec![2, 5, 16],
-            vec![7, 3],
-            vec![1, 1, 64],
-            vec![3, 300],
-            vec![4, 33, 80],
-        ],
-    );
+    ops_check::check_layer_norm_cases(13, ops_check::GPU_LAYER_NORM_SHAPES);
+    ops_check::check_layer_norm_cases(26, &[&[1, 1, 64], &[4, 33, 80]]);
 }
 
 #[test]
 fn softmax_wgpu_matches_reference() {
     use_wgpu();
-    ops_check::check_softmax_cases(
-        14,
-        &[vec![3, 7], vec![2, 4, 33], vec![5], vec![2, 3, 600], vec![3, 50, 256]],
-    );
+    ops_check::check_softmax_cases(14, ops_check::GPU_SOFTMAX_SHAPES);
+    ops_check::check_softmax_cases(27, &[&[3, 50, 256]]);
 }
 
 #[test]
 fn attention_wgpu_matches_reference() {
     use_wgpu();
-    // (leading dims, lq, lk, d, dv): self-attention, cross-attention (other key length and value
-    // width), a single query, and query and key lengths over several 256-row tiles.
-    ops_check::check_attention_cases(
-        15,
-        &[
-            (vec![2, 3], 10, 10, 8, 8),
-            (vec![2, 4], 16, 7, 8, 8),
-            (vec![1], 5, 9, 4, 6),
-            (vec![3, 2], 1, 3, 5, 5),
-            (vec![1, 2], 300, 270, 16, 12),
-            // Long rows: lavapipe stops any invocation's loops after 65,535 iterations in all.
-            (vec![1], 40, 1100, 16, 16),
-            (vec![1], 1100, 40, 16, 16),
-            // Head widths of Stable Diffusion (40, 80).
-            (vec![2], 33, 20, 40, 80),
-        ],
-    );
+    ops_check::check_attention_cases(15, ops_check::GPU_ATTENTION_CASES);
+    // Long rows: lavapipe stops any invocation's loops after 65,535 iterations in all.
+    ops_check::check_attention_cases(28, &[(&[1], 40, 1100, 16, 16), (&[1], 1100, 40, 16, 16)]);
 }
 
 #[test]
@@ -152,8 +105,7 @@ fn masked_attention_wgpu_takes_the_fused_kernel() {
 #[test]
 fn per_sample_mse_wgpu_matches_reference() {
     use_wgpu();
-    // [2, 3, 50, 50]: 7,500 elements per sample, two partial sums of 4,096.
-    ops_check::check_mse_cases(17, &[vec![4, 3, 5, 5], vec![2, 7], vec![1, 1], vec![2, 3, 50, 50]]);
+    ops_check::check_mse_cases(17, ops_check::GPU_MSE_SHAPES);
 }
 
 #[test]

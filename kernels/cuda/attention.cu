@@ -33,6 +33,28 @@ __device__ __forceinline__ float dot_row(const float* a, const T* b, size_t offs
     return s;
 }
 
+// scale * q . k plus the mask's bias: `q_row` in shared memory, the key row at `k_offset`, the
+// bias at `m_offset` of the mask (none when null).
+template <typename T>
+__device__ __forceinline__ float score(const float* q_row, const T* k, size_t k_offset, uint32_t d, float scale,
+                                       const T* mask, size_t m_offset) {
+    return dot_row(q_row, k, k_offset, d) * scale + (mask ? load(mask, m_offset) : 0.0f);
+}
+
+// Folds one tile of scores (this thread's `s`, NEG_BIG past the keys) into the running max `m`
+// and sum `l` of exp(score - m); returns this thread's exp(s - m_new) and sets `corr` to
+// exp(m_old - m_new), the factor that rescales what was accumulated before.
+__device__ float online_step(float s, bool valid, float& m, float& l, float& corr) {
+    const float m_new = fmaxf(m, block_max(s));
+    const float p = valid ? expf(s - m_new) : 0.0f;
+    corr = expf(m - m_new);
+    // block_sum's leading barrier also orders the caller's next shared writes after this
+    // tile's reads.
+    l = l * corr + block_sum(p);
+    m = m_new;
+    return p;
+}
+
 template <typename T>
 __device__ void attention_fwd(const T* q, const T* k, const T* v, const T* mask, T* out, uint32_t n, uint32_t lq,
                               uint32_t lk, uint32_t d, uint32_t dv, float scale, uint32_t mask_div,
@@ -49,14 +71,9 @@ __device__ void attention_fwd(const T* q, const T* k, const T* v, const T* mask,
     float m = NEG_BIG, l = 0.0f;
     for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
         const uint32_t j = j0 + t;
-        float s = NEG_BIG;
-        if (j < lk) s = dot_row(q_row, k, (k0 + j) * d, d) * scale + (mask ? load(mask, mrow + j) : 0.0f);
-        const float m_new = fmaxf(m, block_max(s));
-        const float p = j < lk ? expf(s - m_new) : 0.0f;
-        const float corr = expf(m - m_new);
-        // block_sum's leading barrier also orders this tile's tile_p write after the last reads.
-        l = l * corr + block_sum(p);
-        m = m_new;
+        const float s = j < lk ? score(q_row, k, (k0 + j) * d, d, scale, mask, mrow + j) : NEG_BIG;
+        float corr;
+        const float p = online_step(s, j < lk, m, l, corr);
         tile_p[t] = p;
         __syncthreads();
         const uint32_t len = min(BLOCK, lk - j0);
@@ -95,12 +112,9 @@ __device__ void attention_bwd_q(const T* q, const T* kv, const T* go, const T* m
     float m = NEG_BIG, l = 0.0f;
     for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
         const uint32_t j = j0 + t;
-        float s = NEG_BIG;
-        if (j < lk) s = dot_row(q_row, kv, (k0 + j) * skv, d) * scale + (mask ? load(mask, mrow + j) : 0.0f);
-        const float m_new = fmaxf(m, block_max(s));
-        const float p = j < lk ? expf(s - m_new) : 0.0f;
-        l = l * expf(m - m_new) + block_sum(p);
-        m = m_new;
+        const float s = j < lk ? score(q_row, kv, (k0 + j) * skv, d, scale, mask, mrow + j) : NEG_BIG;
+        float corr;
+        online_step(s, j < lk, m, l, corr);
     }
     const float row_lse = m + logf(l);
     if (t == 0) lse[row] = row_lse;
@@ -111,8 +125,7 @@ __device__ void attention_bwd_q(const T* q, const T* kv, const T* go, const T* m
         float ds = 0.0f;
         if (j < lk) {
             const size_t kr = (k0 + j) * skv;
-            const float bias = mask ? load(mask, mrow + j) : 0.0f;
-            const float p = expf(dot_row(q_row, kv, kr, d) * scale + bias - row_lse);
+            const float p = expf(score(q_row, kv, kr, d, scale, mask, mrow + j) - row_lse);
             ds = p * (dot_row(go_row, kv, kr + d, dv) - delta);
         }
         __syncthreads();
@@ -156,8 +169,8 @@ __device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, const T* 
         const size_t i = q0 + i0 + t;
         float p = 0.0f, ds = 0.0f;
         if (i0 + t < lq) {
-            const float bias = mask ? load(mask, mask_row((uint32_t)i, lq, lk, mask_div, mask_slices) + krow % lk) : 0.0f;
-            p = expf(dot_row(k_row, q, i * d, d) * scale + bias - lse[i]);
+            const size_t m_offset = mask ? mask_row((uint32_t)i, lq, lk, mask_div, mask_slices) + krow % lk : 0;
+            p = expf(score(k_row, q, i * d, d, scale, mask, m_offset) - lse[i]);
             ds = p * (dot_row(v_row, go, i * sgo, dv) - load(go, i * sgo + dv));
         }
         __syncthreads();

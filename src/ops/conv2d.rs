@@ -253,6 +253,19 @@ fn run_cuda(
     Ok((super::cuda::device::run(job)?, shape))
 }
 
+/// The job of `product` of the convolution `g` on two f32 storages, for the CUDA emulator.
+#[cfg(feature = "cuda-emu")]
+fn emulator_job<'a>(
+    op: &'static str,
+    g: &Geometry,
+    product: Product,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+) -> crate::Result<super::cuda::Job<&'a [f32]>> {
+    let (a, b) = (slice(op, s1, l1)?, slice(op, s2, l2)?);
+    super::cuda::conv2d::job(op, DType::F32, g, product, a, b)
+}
+
 /// The forward convolution; its backward runs [`InputGrad`] and [`WeightGrad`].
 struct Conv2dOp {
     stride: usize,
@@ -297,14 +310,7 @@ impl CustomOp2 for Conv2dOp {
         });
         super::on_cuda_emu!(
             xs,
-            super::cuda::conv2d::job(
-                self.name(),
-                DType::F32,
-                &g,
-                Product::Forward,
-                slice(self.name(), xs, xl)?,
-                slice(self.name(), ws, wl)?
-            ),
+            emulator_job(self.name(), &g, Product::Forward, (xs, xl), (ws, wl)),
             shape
         );
         let out = dispatch_real!("conv2d", xs, T => {
@@ -424,14 +430,7 @@ impl CustomOp2 for InputGrad {
         });
         super::on_cuda_emu!(
             ds,
-            super::cuda::conv2d::job(
-                self.name(),
-                DType::F32,
-                &g,
-                Product::InputGrad,
-                slice(self.name(), ds, dl)?,
-                slice(self.name(), ws, wl)?
-            ),
+            emulator_job(self.name(), &g, Product::InputGrad, (ds, dl), (ws, wl)),
             shape
         );
         let out = dispatch_real!("conv2d-input-grad", ds, T => {
@@ -498,14 +497,7 @@ impl CustomOp2 for WeightGrad {
         });
         super::on_cuda_emu!(
             xs,
-            super::cuda::conv2d::job(
-                self.name(),
-                DType::F32,
-                &g,
-                Product::WeightGrad,
-                slice(self.name(), xs, xl)?,
-                slice(self.name(), ds, dl)?
-            ),
+            emulator_job(self.name(), &g, Product::WeightGrad, (xs, xl), (ds, dl)),
             shape
         );
         let out = dispatch_real!("conv2d-weight-grad", xs, T => {

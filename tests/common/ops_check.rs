@@ -64,6 +64,54 @@ pub fn conv2d_reference_covered(x: &Tensor, w: &Tensor, s: usize, p: usize) -> T
 /// One convolution case: `(batch, c_in, h, w, c_out, kernel, stride, padding)`.
 pub type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
+/// One attention case: `(leading dims, lq, lk, d, dv)`.
+pub type AttentionCase = (&'static [usize], usize, usize, usize, usize);
+
+/// The cases every GPU kernel suite (wgpu, the CUDA emulator, CUDA) runs, small enough for the
+/// emulator; each suite adds its own. Convolutions: padded, strided, 1x1 and 5x5, and outputs and
+/// reductions that are not multiples of the 64 x 64 x 16 tiles.
+pub const GPU_CONV2D_CASES: &[ConvCase] = &[
+    (2, 3, 8, 8, 5, 3, 1, 1),
+    (1, 4, 9, 7, 6, 3, 2, 1),
+    (3, 2, 11, 10, 3, 3, 2, 0),
+    (1, 5, 5, 5, 2, 5, 1, 2),
+    (1, 3, 70, 9, 65, 3, 1, 1),
+    (2, 24, 6, 6, 20, 1, 1, 0),
+    (1, 2, 12, 12, 3, 5, 3, 2),
+];
+
+/// Group norms for the GPU suites: `(shape, groups)`, rows of 646 elements among them (three
+/// partial passes of 256 threads).
+pub const GPU_GROUP_NORM_CASES: &[(&[usize], usize)] = &[
+    (&[2, 8, 5, 5], 4),
+    (&[1, 6, 3, 7], 6),
+    (&[3, 4, 4, 4], 1),
+    (&[2, 12, 9], 3),
+    (&[2, 6, 17, 19], 3),
+];
+
+/// Layer-norm shapes for the GPU suites.
+pub const GPU_LAYER_NORM_SHAPES: &[&[usize]] = &[&[2, 5, 16], &[7, 3], &[3, 300]];
+
+/// Softmax shapes for the GPU suites, rows up to 600 long.
+pub const GPU_SOFTMAX_SHAPES: &[&[usize]] = &[&[3, 7], &[2, 4, 33], &[5], &[2, 3, 600]];
+
+/// Attention for the GPU suites: self-attention, cross-attention (other key length and value
+/// width), a single query, query and key lengths over several 256-row tiles, and Stable
+/// Diffusion's head widths (40, 80).
+pub const GPU_ATTENTION_CASES: &[AttentionCase] = &[
+    (&[2, 3], 10, 10, 8, 8),
+    (&[2, 4], 16, 7, 8, 8),
+    (&[1], 5, 9, 4, 6),
+    (&[3, 2], 1, 3, 5, 5),
+    (&[1, 2], 300, 270, 16, 12),
+    (&[2], 33, 20, 40, 80),
+];
+
+/// Per-sample MSE shapes for the GPU suites: `[2, 3, 50, 50]` has 7,500 elements per sample, two
+/// partial sums of 4,096.
+pub const GPU_MSE_SHAPES: &[&[usize]] = &[&[4, 3, 5, 5], &[2, 7], &[1, 1], &[2, 3, 50, 50]];
+
 /// Checks `conv2d` on each case.
 pub fn check_conv2d_cases(seed: u64, cases: &[ConvCase]) {
     let mut rng = Rng::new(seed);
@@ -80,10 +128,9 @@ pub fn check_conv2d_cases(seed: u64, cases: &[ConvCase]) {
 }
 
 /// Checks `group_norm`, with and without SiLU, on each `(shape, groups)` case.
-pub fn check_group_norm_cases(seed: u64, cases: &[(Vec<usize>, usize)]) {
+pub fn check_group_norm_cases(seed: u64, cases: &[(&[usize], usize)]) {
     let mut rng = Rng::new(seed);
-    for (shape, groups) in cases {
-        let groups = *groups;
+    for &(shape, groups) in cases {
         for silu in [false, true] {
             let c = shape[1];
             let inputs = [
@@ -102,7 +149,7 @@ pub fn check_group_norm_cases(seed: u64, cases: &[(Vec<usize>, usize)]) {
 }
 
 /// Checks `layer_norm` over the last dimension of each shape.
-pub fn check_layer_norm_cases(seed: u64, shapes: &[Vec<usize>]) {
+pub fn check_layer_norm_cases(seed: u64, shapes: &[&[usize]]) {
     let mut rng = Rng::new(seed);
     for shape in shapes {
         let d = *shape.last().unwrap();
@@ -121,7 +168,7 @@ pub fn check_layer_norm_cases(seed: u64, shapes: &[Vec<usize>]) {
 }
 
 /// Checks `softmax` over the last dimension of each shape.
-pub fn check_softmax_cases(seed: u64, shapes: &[Vec<usize>]) {
+pub fn check_softmax_cases(seed: u64, shapes: &[&[usize]]) {
     let mut rng = Rng::new(seed);
     for shape in shapes {
         let inputs = [(randn(&mut rng, shape) * 4.0).unwrap()];
@@ -135,11 +182,10 @@ pub fn check_softmax_cases(seed: u64, shapes: &[Vec<usize>]) {
 }
 
 /// Checks unmasked `attention` on each `(leading dims, lq, lk, d, dv)` case.
-pub fn check_attention_cases(seed: u64, cases: &[(Vec<usize>, usize, usize, usize, usize)]) {
+pub fn check_attention_cases(seed: u64, cases: &[AttentionCase]) {
     let mut rng = Rng::new(seed);
-    for (lead, lq, lk, d, dv) in cases {
-        let (lq, lk, d, dv) = (*lq, *lk, *d, *dv);
-        let shape = |l: usize, w: usize| [lead.clone(), vec![l, w]].concat();
+    for &(lead, lq, lk, d, dv) in cases {
+        let shape = |l: usize, w: usize| [lead, &[l, w]].concat();
         let inputs = [
             randn(&mut rng, &shape(lq, d)),
             randn(&mut rng, &shape(lk, d)),
@@ -326,7 +372,7 @@ pub fn check_masked_attention_is_fused(seed: u64) {
 }
 
 /// Checks `per_sample_mse` on each shape.
-pub fn check_mse_cases(seed: u64, shapes: &[Vec<usize>]) {
+pub fn check_mse_cases(seed: u64, shapes: &[&[usize]]) {
     let mut rng = Rng::new(seed);
     for shape in shapes {
         let inputs = [randn(&mut rng, shape), randn(&mut rng, shape)];
