@@ -1,14 +1,17 @@
 //! Custom ops for the hot paths of training and ReNO, each with a forward and a backward pass.
 //!
 //! Every op has a `reference` written in plain candle tensor ops: it is the spec, the test oracle
-//! and the fallback. The fused kernels run where they exist (CPU, f32 and f64); other devices and
+//! and the fallback. The fused kernels run where they exist (CPU tensors in f32 and f64; CUDA
+//! tensors in f32, f16 and bf16 once [`set_cuda_kernels`] turns them on); other devices and
 //! dtypes take the reference. [`set_fused`] (or `DIFFALIGN_KERNELS=reference` in the environment)
 //! switches the fused kernels off everywhere, for benchmarks and A/B checks.
 //!
-//! Where the fused kernels run, [`backend`] picks who computes them: the CPU kernels, or (in
-//! builds with the `wgpu` feature) the WGSL shaders of `kernels/wgsl/` through `ops::wgpu`, for
-//! f32 tensors; f64 keeps the CPU kernels. Tensors stay in CPU storage either way. [`set_backend`]
-//! (or `DIFFALIGN_KERNELS=wgpu`, or `--device wgpu`) switches it for the whole process.
+//! For CPU tensors, [`backend`] picks who computes them: the CPU kernels, or for f32 (in builds
+//! with the `wgpu` feature) the WGSL shaders of `kernels/wgsl/` through `ops::wgpu`, or (with
+//! `cuda-emu`, for tests) the CUDA kernels of `kernels/cuda/` on a CPU emulator; f64 keeps the
+//! CPU kernels. Tensors stay in CPU storage either way. [`set_backend`] (or
+//! `DIFFALIGN_KERNELS=wgpu|cuda-emu`, or `--device wgpu`) switches it for the whole process. CUDA
+//! tensors take the CUDA kernels through each op's `cuda_fwd` (`ops::cuda`).
 //!
 //! - [`conv2d`]: implicit-GEMM (im2col) convolution with input and weight gradients.
 //! - [`group_norm`] (optionally fused with SiLU) and [`layer_norm`]: one row-normalisation kernel.
