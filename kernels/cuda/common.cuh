@@ -27,17 +27,21 @@ __device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return
 __device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 #endif
 
+__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
+
 // The sum (or, with `take_max`, the maximum) of `v` over the block, returned to every thread.
 // The leading barrier lets callers reduce again right after reading a result.
-__device__ float block_reduce(float v, bool take_max) {
-    __shared__ float red[BLOCK];
+template <typename V>
+__device__ V block_reduce(V v, bool take_max) {
+    __shared__ V red[BLOCK];
     const unsigned t = threadIdx.x;
     __syncthreads();
     red[t] = v;
     __syncthreads();
     for (unsigned s = BLOCK / 2; s > 0; s >>= 1) {
         if (t < s) {
-            red[t] = take_max ? fmaxf(red[t], red[t + s]) : red[t] + red[t + s];
+            red[t] = take_max ? max_of(red[t], red[t + s]) : red[t] + red[t + s];
         }
         __syncthreads();
     }
@@ -45,6 +49,7 @@ __device__ float block_reduce(float v, bool take_max) {
 }
 
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, false); }
+__device__ __forceinline__ double block_sum(double v) { return block_reduce(v, false); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, true); }
 
 // Stamps out the `extern "C"` entry points of a kernel family, `KERNELS(T, suffix)`, for every

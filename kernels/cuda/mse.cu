@@ -1,6 +1,7 @@
 // The per-sample mean squared error mean((a - b)^2) over all but the first dimension: rows are
 // summed in pieces of MSE_PIECE elements, one block each (so a few large samples still fill the
-// device), then the pieces of each row; the backward pass is elementwise.
+// device), then the pieces of each row; the backward pass is elementwise. Sums run in f64: the
+// preference losses multiply differences of these means by beta in the thousands.
 #include "common.cuh"
 
 #define MSE_PIECE 4096u
@@ -12,23 +13,23 @@ __device__ void mse_pieces(const T* a, const T* b, float* partial, uint32_t rows
     const size_t base = (size_t)(g / pieces) * m;
     const uint32_t start = (g % pieces) * MSE_PIECE;
     const uint32_t end = min(start + MSE_PIECE, m);
-    float s = 0.0f;
+    double s = 0.0;
     for (uint32_t i = start + threadIdx.x; i < end; i += BLOCK) {
-        const float d = load(a, base + i) - load(b, base + i);
+        const double d = (double)load(a, base + i) - (double)load(b, base + i);
         s += d * d;
     }
     s = block_sum(s);
-    if (threadIdx.x == 0) partial[g] = s;
+    if (threadIdx.x == 0) partial[g] = (float)s;
 }
 
 template <typename T>
 __device__ void mse_rows(const float* partial, T* out, uint32_t rows, uint32_t m, uint32_t pieces) {
     const uint32_t r = blockIdx.x;
     if (r >= rows) return;
-    float s = 0.0f;
+    double s = 0.0;
     for (uint32_t j = threadIdx.x; j < pieces; j += BLOCK) s += partial[(size_t)r * pieces + j];
     s = block_sum(s);
-    if (threadIdx.x == 0) store(out, r, s / (float)m);
+    if (threadIdx.x == 0) store(out, r, (float)(s / m));
 }
 
 // da = 2 (a - b) g_row / m and db = -da, written as [da | db]; one thread per element.
