@@ -99,12 +99,13 @@ fn per_sample_mse_cuda_matches_reference() {
 }
 
 /// Relative tolerance of half-precision storage: outputs and gradients are rounded to 8 (bf16)
-/// or 11 (f16) significant bits after f32 compute.
+/// or 11 (f16) significant bits after f32 compute, and some backward intermediates (attention's
+/// `rowsum(dO * O)`) are candle ops in the half type. A wrong kernel is off by order one.
 fn half_tol(dtype: DType) -> f64 {
     if dtype == DType::BF16 {
-        2e-2
+        3e-2
     } else {
-        3e-3
+        1e-2
     }
 }
 
