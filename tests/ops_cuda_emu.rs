@@ -62,6 +62,9 @@ fn softmax_cuda_emu_matches_reference() {
 fn attention_cuda_emu_matches_reference() {
     use_emulator();
     ops_check::check_attention_cases(37, ops_check::GPU_ATTENTION_CASES);
+    // The widest heads the kernels take (160, Stable Diffusion 1.x's deepest level), and wider
+    // ones, which take the composed ops.
+    ops_check::check_attention_cases(43, &[(&[2], 20, 19, 160, 160), (&[1], 5, 7, 200, 8)]);
 }
 
 #[test]

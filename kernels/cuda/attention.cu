@@ -1,202 +1,253 @@
-// Memory-efficient scaled dot-product attention over n (batch * head) slices: one block per
-// query row (forward, backward dq) or key row (backward dk, dv) walks the other side in tiles of
-// BLOCK, so no attention matrix is ever stored. The forward pass keeps an online softmax (running
-// max and sum, rescaling the accumulated output); the backward pass recomputes the scores from
-// the row's log-sum-exp. Thread t accumulates output components t, t + BLOCK, ... in registers
-// (at most ATT_PER_THREAD of them, so widths up to ATT_MAX_WIDTH), in f32.
+// Memory-efficient scaled dot-product attention over n (batch * head) slices, in tiles: a block
+// of 256 threads takes ATT_ROWS (16) query rows of one slice (forward, backward dq) or 16 key rows
+// (backward dk, dv) and walks the other side in tiles of 16 rows staged in shared memory, so each
+// staged key (query) row serves 16 rows, and no attention matrix is ever stored. Thread t works
+// on row t / 16 of its block's tile and lane t % 16: one score of each 16 x 16 tile, then output
+// components lane, lane + 16, ... in registers (widths up to ATT_MAX_WIDTH). The forward pass
+// keeps an online softmax (running max and sum, rescaling the accumulated output); the backward
+// pass recomputes the probabilities from each query row's log-sum-exp.
 // The backward pass reads keys and values packed side by side, kv [n, lk, d + dv], and the output
 // gradient packed with delta = rowsum(dO * O), go [n, lq, dv + 1]; it writes [dq | dk | dv].
 // The optional additive mask (null for none) holds `mask_slices` slices of [lq, lk]; slice i
 // reads mask slice (i / mask_div) % mask_slices (one shared mask, one per batch row, ...).
 #include "common.cuh"
 
-#define ATT_PER_THREAD 4u
-#define ATT_MAX_WIDTH (ATT_PER_THREAD * BLOCK)
-
-// Copies `len` elements of `src` from `offset` into shared `dst` (f32), then syncs.
-template <typename T>
-__device__ void stage_row(const T* src, size_t offset, uint32_t len, float* dst) {
-    for (uint32_t c = threadIdx.x; c < len; c += BLOCK) dst[c] = load(src, offset + c);
-    __syncthreads();
-}
+#define ATT_ROWS 16u
+#define ATT_MAX_WIDTH 160u
+#define ATT_PER_THREAD (ATT_MAX_WIDTH / ATT_ROWS)
+// Floats of one staged tile: 16 rows of up to ATT_MAX_WIDTH + 1 (rows are padded by one float
+// so that the 16 lanes reading 16 different rows hit different banks).
+#define ATT_TILE (ATT_ROWS * (ATT_MAX_WIDTH + 1))
 
 // The offset of query row `row`'s row of the mask.
-__device__ __forceinline__ size_t mask_row(uint32_t row, uint32_t lq, uint32_t lk, uint32_t div, uint32_t slices) {
+__device__ __forceinline__ size_t mask_row(size_t row, uint32_t lq, uint32_t lk, uint32_t div, uint32_t slices) {
     return ((size_t)((row / lq / div) % slices) * lq + row % lq) * lk;
 }
 
-// a . b[offset .. offset + len) with `a` in shared memory.
+// Copies rows [first, first + 16) of the `rows`-row matrix `src` (row stride `src_stride`, from
+// element `offset`), `width` elements each, into shared `dst` with row stride `dst_stride`; rows
+// past the end become zeros.
 template <typename T>
-__device__ __forceinline__ float dot_row(const float* a, const T* b, size_t offset, uint32_t len) {
+__device__ void stage_tile(const T* src, size_t offset, uint32_t src_stride, uint32_t first, uint32_t rows,
+                           uint32_t width, float* dst, uint32_t dst_stride) {
+    for (uint32_t idx = threadIdx.x; idx < ATT_ROWS * width; idx += BLOCK) {
+        const uint32_t r = idx / width, c = idx % width;
+        const uint32_t row = first + r;
+        dst[r * dst_stride + c] = row < rows ? load(src, offset + (size_t)row * src_stride + c) : 0.0f;
+    }
+}
+
+// a . b over `len` elements, both in shared memory.
+__device__ __forceinline__ float dot_shared(const float* a, const float* b, uint32_t len) {
     float s = 0.0f;
-    for (uint32_t c = 0; c < len; ++c) s += a[c] * load(b, offset + c);
+    for (uint32_t c = 0; c < len; ++c) s += a[c] * b[c];
     return s;
 }
 
-// scale * q . k plus the mask's bias: `q_row` in shared memory, the key row at `k_offset`, the
-// bias at `m_offset` of the mask (none when null).
+// The mask's bias for query row `row` (global) and key `j`, zero without a mask.
 template <typename T>
-__device__ __forceinline__ float score(const float* q_row, const T* k, size_t k_offset, uint32_t d, float scale,
-                                       const T* mask, size_t m_offset) {
-    return dot_row(q_row, k, k_offset, d) * scale + (mask ? load(mask, m_offset) : 0.0f);
-}
-
-// Folds one tile of scores (this thread's `s`, NEG_BIG past the keys) into the running max `m`
-// and sum `l` of exp(score - m); returns this thread's exp(s - m_new) and sets `corr` to
-// exp(m_old - m_new), the factor that rescales what was accumulated before.
-__device__ float online_step(float s, bool valid, float& m, float& l, float& corr) {
-    const float m_new = fmaxf(m, block_max(s));
-    const float p = valid ? expf(s - m_new) : 0.0f;
-    corr = expf(m - m_new);
-    // block_sum's leading barrier also orders the caller's next shared writes after this
-    // tile's reads.
-    l = l * corr + block_sum(p);
-    m = m_new;
-    return p;
+__device__ __forceinline__ float bias(const T* mask, size_t row, uint32_t j, uint32_t lq, uint32_t lk,
+                                      uint32_t div, uint32_t slices) {
+    return mask ? load(mask, mask_row(row, lq, lk, div, slices) + j) : 0.0f;
 }
 
 template <typename T>
 __device__ void attention_fwd(const T* q, const T* k, const T* v, const T* mask, T* out, uint32_t n, uint32_t lq,
                               uint32_t lk, uint32_t d, uint32_t dv, float scale, uint32_t mask_div,
                               uint32_t mask_slices) {
-    __shared__ float q_row[ATT_MAX_WIDTH];
-    __shared__ float tile_p[BLOCK];
-    const uint32_t row = blockIdx.x;
-    if (row >= n * lq) return;
-    const unsigned t = threadIdx.x;
-    const size_t k0 = (size_t)(row / lq) * lk;
-    stage_row(q, (size_t)row * d, d, q_row);
-    const size_t mrow = mask ? mask_row(row, lq, lk, mask_div, mask_slices) : 0;
-    float acc[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
+    __shared__ float q_s[ATT_TILE], k_s[ATT_TILE], v_s[ATT_TILE];
+    __shared__ float s_s[ATT_ROWS * ATT_ROWS], p_s[ATT_ROWS * ATT_ROWS];
+    const uint32_t tiles = (lq + ATT_ROWS - 1) / ATT_ROWS;
+    if (tiles == 0 || blockIdx.x / tiles >= n) return;
+    const uint32_t slice = blockIdx.x / tiles;
+    const unsigned r = threadIdx.x / ATT_ROWS, lane = threadIdx.x % ATT_ROWS;
+    const uint32_t q0 = (blockIdx.x % tiles) * ATT_ROWS;
+    const bool live = q0 + r < lq;
+    const size_t row = (size_t)slice * lq + q0 + r;
+    const size_t kv0 = (size_t)slice * lk;
+    stage_tile(q, (size_t)slice * lq * d, d, q0, lq, d, q_s, d + 1);
+    float acc[ATT_PER_THREAD];
+    for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) acc[a] = 0.0f;
     float m = NEG_BIG, l = 0.0f;
-    for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
-        const uint32_t j = j0 + t;
-        const float s = j < lk ? score(q_row, k, (k0 + j) * d, d, scale, mask, mrow + j) : NEG_BIG;
-        float corr;
-        const float p = online_step(s, j < lk, m, l, corr);
-        tile_p[t] = p;
+    for (uint32_t j0 = 0; j0 < lk; j0 += ATT_ROWS) {
+        // The previous tile's reads are done before its buffers are overwritten.
         __syncthreads();
-        const uint32_t len = min(BLOCK, lk - j0);
+        stage_tile(k, kv0 * d, d, j0, lk, d, k_s, d + 1);
+        stage_tile(v, kv0 * dv, dv, j0, lk, dv, v_s, dv + 1);
+        __syncthreads();
+        const uint32_t j = j0 + lane;
+        const bool valid = live && j < lk;
+        const float s = valid ? dot_shared(q_s + r * (d + 1), k_s + lane * (d + 1), d) * scale +
+                                    bias(mask, row, j, lq, lk, mask_div, mask_slices)
+                              : NEG_BIG;
+        s_s[r * ATT_ROWS + lane] = s;
+        __syncthreads();
+        float tile_max = NEG_BIG;
+        for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) tile_max = fmaxf(tile_max, s_s[r * ATT_ROWS + jj]);
+        const float m_new = fmaxf(m, tile_max);
+        const float corr = expf(m - m_new);
+        p_s[r * ATT_ROWS + lane] = valid ? expf(s - m_new) : 0.0f;
+        __syncthreads();
+        float tile_sum = 0.0f;
+        for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) tile_sum += p_s[r * ATT_ROWS + jj];
+        l = l * corr + tile_sum;
+        m = m_new;
         for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
-            const uint32_t c = t + a * BLOCK;
+            const uint32_t c = lane + a * ATT_ROWS;
             if (c >= dv) break;
             float sum = acc[a] * corr;
-            for (uint32_t jj = 0; jj < len; ++jj) sum += tile_p[jj] * load(v, (k0 + j0 + jj) * dv + c);
+            for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) sum += p_s[r * ATT_ROWS + jj] * v_s[jj * (dv + 1) + c];
             acc[a] = sum;
         }
     }
+    if (!live) return;
     const float inv = 1.0f / l;
     for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
-        const uint32_t c = t + a * BLOCK;
-        if (c < dv) store(out, (size_t)row * dv + c, acc[a] * inv);
+        const uint32_t c = lane + a * ATT_ROWS;
+        if (c < dv) store(out, row * dv + c, acc[a] * inv);
     }
 }
 
-// Backward, first pass (one block per query row): the row's log-sum-exp into `lse`, then
+// Backward, first pass (one block per 16 query rows): each row's log-sum-exp into `lse`, then
 // dq = scale * sum_j p_j (dO . v_j - delta) k_j.
 template <typename T>
 __device__ void attention_bwd_q(const T* q, const T* kv, const T* go, const T* mask, T* out, float* lse, uint32_t n,
                                 uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale, uint32_t mask_div,
                                 uint32_t mask_slices) {
-    __shared__ float q_row[ATT_MAX_WIDTH];
-    __shared__ float go_row[ATT_MAX_WIDTH];
-    __shared__ float tile_ds[BLOCK];
-    const uint32_t row = blockIdx.x;
-    if (row >= n * lq) return;
-    const unsigned t = threadIdx.x;
-    const uint32_t skv = d + dv;
-    const size_t k0 = (size_t)(row / lq) * lk;
-    stage_row(q, (size_t)row * d, d, q_row);
-    stage_row(go, (size_t)row * (dv + 1), dv + 1, go_row);
-    const size_t mrow = mask ? mask_row(row, lq, lk, mask_div, mask_slices) : 0;
+    __shared__ float q_s[ATT_TILE], go_s[ATT_TILE], k_s[ATT_TILE], v_s[ATT_TILE];
+    __shared__ float s_s[ATT_ROWS * ATT_ROWS];
+    const uint32_t tiles = (lq + ATT_ROWS - 1) / ATT_ROWS;
+    if (tiles == 0 || blockIdx.x / tiles >= n) return;
+    const uint32_t slice = blockIdx.x / tiles;
+    const unsigned r = threadIdx.x / ATT_ROWS, lane = threadIdx.x % ATT_ROWS;
+    const uint32_t q0 = (blockIdx.x % tiles) * ATT_ROWS;
+    const bool live = q0 + r < lq;
+    const size_t row = (size_t)slice * lq + q0 + r;
+    const uint32_t skv = d + dv, sgo = dv + 1;
+    const size_t kv0 = (size_t)slice * lk * skv;
+    stage_tile(q, (size_t)slice * lq * d, d, q0, lq, d, q_s, d + 1);
+    stage_tile(go, (size_t)slice * lq * sgo, sgo, q0, lq, sgo, go_s, sgo);
+    // The log-sum-exp of the row's scores, over tiles of keys.
     float m = NEG_BIG, l = 0.0f;
-    for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
-        const uint32_t j = j0 + t;
-        const float s = j < lk ? score(q_row, kv, (k0 + j) * skv, d, scale, mask, mrow + j) : NEG_BIG;
-        float corr;
-        online_step(s, j < lk, m, l, corr);
+    for (uint32_t j0 = 0; j0 < lk; j0 += ATT_ROWS) {
+        __syncthreads();
+        stage_tile(kv, kv0, skv, j0, lk, d, k_s, d + 1);
+        __syncthreads();
+        const uint32_t j = j0 + lane;
+        const bool valid = live && j < lk;
+        const float s = valid ? dot_shared(q_s + r * (d + 1), k_s + lane * (d + 1), d) * scale +
+                                    bias(mask, row, j, lq, lk, mask_div, mask_slices)
+                              : NEG_BIG;
+        s_s[r * ATT_ROWS + lane] = s;
+        __syncthreads();
+        float tile_max = NEG_BIG;
+        for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) tile_max = fmaxf(tile_max, s_s[r * ATT_ROWS + jj]);
+        const float m_new = fmaxf(m, tile_max);
+        float tile_sum = 0.0f;
+        for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) {
+            if (j0 + jj < lk) tile_sum += expf(s_s[r * ATT_ROWS + jj] - m_new);
+        }
+        l = l * expf(m - m_new) + tile_sum;
+        m = m_new;
     }
     const float row_lse = m + logf(l);
-    if (t == 0) lse[row] = row_lse;
-    const float delta = go_row[dv];
-    float acc[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (uint32_t j0 = 0; j0 < lk; j0 += BLOCK) {
-        const uint32_t j = j0 + t;
+    if (live && lane == 0) lse[row] = row_lse;
+    const float delta = go_s[r * sgo + dv];
+    float acc[ATT_PER_THREAD];
+    for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) acc[a] = 0.0f;
+    for (uint32_t j0 = 0; j0 < lk; j0 += ATT_ROWS) {
+        __syncthreads();
+        stage_tile(kv, kv0, skv, j0, lk, d, k_s, d + 1);
+        stage_tile(kv, kv0 + d, skv, j0, lk, dv, v_s, dv + 1);
+        __syncthreads();
+        const uint32_t j = j0 + lane;
         float ds = 0.0f;
-        if (j < lk) {
-            const size_t kr = (k0 + j) * skv;
-            const float p = expf(score(q_row, kv, kr, d, scale, mask, mrow + j) - row_lse);
-            ds = p * (dot_row(go_row, kv, kr + d, dv) - delta);
+        if (live && j < lk) {
+            const float s = dot_shared(q_s + r * (d + 1), k_s + lane * (d + 1), d) * scale +
+                            bias(mask, row, j, lq, lk, mask_div, mask_slices);
+            const float p = expf(s - row_lse);
+            ds = p * (dot_shared(go_s + r * sgo, v_s + lane * (dv + 1), dv) - delta);
         }
+        s_s[r * ATT_ROWS + lane] = ds;
         __syncthreads();
-        tile_ds[t] = ds;
-        __syncthreads();
-        const uint32_t len = min(BLOCK, lk - j0);
         for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
-            const uint32_t c = t + a * BLOCK;
+            const uint32_t c = lane + a * ATT_ROWS;
             if (c >= d) break;
             float sum = acc[a];
-            for (uint32_t jj = 0; jj < len; ++jj) sum += tile_ds[jj] * load(kv, (k0 + j0 + jj) * skv + c);
+            for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) sum += s_s[r * ATT_ROWS + jj] * k_s[jj * (d + 1) + c];
             acc[a] = sum;
         }
     }
+    if (!live) return;
     for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
-        const uint32_t c = t + a * BLOCK;
-        if (c < d) store(out, (size_t)row * d + c, acc[a] * scale);
+        const uint32_t c = lane + a * ATT_ROWS;
+        if (c < d) store(out, row * d + c, acc[a] * scale);
     }
 }
 
-// Backward, second pass (one block per key row): dv = sum_i p_i dO_i and
-// dk = scale * sum_i p_i (dO_i . v - delta_i) q_i, with p_i from the first pass's log-sum-exp.
+// Backward, second pass (one block per 16 key rows, over tiles of 16 query rows): dv = sum_i p_i
+// dO_i and dk = scale * sum_i p_i (dO_i . v - delta_i) q_i, with p_i from the first pass's
+// log-sum-exp. Thread t works on key row t / 16 of the block and query t % 16 of each tile.
 template <typename T>
 __device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, const T* mask, T* out, const float* lse,
                                  uint32_t n, uint32_t lq, uint32_t lk, uint32_t d, uint32_t dv, float scale,
                                  uint32_t mask_div, uint32_t mask_slices) {
-    __shared__ float k_row[ATT_MAX_WIDTH];
-    __shared__ float v_row[ATT_MAX_WIDTH];
-    __shared__ float tile_p[BLOCK];
-    __shared__ float tile_ds[BLOCK];
-    const uint32_t krow = blockIdx.x;
-    if (krow >= n * lk) return;
-    const unsigned t = threadIdx.x;
+    __shared__ float k_s[ATT_TILE], v_s[ATT_TILE], q_s[ATT_TILE], go_s[ATT_TILE];
+    __shared__ float p_s[ATT_ROWS * ATT_ROWS], ds_s[ATT_ROWS * ATT_ROWS], lse_s[ATT_ROWS];
+    const uint32_t tiles = (lk + ATT_ROWS - 1) / ATT_ROWS;
+    if (tiles == 0 || blockIdx.x / tiles >= n) return;
+    const uint32_t slice = blockIdx.x / tiles;
+    const unsigned kr = threadIdx.x / ATT_ROWS, lane = threadIdx.x % ATT_ROWS;
+    const uint32_t j0 = (blockIdx.x % tiles) * ATT_ROWS;
+    const uint32_t j = j0 + kr;
+    const bool live = j < lk;
     const uint32_t skv = d + dv, sgo = dv + 1;
-    const size_t q0 = (size_t)(krow / lk) * lq;
-    stage_row(kv, (size_t)krow * skv, d, k_row);
-    stage_row(kv, (size_t)krow * skv + d, dv, v_row);
-    float acc_k[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float acc_v[ATT_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (uint32_t i0 = 0; i0 < lq; i0 += BLOCK) {
-        const size_t i = q0 + i0 + t;
-        float p = 0.0f, ds = 0.0f;
-        if (i0 + t < lq) {
-            const size_t m_offset = mask ? mask_row((uint32_t)i, lq, lk, mask_div, mask_slices) + krow % lk : 0;
-            p = expf(score(k_row, q, i * d, d, scale, mask, m_offset) - lse[i]);
-            ds = p * (dot_row(v_row, go, i * sgo, dv) - load(go, i * sgo + dv));
+    const size_t q_base = (size_t)slice * lq;
+    stage_tile(kv, (size_t)slice * lk * skv, skv, j0, lk, d, k_s, d + 1);
+    stage_tile(kv, (size_t)slice * lk * skv + d, skv, j0, lk, dv, v_s, dv + 1);
+    float acc_k[ATT_PER_THREAD], acc_v[ATT_PER_THREAD];
+    for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) acc_k[a] = acc_v[a] = 0.0f;
+    for (uint32_t i0 = 0; i0 < lq; i0 += ATT_ROWS) {
+        __syncthreads();
+        stage_tile(q, q_base * d, d, i0, lq, d, q_s, d + 1);
+        stage_tile(go, q_base * sgo, sgo, i0, lq, sgo, go_s, sgo);
+        if (threadIdx.x < ATT_ROWS) {
+            const uint32_t i = i0 + threadIdx.x;
+            lse_s[threadIdx.x] = i < lq ? lse[q_base + i] : 0.0f;
         }
         __syncthreads();
-        tile_p[t] = p;
-        tile_ds[t] = ds;
+        const uint32_t i = i0 + lane;
+        float p = 0.0f, ds = 0.0f;
+        if (live && i < lq) {
+            const float s = dot_shared(k_s + kr * (d + 1), q_s + lane * (d + 1), d) * scale +
+                            bias(mask, q_base + i, j, lq, lk, mask_div, mask_slices);
+            p = expf(s - lse_s[lane]);
+            ds = p * (dot_shared(v_s + kr * (dv + 1), go_s + lane * sgo, dv) - go_s[lane * sgo + dv]);
+        }
+        p_s[kr * ATT_ROWS + lane] = p;
+        ds_s[kr * ATT_ROWS + lane] = ds;
         __syncthreads();
-        const uint32_t len = min(BLOCK, lq - i0);
         for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
-            const uint32_t c = t + a * BLOCK;
+            const uint32_t c = lane + a * ATT_ROWS;
             if (c < dv) {
                 float sum = acc_v[a];
-                for (uint32_t ii = 0; ii < len; ++ii) sum += tile_p[ii] * load(go, (q0 + i0 + ii) * sgo + c);
+                for (uint32_t ii = 0; ii < ATT_ROWS; ++ii) sum += p_s[kr * ATT_ROWS + ii] * go_s[ii * sgo + c];
                 acc_v[a] = sum;
             }
             if (c < d) {
                 float sum = acc_k[a];
-                for (uint32_t ii = 0; ii < len; ++ii) sum += tile_ds[ii] * load(q, (q0 + i0 + ii) * d + c);
+                for (uint32_t ii = 0; ii < ATT_ROWS; ++ii) sum += ds_s[kr * ATT_ROWS + ii] * q_s[ii * (d + 1) + c];
                 acc_k[a] = sum;
             }
         }
     }
+    if (!live) return;
     const size_t nq = (size_t)n * lq * d, nk = (size_t)n * lk * d;
+    const size_t key = (size_t)slice * lk + j;
     for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
-        const uint32_t c = t + a * BLOCK;
-        if (c < d) store(out, nq + (size_t)krow * d + c, acc_k[a] * scale);
-        if (c < dv) store(out, nq + nk + (size_t)krow * dv + c, acc_v[a]);
+        const uint32_t c = lane + a * ATT_ROWS;
+        if (c < d) store(out, nq + key * d + c, acc_k[a] * scale);
+        if (c < dv) store(out, nq + nk + key * dv + c, acc_v[a]);
     }
 }
 

@@ -1,5 +1,5 @@
-//! Memory-efficient attention (`kernels/cuda/attention.cu`): per query (or key) row, online
-//! softmax, scores recomputed in the backward pass.
+//! Memory-efficient attention (`kernels/cuda/attention.cu`): blocks of 16 query (or key) rows
+//! over staged tiles of the other side, online softmax, scores recomputed in the backward pass.
 
 use candle_core::DType;
 
@@ -7,9 +7,12 @@ use super::{blocks_for, op_error, word, Arg, Job, Launch, Slot};
 use crate::ops::attention::Sizes;
 use crate::Result;
 
-/// The widest `d` and `dv` the kernels take (`ATT_MAX_WIDTH`: each thread holds up to four
-/// output components in registers).
-pub(crate) const MAX_WIDTH: usize = 1024;
+/// The widest `d` and `dv` the kernels take (`ATT_MAX_WIDTH`: staged rows fit shared memory, and
+/// each thread holds up to ten output components in registers).
+pub(crate) const MAX_WIDTH: usize = 160;
+
+/// Query (key) rows per block (`ATT_ROWS` in the kernel).
+const ROWS: usize = 16;
 
 /// An additive mask input: `slices` slices of `[lq, lk]`, (batch, head) slice `i` reading slice
 /// `(i / div) % slices`.
@@ -69,7 +72,7 @@ pub(crate) fn forward<I>(dtype: DType, s: &Sizes, (q, k, v): (I, I, I), mask: Op
         launches: vec![Launch {
             module: "attention",
             name: "attention_fwd",
-            blocks: blocks_for(op, s.n * s.lq, 1)?,
+            blocks: blocks_for(op, s.n * s.lq.div_ceil(ROWS), 1)?,
             args,
         }],
     })
@@ -101,13 +104,13 @@ pub(crate) fn backward<I>(
             Launch {
                 module: "attention",
                 name: "attention_bwd_q",
-                blocks: blocks_for(op, s.n * s.lq, 1)?,
+                blocks: blocks_for(op, s.n * s.lq.div_ceil(ROWS), 1)?,
                 args: args.clone(),
             },
             Launch {
                 module: "attention",
                 name: "attention_bwd_kv",
-                blocks: blocks_for(op, s.n * s.lk, 1)?,
+                blocks: blocks_for(op, s.n * s.lk.div_ceil(ROWS), 1)?,
                 args,
             },
         ],
