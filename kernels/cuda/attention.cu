@@ -51,6 +51,25 @@ __device__ __forceinline__ float bias(const T* mask, size_t row, uint32_t j, uin
     return mask ? load(mask, mask_row(row, lq, lk, div, slices) + j) : 0.0f;
 }
 
+// This thread's score (NEG_BIG unless `valid`) of its query row in `q_s` against its lane's key
+// row in the staged `k_s`, plus the bias `b`; published in `s_s` for the whole block.
+__device__ float tile_score(const float* q_s, const float* k_s, uint32_t d, float scale, bool valid, float b,
+                           float* s_s) {
+    const unsigned r = threadIdx.x / ATT_ROWS, lane = threadIdx.x % ATT_ROWS;
+    const float s = valid ? dot_shared(q_s + r * (d + 1), k_s + lane * (d + 1), d) * scale + b : NEG_BIG;
+    s_s[r * ATT_ROWS + lane] = s;
+    __syncthreads();
+    return s;
+}
+
+// The largest score of this thread's row in the tile `s_s`.
+__device__ __forceinline__ float row_max(const float* s_s) {
+    const unsigned r = threadIdx.x / ATT_ROWS;
+    float m = NEG_BIG;
+    for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) m = fmaxf(m, s_s[r * ATT_ROWS + jj]);
+    return m;
+}
+
 template <typename T>
 __device__ void attention_fwd(const T* q, const T* k, const T* v, const T* mask, T* out, uint32_t n, uint32_t lq,
                               uint32_t lk, uint32_t d, uint32_t dv, float scale, uint32_t mask_div,
@@ -77,14 +96,9 @@ __device__ void attention_fwd(const T* q, const T* k, const T* v, const T* mask,
         __syncthreads();
         const uint32_t j = j0 + lane;
         const bool valid = live && j < lk;
-        const float s = valid ? dot_shared(q_s + r * (d + 1), k_s + lane * (d + 1), d) * scale +
-                                    bias(mask, row, j, lq, lk, mask_div, mask_slices)
-                              : NEG_BIG;
-        s_s[r * ATT_ROWS + lane] = s;
-        __syncthreads();
-        float tile_max = NEG_BIG;
-        for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) tile_max = fmaxf(tile_max, s_s[r * ATT_ROWS + jj]);
-        const float m_new = fmaxf(m, tile_max);
+        const float b = valid ? bias(mask, row, j, lq, lk, mask_div, mask_slices) : 0.0f;
+        const float s = tile_score(q_s, k_s, d, scale, valid, b, s_s);
+        const float m_new = fmaxf(m, row_max(s_s));
         const float corr = expf(m - m_new);
         p_s[r * ATT_ROWS + lane] = valid ? expf(s - m_new) : 0.0f;
         __syncthreads();
@@ -135,14 +149,9 @@ __device__ void attention_bwd_q(const T* q, const T* kv, const T* go, const T* m
         __syncthreads();
         const uint32_t j = j0 + lane;
         const bool valid = live && j < lk;
-        const float s = valid ? dot_shared(q_s + r * (d + 1), k_s + lane * (d + 1), d) * scale +
-                                    bias(mask, row, j, lq, lk, mask_div, mask_slices)
-                              : NEG_BIG;
-        s_s[r * ATT_ROWS + lane] = s;
-        __syncthreads();
-        float tile_max = NEG_BIG;
-        for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) tile_max = fmaxf(tile_max, s_s[r * ATT_ROWS + jj]);
-        const float m_new = fmaxf(m, tile_max);
+        const float b = valid ? bias(mask, row, j, lq, lk, mask_div, mask_slices) : 0.0f;
+        tile_score(q_s, k_s, d, scale, valid, b, s_s);
+        const float m_new = fmaxf(m, row_max(s_s));
         float tile_sum = 0.0f;
         for (uint32_t jj = 0; jj < ATT_ROWS; ++jj) {
             if (j0 + jj < lk) tile_sum += expf(s_s[r * ATT_ROWS + jj] - m_new);
