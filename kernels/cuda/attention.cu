@@ -70,19 +70,41 @@ __device__ __forceinline__ float row_max(const float* s_s) {
     return m;
 }
 
+// Where a thread works: the block's slice and the first of its 16 rows (of `len` per slice), the
+// thread's row in the tile (`r`) and lane, whether that row exists, and its index over all slices.
+struct RowTile {
+    uint32_t slice, first;
+    unsigned r, lane;
+    bool live;
+    size_t row;
+};
+
+// This block's tile of 16 rows among `len` rows of each of `n` slices; false for a block past
+// the end (a whole-block exit, before any barrier).
+__device__ bool row_tile(uint32_t n, uint32_t len, RowTile& t) {
+    const uint32_t tiles = (len + ATT_ROWS - 1) / ATT_ROWS;
+    if (tiles == 0 || blockIdx.x / tiles >= n) return false;
+    t.slice = blockIdx.x / tiles;
+    t.first = (blockIdx.x % tiles) * ATT_ROWS;
+    t.r = threadIdx.x / ATT_ROWS;
+    t.lane = threadIdx.x % ATT_ROWS;
+    t.live = t.first + t.r < len;
+    t.row = (size_t)t.slice * len + t.first + t.r;
+    return true;
+}
+
 template <typename T>
 __device__ void attention_fwd(const T* q, const T* k, const T* v, const T* mask, T* out, uint32_t n, uint32_t lq,
                               uint32_t lk, uint32_t d, uint32_t dv, float scale, uint32_t mask_div,
                               uint32_t mask_slices) {
     __shared__ float q_s[ATT_TILE], k_s[ATT_TILE], v_s[ATT_TILE];
     __shared__ float s_s[ATT_ROWS * ATT_ROWS], p_s[ATT_ROWS * ATT_ROWS];
-    const uint32_t tiles = (lq + ATT_ROWS - 1) / ATT_ROWS;
-    if (tiles == 0 || blockIdx.x / tiles >= n) return;
-    const uint32_t slice = blockIdx.x / tiles;
-    const unsigned r = threadIdx.x / ATT_ROWS, lane = threadIdx.x % ATT_ROWS;
-    const uint32_t q0 = (blockIdx.x % tiles) * ATT_ROWS;
-    const bool live = q0 + r < lq;
-    const size_t row = (size_t)slice * lq + q0 + r;
+    RowTile tile;
+    if (!row_tile(n, lq, tile)) return;
+    const uint32_t slice = tile.slice, q0 = tile.first;
+    const unsigned r = tile.r, lane = tile.lane;
+    const bool live = tile.live;
+    const size_t row = tile.row;
     const size_t kv0 = (size_t)slice * lk;
     stage_tile(q, (size_t)slice * lq * d, d, q0, lq, d, q_s, d + 1);
     float acc[ATT_PER_THREAD];
@@ -130,13 +152,12 @@ __device__ void attention_bwd_q(const T* q, const T* kv, const T* go, const T* m
                                 uint32_t mask_slices) {
     __shared__ float q_s[ATT_TILE], go_s[ATT_TILE], k_s[ATT_TILE], v_s[ATT_TILE];
     __shared__ float s_s[ATT_ROWS * ATT_ROWS];
-    const uint32_t tiles = (lq + ATT_ROWS - 1) / ATT_ROWS;
-    if (tiles == 0 || blockIdx.x / tiles >= n) return;
-    const uint32_t slice = blockIdx.x / tiles;
-    const unsigned r = threadIdx.x / ATT_ROWS, lane = threadIdx.x % ATT_ROWS;
-    const uint32_t q0 = (blockIdx.x % tiles) * ATT_ROWS;
-    const bool live = q0 + r < lq;
-    const size_t row = (size_t)slice * lq + q0 + r;
+    RowTile tile;
+    if (!row_tile(n, lq, tile)) return;
+    const uint32_t slice = tile.slice, q0 = tile.first;
+    const unsigned r = tile.r, lane = tile.lane;
+    const bool live = tile.live;
+    const size_t row = tile.row;
     const uint32_t skv = d + dv, sgo = dv + 1;
     const size_t kv0 = (size_t)slice * lk * skv;
     stage_tile(q, (size_t)slice * lq * d, d, q0, lq, d, q_s, d + 1);
@@ -203,13 +224,11 @@ __device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, const T* 
                                  uint32_t mask_div, uint32_t mask_slices) {
     __shared__ float k_s[ATT_TILE], v_s[ATT_TILE], q_s[ATT_TILE], go_s[ATT_TILE];
     __shared__ float p_s[ATT_ROWS * ATT_ROWS], ds_s[ATT_ROWS * ATT_ROWS], lse_s[ATT_ROWS];
-    const uint32_t tiles = (lk + ATT_ROWS - 1) / ATT_ROWS;
-    if (tiles == 0 || blockIdx.x / tiles >= n) return;
-    const uint32_t slice = blockIdx.x / tiles;
-    const unsigned kr = threadIdx.x / ATT_ROWS, lane = threadIdx.x % ATT_ROWS;
-    const uint32_t j0 = (blockIdx.x % tiles) * ATT_ROWS;
-    const uint32_t j = j0 + kr;
-    const bool live = j < lk;
+    RowTile tile;
+    if (!row_tile(n, lk, tile)) return;
+    const uint32_t slice = tile.slice, j0 = tile.first, j = j0 + tile.r;
+    const unsigned kr = tile.r, lane = tile.lane;
+    const bool live = tile.live;
     const uint32_t skv = d + dv, sgo = dv + 1;
     const size_t q_base = (size_t)slice * lq;
     stage_tile(kv, (size_t)slice * lk * skv, skv, j0, lk, d, k_s, d + 1);
@@ -252,7 +271,7 @@ __device__ void attention_bwd_kv(const T* q, const T* kv, const T* go, const T* 
     }
     if (!live) return;
     const size_t nq = (size_t)n * lq * d, nk = (size_t)n * lk * d;
-    const size_t key = (size_t)slice * lk + j;
+    const size_t key = tile.row;
     for (uint32_t a = 0; a < ATT_PER_THREAD; ++a) {
         const uint32_t c = lane + a * ATT_ROWS;
         if (c < d) store(out, nq + key * d + c, acc_k[a] * scale);

@@ -358,6 +358,20 @@ pub(crate) struct Sizes {
     pub scale: f64,
 }
 
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+impl Sizes {
+    /// The integer sizes the GPU kernels take first, in their order.
+    pub fn named(&self) -> [(&'static str, usize); 5] {
+        [
+            ("n", self.n),
+            ("lq", self.lq),
+            ("lk", self.lk),
+            ("d", self.d),
+            ("dv", self.dv),
+        ]
+    }
+}
+
 /// `p = softmax(scale * q k^T + mask)` for one slice, into `p` `[lq, lk]`.
 fn probabilities<T: Real>(
     dims: &Dims,

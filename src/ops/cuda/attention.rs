@@ -31,12 +31,13 @@ impl Sizes {
                 format!("head widths {} and {} exceed {MAX_WIDTH}", self.d, self.dv),
             ));
         }
+        let [n, lq, lk, d, dv] = self.named().map(|(what, v)| word(op, what, v));
         Ok([
-            word(op, "n", self.n)?,
-            word(op, "lq", self.lq)?,
-            word(op, "lk", self.lk)?,
-            word(op, "d", self.d)?,
-            word(op, "dv", self.dv)?,
+            n?,
+            lq?,
+            lk?,
+            d?,
+            dv?,
             Arg::F32(self.scale as f32),
             word(op, "mask_div", mask.map_or(1, |m| m.div))?,
             word(op, "mask_slices", mask.map_or(1, |m| m.slices))?,

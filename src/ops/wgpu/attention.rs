@@ -18,15 +18,8 @@ static SHADER: Shader = shader!("attention");
 
 impl Sizes {
     fn params(&self, op: &'static str, masked: bool) -> Result<[u32; 7]> {
-        Ok([
-            word(op, "n", self.n)?,
-            word(op, "lq", self.lq)?,
-            word(op, "lk", self.lk)?,
-            word(op, "d", self.d)?,
-            word(op, "dv", self.dv)?,
-            f32_word(self.scale),
-            u32::from(masked),
-        ])
+        let [n, lq, lk, d, dv] = self.named().map(|(what, v)| word(op, what, v));
+        Ok([n?, lq?, lk?, d?, dv?, f32_word(self.scale), u32::from(masked)])
     }
 }
 
