@@ -2,6 +2,9 @@
 //! PTX in `OUT_DIR` (nvcc from `NVCC`, `CUDA_HOME/bin` or `PATH`; the virtual architecture from
 //! `CUDA_COMPUTE_CAP`, default 80, which the driver compiles for newer GPUs); with `cuda-emu`,
 //! the same sources compile as C++ for the CPU emulator the tests use. Other builds need nothing.
+//! Where `ptxas` sits beside nvcc, each module is also assembled for `sm_<CUDA_COMPUTE_CAP>`, so
+//! that a kernel over the architecture's limits (static shared memory, registers) fails here and
+//! not when the driver loads it on a user's GPU.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -50,5 +53,16 @@ fn build_ptx() {
             .status()
             .unwrap_or_else(|e| panic!("cannot run {} for {src} (set NVCC or CUDA_HOME): {e}", nvcc.display()));
         assert!(status.success(), "{} failed on {src}", nvcc.display());
+        let ptxas = nvcc.with_file_name("ptxas");
+        if ptxas.exists() {
+            let status = Command::new(&ptxas)
+                .arg(format!("-arch=sm_{cap}"))
+                .arg(&ptx)
+                .arg("-o")
+                .arg(out.join(format!("{module}.cubin")))
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", ptxas.display()));
+            assert!(status.success(), "{} rejects {src} for sm_{cap}", ptxas.display());
+        }
     }
 }

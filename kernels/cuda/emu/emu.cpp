@@ -3,7 +3,10 @@
 // argument's value). The threads of a block are fibers (ucontext) on the calling thread:
 // `__syncthreads()` switches back to the scheduler, which resumes each thread in turn, so a
 // barrier costs a context switch rather than waking hundreds of OS threads. Blocks run one after
-// another and one launch at a time, process-wide (shared memory is static).
+// another and one launch at a time, process-wide (shared memory is static). The order in which
+// blocks run, and threads run within each round between barriers, is a schedule the caller
+// picks: a race-free kernel gives bit-identical results under every order, so tests that compare
+// orders catch a missing barrier or a cross-block dependence, which sequential fibers would hide.
 #include "emu.h"
 
 #include <ucontext.h>
@@ -11,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,6 +26,31 @@
 #include "../softmax.cu"
 
 namespace emu {
+// Steps taken in the current launch (by `schedule_trace`).
+uint32_t steps = 0;
+
+// Not one of the kernels: records the step at which each thread ran before and after a barrier,
+// so that tests can check the scheduler itself.
+void schedule_trace_f32(float* out) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 2;
+    out[i] = (float)steps++;
+    __syncthreads();
+    out[i + 1] = (float)steps++;
+}
+
+// Not one of the kernels: copies `in` to `out` (`len` elements, one block), and then thread 0
+// makes the misstep `mode` asks for (1: writes past the end of `out`, 2: before its start,
+// 3: into `in`, 4: leaves out[len - 1] unwritten), so that tests can check the emulator's guards.
+void bounds_probe_f32(const float* in, float* out, uint32_t len, uint32_t mode) {
+    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) {
+        if (!(mode == 4 && i + 1 == len)) out[i] = in[i];
+    }
+    if (threadIdx.x != 0) return;
+    if (mode == 1) out[len] = 1.0f;
+    if (mode == 2) out[-1] = 1.0f;
+    if (mode == 3) const_cast<float*>(in)[0] = 1.0f;
+}
+
 thread_local uint3 thread_idx;
 thread_local uint3 block_idx;
 uint3 block_dim;
@@ -71,7 +100,8 @@ const std::map<std::string, Thunk>& kernels() {
         KERNEL(mse_rows_f32),          KERNEL(mse_bwd_f32),           KERNEL(row_norm_fwd_f32),
         KERNEL(row_norm_bwd_input_f32), KERNEL(row_norm_bwd_params_f32), KERNEL(attention_fwd_f32),
         KERNEL(attention_bwd_q_f32),   KERNEL(attention_bwd_kv_f32),  KERNEL(conv2d_fwd_f32),
-        KERNEL(conv2d_input_grad_f32), KERNEL(conv2d_weight_grad_f32),
+        KERNEL(conv2d_input_grad_f32), KERNEL(conv2d_weight_grad_f32), KERNEL(schedule_trace_f32),
+        KERNEL(bounds_probe_f32),
     };
     return table;
 }
@@ -91,15 +121,47 @@ bool prepare(ucontext_t& c, std::vector<char>& stack) {
 void sync_threads() {
     swapcontext(&fibers->contexts[fibers->current], &fibers->scheduler);
 }
+
+namespace {
+// The orders of `Schedule` (`src/ops/cuda/emu.rs`).
+enum : uint32_t { IN_ORDER = 0, REVERSED = 1, SHUFFLED = 2 };
+
+// Orders of blocks and threads for one launch: 0..n in order, reversed, or shuffled by a
+// splitmix64 stream from the caller's seed (a new permutation at each call).
+struct Order {
+    uint32_t kind;
+    uint64_t state;
+
+    void arrange(std::vector<unsigned>& ids) {
+        std::iota(ids.begin(), ids.end(), 0u);
+        if (kind == REVERSED) std::reverse(ids.begin(), ids.end());
+        if (kind != SHUFFLED) return;
+        for (size_t i = ids.size(); i > 1; --i) std::swap(ids[i - 1], ids[next() % i]);
+    }
+
+    uint64_t next() {
+        uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+};
+}  // namespace
 }  // namespace emu
 
-// Runs kernel `name` on a 1-D grid of `blocks` blocks of `threads` threads. Returns 0, 1 when no
-// kernel has that name, or 2 when a fiber cannot be set up.
-extern "C" int diffalign_emu_launch(const char* name, uint32_t blocks, uint32_t threads, void** args) {
+// Runs kernel `name` on a 1-D grid of `blocks` blocks of `threads` threads, in the order
+// `schedule` (0 in order, 1 reversed, 2 shuffled from `seed`). Returns 0, 1 when no kernel has
+// that name, 2 when a fiber cannot be set up, or 3 for an unknown schedule.
+extern "C" int diffalign_emu_launch(const char* name, uint32_t blocks, uint32_t threads, void** args,
+                                    uint32_t schedule, uint64_t seed) {
     static std::mutex launch;
     const auto& table = emu::kernels();
     const auto it = table.find(name);
     if (it == table.end()) return 1;
+    if (schedule > emu::SHUFFLED) return 3;
+    emu::Order order{schedule, seed};
+    std::vector<unsigned> block_order(blocks), thread_order(threads);
+    order.arrange(block_order);
     std::lock_guard<std::mutex> guard(launch);
     emu::Fibers state;
     state.contexts.resize(threads);
@@ -107,9 +169,10 @@ extern "C" int diffalign_emu_launch(const char* name, uint32_t blocks, uint32_t 
     state.kernel = &it->second;
     state.args = args;
     emu::fibers = &state;
+    emu::steps = 0;
     emu::block_dim = uint3{threads, 1, 1};
     emu::grid_dim = uint3{blocks, 1, 1};
-    for (unsigned b = 0; b < blocks; ++b) {
+    for (const unsigned b : block_order) {
         emu::block_idx = uint3{b, 0, 0};
         state.done.assign(threads, false);
         for (unsigned t = 0; t < threads; ++t) {
@@ -120,7 +183,8 @@ extern "C" int diffalign_emu_launch(const char* name, uint32_t blocks, uint32_t 
         unsigned live = threads;
         while (live > 0) {
             live = 0;
-            for (unsigned t = 0; t < threads; ++t) {
+            order.arrange(thread_order);
+            for (const unsigned t : thread_order) {
                 if (state.done[t]) continue;
                 state.current = t;
                 emu::thread_idx = uint3{t, 0, 0};

@@ -12,7 +12,7 @@ pub(crate) mod conv2d;
 #[cfg(feature = "cuda")]
 pub(crate) mod device;
 #[cfg(feature = "cuda-emu")]
-pub(crate) mod emu;
+pub mod emu;
 pub(crate) mod mse;
 pub(crate) mod row_norm;
 pub(crate) mod softmax;
