@@ -21,7 +21,6 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 
 use super::compute_dtype;
 use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
-use super::softmax::softmax_row;
 
 /// The composed reference for `q` `[..., Lq, D]`, `k` `[..., Lk, D]`, `v` `[..., Lk, Dv]`; the
 /// mask, when given, is added to the scores (use `-inf` to block). Scores and softmax run in f32
@@ -395,7 +394,7 @@ fn probabilities<T: Real>(
     if let Some(mask) = mask {
         p.iter_mut().zip(mask).for_each(|(s, &m)| *s += m);
     }
-    p.chunks_mut(lk.max(1)).for_each(softmax_row);
+    p.chunks_mut(lk.max(1)).for_each(T::softmax_row);
 }
 
 struct Attention {

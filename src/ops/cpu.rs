@@ -4,9 +4,50 @@
 use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
 use rayon::prelude::*;
 
-/// The element types the CPU kernels run in (f32, and f64 for finite-difference tests).
-pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + std::iter::Sum + 'static {}
-impl Real for f32 {}
+/// The element types the CPU kernels run in (f32, and f64 for finite-difference tests), with
+/// the row loops that f32 runs vectorised ([`super::lanes`]).
+pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + std::iter::Sum + 'static {
+    /// Softmax of one row in place (max-subtracted).
+    fn softmax_row(row: &mut [Self]) {
+        let max = row.iter().copied().fold(Self::neg_infinity(), num_traits::Float::max);
+        let mut sum = Self::zero();
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = Self::one() / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+
+    /// SiLU in place: `x / (1 + exp(-x))`.
+    fn silu(xs: &mut [Self]) {
+        xs.iter_mut().for_each(|x| *x = *x / (Self::one() + (-*x).exp()));
+    }
+
+    /// The gradient through SiLU in place: `ys` holds SiLU's inputs `y` and becomes
+    /// `dy * s (1 + y (1 - s))`, `s = sigmoid(y)`.
+    fn silu_grad(ys: &mut [Self], dy: &[Self]) {
+        for (y, &g) in ys.iter_mut().zip(dy) {
+            let s = Self::one() / (Self::one() + (-*y).exp());
+            *y = g * s * (Self::one() + *y * (Self::one() - s));
+        }
+    }
+}
+
+impl Real for f32 {
+    fn softmax_row(row: &mut [f32]) {
+        super::lanes::softmax_row(row);
+    }
+
+    fn silu(xs: &mut [f32]) {
+        super::lanes::silu(xs);
+    }
+
+    fn silu_grad(ys: &mut [f32], dy: &[f32]) {
+        super::lanes::silu_grad(ys, dy);
+    }
+}
+
 impl Real for f64 {}
 
 /// Calls `$body` with `$t` bound to the Rust type of `$storage` (f32 or f64), else errors naming
@@ -121,11 +162,6 @@ pub(crate) fn matmul<T: Real>(
             par,
         )
     }
-}
-
-/// `1 / (1 + exp(-x))`.
-pub(crate) fn sigmoid<T: Real>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
 }
 
 /// `sum f(a_i, b_i)` over two equally long slices, blocked: sixteen lanes in the element type

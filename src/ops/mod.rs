@@ -26,6 +26,7 @@ pub(crate) mod cpu;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
 pub mod group_norm;
+mod lanes;
 pub mod layer_norm;
 pub mod mse;
 pub(crate) mod row_norm;

@@ -10,7 +10,7 @@ use candle_core::DType;
 use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::cpu::{dispatch_real, for_each_chunk, for_each_chunk2, sigmoid, slice, Real, PAR_MIN_ELEMENTS};
+use super::cpu::{dispatch_real, for_each_chunk, for_each_chunk2, slice, Real, PAR_MIN_ELEMENTS};
 
 /// How the rows of a normalised tensor map onto the affine parameters.
 #[derive(Debug, Clone, Copy)]
@@ -125,9 +125,7 @@ impl RowNorm {
         unsafe { out.set_len(x.len()) };
         if SILU {
             // A pass of its own: inside the affine loop, exp stops the loop from vectorising.
-            for_each_chunk(&mut out, len, parallel, |_, o| {
-                o.iter_mut().for_each(|y| *y = *y / (T::one() + (-*y).exp()))
-            });
+            for_each_chunk(&mut out, len, parallel, |_, o| T::silu(o));
         }
         out
     }
@@ -162,15 +160,16 @@ impl RowNorm {
                     let (g, sh) = (w[base + t], b[base + t]);
                     let (mut sx, mut s) = (T::zero(), T::zero());
                     let range = t * seg..(t + 1) * seg;
+                    if SILU {
+                        // dx holds the gradient through SiLU, computed in a vectorised pass.
+                        for (d, &v) in dxr[range.clone()].iter_mut().zip(&xr[range.clone()]) {
+                            *d = (v - mean) * rstd * g + sh;
+                        }
+                        T::silu_grad(&mut dxr[range.clone()], &dyr[range.clone()]);
+                    }
                     for ((d, &v), &gy) in dxr[range.clone()].iter_mut().zip(&xr[range.clone()]).zip(&dyr[range]) {
                         let xhat = (v - mean) * rstd;
-                        let gy = if SILU {
-                            let y = xhat * g + sh;
-                            let s = sigmoid(y);
-                            gy * s * (T::one() + y * (T::one() - s))
-                        } else {
-                            gy
-                        };
+                        let gy = if SILU { *d } else { gy };
                         sx += gy * xhat;
                         s += gy;
                         // dx holds d(xhat) until the second pass.

@@ -26,18 +26,6 @@ pub fn softmax(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Softmax)
 }
 
-/// Softmax of one row in place (max-subtracted).
-pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
-    let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
-    let mut sum = T::zero();
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = T::one() / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
 /// `dx = y * (dy - sum(dy * y))` for one row, written into `dy`.
 pub(crate) fn softmax_grad_row<T: Real>(y: &[T], dy: &mut [T]) {
     let dot: T = y.iter().zip(dy.iter()).map(|(&a, &b)| a * b).sum();
@@ -75,7 +63,7 @@ impl CustomOp1 for Softmax {
         let out = dispatch_real!("softmax", s, T => {
             let mut y = slice::<T>("softmax", s, l)?.to_vec();
             let parallel = y.len() >= PAR_MIN_ELEMENTS;
-            for_each_chunk(&mut y, d, parallel, |_, row| softmax_row(row));
+            for_each_chunk(&mut y, d, parallel, |_, row| T::softmax_row(row));
             T::to_cpu_storage_owned(y)
         });
         Ok((out, l.shape().clone()))

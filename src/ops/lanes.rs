@@ -1,0 +1,200 @@
+//! f32 row loops of the CPU kernels written eight lanes wide, so that they vectorise: the
+//! exponential as a polynomial (libm's `expf` is a call per element, which nothing vectorises),
+//! the softmax of a row and SiLU. Each runs with AVX2 where the CPU has it and SSE2 otherwise;
+//! the lanes do the same unfused multiplies and adds either way, so both give the same bits.
+
+/// Lanes of the accumulators (one AVX register of f32).
+const LANES: usize = 8;
+
+/// `exp(x)` within 2 ulp for `x` in [-87.3, 88.3]; 0 below, infinity above, NaN for NaN.
+///
+/// `x = n ln2 + r` with `n` the nearest integer to `x / ln2` and `|r| <= ln2 / 2`, then
+/// `exp(x) = 2^n exp(r)`, `exp(r)` by Cephes' `expf` polynomial and `2^n` built in the exponent
+/// bits. `ln2` is split in two so that `r` keeps its precision.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds to an integer (ties to even) in the last mantissa bits.
+    const SHIFTER: f32 = 12_582_912.0;
+    const SHIFTER_BITS: i32 = 0x4B40_0000;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // exp(-87.336) is the smallest normal f32, and 2^127 * exp(r) overflows above 88.376.
+    const LOW: f32 = -87.336_55;
+    const HIGH: f32 = 88.376_26;
+    let t = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = (p * (r * r) + r) + 1.0;
+    // n + 127 in the exponent field; garbage outside [LOW, HIGH], which the selects replace.
+    let scale = f32::from_bits(((t.to_bits() as i32).wrapping_sub(SHIFTER_BITS).wrapping_add(127) as u32) << 23);
+    let y = e * scale;
+    let y = if x < LOW { 0.0 } else { y };
+    if x > HIGH {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// Runs `$portable(args)` compiled for AVX2 when the CPU has it (the body is inlined into a
+/// function with the feature enabled), else as built (SSE2 on x86-64).
+macro_rules! dispatch {
+    ($portable:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            /// # Safety
+            /// The CPU must have AVX2.
+            #[target_feature(enable = "avx2")]
+            unsafe fn $avx2($($arg: $ty),*) -> $ret {
+                $portable($($arg),*)
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { $avx2($($arg),*) };
+            }
+        }
+        $portable($($arg),*)
+    }};
+}
+
+/// Softmax of `row` in place: `exp(x - max) / sum`. A row whose largest value is `-inf` (every
+/// key masked) becomes NaN, as in the composed reference.
+pub(crate) fn softmax_row(row: &mut [f32]) {
+    dispatch!(softmax_row_lanes, softmax_row_avx2, (row: &mut [f32]) -> ())
+}
+
+#[inline(always)]
+fn softmax_row_lanes(row: &mut [f32]) {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        m[l] = if v > m[l] { v } else { m[l] };
+    }
+    let max = m.into_iter().fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+    let mut s = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in chunks.by_ref() {
+        for l in 0..LANES {
+            let e = exp(c[l] - max);
+            c[l] = e;
+            s[l] += e;
+        }
+    }
+    for (l, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = exp(*v - max);
+        s[l] += *v;
+    }
+    let inv = 1.0 / s.into_iter().sum::<f32>();
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// SiLU in place: `x / (1 + exp(-x))`.
+pub(crate) fn silu(xs: &mut [f32]) {
+    dispatch!(silu_lanes, silu_avx2, (xs: &mut [f32]) -> ())
+}
+
+#[inline(always)]
+fn silu_lanes(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = *x / (1.0 + exp(-*x)));
+}
+
+/// The gradient through SiLU in place: `ys` holds SiLU's inputs `y` and becomes
+/// `dy * s (1 + y (1 - s))`, `s = sigmoid(y)`.
+pub(crate) fn silu_grad(ys: &mut [f32], dy: &[f32]) {
+    dispatch!(silu_grad_lanes, silu_grad_avx2, (ys: &mut [f32], dy: &[f32]) -> ())
+}
+
+#[inline(always)]
+fn silu_grad_lanes(ys: &mut [f32], dy: &[f32]) {
+    for (y, &g) in ys.iter_mut().zip(dy) {
+        let s = 1.0 / (1.0 + exp(-*y));
+        *y = g * s * (1.0 + *y * (1.0 - s));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Largest error of `exp` in ulp of the correctly rounded f64 value, over a dense grid.
+    #[test]
+    fn exp_is_within_two_ulp_of_f64() {
+        let mut worst = 0f64;
+        let mut x = -87.3f32;
+        while x < 88.3 {
+            let want = (x as f64).exp();
+            let ulp = {
+                let w = want as f32;
+                (f32::from_bits(w.to_bits() + 1) - w) as f64
+            };
+            worst = worst.max((exp(x) as f64 - want).abs() / ulp);
+            x += 0.000_731;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+    }
+
+    #[test]
+    fn exp_limits_and_nan() {
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    fn bits(xs: &[f32]) -> Vec<u32> {
+        xs.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The AVX2 build of the lanes gives the bits of the portable build.
+    #[test]
+    fn dispatched_and_portable_rows_agree_bitwise() {
+        let mut rng = crate::rng::Rng::new(3);
+        for len in [1, 7, 8, 9, 77, 1000] {
+            let row: Vec<f32> = (0..len).map(|_| rng.normal() as f32 * 6.0).collect();
+            let (mut a, mut b) = (row.clone(), row.clone());
+            softmax_row(&mut a);
+            softmax_row_lanes(&mut b);
+            assert_eq!(bits(&a), bits(&b));
+            let (mut a, mut b) = (row.clone(), row.clone());
+            silu(&mut a);
+            silu_lanes(&mut b);
+            assert_eq!(bits(&a), bits(&b));
+            let dy: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
+            let (mut a, mut b) = (row.clone(), row);
+            silu_grad(&mut a, &dy);
+            silu_grad_lanes(&mut b, &dy);
+            assert_eq!(bits(&a), bits(&b));
+        }
+    }
+
+    #[test]
+    fn softmax_row_matches_f64_and_masked_rows_are_nan() {
+        let mut rng = crate::rng::Rng::new(4);
+        let row: Vec<f32> = (0..300).map(|_| rng.normal() as f32 * 8.0).collect();
+        let mut got = row.clone();
+        softmax_row(&mut got);
+        let max = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        for (g, &v) in got.iter().zip(&row) {
+            let want = (v as f64 - max).exp() / sum;
+            assert!((*g as f64 - want).abs() <= 3e-6 * want + 1e-12, "{g} vs {want}");
+        }
+        let mut masked = vec![f32::NEG_INFINITY; 11];
+        softmax_row(&mut masked);
+        assert!(masked.iter().all(|v| v.is_nan()));
+    }
+}
