@@ -9,6 +9,14 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    /// Sets one of mimalloc's options (part of the library `mimalloc` links).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_purge_delay` in mimalloc's option enum (the same in its v2 and v3).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
 fn main() {
     // candle asks for its thread count on every op, and without this variable that means reading
     // cgroup files and /proc/cpuinfo each time (several percent of a training step). Set before
@@ -16,6 +24,14 @@ fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    // mimalloc still hands freed pages back to the kernel 10 ms after they fall idle, and a
+    // training step reallocates them at once: keeping them saves ~40,000 page faults and 10% of
+    // the CPU time of a UNet forward and backward. The peak memory is the same; it is just not
+    // returned between ops. `MIMALLOC_PURGE_DELAY` in the environment still decides if set.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: a plain option setter, called before any other thread exists.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
     let args = cli::Cli::parse();
     if let Err(e) = cli::run(args) {
