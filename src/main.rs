@@ -25,6 +25,13 @@ fn main() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    // candle's CPU worker threads spin 25,000 times for the next op before they sleep, taking a
+    // core from our kernels and gemm's rayon threads in the meantime: on 2 cores a UNet forward +
+    // backward bench spent about 20% more CPU time (`perf stat`: 22.3 s against 17.9 s, mean of
+    // three runs each) for no faster wall time.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     // mimalloc still hands freed pages back to the kernel 10 ms after they fall idle, and a
     // training step reallocates them at once: keeping them saves ~40,000 page faults and 10% of
     // the CPU time of a UNet forward and backward. The peak memory is the same; it is just not
