@@ -7,7 +7,7 @@ use candle_core::DType;
 use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
-use super::cpu::{dispatch_real, for_each_chunk, slice, Real, PAR_MIN_ELEMENTS};
+use super::cpu::{dispatch_real, for_each_chunk, slice, sum_zip, Real, PAR_MIN_ELEMENTS};
 
 /// The composed reference. The subtracted maximum is detached: it cancels out of the result, so
 /// its gradient is zero.
@@ -28,7 +28,8 @@ pub fn softmax(xs: &Tensor) -> Result<Tensor> {
 
 /// `dx = y * (dy - sum(dy * y))` for one row, written into `dy`.
 pub(crate) fn softmax_grad_row<T: Real>(y: &[T], dy: &mut [T]) {
-    let dot: T = y.iter().zip(dy.iter()).map(|(&a, &b)| a * b).sum();
+    // In lanes: a single running sum is bound by the latency of each addition.
+    let dot = T::from_f64(sum_zip(y, dy, |a, b| a * b));
     for (d, &p) in dy.iter_mut().zip(y) {
         *d = p * (*d - dot);
     }
