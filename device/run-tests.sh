@@ -19,7 +19,7 @@
 #      (TESTS="a b" picks others, e.g. TESTS="models_unet reno"), each under `timeout`; with
 #      DIFFALIGN_CUDA_KERNELS=1 in the environment the model stack runs on our kernels too;
 #   5. `diffalign generate --device cuda` (and the same on the CPU, to compare) on the embedded
-#      shapes-world model. `diffalign bench` has no --device flag (it times the CPU), so no bench.
+#      shapes-world model. The benchmarks are device/run-bench.sh's.
 #
 # Output goes to $OUT (the device tool's folder; /tmp/diffalign-device-out when unset): tests-NAME.log
 # per binary, generate-*.png, summary.txt. The device tool brings back at most 8 files from $OUT,
