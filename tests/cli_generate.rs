@@ -130,6 +130,21 @@ fn expect_error(model: &Path, args: &[&str], needles: &[&str]) {
 }
 
 #[test]
+fn an_unknown_cuda_kernel_name_is_a_clear_error() {
+    let o = bin()
+        .env("DIFFALIGN_CUDA_KERNELS", "conv2d,flash")
+        .args(["bench", "--suite", "kernels", "--op", "none"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    for n in ["DIFFALIGN_CUDA_KERNELS", "\"flash\"", "conv2d, group_norm"] {
+        assert!(err.contains(n), "error should mention {n}: {err}");
+    }
+}
+
+#[test]
 fn generate_rejects_size_not_divisible_by_vae_factor() {
     expect_error(
         &shared_fixtures().join("sd15"),

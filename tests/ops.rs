@@ -150,3 +150,32 @@ fn device_wgpu_without_the_feature_names_it() {
     assert!(err.contains("`wgpu` feature"), "{err}");
     assert_eq!(ops::backend(), ops::Backend::Cpu);
 }
+
+#[test]
+fn cuda_kernel_selection_reads_names_and_rejects_unknown_ones() {
+    use ops::{parse_cuda_kernels, KernelOp};
+    assert_eq!(parse_cuda_kernels("1").unwrap(), KernelOp::ALL);
+    assert_eq!(parse_cuda_kernels("all").unwrap(), KernelOp::ALL);
+    for none in ["0", "", "none"] {
+        assert!(parse_cuda_kernels(none).unwrap().is_empty(), "{none:?}");
+    }
+    assert_eq!(
+        parse_cuda_kernels(" conv2d, group_norm,").unwrap(),
+        [KernelOp::Conv2d, KernelOp::GroupNorm]
+    );
+    let err = parse_cuda_kernels("conv2d,flash").unwrap_err();
+    assert!(err.contains("\"flash\"") && err.contains("attention"), "{err}");
+
+    // Only tensors on a CUDA device read this switch, so the CPU tests beside this one are
+    // unaffected.
+    ops::set_cuda_kernel_ops(&[KernelOp::Softmax, KernelOp::Attention]);
+    let on: Vec<KernelOp> = KernelOp::ALL
+        .into_iter()
+        .filter(|&op| ops::cuda_kernel_enabled(op))
+        .collect();
+    assert_eq!(on, [KernelOp::Softmax, KernelOp::Attention]);
+    ops::set_cuda_kernels(true);
+    assert!(KernelOp::ALL.into_iter().all(ops::cuda_kernel_enabled));
+    ops::set_cuda_kernels(false);
+    assert!(!KernelOp::ALL.into_iter().any(ops::cuda_kernel_enabled));
+}

@@ -67,6 +67,10 @@ pub(crate) fn progress_bar(label: &str, len: u64) -> indicatif::ProgressBar {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // The library reads it lazily and takes a value it cannot parse as "none"; say so up front.
+    if let Ok(spec) = std::env::var("DIFFALIGN_CUDA_KERNELS") {
+        diffalign::ops::parse_cuda_kernels(&spec).map_err(anyhow::Error::msg)?;
+    }
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Demo(args) => demo::run(args),

@@ -57,7 +57,8 @@ fn composed(
 /// on CPU (or wgpu) for f32 and f64, else tensor ops around the [`super::softmax::softmax`]
 /// kernel. The fused kernel gives the mask no gradient (see the module doc).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let fused = super::use_kernel(&[q, k, v]) && mask.is_none_or(|m| m.device().same_device(q.device()));
+    let fused = super::use_kernel(super::KernelOp::Attention, &[q, k, v])
+        && mask.is_none_or(|m| m.device().same_device(q.device()));
     if !fused || q.rank() < 3 || k.rank() != q.rank() || v.rank() != q.rank() {
         return composed(q, k, v, scale, mask, super::softmax::softmax);
     }

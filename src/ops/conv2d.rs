@@ -19,7 +19,7 @@ pub fn reference(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Resul
 /// `x * w` with zero padding `padding` and stride `stride`: the fused kernel on CPU, else the
 /// reference.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !super::use_kernel(&[x, w]) || stride == 0 {
+    if !super::use_kernel(super::KernelOp::Conv2d, &[x, w]) || stride == 0 {
         return reference(x, w, stride, padding);
     }
     let (_, c_in, h, wd) = x.dims4()?;

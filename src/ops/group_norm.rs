@@ -32,7 +32,7 @@ pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps
     if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
         candle_core::bail!("group_norm: input {dims:?} cannot be split into {groups} groups");
     }
-    if !super::use_kernel(&[x, weight, bias]) {
+    if !super::use_kernel(super::KernelOp::GroupNorm, &[x, weight, bias]) {
         return reference(x, weight, bias, groups, eps, silu);
     }
     let spatial: usize = dims[2..].iter().product();

@@ -25,7 +25,10 @@ pub fn reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result
 /// else the reference.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
-    if !super::use_kernel(&[x, weight, bias]) || weight.elem_count() != d || bias.elem_count() != d {
+    if !super::use_kernel(super::KernelOp::LayerNorm, &[x, weight, bias])
+        || weight.elem_count() != d
+        || bias.elem_count() != d
+    {
         return reference(x, weight, bias, eps);
     }
     let op = RowNorm {

@@ -81,27 +81,109 @@ pub fn set_backend(backend: Backend) -> Result<()> {
     Ok(())
 }
 
-// 0: not read yet, 1: CUDA kernels on, 2: off.
-static CUDA_KERNELS: AtomicU8 = AtomicU8::new(0);
-
-/// Turns the CUDA kernels of `kernels/cuda/` on or off for tensors on a CUDA device (builds with
-/// the `cuda` feature). Off, those tensors take the composed references (candle's CUDA ops).
-pub fn set_cuda_kernels(on: bool) {
-    CUDA_KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+/// The op families of the fused kernels, as `DIFFALIGN_CUDA_KERNELS` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelOp {
+    /// `conv2d` and its gradients.
+    Conv2d,
+    /// `group_norm` (with and without SiLU).
+    GroupNorm,
+    /// `layer_norm`.
+    LayerNorm,
+    /// `softmax`.
+    Softmax,
+    /// `attention`, masked or not.
+    Attention,
+    /// `per_sample_mse`.
+    Mse,
 }
 
-/// Whether tensors on a CUDA device take the CUDA kernels: off unless turned on with
-/// [`set_cuda_kernels`] or `DIFFALIGN_CUDA_KERNELS=1`. They stay opt-in until they have passed
-/// their parity tests on a GPU (the CPU emulator checks their sources in CI).
-pub fn cuda_kernels_enabled() -> bool {
-    match CUDA_KERNELS.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("DIFFALIGN_CUDA_KERNELS").is_ok_and(|v| v == "1");
-            set_cuda_kernels(on);
-            on
+impl KernelOp {
+    /// Every op family.
+    pub const ALL: [KernelOp; 6] = [
+        KernelOp::Conv2d,
+        KernelOp::GroupNorm,
+        KernelOp::LayerNorm,
+        KernelOp::Softmax,
+        KernelOp::Attention,
+        KernelOp::Mse,
+    ];
+
+    /// The family's name in `DIFFALIGN_CUDA_KERNELS`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelOp::Conv2d => "conv2d",
+            KernelOp::GroupNorm => "group_norm",
+            KernelOp::LayerNorm => "layer_norm",
+            KernelOp::Softmax => "softmax",
+            KernelOp::Attention => "attention",
+            KernelOp::Mse => "mse",
         }
-        v => v == 1,
     }
+
+    /// The family's bit in [`CUDA_KERNELS`].
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Reads a `DIFFALIGN_CUDA_KERNELS` value: `1` or `all` for every op family, `0` or nothing for
+/// none, else a comma-separated list of names (`conv2d,group_norm`); an unknown name is an error
+/// that lists the known ones.
+pub fn parse_cuda_kernels(spec: &str) -> std::result::Result<Vec<KernelOp>, String> {
+    match spec.trim() {
+        "1" | "all" => return Ok(KernelOp::ALL.to_vec()),
+        "0" | "" | "none" => return Ok(Vec::new()),
+        _ => {}
+    }
+    spec.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            KernelOp::ALL.into_iter().find(|op| op.name() == name).ok_or_else(|| {
+                let known: Vec<&str> = KernelOp::ALL.iter().map(|op| op.name()).collect();
+                format!(
+                    "DIFFALIGN_CUDA_KERNELS: unknown op {name:?} (known: {}, or 1/all, 0/none)",
+                    known.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// The op families whose CUDA kernels are on, one bit each ([`KernelOp::bit`]); `UNREAD` until
+/// set or read from the environment.
+static CUDA_KERNELS: AtomicU8 = AtomicU8::new(UNREAD);
+const UNREAD: u8 = 0x80;
+
+/// Turns the CUDA kernels of `kernels/cuda/` on or off, all of them, for tensors on a CUDA device
+/// (builds with the `cuda` feature). Off, those tensors take the composed references (candle's
+/// CUDA ops).
+pub fn set_cuda_kernels(on: bool) {
+    set_cuda_kernel_ops(if on { &KernelOp::ALL } else { &[] });
+}
+
+/// Turns the CUDA kernels on for exactly the op families `ops`.
+pub fn set_cuda_kernel_ops(ops: &[KernelOp]) {
+    CUDA_KERNELS.store(ops.iter().fold(0, |bits, op| bits | op.bit()), Ordering::Relaxed);
+}
+
+/// Whether tensors on a CUDA device take the CUDA kernel of `op`: off unless turned on with
+/// [`set_cuda_kernels`], [`set_cuda_kernel_ops`] or `DIFFALIGN_CUDA_KERNELS` (see
+/// [`parse_cuda_kernels`]; a value it rejects turns none on, and the CLI reports it). They stay
+/// opt-in until they have passed their parity tests on a GPU (the CPU emulator checks their
+/// sources in CI).
+pub fn cuda_kernel_enabled(op: KernelOp) -> bool {
+    let mut bits = CUDA_KERNELS.load(Ordering::Relaxed);
+    if bits == UNREAD {
+        let ops = std::env::var("DIFFALIGN_CUDA_KERNELS")
+            .ok()
+            .and_then(|v| parse_cuda_kernels(&v).ok())
+            .unwrap_or_default();
+        set_cuda_kernel_ops(&ops);
+        bits = CUDA_KERNELS.load(Ordering::Relaxed);
+    }
+    bits & op.bit() != 0
 }
 
 /// The kernel backend ([`crate::device::kernel_backend`]).
@@ -159,9 +241,10 @@ pub(crate) fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Whether the fused kernels can take these tensors: kernels on, and all on the CPU in f32 or
-/// all in f64, or (with [`cuda_kernels_enabled`]) all on one CUDA device in f32, f16 or bf16.
-pub(crate) fn use_kernel(tensors: &[&Tensor]) -> bool {
+/// Whether the fused kernels of `op` can take these tensors: kernels on, and all on the CPU in
+/// f32 or all in f64, or (with [`cuda_kernel_enabled`]) all on one CUDA device in f32, f16 or
+/// bf16.
+pub(crate) fn use_kernel(op: KernelOp, tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else { return false };
     let dtype = first.dtype();
     if !fused_enabled() || tensors.iter().any(|t| t.dtype() != dtype) {
@@ -173,7 +256,7 @@ pub(crate) fn use_kernel(tensors: &[&Tensor]) -> bool {
     } else {
         device.is_cuda()
             && cfg!(feature = "cuda")
-            && cuda_kernels_enabled()
+            && cuda_kernel_enabled(op)
             && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
             && tensors.iter().all(|t| t.device().same_device(device))
     }

@@ -22,7 +22,7 @@ pub fn per_sample_mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.shape() != b.shape() {
         candle_core::bail!("per_sample_mse: shapes {:?} and {:?} differ", a.dims(), b.dims());
     }
-    if !super::use_kernel(&[a, b]) || a.rank() == 0 || a.elem_count() == 0 {
+    if !super::use_kernel(super::KernelOp::Mse, &[a, b]) || a.rank() == 0 || a.elem_count() == 0 {
         return reference(a, b);
     }
     a.contiguous()?.apply_op2(&b.contiguous()?, Mse)

@@ -20,7 +20,7 @@ pub fn reference(xs: &Tensor) -> Result<Tensor> {
 
 /// Softmax of `xs` over its last dimension: the fused kernel on CPU, else the reference.
 pub fn softmax(xs: &Tensor) -> Result<Tensor> {
-    if !super::use_kernel(&[xs]) || xs.rank() == 0 {
+    if !super::use_kernel(super::KernelOp::Softmax, &[xs]) || xs.rank() == 0 {
         return reference(xs);
     }
     xs.contiguous()?.apply_op1(Softmax)
