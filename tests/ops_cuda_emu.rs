@@ -10,7 +10,7 @@
 
 mod common;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use diffalign::ops::cuda::emu::{bounds_probe, schedule_trace, with_schedule, Misstep, Schedule};
 use diffalign::ops::{self, Backend};
 use diffalign::rng::Rng;
@@ -170,19 +170,16 @@ fn emulator_schedules_reorder_blocks_and_threads() {
 
 /// The forward output and the gradient of `sum(out * r)` with respect to each input, as bits.
 fn outputs_and_gradients(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> Vec<Vec<u32>> {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
-    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let out = f(&xs);
-    let r = randn(&mut Rng::new(98), out.dims());
-    let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let (out, grads) = ops_check::output_and_gradients(inputs, 98, f);
     let bits = |t: &Tensor| -> Vec<u32> {
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         v.into_iter().map(f32::to_bits).collect()
     };
     let mut all = vec![bits(&out)];
     all.extend(
-        xs.iter()
-            .map(|x| bits(grads.get(x).expect("an input without a gradient"))),
+        grads
+            .iter()
+            .map(|g| bits(g.as_ref().expect("an input without a gradient"))),
     );
     all
 }

@@ -18,6 +18,22 @@ pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
     ops::compare(got, want).unwrap().1
 }
 
+/// `f(inputs)` and the gradients of `sum(f * r)` (`r` random from `seed`) with respect to each
+/// input, `None` for an input the result does not depend on.
+pub fn output_and_gradients(
+    inputs: &[Tensor],
+    seed: u64,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Option<Tensor>>) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&xs);
+    let r = randn(&mut Rng::new(seed), out.dims());
+    let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dxs = xs.iter().map(|x| grads.get(x).cloned()).collect();
+    (out, dxs)
+}
+
 /// Compares `ours` with `reference` on `inputs`: the outputs, then the gradients of
 /// `sum(out * r)` (fixed random `r`) with respect to every input.
 pub fn check(
@@ -26,20 +42,16 @@ pub fn check(
     ours: impl Fn(&[Tensor]) -> Tensor,
     reference: impl Fn(&[Tensor]) -> Tensor,
 ) {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
-    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let (a, b) = (ours(&xs), reference(&xs));
+    let (a, ga) = output_and_gradients(inputs, 99, &ours);
+    let (b, gb) = output_and_gradients(inputs, 99, &reference);
     let err = rel_err(&a, &b);
     assert!(err < KERNEL_REL_TOL, "{what}: forward relative error {err:e}");
-    let r = randn(&mut Rng::new(99), b.dims());
-    let ga = (a * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gb = (b * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    for (i, x) in xs.iter().enumerate() {
-        let da = ga
-            .get(x)
+    for (i, (da, db)) in ga.iter().zip(&gb).enumerate() {
+        let da = da
+            .as_ref()
             .unwrap_or_else(|| panic!("{what}: input {i} has no gradient (fused)"));
-        let db = gb
-            .get(x)
+        let db = db
+            .as_ref()
             .unwrap_or_else(|| panic!("{what}: input {i} has no gradient (reference)"));
         let err = rel_err(da, db);
         assert!(

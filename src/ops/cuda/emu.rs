@@ -85,39 +85,32 @@ pub fn schedule_trace(blocks: u32, schedule: Schedule) -> Result<Vec<u32>> {
             args: vec![Arg::Buf(0, 0)],
         }],
     };
-    match with_schedule(schedule, || run(job))? {
-        // Steps stay far below 2^24, so f32 holds them exactly.
-        CpuStorage::F32(steps) => Ok(steps.into_iter().map(|s| s as u32).collect()),
-        _ => Err(op_error("schedule_trace", "the emulator returned another dtype")),
-    }
+    let steps = with_schedule(schedule, || run_host(job))?;
+    // Steps stay far below 2^24, so f32 holds them exactly.
+    Ok(steps.into_iter().map(|s| s as u32).collect())
 }
 
-/// A deliberate mistake of the emulator's bounds probe, for tests of its guards.
+/// A deliberate mistake of the emulator's bounds probe, for tests of its guards (the values are
+/// the probe kernel's `mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum Misstep {
     /// None: the probe copies its input to its output.
-    None,
+    None = 0,
     /// Writes one element past the end of the output.
-    WritePastEnd,
+    WritePastEnd = 1,
     /// Writes one element before the start of the output.
-    WriteBeforeStart,
+    WriteBeforeStart = 2,
     /// Writes into the input.
-    WriteInput,
+    WriteInput = 3,
     /// Leaves the last element of the output unwritten.
-    SkipLast,
+    SkipLast = 4,
 }
 
 /// Runs the bounds probe: a kernel that copies `input` to its output and makes `misstep`. The
 /// emulator's guards turn the writes into errors and the unwritten element into NaN.
 pub fn bounds_probe(input: &[f32], misstep: Misstep) -> Result<Vec<f32>> {
     let op = "bounds_probe";
-    let mode = match misstep {
-        Misstep::None => 0,
-        Misstep::WritePastEnd => 1,
-        Misstep::WriteBeforeStart => 2,
-        Misstep::WriteInput => 3,
-        Misstep::SkipLast => 4,
-    };
     let job = Job {
         op,
         dtype: DType::F32,
@@ -130,14 +123,11 @@ pub fn bounds_probe(input: &[f32], misstep: Misstep) -> Result<Vec<f32>> {
                 Arg::Buf(0, 0),
                 Arg::Buf(1, 0),
                 super::word(op, "len", input.len())?,
-                Arg::U32(mode),
+                Arg::U32(misstep as u32),
             ],
         }],
     };
-    match run(job)? {
-        CpuStorage::F32(out) => Ok(out),
-        _ => Err(op_error(op, "the emulator returned another dtype")),
-    }
+    run_host(job)
 }
 
 /// One argument's value, which the launcher reads through a pointer.
@@ -195,11 +185,16 @@ impl Guarded {
     }
 }
 
+/// Runs `job` on host slices and returns its output as a CPU storage (see [`run_host`]).
+pub(crate) fn run(job: Job<&[f32]>) -> Result<CpuStorage> {
+    run_host(job).map(CpuStorage::F32)
+}
+
 /// Runs `job` on host slices and returns its output. Every buffer sits between guards, and
 /// outputs and scratch start as poison, not zeros: after each launch, a write outside a buffer
 /// or into an input is an error, and a read outside a buffer, or of an element no launch wrote,
 /// turns results into NaN.
-pub(crate) fn run(job: Job<&[f32]>) -> Result<CpuStorage> {
+fn run_host(job: Job<&[f32]>) -> Result<Vec<f32>> {
     let op = job.op;
     if job.dtype != DType::F32 {
         return Err(op_error(op, "the CUDA emulator runs f32 only"));
@@ -277,7 +272,7 @@ pub(crate) fn run(job: Job<&[f32]>) -> Result<CpuStorage> {
         super::count_launch();
         check_buffers(op, &name, &job.slots, &bufs)?;
     }
-    Ok(CpuStorage::F32(bufs[out].body().to_vec()))
+    Ok(bufs[out].body().to_vec())
 }
 
 /// After a launch of `name` (for `op`): an error when it wrote past the ends of a buffer or into an input.
