@@ -24,9 +24,7 @@
 //!   models) on the shared [`preference`] core.
 //! - [`train`]: the fine-tuning loop, optimizer, checkpoints and report; [`recipe`]: its TOML plans.
 
-pub mod assets;
 pub mod data;
-pub mod demo;
 pub mod device;
 pub mod error;
 pub mod eval;
@@ -34,6 +32,7 @@ pub mod lm;
 pub mod models;
 pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod preference;
 pub mod recipe;
 pub mod reno;
@@ -41,9 +40,9 @@ pub mod reward;
 pub mod rng;
 pub mod sampling;
 pub mod schedulers;
+pub mod shapes;
 pub mod text;
 pub mod train;
 pub mod weights;
-pub mod world;
 
 pub use error::{Error, Result};

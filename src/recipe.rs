@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::data::DataSpec;
+use crate::optim::{AdamWConfig, LrSchedule};
 use crate::preference::diffusion::Method;
 use crate::preference::{LossType, Objective};
-use crate::train::optim::{AdamWConfig, LrSchedule};
 use crate::{Error, Result};
 
 /// `[model]`: what to fine-tune.

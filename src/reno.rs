@@ -11,11 +11,11 @@
 use candle_core::{DType, Tensor, Var};
 
 use crate::models::unet::UNet2DConditionModel;
+use crate::optim::{clip_grad_norm, Sgd};
 use crate::reward::{ImageReward, RenoLoss, RewardKind};
 use crate::rng::Rng;
 use crate::sampling::pipeline::{Conditioning, StableDiffusionPipeline};
 use crate::schedulers::{EulerDiscreteScheduler, NoiseSchedule, Scheduler, SchedulerKind};
-use crate::train::optim::{clip_grad_norm, Sgd};
 use crate::{Error, Result};
 
 /// The optimiser settings (ReNO's defaults: 50 iterations, lr 5, momentum 0.9, clip 0.1, λ 0.01).

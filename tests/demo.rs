@@ -55,7 +55,7 @@ fn quick_demo_writes_every_file_with_its_schema() {
     let pairs = std::fs::read_to_string(out.join("pairs/pairs.jsonl")).unwrap();
     for line in pairs.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let parse = |k: &str| v[k].as_str().unwrap().parse::<diffalign::world::Prompt>().unwrap();
+        let parse = |k: &str| v[k].as_str().unwrap().parse::<diffalign::shapes::Prompt>().unwrap();
         let (p, c) = (parse("prompt"), parse("caption_rejected"));
         let changed = [p.colour != c.colour, p.background != c.background, p.shape != c.shape];
         assert_eq!(changed.iter().filter(|&&x| x).count(), 1, "{line}");
@@ -74,7 +74,7 @@ fn quick_demo_writes_every_file_with_its_schema() {
         g["prompt"]
             .as_str()
             .unwrap()
-            .parse::<diffalign::world::Prompt>()
+            .parse::<diffalign::shapes::Prompt>()
             .unwrap();
         assert!(g["seed"].as_u64().is_some());
     }

@@ -13,9 +13,9 @@ use diffalign::lm::synthetic;
 use diffalign::lm::train::{evaluate_policy, train_policy, PolicyData, TrainSettings};
 use diffalign::models::llama::LlamaForCausalLM;
 use diffalign::nn::Linear;
+use diffalign::optim::{AdamW, AdamWConfig};
 use diffalign::preference::heads::{bt_loss, gpm_loss, gpm_score, GpmHead};
 use diffalign::preference::{LossType, Objective};
-use diffalign::train::optim::{AdamW, AdamWConfig};
 use diffalign::weights::{LoadOptions, VarBuilder};
 
 const VOCAB: usize = 512;
@@ -301,9 +301,9 @@ fn lora_policy_training_through_the_cli() {
 #[test]
 fn gpm_head_fits_a_cycle_over_clip_image_embeddings() {
     use diffalign::reward::{ClipReward, RewardKind};
-    use diffalign::world::shapes::{Prompt, Scene};
+    use diffalign::shapes::world::{Prompt, Scene};
     let dev = Device::Cpu;
-    let dir = diffalign::assets::shapes_reward_dir().unwrap();
+    let dir = diffalign::shapes::assets::shapes_reward_dir().unwrap();
     let clip = ClipReward::from_clip_model(RewardKind::ClipScore, &dir, &LoadOptions::default()).unwrap();
     let mut rng = diffalign::rng::Rng::new(4);
     let images: Vec<Tensor> = Prompt::all()

@@ -9,12 +9,12 @@ use std::process::Command;
 
 use candle_core::{DType, Tensor};
 use common::{device, load, load_on_device, load_options, max_abs_diff, metadata, shared_fixtures};
+use diffalign::optim::Sgd;
 use diffalign::reno::{
     noise_regularizer, IterationRecord, IterationTensors, Reno, RenoConfig, Sampler, WeightedReward,
 };
 use diffalign::reward::{load_reward, RewardKind};
 use diffalign::sampling::pipeline::{PipelineSources, StableDiffusionPipeline};
-use diffalign::train::optim::Sgd;
 
 /// Relative tolerance on scores and losses (the fixture README's 1e-3 on losses).
 const LOSS_RTOL: f64 = 1e-3;

@@ -291,7 +291,7 @@ fn every_recipe_in_pipelines_parses() {
         if p.extension().is_some_and(|x| x == "toml") {
             if is_pretrain {
                 let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-                diffalign::train::pretrain::PretrainRecipe::load(&p, &root)
+                diffalign::shapes::pretrain::PretrainRecipe::load(&p, &root)
                     .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             } else {
                 diffalign::recipe::Plan::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -326,7 +326,7 @@ fn bad_recipes_are_errors_naming_file_and_key() {
 
 #[test]
 fn lr_schedules_follow_diffusers() {
-    use diffalign::train::optim::LrSchedule;
+    use diffalign::optim::LrSchedule;
     assert_eq!(LrSchedule::Constant.lr(1.0, 3, 10, 100), 1.0);
     assert_eq!(LrSchedule::ConstantWithWarmup.lr(1.0, 5, 10, 100), 0.5);
     assert_eq!(LrSchedule::ConstantWithWarmup.lr(1.0, 50, 10, 100), 1.0);
@@ -336,7 +336,7 @@ fn lr_schedules_follow_diffusers() {
 
 #[test]
 fn adamw_matches_pytorch_formula() {
-    use diffalign::train::optim::{AdamW, AdamWConfig};
+    use diffalign::optim::{AdamW, AdamWConfig};
     // One parameter, two steps, against torch.optim.AdamW's update written out in f64.
     let var = candle_core::Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
     let cfg = AdamWConfig {

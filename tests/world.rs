@@ -4,7 +4,7 @@
 mod common;
 
 use diffalign::rng::Rng;
-use diffalign::world::{preference_probability, rate, Colour, Prompt, Scene, Shape};
+use diffalign::shapes::{preference_probability, rate, Colour, Prompt, Scene, Shape};
 
 fn floats(img: &image::RgbImage) -> Vec<f32> {
     img.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect()
@@ -126,7 +126,7 @@ fn embedded_reward_prefers_the_true_caption_of_rendered_scenes() {
     use diffalign::reward::{load_reward, RewardKind};
     let tmp = tempfile::tempdir().unwrap();
     std::env::set_var("DIFFALIGN_CACHE", tmp.path());
-    let dir = diffalign::assets::shapes_reward_dir().unwrap();
+    let dir = diffalign::shapes::assets::shapes_reward_dir().unwrap();
     let reward = load_reward(RewardKind::ClipScore, &dir, &Default::default()).unwrap();
     let mut rng = Rng::new(21);
     // Pairwise: the true caption against a wrong colour or background, and against a wrong shape.

@@ -249,10 +249,10 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
 fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::models::clip::vision_model::{ClipKeyLayout, ClipVisionConfig, ClipVisionModel};
     use diffalign::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+    use diffalign::optim::{clip_grad_norm, Sgd};
     use diffalign::reno::noise_regularizer;
     use diffalign::reward::{l2_normalize, ClipPreprocess};
     use diffalign::schedulers::{EulerDiscreteScheduler, NoiseSchedule, Scheduler, SchedulerConfig};
-    use diffalign::train::optim::{clip_grad_norm, Sgd};
 
     let vae_path = args.vae_config.as_ref().context("--suite reno needs --vae-config")?;
     let clip_path = args.clip_config.as_ref().context("--suite reno needs --clip-config")?;

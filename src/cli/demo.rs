@@ -1,5 +1,5 @@
 //! `diffalign demo`: the whole framework on the embedded shapes-world model, with nothing
-//! downloaded (see [`diffalign::demo`] for what it does and its honesty rules).
+//! downloaded (see [`diffalign::shapes::demo`] for what it does and its honesty rules).
 //!
 //! Writes into `--out` (default `demo/`, which may exist): `index.html` (win-rate table, training
 //! curves, ReNO trajectories, same-seed grid), `metrics.json`
@@ -14,16 +14,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::Tensor;
 use clap::Args;
-use diffalign::demo::{
-    eval_cases, fit_demo_pair_head, method_recipe, sample_pairs, split_prompts, true_reward, DcpoCaption, DemoConfig,
-    GalleryImage, Generator, MethodResult, METHODS,
-};
 use diffalign::models::unet::UNet2DConditionModel;
 use diffalign::recipe::Plan;
 use diffalign::reno::{Reno, RenoConfig, Sampler, WeightedReward};
 use diffalign::reward::{load_reward, RewardKind};
 use diffalign::sampling::image_io::save_png;
 use diffalign::schedulers::SchedulerKind;
+use diffalign::shapes::demo::{
+    eval_cases, fit_demo_pair_head, method_recipe, sample_pairs, split_prompts, true_reward, DcpoCaption, DemoConfig,
+    GalleryImage, Generator, MethodResult, METHODS,
+};
 use diffalign::train::report::{line_plot_svg, Curve};
 use diffalign::train::{TrainOptions, Trainer};
 use diffalign::weights::store::write_atomic;
@@ -147,11 +147,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.join("gallery")).with_context(|| format!("creating {}", out.display()))?;
     let model_dir = match &args.model {
         Some(dir) => dir.clone(),
-        None => diffalign::assets::shapes_model_dir()?,
+        None => diffalign::shapes::assets::shapes_model_dir()?,
     };
     let reward_dir = match &args.reward {
         Some(dir) => dir.clone(),
-        None => diffalign::assets::shapes_reward_dir()?,
+        None => diffalign::shapes::assets::shapes_reward_dir()?,
     };
     let gen = Generator::load(&model_dir, &cfg)?;
     let device_opts = LoadOptions {
@@ -316,7 +316,7 @@ fn page(
     results: &BTreeMap<String, MethodResult>,
     curves: &[(String, Vec<(f64, f64)>)],
     manifest: &[GalleryImage],
-    cases: &[(diffalign::world::Prompt, u64)],
+    cases: &[(diffalign::shapes::Prompt, u64)],
     base: &[f64],
     scores: &BTreeMap<String, Vec<f64>>,
 ) -> anyhow::Result<String> {

@@ -18,10 +18,10 @@ use diffalign::lm::data::{load_examples, load_pairs};
 use diffalign::lm::reward_model::{HeadKind, RewardModel, RewardOutput};
 use diffalign::lm::train::{self as lm_train, HeadSettings, PolicyData, StepRecord, TrainSettings};
 use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
+use diffalign::optim::AdamWConfig;
 use diffalign::preference::heads::gpm_score;
 use diffalign::preference::kto::Kto;
 use diffalign::preference::{metrics, LossType, Objective};
-use diffalign::train::optim::AdamWConfig;
 use diffalign::weights::lora::LoraConfig;
 use diffalign::weights::{save_safetensors, LoadOptions};
 

@@ -58,7 +58,9 @@ impl ModelArgs {
     fn model_spec(&self) -> anyhow::Result<String> {
         match &self.model {
             Some(m) => Ok(m.clone()),
-            None => Ok(diffalign::assets::shapes_model_dir()?.to_string_lossy().into_owned()),
+            None => Ok(diffalign::shapes::assets::shapes_model_dir()?
+                .to_string_lossy()
+                .into_owned()),
         }
     }
 

@@ -1,13 +1,13 @@
 //! `diffalign pretrain`: trains a small Stable Diffusion pipeline from scratch on the shapes world
 //! (VAE, then text encoder + UNet) and writes it as a diffusers folder; see
-//! [`diffalign::train::pretrain`]. `pipelines/pretrain-shapes.toml` reproduces `assets/shapes`.
+//! [`diffalign::shapes::pretrain`]. `pipelines/pretrain-shapes.toml` reproduces `assets/shapes`.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use diffalign::train::pretrain::{pretrain, pretrain_reward, PretrainRecipe};
+use diffalign::shapes::pretrain::{pretrain, pretrain_reward, PretrainRecipe};
 use indicatif::ProgressBar;
 
 /// Flags of `diffalign pretrain`.

@@ -15,11 +15,11 @@ use super::data::{TokenExample, TokenPair};
 use super::reward_model::{HeadKind, RewardModel};
 use super::{completion_logps, rewardbench};
 use crate::models::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::preference::heads::{bt_loss, gpm_loss};
 use crate::preference::kto::Kto;
 use crate::preference::{metrics, Objective, PairScores};
 use crate::rng::Rng;
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::weights::lora::{LoraConfig, LoraSource};
 use crate::weights::store::write_atomic;
 use crate::weights::{save_safetensors, LoadOptions, VarBuilder};
@@ -566,7 +566,7 @@ fn copy_model_files(base_dir: &Path, out: &Path, records: &[StepRecord]) -> Resu
         let from = base_dir.join(extra);
         let keep = extra == "config.json" && out.join(extra).is_file();
         if from.is_file() && !keep {
-            crate::train::pretrain::copy_file(&from, &out.join(extra))?;
+            crate::weights::copy::copy_file(&from, &out.join(extra))?;
         }
     }
     Ok(())

@@ -17,14 +17,4 @@ pub use linear::Linear;
 pub use lora::LoraAdapter;
 pub use norm::{l2_normalize, GroupNorm, LayerNorm, RmsNorm};
 
-use candle_core::{DType, Tensor};
-
-/// The dtype matmuls and convolutions on `t` run in: candle's CPU backend has no bf16 kernels
-/// for them, so bf16 tensors on the CPU compute in f32 (and the result is cast back).
-pub(crate) fn gemm_dtype(t: &Tensor) -> DType {
-    if t.dtype() == DType::BF16 && t.device().is_cpu() {
-        DType::F32
-    } else {
-        t.dtype()
-    }
-}
+pub(crate) use crate::ops::gemm_dtype;

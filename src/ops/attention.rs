@@ -19,8 +19,8 @@ use std::sync::Arc;
 use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
-use super::compute_dtype;
 use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
+use super::{compute_dtype, gemm_dtype};
 
 /// The composed reference for `q` `[..., Lq, D]`, `k` `[..., Lk, D]`, `v` `[..., Lk, Dv]`; the
 /// mask, when given, is added to the scores (use `-inf` to block). Scores and softmax run in f32
@@ -48,7 +48,7 @@ fn composed(
         None => scores,
     };
     let p = softmax(&scores)?;
-    let gemm = crate::nn::gemm_dtype(v);
+    let gemm = gemm_dtype(v);
     let out = p.to_dtype(gemm)?.matmul(&v.to_dtype(gemm)?.contiguous()?)?;
     out.to_dtype(dtype)
 }

@@ -233,6 +233,16 @@ macro_rules! on_cuda_emu {
 }
 pub(crate) use on_cuda_emu;
 
+/// The dtype matmuls and convolutions on `t` run in: candle's CPU backend has no bf16 kernels
+/// for them, so bf16 tensors on the CPU compute in f32 (and the result is cast back).
+pub(crate) fn gemm_dtype(t: &Tensor) -> DType {
+    if t.dtype() == DType::BF16 && t.device().is_cpu() {
+        DType::F32
+    } else {
+        t.dtype()
+    }
+}
+
 /// The dtype statistics and scores are computed in: f32 for half types, else the input's own.
 pub(crate) fn compute_dtype(dtype: DType) -> DType {
     match dtype {

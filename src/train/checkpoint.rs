@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::optim::AdamW;
+use crate::optim::AdamW;
 use crate::weights::{save_safetensors, TensorStore};
 use crate::{Error, Result};
 

@@ -1,9 +1,7 @@
-//! Preference fine-tuning: the loop ([`trainer`]), the optimizer and schedules ([`optim`]),
+//! Preference fine-tuning: the loop ([`trainer`]), the optimizer and schedules (`crate::optim`),
 //! resumable checkpoints ([`checkpoint`]) and the end-of-run report ([`report`]).
 
 pub mod checkpoint;
-pub mod optim;
-pub mod pretrain;
 pub mod report;
 pub mod trainer;
 

@@ -10,10 +10,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::checkpoint::{self, TrainState};
-use super::optim::{clip_grad_norm, AdamW};
 use super::report::{write_report, Curve, ImageRow};
 use crate::data::{LatentCache, PairDataset, Preprocess};
 use crate::models::unet::UNet2DConditionModel;
+use crate::optim::{clip_grad_norm, AdamW};
 use crate::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch};
 use crate::recipe::Plan;
 use crate::rng::Rng;

@@ -3,6 +3,7 @@
 //! Face cache), and LoRA adapters attached at load time ([`lora`]).
 
 #[cfg(feature = "download")]
+pub mod copy;
 pub mod hub;
 pub mod layout;
 pub mod lora;

@@ -1,5 +1,5 @@
 //! Pretraining a small Stable Diffusion pipeline from scratch on the shapes world
-//! ([`crate::world`]): first the VAE (reconstruction MSE plus a small KL term), then its latent
+//! ([`super::world`]): first the VAE (reconstruction MSE plus a small KL term), then its latent
 //! scale (`1 / std` of the latents, as SD's `scaling_factor`), then the CLIP text encoder and the
 //! UNet together with the ordinary denoising loss (epsilon MSE at uniform timesteps, captions
 //! dropped to "" at a rate for classifier-free guidance). The standard diffusion loss is also the
@@ -20,16 +20,17 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 
+use super::{Prompt, Scene};
 use crate::models::clip::text_model::{ClipTextConfig, ClipTextLayout, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::rng::Rng;
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use crate::text::ClipTokenizer;
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::weights::copy::{copy_file, copy_files};
 use crate::weights::store::write_atomic;
 use crate::weights::{save_safetensors, VarBuilder};
-use crate::world::{Prompt, Scene};
 use crate::{Error, Result};
 
 /// `[world]`.
@@ -359,26 +360,6 @@ fn write_pipeline(r: &PretrainRecipe, scale: f64, parts: &[(&str, &VarBuilder)])
             "diffusion_pytorch_model.safetensors"
         };
         save_vars(vb, dtype, &dir.join(file))?;
-    }
-    Ok(())
-}
-
-/// Copies `from` to `to`, creating `to`'s folder.
-pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    if let Some(dir) = to.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::copy(from, to).map_err(|e| Error::io(from, e)).map(|_| ())
-}
-
-/// Copies every file of the folder `from` into `to` (nothing when they are the same folder).
-pub(crate) fn copy_files(from: &Path, to: &Path) -> Result<()> {
-    if std::fs::canonicalize(from).ok() == std::fs::canonicalize(to).ok() {
-        return Ok(());
-    }
-    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
-        let entry = entry.map_err(|e| Error::io(from, e))?;
-        copy_file(&entry.path(), &to.join(entry.file_name()))?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::{preference_probability, rate, Prompt};
 use crate::eval::{mean, WinRate};
 use crate::models::unet::UNet2DConditionModel;
 use crate::rng::Rng;
@@ -22,7 +23,6 @@ use crate::sampling::pipeline::{PipelineSources, StableDiffusionPipeline};
 use crate::sampling::GenerateRequest;
 use crate::schedulers::SchedulerKind;
 use crate::weights::LoadOptions;
-use crate::world::{preference_probability, rate, Prompt};
 use crate::{Error, Result};
 
 /// The preference methods the demo trains.

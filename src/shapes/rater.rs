@@ -13,7 +13,7 @@
 //!
 //! The score is `0.75 · mean(background, colour, shape) + 0.25 · taste`, in [0, 1].
 
-use crate::world::shapes::Prompt;
+use super::world::Prompt;
 use crate::{Error, Result};
 
 /// The parts of a rating, each in [0, 1].
