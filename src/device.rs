@@ -1,6 +1,7 @@
-//! Device and dtype choice.
+//! Device and dtype choice: the names the command line takes, parsed once into types.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::fmt;
+use std::str::FromStr;
 
 use candle_core::{DType, Device};
 
@@ -19,116 +20,64 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// Who runs the fused kernels of f32 tensors in CPU storage (`crate::ops`): the CPU, a wgpu
-/// adapter, or the CPU emulator of the CUDA kernels. (Tensors on a CUDA device take the CUDA
-/// kernels, see `crate::ops::set_cuda_kernels`.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KernelBackend {
-    /// The multithreaded CPU kernels (the default).
+/// Where tensors live and who runs the hot ops, as `--device` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU (the default).
+    #[default]
     Cpu,
-    /// The WGSL compute shaders on a wgpu adapter (builds with the `wgpu` feature).
+    /// CUDA device N (builds with the `cuda` feature).
+    Cuda(usize),
+    /// Tensors on the CPU, the hot-op kernels of `crate::ops` as WGSL shaders on a wgpu adapter
+    /// (builds with the `wgpu` feature); the kernel choice is `crate::ops::KernelConfig`'s.
     Wgpu,
-    /// The CUDA kernels compiled as C++ and run on a CPU emulator (builds with the `cuda-emu`
-    /// feature): slow, for testing the kernel sources without a GPU.
-    CudaEmu,
 }
 
-impl KernelBackend {
-    /// The name `DIFFALIGN_KERNELS` takes: `cpu`, `wgpu`, `cuda-emu`.
-    pub fn name(self) -> &'static str {
+impl DeviceSpec {
+    /// The candle device tensors are created on (`Device::Cpu` for [`DeviceSpec::Wgpu`]).
+    pub fn device(self) -> Result<Device> {
         match self {
-            KernelBackend::Cpu => "cpu",
-            KernelBackend::Wgpu => "wgpu",
-            KernelBackend::CudaEmu => "cuda-emu",
-        }
-    }
-
-    /// Whether this build has the backend.
-    pub fn is_built(self) -> bool {
-        match self {
-            KernelBackend::Cpu => true,
-            KernelBackend::Wgpu => cfg!(feature = "wgpu"),
-            KernelBackend::CudaEmu => cfg!(feature = "cuda-emu"),
+            DeviceSpec::Cpu | DeviceSpec::Wgpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                Device::new_cuda(n).map_err(|e| Error::input("--device", format!("cannot use {self}: {e}")))
+            }
         }
     }
 }
 
-// 0: not read yet, else 1 + the index in ALL_BACKENDS.
-static KERNEL_BACKEND: AtomicU8 = AtomicU8::new(0);
+impl FromStr for DeviceSpec {
+    type Err = Error;
 
-const ALL_BACKENDS: [KernelBackend; 3] = [KernelBackend::Cpu, KernelBackend::Wgpu, KernelBackend::CudaEmu];
-
-/// Selects the kernel backend for the whole process, unchecked (`crate::ops::set_backend`
-/// checks that it can run first).
-pub fn set_kernel_backend(backend: KernelBackend) {
-    let index = ALL_BACKENDS.iter().position(|&b| b == backend).unwrap_or(0);
-    KERNEL_BACKEND.store(index as u8 + 1, Ordering::Relaxed);
-}
-
-/// The kernel backend: [`KernelBackend::Cpu`] unless set, or named by `DIFFALIGN_KERNELS`
-/// (`wgpu`, `cuda-emu`) in the environment. A backend this build lacks warns once and stays on
-/// the CPU; a missing wgpu adapter surfaces as the error of the first op.
-pub fn kernel_backend() -> KernelBackend {
-    match KERNEL_BACKEND.load(Ordering::Relaxed) {
-        0 => {
-            let wanted = std::env::var("DIFFALIGN_KERNELS")
-                .ok()
-                .and_then(|v| ALL_BACKENDS.into_iter().find(|b| b.name() == v));
-            let b = match wanted {
-                Some(b) if !b.is_built() => {
-                    eprintln!(
-                        "warning: DIFFALIGN_KERNELS={} ignored: built without the `{}` feature",
-                        b.name(),
-                        b.name()
-                    );
-                    KernelBackend::Cpu
-                }
-                Some(b) => b,
-                None => KernelBackend::Cpu,
-            };
-            set_kernel_backend(b);
-            b
-        }
-        v => ALL_BACKENDS[usize::from(v - 1).min(ALL_BACKENDS.len() - 1)],
-    }
-}
-
-/// Parses a device name: `cpu`, `cuda` / `cuda:N` where built with the `cuda` feature, or `wgpu`
-/// where built with the `wgpu` feature. `wgpu` keeps tensors on the CPU (candle's `Device::Cpu`)
-/// and switches the hot-op kernels of [`crate::ops`] to the wgpu adapter for the whole process.
-pub fn parse_device(s: &str) -> Result<Device> {
-    let s = s.to_ascii_lowercase();
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    if s == "wgpu" {
-        if !cfg!(feature = "wgpu") {
-            return Err(Error::input(
+    /// `cpu`, `cuda` / `cuda:N` (builds with the `cuda` feature, checked when the device is
+    /// opened), or `wgpu` (builds with the `wgpu` feature, checked here).
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.to_ascii_lowercase();
+        let bad = || Error::input("--device", format!("expected cpu, cuda[:N] or wgpu, got {s:?}"));
+        match lower.as_str() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "wgpu" if cfg!(feature = "wgpu") => Ok(DeviceSpec::Wgpu),
+            "wgpu" => Err(Error::input(
                 "--device",
                 "wgpu needs a build with the `wgpu` feature (cargo build --features wgpu)",
-            ));
+            )),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match lower.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map(DeviceSpec::Cuda)
+                    .map_err(|_| Error::input("--device", format!("bad cuda ordinal in {s:?}"))),
+                None => Err(bad()),
+            },
         }
-        // A missing adapter surfaces as the first kernel's error, which names the problem.
-        set_kernel_backend(KernelBackend::Wgpu);
-        return Ok(Device::Cpu);
     }
-    if let Some(rest) = s.strip_prefix("cuda") {
-        let ordinal = match rest.strip_prefix(':') {
-            Some(n) => n
-                .parse::<usize>()
-                .map_err(|_| Error::input("--device", format!("bad cuda ordinal in {s:?}")))?,
-            None if rest.is_empty() => 0,
-            None => {
-                return Err(Error::input(
-                    "--device",
-                    format!("expected cpu, cuda[:N] or wgpu, got {s:?}"),
-                ))
-            }
-        };
-        return Device::new_cuda(ordinal).map_err(|e| Error::input("--device", format!("cannot use {s}: {e}")));
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Wgpu => f.write_str("wgpu"),
+        }
     }
-    Err(Error::input(
-        "--device",
-        format!("expected cpu, cuda[:N] or wgpu, got {s:?}"),
-    ))
 }

@@ -146,8 +146,14 @@ fn fused_kernels_reject_bad_input_with_errors() {
 #[cfg(not(feature = "wgpu"))]
 #[test]
 fn device_wgpu_without_the_feature_names_it() {
-    let err = diffalign::device::parse_device("wgpu").unwrap_err().to_string();
+    let err = "wgpu".parse::<diffalign::device::DeviceSpec>().unwrap_err().to_string();
     assert!(err.contains("`wgpu` feature"), "{err}");
+    let config = ops::KernelConfig {
+        backend: ops::Backend::Wgpu,
+        ..Default::default()
+    };
+    let err = ops::install(&config).unwrap_err().to_string();
+    assert!(err.contains("`--features wgpu`"), "{err}");
     assert_eq!(ops::backend(), ops::Backend::Cpu);
 }
 
@@ -166,16 +172,37 @@ fn cuda_kernel_selection_reads_names_and_rejects_unknown_ones() {
     let err = parse_cuda_kernels("conv2d,flash").unwrap_err();
     assert!(err.contains("\"flash\"") && err.contains("attention"), "{err}");
 
-    // Only tensors on a CUDA device read this switch, so the CPU tests beside this one are
+    // The environment's values reach the configuration, and an unknown name is an error that
+    // names its variable.
+    let cpu = diffalign::device::DeviceSpec::Cpu;
+    let config = ops::KernelConfig::from_settings(cpu, Some("reference"), Some("softmax,attention")).unwrap();
+    assert!(!config.fused);
+    assert_eq!(config.cuda_ops, [KernelOp::Softmax, KernelOp::Attention]);
+    let err = ops::KernelConfig::from_settings(cpu, None, Some("flash"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("DIFFALIGN_CUDA_KERNELS") && err.contains("\"flash\""),
+        "{err}"
+    );
+    let err = ops::KernelConfig::from_settings(cpu, Some("tpu"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("DIFFALIGN_KERNELS") && err.contains("\"tpu\""), "{err}");
+
+    // Only tensors on a CUDA device read this set, so the CPU tests beside this one are
     // unaffected.
-    ops::set_cuda_kernel_ops(&[KernelOp::Softmax, KernelOp::Attention]);
+    ops::install(&ops::KernelConfig {
+        cuda_ops: vec![KernelOp::Softmax, KernelOp::Attention],
+        ..Default::default()
+    })
+    .unwrap();
     let on: Vec<KernelOp> = KernelOp::ALL
         .into_iter()
         .filter(|&op| ops::cuda_kernel_enabled(op))
         .collect();
     assert_eq!(on, [KernelOp::Softmax, KernelOp::Attention]);
-    ops::set_cuda_kernels(true);
-    assert!(KernelOp::ALL.into_iter().all(ops::cuda_kernel_enabled));
-    ops::set_cuda_kernels(false);
+    assert_eq!(ops::installed().cuda_ops, on);
+    ops::install(&ops::KernelConfig::default()).unwrap();
     assert!(!KernelOp::ALL.into_iter().any(ops::cuda_kernel_enabled));
 }

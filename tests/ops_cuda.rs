@@ -20,7 +20,11 @@ fn use_cuda_kernels() {
         common::device().is_cuda(),
         "the CUDA kernel tests need DIFFALIGN_TEST_DEVICE=cuda"
     );
-    ops::set_cuda_kernels(true);
+    let config = ops::KernelConfig {
+        cuda_ops: ops::KernelOp::ALL.to_vec(),
+        ..Default::default()
+    };
+    ops::install(&config).expect("the default backend is always available");
 }
 
 #[test]

@@ -19,7 +19,11 @@ use common::ops_check::{self, randn};
 
 /// Switches the kernels to the CUDA emulator.
 fn use_emulator() {
-    ops::set_backend(Backend::CudaEmu).expect("a build with the cuda-emu feature");
+    let config = ops::KernelConfig {
+        backend: Backend::CudaEmu,
+        ..Default::default()
+    };
+    ops::install(&config).expect("a build with the cuda-emu feature");
 }
 
 #[test]

@@ -16,7 +16,11 @@ use common::ops_check::{self, check, randn};
 
 /// Switches the kernels to wgpu, or fails the test with the reason there is no adapter.
 fn use_wgpu() {
-    if let Err(e) = ops::set_backend(Backend::Wgpu) {
+    let config = ops::KernelConfig {
+        backend: Backend::Wgpu,
+        ..Default::default()
+    };
+    if let Err(e) = ops::install(&config) {
         panic!("the wgpu kernel tests need a wgpu adapter: {e}");
     }
 }
@@ -143,8 +147,9 @@ fn conv2d_wgpu_large_output_spans_many_tiles() {
 }
 
 #[test]
-fn device_wgpu_keeps_tensors_on_the_cpu_and_switches_the_kernels() {
-    let dev = diffalign::device::parse_device("wgpu").unwrap_or_else(|e| panic!("--device wgpu: {e}"));
-    assert!(dev.is_cpu());
-    assert_eq!(ops::backend(), Backend::Wgpu);
+fn device_wgpu_keeps_tensors_on_the_cpu_and_selects_the_wgpu_kernels() {
+    let spec: diffalign::device::DeviceSpec = "wgpu".parse().unwrap_or_else(|e| panic!("--device wgpu: {e}"));
+    assert!(spec.device().unwrap().is_cpu());
+    let config = ops::KernelConfig::from_settings(spec, None, None).unwrap();
+    assert_eq!(config.backend, Backend::Wgpu);
 }

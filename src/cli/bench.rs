@@ -12,6 +12,8 @@ use diffalign::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use diffalign::rng::Rng;
 use diffalign::weights::VarBuilder;
 
+use super::device_arg::DeviceArg;
+
 /// Which measurements to run.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Suite {
@@ -62,10 +64,8 @@ pub struct BenchArgs {
     /// Recompute activations block by block in backward passes (suites dpo-step and reno).
     #[arg(long)]
     recompute: bool,
-    /// Device: cpu, cuda[:N] in builds with the `cuda` feature, or wgpu in builds with the `wgpu`
-    /// feature (tensors on the CPU, the kernels of suite kernels as WGSL shaders).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Suite kernels: only the cases whose op name starts with this (e.g. `attention`).
     #[arg(long)]
     op: Option<String>,
@@ -79,6 +79,17 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// `--composed` turns the fused kernels off; suite kernels on a CUDA device times our CUDA
+    /// kernels, which are opt-in elsewhere.
+    pub fn adjust_kernels(&self, config: &mut diffalign::ops::KernelConfig) {
+        if self.composed {
+            config.fused = false;
+        }
+        if matches!(self.suite, Suite::Kernels) && matches!(self.device.spec, diffalign::device::DeviceSpec::Cuda(_)) {
+            config.cuda_ops = diffalign::ops::KernelOp::ALL.to_vec();
+        }
+    }
+
     /// `--config`, which every suite but kernels needs.
     fn config(&self) -> anyhow::Result<&PathBuf> {
         self.config
@@ -129,15 +140,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.repeats == 0 {
         bail!("--repeats: must be at least 1");
     }
-    if args.composed {
-        diffalign::ops::set_fused(false);
-    }
     match args.suite {
-        Suite::Kernels => super::bench_kernels::run(
-            &diffalign::device::parse_device(&args.device)?,
-            args.repeats,
-            args.op.as_deref(),
-        ),
+        Suite::Kernels => super::bench_kernels::run(&args.device.device()?, args.repeats, args.op.as_deref()),
         Suite::Unet => bench_unet(&args),
         Suite::DpoStep => bench_dpo_step(&args),
         Suite::Reno => bench_reno(&args),
@@ -147,7 +151,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
     let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
-    let dev = diffalign::device::parse_device(&args.device)?;
+    let dev = args.device.device()?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let unet = UNet2DConditionModel::new(&cfg, args.config()?, vb.clone()).context("building the UNet")?;
     let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();
@@ -190,7 +194,7 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::schedulers::{NoiseSchedule, SchedulerConfig};
 
     let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
-    let dev = diffalign::device::parse_device(&args.device)?;
+    let dev = args.device.device()?;
     let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
     let policy = UNet2DConditionModel::new(&cfg, args.config()?, policy_vb.clone())?;
     let reference = frozen_unet(&cfg, args)?;
@@ -256,7 +260,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
 
     let vae_path = args.vae_config.as_ref().context("--suite reno needs --vae-config")?;
     let clip_path = args.clip_config.as_ref().context("--suite reno needs --clip-config")?;
-    let dev = diffalign::device::parse_device(&args.device)?;
+    let dev = args.device.device()?;
     let unet = frozen_unet(&UNet2DConditionConfig::from_file(args.config()?)?, args)?;
     let vae_cfg = AutoencoderKLConfig::from_file(vae_path)?;
     let vae = AutoencoderKL::new(&vae_cfg, vae_path, VarBuilder::random(1, DType::F32, &dev, false))?;
@@ -317,7 +321,7 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::lm::completion_logps;
     use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
     let cfg = LlamaConfig::from_file(args.config()?)?;
-    let dev = diffalign::device::parse_device(&args.device)?;
+    let dev = args.device.device()?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let lm = LlamaForCausalLM::new(&cfg, vb.clone()).context("building the LM")?;
     let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();
@@ -350,7 +354,7 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// The same architecture with constant (non-`Var`) weights, so the forward records no graph.
 fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs) -> anyhow::Result<UNet2DConditionModel> {
-    let vb = VarBuilder::random(0, DType::F32, &diffalign::device::parse_device(&args.device)?, false);
+    let vb = VarBuilder::random(0, DType::F32, &args.device.device()?, false);
     Ok(UNet2DConditionModel::new(cfg, args.config()?, vb)?)
 }
 

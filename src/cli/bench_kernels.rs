@@ -176,8 +176,7 @@ fn timed(
 /// printing one JSON line each.
 pub fn run(dev: &Device, repeats: usize, only: Option<&str>) -> anyhow::Result<()> {
     let backend = if dev.is_cuda() {
-        // On a CUDA device "ours" are the CUDA kernels, opt-in elsewhere.
-        ops::set_cuda_kernels(true);
+        // On a CUDA device "ours" are the CUDA kernels (`BenchArgs::adjust_kernels` turns them on).
         "cuda"
     } else if dev.is_cpu() {
         ops::backend().name()

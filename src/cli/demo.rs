@@ -30,6 +30,8 @@ use diffalign::weights::store::write_atomic;
 use diffalign::weights::LoadOptions;
 use indicatif::ProgressBar;
 
+use super::device_arg::DeviceArg;
+
 /// Flags of `diffalign demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -39,9 +41,8 @@ pub struct DemoArgs {
     /// A short pass through every phase (under three minutes on two cores).
     #[arg(long)]
     quick: bool,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Optimizer steps per method (default: 240, quick 3).
     #[arg(long)]
     train_steps: Option<usize>,
@@ -125,7 +126,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else {
         DemoConfig::full()
     };
-    cfg.device = diffalign::device::parse_device(&args.device)?;
+    cfg.device = args.device.device()?;
     cfg.train_steps = args.train_steps.unwrap_or(cfg.train_steps);
     cfg.lr = args.lr.unwrap_or(cfg.lr);
     cfg.eval_seeds = args.eval_seeds.unwrap_or(cfg.eval_seeds);

@@ -34,7 +34,7 @@ use super::model_args::ModelArgs;
 pub struct EvalArgs {
     /// The base model, and the tuned one as `--lora FILE` (on the base UNet) or `--unet DIR`.
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// A file with one prompt per line (blank lines skipped).
     #[arg(long)]
     prompts: PathBuf,

@@ -18,7 +18,7 @@ use super::model_args::ModelArgs;
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// The prompt.
     #[arg(long, conflicts_with = "prompts")]
     prompt: Option<String>,

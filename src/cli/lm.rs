@@ -25,7 +25,9 @@ use diffalign::preference::{metrics, LossType, Objective};
 use diffalign::weights::lora::LoraConfig;
 use diffalign::weights::{save_safetensors, LoadOptions};
 
+use super::device_arg::DeviceArg;
 use super::loss::LossParams;
+use diffalign::device::DeviceSpec;
 
 /// Flags of `diffalign lm`.
 #[derive(Debug, Args)]
@@ -92,9 +94,8 @@ struct LossArgs {
     /// Write the gradient of every policy weight here, under its checkpoint name.
     #[arg(long)]
     grads_out: Option<PathBuf>,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Debug, Args)]
@@ -105,9 +106,8 @@ struct RewardArgs {
     /// A pre-tokenised batch (as for `lm loss`).
     #[arg(long)]
     batch: PathBuf,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Optimisation flags shared by `lm train` and `lm train-rm`.
@@ -142,15 +142,14 @@ struct OptimArgs {
     /// Held-out pairs evaluated before and after training (same formats as `--data`).
     #[arg(long)]
     eval_data: Option<PathBuf>,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 impl OptimArgs {
     fn settings(&self) -> anyhow::Result<TrainSettings> {
         Ok(TrainSettings {
-            device: diffalign::device::parse_device(&self.device)?,
+            device: self.device.device()?,
             steps: self.steps,
             batch_size: self.batch_size,
             lr: self.lr,
@@ -226,9 +225,21 @@ struct EvalRmArgs {
     /// Also write the report here (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+impl LmArgs {
+    /// The subcommand's `--device`.
+    pub fn device(&self) -> DeviceSpec {
+        match &self.command {
+            LmCommand::Loss(a) => a.device.spec,
+            LmCommand::Reward(a) => a.device.spec,
+            LmCommand::Train(a) => a.optim.device.spec,
+            LmCommand::TrainRm(a) => a.optim.device.spec,
+            LmCommand::EvalRm(a) => a.device.spec,
+        }
+    }
 }
 
 pub fn run(args: LmArgs) -> anyhow::Result<()> {
@@ -260,7 +271,7 @@ fn load_lm(
 
 fn loss(args: LossArgs) -> anyhow::Result<()> {
     let objective = args.objective.objective()?;
-    let device = diffalign::device::parse_device(&args.device)?;
+    let device = args.device.device()?;
     if objective.needs_reference() && args.reference.is_none() {
         bail!("--loss-type {} needs --reference", args.objective.loss_type);
     }
@@ -317,7 +328,7 @@ fn loss(args: LossArgs) -> anyhow::Result<()> {
 }
 
 fn reward(args: RewardArgs) -> anyhow::Result<()> {
-    let device = diffalign::device::parse_device(&args.device)?;
+    let device = args.device.device()?;
     let batch = PairBatch::from_file(&args.batch, &device)?;
     let opts = LoadOptions {
         device,
@@ -465,7 +476,7 @@ fn train_rm(args: TrainRmArgs) -> anyhow::Result<()> {
 }
 
 fn eval_rm(args: EvalRmArgs) -> anyhow::Result<()> {
-    let device = diffalign::device::parse_device(&args.device)?;
+    let device = args.device.device()?;
     let eos = eos_of(&args.model)?;
     let pairs = load_pairs(&args.data, &args.model, eos)?;
     let report = lm_train::evaluate_reward_model(&args.model, &pairs, args.batch_size, &device)?;

@@ -54,7 +54,7 @@ pub struct LossArgs {
     /// The model; its own UNet is the frozen reference, `--unet` (a full UNet folder) or
     /// `--lora` (an adapter on the model's UNet) the policy (default: a copy of the reference).
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// dpo, dcpo, mapo or smpo.
     #[arg(long)]
     method: String,

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_kernels;
 mod demo;
+mod device_arg;
 mod eval;
 mod generate;
 mod inputs;
@@ -16,6 +17,8 @@ mod score;
 mod train;
 
 use clap::{Parser, Subcommand};
+use diffalign::device::DeviceSpec;
+use diffalign::ops::KernelConfig;
 
 /// Align text-to-image diffusion models with human preferences.
 #[derive(Debug, Parser)]
@@ -65,12 +68,42 @@ pub(crate) fn progress_bar(label: &str, len: u64) -> indicatif::ProgressBar {
     b
 }
 
-/// Runs the parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    // The library reads it lazily and takes a value it cannot parse as "none"; say so up front.
-    if let Ok(spec) = std::env::var("DIFFALIGN_CUDA_KERNELS") {
-        diffalign::ops::parse_cuda_kernels(&spec).map_err(anyhow::Error::msg)?;
+impl Command {
+    /// The command's `--device` (the CPU for commands without one).
+    fn device(&self) -> DeviceSpec {
+        match self {
+            Command::Demo(a) => a.device.spec,
+            Command::Generate(a) => a.model.device.spec,
+            Command::Loss(a) => a.model.device.spec,
+            Command::Train(a) => a.device.spec,
+            Command::Score(a) => a.device.spec,
+            Command::Reno(a) => a.model.device.spec,
+            Command::Eval(a) => a.model.device.spec,
+            Command::Lm(a) => a.device(),
+            Command::Bench(a) => a.device.spec,
+            Command::Pretrain(_) | Command::Lora(_) => DeviceSpec::Cpu,
+        }
     }
+
+    /// The kernel choice: `--device`, `DIFFALIGN_KERNELS` and `DIFFALIGN_CUDA_KERNELS`, and
+    /// what the command itself asks for (`bench --composed`, `bench --suite kernels` on CUDA).
+    fn kernel_config(&self) -> anyhow::Result<KernelConfig> {
+        let var = |k: &str| std::env::var(k).ok();
+        let mut config = KernelConfig::from_settings(
+            self.device(),
+            var("DIFFALIGN_KERNELS").as_deref(),
+            var("DIFFALIGN_CUDA_KERNELS").as_deref(),
+        )?;
+        if let Command::Bench(a) = self {
+            a.adjust_kernels(&mut config);
+        }
+        Ok(config)
+    }
+}
+
+/// Runs the parsed command line: puts its kernel choice in force, then runs the command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    diffalign::ops::install(&cli.command.kernel_config()?)?;
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Demo(args) => demo::run(args),

@@ -10,6 +10,8 @@ use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::weights::single_file::{summarize_skipped, SingleFile};
 use diffalign::weights::{layout, LoadOptions, LoraSource};
 
+use super::device_arg::DeviceArg;
+
 /// Where the model comes from and how it is loaded.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
@@ -43,9 +45,8 @@ pub struct ModelArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Download a repo id that is not in the cache (configs, tokenizers and safetensors weights
     /// of the chosen variant) into the Hugging Face cache. Nothing is downloaded without it.
     #[arg(long)]
@@ -94,7 +95,7 @@ impl ModelArgs {
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
         Ok(LoadOptions {
             dtype: diffalign::device::parse_dtype(&self.dtype)?,
-            device: diffalign::device::parse_device(&self.device)?,
+            device: self.device.device()?,
             variant: self.variant.clone(),
             trainable: false,
             lora: self.lora_source()?,

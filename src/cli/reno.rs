@@ -32,7 +32,7 @@ use super::model_args::ModelArgs;
 #[derive(Debug, Args)]
 pub struct RenoArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// The prompt.
     #[arg(long, conflicts_with = "prompts")]
     prompt: Option<String>,

@@ -10,6 +10,7 @@ use diffalign::reward::RewardSpec;
 use diffalign::sampling::image_io::load_image;
 use diffalign::weights::LoadOptions;
 
+use super::device_arg::DeviceArg;
 use super::inputs::{load_rewards, parse_reward_spec, reward_specs_or_default};
 
 /// Flags of `diffalign score`.
@@ -27,9 +28,8 @@ pub struct ScoreArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Image files (PNG or JPEG); each is scored on its own, at its own size.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -38,7 +38,7 @@ pub struct ScoreArgs {
 pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         dtype: diffalign::device::parse_dtype(&args.dtype)?,
-        device: diffalign::device::parse_device(&args.device)?,
+        device: args.device.device()?,
         variant: None,
         trainable: false,
         lora: None,

@@ -9,6 +9,8 @@ use diffalign::train::{TrainOptions, Trainer};
 use diffalign::weights::layout;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::device_arg::DeviceArg;
+
 /// Flags of `diffalign train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -23,9 +25,8 @@ pub struct TrainArgs {
     /// Stop after N optimizer steps in this run, writing a checkpoint (continue with --resume).
     #[arg(long)]
     max_steps_this_run: Option<usize>,
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -34,7 +35,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let opts = TrainOptions {
         resume: args.resume,
         max_steps_this_run: args.max_steps_this_run,
-        device: diffalign::device::parse_device(&args.device)?,
+        device: args.device.device()?,
         hub_cache: layout::hub_cache_dir(|k| std::env::var(k).ok()),
     };
     let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {}", args.recipe.display()))?;

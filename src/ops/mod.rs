@@ -2,16 +2,15 @@
 //!
 //! Every op has a `reference` written in plain candle tensor ops: it is the spec, the test oracle
 //! and the fallback. The fused kernels run where they exist (CPU tensors in f32 and f64; CUDA
-//! tensors in f32, f16 and bf16 once [`set_cuda_kernels`] turns them on); other devices and
-//! dtypes take the reference. [`set_fused`] (or `DIFFALIGN_KERNELS=reference` in the environment)
-//! switches the fused kernels off everywhere, for benchmarks and A/B checks.
+//! tensors in f32, f16 and bf16 for the op families a [`KernelConfig`] turns on); other devices
+//! and dtypes take the reference.
 //!
-//! For CPU tensors, [`backend`] picks who computes them: the CPU kernels, or for f32 (in builds
-//! with the `wgpu` feature) the WGSL shaders of `kernels/wgsl/` through `ops::wgpu`, or (with
-//! `cuda-emu`, for tests) the CUDA kernels of `kernels/cuda/` on a CPU emulator; f64 keeps the
-//! CPU kernels. Tensors stay in CPU storage either way. [`set_backend`] (or
-//! `DIFFALIGN_KERNELS=wgpu|cuda-emu`, or `--device wgpu`) switches it for the whole process. CUDA
-//! tensors take the CUDA kernels through each op's `cuda_fwd` (`ops::cuda`).
+//! Which kernels run is one [`KernelConfig`], built by the command line from `--device` and the
+//! environment and put in force once by [`install`] ([`config`]): for CPU tensors, the CPU
+//! kernels, or for f32 (in builds with the `wgpu` feature) the WGSL shaders of `kernels/wgsl/`
+//! through `ops::wgpu`, or (with `cuda-emu`, for tests) the CUDA kernels of `kernels/cuda/` on a
+//! CPU emulator; f64 keeps the CPU kernels. Tensors stay in CPU storage either way. CUDA tensors
+//! take the CUDA kernels through each op's `cuda_fwd` (`ops::cuda`).
 //!
 //! - [`conv2d`]: implicit-GEMM (im2col) convolution with input and weight gradients.
 //! - [`group_norm`] (optionally fused with SiLU) and [`layer_norm`]: one row-normalisation kernel.
@@ -21,6 +20,7 @@
 //! - [`mse`]: the per-sample mean squared error of the preference losses.
 
 pub mod attention;
+pub mod config;
 pub mod conv2d;
 pub(crate) mod cpu;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -34,174 +34,12 @@ pub mod softmax;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use candle_core::{DType, Tensor};
 
-use crate::Result;
-
-// 0: not read yet, 1: fused kernels on, 2: off.
-static FUSED: AtomicU8 = AtomicU8::new(0);
-
-/// Turns the fused kernels on or off for the whole process (the references run when off).
-pub fn set_fused(on: bool) {
-    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-}
-
-/// Whether the fused kernels are on: by default yes, unless `DIFFALIGN_KERNELS=reference`.
-pub fn fused_enabled() -> bool {
-    match FUSED.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("DIFFALIGN_KERNELS").map_or(true, |v| v != "reference");
-            set_fused(on);
-            on
-        }
-        v => v == 1,
-    }
-}
-
-pub use crate::device::KernelBackend as Backend;
-
-/// Selects the kernel backend for the whole process. [`Backend::Wgpu`] fails in builds without
-/// the `wgpu` feature, and when no adapter can be opened (the error names the problem);
-/// [`Backend::CudaEmu`] fails in builds without the `cuda-emu` feature.
-pub fn set_backend(backend: Backend) -> Result<()> {
-    match backend {
-        Backend::Wgpu => wgpu_available()?,
-        Backend::CudaEmu if !backend.is_built() => {
-            return Err(crate::Error::Op {
-                op: "kernels".into(),
-                device: "cuda-emu".into(),
-                reason: "this build has no CUDA emulator (rebuild with `--features cuda-emu`)".into(),
-            })
-        }
-        _ => {}
-    }
-    crate::device::set_kernel_backend(backend);
-    Ok(())
-}
-
-/// The op families of the fused kernels, as `DIFFALIGN_CUDA_KERNELS` names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KernelOp {
-    /// `conv2d` and its gradients.
-    Conv2d,
-    /// `group_norm` (with and without SiLU).
-    GroupNorm,
-    /// `layer_norm`.
-    LayerNorm,
-    /// `softmax`.
-    Softmax,
-    /// `attention`, masked or not.
-    Attention,
-    /// `per_sample_mse`.
-    Mse,
-}
-
-impl KernelOp {
-    /// Every op family.
-    pub const ALL: [KernelOp; 6] = [
-        KernelOp::Conv2d,
-        KernelOp::GroupNorm,
-        KernelOp::LayerNorm,
-        KernelOp::Softmax,
-        KernelOp::Attention,
-        KernelOp::Mse,
-    ];
-
-    /// The family's name in `DIFFALIGN_CUDA_KERNELS`.
-    pub fn name(self) -> &'static str {
-        match self {
-            KernelOp::Conv2d => "conv2d",
-            KernelOp::GroupNorm => "group_norm",
-            KernelOp::LayerNorm => "layer_norm",
-            KernelOp::Softmax => "softmax",
-            KernelOp::Attention => "attention",
-            KernelOp::Mse => "mse",
-        }
-    }
-
-    /// The family's bit in [`CUDA_KERNELS`].
-    fn bit(self) -> u8 {
-        1 << (self as u8)
-    }
-}
-
-/// Reads a `DIFFALIGN_CUDA_KERNELS` value: `1` or `all` for every op family, `0` or nothing for
-/// none, else a comma-separated list of names (`conv2d,group_norm`); an unknown name is an error
-/// that lists the known ones.
-pub fn parse_cuda_kernels(spec: &str) -> std::result::Result<Vec<KernelOp>, String> {
-    match spec.trim() {
-        "1" | "all" => return Ok(KernelOp::ALL.to_vec()),
-        "0" | "" | "none" => return Ok(Vec::new()),
-        _ => {}
-    }
-    spec.split(',')
-        .map(str::trim)
-        .filter(|name| !name.is_empty())
-        .map(|name| {
-            KernelOp::ALL.into_iter().find(|op| op.name() == name).ok_or_else(|| {
-                let known: Vec<&str> = KernelOp::ALL.iter().map(|op| op.name()).collect();
-                format!(
-                    "DIFFALIGN_CUDA_KERNELS: unknown op {name:?} (known: {}, or 1/all, 0/none)",
-                    known.join(", ")
-                )
-            })
-        })
-        .collect()
-}
-
-/// The op families whose CUDA kernels are on, one bit each ([`KernelOp::bit`]); `UNREAD` until
-/// set or read from the environment.
-static CUDA_KERNELS: AtomicU8 = AtomicU8::new(UNREAD);
-const UNREAD: u8 = 0x80;
-
-/// Turns the CUDA kernels of `kernels/cuda/` on or off, all of them, for tensors on a CUDA device
-/// (builds with the `cuda` feature). Off, those tensors take the composed references (candle's
-/// CUDA ops).
-pub fn set_cuda_kernels(on: bool) {
-    set_cuda_kernel_ops(if on { &KernelOp::ALL } else { &[] });
-}
-
-/// Turns the CUDA kernels on for exactly the op families `ops`.
-pub fn set_cuda_kernel_ops(ops: &[KernelOp]) {
-    CUDA_KERNELS.store(ops.iter().fold(0, |bits, op| bits | op.bit()), Ordering::Relaxed);
-}
-
-/// Whether tensors on a CUDA device take the CUDA kernel of `op`: off unless turned on with
-/// [`set_cuda_kernels`], [`set_cuda_kernel_ops`] or `DIFFALIGN_CUDA_KERNELS` (see
-/// [`parse_cuda_kernels`]; a value it rejects turns none on, and the CLI reports it). They stay
-/// opt-in until they have passed their parity tests on a GPU (the CPU emulator checks their
-/// sources in CI).
-pub fn cuda_kernel_enabled(op: KernelOp) -> bool {
-    let mut bits = CUDA_KERNELS.load(Ordering::Relaxed);
-    if bits == UNREAD {
-        let ops = std::env::var("DIFFALIGN_CUDA_KERNELS")
-            .ok()
-            .and_then(|v| parse_cuda_kernels(&v).ok())
-            .unwrap_or_default();
-        set_cuda_kernel_ops(&ops);
-        bits = CUDA_KERNELS.load(Ordering::Relaxed);
-    }
-    bits & op.bit() != 0
-}
-
-/// The kernel backend ([`crate::device::kernel_backend`]).
-pub fn backend() -> Backend {
-    crate::device::kernel_backend()
-}
-
-/// Ok when the wgpu backend can run: built with the feature and an adapter found.
-fn wgpu_available() -> Result<()> {
-    #[cfg(feature = "wgpu")]
-    return wgpu::adapter_info().map(|_| ());
-    #[cfg(not(feature = "wgpu"))]
-    Err(crate::Error::Op {
-        op: "kernels".into(),
-        device: "wgpu".into(),
-        reason: "this build has no wgpu backend (rebuild with `--features wgpu`)".into(),
-    })
-}
+pub use config::{
+    backend, cuda_kernel_enabled, fused_enabled, install, installed, parse_cuda_kernels, Backend, KernelConfig,
+    KernelOp,
+};
 
 /// Inside a kernel's `cpu_fwd`: when the wgpu backend is on and `$storage` is f32, returns the
 /// result of `$wgpu_call` (a `crate::Result` of the output storage) from the enclosing function.

@@ -30,7 +30,8 @@ pub fn device() -> Device {
     DEVICE
         .get_or_init(|| {
             let name = std::env::var("DIFFALIGN_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-            diffalign::device::parse_device(&name)
+            name.parse::<diffalign::device::DeviceSpec>()
+                .and_then(|spec| spec.device())
                 .unwrap_or_else(|e| panic!("DIFFALIGN_TEST_DEVICE={name:?}: cannot create the device: {e}"))
         })
         .clone()
