@@ -303,7 +303,8 @@ fn gpm_head_fits_a_cycle_over_clip_image_embeddings() {
     use diffalign::reward::{ClipReward, RewardKind};
     use diffalign::shapes::world::{Prompt, Scene};
     let dev = Device::Cpu;
-    let dir = diffalign::shapes::assets::shapes_reward_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = diffalign::shapes::assets::shapes_reward_dir(tmp.path()).unwrap();
     let clip = ClipReward::from_clip_model(RewardKind::ClipScore, &dir, &LoadOptions::default()).unwrap();
     let mut rng = diffalign::rng::Rng::new(4);
     let images: Vec<Tensor> = Prompt::all()

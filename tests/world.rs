@@ -125,8 +125,7 @@ fn bradley_terry_probability_is_a_sigmoid_of_the_gap() {
 fn embedded_reward_prefers_the_true_caption_of_rendered_scenes() {
     use diffalign::reward::{load_reward, RewardKind};
     let tmp = tempfile::tempdir().unwrap();
-    std::env::set_var("DIFFALIGN_CACHE", tmp.path());
-    let dir = diffalign::shapes::assets::shapes_reward_dir().unwrap();
+    let dir = diffalign::shapes::assets::shapes_reward_dir(tmp.path()).unwrap();
     let reward = load_reward(RewardKind::ClipScore, &dir, &Default::default()).unwrap();
     let mut rng = Rng::new(21);
     // Pairwise: the true caption against a wrong colour or background, and against a wrong shape.

@@ -148,11 +148,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.join("gallery")).with_context(|| format!("creating {}", out.display()))?;
     let model_dir = match &args.model {
         Some(dir) => dir.clone(),
-        None => diffalign::shapes::assets::shapes_model_dir()?,
+        None => diffalign::shapes::assets::shapes_model_dir(&super::assets_cache())?,
     };
     let reward_dir = match &args.reward {
         Some(dir) => dir.clone(),
-        None => diffalign::shapes::assets::shapes_reward_dir()?,
+        None => diffalign::shapes::assets::shapes_reward_dir(&super::assets_cache())?,
     };
     let gen = Generator::load(&model_dir, &cfg)?;
     let device_opts = LoadOptions {

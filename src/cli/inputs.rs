@@ -75,7 +75,7 @@ pub fn reward_specs_or_default(specs: &[RewardSpec]) -> anyhow::Result<Vec<Rewar
     }
     Ok(vec![RewardSpec {
         kind: diffalign::reward::RewardKind::ClipScore,
-        path: diffalign::shapes::assets::shapes_reward_dir()?,
+        path: diffalign::shapes::assets::shapes_reward_dir(&super::assets_cache())?,
     }])
 }
 

@@ -55,6 +55,11 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Where the embedded models are written (`DIFFALIGN_CACHE`, `XDG_CACHE_HOME`, `HOME`).
+pub(crate) fn assets_cache() -> std::path::PathBuf {
+    diffalign::shapes::assets::cache_root(|k| std::env::var_os(k))
+}
+
 /// A progress bar labelled `label` over `len` units, with elapsed time, ETA and a message.
 pub(crate) fn progress_bar(label: &str, len: u64) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len);

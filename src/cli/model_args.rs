@@ -59,7 +59,7 @@ impl ModelArgs {
     fn model_spec(&self) -> anyhow::Result<String> {
         match &self.model {
             Some(m) => Ok(m.clone()),
-            None => Ok(diffalign::shapes::assets::shapes_model_dir()?
+            None => Ok(diffalign::shapes::assets::shapes_model_dir(&super::assets_cache())?
                 .to_string_lossy()
                 .into_owned()),
         }

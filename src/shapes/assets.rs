@@ -3,6 +3,7 @@
 //! that every loader reads them like any diffusers or transformers folder and nothing is
 //! downloaded. `pipelines/pretrain-shapes.toml` reproduces them.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
@@ -48,20 +49,22 @@ const SHAPES_REWARD: Embedded = Embedded {
     ),
 };
 
-/// The embedded shapes-world pipeline, as a diffusers folder in the cache.
-pub fn shapes_model_dir() -> Result<PathBuf> {
-    materialize(&SHAPES)
+/// The embedded shapes-world pipeline, as a diffusers folder under `cache` (see [`cache_root`]).
+pub fn shapes_model_dir(cache: &Path) -> Result<PathBuf> {
+    materialize(&SHAPES, cache)
 }
 
-/// The embedded shapes-world reward (a transformers `CLIPModel` folder, kind `clipscore`).
-pub fn shapes_reward_dir() -> Result<PathBuf> {
-    materialize(&SHAPES_REWARD)
+/// The embedded shapes-world reward (a transformers `CLIPModel` folder, kind `clipscore`), under
+/// `cache`.
+pub fn shapes_reward_dir(cache: &Path) -> Result<PathBuf> {
+    materialize(&SHAPES_REWARD, cache)
 }
 
 /// Where embedded folders are written: `$DIFFALIGN_CACHE`, else `$XDG_CACHE_HOME/diffalign`,
-/// else `~/.cache/diffalign`, else the system temp folder.
-pub fn cache_root() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+/// else `~/.cache/diffalign`, else the system temp folder. `env` looks a variable up (the CLI
+/// passes `std::env::var_os`), so the library reads no environment itself.
+pub fn cache_root(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    let var = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     var("DIFFALIGN_CACHE")
         .or_else(|| var("XDG_CACHE_HOME").map(|p| p.join("diffalign")))
         .or_else(|| var("HOME").map(|p| p.join(".cache").join("diffalign")))
@@ -80,10 +83,9 @@ fn content_hash(e: &Embedded) -> u64 {
     h
 }
 
-/// Writes `e` once to `cache_root()/NAME-HASH` (through a temporary folder and a rename, so a
-/// folder that exists is complete) and returns that folder.
-fn materialize(e: &Embedded) -> Result<PathBuf> {
-    let root = cache_root();
+/// Writes `e` once to `root/NAME-HASH` (through a temporary folder and a rename, so a folder
+/// that exists is complete) and returns that folder.
+fn materialize(e: &Embedded, root: &Path) -> Result<PathBuf> {
     let dir = root.join(format!("{}-{:016x}", e.name, content_hash(e)));
     if dir.is_dir() {
         return Ok(dir);
