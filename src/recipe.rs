@@ -262,6 +262,12 @@ impl Plan {
         for s in sets {
             apply_set(&mut table, s, path)?;
         }
+        Self::from_table(path, table)
+    }
+
+    /// Validates a recipe given as a TOML table (one a program built rather than read); `path`
+    /// is where it is said to come from, in errors and in [`Plan::source`].
+    pub fn from_table(path: &Path, table: toml::Table) -> Result<Plan> {
         let resolved_toml = toml::to_string(&table).map_err(|e| Error::config(path, "(toml)", e.to_string()))?;
         let raw: RawRecipe = toml::Value::Table(table)
             .try_into()
@@ -278,36 +284,24 @@ impl Plan {
                 format!("expected one of dpo, dcpo, mapo, smpo, got {:?}", t.method),
             )
         })?;
-        let beta = t.beta.unwrap_or(method.default_beta());
-        let objective = match method {
-            Method::Mapo => Objective::Mapo {
-                beta,
-                margin_scale: 1000.0,
-                snr: 0.5,
-            },
-            _ => Objective::Dpo {
-                loss_type: {
-                    let mut lt = t
-                        .loss_type
-                        .parse::<LossType>()
-                        .map_err(|e| err("train.loss_type", e.to_string()))?;
-                    if let Some(g) = t.simpo_gamma {
-                        lt = lt
-                            .with_simpo_gamma(g)
-                            .map_err(|e| err("train.simpo_gamma", e.to_string()))?;
-                    }
-                    if let Some(tau) = t.discopop_tau {
-                        lt = lt
-                            .with_discopop_tau(tau)
-                            .map_err(|e| err("train.discopop_tau", e.to_string()))?;
-                    }
-                    lt
-                },
-                beta,
-                label_smoothing: t.label_smoothing,
-            },
-        };
-        objective.validate().map_err(|e| err("train.beta", e.to_string()))?;
+        let mut loss_type = t
+            .loss_type
+            .parse::<LossType>()
+            .map_err(|e| err("train.loss_type", e.to_string()))?;
+        if let Some(g) = t.simpo_gamma {
+            loss_type = loss_type
+                .with_simpo_gamma(g)
+                .map_err(|e| err("train.simpo_gamma", e.to_string()))?;
+        }
+        if let Some(tau) = t.discopop_tau {
+            loss_type = loss_type
+                .with_discopop_tau(tau)
+                .map_err(|e| err("train.discopop_tau", e.to_string()))?;
+        }
+        let objective = Objective::for_method(method, t.beta, loss_type, t.label_smoothing).map_err(|e| match e {
+            Error::Input { what, reason } => err(&format!("train.{what}"), format!("{what}: {reason}")),
+            other => other,
+        })?;
         let positive = [
             ("train.steps", t.steps),
             ("train.batch_size", t.batch_size),

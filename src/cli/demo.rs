@@ -210,9 +210,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
         }
         std::fs::create_dir_all(&run_dir)?;
-        let recipe = run_dir.join("recipe.toml");
-        std::fs::write(&recipe, method_recipe(method, &model_dir, &pairs, &run_dir, &cfg))?;
-        let plan = Plan::load(&recipe, &[])?;
+        let recipe = method_recipe(method, &model_dir, &pairs, &run_dir, &cfg);
+        let plan = Plan::from_table(&run_dir.join("recipe.toml"), recipe)?;
         let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {method}"))?;
         let b = bar(&format!("train {method}"), cfg.train_steps);
         let mut points = Vec::new();

@@ -68,13 +68,7 @@ struct ObjectiveArgs {
 impl ObjectiveArgs {
     fn objective(&self) -> anyhow::Result<Objective> {
         let loss_type = self.params.apply(self.loss_type.parse::<LossType>()?)?;
-        let o = Objective::Dpo {
-            loss_type,
-            beta: self.beta,
-            label_smoothing: self.params.label_smoothing,
-        };
-        o.validate()?;
-        Ok(o)
+        Ok(Objective::dpo(loss_type, self.beta, self.params.label_smoothing)?)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Args;
 use diffalign::models::unet::UNet2DConditionModel;
@@ -80,36 +80,14 @@ pub struct LossArgs {
     grads_out: Option<PathBuf>,
 }
 
-fn objective(method: Method, args: &LossArgs) -> anyhow::Result<Objective> {
-    let beta = args.beta.unwrap_or(method.default_beta());
-    let loss_type = args.loss_params.apply(args.loss_type.parse()?)?;
-    Ok(match method {
-        Method::Mapo => {
-            if args.loss_type != "sigmoid" || args.loss_params.label_smoothing != 0.0 {
-                bail!("--loss-type and --label-smoothing apply to dpo, dcpo and smpo, not mapo");
-            }
-            Objective::Mapo {
-                beta,
-                margin_scale: 1000.0,
-                snr: 0.5,
-            }
-        }
-        _ => Objective::Dpo {
-            loss_type,
-            beta,
-            label_smoothing: args.loss_params.label_smoothing,
-        },
-    })
-}
-
 fn to_list(t: &Tensor) -> anyhow::Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
 pub fn run(args: LossArgs) -> anyhow::Result<()> {
     let method = Method::parse(&args.method, args.inversion_steps)?;
-    let objective = objective(method, &args)?;
-    objective.validate()?;
+    let loss_type = args.loss_params.apply(args.loss_type.parse()?)?;
+    let objective = Objective::for_method(method, args.beta, loss_type, args.loss_params.label_smoothing)?;
     let batch = PreferenceBatch::from_file(&args.batch)?;
     let (root, opts) = args.model.resolve()?;
     let sources = PipelineSources {

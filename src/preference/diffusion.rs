@@ -15,7 +15,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::objective::{Objective, PairScores, PreferenceLoss};
+use super::objective::{LossType, Objective, PairScores, PreferenceLoss};
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::schedulers::{DDIMInverseScheduler, NoiseSchedule, PredictionType, Scheduler, TimestepSpacing};
 use crate::weights::TensorStore;
@@ -73,6 +73,49 @@ impl Method {
             Method::Mapo => "mapo",
             Method::Smpo { .. } => "smpo",
         }
+    }
+}
+
+/// MaPO's margin multiplier `T` (the number of training timesteps) and its `snr_value`, as in
+/// the paper's code.
+const MAPO_MARGIN_SCALE: f64 = 1000.0;
+const MAPO_SNR: f64 = 0.5;
+
+impl Objective {
+    /// The objective of a diffusion `method`, validated: `beta` (the method's paper value when
+    /// `None`) and, for every method but MaPO, the DPO-family `loss_type` and `label_smoothing`.
+    /// MaPO is a loss of its own with its paper's constants, so it takes neither: an error
+    /// naming the setting when they are not the defaults (sigmoid, 0). Errors are
+    /// [`Error::Input`] naming the setting (`beta`, `loss_type`, `label_smoothing`, ...).
+    pub fn for_method(
+        method: Method,
+        beta: Option<f64>,
+        loss_type: LossType,
+        label_smoothing: f64,
+    ) -> Result<Objective> {
+        let beta = beta.unwrap_or(method.default_beta());
+        if method != Method::Mapo {
+            return Objective::dpo(loss_type, beta, label_smoothing);
+        }
+        if loss_type != LossType::Sigmoid {
+            return Err(Error::input(
+                "loss_type",
+                format!("applies to dpo, dcpo and smpo, not mapo, got {loss_type}"),
+            ));
+        }
+        if label_smoothing != 0.0 {
+            return Err(Error::input(
+                "label_smoothing",
+                format!("applies to dpo, dcpo and smpo, not mapo, got {label_smoothing}"),
+            ));
+        }
+        let objective = Objective::Mapo {
+            beta,
+            margin_scale: MAPO_MARGIN_SCALE,
+            snr: MAPO_SNR,
+        };
+        objective.validate()?;
+        Ok(objective)
     }
 }
 

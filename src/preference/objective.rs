@@ -198,6 +198,17 @@ pub enum Objective {
 }
 
 impl Objective {
+    /// A DPO-family objective, validated.
+    pub fn dpo(loss_type: LossType, beta: f64, label_smoothing: f64) -> Result<Objective> {
+        let objective = Objective::Dpo {
+            loss_type,
+            beta,
+            label_smoothing,
+        };
+        objective.validate()?;
+        Ok(objective)
+    }
+
     /// Whether the objective needs the frozen reference model's proxies.
     pub fn needs_reference(&self) -> bool {
         matches!(self, Objective::Dpo { loss_type, .. } if loss_type.needs_reference())

@@ -402,7 +402,7 @@ pub fn fit_demo_pair_head(pairs_file: &Path, clip_dir: &Path, out: &Path, cfg: &
 }
 
 /// The recipe that aligns the pipeline at `model` with `method` on `pairs`, into `out`.
-pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: &DemoConfig) -> String {
+pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: &DemoConfig) -> toml::Table {
     // Measured on the embedded model (README): a smaller beta lets SmPO shrink the shapes, a
     // larger one lets MaPO's margin term undo its gains; DCPO-p wins at 1000 to 5000.
     let beta = cfg.betas.get(method).copied().unwrap_or(match method {
@@ -411,40 +411,42 @@ pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: 
         "dcpo" => 2000.0,
         _ => 1000.0,
     });
-    format!(
-        r#"[model]
-path = "{model}"
-
-[data]
-format = "jsonl"
-path = "{pairs}"
-dual_captions = {dual}
-
-[train]
-method = "{method}"
-beta = {beta}
-steps = {steps}
-batch_size = {batch}
-lr = {lr:e}
-resolution = {res}
-random_flip = false
-seed = {seed}
-inversion_steps = {inv}
-
-[output]
-dir = "{out}"
-"#,
-        model = model.display(),
-        pairs = pairs.display(),
-        dual = method == "dcpo",
-        steps = cfg.train_steps,
-        batch = cfg.batch_size,
-        lr = cfg.lr,
-        res = 32,
-        inv = cfg.inversion_steps,
-        seed = cfg.seed,
-        out = out.display(),
+    let path = |p: &Path| toml::Value::from(p.display().to_string());
+    let count = |n: usize| toml::Value::from(n as i64);
+    toml::Table::from_iter(
+        [
+            ("model", table([("path", path(model))])),
+            (
+                "data",
+                table([
+                    ("format", "jsonl".into()),
+                    ("path", path(pairs)),
+                    ("dual_captions", (method == "dcpo").into()),
+                ]),
+            ),
+            (
+                "train",
+                table([
+                    ("method", method.into()),
+                    ("beta", beta.into()),
+                    ("steps", count(cfg.train_steps)),
+                    ("batch_size", count(cfg.batch_size)),
+                    ("lr", cfg.lr.into()),
+                    ("resolution", count(32)),
+                    ("random_flip", false.into()),
+                    ("seed", toml::Value::from(cfg.seed as i64)),
+                    ("inversion_steps", count(cfg.inversion_steps)),
+                ]),
+            ),
+            ("output", table([("dir", path(out))])),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
     )
+}
+
+/// A TOML table of `entries`.
+fn table<const N: usize>(entries: [(&str, toml::Value); N]) -> toml::Value {
+    toml::Value::Table(entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
 /// One method's judgement against the base model.
