@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::DType;
 use serde::Deserialize;
 
 use crate::data::DataSpec;
@@ -220,8 +221,10 @@ pub struct Plan {
     pub raw: RawRecipe,
     /// The method.
     pub method: Method,
-    /// The objective.
+    /// The objective, validated.
     pub objective: Objective,
+    /// The compute dtype (`model.dtype`).
+    pub dtype: DType,
     /// The TOML text after overrides (saved beside the results).
     pub resolved_toml: String,
 }
@@ -328,7 +331,7 @@ impl Plan {
                 format!("must be >= 0, got {}", t.max_grad_norm),
             ));
         }
-        crate::device::parse_dtype(&raw.model.dtype).map_err(|e| err("model.dtype", e.to_string()))?;
+        let dtype = crate::device::parse_dtype(&raw.model.dtype).map_err(|e| err("model.dtype", e.to_string()))?;
         if let Some(l) = &raw.lora {
             if l.rank == 0 {
                 return Err(err("lora.rank", "must be > 0, got 0".into()));
@@ -348,6 +351,7 @@ impl Plan {
             raw,
             method,
             objective,
+            dtype,
             resolved_toml,
         })
     }

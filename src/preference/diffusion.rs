@@ -304,14 +304,14 @@ pub struct DiffusionPreference<'a> {
     pub schedule: &'a NoiseSchedule,
     /// The method.
     pub method: Method,
-    /// The objective (loss form and beta).
+    /// The objective (loss form and beta), validated when it was built
+    /// ([`Objective::for_method`], [`Objective::validate`]).
     pub objective: Objective,
 }
 
 impl DiffusionPreference<'_> {
     /// Computes the loss of `batch` with the given conditioning (already encoded per side).
     pub fn loss(&self, batch: &PreferenceBatch, cond: &PairConditioning) -> Result<DiffusionLoss> {
-        self.objective.validate()?;
         let b = batch.len();
         let device = self.policy.device().clone();
         let t_idx: Vec<usize> = batch

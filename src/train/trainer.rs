@@ -102,9 +102,8 @@ impl Trainer {
     pub fn new(plan: Plan, opts: &TrainOptions) -> Result<Self> {
         let r = &plan.raw;
         let root = layout::resolve_model(&r.model.path, opts.hub_cache.as_deref(), r.model.revision.as_deref())?;
-        let dtype = crate::device::parse_dtype(&r.model.dtype)?;
         let load = LoadOptions {
-            dtype,
+            dtype: plan.dtype,
             device: opts.device.clone(),
             variant: r.model.variant.clone(),
             ..Default::default()
@@ -308,8 +307,7 @@ impl Trainer {
 
     /// Builds one micro-batch.
     fn next_batch(&mut self) -> Result<PreferenceBatch> {
-        let t = self.plan.raw.train.clone();
-        let indices = self.next_indices(t.batch_size);
+        let indices = self.next_indices(self.plan.raw.train.batch_size);
         let (mut lw, mut ll, mut noise, mut ts, mut soft) = (vec![], vec![], vec![], vec![], vec![]);
         let (mut cw, mut cl) = (vec![], vec![]);
         for i in indices {
@@ -366,8 +364,9 @@ impl Trainer {
 
     /// One optimizer step over `grad_accum` micro-batches.
     fn step(&mut self) -> Result<StepRecord> {
-        let t = self.plan.raw.train.clone();
+        let t = &self.plan.raw.train;
         let lr = t.lr_schedule.lr(t.lr, self.state.step, t.warmup_steps, t.steps);
+        let (grad_accum, max_grad_norm) = (t.grad_accum, t.max_grad_norm);
         let mut grads: Vec<Tensor> = self
             .opt
             .params
@@ -376,7 +375,7 @@ impl Trainer {
             .collect::<candle_core::Result<_>>()?;
         let (mut loss, mut acc, mut margin, mut mw, mut ml, mut rw, mut rl) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         let mut finite = true;
-        for _ in 0..t.grad_accum {
+        for _ in 0..grad_accum {
             let batch = self.next_batch()?;
             let reference = if self.plan.objective.needs_reference() {
                 Some(&self.pipe.unet)
@@ -394,7 +393,7 @@ impl Trainer {
             let out = eval.loss(&batch, &cond)?;
             let m = &out.loss.metrics;
             finite &= m.loss.is_finite();
-            let k = t.grad_accum as f64;
+            let k = grad_accum as f64;
             loss += m.loss / k;
             acc += m.implicit_acc.unwrap_or(0.0) / k;
             margin += m.reward_margin.unwrap_or(0.0) / k;
@@ -413,7 +412,7 @@ impl Trainer {
                 }
             }
         }
-        let max_norm = (t.max_grad_norm > 0.0).then_some(t.max_grad_norm);
+        let max_norm = (max_grad_norm > 0.0).then_some(max_grad_norm);
         let grad_norm = if finite {
             clip_grad_norm(&mut grads, max_norm)?
         } else {
