@@ -30,6 +30,7 @@ pub mod demo;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod json;
 pub mod lm;
 pub mod models;
 pub mod nn;
