@@ -281,12 +281,6 @@ impl ClipTextConfig {
         self.encoder().validate(source)
     }
 
-    /// Keys of the file that diffalign does not read (`_`-prefixed bookkeeping excluded), sorted,
-    /// for a warning at load time.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        unknown_keys(&self.other)
-    }
-
     /// The pooling rule `eos_token_id` selects.
     pub fn pooling(&self) -> ClipPooling {
         if self.eos_token_id == 2 {
@@ -299,18 +293,6 @@ impl ClipTextConfig {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
-    }
-
-    /// The encoder stack's sizes.
-    pub fn encoder(&self) -> ClipEncoderConfig {
-        ClipEncoderConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            hidden_act: self.hidden_act,
-            layer_norm_eps: self.layer_norm_eps,
-        }
     }
 }
 
@@ -444,28 +426,39 @@ impl ClipVisionConfig {
         check_divides(source, ("patch_size", self.patch_size), ("image_size", self.image_size))
     }
 
-    /// Keys of the file that diffalign does not read (`_`-prefixed bookkeeping excluded), sorted.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        unknown_keys(&self.other)
-    }
-
     /// Number of patches along one side, `image_size / patch_size`.
     pub fn grid_size(&self) -> usize {
         self.image_size / self.patch_size
     }
-
-    /// The encoder stack's sizes.
-    pub fn encoder(&self) -> ClipEncoderConfig {
-        ClipEncoderConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            hidden_act: self.hidden_act,
-            layer_norm_eps: self.layer_norm_eps,
-        }
-    }
 }
+
+/// The methods both tower configs share: they hold the encoder's sizes under the same keys and
+/// the unread keys in `other`.
+macro_rules! tower_config_methods {
+    ($config:ty) => {
+        impl $config {
+            /// Keys of the file that diffalign does not read (`_`-prefixed bookkeeping excluded),
+            /// sorted, for a warning at load time.
+            pub fn unknown_keys(&self) -> Vec<String> {
+                unknown_keys(&self.other)
+            }
+
+            /// The encoder stack's sizes.
+            pub fn encoder(&self) -> ClipEncoderConfig {
+                ClipEncoderConfig {
+                    hidden_size: self.hidden_size,
+                    intermediate_size: self.intermediate_size,
+                    num_hidden_layers: self.num_hidden_layers,
+                    num_attention_heads: self.num_attention_heads,
+                    hidden_act: self.hidden_act,
+                    layer_norm_eps: self.layer_norm_eps,
+                }
+            }
+        }
+    };
+}
+tower_config_methods!(ClipTextConfig);
+tower_config_methods!(ClipVisionConfig);
 
 /// Removes `key` from `map` and deserialises it; a bad value is a config error on
 /// `{prefix}{key}` in `source`.
