@@ -28,6 +28,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod json;
 pub mod lm;
 pub mod models;
 pub mod nn;

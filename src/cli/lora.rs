@@ -118,8 +118,7 @@ fn stored_dtype(dir: &Path, variant: Option<&str>) -> anyhow::Result<DType> {
         single
     } else {
         let index = dir.join(format!("{STEM}.safetensors.index{suffix}.json"));
-        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| index.display().to_string())?;
+        let json: serde_json::Value = diffalign::json::read_json(&index, "sharded checkpoint index")?;
         let first = json["weight_map"]
             .as_object()
             .and_then(|m| m.values().next())

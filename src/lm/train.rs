@@ -498,10 +498,7 @@ fn save_model(
             tensors.insert(name, var.as_tensor().detach());
         }
     }
-    let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(base_dir.join("config.json")).map_err(|e| Error::io(base_dir, e))?,
-    )
-    .map_err(|e| Error::config(base_dir.join("config.json"), "(json)", e.to_string()))?;
+    let mut config: serde_json::Value = crate::json::read_json(&base_dir.join("config.json"), "config file")?;
     if let Some((fresh, settings, cfg)) = head {
         for (name, var) in fresh.vars() {
             tensors.insert(name, var.as_tensor().detach());

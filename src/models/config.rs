@@ -8,16 +8,9 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// Reads and parses a JSON config file; errors name the file (and the line for syntax errors).
+/// Reads and parses a JSON config file ([`crate::json::read_json`] of a "config file").
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            path: path.to_path_buf(),
-            what: "config file".into(),
-        },
-        _ => Error::io(path, e),
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::config(path, "(json)", e.to_string()))
+    crate::json::read_json(path, "config file")
 }
 
 /// Keys of a config that the model does not read: `extra` minus bookkeeping keys (`_class_name`,

@@ -277,21 +277,13 @@ impl SchedulerConfig {
     /// Reads a diffusers `scheduler_config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        if !path.exists() {
-            return Err(Error::MissingFile {
-                path: path.to_path_buf(),
-                what: "scheduler config".into(),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json(&text, path)
+        Self::from_json(&crate::json::read_text(path, "scheduler config")?, path)
     }
 
     /// Parses the text of a `scheduler_config.json`; `source` names it in errors.
     pub fn from_json(text: &str, source: impl Into<PathBuf>) -> Result<Self> {
         let source = source.into();
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| Error::config(&source, "(file)", format!("malformed JSON: {e}")))?;
+        let value: serde_json::Value = crate::json::parse_json(text, &source, "scheduler config")?;
         let serde_json::Value::Object(mut map) = value else {
             return Err(Error::config(&source, "(file)", "expected a JSON object"));
         };

@@ -346,9 +346,7 @@ fn write_pipeline(r: &PretrainRecipe, scale: f64, parts: &[(&str, &VarBuilder)])
         let dir = out.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let config_src = r.model.configs.join(name).join("config.json");
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&config_src).map_err(|e| Error::io(&config_src, e))?)
-                .map_err(|e| Error::config(&config_src, "json", e.to_string()))?;
+        let mut config: serde_json::Value = crate::json::read_json(&config_src, "config file")?;
         if *name == "vae" {
             config["scaling_factor"] = scale.into();
         }

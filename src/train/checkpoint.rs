@@ -88,9 +88,7 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
 /// folder `path` and returns the loop state. Names and shapes must match the current run.
 pub fn load(path: &Path, opt: &mut AdamW) -> Result<TrainState> {
     let state_file = path.join(STATE);
-    let text = std::fs::read_to_string(&state_file).map_err(|e| Error::io(&state_file, e))?;
-    let state: TrainState =
-        serde_json::from_str(&text).map_err(|e| Error::config(&state_file, "(json)", e.to_string()))?;
+    let state: TrainState = crate::json::read_json(&state_file, "training state")?;
     let params = TensorStore::open_file(&path.join(PARAMS))?;
     let moments = TensorStore::open_file(&path.join(OPTIMIZER))?;
     let dev = opt

@@ -65,9 +65,7 @@ pub fn download_pipeline(
     ));
     let info = repo.info().map_err(net)?;
     let index_path = repo.get("model_index.json").map_err(net)?;
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?)
-            .map_err(|e| Error::config(&index_path, "(json)", e.to_string()))?;
+    let index: serde_json::Value = crate::json::read_json(&index_path, "model index")?;
     let components: Vec<String> = index
         .as_object()
         .map(|o| {

@@ -56,9 +56,7 @@ pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Ten
 
 /// Opens a sharded checkpoint from its `*.safetensors.index.json` (`{"weight_map": {name: file}}`).
 pub fn open_sharded(index: &Path) -> Result<TensorStore> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::config(index, "(json)", e.to_string()))?;
+    let json: serde_json::Value = crate::json::read_json(index, "sharded checkpoint index")?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())

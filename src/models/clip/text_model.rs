@@ -13,319 +13,13 @@
 //! Attention is causal with no padding mask, as diffusers calls the encoder. There is no dropout:
 //! `attention_dropout` is read and ignored (it is 0 in every released checkpoint).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use candle_core::{DType, Tensor};
 
-use candle_core::{DType, Device, Tensor};
-
-use crate::nn::{scaled_dot_product_attention, Activation, LayerNorm, Linear};
+pub use super::config::{ClipPooling, ClipTextArchitecture, ClipTextConfig};
+use super::encoder::{causal_mask, ClipEncoder, ClipKeyLayout};
+use crate::nn::{LayerNorm, Linear};
 use crate::weights::VarBuilder;
 use crate::{Error, Result};
-
-/// The transformers class a checkpoint was saved as; it decides whether there is a projection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClipTextArchitecture {
-    /// `CLIPTextModel`: no projection (SD 1.x and 2.x, SDXL's first encoder).
-    TextModel,
-    /// `CLIPTextModelWithProjection`: adds `text_projection.weight` `[projection_dim, hidden_size]`,
-    /// no bias (SDXL's second encoder).
-    TextModelWithProjection,
-    /// The text half of a `CLIPModel` (CLIP-score style reward models): `text_projection.weight`
-    /// with the model's top-level `projection_dim`.
-    ClipModel,
-}
-
-impl ClipTextArchitecture {
-    /// Whether this class has a `text_projection`.
-    pub fn has_projection(self) -> bool {
-        !matches!(self, ClipTextArchitecture::TextModel)
-    }
-
-    fn from_class_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "CLIPTextModel" => ClipTextArchitecture::TextModel,
-            "CLIPTextModelWithProjection" => ClipTextArchitecture::TextModelWithProjection,
-            "CLIPModel" => ClipTextArchitecture::ClipModel,
-            _ => return None,
-        })
-    }
-}
-
-/// How the pooled (end-of-text) position is found in each row of `input_ids`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClipPooling {
-    /// Configs from before transformers PR #24773 say `eos_token_id: 2`: the position of the
-    /// largest id (the end-of-text token has the largest id of CLIP's vocabulary), first on ties.
-    ArgmaxId,
-    /// The first position holding this id (padding may repeat it); position 0 when the row has
-    /// none, as transformers does.
-    FirstEos(i64),
-}
-
-/// Keys of a transformers CLIP text `config.json` that are read but do not change the forward
-/// pass (no warning for them).
-const IGNORED_KEYS: &[&str] = &[
-    "attention_dropout",
-    "dropout",
-    "initializer_range",
-    "initializer_factor",
-    "dtype",
-    "torch_dtype",
-    "model_type",
-    "transformers_version",
-];
-
-/// A transformers `CLIPTextConfig` (`config.json` of `CLIPTextModel` /
-/// `CLIPTextModelWithProjection`, or `text_config` of a `CLIPModel`). Fields are the JSON keys;
-/// absent keys take transformers 5's defaults, noted per field.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClipTextConfig {
-    /// `architectures[0]`: the class, hence whether there is a projection (default
-    /// `CLIPTextModel`; [`ClipTextConfig::from_clip_model_file`] sets `CLIPModel`).
-    pub architecture: ClipTextArchitecture,
-    /// Vocabulary size (default 49408).
-    pub vocab_size: usize,
-    /// Width D of the hidden states (default 512).
-    pub hidden_size: usize,
-    /// Width of the MLP's hidden layer (default 2048).
-    pub intermediate_size: usize,
-    /// Output width of `text_projection` (default 512; for a `CLIPModel`, the top-level value).
-    pub projection_dim: usize,
-    /// Number of encoder layers (default 12).
-    pub num_hidden_layers: usize,
-    /// Number of attention heads; must divide `hidden_size` (default 8).
-    pub num_attention_heads: usize,
-    /// Longest sequence, the rows of `position_embedding` (default 77).
-    pub max_position_embeddings: usize,
-    /// MLP activation (default `quick_gelu`; SD 2.x and SDXL's second encoder use `gelu`).
-    pub hidden_act: Activation,
-    /// Layer-norm epsilon (default 1e-5).
-    pub layer_norm_eps: f64,
-    /// Padding id (default 1; unused by the model).
-    pub pad_token_id: Option<i64>,
-    /// Start-of-text id (default 49406; unused by the model).
-    pub bos_token_id: Option<i64>,
-    /// End-of-text id; 2 selects the legacy pooling rule, see [`ClipPooling`] (default 49407).
-    pub eos_token_id: i64,
-    /// Keys this crate does not read, verbatim.
-    pub other: BTreeMap<String, serde_json::Value>,
-    /// Where the config came from, for error messages.
-    pub source: PathBuf,
-}
-
-impl Default for ClipTextConfig {
-    /// transformers 5's `CLIPTextConfig()` defaults, as a `CLIPTextModel`.
-    fn default() -> Self {
-        ClipTextConfig {
-            architecture: ClipTextArchitecture::TextModel,
-            vocab_size: 49408,
-            hidden_size: 512,
-            intermediate_size: 2048,
-            projection_dim: 512,
-            num_hidden_layers: 12,
-            num_attention_heads: 8,
-            max_position_embeddings: 77,
-            hidden_act: Activation::QuickGelu,
-            layer_norm_eps: 1e-5,
-            pad_token_id: Some(1),
-            bos_token_id: Some(49406),
-            eos_token_id: 49407,
-            other: BTreeMap::new(),
-            source: PathBuf::from("config.json"),
-        }
-    }
-}
-
-impl ClipTextConfig {
-    /// Reads the `config.json` of a `CLIPTextModel` or `CLIPTextModelWithProjection`.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::from_json(&read_text(path, "CLIP text encoder config")?, path)
-    }
-
-    /// Parses the text of a text encoder `config.json`; `source` names it in errors.
-    pub fn from_json(text: &str, source: impl Into<PathBuf>) -> Result<Self> {
-        let source = source.into();
-        let map = parse_object(text, &source)?;
-        Self::from_map(map, source, "")
-    }
-
-    /// Reads the text encoder of a full `CLIPModel` `config.json`: its `text_config` (updated by
-    /// a legacy `text_config_dict`, as transformers does), with the top-level `projection_dim`
-    /// (default 512) as the projection width.
-    pub fn from_clip_model_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::from_clip_model_json(&read_text(path, "CLIP model config")?, path)
-    }
-
-    /// Parses the text of a `CLIPModel` `config.json`; `source` names it in errors.
-    pub fn from_clip_model_json(text: &str, source: impl Into<PathBuf>) -> Result<Self> {
-        let source = source.into();
-        let mut top = parse_object(text, &source)?;
-        let sub = |top: &mut serde_json::Map<String, serde_json::Value>, key: &str| match top.remove(key) {
-            None | Some(serde_json::Value::Null) => Ok(serde_json::Map::new()),
-            Some(serde_json::Value::Object(m)) => Ok(m),
-            Some(v) => Err(Error::config(&source, key, format!("expected a JSON object, got {v}"))),
-        };
-        let mut text_config = sub(&mut top, "text_config")?;
-        text_config.extend(sub(&mut top, "text_config_dict")?);
-        let projection_dim = match top.remove("projection_dim") {
-            Some(v) => {
-                serde_json::from_value(v).map_err(|e| Error::config(&source, "projection_dim", e.to_string()))?
-            }
-            None => 512,
-        };
-        // The class is the whole model's; the text part's own `architectures` does not apply.
-        text_config.remove("architectures");
-        let mut cfg = Self::from_map(text_config, source, "text_config.")?;
-        cfg.architecture = ClipTextArchitecture::ClipModel;
-        cfg.projection_dim = projection_dim;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Reads the known keys of `map` one by one, so that a bad value names its key (prefixed by
-    /// `key_prefix`), then validates.
-    fn from_map(
-        mut map: serde_json::Map<String, serde_json::Value>,
-        source: PathBuf,
-        key_prefix: &str,
-    ) -> Result<Self> {
-        let mut cfg = ClipTextConfig {
-            source,
-            ..ClipTextConfig::default()
-        };
-        let err = |cfg: &ClipTextConfig, key: &str, reason: String| {
-            Error::config(&cfg.source, format!("{key_prefix}{key}"), reason)
-        };
-        macro_rules! read {
-            ($($field:ident),* $(,)?) => {$(
-                if let Some(v) = map.remove(stringify!($field)) {
-                    cfg.$field = serde_json::from_value(v).map_err(|e| err(&cfg, stringify!($field), e.to_string()))?;
-                }
-            )*};
-        }
-        read!(
-            vocab_size,
-            hidden_size,
-            intermediate_size,
-            projection_dim,
-            num_hidden_layers,
-            num_attention_heads,
-            max_position_embeddings,
-            hidden_act,
-            layer_norm_eps,
-            pad_token_id,
-            bos_token_id,
-            eos_token_id,
-        );
-        if let Some(v) = map.remove("architectures") {
-            let names: Vec<String> =
-                serde_json::from_value(v).map_err(|e| err(&cfg, "architectures", e.to_string()))?;
-            let name = names
-                .first()
-                .ok_or_else(|| err(&cfg, "architectures", "empty list".into()))?;
-            if name == "CLIPModel" {
-                return Err(err(
-                    &cfg,
-                    "architectures",
-                    "a full CLIPModel config; read its text encoder with \
-                     ClipTextConfig::from_clip_model_file"
-                        .into(),
-                ));
-            }
-            cfg.architecture = ClipTextArchitecture::from_class_name(name).ok_or_else(|| {
-                err(
-                    &cfg,
-                    "architectures",
-                    format!("unsupported class {name:?}; expected CLIPTextModel or CLIPTextModelWithProjection"),
-                )
-            })?;
-        }
-        for key in IGNORED_KEYS {
-            map.remove(*key);
-        }
-        cfg.other = map.into_iter().collect();
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Checks what transformers' `validate_architecture` and the layer shapes need.
-    pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(Error::config(&self.source, key, "must be > 0, got 0"));
-            }
-        }
-        if self.architecture.has_projection() && self.projection_dim == 0 {
-            return Err(Error::config(&self.source, "projection_dim", "must be > 0, got 0"));
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(Error::config(
-                &self.source,
-                "num_attention_heads",
-                format!(
-                    "must divide hidden_size ({}), got {}",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return Err(Error::config(
-                &self.source,
-                "layer_norm_eps",
-                format!("must be > 0, got {}", self.layer_norm_eps),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Keys of the file that diffalign does not read (`_`-prefixed bookkeeping excluded), sorted,
-    /// for a warning at load time.
-    pub fn unknown_keys(&self) -> Vec<String> {
-        self.other.keys().filter(|k| !k.starts_with('_')).cloned().collect()
-    }
-
-    /// The pooling rule `eos_token_id` selects.
-    pub fn pooling(&self) -> ClipPooling {
-        if self.eos_token_id == 2 {
-            ClipPooling::ArgmaxId
-        } else {
-            ClipPooling::FirstEos(self.eos_token_id)
-        }
-    }
-
-    /// Width of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
-}
-
-fn read_text(path: &Path, what: &str) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            path: path.to_path_buf(),
-            what: what.into(),
-        },
-        _ => Error::io(path, e),
-    })
-}
-
-fn parse_object(text: &str, source: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
-    match serde_json::from_str(text) {
-        Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Error::config(source, "(file)", "expected a JSON object")),
-        Err(e) => Err(Error::config(source, "(file)", format!("malformed JSON: {e}"))),
-    }
-}
 
 /// Where a checkpoint keeps the text transformer's tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,11 +89,15 @@ pub struct ClipTextOutput {
     pub text_embeds: Option<Tensor>,
 }
 
-/// `text_model.embeddings`: token plus position embeddings.
+/// Token plus position embeddings: transformers' `text_model.embeddings`
+/// (`token_embedding.weight`, `position_embedding.weight`), or open_clip's `token_embedding.weight`
+/// and `positional_embedding`.
 #[derive(Debug, Clone)]
-struct ClipTextEmbeddings {
-    token_embedding: Tensor,
-    position_embedding: Tensor,
+pub(super) struct ClipTextEmbeddings {
+    /// `[vocab_size, D]`.
+    pub(super) token_embedding: Tensor,
+    /// `[max_position_embeddings, D]`.
+    pub(super) position_embedding: Tensor,
 }
 
 impl ClipTextEmbeddings {
@@ -416,108 +114,19 @@ impl ClipTextEmbeddings {
         })
     }
 
-    /// `ids`: flat `[B * L]` u32 on the model's device; gives `[B, L, D]`.
-    fn forward(&self, ids: &Tensor, b: usize, l: usize) -> Result<Tensor> {
-        let d = self.token_embedding.dim(1)?;
-        let tokens = self.token_embedding.index_select(ids, 0)?.reshape((b, l, d))?;
+    /// Checks `input_ids` `[B, L]` (see [`read_ids`]; `positions_key` names the position table's
+    /// size in errors) and embeds them: the ids on the host and the embeddings `[B, L, D]`.
+    pub(super) fn forward(&self, input_ids: &Tensor, positions_key: &str) -> Result<(Vec<Vec<i64>>, Tensor)> {
+        let (vocab, d) = self.token_embedding.dims2()?;
+        let positions = self.position_embedding.dim(0)?;
+        let ids = read_ids(input_ids, vocab, (positions_key, positions))?;
+        let (b, l) = (ids.len(), ids[0].len());
+        let flat: Vec<u32> = ids.iter().flatten().map(|&id| id as u32).collect();
+        let flat = Tensor::from_vec(flat, b * l, self.token_embedding.device())?;
+        let tokens = self.token_embedding.index_select(&flat, 0)?.reshape((b, l, d))?;
         let positions = self.position_embedding.narrow(0, 0, l)?;
-        Ok(tokens.broadcast_add(&positions)?)
+        Ok((ids, tokens.broadcast_add(&positions)?))
     }
-}
-
-/// `self_attn`: multi-head attention with `q_proj`, `k_proj`, `v_proj`, `out_proj`.
-#[derive(Debug, Clone)]
-struct ClipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    num_heads: usize,
-    head_dim: usize,
-}
-
-impl ClipAttention {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(ClipAttention {
-            q_proj: Linear::new(d, d, true, vb.pp("q_proj"))?,
-            k_proj: Linear::new(d, d, true, vb.pp("k_proj"))?,
-            v_proj: Linear::new(d, d, true, vb.pp("v_proj"))?,
-            out_proj: Linear::new(d, d, true, vb.pp("out_proj"))?,
-            num_heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-        })
-    }
-
-    /// `xs` `[B, L, D]`, `mask` `[L, L]` additive.
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, l, d) = xs.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = heads(self.q_proj.forward(xs)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let ys = scaled_dot_product_attention(&q, &k, &v, scale, Some(mask))?;
-        let ys = ys.transpose(1, 2)?.reshape((b, l, d))?;
-        self.out_proj.forward(&ys)
-    }
-}
-
-/// `mlp`: `fc2(act(fc1(x)))`.
-#[derive(Debug, Clone)]
-struct ClipMlp {
-    fc1: Linear,
-    fc2: Linear,
-    activation: Activation,
-}
-
-impl ClipMlp {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(ClipMlp {
-            fc1: Linear::new(cfg.hidden_size, cfg.intermediate_size, true, vb.pp("fc1"))?,
-            fc2: Linear::new(cfg.intermediate_size, cfg.hidden_size, true, vb.pp("fc2"))?,
-            activation: cfg.hidden_act,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.activation.forward(&self.fc1.forward(xs)?)?)
-    }
-}
-
-/// `encoder.layers.N`: pre-norm attention and MLP blocks with residuals.
-#[derive(Debug, Clone)]
-struct ClipEncoderLayer {
-    self_attn: ClipAttention,
-    layer_norm1: LayerNorm,
-    mlp: ClipMlp,
-    layer_norm2: LayerNorm,
-}
-
-impl ClipEncoderLayer {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(ClipEncoderLayer {
-            self_attn: ClipAttention::new(cfg, vb.pp("self_attn"))?,
-            layer_norm1: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            mlp: ClipMlp::new(cfg, vb.pp("mlp"))?,
-            layer_norm2: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?)?;
-        Ok((&xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?)
-    }
-}
-
-/// `encoder`: the stack of layers.
-#[derive(Debug, Clone)]
-struct ClipEncoder {
-    layers: Vec<ClipEncoderLayer>,
 }
 
 /// transformers' `CLIPTextModel` body: `embeddings`, `encoder`, `final_layer_norm`.
@@ -531,14 +140,15 @@ struct ClipTextTransformer {
 impl ClipTextTransformer {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let embeddings = ClipTextEmbeddings::new(cfg, vb.pp("embeddings"))?;
-        let layers_vb = vb.pp("encoder").pp("layers");
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(cfg, layers_vb.pp(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let encoder = ClipEncoder::new(
+            &cfg.encoder(),
+            ClipKeyLayout::Transformers,
+            vb.pp("encoder").pp("layers"),
+        )?;
         let final_layer_norm = LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
         Ok(ClipTextTransformer {
             embeddings,
-            encoder: ClipEncoder { layers },
+            encoder,
             final_layer_norm,
         })
     }
@@ -550,7 +160,6 @@ pub struct ClipTextModel {
     text_model: ClipTextTransformer,
     text_projection: Option<Linear>,
     config: ClipTextConfig,
-    device: Device,
 }
 
 impl ClipTextModel {
@@ -578,7 +187,6 @@ impl ClipTextModel {
             text_model,
             text_projection,
             config: cfg.clone(),
-            device: vb.device().clone(),
         })
     }
 
@@ -605,39 +213,31 @@ impl ClipTextModel {
 
     /// [`ClipTextModel::forward`] with options.
     pub fn forward_with(&self, input_ids: &Tensor, opts: &ClipTextForwardOptions) -> Result<ClipTextOutput> {
-        let ids = self.read_ids(input_ids)?;
-        let (b, l) = (ids.len(), ids[0].len());
-        let flat: Vec<u32> = ids.iter().flatten().map(|&id| id as u32).collect();
-        let flat = Tensor::from_vec(flat, b * l, &self.device)?;
-        let mask = causal_mask(l, &self.device)?;
+        let (ids, xs) = self
+            .text_model
+            .embeddings
+            .forward(input_ids, "max_position_embeddings")?;
+        let mask = causal_mask(ids[0].len(), xs.device())?;
 
-        let n = self.text_model.encoder.layers.len();
-        let mut xs = self.text_model.embeddings.forward(&flat, b, l)?;
+        let encoder = &self.text_model.encoder;
+        let n = encoder.num_layers();
         let mut all = opts.output_hidden_states.then(|| Vec::with_capacity(n + 1));
         let mut penultimate = None;
-        for (i, layer) in self.text_model.encoder.layers.iter().enumerate() {
+        let xs = encoder.forward_inspect(&xs, Some(&mask), |i, xs| {
             if let Some(all) = all.as_mut() {
                 all.push(xs.clone());
             }
             if i + 1 == n {
                 penultimate = Some(xs.clone());
             }
-            xs = layer.forward(&xs, &mask)?;
-        }
+        })?;
         if let Some(all) = all.as_mut() {
             all.push(xs.clone());
         }
         let penultimate_hidden_state = penultimate.expect("validated: num_hidden_layers >= 1");
         let last_hidden_state = self.text_model.final_layer_norm.forward(&xs)?;
 
-        let rows: Vec<u32> = pooled_positions(&ids, self.config.pooling())
-            .into_iter()
-            .enumerate()
-            .map(|(row, pos)| (row * l + pos) as u32)
-            .collect();
-        let rows = Tensor::from_vec(rows, b, &self.device)?;
-        let d = self.config.hidden_size;
-        let pooler_output = last_hidden_state.reshape((b * l, d))?.index_select(&rows, 0)?;
+        let pooler_output = pool(&last_hidden_state, &ids, self.config.pooling())?;
         let text_embeds = match &self.text_projection {
             Some(p) => Some(p.forward(&pooler_output)?),
             None => None,
@@ -650,42 +250,55 @@ impl ClipTextModel {
             text_embeds,
         })
     }
+}
 
-    /// Checks `input_ids` (rank 2, integer, ids inside the vocabulary, length within the position
-    /// table) and reads them to the host.
-    fn read_ids(&self, input_ids: &Tensor) -> Result<Vec<Vec<i64>>> {
-        let bad = |reason: String| Error::input("input_ids", reason);
-        let (b, l) = input_ids
-            .dims2()
-            .map_err(|_| bad(format!("expected shape [B, L], got {:?}", input_ids.dims())))?;
-        if b == 0 || l == 0 {
-            return Err(bad(format!("expected a non-empty batch, got shape [{b}, {l}]")));
-        }
-        if l > self.config.max_position_embeddings {
+/// Checks `input_ids` (rank 2, non-empty, integer, ids inside a vocabulary of `vocab` tokens,
+/// length within the position table, whose size is `positions.1` under the key `positions.0`)
+/// and reads them to the host.
+fn read_ids(input_ids: &Tensor, vocab: usize, positions: (&str, usize)) -> Result<Vec<Vec<i64>>> {
+    let bad = |reason: String| Error::input("input_ids", reason);
+    let (b, l) = input_ids
+        .dims2()
+        .map_err(|_| bad(format!("expected shape [B, L], got {:?}", input_ids.dims())))?;
+    if b == 0 || l == 0 {
+        return Err(bad(format!("expected a non-empty batch, got shape [{b}, {l}]")));
+    }
+    let (positions_key, positions) = positions;
+    if l > positions {
+        return Err(bad(format!(
+            "sequence length must be <= {positions_key} ({positions}), got {l}"
+        )));
+    }
+    let ids: Vec<Vec<i64>> = match input_ids.dtype() {
+        DType::U32 => input_ids
+            .to_vec2::<u32>()?
+            .into_iter()
+            .map(|r| r.into_iter().map(i64::from).collect())
+            .collect(),
+        DType::I64 => input_ids.to_vec2::<i64>()?,
+        other => return Err(bad(format!("expected dtype u32 or i64, got {other:?}"))),
+    };
+    let vocab = vocab as i64;
+    for (r, row) in ids.iter().enumerate() {
+        if let Some((c, &id)) = row.iter().enumerate().find(|(_, &id)| id < 0 || id >= vocab) {
             return Err(bad(format!(
-                "sequence length must be <= max_position_embeddings ({}), got {l}",
-                self.config.max_position_embeddings
+                "id at [{r}, {c}] must be in 0..{vocab} (vocab_size), got {id}"
             )));
         }
-        let ids: Vec<Vec<i64>> = match input_ids.dtype() {
-            DType::U32 => input_ids
-                .to_vec2::<u32>()?
-                .into_iter()
-                .map(|r| r.into_iter().map(i64::from).collect())
-                .collect(),
-            DType::I64 => input_ids.to_vec2::<i64>()?,
-            other => return Err(bad(format!("expected dtype u32 or i64, got {other:?}"))),
-        };
-        let vocab = self.config.vocab_size as i64;
-        for (r, row) in ids.iter().enumerate() {
-            if let Some((c, &id)) = row.iter().enumerate().find(|(_, &id)| id < 0 || id >= vocab) {
-                return Err(bad(format!(
-                    "id at [{r}, {c}] must be in 0..{vocab} (vocab_size), got {id}"
-                )));
-            }
-        }
-        Ok(ids)
     }
+    Ok(ids)
+}
+
+/// The states `xs` `[B, L, D]` at each row's pooled position of `ids` under `rule`, `[B, D]`.
+pub(super) fn pool(xs: &Tensor, ids: &[Vec<i64>], rule: ClipPooling) -> Result<Tensor> {
+    let (b, l, d) = xs.dims3()?;
+    let rows: Vec<u32> = pooled_positions(ids, rule)
+        .into_iter()
+        .enumerate()
+        .map(|(row, pos)| (row * l + pos) as u32)
+        .collect();
+    let rows = Tensor::from_vec(rows, b, xs.device())?;
+    Ok(xs.reshape((b * l, d))?.index_select(&rows, 0)?)
 }
 
 /// The pooled position of each row of `ids` under `rule` (transformers' `pooled_output` index).
@@ -702,12 +315,4 @@ pub fn pooled_positions(ids: &[Vec<i64>], rule: ClipPooling) -> Vec<usize> {
             ClipPooling::FirstEos(eos) => row.iter().position(|&id| id == eos).unwrap_or(0),
         })
         .collect()
-}
-
-/// The additive causal mask `[L, L]` (f32): 0 on and below the diagonal, -inf above.
-fn causal_mask(l: usize, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..l)
-        .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(data, (l, l), device)?)
 }

@@ -34,6 +34,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+mod open_clip;
+mod unet;
+mod vae;
+
+use open_clip::{open_clip_name, OpenClip};
+use unet::{unet_name, unet_rules, UnetShape};
+use vae::vae_name;
+
 use super::store::{SafetensorsFile, TensorStore, TensorView, ViewSpec, ViewTransform};
 use crate::{Error, Result};
 
@@ -225,7 +233,7 @@ impl SingleFile {
     /// The UNet's tensors with diffusers names; the structure (`block_out_channels`,
     /// `layers_per_block`, which blocks have attention) comes from its `config.json`.
     pub fn unet(&self, config_file: &Path) -> Result<TensorStore> {
-        let cfg = read_json(config_file)?;
+        let cfg: serde_json::Value = crate::json::read_json(config_file, "config file")?;
         let rules = unet_rules(&UnetShape::from_config(&cfg, config_file)?);
         self.store(Component::Unet, |rest, _| {
             Ok(unet_name(&rules, rest)
@@ -237,7 +245,7 @@ impl SingleFile {
 
     /// The VAE's tensors with diffusers names; its `config.json` gives the number of levels.
     pub fn vae(&self, config_file: &Path) -> Result<TensorStore> {
-        let cfg = read_json(config_file)?;
+        let cfg: serde_json::Value = crate::json::read_json(config_file, "config file")?;
         let levels = required_array(&cfg, "block_out_channels", config_file)?.len();
         self.store(Component::Vae, |rest, shape| {
             Ok(vae_name(rest, levels, shape).into_iter().collect())
@@ -256,7 +264,7 @@ impl SingleFile {
     }
 
     fn text_store(&self, component: Component, config_file: &Path) -> Result<TensorStore> {
-        let cfg = read_json(config_file)?;
+        let cfg: serde_json::Value = crate::json::read_json(config_file, "config file")?;
         let layers = cfg
             .get("num_hidden_layers")
             .and_then(|v| v.as_u64())
@@ -427,17 +435,6 @@ fn unrecognised(names: &BTreeSet<String>) -> String {
     )
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            path: path.to_path_buf(),
-            what: "config file".into(),
-        },
-        _ => Error::io(path, e),
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::config(path, "(json)", e.to_string()))
-}
-
 fn required_array<'a>(cfg: &'a serde_json::Value, key: &str, file: &Path) -> Result<&'a Vec<serde_json::Value>> {
     cfg.get(key).and_then(|v| v.as_array()).ok_or_else(|| {
         Error::config(
@@ -446,323 +443,4 @@ fn required_array<'a>(cfg: &'a serde_json::Value, key: &str, file: &Path) -> Res
             "missing or not a list (needed to map a single-file checkpoint)",
         )
     })
-}
-
-// ------------------------------------------------------------------------------------------------
-// UNet
-
-/// The parts of a UNet config the key map needs.
-struct UnetShape {
-    layers_per_block: Vec<usize>,
-    down_attention: Vec<bool>,
-    up_attention: Vec<bool>,
-}
-
-impl UnetShape {
-    fn from_config(cfg: &serde_json::Value, file: &Path) -> Result<Self> {
-        let n = required_array(cfg, "block_out_channels", file)?.len();
-        let layers_per_block = match cfg.get("layers_per_block") {
-            Some(v) if v.is_u64() => vec![v.as_u64().expect("checked") as usize; n],
-            Some(serde_json::Value::Array(a)) if a.len() == n && a.iter().all(|x| x.is_u64()) => {
-                a.iter().map(|x| x.as_u64().expect("checked") as usize).collect()
-            }
-            other => {
-                return Err(Error::config(
-                    file,
-                    "layers_per_block",
-                    format!("expected a number or {n} numbers, got {other:?}"),
-                ))
-            }
-        };
-        let attention = |key: &str| -> Result<Vec<bool>> {
-            let types = required_array(cfg, key, file)?;
-            if types.len() != n {
-                return Err(Error::config(
-                    file,
-                    key,
-                    format!("must have {n} entries (as block_out_channels), got {}", types.len()),
-                ));
-            }
-            types
-                .iter()
-                .map(|t| match t.as_str() {
-                    Some(s) => Ok(s.starts_with("CrossAttn")),
-                    None => Err(Error::config(file, key, format!("expected block names, got {t}"))),
-                })
-                .collect()
-        };
-        Ok(UnetShape {
-            layers_per_block,
-            down_attention: attention("down_block_types")?,
-            up_attention: attention("up_block_types")?,
-        })
-    }
-}
-
-/// How the names under a prefix continue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Leaves {
-    /// As in diffusers (convolutions, linears, norms, transformer blocks).
-    Same,
-    /// An LDM `ResBlock`: `in_layers.0` -> `norm1`, ...
-    Resnet,
-}
-
-/// `(LDM prefix, our prefix, leaves)` for every block of the UNet.
-fn unet_rules(shape: &UnetShape) -> Vec<(String, String, Leaves)> {
-    use Leaves::{Resnet, Same};
-    let mut rules: Vec<(String, String, Leaves)> = [
-        ("input_blocks.0.0", "conv_in", Same),
-        ("time_embed.0", "time_embedding.linear_1", Same),
-        ("time_embed.2", "time_embedding.linear_2", Same),
-        ("label_emb.0.0", "add_embedding.linear_1", Same),
-        ("label_emb.0.2", "add_embedding.linear_2", Same),
-        ("middle_block.0", "mid_block.resnets.0", Resnet),
-        ("middle_block.1", "mid_block.attentions.0", Same),
-        ("middle_block.2", "mid_block.resnets.1", Resnet),
-        ("out.0", "conv_norm_out", Same),
-        ("out.2", "conv_out", Same),
-    ]
-    .into_iter()
-    .map(|(a, b, l)| (a.to_string(), b.to_string(), l))
-    .collect();
-    let mut rule = |ldm: String, ours: String, leaves| rules.push((ldm, ours, leaves));
-    let n = shape.layers_per_block.len();
-    let mut k = 1;
-    for b in 0..n {
-        for j in 0..shape.layers_per_block[b] {
-            rule(
-                format!("input_blocks.{k}.0"),
-                format!("down_blocks.{b}.resnets.{j}"),
-                Resnet,
-            );
-            if shape.down_attention[b] {
-                rule(
-                    format!("input_blocks.{k}.1"),
-                    format!("down_blocks.{b}.attentions.{j}"),
-                    Same,
-                );
-            }
-            k += 1;
-        }
-        if b + 1 < n {
-            rule(
-                format!("input_blocks.{k}.0.op"),
-                format!("down_blocks.{b}.downsamplers.0.conv"),
-                Same,
-            );
-            k += 1;
-        }
-    }
-    let mut k = 0;
-    for u in 0..n {
-        let layers = shape.layers_per_block[n - 1 - u] + 1;
-        for j in 0..layers {
-            rule(
-                format!("output_blocks.{k}.0"),
-                format!("up_blocks.{u}.resnets.{j}"),
-                Resnet,
-            );
-            if shape.up_attention[u] {
-                rule(
-                    format!("output_blocks.{k}.1"),
-                    format!("up_blocks.{u}.attentions.{j}"),
-                    Same,
-                );
-            }
-            // The upsampler follows the last resnet (and its attention, if any).
-            if j + 1 == layers && u + 1 < n {
-                let slot = if shape.up_attention[u] { 2 } else { 1 };
-                rule(
-                    format!("output_blocks.{k}.{slot}.conv"),
-                    format!("up_blocks.{u}.upsamplers.0.conv"),
-                    Same,
-                );
-            }
-            k += 1;
-        }
-    }
-    rules
-}
-
-/// Our name for the UNet tensor `rest` (past `model.diffusion_model.`); no name leaves it to the
-/// audit.
-fn unet_name(rules: &[(String, String, Leaves)], rest: &str) -> Option<String> {
-    let best = rules
-        .iter()
-        .filter(|(ldm, _, _)| {
-            rest.len() > ldm.len() && rest.starts_with(ldm.as_str()) && rest.as_bytes()[ldm.len()] == b'.'
-        })
-        .max_by_key(|(ldm, _, _)| ldm.len());
-    let (ldm, ours, leaves) = best?;
-    let leaf = &rest[ldm.len() + 1..];
-    let leaf = match leaves {
-        Leaves::Same => Some(leaf.to_string()),
-        Leaves::Resnet => resnet_leaf(leaf),
-    };
-    leaf.map(|l| format!("{ours}.{l}"))
-}
-
-fn resnet_leaf(leaf: &str) -> Option<String> {
-    const MAP: &[(&str, &str)] = &[
-        ("in_layers.0.", "norm1."),
-        ("in_layers.2.", "conv1."),
-        ("out_layers.0.", "norm2."),
-        ("out_layers.3.", "conv2."),
-        ("emb_layers.1.", "time_emb_proj."),
-        ("skip_connection.", "conv_shortcut."),
-    ];
-    MAP.iter()
-        .find_map(|(ldm, ours)| leaf.strip_prefix(ldm).map(|rest| format!("{ours}{rest}")))
-}
-
-// ------------------------------------------------------------------------------------------------
-// VAE
-
-/// Our name (and transform) for the VAE tensor `rest` (past `first_stage_model.`) of shape
-/// `shape`, in a VAE of `levels` levels.
-fn vae_name(rest: &str, levels: usize, shape: &[usize]) -> Option<(String, ViewTransform)> {
-    let same = |n: String| Some((n, ViewTransform::Identity));
-    let parts: Vec<&str> = rest.split('.').collect();
-    let resnet = |leaf: &[&str]| leaf.join(".").replace("nin_shortcut.", "conv_shortcut.");
-    let level = |s: &str| s.parse::<usize>().ok().filter(|&i| i < levels);
-    match parts.as_slice() {
-        ["quant_conv" | "post_quant_conv", ..] => same(rest.to_string()),
-        [coder @ ("encoder" | "decoder"), "conv_in" | "conv_out", ..] => {
-            same(format!("{coder}.{}", &rest[coder.len() + 1..]))
-        }
-        [coder @ ("encoder" | "decoder"), "norm_out", leaf] => same(format!("{coder}.conv_norm_out.{leaf}")),
-        ["encoder", "down", i, "block", j, leaf @ ..] if level(i).is_some() => {
-            same(format!("encoder.down_blocks.{i}.resnets.{j}.{}", resnet(leaf)))
-        }
-        ["encoder", "down", i, "downsample", "conv", leaf] if level(i).is_some() => {
-            same(format!("encoder.down_blocks.{i}.downsamplers.0.conv.{leaf}"))
-        }
-        ["decoder", "up", i, "block", j, leaf @ ..] => level(i).and_then(|i| {
-            same(format!(
-                "decoder.up_blocks.{}.resnets.{j}.{}",
-                levels - 1 - i,
-                resnet(leaf)
-            ))
-        }),
-        ["decoder", "up", i, "upsample", "conv", leaf] => {
-            level(i).and_then(|i| same(format!("decoder.up_blocks.{}.upsamplers.0.conv.{leaf}", levels - 1 - i)))
-        }
-        [coder, "mid", block @ ("block_1" | "block_2"), leaf @ ..] => {
-            let r = if *block == "block_1" { 0 } else { 1 };
-            same(format!("{coder}.mid_block.resnets.{r}.{}", resnet(leaf)))
-        }
-        [coder, "mid", "attn_1", part, leaf] => {
-            let ours = match *part {
-                "norm" => "group_norm",
-                "q" => "to_q",
-                "k" => "to_k",
-                "v" => "to_v",
-                "proj_out" => "to_out.0",
-                _ => return None,
-            };
-            let name = format!("{coder}.mid_block.attentions.0.{ours}.{leaf}");
-            // LDM's attention projections are 1x1 convolutions: [C, C, 1, 1] -> linear [C, C].
-            let transform = match shape {
-                [o, i, rest @ ..] if *part != "norm" && !rest.is_empty() && rest.iter().all(|&d| d == 1) => {
-                    ViewTransform::Reshape(vec![*o, *i])
-                }
-                _ => ViewTransform::Identity,
-            };
-            Some((name, transform))
-        }
-        _ => None,
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
-// OpenCLIP text encoders
-
-/// What the OpenCLIP key map needs from the text encoder's config.
-struct OpenClip {
-    /// `num_hidden_layers` of our encoder.
-    layers: usize,
-    /// Whether our encoder has `text_projection` (`CLIPTextModelWithProjection`).
-    projection: bool,
-    /// Whether the file's block `layers` (its last) is SD 2.x's unused one.
-    skip_last: bool,
-}
-
-/// Our names (and transforms) for the OpenCLIP tensor `rest` (past `...model.`) of `shape`.
-fn open_clip_name(
-    rest: &str,
-    shape: &[usize],
-    opts: &OpenClip,
-) -> std::result::Result<Vec<(String, ViewTransform)>, &'static str> {
-    let one = |n: &str| Ok(vec![(n.to_string(), ViewTransform::Identity)]);
-    match rest {
-        "token_embedding.weight" => return one("text_model.embeddings.token_embedding.weight"),
-        "positional_embedding" => return one("text_model.embeddings.position_embedding.weight"),
-        "ln_final.weight" => return one("text_model.final_layer_norm.weight"),
-        "ln_final.bias" => return one("text_model.final_layer_norm.bias"),
-        // CLIP's contrastive temperature: only image-text similarity uses it.
-        "logit_scale" => return Err("CLIP's logit scale, not used to encode text"),
-        "text_projection" if opts.projection => {
-            return Ok(vec![("text_projection.weight".into(), ViewTransform::Transpose)])
-        }
-        // SD 2.x: diffusers' text encoder is a CLIPTextModel, which has no projection.
-        "text_projection" => return Err("OpenCLIP's text projection, which a CLIPTextModel does not have"),
-        _ => {}
-    }
-    let Some(block) = rest.strip_prefix("transformer.resblocks.") else {
-        return Ok(vec![]);
-    };
-    let Some((k, leaf)) = block.split_once('.') else {
-        return Ok(vec![]);
-    };
-    let Ok(k) = k.parse::<usize>() else {
-        return Ok(vec![]);
-    };
-    if k >= opts.layers {
-        return if opts.skip_last && k == opts.layers {
-            Err("SD 2.x's last OpenCLIP block, unused: the model conditions on the penultimate block")
-        } else {
-            Ok(vec![])
-        };
-    }
-    let layer = format!("text_model.encoder.layers.{k}");
-    const LEAVES: &[(&str, &str)] = &[
-        ("ln_1.", "layer_norm1."),
-        ("ln_2.", "layer_norm2."),
-        ("mlp.c_fc.", "mlp.fc1."),
-        ("mlp.c_proj.", "mlp.fc2."),
-        ("attn.out_proj.", "self_attn.out_proj."),
-    ];
-    if let Some(name) = LEAVES
-        .iter()
-        .find_map(|(ldm, ours)| leaf.strip_prefix(ldm).map(|l| format!("{layer}.{ours}{l}")))
-    {
-        return Ok(vec![(name, ViewTransform::Identity)]);
-    }
-    let kind = match leaf {
-        "attn.in_proj_weight" => "weight",
-        "attn.in_proj_bias" => "bias",
-        _ => return Ok(vec![]),
-    };
-    // q, k and v stacked along dim 0: [3D, D] (weight) or [3D] (bias).
-    match shape.first() {
-        Some(&rows) if rows % 3 == 0 => {
-            let d = rows / 3;
-            Ok(["q", "k", "v"]
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    (
-                        format!("{layer}.self_attn.{p}_proj.{kind}"),
-                        ViewTransform::Narrow {
-                            dim: 0,
-                            start: i * d,
-                            len: d,
-                        },
-                    )
-                })
-                .collect())
-        }
-        _ => Ok(vec![]),
-    }
 }
