@@ -10,12 +10,12 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use diffalign::lm::data::load_pairs;
 use diffalign::lm::synthetic;
-use diffalign::lm::train::{evaluate_policy, train_policy, PolicyData, TrainSettings};
 use diffalign::models::llama::LlamaForCausalLM;
 use diffalign::nn::Linear;
 use diffalign::optim::{AdamW, AdamWConfig};
 use diffalign::preference::heads::{bt_loss, gpm_loss, gpm_score, GpmHead};
 use diffalign::preference::{LossType, Objective};
+use diffalign::train::lm::{evaluate_policy, train_policy, PolicyData, TrainSettings};
 use diffalign::weights::{LoadOptions, VarBuilder};
 
 const VOCAB: usize = 512;

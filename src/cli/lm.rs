@@ -16,12 +16,12 @@ use clap::{Args, Subcommand};
 use diffalign::lm::batch::PairBatch;
 use diffalign::lm::data::{load_examples, load_pairs};
 use diffalign::lm::reward_model::{HeadKind, RewardModel, RewardOutput};
-use diffalign::lm::train::{self as lm_train, HeadSettings, PolicyData, StepRecord, TrainSettings};
 use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
 use diffalign::optim::AdamWConfig;
 use diffalign::preference::heads::gpm_score;
 use diffalign::preference::kto::Kto;
 use diffalign::preference::{metrics, LossType, Objective};
+use diffalign::train::lm::{self as lm_train, HeadSettings, LmStepRecord, PolicyData, TrainSettings};
 use diffalign::weights::lora::LoraConfig;
 use diffalign::weights::{save_safetensors, LoadOptions};
 
@@ -354,10 +354,10 @@ fn reward(args: RewardArgs) -> anyhow::Result<()> {
 }
 
 /// A progress bar and a JSONL line on stdout per step.
-fn step_printer(label: &str, steps: usize) -> (indicatif::ProgressBar, impl FnMut(&StepRecord)) {
+fn step_printer(label: &str, steps: usize) -> (indicatif::ProgressBar, impl FnMut(&LmStepRecord)) {
     let bar = super::progress_bar(label, steps as u64);
     let b = bar.clone();
-    (bar, move |r: &StepRecord| {
+    (bar, move |r: &LmStepRecord| {
         b.set_message(format!("loss {:.4} acc {:.2}", r.loss, r.accuracy));
         b.inc(1);
         b.suspend(|| println!("{}", serde_json::to_string(r).expect("plain record")));

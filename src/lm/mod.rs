@@ -6,11 +6,11 @@
 
 pub mod batch;
 pub mod data;
+pub mod kto;
 pub mod logprob;
 pub mod reward_model;
 pub mod rewardbench;
 pub mod synthetic;
-pub mod train;
 
 use candle_core::Tensor;
 

@@ -2,6 +2,7 @@
 //! resumable checkpoints ([`checkpoint`]) and the end-of-run report ([`report`]).
 
 pub mod checkpoint;
+pub mod lm;
 pub mod report;
 pub mod trainer;
 
