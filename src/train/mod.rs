@@ -1,10 +1,12 @@
 //! Preference fine-tuning: the loop ([`trainer`]), the optimizer and schedules ([`optim`]),
-//! resumable checkpoints ([`checkpoint`]) and the end-of-run report ([`report`]).
+//! resumable checkpoints ([`checkpoint`]), how a run starts or resumes in its output folder
+//! ([`resume`]) and the end-of-run report ([`report`]).
 
 pub mod checkpoint;
 pub mod optim;
 pub mod pretrain;
 pub mod report;
+pub mod resume;
 pub mod trainer;
 
 use candle_core::Tensor;
@@ -14,6 +16,7 @@ use crate::preference::diffusion::{Method, PairConditioning, PreferenceBatch};
 use crate::sampling::StableDiffusionPipeline;
 use crate::Result;
 
+pub use resume::Resume;
 pub use trainer::{TrainOptions, Trainer};
 
 /// Both sides' text conditioning of a batch: the preferred captions for both sides, except
