@@ -927,7 +927,10 @@ fn pickapic_undecodable_image_is_skipped_once_in_skip_mode() {
     let late = ds.late_skipped(0);
     assert_eq!(late.len(), 1, "listed once: {late:?}");
     assert_eq!(late[0].0.index as i64, row);
-    assert!(late[0].1.contains("jpg_1") && late[0].1.contains("cannot decode"), "{late:?}");
+    assert!(
+        late[0].1.contains("jpg_1") && late[0].1.contains("cannot decode"),
+        "{late:?}"
+    );
     assert!(ds.late_skipped(1).is_empty());
     let other = (0..ds.len()).find(|&k| k != i).unwrap();
     assert!(ds.get_or_skip(other).unwrap().is_some());
@@ -950,21 +953,30 @@ fn jsonl_and_folders_undecodable_images_are_skipped_with_their_location() {
     assert_eq!(ds.get_or_skip(1).unwrap().unwrap().caption_w, "p1");
     let late = ds.late_skipped(0);
     assert_eq!((late[0].0.index, late[0].0.line), (0, Some(1)));
-    assert!(late[0].1.contains("rejected") && late[0].1.contains("cannot decode"), "{late:?}");
+    assert!(
+        late[0].1.contains("rejected") && late[0].1.contains("cannot decode"),
+        "{late:?}"
+    );
 
     let dir = folders_fixture("captions.txt", "a.png\tan apple\nb.png\ta bee\n");
     std::fs::write(dir.path().join("w/b.png"), b"garbage").unwrap();
     let ds = PairDataset::open(&spec(DataFormat::Folders, dir.path())).unwrap();
     assert!(ds.get_or_skip(1).unwrap().is_none());
     let late = ds.late_skipped(0);
-    assert!(late[0].0.file.ends_with("w/b.png") && late[0].0.line.is_none(), "{late:?}");
+    assert!(
+        late[0].0.file.ends_with("w/b.png") && late[0].0.line.is_none(),
+        "{late:?}"
+    );
     assert!(ds.get_or_skip(0).unwrap().is_some(), "a.png decodes");
     // The last usable pair found bad leaves none: an error that says so.
     std::fs::write(dir.path().join("l/a.png"), b"garbage").unwrap();
     let ds = PairDataset::open(&spec(DataFormat::Folders, dir.path())).unwrap();
     assert!(ds.get_or_skip(0).unwrap().is_none());
     let msg = ds.get_or_skip(1).err().unwrap().to_string();
-    assert!(msg.contains("no usable preference pairs: all 4 record(s) were skipped"), "{msg}");
+    assert!(
+        msg.contains("no usable preference pairs: all 4 record(s) were skipped"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -1023,9 +1035,15 @@ fn jsonl_paths_outside_the_folder_are_allowed_unless_root_only() {
     let reasons: Vec<&str> = ds.skipped().iter().map(|(_, r)| r.as_str()).collect();
     assert_eq!(reasons.len(), 2);
     for r in &reasons {
-        assert!(r.contains("outside the dataset folder") && r.contains("root_only"), "{r}");
+        assert!(
+            r.contains("outside the dataset folder") && r.contains("root_only"),
+            "{r}"
+        );
     }
-    assert!(reasons[1].contains("1_w.png"), "the absolute path is named: {reasons:?}");
+    assert!(
+        reasons[1].contains("1_w.png"),
+        "the absolute path is named: {reasons:?}"
+    );
 
     s.bad_records = BadRecordPolicy::Error;
     let err = PairDataset::open(&s).err().unwrap();
@@ -1071,7 +1089,10 @@ fn skipped_records_file_round_trips_and_terminal_list_is_capped() {
     let path = dir.path().join("skipped_records.jsonl");
     write_skipped(&path, &records).unwrap();
     assert_eq!(read_skipped(&path).unwrap(), records);
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
     let lines = summary_lines(&records, 20);
     assert_eq!(lines.len(), 21);

@@ -150,8 +150,14 @@ fn train_on_byte_order_marked_jsonl_uses_every_pair() {
     let o = train(&recipe(tmp.path(), &data, 1), &[]);
     assert_ok(&o);
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((summary["pairs_used"].as_u64(), summary["records_skipped"].as_u64()), (Some(2), Some(0)));
-    assert_eq!(std::fs::read_to_string(tmp.path().join("out/skipped_records.jsonl")).unwrap(), "");
+    assert_eq!(
+        (summary["pairs_used"].as_u64(), summary["records_skipped"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("out/skipped_records.jsonl")).unwrap(),
+        ""
+    );
 }
 
 #[test]
@@ -165,8 +171,14 @@ fn no_usable_pairs_says_how_many_were_skipped_and_why() {
     let o = train(&recipe(tmp.path(), &data, 1), &[]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("no usable preference pairs: all 2 record(s) were skipped"), "{err}");
-    assert!(err.contains("img/x.png not found") && err.contains("(line 2): not a pair object"), "{err}");
+    assert!(
+        err.contains("no usable preference pairs: all 2 record(s) were skipped"),
+        "{err}"
+    );
+    assert!(
+        err.contains("img/x.png not found") && err.contains("(line 2): not a pair object"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -178,7 +190,10 @@ fn resume_on_an_empty_output_folder_is_an_error_naming_it() {
     assert!(!o.status.success());
     let out = tmp.path().join("out");
     let err = stderr(&o);
-    assert!(err.contains(&format!("{}: no checkpoint to resume from", out.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}: no checkpoint to resume from", out.display())),
+        "{err}"
+    );
     assert!(!out.join("metrics.jsonl").exists(), "nothing was trained");
 }
 
@@ -225,10 +240,21 @@ fn resume_refuses_a_changed_method_unless_allowed_and_then_records_it() {
     // More steps and another checkpoint interval change nothing a step computes.
     assert_ok(&train(
         &r,
-        &["--resume", "--set", "train.steps=3", "--set", "output.checkpoint_every=1", "--max-steps-this-run", "1"],
+        &[
+            "--resume",
+            "--set",
+            "train.steps=3",
+            "--set",
+            "output.checkpoint_every=1",
+            "--max-steps-this-run",
+            "1",
+        ],
     ));
 
-    let o = train(&r, &[&mapo[..], &["--set", "train.steps=3", "--allow-recipe-change"]].concat());
+    let o = train(
+        &r,
+        &[&mapo[..], &["--set", "train.steps=3", "--allow-recipe-change"]].concat(),
+    );
     assert_ok(&o);
     let events: Vec<serde_json::Value> = read_jsonl(&out.join("metrics.jsonl"))
         .into_iter()
@@ -257,7 +283,11 @@ fn stale_temporary_checkpoint_folders_are_removed_on_start() {
     let o = train(&r, &[]);
     assert_ok(&o);
     assert!(!stale.exists(), "stale folder kept");
-    assert!(stderr(&o).contains(&format!("removed {}", stale.display())), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("removed {}", stale.display())),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -112,7 +112,12 @@ impl JsonlPairs {
             let parsed = serde_json::from_str::<Line>(line).map_err(|e| format!("not a pair object: {e}"));
             match parsed.and_then(|l| check(l, i, &dir, spec)) {
                 Ok(r) => records.push(r),
-                Err(reason) => handle_bad(spec.bad_records, RecordLocation::at_line(&file, i), reason, &mut skipped)?,
+                Err(reason) => handle_bad(
+                    spec.bad_records,
+                    RecordLocation::at_line(&file, i),
+                    reason,
+                    &mut skipped,
+                )?,
             }
         }
         Ok(JsonlPairs { file, records, skipped })

@@ -541,7 +541,10 @@ impl PairSource for PickapicPairs {
     fn location(&self, i: usize) -> RecordLocation {
         let e = self.entries[i];
         let shard = &self.shards[e.shard as usize];
-        RecordLocation::new(&shard.path, shard.row_group_start[e.row_group as usize] + e.row_in_group as usize)
+        RecordLocation::new(
+            &shard.path,
+            shard.row_group_start[e.row_group as usize] + e.row_in_group as usize,
+        )
     }
 
     fn files(&self) -> Vec<PathBuf> {

@@ -118,7 +118,12 @@ impl Trainer {
     /// anything when the start `resume` asks for is not possible (see [`super::resume`]).
     pub fn new(plan: Plan, opts: &TrainOptions) -> Result<Self> {
         let r = &plan.raw;
-        let start = plan_start(&r.output.dir, &plan.resolved_toml, opts.resume, opts.allow_recipe_change)?;
+        let start = plan_start(
+            &r.output.dir,
+            &plan.resolved_toml,
+            opts.resume,
+            opts.allow_recipe_change,
+        )?;
         let root = layout::resolve_model(&r.model.path, opts.hub_cache.as_deref(), r.model.revision.as_deref())?;
         let dtype = crate::device::parse_dtype(&r.model.dtype)?;
         let load = LoadOptions {
@@ -227,12 +232,12 @@ impl Trainer {
             notes: Vec::new(),
         };
         trainer.begin(&start.checkpoint, &start.changes)?;
-        trainer.notes.extend(
-            start
-                .removed_tmp
-                .iter()
-                .map(|p| format!("removed {}, left by a run stopped while writing a checkpoint", p.display())),
-        );
+        trainer.notes.extend(start.removed_tmp.iter().map(|p| {
+            format!(
+                "removed {}, left by a run stopped while writing a checkpoint",
+                p.display()
+            )
+        }));
         Ok(trainer)
     }
 
