@@ -58,6 +58,19 @@ impl RecipeChange {
     }
 }
 
+/// `key: old -> new; ...` for all of `changes`.
+pub fn describe_changes(changes: &[RecipeChange]) -> String {
+    let described: Vec<String> = changes.iter().map(RecipeChange::describe).collect();
+    described.join("; ")
+}
+
+/// The `metrics.jsonl` line recording recipe changes allowed when resuming at `step`:
+/// `{"event": "recipe_change", "step", "changes": [{"key", "old", "new"}]}`.
+pub fn change_event(step: usize, changes: &[RecipeChange]) -> serde_json::Value {
+    let changes: Vec<serde_json::Value> = changes.iter().map(RecipeChange::to_json).collect();
+    serde_json::json!({"event": "recipe_change", "step": step, "changes": changes})
+}
+
 /// Whether `key` (dotted) is one a resumed run may change freely.
 fn harmless(key: &str) -> bool {
     HARMLESS_KEYS
@@ -160,7 +173,6 @@ pub fn plan_start(out: &Path, resolved_toml: &str, resume: Resume, allow_recipe_
     };
     if !changes.is_empty() && !allow_recipe_change {
         let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
-        let described: Vec<String> = changes.iter().map(RecipeChange::describe).collect();
         return Err(Error::config(
             &recipe_file,
             keys.join(", "),
@@ -168,7 +180,7 @@ pub fn plan_start(out: &Path, resolved_toml: &str, resume: Resume, allow_recipe_
                 "changed since the checkpoint ({}); resuming would continue the run as a different one. \
                  Restore the recipe, start a new output.dir, or pass --allow-recipe-change (recorded in \
                  metrics.jsonl)",
-                described.join("; ")
+                describe_changes(&changes)
             ),
         ));
     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::checkpoint::{self, TrainState};
 use super::optim::{clip_grad_norm, AdamW};
 use super::report::{write_report, Curve, ImageRow};
-use super::resume::{plan_start, RecipeChange, Resume};
+use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Resume};
 use crate::data::skipped::{self, SkippedRecord};
 use crate::data::{LatentCache, PairDataset, PreferencePair, Preprocess};
 use crate::models::unet::UNet2DConditionModel;
@@ -254,17 +254,11 @@ impl Trainer {
                 // Pairs found undecodable before the interruption stay listed.
                 self.skipped = skipped::read_skipped(&skipped_path)?;
                 if !changes.is_empty() {
-                    let event = serde_json::json!({
-                        "event": "recipe_change",
-                        "step": self.state.step,
-                        "changes": changes.iter().map(RecipeChange::to_json).collect::<Vec<_>>(),
-                    });
-                    self.append_line(&event.to_string())?;
-                    let described: Vec<String> = changes.iter().map(RecipeChange::describe).collect();
+                    self.append_line(&change_event(self.state.step, changes).to_string())?;
                     self.notes.push(format!(
                         "recipe changed since the checkpoint at step {} ({}); recorded in {}",
                         self.state.step,
-                        described.join("; "),
+                        describe_changes(changes),
                         self.metrics_path().display()
                     ));
                 }
