@@ -912,3 +912,191 @@ fn latent_cache_reports_bad_entries_and_encodings() {
     std::fs::write(cache.dir().join("identity.txt"), "something else").unwrap();
     assert!(LatentCache::open(root.path(), "id").is_err());
 }
+
+// ----------------------------------------------------------------------------------------------
+// skipped records, late skips, byte-order marks, root_only (issue 23)
+
+#[test]
+fn pickapic_undecodable_image_is_skipped_once_in_skip_mode() {
+    let ds = PairDataset::open(&spec(DataFormat::Pickapic, data_dir().join("pickapic_tiny.parquet"))).unwrap();
+    let exp = &expected()["pickapic_tiny.parquet"];
+    let row = exp["corrupt"]["row"].as_i64().unwrap();
+    let i = pair_of_row(&ds, &exp["drop_ties"], row);
+    assert!(ds.get_or_skip(i).unwrap().is_none());
+    assert!(ds.get_or_skip(i).unwrap().is_none(), "still skipped");
+    let late = ds.late_skipped(0);
+    assert_eq!(late.len(), 1, "listed once: {late:?}");
+    assert_eq!(late[0].0.index as i64, row);
+    assert!(
+        late[0].1.contains("jpg_1") && late[0].1.contains("cannot decode"),
+        "{late:?}"
+    );
+    assert!(ds.late_skipped(1).is_empty());
+    let other = (0..ds.len()).find(|&k| k != i).unwrap();
+    assert!(ds.get_or_skip(other).unwrap().is_some());
+
+    // Under the error policy (limited to rows before the null label of row 5, an error when
+    // opening) the undecodable image is an error.
+    let mut s = spec(DataFormat::Pickapic, data_dir().join("pickapic_tiny.parquet"));
+    s.bad_records = BadRecordPolicy::Error;
+    s.limit = Some(i + 1);
+    let ds = PairDataset::open(&s).unwrap();
+    assert!(ds.get_or_skip(i).is_err());
+}
+
+#[test]
+fn jsonl_and_folders_undecodable_images_are_skipped_with_their_location() {
+    let dir = jsonl_fixture(&JSONL_LINES[..2]);
+    std::fs::write(dir.path().join("img/0_l.png"), b"garbage").unwrap();
+    let ds = PairDataset::open(&spec(DataFormat::Jsonl, dir.path())).unwrap();
+    assert!(ds.get_or_skip(0).unwrap().is_none());
+    assert_eq!(ds.get_or_skip(1).unwrap().unwrap().caption_w, "p1");
+    let late = ds.late_skipped(0);
+    assert_eq!((late[0].0.index, late[0].0.line), (0, Some(1)));
+    assert!(
+        late[0].1.contains("rejected") && late[0].1.contains("cannot decode"),
+        "{late:?}"
+    );
+
+    let dir = folders_fixture("captions.txt", "a.png\tan apple\nb.png\ta bee\n");
+    std::fs::write(dir.path().join("w/b.png"), b"garbage").unwrap();
+    let ds = PairDataset::open(&spec(DataFormat::Folders, dir.path())).unwrap();
+    assert!(ds.get_or_skip(1).unwrap().is_none());
+    let late = ds.late_skipped(0);
+    assert!(
+        late[0].0.file.ends_with("w/b.png") && late[0].0.line.is_none(),
+        "{late:?}"
+    );
+    assert!(ds.get_or_skip(0).unwrap().is_some(), "a.png decodes");
+    // The last usable pair found bad leaves none: an error that says so.
+    std::fs::write(dir.path().join("l/a.png"), b"garbage").unwrap();
+    let ds = PairDataset::open(&spec(DataFormat::Folders, dir.path())).unwrap();
+    assert!(ds.get_or_skip(0).unwrap().is_none());
+    let msg = ds.get_or_skip(1).err().unwrap().to_string();
+    assert!(
+        msg.contains("no usable preference pairs: all 4 record(s) were skipped"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn jsonl_byte_order_mark_is_ignored() {
+    let dir = jsonl_fixture(&JSONL_LINES[..2]);
+    let text = std::fs::read_to_string(dir.path().join("pairs.jsonl")).unwrap();
+    std::fs::write(dir.path().join("pairs.jsonl"), format!("\u{feff}{text}")).unwrap();
+    let ds = PairDataset::open(&spec(DataFormat::Jsonl, dir.path())).unwrap();
+    assert_eq!(ds.len(), 2);
+    assert!(ds.skipped().is_empty(), "{:?}", ds.skipped());
+}
+
+#[test]
+fn jsonl_skip_reasons_name_wrong_types_and_out_of_range_soft_labels() {
+    let dir = jsonl_fixture(&[
+        r#"{"prompt": 5, "chosen": "img/0_w.png", "rejected": "img/0_l.png"}"#,
+        r#"{"chosen": "img/0_w.png", "rejected": "img/0_l.png"}"#,
+        r#"{"prompt": "p", "chosen": "img/0_w.png", "rejected": "img/0_l.png", "soft_label": 7.5}"#,
+    ]);
+    let ds = PairDataset::open(&spec(DataFormat::Jsonl, dir.path())).unwrap();
+    assert!(ds.is_empty());
+    let skipped = ds.skipped();
+    let lines: Vec<Option<usize>> = skipped.iter().map(|(l, _)| l.line).collect();
+    assert_eq!(lines, [Some(1), Some(2), Some(3)]);
+    assert!(skipped[0].1.contains("invalid type: integer `5`"), "{skipped:?}");
+    assert!(skipped[1].1.contains("missing field `prompt`"), "{skipped:?}");
+    assert!(skipped[2].1.contains("got 7.5"), "{skipped:?}");
+    let msg = ds.ensure_usable().unwrap_err().to_string();
+    assert!(
+        msg.contains("no usable preference pairs: all 3 record(s) were skipped, first: "),
+        "{msg}"
+    );
+    assert!(msg.contains("pairs.jsonl: record 2 (line 3): soft label"), "{msg}");
+}
+
+#[test]
+fn jsonl_paths_outside_the_folder_are_allowed_unless_root_only() {
+    let dir = jsonl_fixture(&[]);
+    let abs = dir.path().join("img/1_w.png");
+    let lines = [
+        r#"{"prompt": "up", "chosen": "../img/0_w.png", "rejected": "../img/0_l.png"}"#.to_string(),
+        serde_json::json!({"prompt": "abs", "chosen": abs, "rejected": "../img/1_l.png"}).to_string(),
+        r#"{"prompt": "in", "chosen": "own_w.png", "rejected": "own_l.png"}"#.to_string(),
+    ];
+    let sub = dir.path().join("sub");
+    save(&solid(4, 4, [1, 2, 3]), &sub.join("own_w.png"));
+    save(&solid(4, 4, [3, 2, 1]), &sub.join("own_l.png"));
+    std::fs::write(sub.join("pairs.jsonl"), lines.join("\n")).unwrap();
+    let mut s = spec(DataFormat::Jsonl, sub.join("pairs.jsonl"));
+    assert_eq!(PairDataset::open(&s).unwrap().len(), 3, "allowed by default");
+
+    s.root_only = true;
+    let ds = PairDataset::open(&s).unwrap();
+    assert_eq!(ds.len(), 1);
+    assert_eq!(ds.get(0).unwrap().caption_w, "in");
+    let reasons: Vec<&str> = ds.skipped().iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(reasons.len(), 2);
+    for r in &reasons {
+        assert!(
+            r.contains("outside the dataset folder") && r.contains("root_only"),
+            "{r}"
+        );
+    }
+    assert!(
+        reasons[1].contains("1_w.png"),
+        "the absolute path is named: {reasons:?}"
+    );
+
+    s.bad_records = BadRecordPolicy::Error;
+    let err = PairDataset::open(&s).err().unwrap();
+    assert!(matches!(err, Error::Record { index: 0, .. }), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn folders_root_only_refuses_links_to_files_outside() {
+    let dir = folders_fixture("captions.txt", "a.png\tan apple\nb.png\ta bee\n");
+    let outside = tempfile::tempdir().unwrap();
+    save(&solid(5, 7, [9, 9, 9]), &outside.path().join("x.png"));
+    std::fs::remove_file(dir.path().join("l/b.png")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("x.png"), dir.path().join("l/b.png")).unwrap();
+    let mut s = spec(DataFormat::Folders, dir.path());
+    assert_eq!(PairDataset::open(&s).unwrap().len(), 2);
+    s.root_only = true;
+    let ds = PairDataset::open(&s).unwrap();
+    assert_eq!(ds.len(), 1);
+    assert!(
+        ds.skipped()
+            .iter()
+            .any(|(l, r)| l.file.ends_with("w/b.png") && r.contains("l image") && r.contains("outside")),
+        "{:?}",
+        ds.skipped()
+    );
+}
+
+#[test]
+fn skipped_records_file_round_trips_and_terminal_list_is_capped() {
+    use diffalign::data::skipped::{read_skipped, summary_lines, write_skipped};
+    let records: Vec<(RecordLocation, String)> = (0..25)
+        .map(|i| {
+            let loc = if i % 2 == 0 {
+                RecordLocation::at_line("pairs.jsonl", i)
+            } else {
+                RecordLocation::new("shard.parquet", i)
+            };
+            (loc, format!("reason {i}"))
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("skipped_records.jsonl");
+    write_skipped(&path, &records).unwrap();
+    assert_eq!(read_skipped(&path).unwrap(), records);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+    let lines = summary_lines(&records, 20);
+    assert_eq!(lines.len(), 21);
+    assert_eq!(lines[0], "pairs.jsonl: record 0 (line 1): reason 0");
+    assert_eq!(lines[1], "shard.parquet: record 1: reason 1");
+    assert_eq!(lines[20], format!("... and {} more", records.len() - 20));
+}

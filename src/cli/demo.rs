@@ -25,7 +25,7 @@ use diffalign::shapes::demo::{
     GalleryImage, Generator, MethodResult, METHODS,
 };
 use diffalign::train::report::{line_plot_svg, Curve};
-use diffalign::train::{TrainOptions, Trainer};
+use diffalign::train::{Resume, TrainOptions, Trainer};
 use diffalign::weights::store::write_atomic;
 use diffalign::weights::LoadOptions;
 use indicatif::ProgressBar;
@@ -199,7 +199,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut results: BTreeMap<String, MethodResult> = BTreeMap::new();
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     let opts = TrainOptions {
-        resume: false,
+        resume: Resume::Never,
+        allow_recipe_change: false,
         max_steps_this_run: None,
         device: cfg.device.clone(),
         hub_cache: None,

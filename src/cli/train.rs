@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use diffalign::data::skipped::{describe, summary_lines, SHOWN_SKIPPED, SKIPPED_FILE};
 use diffalign::recipe::Plan;
-use diffalign::train::{TrainOptions, Trainer};
+use diffalign::train::{Resume, TrainOptions, Trainer};
 use diffalign::weights::layout;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -19,9 +20,17 @@ pub struct TrainArgs {
     /// Override a recipe key: `--set train.steps=100` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// Continue from the newest checkpoint in the output folder.
-    #[arg(long)]
+    /// Continue from the newest checkpoint in the output folder (none is an error).
+    #[arg(long, conflicts_with = "resume_if_possible")]
     resume: bool,
+    /// Continue from the newest checkpoint when there is one, else start fresh (for job
+    /// schedulers that restart a job blindly).
+    #[arg(long)]
+    resume_if_possible: bool,
+    /// Resume even when the recipe changed in a key that alters the run (method, objective,
+    /// data, model, LoRA shape, ...), recording the change in metrics.jsonl.
+    #[arg(long)]
+    allow_recipe_change: bool,
     /// Stop after N optimizer steps in this run, writing a checkpoint (continue with --resume).
     #[arg(long)]
     max_steps_this_run: Option<usize>,
@@ -32,13 +41,28 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let plan = Plan::load(&args.recipe, &args.sets)?;
     let out = plan.raw.output.dir.clone();
+    let resume = match (args.resume, args.resume_if_possible) {
+        (true, _) => Resume::Required,
+        (_, true) => Resume::IfPossible,
+        _ => Resume::Never,
+    };
     let opts = TrainOptions {
-        resume: args.resume,
+        resume,
+        allow_recipe_change: args.allow_recipe_change,
         max_steps_this_run: args.max_steps_this_run,
         device: args.device.device()?,
         hub_cache: layout::hub_cache_dir(|k| std::env::var(k).ok()),
     };
     let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {}", args.recipe.display()))?;
+    for note in trainer.notes() {
+        eprintln!("note: {note}");
+    }
+    for line in summary_lines(trainer.skipped_records(), SHOWN_SKIPPED) {
+        eprintln!("skipped {line}");
+    }
+    // Records found bad during training are named while fewer than SHOWN_SKIPPED were, then counted.
+    let mut shown = trainer.skipped_records().len().min(SHOWN_SKIPPED);
+    let mut unshown = 0;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -49,6 +73,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     bar.set_position(trainer.step_count() as u64);
     trainer.run(&opts, &mut |r, total| {
+        for s in &r.bad_records {
+            if shown < SHOWN_SKIPPED {
+                // `println` prints nothing when stderr is not a terminal; `suspend` always does.
+                bar.suspend(|| eprintln!("skipped {}", describe(s)));
+                shown += 1;
+            } else {
+                unshown += 1;
+            }
+        }
         bar.set_length(total as u64);
         bar.set_position(r.step as u64);
         let acc = r.implicit_acc.map(|a| format!(" acc {a:.2}")).unwrap_or_default();
@@ -59,6 +92,27 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         ));
     })?;
     bar.finish_and_clear();
-    println!("{}", serde_json::json!({"output": out, "steps": trainer.step_count()}));
+    if unshown > 0 {
+        eprintln!("skipped ... and {unshown} more while training");
+    }
+    let skipped = trainer.skipped_records().len();
+    eprintln!(
+        "used {} pairs, skipped {skipped} records{}",
+        trainer.pairs_used(),
+        if skipped > 0 {
+            format!(" (all listed in {})", out.join(SKIPPED_FILE).display())
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "output": out,
+            "steps": trainer.step_count(),
+            "pairs_used": trainer.pairs_used(),
+            "records_skipped": skipped,
+        })
+    );
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! [`PairDataset`]: the usable pairs of a [`DataSpec`], indexed when opened, decoded on demand;
 //! plus the record helpers the three layouts share.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
+use super::skipped::{explain_empty, SkippedRecord};
 use super::spec::{BadRecordPolicy, DataFormat, DataSpec};
 use super::{folders, jsonl, pickapic};
 use crate::{Error, Result};
@@ -16,14 +19,25 @@ pub struct RecordLocation {
     pub file: PathBuf,
     /// Row, line or entry index (0-based).
     pub index: usize,
+    /// The 1-based line number, when the record is a line of a text file (JSONL, captions).
+    pub line: Option<usize>,
 }
 
 impl RecordLocation {
-    /// A location.
+    /// A location that is not a line of a text file (a parquet row, a folder entry).
     pub fn new(file: impl Into<PathBuf>, index: usize) -> Self {
         RecordLocation {
             file: file.into(),
             index,
+            line: None,
+        }
+    }
+
+    /// The location of the line with 0-based index `index` of a text file.
+    pub fn at_line(file: impl Into<PathBuf>, index: usize) -> Self {
+        RecordLocation {
+            line: Some(index + 1),
+            ..Self::new(file, index)
         }
     }
 
@@ -69,16 +83,28 @@ pub(super) trait PairSource: Send + Sync {
     fn get(&self, i: usize) -> Result<PreferencePair>;
     /// Records left out when indexing.
     fn skipped(&self) -> &[(RecordLocation, String)];
+    /// Where record `i` (< `len()`) came from.
+    fn location(&self, i: usize) -> RecordLocation;
     /// The index files read (parquet shards, the JSONL file, the captions file), for fingerprints.
     fn files(&self) -> Vec<PathBuf>;
 }
 
 /// The usable pairs of a [`DataSpec`]: [`Self::open`] scans and validates the records (labels,
 /// captions, soft labels, image presence where cheap) without decoding images; [`Self::get`]
-/// decodes one pair. Send + Sync, so loader threads can share it.
+/// decodes one pair; [`Self::get_or_skip`] also leaves out, under `bad_records = "skip"`, a
+/// pair found bad only when decoded. Send + Sync, so loader threads can share it.
 pub struct PairDataset {
     source: Box<dyn PairSource>,
     spec: DataSpec,
+    late: Mutex<LateSkips>,
+}
+
+/// Records found bad when decoded, after opening: their indices and, in the order found, where
+/// they are and why.
+#[derive(Default)]
+struct LateSkips {
+    indices: HashSet<usize>,
+    list: Vec<SkippedRecord>,
 }
 
 impl PairDataset {
@@ -101,7 +127,16 @@ impl PairDataset {
         Ok(PairDataset {
             source,
             spec: spec.clone(),
+            late: Mutex::default(),
         })
+    }
+
+    /// Fails when no pair is usable, saying how many records were skipped and the first reasons.
+    pub fn ensure_usable(&self) -> Result<()> {
+        if self.is_empty() {
+            return Err(Error::input("data", explain_empty(&self.spec.path, self.skipped())));
+        }
+        Ok(())
     }
 
     /// Number of usable pairs.
@@ -126,6 +161,36 @@ impl PairDataset {
     /// Records left out when opening, with the reason (empty with `bad_records = "error"`).
     pub fn skipped(&self) -> &[(RecordLocation, String)] {
         self.source.skipped()
+    }
+
+    /// Pair `i` as [`Self::get`] reads it; but under `bad_records = "skip"` a pair that cannot
+    /// be read or decoded is `None`, listed in [`Self::late_skipped`] and not read again. Fails
+    /// when that leaves no usable pair.
+    pub fn get_or_skip(&self, i: usize) -> Result<Option<PreferencePair>> {
+        let lock = || self.late.lock().unwrap_or_else(|p| p.into_inner());
+        if lock().indices.contains(&i) {
+            return Ok(None);
+        }
+        match self.get(i) {
+            Ok(pair) => Ok(Some(pair)),
+            Err(Error::Record { reason, .. }) if self.spec.bad_records == BadRecordPolicy::Skip => {
+                let mut late = lock();
+                late.indices.insert(i);
+                late.list.push((self.source.location(i), reason));
+                if late.indices.len() == self.len() {
+                    let all: Vec<SkippedRecord> = self.skipped().iter().chain(&late.list).cloned().collect();
+                    return Err(Error::input("data", explain_empty(&self.spec.path, &all)));
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pairs left out by [`Self::get_or_skip`], in the order found, from the `from`-th on.
+    pub fn late_skipped(&self, from: usize) -> Vec<SkippedRecord> {
+        let late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+        late.list.get(from..).unwrap_or_default().to_vec()
     }
 
     /// The spec this dataset was opened with.
@@ -203,6 +268,30 @@ pub(crate) fn handle_bad(
         }
         BadRecordPolicy::Error => Err(loc.error(reason)),
     }
+}
+
+/// Under `root_only`, fails unless the existing file `path` lies inside `root` once `..` and
+/// symbolic links are resolved.
+pub(crate) fn check_inside(path: &Path, root: &Path, what: &str) -> std::result::Result<(), String> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| format!("{what}: {}: {e}", p.display()));
+    if canonical(path)?.starts_with(canonical(root)?) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} image {} is outside the dataset folder {} (data.root_only = true)",
+            path.display(),
+            root.display()
+        ))
+    }
+}
+
+/// The text of a data file with a leading UTF-8 byte-order mark removed (Windows editors write one).
+pub(crate) fn read_text(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
 }
 
 /// Checks a soft label: a probability that the preferred image wins, so in [0.5, 1].

@@ -3,12 +3,14 @@
 //! per line). Names are taken from both folders in sorted order (hidden files ignored); the record
 //! index is the position in that order, and the record's file is `w/NAME` (`l/NAME` when only the
 //! loser exists). A name in only one folder, a name without a caption, a malformed or duplicate
-//! caption line is a bad record. No per-image captions or soft labels in this layout.
+//! caption line is a bad record; so is, with `root_only`, an image that is a symbolic link to a
+//! file outside the root. A leading UTF-8 byte-order mark in the captions file is ignored. No
+//! per-image captions or soft labels in this layout.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::dataset::{handle_bad, read_image, PairSource, PreferencePair, RecordLocation};
+use super::dataset::{check_inside, handle_bad, read_image, read_text, PairSource, PreferencePair, RecordLocation};
 use super::spec::DataSpec;
 use crate::{Error, Result};
 
@@ -63,7 +65,7 @@ fn read_captions(
             })
         }
     };
-    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let text = read_text(&file)?;
     let mut captions = HashMap::new();
     let mut first_line = HashMap::new();
     for (i, line) in text.lines().enumerate() {
@@ -84,7 +86,7 @@ fn read_captions(
                 .map(|(n, c)| (n.to_string(), c.to_string()))
                 .ok_or_else(|| "expected NAME<TAB>caption".to_string())
         };
-        let loc = RecordLocation::new(&file, i);
+        let loc = RecordLocation::at_line(&file, i);
         match parsed {
             Err(reason) => handle_bad(spec.bad_records, loc, reason, skipped)?,
             Ok((name, _)) if first_line.contains_key(&name) => {
@@ -128,6 +130,10 @@ impl FolderPairs {
                 Some(format!("w/{name} is missing"))
             } else if !captions.contains_key(name) {
                 Some(format!("no caption for {name} in {}", captions_file.display()))
+            } else if spec.root_only {
+                ["w", "l"]
+                    .into_iter()
+                    .find_map(|side| check_inside(&root.join(side).join(name), &root, side).err())
             } else {
                 None
             };
@@ -151,9 +157,9 @@ impl PairSource for FolderPairs {
     }
 
     fn get(&self, i: usize) -> Result<PreferencePair> {
-        let (index, name, caption) = &self.pairs[i];
+        let (_, name, caption) = &self.pairs[i];
         let path_w = self.root.join("w").join(name);
-        let loc = RecordLocation::new(&path_w, *index);
+        let loc = self.location(i);
         Ok(PreferencePair {
             caption_w: caption.clone(),
             caption_l: caption.clone(),
@@ -166,6 +172,11 @@ impl PairSource for FolderPairs {
 
     fn skipped(&self) -> &[(RecordLocation, String)] {
         &self.skipped
+    }
+
+    fn location(&self, i: usize) -> RecordLocation {
+        let (index, name, _) = &self.pairs[i];
+        RecordLocation::new(self.root.join("w").join(name), *index)
     }
 
     fn files(&self) -> Vec<PathBuf> {

@@ -7,20 +7,22 @@
 //! ```
 //!
 //! `chosen` is preferred over `rejected`; both are PNG or JPEG paths relative to the JSONL file's
-//! folder (or absolute). `caption` is accepted for `prompt`. With `dual_captions` (DCPO)
+//! folder, or absolute; they may leave that folder (`../`) unless `root_only` is set. `caption` is accepted for `prompt`. With `dual_captions` (DCPO)
 //! `caption_chosen` and `caption_rejected` are required and `prompt` is not; `soft_label` (SmPO) is
 //! the probability, in [0.5, 1], that the chosen image wins. `path` is the file, or a folder
-//! holding `pairs.jsonl`. Blank lines are ignored; other keys are ignored. Record indices are
-//! 0-based line numbers. A line that is not such an object, or whose image files do not exist,
+//! holding `pairs.jsonl`. Blank lines are ignored; other keys are ignored; a leading UTF-8
+//! byte-order mark is ignored. Record indices are 0-based line numbers. A line that is not such an object, or whose image files do not exist,
 //! is a bad record.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::dataset::{check_soft_label, handle_bad, read_image, PairSource, PreferencePair, RecordLocation};
+use super::dataset::{
+    check_inside, check_soft_label, handle_bad, read_image, read_text, PairSource, PreferencePair, RecordLocation,
+};
 use super::spec::DataSpec;
-use crate::{Error, Result};
+use crate::Result;
 
 #[derive(Debug, Clone, Deserialize)]
 struct Line {
@@ -53,7 +55,8 @@ pub(super) struct JsonlPairs {
 }
 
 /// Validates one parsed line into a record, or says why it is bad.
-fn check(line: Line, index: usize, dir: &Path, dual: bool) -> std::result::Result<Record, String> {
+fn check(line: Line, index: usize, dir: &Path, spec: &DataSpec) -> std::result::Result<Record, String> {
+    let dual = spec.dual_captions;
     let (caption_w, caption_l) = if dual {
         match (line.caption_chosen, line.caption_rejected) {
             (Some(w), Some(l)) => (w, l),
@@ -68,6 +71,9 @@ fn check(line: Line, index: usize, dir: &Path, dual: bool) -> std::result::Resul
     for (what, p) in [("chosen", &chosen), ("rejected", &rejected)] {
         if !p.is_file() {
             return Err(format!("{what} image {} not found", p.display()));
+        }
+        if spec.root_only {
+            check_inside(p, dir, what)?;
         }
     }
     let soft_label = line.soft_label.map(check_soft_label).transpose()?;
@@ -88,8 +94,11 @@ impl JsonlPairs {
         } else {
             spec.path.clone()
         };
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let text = read_text(&file)?;
+        let dir = match file.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         let limit = spec.limit.unwrap_or(usize::MAX);
         let mut records = Vec::new();
         let mut skipped = Vec::new();
@@ -101,9 +110,14 @@ impl JsonlPairs {
                 continue;
             }
             let parsed = serde_json::from_str::<Line>(line).map_err(|e| format!("not a pair object: {e}"));
-            match parsed.and_then(|l| check(l, i, &dir, spec.dual_captions)) {
+            match parsed.and_then(|l| check(l, i, &dir, spec)) {
                 Ok(r) => records.push(r),
-                Err(reason) => handle_bad(spec.bad_records, RecordLocation::new(&file, i), reason, &mut skipped)?,
+                Err(reason) => handle_bad(
+                    spec.bad_records,
+                    RecordLocation::at_line(&file, i),
+                    reason,
+                    &mut skipped,
+                )?,
             }
         }
         Ok(JsonlPairs { file, records, skipped })
@@ -117,7 +131,7 @@ impl PairSource for JsonlPairs {
 
     fn get(&self, i: usize) -> Result<PreferencePair> {
         let r = &self.records[i];
-        let loc = RecordLocation::new(&self.file, r.line);
+        let loc = self.location(i);
         Ok(PreferencePair {
             caption_w: r.caption_w.clone(),
             caption_l: r.caption_l.clone(),
@@ -130,6 +144,10 @@ impl PairSource for JsonlPairs {
 
     fn skipped(&self) -> &[(RecordLocation, String)] {
         &self.skipped
+    }
+
+    fn location(&self, i: usize) -> RecordLocation {
+        RecordLocation::at_line(&self.file, self.records[i].line)
     }
 
     fn files(&self) -> Vec<PathBuf> {

@@ -8,7 +8,9 @@
 //! skipped and listed in [`PairDataset::skipped`], or is an error, as `bad_records` says; it
 //! never becomes a silently wrong pair. An image that does not decode is found by
 //! [`PairDataset::get`] and reported as [`crate::Error::Record`] naming the file, the record and
-//! the column or side.
+//! the column or side; [`PairDataset::get_or_skip`] skips and lists it instead under
+//! `bad_records = "skip"`. [`skipped`] formats the lists for people and for
+//! `skipped_records.jsonl`.
 
 pub mod dataset;
 pub mod folders;
@@ -17,10 +19,12 @@ pub mod latent_cache;
 pub mod pickapic;
 pub mod preprocess;
 pub mod resize;
+pub mod skipped;
 pub mod spec;
 
 pub use dataset::{PairDataset, PreferencePair, RecordLocation};
 pub use latent_cache::{LatentCache, LatentKey};
 pub use preprocess::{PreparedImage, Preprocess};
 pub use resize::{resize, ResampleFilter};
+pub use skipped::SkippedRecord;
 pub use spec::{BadRecordPolicy, ColumnNames, DataFormat, DataSpec};

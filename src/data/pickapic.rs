@@ -500,7 +500,7 @@ impl PairSource for PickapicPairs {
         let e = self.entries[i];
         let shard = &self.shards[e.shard as usize];
         let (rg, row) = (e.row_group as usize, e.row_in_group as usize);
-        let loc = RecordLocation::new(&shard.path, shard.row_group_start[rg] + row);
+        let loc = self.location(i);
         let group = std::cell::RefCell::new(None);
         let read = |leaf: usize, name: &str| -> Result<Vec<u8>> {
             self.read_binary((e.shard, shard), rg, leaf, row, &mut group.borrow_mut())
@@ -536,6 +536,15 @@ impl PairSource for PickapicPairs {
 
     fn skipped(&self) -> &[(RecordLocation, String)] {
         &self.skipped
+    }
+
+    fn location(&self, i: usize) -> RecordLocation {
+        let e = self.entries[i];
+        let shard = &self.shards[e.shard as usize];
+        RecordLocation::new(
+            &shard.path,
+            shard.row_group_start[e.row_group as usize] + e.row_in_group as usize,
+        )
     }
 
     fn files(&self) -> Vec<PathBuf> {

@@ -90,6 +90,7 @@ fn yes() -> bool {
 /// path = "data/pickapic_v2/train" # a .parquet file or a folder of shards
 /// dual_captions = false           # DCPO: caption_0 / caption_1 (jsonl: caption_chosen / caption_rejected)
 /// bad_records = "skip"            # skip | error
+/// root_only = false               # jsonl, folders: refuse images outside the dataset's folder
 /// limit = 20000
 /// [data.columns]
 /// soft_label = "pickscore_prob"   # SmPO
@@ -117,6 +118,11 @@ pub struct DataSpec {
     /// Use the first `limit` usable pairs; scanning stops there, so later shards are not read.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Refuse image files outside the dataset's folder (the JSONL file's folder, or the folders
+    /// layout's root), after resolving `..` and symbolic links; such a record is a bad record.
+    /// Default false: absolute paths and `../` are allowed, as real datasets often use them.
+    #[serde(default)]
+    pub root_only: bool,
 }
 
 impl DataSpec {
@@ -130,6 +136,7 @@ impl DataSpec {
             dual_captions: false,
             bad_records: BadRecordPolicy::Skip,
             limit: None,
+            root_only: false,
         }
     }
 }

@@ -64,6 +64,28 @@ pub fn save(dir: &Path, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
     r.map(|_| final_dir)
 }
 
+/// Removes the temporary folders (`.tmp-step-*`) a run killed while writing a checkpoint left in
+/// `dir`; returns the folders removed.
+pub fn remove_stale_tmp(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        let stale = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".tmp-step-"));
+        if stale && p.is_dir() {
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            removed.push(p);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
 /// The newest complete checkpoint under `dir`, if any.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     if !dir.is_dir() {

@@ -1,9 +1,12 @@
-//! Preference fine-tuning: the loop ([`trainer`]), the optimizer and schedules (`crate::optim`),
-//! resumable checkpoints ([`checkpoint`]) and the end-of-run report ([`report`]).
+//! Preference fine-tuning: the diffusion loop ([`trainer`]), resumable checkpoints
+//! ([`checkpoint`]), how a run starts or resumes in its output folder ([`resume`]), the
+//! end-of-run report ([`report`]), and the language-model trainers ([`lm`]). The optimizer and
+//! schedules are `crate::optim`'s.
 
 pub mod checkpoint;
 pub mod lm;
 pub mod report;
+pub mod resume;
 pub mod trainer;
 
 use candle_core::Tensor;
@@ -13,6 +16,7 @@ use crate::preference::diffusion::{Method, PairConditioning, PreferenceBatch};
 use crate::sampling::StableDiffusionPipeline;
 use crate::Result;
 
+pub use resume::Resume;
 pub use trainer::{TrainOptions, Trainer};
 
 /// Both sides' text conditioning of a batch: the preferred captions for both sides, except

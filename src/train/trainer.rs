@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use super::checkpoint::{self, TrainState};
 use super::report::{write_report, Curve, ImageRow};
-use crate::data::{LatentCache, PairDataset, Preprocess};
+use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Resume};
+use crate::data::skipped::{self, SkippedRecord};
+use crate::data::{LatentCache, PairDataset, PreferencePair, Preprocess};
 use crate::models::unet::UNet2DConditionModel;
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch};
@@ -21,14 +23,18 @@ use crate::sampling::image_io::save_png;
 use crate::sampling::pipeline::PipelineSources;
 use crate::sampling::{GenerateRequest, StableDiffusionPipeline};
 use crate::schedulers::NoiseSchedule;
+use crate::weights::store::write_atomic;
 use crate::weights::{layout, save_safetensors, LoadOptions, VarBuilder};
 use crate::{Error, Result};
 
 /// Run-time choices that are not part of the recipe.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
-    /// Continue from the newest checkpoint in the output folder.
-    pub resume: bool,
+    /// Whether to continue from the newest checkpoint in the output folder.
+    pub resume: Resume,
+    /// Resume even when the recipe changed in a key that alters the run, recording the change
+    /// in `metrics.jsonl`.
+    pub allow_recipe_change: bool,
     /// Stop after this many optimizer steps in this invocation (a later `resume` continues).
     pub max_steps_this_run: Option<usize>,
     /// Where to compute.
@@ -62,6 +68,10 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Whether the step was skipped for a non-finite loss or gradient.
     pub skipped: bool,
+    /// Records left out while building this step's batches (an image that does not decode,
+    /// under `bad_records = "skip"`); not written to `metrics.jsonl`.
+    #[serde(skip)]
+    pub bad_records: Vec<SkippedRecord>,
 }
 
 /// A training run.
@@ -80,6 +90,12 @@ pub struct Trainer {
     out: PathBuf,
     records: Vec<StepRecord>,
     policy_vb: VarBuilder,
+    /// Every record left out, as listed in `skipped_records.jsonl`.
+    skipped: Vec<SkippedRecord>,
+    /// How many of the dataset's late skips are already in `skipped`.
+    late_seen: usize,
+    /// Things the caller should tell the user about how the run started.
+    notes: Vec<String>,
 }
 
 fn mean(t: &Tensor) -> Result<f64> {
@@ -98,9 +114,16 @@ fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
 }
 
 impl Trainer {
-    /// Loads the model, the data and (with `resume`) the newest checkpoint.
+    /// Loads the model, the data and (with `resume`) the newest checkpoint; fails before loading
+    /// anything when the start `resume` asks for is not possible (see [`super::resume`]).
     pub fn new(plan: Plan, opts: &TrainOptions) -> Result<Self> {
         let r = &plan.raw;
+        let start = plan_start(
+            &r.output.dir,
+            &plan.resolved_toml,
+            opts.resume,
+            opts.allow_recipe_change,
+        )?;
         let root = layout::resolve_model(&r.model.path, opts.hub_cache.as_deref(), r.model.revision.as_deref())?;
         let load = LoadOptions {
             dtype: plan.dtype,
@@ -152,12 +175,7 @@ impl Trainer {
         let opt = AdamW::new(vars, r.train.adam)?;
         let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
         let data = PairDataset::open(&r.data)?;
-        if data.is_empty() {
-            return Err(Error::input(
-                "data",
-                format!("{}: no usable preference pairs", r.data.path.display()),
-            ));
-        }
+        data.ensure_usable()?;
         let t = &r.train;
         let preprocess = Preprocess {
             resolution: (t.resolution, t.resolution),
@@ -208,17 +226,74 @@ impl Trainer {
             out,
             records: Vec::new(),
             policy_vb,
+            skipped: Vec::new(),
+            late_seen: 0,
+            notes: Vec::new(),
         };
-        if opts.resume {
-            if let Some(ck) = checkpoint::latest(&trainer.checkpoint_dir())? {
-                trainer.state = checkpoint::load(&ck, &mut trainer.opt)?;
-                trainer.rng = Rng::from_state(trainer.state.rng);
-                trainer.records = trainer.read_records()?;
-            }
-        }
-        std::fs::write(trainer.out.join("recipe.toml"), &trainer.plan.resolved_toml)
-            .map_err(|e| Error::io(trainer.out.join("recipe.toml"), e))?;
+        trainer.begin(&start.checkpoint, &start.changes)?;
+        trainer.notes.extend(start.removed_tmp.iter().map(|p| {
+            format!(
+                "removed {}, left by a run stopped while writing a checkpoint",
+                p.display()
+            )
+        }));
         Ok(trainer)
+    }
+
+    /// Continues from `checkpoint` (recording allowed recipe `changes` in the metrics) or
+    /// clears the metrics of an earlier, checkpoint-less start; writes `recipe.toml` and the
+    /// list of skipped records.
+    fn begin(&mut self, checkpoint: &Option<PathBuf>, changes: &[RecipeChange]) -> Result<()> {
+        let skipped_path = self.out.join(skipped::SKIPPED_FILE);
+        match checkpoint {
+            Some(ck) => {
+                self.state = checkpoint::load(ck, &mut self.opt)?;
+                self.rng = Rng::from_state(self.state.rng);
+                self.records = self.read_records()?;
+                // Pairs found undecodable before the interruption stay listed.
+                self.skipped = skipped::read_skipped(&skipped_path)?;
+                if !changes.is_empty() {
+                    self.append_line(&change_event(self.state.step, changes).to_string())?;
+                    self.notes.push(format!(
+                        "recipe changed since the checkpoint at step {} ({}); recorded in {}",
+                        self.state.step,
+                        describe_changes(changes),
+                        self.metrics_path().display()
+                    ));
+                }
+            }
+            None => write_atomic(&self.metrics_path(), "")?,
+        }
+        skipped::merge(&mut self.skipped, self.data.skipped());
+        skipped::write_skipped(&skipped_path, &self.skipped)?;
+        write_atomic(&self.out.join("recipe.toml"), &self.plan.resolved_toml)
+    }
+
+    /// Notes on how the run started (stale temporary folders removed, an allowed recipe
+    /// change), for the caller to show.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Every record left out so far, as listed in `skipped_records.jsonl`.
+    pub fn skipped_records(&self) -> &[SkippedRecord] {
+        &self.skipped
+    }
+
+    /// Pairs in use: the usable pairs less those found undecodable so far.
+    pub fn pairs_used(&self) -> usize {
+        self.data.len() - self.late_seen
+    }
+
+    /// Lists the records the dataset left out since the last call; returns them.
+    fn take_late_skips(&mut self) -> Result<Vec<SkippedRecord>> {
+        let new = self.data.late_skipped(self.late_seen);
+        if !new.is_empty() {
+            self.late_seen += new.len();
+            skipped::merge(&mut self.skipped, &new);
+            skipped::write_skipped(&self.out.join(skipped::SKIPPED_FILE), &self.skipped)?;
+        }
+        Ok(new)
     }
 
     fn checkpoint_dir(&self) -> PathBuf {
@@ -251,6 +326,9 @@ impl Trainer {
             }
             kept.push_str(line);
             kept.push('\n');
+            if v.get("event").is_some() {
+                continue;
+            }
             records.push(StepRecord {
                 step,
                 loss: v["loss"].as_f64().unwrap_or(f64::NAN),
@@ -263,14 +341,16 @@ impl Trainer {
                 lr: v["lr"].as_f64().unwrap_or(0.0),
                 grad_norm: v["grad_norm"].as_f64().unwrap_or(f64::NAN),
                 skipped: v["skipped"].as_bool().unwrap_or(false),
+                bad_records: Vec::new(),
             });
         }
-        std::fs::write(&path, kept).map_err(|e| Error::io(&path, e))?;
+        write_atomic(&path, kept)?;
         Ok(records)
     }
 
-    /// The next `n` dataset indices in this run's order.
-    fn next_indices(&mut self, n: usize) -> Vec<usize> {
+    /// The next `n` usable pairs in this run's order, with their dataset indices; pairs that
+    /// turn out bad are passed over (skip mode) and listed by the dataset.
+    fn next_pairs(&mut self, n: usize) -> Result<Vec<(usize, PreferencePair)>> {
         let len = self.data.len();
         let mut out = Vec::with_capacity(n);
         let mut order = epoch_order(self.plan.raw.train.seed, self.state.epoch, len);
@@ -280,10 +360,13 @@ impl Trainer {
                 self.state.position = 0;
                 order = epoch_order(self.plan.raw.train.seed, self.state.epoch, len);
             }
-            out.push(order[self.state.position]);
+            let i = order[self.state.position];
             self.state.position += 1;
+            if let Some(pair) = self.data.get_or_skip(i)? {
+                out.push((i, pair));
+            }
         }
-        out
+        Ok(out)
     }
 
     /// Encodes one preprocessed image `[3, H, W]` to a latent sample (times the scaling factor).
@@ -307,11 +390,10 @@ impl Trainer {
 
     /// Builds one micro-batch.
     fn next_batch(&mut self) -> Result<PreferenceBatch> {
-        let indices = self.next_indices(self.plan.raw.train.batch_size);
+        let pairs = self.next_pairs(self.plan.raw.train.batch_size)?;
         let (mut lw, mut ll, mut noise, mut ts, mut soft) = (vec![], vec![], vec![], vec![], vec![]);
         let (mut cw, mut cl) = (vec![], vec![]);
-        for i in indices {
-            let pair = self.data.get(i)?;
+        for (i, pair) in pairs {
             let (img_w, img_l, flip_w, flip_l) = self.preprocess.pair(&pair, &mut self.rng)?;
             let key_w = self
                 .cache
@@ -439,6 +521,7 @@ impl Trainer {
             lr,
             grad_norm,
             skipped,
+            bad_records: Vec::new(),
         })
     }
 
@@ -455,7 +538,8 @@ impl Trainer {
                 self.save_checkpoint()?;
                 return Ok(());
             }
-            let record = self.step()?;
+            let mut record = self.step()?;
+            record.bad_records = self.take_late_skips()?;
             done_here += 1;
             self.state.rng = self.rng.state();
             self.append_record(&record)?;
@@ -492,13 +576,18 @@ impl Trainer {
     }
 
     fn append_record(&self, record: &StepRecord) -> Result<()> {
+        self.append_line(&serde_json::to_string(record).expect("record serialises"))
+    }
+
+    /// Appends one line to `metrics.jsonl`.
+    fn append_line(&self, line: &str) -> Result<()> {
         let path = self.metrics_path();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        writeln!(f, "{}", serde_json::to_string(record).expect("record serialises")).map_err(|e| Error::io(&path, e))
+        writeln!(f, "{line}").map_err(|e| Error::io(&path, e))
     }
 
     fn validation_path(&self, step: usize, prompt: usize, seed: u64) -> PathBuf {
@@ -602,11 +691,14 @@ impl Trainer {
             }
         }
         let summary = format!(
-            "recipe: {}\nmethod: {} ({:?})\nsteps: {}\n",
+            "recipe: {}\nmethod: {} ({:?})\nsteps: {}\npairs: {} used, {} records skipped (see {})\n",
             self.plan.source.display(),
             self.plan.method.name(),
             self.plan.objective,
-            self.state.step
+            self.state.step,
+            self.pairs_used(),
+            self.skipped.len(),
+            skipped::SKIPPED_FILE
         );
         write_report(
             &self.out.join("report.html"),
