@@ -9,7 +9,6 @@ use std::process::Command;
 
 use candle_core::{DType, Tensor};
 use common::{device, load, load_on_device, load_options, max_abs_diff, metadata, shared_fixtures};
-use diffalign::optim::Sgd;
 use diffalign::reno::{
     noise_regularizer, IterationRecord, IterationTensors, Reno, RenoConfig, Sampler, WeightedReward,
 };
@@ -179,33 +178,6 @@ fn regulariser_matches_its_formula_in_f64() {
     let sq: f64 = values.iter().map(|v| v * v).sum();
     let want = 0.01 * (0.5 * sq - 23.0 * sq.sqrt().ln());
     assert_rel("regulariser", got, want, 1e-6);
-}
-
-#[test]
-fn sgd_nesterov_matches_torch_update_rule() {
-    // torch.optim.SGD(momentum=0.9, nesterov=True): b1 = g1, p1 = p0 − lr(g1 + m·b1);
-    // b2 = m·b1 + g2, p2 = p1 − lr(g2 + m·b2).
-    let dev = device();
-    let p0 = Tensor::new(&[1.0f64, -2.0], &dev).unwrap();
-    let (g1, g2) = (
-        Tensor::new(&[0.5f64, 0.25], &dev).unwrap(),
-        Tensor::new(&[-1.0f64, 2.0], &dev).unwrap(),
-    );
-    let mut sgd = Sgd::new(0.1, 0.9, true);
-    let p1 = sgd.step(&p0, &g1).unwrap();
-    let p2 = sgd.step(&p1, &g2).unwrap();
-    let p1_want = [1.0 - 0.1 * (0.5 + 0.9 * 0.5), -2.0 - 0.1 * (0.25 + 0.9 * 0.25)];
-    let b2 = [0.9 * 0.5 - 1.0, 0.9 * 0.25 + 2.0];
-    let p2_want = [
-        p1_want[0] - 0.1 * (-1.0 + 0.9 * b2[0]),
-        p1_want[1] - 0.1 * (2.0 + 0.9 * b2[1]),
-    ];
-    for (got, want) in [(p1, p1_want), (p2, p2_want)] {
-        let got = got.to_vec1::<f64>().unwrap();
-        for (g, w) in got.iter().zip(want) {
-            assert!((g - w).abs() < 1e-12, "got {got:?}, want {want:?}");
-        }
-    }
 }
 
 #[test]
