@@ -69,7 +69,12 @@ fn edit_f32_tensor(path: &Path, name: &str, edit: impl FnOnce(&mut [f32])) {
     target.3 = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(n, d, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, shape.clone(), b).unwrap()))
+        .map(|(n, d, shape, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, shape.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, meta.metadata().clone(), path).unwrap();
 }
@@ -82,7 +87,9 @@ fn edit_json(path: &Path, key: &str, value: serde_json::Value) {
 }
 
 fn generate_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec!["generate", "--model", model, "--prompt", "a cat", "--steps", "1", "--out", out]
+    vec![
+        "generate", "--model", model, "--prompt", "a cat", "--steps", "1", "--out", out,
+    ]
 }
 
 // ---- non-finite values ----
@@ -97,7 +104,15 @@ fn issue_23_generate_nan_unet_weight_names_the_tensor() {
     );
     let out = tmp.path().join("x.png");
     let (o, _) = run(&generate_args(s(&model), s(&out)));
-    assert_fails_naming(&o, &["diffusion_pytorch_model.safetensors", "conv_in.weight", "NaN", "index 3"]);
+    assert_fails_naming(
+        &o,
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "conv_in.weight",
+            "NaN",
+            "index 3",
+        ],
+    );
     assert!(!out.exists(), "no image is written");
 }
 
@@ -166,7 +181,10 @@ fn issue_23_sampling_checks_unet_and_vae_outputs() {
         time_ids: None,
     };
     let err = pipe.generate(&req, &mut |_, _| {}).unwrap_err().to_string();
-    assert!(err.contains("sampling step 1 of 2") && err.contains("unet output"), "{err}");
+    assert!(
+        err.contains("sampling step 1 of 2") && err.contains("unet output"),
+        "{err}"
+    );
     let err = pipe.decode_images(&noise).unwrap_err().to_string();
     assert!(err.contains("vae output"), "{err}");
 }
@@ -207,7 +225,16 @@ fn issue_23_lora_merge_refuses_a_nan_adapter() {
     edit_f32_tensor(&lora, &name, |v| v[0] = f32::INFINITY);
     let out = tmp.path().join("merged");
     let model = shared_fixtures().join("sd15");
-    let (o, _) = run(&["lora", "merge", "--model", s(&model), "--lora", s(&lora), "--out", s(&out)]);
+    let (o, _) = run(&[
+        "lora",
+        "merge",
+        "--model",
+        s(&model),
+        "--lora",
+        s(&lora),
+        "--out",
+        s(&out),
+    ]);
     assert_fails_naming(&o, &[&name, "inf"]);
     assert!(!out.join("diffusion_pytorch_model.safetensors").exists());
 }
@@ -235,11 +262,13 @@ fn issue_23_lm_batch_negative_token_id_names_the_record() {
     );
     candle_core::safetensors::save(&tensors, &batch).unwrap();
     let err = diffalign::lm::batch::PairBatch::from_file(&batch, &Device::Cpu)
-        .err()
-        .expect("a negative id is an error")
+        .expect_err("a negative id is an error")
         .to_string();
     assert!(
-        err.contains("batch.safetensors") && err.contains("record 1") && err.contains("input_ids_l") && err.contains("-5"),
+        err.contains("batch.safetensors")
+            && err.contains("record 1")
+            && err.contains("input_ids_l")
+            && err.contains("-5"),
         "{err}"
     );
 }
@@ -313,7 +342,10 @@ fn memory_estimate_accepts_the_usual_sizes() {
     assert!(gb(exl.host_bytes(&Device::Cpu)) < 16.0, "{exl:?}");
     // At 100000x64 pixels the VAE's attention alone over 12500x8 latents is 100000^2 f32 scores.
     let huge = estimate(&job((8, 12500)), &sd15, &vae);
-    assert!(huge.host_bytes(&Device::Cpu) >= 100_000f64 * 100_000.0 * 4.0, "{huge:?}");
+    assert!(
+        huge.host_bytes(&Device::Cpu) >= 100_000f64 * 100_000.0 * 4.0,
+        "{huge:?}"
+    );
 }
 
 #[test]
@@ -323,7 +355,10 @@ fn mem_available_is_read_in_bytes() {
         diffalign::sampling::budget::parse_mem_available(text),
         Some(21_000_000.0 * 1024.0)
     );
-    assert_eq!(diffalign::sampling::budget::parse_mem_available("MemTotal: 1 kB\n"), None);
+    assert_eq!(
+        diffalign::sampling::budget::parse_mem_available("MemTotal: 1 kB\n"),
+        None
+    );
 }
 
 /// Writes a PNG that declares `w`x`h` pixels and holds no image data.
@@ -333,7 +368,11 @@ fn png_header_only(path: &Path, w: u32, h: u32) {
         for &b in bytes {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -372,7 +411,14 @@ fn issue_23_generate_unet_of_another_architecture_names_both_files() {
     let mut args = generate_args(s(&model), s(&out));
     args.extend(["--unet", s(&unet)]);
     let (o, _) = run(&args);
-    assert_fails_naming(&o, &["turbo/unet/config.json", "cross_attention_dim", "text_encoder/config.json"]);
+    assert_fails_naming(
+        &o,
+        &[
+            "turbo/unet/config.json",
+            "cross_attention_dim",
+            "text_encoder/config.json",
+        ],
+    );
 }
 
 #[test]
@@ -407,7 +453,10 @@ fn issue_23_output_in_a_missing_folder_names_the_folder() {
     ]);
     let err = stderr(&o);
     assert_fails_naming(&o, &["missing", "folder"]);
-    assert!(!err.contains("grads.safetensors.") && !err.contains("not a valid safetensors"), "{err}");
+    assert!(
+        !err.contains("grads.safetensors.") && !err.contains("not a valid safetensors"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -195,7 +195,11 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
         Some(_) => 1,
         None => steps,
     };
-    let retained = if args.recompute { differentiated } else { 3 * differentiated };
+    let retained = if args.recompute {
+        differentiated
+    } else {
+        3 * differentiated
+    };
     check_memory(&pipe, &size, (lh, lw), guidance > 1.0, retained)?;
     let z0 = match init_noise {
         Some(n) => {

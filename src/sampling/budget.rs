@@ -130,10 +130,7 @@ pub fn estimate(job: &Job, unet: &UNet2DConditionConfig, vae: &AutoencoderKLConf
         let activation = rows as f64 * channels as f64 * tokens as f64 * elem;
         skips += activation * (unet_layers(unet, i) + 1) as f64;
         widest = widest.max(activation);
-        let has_attention = unet
-            .down_block_types
-            .get(i)
-            .is_some_and(|t| t.contains("Attn"));
+        let has_attention = unet.down_block_types.get(i).is_some_and(|t| t.contains("Attn"));
         if has_attention {
             let bytes = attention_bytes(rows * heads[i], tokens, job.dtype, job.device);
             if bytes > attention.bytes {

@@ -57,9 +57,7 @@ fn decode_limited<R: BufRead + Seek>(
     if w == 0 || h == 0 || w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
         return Err(Error::input(
             what,
-            format!(
-                "the image declares {w}x{h} pixels; images from 1x1 to {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} are read"
-            ),
+            format!("the image declares {w}x{h} pixels; images from 1x1 to {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} are read"),
         ));
     }
     let mut limits = Limits::default();

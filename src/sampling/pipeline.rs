@@ -273,7 +273,9 @@ fn check_fit(
         hidden.push((file.clone(), ClipTextConfig::from_file(&file)?.hidden_size));
     }
     let width: usize = hidden.iter().map(|(_, h)| h).sum();
-    let cross = unet.cross_attention_dim.expand(unet.down_block_types.len(), unet_file, "cross_attention_dim")?;
+    let cross = unet
+        .cross_attention_dim
+        .expand(unet.down_block_types.len(), unet_file, "cross_attention_dim")?;
     if let Some(&c) = cross.iter().find(|&&c| c != width) {
         let encoders: Vec<String> = hidden
             .iter()
@@ -385,7 +387,10 @@ impl StableDiffusionPipeline {
         check_fit(
             (&unet_config_file, &unet_config),
             (&vae_dir.join("config.json"), &vae_cfg),
-            &[Some(&te_dir), te2_dir.as_ref()].into_iter().flatten().collect::<Vec<_>>(),
+            &[Some(&te_dir), te2_dir.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
         )?;
         let scheduler_config = SchedulerConfig::from_file(root.join("scheduler").join("scheduler_config.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
@@ -394,7 +399,7 @@ impl StableDiffusionPipeline {
             None => load_text_encoder(&te_dir, opts)?,
         };
         let (tokenizer_2, text_encoder_2) = if let Some(te2_dir) = &te2_dir {
-            require_dir(&te2_dir, "text_encoder_2")?;
+            require_dir(te2_dir, "text_encoder_2")?;
             require_dir(&root.join("tokenizer_2"), "tokenizer_2")?;
             let te2 = match single {
                 Some(sf) => text_encoder_from_store(te2_dir, sf.text_encoder_2(&te2_dir.join("config.json"))?, opts)?,
