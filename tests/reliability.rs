@@ -273,6 +273,26 @@ fn issue_23_lm_batch_negative_token_id_names_the_record() {
     );
 }
 
+#[test]
+fn lm_batch_longer_than_the_model_positions_is_refused() {
+    let path = shared_fixtures().join("lm/batch.safetensors");
+    let batch = diffalign::lm::batch::PairBatch::from_file(&path, &Device::Cpu).unwrap();
+    let t = batch
+        .chosen
+        .input_ids
+        .dim(1)
+        .unwrap()
+        .max(batch.rejected.input_ids.dim(1).unwrap());
+    batch.check_positions(t, &path).unwrap();
+    let err = batch.check_positions(t - 1, &path).unwrap_err().to_string();
+    assert!(
+        err.contains("batch.safetensors")
+            && err.contains("max_position_embeddings")
+            && err.contains(&format!("{t} tokens")),
+        "{err}"
+    );
+}
+
 // ---- memory bounded by input ----
 
 /// A size far beyond the machine's memory fails within seconds, naming the flag and the estimate.
