@@ -324,6 +324,15 @@ fn issue_23_generate_huge_sample_size_names_the_config_key() {
 }
 
 #[test]
+fn issue_23_generate_sample_size_zero_names_the_config_key() {
+    let (tmp, model) = fixture_copy("sd15");
+    edit_json(&model.join("unet/config.json"), "sample_size", 0.into());
+    let out = tmp.path().join("w.png");
+    let (o, _) = run(&generate_args(s(&model), s(&out)));
+    assert_fails_naming(&o, &["unet/config.json", "sample_size 0x0", "multiple of 4"]);
+}
+
+#[test]
 fn memory_estimate_accepts_the_usual_sizes() {
     use diffalign::models::unet::UNet2DConditionConfig;
     use diffalign::models::vae::AutoencoderKLConfig;
