@@ -451,6 +451,25 @@ fn issue_23_generate_unet_of_another_architecture_names_both_files() {
 }
 
 #[test]
+fn issue_23_loss_policy_unet_of_another_architecture_names_its_config() {
+    let model = shared_fixtures().join("sd15");
+    let unet = shared_fixtures().join("turbo/unet");
+    let batch = shared_fixtures().join("sd15-losses/batch.safetensors");
+    let (o, _) = run(&[
+        "loss",
+        "--model",
+        s(&model),
+        "--unet",
+        s(&unet),
+        "--method",
+        "dpo",
+        "--batch",
+        s(&batch),
+    ]);
+    assert_fails_naming(&o, &["turbo/unet/config.json", "cross_attention_dim", "48", "32"]);
+}
+
+#[test]
 fn issue_23_model_index_unet_3d_is_an_error() {
     let (tmp, model) = fixture_copy("sd15");
     edit_json(

@@ -85,9 +85,11 @@ fn load_models(model: &ModelArgs) -> anyhow::Result<(StableDiffusionPipeline, UN
         (Some(_), Some(_)) => bail!("give the tuned model as --lora FILE or --unet DIR, not both"),
         (None, None) => bail!("give the tuned model: --lora FILE (on the base UNet) or --unet DIR"),
         (Some(dir), None) => {
-            UNet2DConditionModel::from_pretrained(dir, &base_opts)
+            let tuned = UNet2DConditionModel::from_pretrained(dir, &base_opts)
                 .with_context(|| format!("loading the tuned UNet {}", dir.display()))?
-                .0
+                .0;
+            pipe.check_unet_fits(&tuned, &dir.join("config.json"))?;
+            tuned
         }
         (None, Some(file)) => {
             let lora = LoraSource::from_file(file, "unet", false).context("--lora")?;

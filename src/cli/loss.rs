@@ -152,6 +152,7 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
     };
     let (policy, policy_vb) = UNet2DConditionModel::from_pretrained(&policy_dir, &policy_opts)
         .with_context(|| format!("loading the policy UNet {}", policy_dir.display()))?;
+    pipe.check_unet_fits(&policy, &policy_dir.join("config.json"))?;
     let trainable = if args.model.lora.is_some() {
         policy_vb.lora_vars()
     } else {

@@ -487,6 +487,32 @@ impl StableDiffusionPipeline {
         })
     }
 
+    /// Fails, naming `config_file` and its key, when `unet` (a tuned or policy UNet loaded beside
+    /// this pipeline) does not take this pipeline's latents and text states, instead of failing
+    /// later in a matrix product.
+    pub fn check_unet_fits(&self, unet: &UNet2DConditionModel, config_file: &Path) -> Result<()> {
+        for (key, got, want) in [
+            ("in_channels", unet.in_channels(), self.unet.in_channels()),
+            (
+                "cross_attention_dim",
+                unet.cross_attention_dim(),
+                self.unet.cross_attention_dim(),
+            ),
+        ] {
+            if got != want {
+                return Err(Error::config(
+                    config_file,
+                    key,
+                    format!(
+                        "{got} does not fit the pipeline's {want} ({}): the UNet is of another architecture",
+                        self.unet_config_file.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the checkpoint is a few-step (Turbo-style) model: its scheduler spaces timesteps
     /// `trailing`, so that one step starts at the last training timestep, as SD-Turbo's and
     /// SDXL-Turbo's do (multi-step checkpoints use `leading` or `linspace`).
