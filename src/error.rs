@@ -5,14 +5,14 @@ use std::path::PathBuf;
 /// Errors returned by the diffalign library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    /// A file could not be read or written. The OS error is part of the message and not a
+    /// `source`, so that an error chain printed with `{:#}` shows it once.
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The underlying IO error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// A required file or folder is missing.
@@ -95,6 +95,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// NaN or infinite values where only finite ones make sense: a weight, an input tensor, a
+    /// model's output during sampling.
+    #[error("{subject}: {count} non-finite value(s) (NaN or infinity), the first at index {first}: {value}")]
+    NonFinite {
+        /// What holds them: `file: tensor`, or `sampling step 3 of 50: unet output`.
+        subject: String,
+        /// How many of its values are not finite.
+        count: usize,
+        /// The flat index of the first one.
+        first: usize,
+        /// Its value.
+        value: f64,
+    },
+
     /// A custom op failed on a device.
     #[error("op {op} on {device}: {reason}")]
     Op {
@@ -125,7 +139,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

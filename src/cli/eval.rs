@@ -18,7 +18,7 @@ use diffalign::reward::RewardSpec;
 use diffalign::rng::Rng;
 use diffalign::sampling::image_io::save_png;
 use diffalign::sampling::pipeline::PipelineSources;
-use diffalign::sampling::{GenerateRequest, PipelineKind, StableDiffusionPipeline};
+use diffalign::sampling::{GenerateRequest, StableDiffusionPipeline};
 use diffalign::schedulers::SchedulerKind;
 use diffalign::train::report::{write_report, ImageRow};
 use diffalign::weights::lora::LoraSource;
@@ -26,7 +26,10 @@ use diffalign::weights::store::write_atomic;
 use diffalign::weights::LoadOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::inputs::{load_rewards, parse_reward_spec, read_prompts, reward_specs_or_default};
+use super::inputs::{
+    check_memory, image_size, load_rewards, parse_finite, parse_reward_spec, read_prompts, reward_specs_or_default,
+    sampling_defaults,
+};
 use super::model_args::ModelArgs;
 
 /// Flags of `diffalign eval`.
@@ -45,11 +48,13 @@ pub struct EvalArgs {
     /// Seeds per prompt: 0..N, the same for base and tuned.
     #[arg(long, default_value_t = 4)]
     seeds: u64,
-    /// Denoising steps (1 for Turbo models).
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Classifier-free guidance scale (default: 7.5, or 5.0 for SDXL, as diffusers).
+    /// Denoising steps. Default: 1 for a Turbo-style checkpoint (trailing timesteps), else the
+    /// model's usual count (the demo's 8 for the embedded model, 50 otherwise).
     #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale. Default: none for Turbo-style checkpoints, else the model's
+    /// usual scale (the demo's 3 for the embedded model, 7.5, or 5.0 for SDXL, as diffusers).
+    #[arg(long, value_parser = parse_finite)]
     guidance: Option<f64>,
     /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
     #[arg(long)]
@@ -80,9 +85,11 @@ fn load_models(model: &ModelArgs) -> anyhow::Result<(StableDiffusionPipeline, UN
         (Some(_), Some(_)) => bail!("give the tuned model as --lora FILE or --unet DIR, not both"),
         (None, None) => bail!("give the tuned model: --lora FILE (on the base UNet) or --unet DIR"),
         (Some(dir), None) => {
-            UNet2DConditionModel::from_pretrained(dir, &base_opts)
+            let tuned = UNet2DConditionModel::from_pretrained(dir, &base_opts)
                 .with_context(|| format!("loading the tuned UNet {}", dir.display()))?
-                .0
+                .0;
+            pipe.check_unet_fits(&tuned, &dir.join("config.json"))?;
+            tuned
         }
         (None, Some(file)) => {
             let lora = LoraSource::from_file(file, "unet", false).context("--lora")?;
@@ -103,7 +110,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.seeds == 0 {
         bail!("--seeds: must be at least 1");
     }
-    if args.steps == 0 {
+    if args.steps == Some(0) {
         bail!("--steps: must be at least 1");
     }
     let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
@@ -115,21 +122,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         &reward_specs_or_default(&args.rewards)?,
         &args.model.load_options()?.without_lora(),
     )?;
-    let f = pipe.vae_scale_factor();
-    let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
-    let (height, width) = (args.height.unwrap_or(sh * f), args.width.unwrap_or(sw * f));
-    let (lh, lw) = pipe.check_size(height, width)?;
-    let guidance = args
-        .guidance
-        .unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXl {
-            5.0
-        } else {
-            7.5
-        });
+    let size = image_size(&pipe, None, args.height, args.width)?;
+    let (height, width) = (size.height, size.width);
+    let (lh, lw) = pipe.check_size(height, width).with_context(|| size.source.clone())?;
+    let defaults = sampling_defaults(&pipe, args.model.model.is_none());
+    let steps = args.steps.unwrap_or(defaults.steps);
+    let guidance = args.guidance.unwrap_or(defaults.guidance);
+    check_memory(&pipe, &size, (lh, lw), guidance > 1.0, 1)?;
     let images_dir = args.out.join("images");
     std::fs::create_dir_all(&images_dir).with_context(|| format!("creating {}", images_dir.display()))?;
 
-    let total = prompts.len() as u64 * args.seeds * 2 * args.steps as u64;
+    let total = prompts.len() as u64 * args.seeds * 2 * steps as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{spinner} eval [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
@@ -145,7 +148,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             let req = GenerateRequest {
                 prompts: vec![prompt.clone()],
                 negative_prompts: None,
-                steps: args.steps,
+                steps,
                 guidance,
                 height,
                 width,
@@ -194,7 +197,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "{} prompts x {} seeds, {} steps, guidance {guidance}\nreward: base mean -> tuned mean; win rate of tuned [95% Wilson interval]\n",
         prompts.len(),
         args.seeds,
-        args.steps
+        steps
     );
     for (kind, (base, tuned)) in &scores {
         let win = WinRate::from_scores(base, tuned).expect("one score per image on both sides");

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::Args;
 use diffalign::rng::Rng;
@@ -11,7 +11,7 @@ use diffalign::sampling::{GenerateRequest, PipelineKind};
 use diffalign::schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::inputs::{image_size, load_init_noise, read_prompts};
+use super::inputs::{check_memory, image_size, load_init_noise, parse_finite, read_prompts};
 use super::model_args::ModelArgs;
 
 /// Flags of `diffalign generate`.
@@ -36,7 +36,7 @@ pub struct GenerateArgs {
     steps: usize,
     /// Classifier-free guidance scale; guidance runs only when > 1 (use 0 for Turbo models).
     /// Default: 7.5, or 5.0 for SDXL pipelines, as diffusers.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_finite)]
     guidance: Option<f64>,
     /// Image height in pixels (default: the UNet's sample size times the VAE factor).
     #[arg(long)]
@@ -94,8 +94,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     for w in &pipe.warnings {
         eprintln!("warning: {w}");
     }
-    let (height, width) = image_size(&pipe, init_noise.as_ref(), args.height, args.width)?;
-    let (lh, lw) = pipe.check_size(height, width)?;
+    let noise_source = args.init_noise.as_deref().zip(init_noise.as_ref());
+    let size = image_size(&pipe, noise_source, args.height, args.width)?;
+    let (height, width) = (size.height, size.width);
+    let (lh, lw) = pipe.check_size(height, width).with_context(|| size.source.clone())?;
     let guidance = args
         .guidance
         .unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXl {
@@ -103,6 +105,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         } else {
             7.5
         });
+    check_memory(&pipe, &size, (lh, lw), guidance > 1.0, 1)?;
 
     let total = prompts.len() * args.num_images;
     let bar = ProgressBar::new((total * args.steps) as u64);

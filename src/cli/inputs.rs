@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use diffalign::reward::{load_reward, ImageReward, RewardSpec};
-use diffalign::sampling::StableDiffusionPipeline;
+use diffalign::sampling::budget;
+use diffalign::sampling::{PipelineKind, StableDiffusionPipeline};
 use diffalign::weights::{LoadOptions, TensorStore};
 
 /// The prompts of `--prompt TEXT` or `--prompts FILE` (one per line, blank lines skipped).
@@ -44,23 +45,139 @@ pub fn load_init_noise(path: &Path) -> anyhow::Result<Tensor> {
     Ok(t)
 }
 
+/// An image size in pixels and where it came from, for messages.
+#[derive(Debug, Clone)]
+pub struct ImageSize {
+    /// Height in pixels.
+    pub height: usize,
+    /// Width in pixels.
+    pub width: usize,
+    /// The flags, file or config key that gave it: `--width 100000 (--height 64)`.
+    pub source: String,
+}
+
 /// The image size in pixels: `--height`/`--width` when given, else the initial noise's size, else
-/// the UNet's sample size, times the VAE factor.
+/// the UNet's sample size, times the VAE factor; with where each came from.
 pub fn image_size(
     pipe: &StableDiffusionPipeline,
-    init_noise: Option<&Tensor>,
+    init_noise: Option<(&Path, &Tensor)>,
     height: Option<usize>,
     width: Option<usize>,
-) -> anyhow::Result<(usize, usize)> {
+) -> anyhow::Result<ImageSize> {
     let f = pipe.vae_scale_factor();
-    Ok(match (init_noise, height, width) {
-        (_, Some(h), Some(w)) => (h, w),
-        (Some(n), h, w) => (h.unwrap_or(n.dim(2)? * f), w.unwrap_or(n.dim(3)? * f)),
-        (None, h, w) => {
-            let (sh, sw) = pipe.unet.sample_size().unwrap_or((64, 64));
-            (h.unwrap_or(sh * f), w.unwrap_or(sw * f))
+    let unet_config = pipe.unet_config_file.display();
+    let (default_h, default_w, default_source) = match init_noise {
+        Some((path, n)) => (n.dim(2)?, n.dim(3)?, format!("--init-noise {}", path.display())),
+        None => {
+            let (h, w) = pipe.unet.sample_size().unwrap_or((64, 64));
+            (h, w, format!("{unet_config}: sample_size"))
         }
+    };
+    let pixels = |latent: usize| {
+        latent
+            .checked_mul(f)
+            .with_context(|| format!("{default_source}: {latent} latents are too many pixels"))
+    };
+    let mut sources = Vec::new();
+    let mut pick = |flag: &str, given: Option<usize>, latent: usize| -> anyhow::Result<usize> {
+        Ok(match given {
+            Some(v) => {
+                sources.push(format!("{flag} {v}"));
+                v
+            }
+            None => pixels(latent)?,
+        })
+    };
+    let h = pick("--height", height, default_h)?;
+    let w = pick("--width", width, default_w)?;
+    if sources.len() < 2 {
+        sources.push(format!("{default_source} {default_h}x{default_w}"));
+    }
+    Ok(ImageSize {
+        height: h,
+        width: w,
+        source: sources.join(", "),
     })
+}
+
+/// Fails, naming where the size came from, when a job of `batch` images at `size` (latent
+/// `latent`) would need more memory than the machine has available (see
+/// [`diffalign::sampling::budget`]); `retained_calls` counts the UNet calls whose activations
+/// are kept at once. Checked before the first large allocation.
+pub fn check_memory(
+    pipe: &StableDiffusionPipeline,
+    size: &ImageSize,
+    latent: (usize, usize),
+    guided: bool,
+    retained_calls: usize,
+) -> anyhow::Result<()> {
+    let Some(available) = budget::available_memory() else {
+        return Ok(());
+    };
+    let estimate = pipe.memory_estimate(1, guided, latent, retained_calls);
+    if let Some(why) = budget::shortfall(&estimate, pipe.device(), available) {
+        bail!(
+            "{}: at {}x{} pixels ({}x{} latents), {why}",
+            size.source,
+            size.width,
+            size.height,
+            latent.1,
+            latent.0
+        );
+    }
+    Ok(())
+}
+
+/// Parses a finite number for clap: `inf` and `NaN` parse as `f64` but mean nothing as a scale.
+pub fn parse_finite(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("not a number: {s:?}"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("must be a finite number, got {s}"))
+    }
+}
+
+/// A model's usual sampling: steps and classifier-free guidance scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingDefaults {
+    /// Denoising steps.
+    pub steps: usize,
+    /// Guidance scale (guidance runs only when > 1).
+    pub guidance: f64,
+    /// Whether the checkpoint is a one-step (Turbo-style) model.
+    pub one_step: bool,
+}
+
+/// The sampling `pipe` is made for: one step without guidance for a Turbo-style checkpoint
+/// (trailing timestep spacing, see [`StableDiffusionPipeline::is_few_step`]); the demo's DDIM
+/// settings for the embedded shapes-world model (`embedded`); otherwise diffusers' defaults,
+/// 50 steps with guidance 7.5 (5.0 for SDXL).
+pub fn sampling_defaults(pipe: &StableDiffusionPipeline, embedded: bool) -> SamplingDefaults {
+    if pipe.is_few_step() {
+        return SamplingDefaults {
+            steps: 1,
+            guidance: 0.0,
+            one_step: true,
+        };
+    }
+    if embedded {
+        let demo = diffalign::demo::DemoConfig::full();
+        return SamplingDefaults {
+            steps: demo.steps,
+            guidance: demo.guidance,
+            one_step: false,
+        };
+    }
+    SamplingDefaults {
+        steps: 50,
+        guidance: if pipe.kind == PipelineKind::StableDiffusionXl {
+            5.0
+        } else {
+            7.5
+        },
+        one_step: false,
+    }
 }
 
 /// Parses `--reward KIND=PATH` for clap.

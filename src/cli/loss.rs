@@ -84,11 +84,29 @@ fn to_list(t: &Tensor) -> anyhow::Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
+/// Fails, naming the file and record, on a soft label outside [0.5, 1]: the probability that the
+/// preferred image wins, the range `train` accepts for its data.
+fn check_soft_labels(batch: &PreferenceBatch, file: &std::path::Path) -> anyhow::Result<()> {
+    let Some(labels) = &batch.soft_label else {
+        return Ok(());
+    };
+    for (i, p) in labels.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().enumerate() {
+        if !(0.5..=1.0).contains(&p) {
+            bail!(
+                "{}: soft_label: record {i}: must be in [0.5, 1] (the probability that the preferred image wins), got {p}",
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: LossArgs) -> anyhow::Result<()> {
     let method = Method::parse(&args.method, args.inversion_steps)?;
     let loss_type = args.loss_params.apply(args.loss_type.parse()?)?;
     let objective = Objective::for_method(method, args.beta, loss_type, args.loss_params.label_smoothing)?;
     let batch = PreferenceBatch::from_file(&args.batch)?;
+    check_soft_labels(&batch, &args.batch)?;
     let (root, opts) = args.model.resolve()?;
     let sources = PipelineSources {
         root: root.clone(),
@@ -112,6 +130,7 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
     };
     let (policy, policy_vb) = UNet2DConditionModel::from_pretrained(&policy_dir, &policy_opts)
         .with_context(|| format!("loading the policy UNet {}", policy_dir.display()))?;
+    pipe.check_unet_fits(&policy, &policy_dir.join("config.json"))?;
     let trainable = if args.model.lora.is_some() {
         policy_vb.lora_vars()
     } else {

@@ -24,7 +24,8 @@ use diffalign::weights::store::save_safetensors;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::inputs::{
-    image_size, load_init_noise, load_rewards, parse_reward_spec, read_prompts, reward_specs_or_default,
+    check_memory, image_size, load_init_noise, load_rewards, parse_finite, parse_reward_spec, read_prompts,
+    reward_specs_or_default, sampling_defaults,
 };
 use super::model_args::ModelArgs;
 
@@ -56,16 +57,16 @@ pub struct RenoArgs {
     #[arg(long, default_value_t = 50)]
     iters: usize,
     /// SGD learning rate.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = parse_finite)]
     lr: f64,
     /// Nesterov momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = parse_finite)]
     momentum: f64,
     /// Maximum L2 norm of the gradient on the noise before each step; 0 disables clipping.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = parse_finite)]
     grad_clip: f64,
     /// Weight of the noise-norm regulariser `0.5|z|^2 - (d-1) log|z|`.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = parse_finite)]
     reg_weight: f64,
     /// Seed of the initial noise (and of any noise a stochastic sampler adds).
     #[arg(long, default_value_t = 0, conflicts_with = "init_noise")]
@@ -73,18 +74,22 @@ pub struct RenoArgs {
     /// A safetensors file with a tensor `init_noise` [1, C, h, w]: the initial noise.
     #[arg(long)]
     init_noise: Option<PathBuf>,
-    /// Sampling steps with the checkpoint's scheduler (1: a Turbo model's trailing timestep).
-    #[arg(long, default_value_t = 1, conflicts_with = "timestep")]
-    steps: usize,
+    /// Sampling steps with the checkpoint's scheduler, all differentiated. Default: 1 for a
+    /// Turbo-style checkpoint (trailing timesteps), else the model's usual count (the demo's 8
+    /// for the embedded model, 50 otherwise).
+    #[arg(long, conflicts_with = "timestep")]
+    steps: Option<usize>,
     /// One Euler step from this timestep to the image, for models without a one-step schedule.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_finite)]
     timestep: Option<f64>,
     /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
     #[arg(long, conflicts_with = "timestep")]
     scheduler: Option<String>,
-    /// Classifier-free guidance scale; guidance runs only when > 1 (Turbo models use none).
-    #[arg(long, default_value_t = 0.0)]
-    guidance: f64,
+    /// Classifier-free guidance scale; guidance runs only when > 1. Default: none for Turbo-style
+    /// checkpoints, else the model's usual scale (the demo's 3 for the embedded model, 7.5, or 5
+    /// for SDXL).
+    #[arg(long, value_parser = parse_finite)]
+    guidance: Option<f64>,
     /// Image height in pixels (default: the init noise's, or the UNet's sample size).
     #[arg(long)]
     height: Option<usize>,
@@ -127,19 +132,10 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
         }
     }
     let init_noise = args.init_noise.as_deref().map(load_init_noise).transpose()?;
-    let sampler = match args.timestep {
-        Some(t) => Sampler::Timestep(t),
-        None => {
-            if args.steps == 0 {
-                bail!("--steps: must be at least 1");
-            }
-            let kind = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
-            Sampler::Scheduler {
-                kind,
-                steps: args.steps,
-            }
-        }
-    };
+    if args.steps == Some(0) {
+        bail!("--steps: must be at least 1");
+    }
+    let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
     let config = RenoConfig {
         iters: args.iters,
         lr: args.lr,
@@ -152,6 +148,21 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     for w in &pipe.warnings {
         eprintln!("warning: {w}");
     }
+    let defaults = sampling_defaults(&pipe, args.model.model.is_none());
+    let steps = args.steps.unwrap_or(defaults.steps);
+    let guidance = args.guidance.unwrap_or(defaults.guidance);
+    if steps == 1 && !defaults.one_step && args.timestep.is_none() {
+        eprintln!(
+            "warning: --steps 1: this checkpoint is made for a multi-step sampler (its scheduler does not \
+             space timesteps `trailing` as Turbo models do), so one step gives noise; its usual \
+             count is {}",
+            defaults.steps
+        );
+    }
+    let sampler = match args.timestep {
+        Some(t) => Sampler::Timestep(t),
+        None => Sampler::Scheduler { kind: scheduler, steps },
+    };
     let opts = args.model.load_options()?;
     let rewards: Vec<WeightedReward> = load_rewards(&specs, &opts)?
         .into_iter()
@@ -174,8 +185,22 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     }
     let reno = Reno::new(&pipe, &rewards, sampler, config, args.seed)?;
 
-    let (height, width) = image_size(&pipe, init_noise.as_ref(), args.height, args.width)?;
-    let (lh, lw) = pipe.check_size(height, width)?;
+    let noise_source = args.init_noise.as_deref().zip(init_noise.as_ref());
+    let size = image_size(&pipe, noise_source, args.height, args.width)?;
+    let (height, width) = (size.height, size.width);
+    let (lh, lw) = pipe.check_size(height, width).with_context(|| size.source.clone())?;
+    // Every step's activations are kept for the backward pass (about three forwards' worth
+    // each), or one forward's with recomputation.
+    let differentiated = match args.timestep {
+        Some(_) => 1,
+        None => steps,
+    };
+    let retained = if args.recompute {
+        differentiated
+    } else {
+        3 * differentiated
+    };
+    check_memory(&pipe, &size, (lh, lw), guidance > 1.0, retained)?;
     let z0 = match init_noise {
         Some(n) => {
             let want = [1, pipe.unet.in_channels(), lh, lw];
@@ -206,7 +231,7 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
         } else {
             args.out.join(format!("{p:03}"))
         };
-        let cond = pipe.conditioning(std::slice::from_ref(prompt), None, args.guidance, (height, width), None)?;
+        let cond = pipe.conditioning(std::slice::from_ref(prompt), None, guidance, (height, width), None)?;
         let outcome = optimise_prompt(&reno, args.seed, &cond, prompt, &z0, &dir, &bar)?;
         let summary = serde_json::json!({
             "prompt": prompt,

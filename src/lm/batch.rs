@@ -84,6 +84,25 @@ impl Sequences {
     }
 }
 
+/// Fails, naming the file, tensor and row, unless every value of `ids` `[B, T]` is a whole
+/// number in `0..=u32::MAX`: a conversion would silently turn -5 into 0 and 2.5 into 2.
+fn check_token_ids(path: &Path, key: &str, ids: &Tensor) -> Result<()> {
+    for (row, values) in ids.to_vec2::<f64>()?.iter().enumerate() {
+        if let Some((pos, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(*v)))
+        {
+            return Err(Error::Record {
+                file: path.to_path_buf(),
+                index: row,
+                reason: format!("{key}: position {pos}: token ids must be whole numbers from 0, got {v}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl PairBatch {
     /// Reads the pre-tokenised format; errors name the file and the tensor.
     pub fn from_file(path: &Path, device: &Device) -> Result<Self> {
@@ -97,14 +116,17 @@ impl PairBatch {
                         format!("missing tensor {key:?} (a batch has input_ids, attention_mask and completion_mask for w and l)"),
                     ));
                 }
-                let t = store.get(&key, None, DType::F32, device)?;
+                let t = store.get(&key, None, DType::F64, &Device::Cpu)?;
                 if t.rank() != 2 {
                     return Err(Error::input(
                         format!("{}: {key}", path.display()),
                         format!("expected [B, T], got {:?}", t.dims()),
                     ));
                 }
-                Ok(t.to_dtype(dtype)?)
+                if dtype == DType::U32 {
+                    check_token_ids(path, &key, &t)?;
+                }
+                Ok(t.to_dtype(dtype)?.to_device(device)?)
             };
             let seq = Sequences {
                 input_ids: get("input_ids", DType::U32)?,
@@ -145,6 +167,22 @@ impl PairBatch {
     /// Number of pairs.
     pub fn len(&self) -> usize {
         self.chosen.len()
+    }
+
+    /// Fails, naming `source` (the batch file) and the model's `max_position_embeddings`, when
+    /// the sequences are longer than the model's positions: the attention mask alone of a
+    /// 100,000-token batch would take 40 GB.
+    pub fn check_positions(&self, max_positions: usize, source: &Path) -> Result<()> {
+        for (side, seq) in [("w", &self.chosen), ("l", &self.rejected)] {
+            let t = seq.input_ids.dim(1)?;
+            if t > max_positions {
+                return Err(Error::input(
+                    format!("{}: input_ids_{side}", source.display()),
+                    format!("{t} tokens per sequence, more than the model's max_position_embeddings {max_positions}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the batch is empty.

@@ -13,9 +13,11 @@ use crate::models::clip::text_model::{is_known_buffer, ClipTextConfig, ClipTextM
 use crate::models::unet::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::rng::Rng;
+use crate::sampling::budget::{self, Job, MemoryEstimate};
 use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text::ClipTokenizer;
 use crate::weights::single_file::{Architecture, SingleFile};
+use crate::weights::store::check_finite;
 use crate::weights::{LoadOptions, TensorStore};
 use crate::{Error, Result};
 
@@ -47,6 +49,38 @@ impl ModelIndex {
             .get(name)
             .and_then(|v| v.as_array())
             .is_some_and(|a| a.iter().any(|x| !x.is_null()))
+    }
+
+    /// The class of component `name` (`["diffusers", "UNet2DConditionModel"]`), when listed.
+    fn class(&self, name: &str) -> Option<&str> {
+        self.components.get(name)?.as_array()?.get(1)?.as_str()
+    }
+}
+
+/// The classes this loader implements, per component of `model_index.json`.
+const COMPONENT_CLASSES: [(&str, &[&str]); 5] = [
+    ("unet", &["UNet2DConditionModel"]),
+    ("vae", &["AutoencoderKL"]),
+    ("text_encoder", &["CLIPTextModel", "CLIPTextModelWithProjection"]),
+    ("text_encoder_2", &["CLIPTextModel", "CLIPTextModelWithProjection"]),
+    ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"]),
+];
+
+/// Fails when `class` (of component `key` in `file`) is not one this loader implements: a
+/// `UNet3DConditionModel` must not load as a 2D UNet.
+fn check_class(file: &Path, key: &str, class: Option<&str>) -> Result<()> {
+    let Some(class) = class else { return Ok(()) };
+    let Some((_, allowed)) = COMPONENT_CLASSES.iter().find(|(k, _)| *k == key) else {
+        return Ok(());
+    };
+    if allowed.contains(&class) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            file,
+            key,
+            format!("class {class:?} is not supported (expected {})", allowed.join(" or ")),
+        ))
     }
 }
 
@@ -137,6 +171,10 @@ pub struct StableDiffusionPipeline {
     pub text_encoder_2: Option<ClipTextModel>,
     /// The denoiser.
     pub unet: UNet2DConditionModel,
+    /// The denoiser's config (for the memory estimate of a job).
+    pub unet_config: UNet2DConditionConfig,
+    /// Where the denoiser's config was read (for messages about its keys).
+    pub unet_config_file: PathBuf,
     /// The autoencoder.
     pub vae: AutoencoderKL,
     /// The scheduler config (beta schedule, prediction type, default sampler).
@@ -182,6 +220,77 @@ fn vae_from_store(dir: &Path, store: TensorStore, opts: &LoadOptions) -> Result<
     let model = AutoencoderKL::new(&cfg, &config_file, vb.clone())?;
     crate::weights::check_all_used(&vb, |_| false)?;
     Ok(model)
+}
+
+/// Checks, before any weight is read, that the components fit together: the UNet's
+/// `in_channels` and the VAE's `latent_channels`, the UNet's `cross_attention_dim` and the text
+/// encoders' `hidden_size` (summed for SDXL's two), the UNet's and VAE's `_class_name`, and a
+/// usable `scaling_factor`. A replacement `--unet` of another architecture fails here, naming
+/// both files and keys, instead of in a matrix product.
+fn check_fit(
+    (unet_file, unet): (&Path, &UNet2DConditionConfig),
+    (vae_file, vae): (&Path, &AutoencoderKLConfig),
+    text_encoder_dirs: &[&PathBuf],
+) -> Result<()> {
+    for (file, extra, expected) in [
+        (unet_file, &unet.extra, "UNet2DConditionModel"),
+        (vae_file, &vae.extra, "AutoencoderKL"),
+    ] {
+        match extra.get("_class_name").and_then(|v| v.as_str()) {
+            Some(class) if class != expected => {
+                return Err(Error::config(
+                    file,
+                    "_class_name",
+                    format!("{class:?} is not supported here (expected {expected})"),
+                ))
+            }
+            _ => {}
+        }
+    }
+    let sf = vae.scaling_factor;
+    if !(sf.is_finite() && sf > 0.0) {
+        return Err(Error::config(
+            vae_file,
+            "scaling_factor",
+            format!("must be a positive number (latents are divided by it before decoding), got {sf}"),
+        ));
+    }
+    if unet.in_channels != vae.latent_channels {
+        return Err(Error::config(
+            unet_file,
+            "in_channels",
+            format!(
+                "{} does not fit the VAE's latent_channels {} ({}): the UNet is of another architecture",
+                unet.in_channels,
+                vae.latent_channels,
+                vae_file.display()
+            ),
+        ));
+    }
+    let mut hidden = Vec::with_capacity(text_encoder_dirs.len());
+    for dir in text_encoder_dirs {
+        let file = dir.join("config.json");
+        hidden.push((file.clone(), ClipTextConfig::from_file(&file)?.hidden_size));
+    }
+    let width: usize = hidden.iter().map(|(_, h)| h).sum();
+    let cross = unet
+        .cross_attention_dim
+        .expand(unet.down_block_types.len(), unet_file, "cross_attention_dim")?;
+    if let Some(&c) = cross.iter().find(|&&c| c != width) {
+        let encoders: Vec<String> = hidden
+            .iter()
+            .map(|(f, h)| format!("hidden_size {h} in {}", f.display()))
+            .collect();
+        return Err(Error::config(
+            unet_file,
+            "cross_attention_dim",
+            format!(
+                "{c} does not fit the text states of width {width} ({}): the UNet is of another architecture",
+                encoders.join(" plus ")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn require_dir(dir: &Path, what: &str) -> Result<()> {
@@ -256,6 +365,9 @@ impl StableDiffusionPipeline {
                 return Err(Error::config(&index_path, comp, "component missing (null or absent)"));
             }
         }
+        for (comp, _) in COMPONENT_CLASSES {
+            check_class(&index_path, comp, index.class(comp))?;
+        }
         let unet_dir = sources.unet.clone().unwrap_or_else(|| root.join("unet"));
         let vae_dir = sources.vae.clone().unwrap_or_else(|| root.join("vae"));
         for (dir, what) in [
@@ -267,20 +379,31 @@ impl StableDiffusionPipeline {
         ] {
             require_dir(dir, what)?;
         }
+        let te_dir = root.join("text_encoder");
+        let te2_dir = (kind == PipelineKind::StableDiffusionXl).then(|| root.join("text_encoder_2"));
+        let unet_config_file = unet_dir.join("config.json");
+        let unet_config = UNet2DConditionConfig::from_file(&unet_config_file)?;
+        let vae_cfg = AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
+        check_fit(
+            (&unet_config_file, &unet_config),
+            (&vae_dir.join("config.json"), &vae_cfg),
+            &[Some(&te_dir), te2_dir.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+        )?;
         let scheduler_config = SchedulerConfig::from_file(root.join("scheduler").join("scheduler_config.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
-        let te_dir = root.join("text_encoder");
         let text_encoder = match single {
             Some(sf) => text_encoder_from_store(&te_dir, sf.text_encoder(&te_dir.join("config.json"))?, opts)?,
             None => load_text_encoder(&te_dir, opts)?,
         };
-        let (tokenizer_2, text_encoder_2) = if kind == PipelineKind::StableDiffusionXl {
-            let te2_dir = root.join("text_encoder_2");
-            require_dir(&te2_dir, "text_encoder_2")?;
+        let (tokenizer_2, text_encoder_2) = if let Some(te2_dir) = &te2_dir {
+            require_dir(te2_dir, "text_encoder_2")?;
             require_dir(&root.join("tokenizer_2"), "tokenizer_2")?;
             let te2 = match single {
-                Some(sf) => text_encoder_from_store(&te2_dir, sf.text_encoder_2(&te2_dir.join("config.json"))?, opts)?,
-                None => load_text_encoder(&te2_dir, opts)?,
+                Some(sf) => text_encoder_from_store(te2_dir, sf.text_encoder_2(&te2_dir.join("config.json"))?, opts)?,
+                None => load_text_encoder(te2_dir, opts)?,
             };
             if !te2.config().architecture.has_projection() {
                 return Err(Error::config(
@@ -301,7 +424,6 @@ impl StableDiffusionPipeline {
             None => UNet2DConditionModel::from_pretrained(&unet_dir, opts)?.0,
         };
         // diffusers runs `force_upcast` VAEs in f32 whatever the pipeline dtype (fp16 SD VAEs overflow).
-        let vae_cfg = AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
         let vae_opts = if vae_cfg.force_upcast {
             LoadOptions {
                 dtype: DType::F32,
@@ -324,16 +446,12 @@ impl StableDiffusionPipeline {
         let force_zeros_for_empty_prompt = index
             .force_zeros_for_empty_prompt
             .unwrap_or(kind == PipelineKind::StableDiffusionXl);
-        let unet_config = unet_dir.join("config.json");
         let mut unknown = vec![
             (
                 root.join("scheduler/scheduler_config.json"),
                 scheduler_config.unknown_keys(),
             ),
-            (
-                unet_config.clone(),
-                UNet2DConditionConfig::from_file(&unet_config)?.unknown_keys(),
-            ),
+            (unet_config_file.clone(), unet_config.unknown_keys()),
             (vae_dir.join("config.json"), vae_cfg.unknown_keys()),
             (te_dir.join("config.json"), text_encoder.config().unknown_keys()),
         ];
@@ -358,6 +476,8 @@ impl StableDiffusionPipeline {
             tokenizer_2,
             text_encoder_2,
             unet,
+            unet_config,
+            unet_config_file,
             vae,
             scheduler_config,
             force_zeros_for_empty_prompt,
@@ -365,6 +485,39 @@ impl StableDiffusionPipeline {
             dtype: opts.dtype,
             device: opts.device.clone(),
         })
+    }
+
+    /// Fails, naming `config_file` and its key, when `unet` (a tuned or policy UNet loaded beside
+    /// this pipeline) does not take this pipeline's latents and text states, instead of failing
+    /// later in a matrix product.
+    pub fn check_unet_fits(&self, unet: &UNet2DConditionModel, config_file: &Path) -> Result<()> {
+        for (key, got, want) in [
+            ("in_channels", unet.in_channels(), self.unet.in_channels()),
+            (
+                "cross_attention_dim",
+                unet.cross_attention_dim(),
+                self.unet.cross_attention_dim(),
+            ),
+        ] {
+            if got != want {
+                return Err(Error::config(
+                    config_file,
+                    key,
+                    format!(
+                        "{got} does not fit the pipeline's {want} ({}): the UNet is of another architecture",
+                        self.unet_config_file.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the checkpoint is a few-step (Turbo-style) model: its scheduler spaces timesteps
+    /// `trailing`, so that one step starts at the last training timestep, as SD-Turbo's and
+    /// SDXL-Turbo's do (multi-step checkpoints use `leading` or `linspace`).
+    pub fn is_few_step(&self) -> bool {
+        self.scheduler_config.timestep_spacing == Some(crate::schedulers::TimestepSpacing::Trailing)
     }
 
     /// The spatial factor between images and latents.
@@ -440,6 +593,28 @@ impl StableDiffusionPipeline {
             }
         }
         Ok((height / f, width / f))
+    }
+
+    /// The estimated peak memory of a job of `batch` images at `latent` size (see
+    /// [`super::budget`]), with guidance when `guided`; `retained_calls` counts the UNet calls
+    /// whose activations are kept at once (1 for sampling, more when differentiating through
+    /// the loop).
+    pub fn memory_estimate(
+        &self,
+        batch: usize,
+        guided: bool,
+        latent: (usize, usize),
+        retained_calls: usize,
+    ) -> MemoryEstimate {
+        let job = Job {
+            batch,
+            guided,
+            latent,
+            dtype: self.dtype,
+            device: &self.device,
+            retained_calls,
+        };
+        budget::estimate(&job, &self.unet_config, self.vae.config())
     }
 
     /// Generates images; `progress` is called after each denoising step with `(done, total)`.
@@ -556,6 +731,13 @@ impl StableDiffusionPipeline {
             } else {
                 pred
             };
+            check_finite(&pred, || {
+                format!(
+                    "sampling step {} of {} (timestep {t}): the unet output",
+                    i + 1,
+                    timesteps.len()
+                )
+            })?;
             latents = scheduler.step(&pred, i, &latents, rng)?;
             progress(i + 1, timesteps.len());
         }
@@ -568,6 +750,7 @@ impl StableDiffusionPipeline {
         let vae_dtype = self.vae_dtype();
         let z = (latents.to_dtype(vae_dtype)? / self.vae.config().scaling_factor)?;
         let decoded = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        check_finite(&decoded, || "decoding the final latents: the vae output".into())?;
         Ok(((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 

@@ -26,6 +26,12 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     /// Opens and validates `path`; a truncated or corrupt file is an error naming it.
     pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Err(Error::input(
+                path.display().to_string(),
+                "a folder, not a safetensors file",
+            ));
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file changed underneath us while loading is outside
         // what any loader can guard against (candle and safetensors map files the same way).
@@ -78,8 +84,106 @@ impl SafetensorsFile {
         })?;
         let (s, e) = info.data_offsets;
         let bytes = &self.mmap[self.data_start + s..self.data_start + e];
+        // One pass over the bytes the copy below reads anyway: a NaN or infinity in a weight or
+        // an input only shows up later as a black image or a `null` loss.
+        if let Some((count, first, value)) = non_finite(bytes, dtype) {
+            return Err(Error::NonFinite {
+                subject: format!("{}: {name}", self.path.display()),
+                count,
+                first,
+                value,
+            });
+        }
         let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?;
         Ok(t.to_device(device)?)
+    }
+}
+
+/// The exponent bits of each float dtype (all ones: infinity or NaN) and its width in bytes;
+/// `None` for integer dtypes, whose values are always finite.
+fn exponent_mask(dtype: DType) -> Option<(u64, usize)> {
+    match dtype {
+        DType::F16 => Some((0x7c00, 2)),
+        DType::BF16 => Some((0x7f80, 2)),
+        DType::F32 => Some((0x7f80_0000, 4)),
+        DType::F64 => Some((0x7ff0_0000_0000_0000, 8)),
+        _ => None,
+    }
+}
+
+/// The NaN and infinite values among little-endian `bytes` of `dtype`: `(count, index of the
+/// first, its value)`, or `None` when every value is finite.
+pub(crate) fn non_finite(bytes: &[u8], dtype: DType) -> Option<(usize, usize, f64)> {
+    let (mask, width) = exponent_mask(dtype)?;
+    let count = match width {
+        2 => count_exponent_ones::<2>(bytes, mask),
+        4 => count_exponent_ones::<4>(bytes, mask),
+        _ => count_exponent_ones::<8>(bytes, mask),
+    };
+    if count == 0 {
+        return None;
+    }
+    let bits: Vec<u64> = bytes.chunks_exact(width).map(word).collect();
+    let first = bits.iter().position(|b| b & mask == mask).expect("count > 0");
+    let sign_bit = 1u64 << (8 * width - 1);
+    let value = match bits[first] {
+        b if b & !mask & !sign_bit != 0 => f64::NAN,
+        b if b & sign_bit != 0 => f64::NEG_INFINITY,
+        _ => f64::INFINITY,
+    };
+    Some((count, first, value))
+}
+
+/// One little-endian value of up to 8 bytes, zero-extended.
+fn word(c: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..c.len()].copy_from_slice(c);
+    u64::from_le_bytes(b)
+}
+
+/// How many `W`-byte values have every bit of `mask` set; a constant width and no early exit
+/// let the loop vectorise, and blocks run on every thread (a weight file is scanned at about
+/// memory speed).
+fn count_exponent_ones<const W: usize>(bytes: &[u8], mask: u64) -> usize {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 20;
+    let count = |block: &[u8]| -> usize {
+        block
+            .chunks_exact(W)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b[..W].copy_from_slice(&c[..W]);
+                usize::from(u64::from_le_bytes(b) & mask == mask)
+            })
+            .sum()
+    };
+    if bytes.len() <= BLOCK {
+        count(bytes)
+    } else {
+        // BLOCK is a multiple of every width, so no value straddles two blocks.
+        bytes.par_chunks(BLOCK).map(count).sum()
+    }
+}
+
+/// Fails with [`Error::NonFinite`] naming `subject()` when `t` holds a NaN or an infinity. One
+/// reduction on `t`'s device; the values are copied to the host only when one is found.
+pub fn check_finite(t: &Tensor, subject: impl FnOnce() -> String) -> Result<()> {
+    let t = t.detach();
+    let sum = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if sum.is_finite() {
+        return Ok(());
+    }
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    match non_finite(&bytes, DType::F32) {
+        Some((count, first, value)) => Err(Error::NonFinite {
+            subject: subject(),
+            count,
+            first,
+            value,
+        }),
+        // Finite values whose sum overflows f32: large, but not what this check is for.
+        None => Ok(()),
     }
 }
 
@@ -444,6 +548,7 @@ pub fn save_safetensors(
     tensors: &HashMap<String, Tensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    check_parent(path)?;
     let tmp = tmp_path(path);
     let write = || -> Result<()> {
         let mut data: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
@@ -451,9 +556,12 @@ pub fn save_safetensors(
             data.push((k, t.to_device(&Device::Cpu)?.contiguous()?));
         }
         let views: Vec<(&String, &Tensor)> = data.iter().map(|(k, t)| (*k, t)).collect();
-        safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::BadSafetensors {
-            file: tmp.clone(),
-            reason: e.to_string(),
+        safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => Error::io(&tmp, e),
+            other => Error::BadSafetensors {
+                file: path.to_path_buf(),
+                reason: other.to_string(),
+            },
         })?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     };
@@ -467,6 +575,7 @@ pub fn save_safetensors(
 /// Writes `bytes` to `path` through a temporary sibling and a rename, so that no half-written
 /// file is ever left at `path` (the temporary file is removed on failure).
 pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
+    check_parent(path)?;
     let tmp = tmp_path(path);
     let r = std::fs::write(&tmp, bytes)
         .map_err(|e| Error::io(&tmp, e))
@@ -475,6 +584,18 @@ pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     r
+}
+
+/// Fails, naming the folder, when the folder an output file `path` goes in does not exist (or
+/// is a file), so that the error is not about the temporary file written first.
+fn check_parent(path: &Path) -> Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            what: format!("folder for the output file {}", path.display()),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A temporary sibling of `path` for write-then-rename.
