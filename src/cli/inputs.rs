@@ -162,7 +162,7 @@ pub fn sampling_defaults(pipe: &StableDiffusionPipeline, embedded: bool) -> Samp
         };
     }
     if embedded {
-        let demo = diffalign::demo::DemoConfig::full();
+        let demo = diffalign::shapes::demo::DemoConfig::full();
         return SamplingDefaults {
             steps: demo.steps,
             guidance: demo.guidance,

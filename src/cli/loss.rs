@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use diffalign::models::unet::UNet2DConditionModel;
