@@ -3,8 +3,10 @@
 //! end-of-run report ([`report`]), and the language-model trainers ([`lm`]). The optimizer and
 //! schedules are `crate::optim`'s.
 
+mod batches;
 pub mod checkpoint;
 pub mod lm;
+pub mod records;
 pub mod report;
 pub mod resume;
 pub mod trainer;
@@ -16,6 +18,7 @@ use crate::preference::diffusion::{Method, PairConditioning, PreferenceBatch};
 use crate::sampling::StableDiffusionPipeline;
 use crate::Result;
 
+pub use records::StepRecord;
 pub use resume::Resume;
 pub use trainer::{TrainOptions, Trainer};
 

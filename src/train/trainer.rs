@@ -1,22 +1,23 @@
-//! The training loop: data to latents, the preference loss on the policy UNet against the frozen
-//! reference, gradient accumulation, clipping, AdamW with f32 master weights, a non-finite guard,
-//! checkpoints, validation images, per-step metrics (JSONL) and the final weights and report.
+//! The training loop: the preference loss on the policy UNet against the frozen reference over
+//! micro-batches (`super::batches`), gradient accumulation, clipping, AdamW with f32 master
+//! weights, a non-finite guard, checkpoints, validation images, per-step metrics
+//! ([`super::records`]) and the final weights and report.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use serde::Serialize;
 
+use super::batches::Batches;
 use super::checkpoint::{self, TrainState};
+use super::records::{MetricsLog, StepRecord};
 use super::report::{write_report, Curve, ImageRow};
 use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Resume};
 use crate::data::skipped::{self, SkippedRecord};
-use crate::data::{LatentCache, PairDataset, PreferencePair, Preprocess};
+use crate::data::{LatentCache, PairDataset, Preprocess};
 use crate::models::unet::UNet2DConditionModel;
 use crate::optim::{clip_grad_norm, AdamW};
-use crate::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch};
+use crate::preference::diffusion::{DiffusionPreference, Method};
 use crate::recipe::Plan;
 use crate::rng::Rng;
 use crate::sampling::image_io::save_png;
@@ -43,37 +44,6 @@ pub struct TrainOptions {
     pub hub_cache: Option<PathBuf>,
 }
 
-/// What one optimizer step logged.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    /// Optimizer step (1-based).
-    pub step: usize,
-    /// Mean loss over the accumulated passes.
-    pub loss: f64,
-    /// Mean implicit accuracy (DPO family).
-    pub implicit_acc: Option<f64>,
-    /// Mean reward margin (DPO family).
-    pub reward_margin: Option<f64>,
-    /// Mean policy MSE of the preferred and rejected images.
-    pub mse_w: f64,
-    /// See `mse_w`.
-    pub mse_l: f64,
-    /// Mean reference MSEs, when the reference runs.
-    pub ref_mse_w: Option<f64>,
-    /// See `ref_mse_w`.
-    pub ref_mse_l: Option<f64>,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Whether the step was skipped for a non-finite loss or gradient.
-    pub skipped: bool,
-    /// Records left out while building this step's batches (an image that does not decode,
-    /// under `bad_records = "skip"`); not written to `metrics.jsonl`.
-    #[serde(skip)]
-    pub bad_records: Vec<SkippedRecord>,
-}
-
 /// A training run.
 pub struct Trainer {
     plan: Plan,
@@ -82,10 +52,8 @@ pub struct Trainer {
     policy_unet_dir: PathBuf,
     opt: AdamW,
     schedule: NoiseSchedule,
-    data: PairDataset,
-    preprocess: Preprocess,
-    cache: Option<LatentCache>,
-    rng: Rng,
+    batches: Batches,
+    metrics: MetricsLog,
     state: TrainState,
     out: PathBuf,
     records: Vec<StepRecord>,
@@ -100,17 +68,6 @@ pub struct Trainer {
 
 fn mean(t: &Tensor) -> Result<f64> {
     Ok(t.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// The data order of `epoch`: a permutation of `0..n` fixed by the seed.
-fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
-    let mut rng = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        order.swap(i, j);
-    }
-    order
 }
 
 impl Trainer {
@@ -211,17 +168,24 @@ impl Trainer {
             rng: Rng::new(t.seed).state(),
             nonfinite_in_a_row: 0,
         };
+        let batches = Batches::new(
+            data,
+            preprocess,
+            cache,
+            Rng::from_state(state.rng),
+            t.seed,
+            t.batch_size,
+            plan.method,
+        );
         let mut trainer = Trainer {
-            rng: Rng::from_state(state.rng),
+            metrics: MetricsLog::new(&out),
+            batches,
             plan,
             pipe,
             policy,
             policy_unet_dir,
             opt,
             schedule,
-            data,
-            preprocess,
-            cache,
             state,
             out,
             records: Vec::new(),
@@ -248,23 +212,24 @@ impl Trainer {
         match checkpoint {
             Some(ck) => {
                 self.state = checkpoint::load(ck, &mut self.opt)?;
-                self.rng = Rng::from_state(self.state.rng);
-                self.records = self.read_records()?;
+                self.batches.rng = Rng::from_state(self.state.rng);
+                self.records = self.metrics.read_until(self.state.step)?;
                 // Pairs found undecodable before the interruption stay listed.
                 self.skipped = skipped::read_skipped(&skipped_path)?;
                 if !changes.is_empty() {
-                    self.append_line(&change_event(self.state.step, changes).to_string())?;
+                    self.metrics
+                        .append_line(&change_event(self.state.step, changes).to_string())?;
                     self.notes.push(format!(
                         "recipe changed since the checkpoint at step {} ({}); recorded in {}",
                         self.state.step,
                         describe_changes(changes),
-                        self.metrics_path().display()
+                        self.metrics.path().display()
                     ));
                 }
             }
-            None => write_atomic(&self.metrics_path(), "")?,
+            None => self.metrics.clear()?,
         }
-        skipped::merge(&mut self.skipped, self.data.skipped());
+        skipped::merge(&mut self.skipped, self.batches.data.skipped());
         skipped::write_skipped(&skipped_path, &self.skipped)?;
         write_atomic(&self.out.join("recipe.toml"), &self.plan.resolved_toml)
     }
@@ -282,12 +247,12 @@ impl Trainer {
 
     /// Pairs in use: the usable pairs less those found undecodable so far.
     pub fn pairs_used(&self) -> usize {
-        self.data.len() - self.late_seen
+        self.batches.data.len() - self.late_seen
     }
 
     /// Lists the records the dataset left out since the last call; returns them.
     fn take_late_skips(&mut self) -> Result<Vec<SkippedRecord>> {
-        let new = self.data.late_skipped(self.late_seen);
+        let new = self.batches.data.late_skipped(self.late_seen);
         if !new.is_empty() {
             self.late_seen += new.len();
             skipped::merge(&mut self.skipped, &new);
@@ -298,150 +263,6 @@ impl Trainer {
 
     fn checkpoint_dir(&self) -> PathBuf {
         self.out.join("checkpoints")
-    }
-
-    fn metrics_path(&self) -> PathBuf {
-        self.out.join("metrics.jsonl")
-    }
-
-    /// The metrics of the steps a resumed run already did (later lines are dropped).
-    fn read_records(&self) -> Result<Vec<StepRecord>> {
-        let path = self.metrics_path();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        let mut kept = String::new();
-        let mut records = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Record {
-                file: path.clone(),
-                index: i,
-                reason: e.to_string(),
-            })?;
-            let step = v["step"].as_u64().unwrap_or(u64::MAX) as usize;
-            if step > self.state.step {
-                break;
-            }
-            kept.push_str(line);
-            kept.push('\n');
-            if v.get("event").is_some() {
-                continue;
-            }
-            records.push(StepRecord {
-                step,
-                loss: v["loss"].as_f64().unwrap_or(f64::NAN),
-                implicit_acc: v["implicit_acc"].as_f64(),
-                reward_margin: v["reward_margin"].as_f64(),
-                mse_w: v["mse_w"].as_f64().unwrap_or(f64::NAN),
-                mse_l: v["mse_l"].as_f64().unwrap_or(f64::NAN),
-                ref_mse_w: v["ref_mse_w"].as_f64(),
-                ref_mse_l: v["ref_mse_l"].as_f64(),
-                lr: v["lr"].as_f64().unwrap_or(0.0),
-                grad_norm: v["grad_norm"].as_f64().unwrap_or(f64::NAN),
-                skipped: v["skipped"].as_bool().unwrap_or(false),
-                bad_records: Vec::new(),
-            });
-        }
-        write_atomic(&path, kept)?;
-        Ok(records)
-    }
-
-    /// The next `n` usable pairs in this run's order, with their dataset indices; pairs that
-    /// turn out bad are passed over (skip mode) and listed by the dataset.
-    fn next_pairs(&mut self, n: usize) -> Result<Vec<(usize, PreferencePair)>> {
-        let len = self.data.len();
-        let mut out = Vec::with_capacity(n);
-        let mut order = epoch_order(self.plan.raw.train.seed, self.state.epoch, len);
-        while out.len() < n {
-            if self.state.position >= len {
-                self.state.epoch += 1;
-                self.state.position = 0;
-                order = epoch_order(self.plan.raw.train.seed, self.state.epoch, len);
-            }
-            let i = order[self.state.position];
-            self.state.position += 1;
-            if let Some(pair) = self.data.get_or_skip(i)? {
-                out.push((i, pair));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Encodes one preprocessed image `[3, H, W]` to a latent sample (times the scaling factor).
-    fn latent(&mut self, image: &Tensor, key: Option<crate::data::LatentKey>) -> Result<Tensor> {
-        let vae = &self.pipe.vae;
-        let device = self.pipe.device().clone();
-        let encode = || -> Result<(Tensor, Tensor)> {
-            let d = vae.encode(&image.to_device(&device)?.unsqueeze(0)?.to_dtype(vae.dtype())?)?;
-            Ok((
-                d.mean.squeeze(0)?.to_dtype(DType::F32)?,
-                d.std.squeeze(0)?.to_dtype(DType::F32)?,
-            ))
-        };
-        let (m, s) = match (&self.cache, key) {
-            (Some(cache), Some(key)) => cache.get_or_encode(&key, encode)?,
-            _ => encode()?,
-        };
-        let noise = self.rng.randn(m.dims(), m.device())?;
-        Ok(((m + (s * noise)?)? * vae.config().scaling_factor)?)
-    }
-
-    /// Builds one micro-batch.
-    fn next_batch(&mut self) -> Result<PreferenceBatch> {
-        let pairs = self.next_pairs(self.plan.raw.train.batch_size)?;
-        let (mut lw, mut ll, mut noise, mut ts, mut soft) = (vec![], vec![], vec![], vec![], vec![]);
-        let (mut cw, mut cl) = (vec![], vec![]);
-        for (i, pair) in pairs {
-            let (img_w, img_l, flip_w, flip_l) = self.preprocess.pair(&pair, &mut self.rng)?;
-            let key_w = self
-                .cache
-                .as_ref()
-                .map(|_| crate::data::LatentKey::new(i, true, flip_w));
-            let key_l = self
-                .cache
-                .as_ref()
-                .map(|_| crate::data::LatentKey::new(i, false, flip_l));
-            let zw = self.latent(&img_w, key_w)?;
-            let zl = self.latent(&img_l, key_l)?;
-            noise.push(self.rng.randn(zw.dims(), zw.device())?);
-            ts.push(self.rng.below(self.schedule.num_train_timesteps() as u64) as f32);
-            let caption_w = self.preprocess.caption(&pair.caption_w, &mut self.rng);
-            let caption_l = if self.plan.method == Method::Dcpo {
-                pair.caption_l.clone()
-            } else {
-                caption_w.clone()
-            };
-            cw.push(caption_w);
-            cl.push(caption_l);
-            if let Method::Smpo { .. } = self.plan.method {
-                let p = pair.soft_label.ok_or_else(|| Error::Record {
-                    file: pair.location.file.clone(),
-                    index: pair.location.index,
-                    reason: "smpo needs a soft label for every pair".into(),
-                })?;
-                soft.push(p);
-            }
-            lw.push(zw);
-            ll.push(zl);
-        }
-        let b = cw.len();
-        let device = self.pipe.device().clone();
-        Ok(PreferenceBatch {
-            latents_w: Tensor::stack(&lw, 0)?,
-            latents_l: Tensor::stack(&ll, 0)?,
-            noise: Tensor::stack(&noise, 0)?,
-            timesteps: Tensor::from_vec(ts, b, &device)?,
-            soft_label: if soft.is_empty() {
-                None
-            } else {
-                Some(Tensor::from_vec(soft, b, &device)?)
-            },
-            time_ids: None,
-            captions_w: cw,
-            captions_l: cl,
-        })
     }
 
     /// One optimizer step over `grad_accum` micro-batches.
@@ -458,7 +279,9 @@ impl Trainer {
         let (mut loss, mut acc, mut margin, mut mw, mut ml, mut rw, mut rl) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         let mut finite = true;
         for _ in 0..grad_accum {
-            let batch = self.next_batch()?;
+            let batch = self
+                .batches
+                .next_batch(&self.pipe, self.schedule.num_train_timesteps(), &mut self.state)?;
             let reference = if self.plan.objective.needs_reference() {
                 Some(&self.pipe.unet)
             } else {
@@ -541,8 +364,8 @@ impl Trainer {
             let mut record = self.step()?;
             record.bad_records = self.take_late_skips()?;
             done_here += 1;
-            self.state.rng = self.rng.state();
-            self.append_record(&record)?;
+            self.state.rng = self.batches.rng.state();
+            self.metrics.append(&record)?;
             on_step(&record, total);
             self.records.push(record);
             if self.state.nonfinite_in_a_row >= self.plan.raw.train.max_nonfinite_steps {
@@ -570,24 +393,9 @@ impl Trainer {
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
-        self.state.rng = self.rng.state();
+        self.state.rng = self.batches.rng.state();
         checkpoint::save(&self.checkpoint_dir(), &self.opt, &self.state)?;
         Ok(())
-    }
-
-    fn append_record(&self, record: &StepRecord) -> Result<()> {
-        self.append_line(&serde_json::to_string(record).expect("record serialises"))
-    }
-
-    /// Appends one line to `metrics.jsonl`.
-    fn append_line(&self, line: &str) -> Result<()> {
-        let path = self.metrics_path();
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        writeln!(f, "{line}").map_err(|e| Error::io(&path, e))
     }
 
     fn validation_path(&self, step: usize, prompt: usize, seed: u64) -> PathBuf {
