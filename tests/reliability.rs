@@ -319,15 +319,47 @@ fn issue_23_lm_commands_refuse_sequences_longer_than_the_positions() {
     let (policy, rm) = (lm.join("policy"), lm.join("reward_model"));
     let out = tmp.path().join("out");
     let commands: [Vec<&str>; 5] = [
-        vec!["lm", "loss", "--policy", s(&policy), "--loss-type", "simpo", "--batch", s(&batch)],
+        vec![
+            "lm",
+            "loss",
+            "--policy",
+            s(&policy),
+            "--loss-type",
+            "simpo",
+            "--batch",
+            s(&batch),
+        ],
         vec!["lm", "reward", "--model", s(&rm), "--batch", s(&batch)],
-        vec!["lm", "train", "--policy", s(&policy), "--loss-type", "simpo", "--data", s(&batch), "--out", s(&out)],
-        vec!["lm", "train-rm", "--model", s(&rm), "--data", s(&batch), "--out", s(&out)],
+        vec![
+            "lm",
+            "train",
+            "--policy",
+            s(&policy),
+            "--loss-type",
+            "simpo",
+            "--data",
+            s(&batch),
+            "--out",
+            s(&out),
+        ],
+        vec![
+            "lm",
+            "train-rm",
+            "--model",
+            s(&rm),
+            "--data",
+            s(&batch),
+            "--out",
+            s(&out),
+        ],
         vec!["lm", "eval-rm", "--model", s(&rm), "--data", s(&batch)],
     ];
     for args in commands {
         let (o, took) = run(&args);
-        assert_fails_naming(&o, &["long.safetensors", "100000 tokens", "max_position_embeddings 128"]);
+        assert_fails_naming(
+            &o,
+            &["long.safetensors", "100000 tokens", "max_position_embeddings 128"],
+        );
         assert!(took < Duration::from_secs(20), "{args:?} took {took:?}");
     }
     assert!(!out.exists(), "nothing is written");
@@ -338,7 +370,16 @@ fn issue_23_lm_commands_refuse_sequences_longer_than_the_positions() {
 fn issue_23_lm_loss_policy_unet_folder_is_not_a_causal_lm() {
     let unet = shared_fixtures().join("sd15/unet");
     let batch = shared_fixtures().join("lm/batch.safetensors");
-    let (o, _) = run(&["lm", "loss", "--policy", s(&unet), "--loss-type", "simpo", "--batch", s(&batch)]);
+    let (o, _) = run(&[
+        "lm",
+        "loss",
+        "--policy",
+        s(&unet),
+        "--loss-type",
+        "simpo",
+        "--batch",
+        s(&batch),
+    ]);
     assert_fails_naming(&o, &["sd15/unet/config.json", "_class_name", "not a causal-LM config"]);
 }
 
@@ -458,8 +499,18 @@ fn training_memory_estimate_accepts_the_usual_sizes() {
     let usual = bytes(&job);
     assert!(usual > 0.0 && usual < 16e9, "{usual}");
     assert!(bytes(&TrainingJob { pairs: 4, ..job }) > usual);
-    assert!(bytes(&TrainingJob { latent: (128, 128), ..job }) > usual);
-    assert!(bytes(&TrainingJob { reference: false, ..job }) < usual);
+    assert!(
+        bytes(&TrainingJob {
+            latent: (128, 128),
+            ..job
+        }) > usual
+    );
+    assert!(
+        bytes(&TrainingJob {
+            reference: false,
+            ..job
+        }) < usual
+    );
 }
 
 #[test]
@@ -576,7 +627,10 @@ fn issue_23_dataset_image_declaring_huge_size_is_a_bad_record() {
     let skipped = ds.late_skipped(0);
     assert_eq!(skipped.len(), 1);
     let reason = &skipped[0].1;
-    assert!(reason.contains("huge.png") && reason.contains("20000x20000"), "{reason}");
+    assert!(
+        reason.contains("huge.png") && reason.contains("20000x20000"),
+        "{reason}"
+    );
     // Every pair skipped leaves none usable: an error, with the reason.
     let err = ds.get_or_skip(1).unwrap_err().to_string();
     assert!(err.contains("20000x20000"), "{err}");
@@ -588,7 +642,11 @@ fn issue_23_dataset_image_declaring_huge_size_is_a_bad_record() {
         err.contains("pairs.jsonl: record 0") && err.contains("huge.png") && err.contains("20000x20000"),
         "{err}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 // ---- errors that name what is at fault ----

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use diffalign::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use diffalign::models::vae::AutoencoderKLConfig;
 use diffalign::rng::Rng;
 use diffalign::sampling::budget::{self, Job, MemoryEstimate, Part, BACKWARD_FACTOR};
 use diffalign::weights::VarBuilder;
@@ -166,10 +167,12 @@ fn check_memory(args: &BenchArgs, sizes: &str, estimate: &MemoryEstimate, dev: &
 }
 
 /// Checks a suite of UNet calls: `batch` rows at `--latent-size`, `retained` forwards' worth of
-/// activations, and `weight_copies` f32 copies of the UNet's parameters.
+/// activations, `weight_copies` f32 copies of the UNet's parameters, and the VAE decoder when
+/// the suite runs one.
 fn check_unet_memory(
     args: &BenchArgs,
     cfg: &UNet2DConditionConfig,
+    vae: Option<&AutoencoderKLConfig>,
     batch: usize,
     retained: usize,
     weight_copies: f64,
@@ -188,14 +191,17 @@ fn check_unet_memory(
         what: "the UNet's weights".into(),
         bytes: budget::unet_parameters(cfg) * F32_BYTES * weight_copies,
     };
-    let estimate = budget::estimate_unet(&calls, cfg, weights);
-    check_memory(args, &format!("--batch {batch} --latent-size {s}"), &estimate, &dev)
+    let estimate = match vae {
+        Some(vae) => budget::with_weights(budget::estimate(&calls, cfg, vae), weights),
+        None => budget::estimate_unet(&calls, cfg, weights),
+    };
+    check_memory(args, &format!("batch {batch}, --latent-size {s}"), &estimate, &dev)
 }
 
 fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
     let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
     // The trained UNet, its gradients and the frozen copy.
-    check_unet_memory(args, &cfg, args.batch, BACKWARD_FACTOR, 3.0)?;
+    check_unet_memory(args, &cfg, None, args.batch, BACKWARD_FACTOR, 3.0)?;
     let dev = args.device.device()?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let unet = UNet2DConditionModel::new(&cfg, args.config()?, vb.clone()).context("building the UNet")?;
@@ -241,7 +247,7 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
     // The pair through the policy (kept for the backward) and the reference; the policy, its
     // gradients and the reference.
-    check_unet_memory(args, &cfg, 2, BACKWARD_FACTOR + 1, 3.0)?;
+    check_unet_memory(args, &cfg, None, 2, BACKWARD_FACTOR + 1, 3.0)?;
     let dev = args.device.device()?;
     let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
     let policy = UNet2DConditionModel::new(&cfg, args.config()?, policy_vb.clone())?;
@@ -300,7 +306,7 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
 
 fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::models::clip::vision_model::{ClipKeyLayout, ClipVisionConfig, ClipVisionModel};
-    use diffalign::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+    use diffalign::models::vae::AutoencoderKL;
     use diffalign::optim::{clip_grad_norm, Sgd};
     use diffalign::reno::noise_regularizer;
     use diffalign::reward::{l2_normalize, ClipPreprocess};
@@ -311,21 +317,8 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     let dev = args.device.device()?;
     let unet_cfg = UNet2DConditionConfig::from_file(args.config()?)?;
     let vae_cfg = AutoencoderKLConfig::from_file(vae_path)?;
-    let s = args.latent_size;
-    let calls = Job {
-        batch: 1,
-        guided: false,
-        latent: (s, s),
-        dtype: DType::F32,
-        device: &dev,
-        retained_calls: BACKWARD_FACTOR,
-    };
-    let weights = Part {
-        what: "the UNet's weights".into(),
-        bytes: budget::unet_parameters(&unet_cfg) * F32_BYTES,
-    };
-    let estimate = budget::with_weights(budget::estimate(&calls, &unet_cfg, &vae_cfg), weights);
-    check_memory(args, &format!("--latent-size {s}"), &estimate, &dev)?;
+    // One differentiated generation through the frozen UNet and the VAE decoder.
+    check_unet_memory(args, &unet_cfg, Some(&vae_cfg), 1, BACKWARD_FACTOR, 1.0)?;
     let unet = frozen_unet(&unet_cfg, args)?;
     let vae = AutoencoderKL::new(&vae_cfg, vae_path, VarBuilder::random(1, DType::F32, &dev, false))?;
     let clip_cfg = ClipVisionConfig::from_file(clip_path)?;
@@ -401,7 +394,12 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
         bytes: 2.0 * cfg.parameter_count() * F32_BYTES,
     };
     let estimate = budget::with_weights(alone, weights);
-    check_memory(args, &format!("--batch {} --seq {}", args.batch, args.seq), &estimate, &dev)?;
+    check_memory(
+        args,
+        &format!("--batch {} --seq {}", args.batch, args.seq),
+        &estimate,
+        &dev,
+    )?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let lm = LlamaForCausalLM::new(&cfg, vb.clone()).context("building the LM")?;
     let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();

@@ -223,12 +223,11 @@ impl LlamaConfig {
     /// The longest sequence the model takes: `max_position_embeddings`, or transformers' default
     /// for the family when the key is absent (Llama 2048, Mistral 131072, Qwen2 32768).
     pub fn max_positions(&self) -> usize {
-        self.max_position_embeddings
-            .unwrap_or(match self.model_type.as_str() {
-                "mistral" => 131_072,
-                "qwen2" => 32_768,
-                _ => 2048,
-            })
+        self.max_position_embeddings.unwrap_or(match self.model_type.as_str() {
+            "mistral" => 131_072,
+            "qwen2" => 32_768,
+            _ => 2048,
+        })
     }
 
     /// Parameters of the model, counted from the config without building it: the embeddings
