@@ -475,6 +475,12 @@ fn issue_23_bench_huge_channels_fail_fast_naming_the_config() {
         assert_fails_naming(&o, &["config.json", "weights", "GB are available"]);
         assert!(took < Duration::from_secs(5), "{suite} took {took:?}");
     }
+    let lm = tmp.path().join("lm.json");
+    std::fs::copy(shared_fixtures().join("lm/policy/config.json"), &lm).unwrap();
+    edit_json(&lm, "hidden_size", serde_json::json!(1_000_000_000u64));
+    let (o, took) = run(&["bench", "--suite", "lm", "--config", s(&lm), "--repeats", "1"]);
+    assert_fails_naming(&o, &["lm.json", "--seq 256", "weights", "GB are available"]);
+    assert!(took < Duration::from_secs(5), "lm took {took:?}");
 }
 
 /// The training estimate of the recipes' usual sizes fits a workstation, and grows with the
