@@ -293,6 +293,96 @@ fn lm_batch_longer_than_the_model_positions_is_refused() {
     );
 }
 
+/// Writes a one-pair LM batch of `t` tokens per sequence (ids 1, the first token the prompt).
+fn long_lm_batch(path: &Path, t: usize) {
+    let ones = Tensor::ones((1, t), DType::F32, &Device::Cpu).unwrap();
+    let mut completion = vec![1f32; t];
+    completion[0] = 0.0;
+    let completion = Tensor::from_vec(completion, (1, t), &Device::Cpu).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for side in ["w", "l"] {
+        tensors.insert(format!("input_ids_{side}"), ones.clone());
+        tensors.insert(format!("attention_mask_{side}"), ones.clone());
+        tensors.insert(format!("completion_mask_{side}"), completion.clone());
+    }
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+/// A 100,000-token batch against a model of 128 positions is refused by every `lm` command,
+/// naming the batch and the limit, within seconds.
+#[test]
+fn issue_23_lm_commands_refuse_sequences_longer_than_the_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let batch = tmp.path().join("long.safetensors");
+    long_lm_batch(&batch, 100_000);
+    let lm = shared_fixtures().join("lm");
+    let (policy, rm) = (lm.join("policy"), lm.join("reward_model"));
+    let out = tmp.path().join("out");
+    let commands: [Vec<&str>; 5] = [
+        vec![
+            "lm",
+            "loss",
+            "--policy",
+            s(&policy),
+            "--loss-type",
+            "simpo",
+            "--batch",
+            s(&batch),
+        ],
+        vec!["lm", "reward", "--model", s(&rm), "--batch", s(&batch)],
+        vec![
+            "lm",
+            "train",
+            "--policy",
+            s(&policy),
+            "--loss-type",
+            "simpo",
+            "--data",
+            s(&batch),
+            "--out",
+            s(&out),
+        ],
+        vec![
+            "lm",
+            "train-rm",
+            "--model",
+            s(&rm),
+            "--data",
+            s(&batch),
+            "--out",
+            s(&out),
+        ],
+        vec!["lm", "eval-rm", "--model", s(&rm), "--data", s(&batch)],
+    ];
+    for args in commands {
+        let (o, took) = run(&args);
+        assert_fails_naming(
+            &o,
+            &["long.safetensors", "100000 tokens", "max_position_embeddings 128"],
+        );
+        assert!(took < Duration::from_secs(20), "{args:?} took {took:?}");
+    }
+    assert!(!out.exists(), "nothing is written");
+}
+
+/// `lm loss --policy <a UNet folder>` says the folder's config is not a causal LM.
+#[test]
+fn issue_23_lm_loss_policy_unet_folder_is_not_a_causal_lm() {
+    let unet = shared_fixtures().join("sd15/unet");
+    let batch = shared_fixtures().join("lm/batch.safetensors");
+    let (o, _) = run(&[
+        "lm",
+        "loss",
+        "--policy",
+        s(&unet),
+        "--loss-type",
+        "simpo",
+        "--batch",
+        s(&batch),
+    ]);
+    assert_fails_naming(&o, &["sd15/unet/config.json", "_class_name", "not a causal-LM config"]);
+}
+
 // ---- memory bounded by input ----
 
 /// A size far beyond the machine's memory fails within seconds, naming the flag and the estimate.
@@ -330,6 +420,103 @@ fn issue_23_generate_sample_size_zero_names_the_config_key() {
     let out = tmp.path().join("w.png");
     let (o, _) = run(&generate_args(s(&model), s(&out)));
     assert_fails_naming(&o, &["unet/config.json", "sample_size 0x0", "multiple of 4"]);
+}
+
+/// A recipe on the sd15 fixture with one JSONL pair, `train` keys `extra`; returns its path.
+fn train_recipe(dir: &Path, extra: &str) -> PathBuf {
+    for name in ["w.png", "l.png"] {
+        image::RgbImage::new(8, 8).save(dir.join(name)).unwrap();
+    }
+    let data = dir.join("pairs.jsonl");
+    std::fs::write(&data, r#"{"prompt": "p", "chosen": "w.png", "rejected": "l.png"}"#).unwrap();
+    let text = format!(
+        "[model]\npath = {model:?}\n\n[data]\nformat = \"jsonl\"\npath = {data:?}\n\n\
+         [train]\nmethod = \"dpo\"\nsteps = 1\nbatch_size = 1\nlr = 1e-3\n{extra}\n\n\
+         [output]\ndir = {out:?}\n",
+        model = s(&shared_fixtures().join("sd15")),
+        data = s(&data),
+        out = s(&dir.join("out")),
+    );
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn issue_23_train_huge_resolution_fails_fast_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = train_recipe(tmp.path(), "resolution = 100000");
+    let (o, took) = run(&["train", s(&recipe)]);
+    assert_fails_naming(&o, &["train.resolution = 100000", "recipe.toml", "GB are available"]);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(!tmp.path().join("out").exists(), "nothing is written");
+}
+
+#[test]
+fn issue_23_train_resolution_off_the_vae_factor_names_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = train_recipe(tmp.path(), "resolution = 63");
+    let (o, _) = run(&["train", s(&recipe)]);
+    assert_fails_naming(&o, &["recipe.toml", "train.resolution", "multiple of 4", "63"]);
+}
+
+#[test]
+fn issue_23_bench_huge_channels_fail_fast_naming_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    std::fs::copy(shared_fixtures().join("sd15/unet/config.json"), &config).unwrap();
+    edit_json(
+        &config,
+        "block_out_channels",
+        serde_json::json!([1_000_000_000u64, 1_000_000_000u64, 1_000_000_000u64]),
+    );
+    for suite in ["unet", "dpo-step"] {
+        let (o, took) = run(&["bench", "--suite", suite, "--config", s(&config), "--repeats", "1"]);
+        assert_fails_naming(&o, &["config.json", "weights", "GB are available"]);
+        assert!(took < Duration::from_secs(5), "{suite} took {took:?}");
+    }
+    let lm = tmp.path().join("lm.json");
+    std::fs::copy(shared_fixtures().join("lm/policy/config.json"), &lm).unwrap();
+    edit_json(&lm, "hidden_size", serde_json::json!(1_000_000_000u64));
+    let (o, took) = run(&["bench", "--suite", "lm", "--config", s(&lm), "--repeats", "1"]);
+    assert_fails_naming(&o, &["lm.json", "--seq 256", "weights", "GB are available"]);
+    assert!(took < Duration::from_secs(5), "lm took {took:?}");
+}
+
+/// The training estimate of the recipes' usual sizes fits a workstation, and grows with the
+/// resolution, the batch and a reference.
+#[test]
+fn training_memory_estimate_accepts_the_usual_sizes() {
+    use diffalign::models::unet::UNet2DConditionConfig;
+    use diffalign::models::vae::AutoencoderKLConfig;
+    use diffalign::sampling::budget::{estimate_training, TrainingJob};
+    let sd15 = shared_fixtures().join("sd15");
+    let unet = UNet2DConditionConfig::from_file(&sd15.join("unet/config.json")).unwrap();
+    let vae = AutoencoderKLConfig::from_file(&sd15.join("vae/config.json")).unwrap();
+    let job = TrainingJob {
+        pairs: 2,
+        latent: (64, 64),
+        dtype: DType::F32,
+        device: &Device::Cpu,
+        reference: true,
+        full_fine_tune: true,
+    };
+    let bytes = |j: &TrainingJob| estimate_training(j, &unet, &vae).device;
+    let usual = bytes(&job);
+    assert!(usual > 0.0 && usual < 16e9, "{usual}");
+    assert!(bytes(&TrainingJob { pairs: 4, ..job }) > usual);
+    assert!(
+        bytes(&TrainingJob {
+            latent: (128, 128),
+            ..job
+        }) > usual
+    );
+    assert!(
+        bytes(&TrainingJob {
+            reference: false,
+            ..job
+        }) < usual
+    );
 }
 
 #[test]
@@ -429,6 +616,45 @@ fn issue_23_score_image_declaring_huge_size_names_the_file() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
+/// A training image declaring 20000x20000 pixels is a skipped record under `bad_records = "skip"`
+/// and a record error under `"error"`, naming the image, its size and the record, without decoding.
+#[test]
+fn issue_23_dataset_image_declaring_huge_size_is_a_bad_record() {
+    use diffalign::data::{BadRecordPolicy, DataFormat, DataSpec, PairDataset};
+    let tmp = tempfile::tempdir().unwrap();
+    png_header_only(&tmp.path().join("huge.png"), 20000, 20000);
+    image::RgbImage::new(8, 8).save(tmp.path().join("small.png")).unwrap();
+    let line = r#"{"prompt": "p", "chosen": "huge.png", "rejected": "small.png"}"#;
+    std::fs::write(tmp.path().join("pairs.jsonl"), format!("{line}\n{line}\n")).unwrap();
+    let mut spec = DataSpec::new(DataFormat::Jsonl, tmp.path());
+    let started = Instant::now();
+    let ds = PairDataset::open(&spec).unwrap();
+    assert!(ds.get_or_skip(0).unwrap().is_none());
+    let skipped = ds.late_skipped(0);
+    assert_eq!(skipped.len(), 1);
+    let reason = &skipped[0].1;
+    assert!(
+        reason.contains("huge.png") && reason.contains("20000x20000"),
+        "{reason}"
+    );
+    // Every pair skipped leaves none usable: an error, with the reason.
+    let err = ds.get_or_skip(1).unwrap_err().to_string();
+    assert!(err.contains("20000x20000"), "{err}");
+
+    spec.bad_records = BadRecordPolicy::Error;
+    let ds = PairDataset::open(&spec).unwrap();
+    let err = ds.get_or_skip(0).unwrap_err().to_string();
+    assert!(
+        err.contains("pairs.jsonl: record 0") && err.contains("huge.png") && err.contains("20000x20000"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 // ---- errors that name what is at fault ----
 
 #[test]
@@ -518,6 +744,41 @@ fn issue_23_weights_path_that_is_a_folder_says_so() {
     let err = stderr(&o);
     assert_fails_naming(&o, &["a folder"]);
     assert!(!err.contains("not found"), "{err}");
+}
+
+#[test]
+fn issue_23_component_weights_file_that_is_a_folder_says_so() {
+    let (tmp, model) = fixture_copy("sd15");
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::create_dir(&weights).unwrap();
+    let out = tmp.path().join("x.png");
+    let (o, _) = run(&generate_args(s(&model), s(&out)));
+    let err = stderr(&o);
+    assert_fails_naming(&o, &["unet/diffusion_pytorch_model.safetensors", "a folder"]);
+    assert!(!err.contains("not found"), "{err}");
+}
+
+/// The demo's float flags refuse NaN, infinity and values out of range, naming the flag, before
+/// writing anything.
+#[test]
+fn issue_23_demo_float_flags_name_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    for (flag, value) in [
+        ("--lr", "NaN"),
+        ("--lr", "0"),
+        ("--lr", "inf"),
+        ("--head-weight", "-1"),
+        ("--head-weight", "NaN"),
+        ("--beta", "dpo=NaN"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let (o, took) = run(&["demo", "--quick", "--out", s(&out), &arg]);
+        assert_fails_naming(&o, &[flag]);
+        assert!(took < Duration::from_secs(5), "{arg} took {took:?}");
+        assert!(!out.exists(), "{arg} wrote {}", out.display());
+    }
 }
 
 #[test]

@@ -9,7 +9,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use diffalign::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use diffalign::models::vae::AutoencoderKLConfig;
 use diffalign::rng::Rng;
+use diffalign::sampling::budget::{self, Job, MemoryEstimate, Part, BACKWARD_FACTOR};
 use diffalign::weights::VarBuilder;
 
 use super::device_arg::DeviceArg;
@@ -149,8 +151,57 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
+/// F32 bytes per parameter.
+const F32_BYTES: f64 = 4.0;
+
+/// Fails, naming the config and the size flags, when `estimate` does not fit in the machine's
+/// available memory; called before the suite allocates its random weights.
+fn check_memory(args: &BenchArgs, sizes: &str, estimate: &MemoryEstimate, dev: &Device) -> anyhow::Result<()> {
+    let Some(available) = budget::available_memory() else {
+        return Ok(());
+    };
+    if let Some(why) = budget::shortfall(estimate, dev, available) {
+        bail!("--config {} with {sizes}: {why}", args.config()?.display());
+    }
+    Ok(())
+}
+
+/// Checks a suite of UNet calls: `batch` rows at `--latent-size`, `retained` forwards' worth of
+/// activations, `weight_copies` f32 copies of the UNet's parameters, and the VAE decoder when
+/// the suite runs one.
+fn check_unet_memory(
+    args: &BenchArgs,
+    cfg: &UNet2DConditionConfig,
+    vae: Option<&AutoencoderKLConfig>,
+    batch: usize,
+    retained: usize,
+    weight_copies: f64,
+) -> anyhow::Result<()> {
+    let dev = args.device.device()?;
+    let s = args.latent_size;
+    let calls = Job {
+        batch,
+        guided: false,
+        latent: (s, s),
+        dtype: DType::F32,
+        device: &dev,
+        retained_calls: retained,
+    };
+    let weights = Part {
+        what: "the UNet's weights".into(),
+        bytes: budget::unet_parameters(cfg) * F32_BYTES * weight_copies,
+    };
+    let estimate = match vae {
+        Some(vae) => budget::with_weights(budget::estimate(&calls, cfg, vae), weights),
+        None => budget::estimate_unet(&calls, cfg, weights),
+    };
+    check_memory(args, &format!("batch {batch}, --latent-size {s}"), &estimate, &dev)
+}
+
 fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
     let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
+    // The trained UNet, its gradients and the frozen copy.
+    check_unet_memory(args, &cfg, None, args.batch, BACKWARD_FACTOR, 3.0)?;
     let dev = args.device.device()?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let unet = UNet2DConditionModel::new(&cfg, args.config()?, vb.clone()).context("building the UNet")?;
@@ -194,6 +245,9 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::schedulers::{NoiseSchedule, SchedulerConfig};
 
     let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
+    // The pair through the policy (kept for the backward) and the reference; the policy, its
+    // gradients and the reference.
+    check_unet_memory(args, &cfg, None, 2, BACKWARD_FACTOR + 1, 3.0)?;
     let dev = args.device.device()?;
     let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
     let policy = UNet2DConditionModel::new(&cfg, args.config()?, policy_vb.clone())?;
@@ -252,7 +306,7 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
 
 fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::models::clip::vision_model::{ClipKeyLayout, ClipVisionConfig, ClipVisionModel};
-    use diffalign::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+    use diffalign::models::vae::AutoencoderKL;
     use diffalign::optim::{clip_grad_norm, Sgd};
     use diffalign::reno::noise_regularizer;
     use diffalign::reward::{l2_normalize, ClipPreprocess};
@@ -261,8 +315,11 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     let vae_path = args.vae_config.as_ref().context("--suite reno needs --vae-config")?;
     let clip_path = args.clip_config.as_ref().context("--suite reno needs --clip-config")?;
     let dev = args.device.device()?;
-    let unet = frozen_unet(&UNet2DConditionConfig::from_file(args.config()?)?, args)?;
+    let unet_cfg = UNet2DConditionConfig::from_file(args.config()?)?;
     let vae_cfg = AutoencoderKLConfig::from_file(vae_path)?;
+    // One differentiated generation through the frozen UNet and the VAE decoder.
+    check_unet_memory(args, &unet_cfg, Some(&vae_cfg), 1, BACKWARD_FACTOR, 1.0)?;
+    let unet = frozen_unet(&unet_cfg, args)?;
     let vae = AutoencoderKL::new(&vae_cfg, vae_path, VarBuilder::random(1, DType::F32, &dev, false))?;
     let clip_cfg = ClipVisionConfig::from_file(clip_path)?;
     let clip = ClipVisionModel::new(
@@ -322,6 +379,27 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
     use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
     let cfg = LlamaConfig::from_file(args.config()?)?;
     let dev = args.device.device()?;
+    // The weights and their gradients; the logits of every token, kept for the backward.
+    let logits = Part {
+        what: format!("the LM's logits over {} tokens", args.batch * args.seq),
+        bytes: (args.batch * args.seq * cfg.vocab_size * BACKWARD_FACTOR) as f64 * F32_BYTES,
+    };
+    let alone = MemoryEstimate {
+        device: logits.bytes,
+        host: 0.0,
+        largest: logits,
+    };
+    let weights = Part {
+        what: "the LM's weights and their gradients".into(),
+        bytes: 2.0 * cfg.parameter_count() * F32_BYTES,
+    };
+    let estimate = budget::with_weights(alone, weights);
+    check_memory(
+        args,
+        &format!("--batch {} --seq {}", args.batch, args.seq),
+        &estimate,
+        &dev,
+    )?;
     let vb = VarBuilder::random(0, DType::F32, &dev, true);
     let lm = LlamaForCausalLM::new(&cfg, vb.clone()).context("building the LM")?;
     let params: usize = vb.vars().iter().map(|(_, v)| v.elem_count()).sum();

@@ -31,6 +31,7 @@ use diffalign::weights::LoadOptions;
 use indicatif::ProgressBar;
 
 use super::device_arg::DeviceArg;
+use super::inputs::parse_finite;
 
 /// Flags of `diffalign demo`.
 #[derive(Debug, Args)]
@@ -47,7 +48,7 @@ pub struct DemoArgs {
     #[arg(long)]
     train_steps: Option<usize>,
     /// Learning rate of the aligned UNet (default 3e-5).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_positive)]
     lr: Option<f64>,
     /// A method's beta as METHOD=B, repeatable (defaults: dpo 1000, dcpo 2000, mapo 0.02, smpo 200).
     #[arg(long = "beta", value_parser = parse_beta)]
@@ -83,7 +84,7 @@ pub struct DemoArgs {
     seed: u64,
     /// ReNO's weight on the pair head fitted on the labelled pairs, beside the reward CLIP's
     /// score (default 10; 0 leaves ReNO with the CLIP score alone).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_non_negative)]
     head_weight: Option<f64>,
 }
 
@@ -105,11 +106,28 @@ fn parse_beta(s: &str) -> Result<(String, f64), String> {
     if !METHODS.contains(&m) {
         return Err(format!("unknown method {m:?}; expected one of {}", METHODS.join(", ")));
     }
-    let b: f64 = b.parse().map_err(|_| format!("{m}: not a number: {b:?}"))?;
-    if !(b.is_finite() && b > 0.0) {
-        return Err(format!("{m}: beta must be positive, got {b}"));
-    }
+    let b = parse_positive(b).map_err(|e| format!("{m}: beta {e}"))?;
     Ok((m.to_string(), b))
+}
+
+/// A finite number > 0 for clap (a learning rate, a beta): `NaN`, `inf` and 0 are refused.
+fn parse_positive(s: &str) -> Result<f64, String> {
+    let v = parse_finite(s)?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be > 0, got {s}"))
+    }
+}
+
+/// A finite number >= 0 for clap (a weight that 0 turns off).
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    let v = parse_finite(s)?;
+    if v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be >= 0, got {s}"))
+    }
 }
 
 fn bar(phase: &str, len: usize) -> ProgressBar {

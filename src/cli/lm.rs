@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use diffalign::lm::batch::PairBatch;
-use diffalign::lm::data::{load_examples, load_pairs};
+use diffalign::lm::data::{check_positions, load_examples, load_pairs, pair_seqs};
 use diffalign::lm::reward_model::{HeadKind, RewardModel, RewardOutput};
 use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
 use diffalign::optim::AdamWConfig;
@@ -270,6 +270,9 @@ fn loss(args: LossArgs) -> anyhow::Result<()> {
         bail!("--loss-type {} needs --reference", args.objective.loss_type);
     }
     let batch = PairBatch::from_file(&args.batch, &device)?;
+    for dir in std::iter::once(&args.policy).chain(&args.reference) {
+        batch.check_positions(lm_config(dir)?.max_positions(), &args.batch)?;
+    }
     let (policy, vb) = load_lm(&args.policy, &device, args.grads_out.is_some())?;
     let reference = args
         .reference
@@ -324,6 +327,7 @@ fn loss(args: LossArgs) -> anyhow::Result<()> {
 fn reward(args: RewardArgs) -> anyhow::Result<()> {
     let device = args.device.device()?;
     let batch = PairBatch::from_file(&args.batch, &device)?;
+    batch.check_positions(lm_config(&args.model)?.max_positions(), &args.batch)?;
     let opts = LoadOptions {
         device,
         ..Default::default()
@@ -364,26 +368,38 @@ fn step_printer(label: &str, steps: usize) -> (indicatif::ProgressBar, impl FnMu
     })
 }
 
-fn eos_of(dir: &Path) -> anyhow::Result<Option<u32>> {
-    Ok(LlamaConfig::from_file(&dir.join("config.json"))?.eos_id())
+/// The config of the LM in `dir`, read before anything else so that a folder of another kind of
+/// model fails first, naming its config.
+fn lm_config(dir: &Path) -> anyhow::Result<LlamaConfig> {
+    Ok(LlamaConfig::from_file(&dir.join("config.json"))?)
+}
+
+/// Loads the pairs of `data` tokenised for the LM in `dir` ([`load_pairs`]), refusing a sequence
+/// longer than the model's positions.
+fn pairs_for(data: &Path, dir: &Path, cfg: &LlamaConfig) -> anyhow::Result<Vec<diffalign::lm::data::TokenPair>> {
+    let pairs = load_pairs(data, dir, cfg.eos_id())?;
+    check_positions(pair_seqs(&pairs), cfg.max_positions(), data)?;
+    Ok(pairs)
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let s = args.optim.settings()?;
-    let eos = eos_of(&args.policy)?;
+    let cfg = lm_config(&args.policy)?;
     let kto = args.objective.loss_type == "kto";
     let (pairs, examples, objective) = if kto {
-        let examples = load_examples(&args.optim.data, &args.policy, eos)?;
+        let examples = load_examples(&args.optim.data, &args.policy, cfg.eos_id())?;
+        let seqs = examples.iter().enumerate().map(|(i, e)| (i, &e.seq));
+        check_positions(seqs, cfg.max_positions(), &args.optim.data)?;
         (Vec::new(), examples, None)
     } else {
-        let pairs = load_pairs(&args.optim.data, &args.policy, eos)?;
+        let pairs = pairs_for(&args.optim.data, &args.policy, &cfg)?;
         (pairs, Vec::new(), Some(args.objective.objective()?))
     };
     let held_out = args
         .optim
         .eval_data
         .as_deref()
-        .map(|p| load_pairs(p, &args.policy, eos))
+        .map(|p| pairs_for(p, &args.policy, &cfg))
         .transpose()?;
     let evaluate = |dir: &Path| -> anyhow::Result<Option<lm_train::PolicyMetrics>> {
         let Some(pairs) = &held_out else { return Ok(None) };
@@ -445,14 +461,14 @@ fn train_rm(args: TrainRmArgs) -> anyhow::Result<()> {
         }),
         seed: args.optim.seed,
     };
-    let eos = eos_of(&args.model)?;
-    let pairs = load_pairs(&args.optim.data, &args.model, eos)?;
+    let cfg = lm_config(&args.model)?;
+    let pairs = pairs_for(&args.optim.data, &args.model, &cfg)?;
     let (bar, mut on_step) = step_printer("lm train-rm", s.steps);
     lm_train::train_reward_model(&args.model, &pairs, &head, &s, &args.optim.out, &mut on_step)?;
     bar.finish();
     let eval = match &args.optim.eval_data {
         Some(p) => {
-            let held = load_pairs(p, &args.model, eos)?;
+            let held = pairs_for(p, &args.model, &cfg)?;
             Some(lm_train::evaluate_reward_model(
                 &args.optim.out,
                 &held,
@@ -471,8 +487,7 @@ fn train_rm(args: TrainRmArgs) -> anyhow::Result<()> {
 
 fn eval_rm(args: EvalRmArgs) -> anyhow::Result<()> {
     let device = args.device.device()?;
-    let eos = eos_of(&args.model)?;
-    let pairs = load_pairs(&args.data, &args.model, eos)?;
+    let pairs = pairs_for(&args.data, &args.model, &lm_config(&args.model)?)?;
     let report = lm_train::evaluate_reward_model(&args.model, &pairs, args.batch_size, &device)?;
     let text = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.out {

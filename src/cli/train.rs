@@ -2,10 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use diffalign::data::skipped::{describe, summary_lines, SHOWN_SKIPPED, SKIPPED_FILE};
+use diffalign::models::unet::UNet2DConditionConfig;
+use diffalign::models::vae::AutoencoderKLConfig;
 use diffalign::recipe::Plan;
+use diffalign::sampling::budget::{self, TrainingJob};
 use diffalign::train::{Resume, TrainOptions, Trainer};
 use diffalign::weights::layout;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -53,6 +56,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         device: args.device.device()?,
         hub_cache: layout::hub_cache_dir(|k| std::env::var(k).ok()),
     };
+    check_plan_fits(&plan, &opts)?;
     let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {}", args.recipe.display()))?;
     for note in trainer.notes() {
         eprintln!("note: {note}");
@@ -114,5 +118,55 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             "records_skipped": skipped,
         })
     );
+    Ok(())
+}
+
+/// Fails, naming the recipe and its keys, when `train.resolution` is not a multiple of the VAE's
+/// factor or one training step would need more memory than the machine has available; read
+/// from the model's configs before any weight or image loads. A model without a diffusers
+/// `unet/config.json` and `vae/config.json` is left to the trainer, which names what is missing.
+fn check_plan_fits(plan: &Plan, opts: &TrainOptions) -> anyhow::Result<()> {
+    let r = &plan.raw;
+    let hub = opts.hub_cache.as_deref();
+    let root = layout::resolve_model(&r.model.path, hub, r.model.revision.as_deref())?;
+    let vae_dir = match &r.model.vae {
+        Some(v) => layout::resolve_model(v, hub, None)?,
+        None => root.join("vae"),
+    };
+    let (unet_path, vae_path) = (root.join("unet/config.json"), vae_dir.join("config.json"));
+    if !unet_path.is_file() || !vae_path.is_file() {
+        return Ok(());
+    }
+    let unet = UNet2DConditionConfig::from_file(&unet_path)?;
+    let vae = AutoencoderKLConfig::from_file(&vae_path)?;
+    let (t, recipe) = (&r.train, plan.source.display());
+    let factor = vae.downscale_factor();
+    if t.resolution % factor != 0 {
+        bail!(
+            "{recipe}: train.resolution: must be a positive multiple of {factor} (the factor of {}), got {}",
+            vae_path.display(),
+            t.resolution
+        );
+    }
+    let Some(available) = budget::available_memory() else {
+        return Ok(());
+    };
+    let side = t.resolution / factor;
+    let job = TrainingJob {
+        pairs: t.batch_size,
+        latent: (side, side),
+        dtype: plan.dtype,
+        device: &opts.device,
+        reference: plan.objective.needs_reference(),
+        full_fine_tune: r.lora.is_none(),
+    };
+    let estimate = budget::estimate_training(&job, &unet, &vae);
+    if let Some(why) = budget::shortfall(&estimate, &opts.device, available) {
+        bail!(
+            "train.resolution = {} (train.batch_size = {}) in {recipe}: {why}",
+            t.resolution,
+            t.batch_size
+        );
+    }
     Ok(())
 }

@@ -239,12 +239,12 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Decodes PNG or JPEG bytes to RGB; an error names the record and `what` (column or side).
+/// Decodes PNG or JPEG bytes to RGB within the limits of
+/// [`decode_image_bytes`](crate::sampling::image_io::decode_image_bytes), so that a small file
+/// declaring a huge size is a bad record, not gigabytes allocated; an error names the record and
+/// `what` (column or side).
 pub(crate) fn decode_image(bytes: &[u8], loc: &RecordLocation, what: &str) -> Result<image::RgbImage> {
-    let img = image::load_from_memory(bytes).map_err(|e| loc.error(format!("{what}: cannot decode image: {e}")))?;
-    if img.width() == 0 || img.height() == 0 {
-        return Err(loc.error(format!("{what}: empty image ({}x{})", img.width(), img.height())));
-    }
+    let img = crate::sampling::image_io::decode_image_bytes(bytes, what).map_err(|e| loc.error(e.to_string()))?;
     Ok(img.to_rgb8())
 }
 

@@ -178,7 +178,7 @@ impl PairBatch {
             if t > max_positions {
                 return Err(Error::input(
                     format!("{}: input_ids_{side}", source.display()),
-                    format!("{t} tokens per sequence, more than the model's max_position_embeddings {max_positions}"),
+                    format!("{} per sequence", too_long(t, max_positions)),
                 ));
             }
         }
@@ -189,4 +189,9 @@ impl PairBatch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Why a sequence of `tokens` does not fit a model of `max_positions` positions.
+pub(crate) fn too_long(tokens: usize, max_positions: usize) -> String {
+    format!("{tokens} tokens, more than the model's max_position_embeddings {max_positions}")
 }

@@ -71,6 +71,33 @@ pub fn unpair(pairs: &[TokenPair]) -> Vec<TokenExample> {
         .collect()
 }
 
+/// Fails when a sequence of `seqs` (record index, sequence) is longer than `max_positions`
+/// tokens, naming `source`, the record and the model's limit, before a batch of it is allocated.
+pub fn check_positions<'a>(
+    seqs: impl IntoIterator<Item = (usize, &'a TokenSeq)>,
+    max_positions: usize,
+    source: &Path,
+) -> Result<()> {
+    for (index, seq) in seqs {
+        if seq.tokens.len() > max_positions {
+            return Err(Error::Record {
+                file: source.to_path_buf(),
+                index,
+                reason: super::batch::too_long(seq.tokens.len(), max_positions),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The sequences of `pairs` with their record index, for [`check_positions`].
+pub fn pair_seqs(pairs: &[TokenPair]) -> impl Iterator<Item = (usize, &TokenSeq)> {
+    pairs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| [(i, &p.chosen), (i, &p.rejected)])
+}
+
 /// Loads unpaired examples: JSONL records `{"prompt", "completion", "label": bool}` (TRL's KTO
 /// format), tokenised with `model_dir`'s tokenizer; or any pair data, unpaired ([`unpair`]).
 pub fn load_examples(path: &Path, model_dir: &Path, eos: Option<u32>) -> Result<Vec<TokenExample>> {

@@ -96,6 +96,10 @@ pub struct LlamaConfig {
     /// Whether the LM head shares the embedding matrix.
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// The longest sequence the model was made for, in tokens (absent: transformers' default
+    /// for the family, see [`LlamaConfig::max_positions`]).
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
     /// Mistral's sliding attention window (`null`: full attention).
     #[serde(default)]
     pub sliding_window: Option<usize>,
@@ -125,6 +129,37 @@ pub struct LlamaConfig {
     pub source: PathBuf,
 }
 
+/// Keys every causal-LM config gives (no transformers default stands in for them).
+const REQUIRED_KEYS: [&str; 5] = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+];
+
+/// Fails, naming `path` and the key, when `json` is not a causal-LM config: a diffusers config
+/// (it has `_class_name`), or one without a decoder size (a null or absent required key).
+fn check_causal_lm(json: &serde_json::Value, path: &Path) -> Result<()> {
+    let not_lm = "not a causal-LM config (llama, mistral or qwen2)";
+    if let Some(class) = json.get("_class_name") {
+        return Err(Error::config(
+            path,
+            "_class_name",
+            format!("{not_lm}: a diffusers {class} config"),
+        ));
+    }
+    if !json.is_object() {
+        return Err(Error::config(path, "(file)", format!("{not_lm}: not a JSON object")));
+    }
+    for key in REQUIRED_KEYS {
+        if json.get(key).is_none_or(|v| v.is_null()) {
+            return Err(Error::config(path, key, format!("{not_lm}: missing or null")));
+        }
+    }
+    Ok(())
+}
+
 fn default_model_type() -> String {
     "llama".into()
 }
@@ -136,9 +171,12 @@ fn default_act() -> Activation {
 }
 
 impl LlamaConfig {
-    /// Reads `config.json`; errors name the file and key.
+    /// Reads `config.json`; errors name the file and key. A config of another kind of model (a
+    /// diffusers UNet's, a config missing the decoder's sizes) says so, naming the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut cfg: LlamaConfig = read_config(path)?;
+        let json: serde_json::Value = read_config(path)?;
+        check_causal_lm(&json, path)?;
+        let mut cfg: LlamaConfig = crate::json::parse_json(&json.to_string(), path, "causal-LM config")?;
         cfg.source = path.to_path_buf();
         cfg.validate()?;
         Ok(cfg)
@@ -180,6 +218,29 @@ impl LlamaConfig {
         }
         self.rope()?;
         Ok(())
+    }
+
+    /// The longest sequence the model takes: `max_position_embeddings`, or transformers' default
+    /// for the family when the key is absent (Llama 2048, Mistral 131072, Qwen2 32768).
+    pub fn max_positions(&self) -> usize {
+        self.max_position_embeddings.unwrap_or(match self.model_type.as_str() {
+            "mistral" => 131_072,
+            "qwen2" => 32_768,
+            _ => 2048,
+        })
+    }
+
+    /// Parameters of the model, counted from the config without building it: the embeddings
+    /// (twice unless tied), each layer's attention and MLP projections (biases and norms left
+    /// out), to refuse a config too large for the machine before allocating it.
+    pub fn parameter_count(&self) -> f64 {
+        let h = self.hidden_size as f64;
+        let q = (self.num_attention_heads * self.head_dim()) as f64;
+        let kv = (self.kv_heads() * self.head_dim()) as f64;
+        let mlp = 3.0 * h * self.intermediate_size as f64;
+        let layer = h * (2.0 * q + 2.0 * kv) + mlp;
+        let embeddings = self.vocab_size as f64 * h * if self.tie_word_embeddings { 1.0 } else { 2.0 };
+        embeddings + self.num_hidden_layers as f64 * layer
     }
 
     /// Number of key/value heads.
@@ -313,7 +374,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 #[derive(Debug, Clone)]
-struct Attention {
+struct LlamaAttention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -323,11 +384,11 @@ struct Attention {
     head_dim: usize,
 }
 
-impl Attention {
+impl LlamaAttention {
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let bias = cfg.qkv_bias();
-        Ok(Attention {
+        Ok(LlamaAttention {
             q_proj: Linear::new(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
             k_proj: Linear::new(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
             v_proj: Linear::new(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
@@ -391,7 +452,7 @@ impl Mlp {
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
-    self_attn: Attention,
+    self_attn: LlamaAttention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
 }
@@ -400,7 +461,7 @@ impl DecoderLayer {
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: LlamaAttention::new(cfg, vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::new(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,

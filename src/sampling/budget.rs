@@ -113,51 +113,8 @@ fn unet_heads(cfg: &UNet2DConditionConfig, levels: usize) -> Vec<usize> {
 /// and its full-resolution activations), plus the noise and the decoded images on the host.
 pub fn estimate(job: &Job, unet: &UNet2DConditionConfig, vae: &AutoencoderKLConfig) -> MemoryEstimate {
     let (lh, lw) = job.latent;
-    let rows = job.batch * if job.guided { 2 } else { 1 };
     let elem = dtype_bytes(job.dtype).max(4.0);
-    let levels = unet.block_out_channels.len();
-    let heads = unet_heads(unet, levels);
-    let mut parts: Vec<Part> = Vec::new();
-    let mut skips = 0.0;
-    let mut widest = 0.0f64;
-    let mut attention = Part {
-        what: String::new(),
-        bytes: 0.0,
-    };
-    for (i, &channels) in unet.block_out_channels.iter().enumerate() {
-        // Each down level halves the latent (rounding up, as the strided convolutions do).
-        let tokens = lh.div_ceil(1 << i) * lw.div_ceil(1 << i);
-        let activation = rows as f64 * channels as f64 * tokens as f64 * elem;
-        skips += activation * (unet_layers(unet, i) + 1) as f64;
-        widest = widest.max(activation);
-        let has_attention = unet.down_block_types.get(i).is_some_and(|t| t.contains("Attn"));
-        if has_attention {
-            let bytes = attention_bytes(rows * heads[i], tokens, job.dtype, job.device);
-            if bytes > attention.bytes {
-                attention = Part {
-                    what: format!("the UNet's self-attention over {tokens} tokens at level {i}"),
-                    bytes,
-                };
-            }
-        }
-    }
-    let retained = job.retained_calls.max(1) as f64;
-    let unet_peak = retained * (attention.bytes + skips + TEMPORARIES_PER_LEVEL * widest);
-    let activations = Part {
-        what: "the UNet's activations".into(),
-        bytes: unet_peak - retained * attention.bytes,
-    };
-    parts.push(if attention.bytes >= activations.bytes {
-        Part {
-            bytes: unet_peak,
-            ..attention
-        }
-    } else {
-        Part {
-            bytes: unet_peak,
-            ..activations
-        }
-    });
+    let mut parts = vec![unet_peak(job, unet)];
     let factor = vae.downscale_factor();
     let (h, w) = (lh * factor, lw * factor);
     let latent_tokens = lh * lw;
@@ -193,6 +150,146 @@ pub fn estimate(job: &Job, unet: &UNet2DConditionConfig, vae: &AutoencoderKLConf
         host,
         largest,
     }
+}
+
+/// The UNet's peak over `job`'s calls: the attention scores of its largest attention level, its
+/// skip activations and temporaries, times the calls retained; named after the larger of the
+/// attention and the rest.
+pub fn unet_peak(job: &Job, unet: &UNet2DConditionConfig) -> Part {
+    let (lh, lw) = job.latent;
+    let rows = job.batch * if job.guided { 2 } else { 1 };
+    let elem = dtype_bytes(job.dtype).max(4.0);
+    let heads = unet_heads(unet, unet.block_out_channels.len());
+    let mut skips = 0.0;
+    let mut widest = 0.0f64;
+    let mut attention = Part {
+        what: String::new(),
+        bytes: 0.0,
+    };
+    for (i, &channels) in unet.block_out_channels.iter().enumerate() {
+        // Each down level halves the latent (rounding up, as the strided convolutions do).
+        let tokens = lh.div_ceil(1 << i) * lw.div_ceil(1 << i);
+        let activation = rows as f64 * channels as f64 * tokens as f64 * elem;
+        skips += activation * (unet_layers(unet, i) + 1) as f64;
+        widest = widest.max(activation);
+        if has_attention(unet, i) {
+            let bytes = attention_bytes(rows * heads[i], tokens, job.dtype, job.device);
+            if bytes > attention.bytes {
+                attention = Part {
+                    what: format!("the UNet's self-attention over {tokens} tokens at level {i}"),
+                    bytes,
+                };
+            }
+        }
+    }
+    let retained = job.retained_calls.max(1) as f64;
+    let bytes = retained * (attention.bytes + skips + TEMPORARIES_PER_LEVEL * widest);
+    let activations = bytes - retained * attention.bytes;
+    Part {
+        what: if attention.bytes >= activations {
+            attention.what
+        } else {
+            "the UNet's activations".into()
+        },
+        bytes,
+    }
+}
+
+fn has_attention(cfg: &UNet2DConditionConfig, level: usize) -> bool {
+    cfg.down_block_types.get(level).is_some_and(|t| t.contains("Attn"))
+}
+
+/// Parameters of a UNet, counted from its config without building it: at each level the ResNet
+/// layers' two 3x3 convolutions (18 c^2) and, at attention levels, the transformer's projections
+/// and GEGLU feed-forward (about 16 c^2 per layer), on the down and the up path. A slight
+/// underestimate (norms, biases, the time embedding and the mid block are left out), enough to
+/// refuse a config of 10^9 channels before its weights are allocated.
+pub fn unet_parameters(cfg: &UNet2DConditionConfig) -> f64 {
+    let per_path: f64 = cfg
+        .block_out_channels
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let c2 = c as f64 * c as f64;
+            let attention = if has_attention(cfg, i) { 16.0 * c2 } else { 0.0 };
+            unet_layers(cfg, i) as f64 * (18.0 * c2 + attention)
+        })
+        .sum();
+    2.0 * per_path
+}
+
+/// How many f32 copies of the policy's parameters a full fine-tune keeps: the master weights,
+/// their gradients and AdamW's two moments.
+const TRAINED_COPIES: f64 = 4.0;
+
+/// How many times a forward's activations a forward + backward holds at its peak: the
+/// activations kept for the backward, their gradients and the backward's temporaries.
+pub const BACKWARD_FACTOR: usize = 3;
+
+/// What a preference-training step is, for [`estimate_training`].
+#[derive(Debug, Clone, Copy)]
+pub struct TrainingJob<'a> {
+    /// Pairs per step (`train.batch_size`); the UNet sees both images of each.
+    pub pairs: usize,
+    /// Latent `(h, w)` of the training resolution.
+    pub latent: (usize, usize),
+    /// The UNet's compute dtype.
+    pub dtype: DType,
+    /// Where the models run.
+    pub device: &'a Device,
+    /// Whether a frozen reference UNet runs beside the policy (DPO and its kin).
+    pub reference: bool,
+    /// Whether every UNet weight trains (else a LoRA, whose state is small).
+    pub full_fine_tune: bool,
+}
+
+/// The estimated peak memory of one training step: the policy UNet's forward on both images of
+/// every pair with its activations kept for the backward ([`BACKWARD_FACTOR`] forwards' worth),
+/// the reference's forward beside them, the VAE at the training resolution, and the weights of
+/// the policy (with gradients and AdamW state for a full fine-tune) and of the reference.
+pub fn estimate_training(job: &TrainingJob, unet: &UNet2DConditionConfig, vae: &AutoencoderKLConfig) -> MemoryEstimate {
+    let calls = Job {
+        batch: 2 * job.pairs,
+        guided: false,
+        latent: job.latent,
+        dtype: job.dtype,
+        device: job.device,
+        retained_calls: BACKWARD_FACTOR + usize::from(job.reference),
+    };
+    let elem = dtype_bytes(job.dtype);
+    let params = unet_parameters(unet);
+    let copies = if job.full_fine_tune {
+        elem + TRAINED_COPIES * 4.0
+    } else {
+        elem
+    };
+    let reference = if job.reference { params * elem } else { 0.0 };
+    let weights = Part {
+        what: "the UNets' weights (with gradients and optimiser state)".into(),
+        bytes: params * copies + reference,
+    };
+    with_weights(estimate(&calls, unet, vae), weights)
+}
+
+/// The peak of `calls` of a UNet alone (no VAE, nothing on the host) beside `weights`.
+pub fn estimate_unet(calls: &Job, unet: &UNet2DConditionConfig, weights: Part) -> MemoryEstimate {
+    let activations = unet_peak(calls, unet);
+    let alone = MemoryEstimate {
+        device: activations.bytes,
+        host: 0.0,
+        largest: activations,
+    };
+    with_weights(alone, weights)
+}
+
+/// `e` with `weights` resident beside its peak; the weights name the estimate when they are its
+/// larger part.
+pub fn with_weights(mut e: MemoryEstimate, weights: Part) -> MemoryEstimate {
+    e.device += weights.bytes;
+    if weights.bytes > e.largest.bytes {
+        e.largest = weights;
+    }
+    e
 }
 
 fn unet_layers(cfg: &UNet2DConditionConfig, level: usize) -> usize {

@@ -20,8 +20,15 @@ pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Ten
             dir.join(format!("{stem}.safetensors.index.json")),
         ),
     };
-    if single.is_file() {
+    // A folder under the weights' name is named as such, not reported missing.
+    if single.is_file() || single.is_dir() {
         return TensorStore::open_file(&single);
+    }
+    if index.is_dir() {
+        return Err(Error::input(
+            index.display().to_string(),
+            "a folder, not a sharded checkpoint index",
+        ));
     }
     if index.is_file() {
         return open_sharded(&index);
