@@ -7,7 +7,7 @@ use candle_core::Device;
 use clap::Args;
 use diffalign::rng::Rng;
 use diffalign::sampling::image_io::save_png;
-use diffalign::sampling::{GenerateRequest, PipelineKind};
+use diffalign::sampling::GenerateRequest;
 use diffalign::schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -98,13 +98,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let size = image_size(&pipe, noise_source, args.height, args.width)?;
     let (height, width) = (size.height, size.width);
     let (lh, lw) = pipe.check_size(height, width).with_context(|| size.source.clone())?;
-    let guidance = args
-        .guidance
-        .unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXl {
-            5.0
-        } else {
-            7.5
-        });
+    let guidance = args.guidance.unwrap_or(pipe.kind.default_guidance());
     check_memory(&pipe, &size, (lh, lw), guidance > 1.0, 1)?;
 
     let total = prompts.len() * args.num_images;

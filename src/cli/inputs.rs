@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use diffalign::reward::{load_reward, ImageReward, RewardSpec};
 use diffalign::sampling::budget;
-use diffalign::sampling::{PipelineKind, StableDiffusionPipeline};
+use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::weights::{LoadOptions, TensorStore};
 
 /// The prompts of `--prompt TEXT` or `--prompts FILE` (one per line, blank lines skipped).
@@ -171,11 +171,7 @@ pub fn sampling_defaults(pipe: &StableDiffusionPipeline, embedded: bool) -> Samp
     }
     SamplingDefaults {
         steps: 50,
-        guidance: if pipe.kind == PipelineKind::StableDiffusionXl {
-            5.0
-        } else {
-            7.5
-        },
+        guidance: pipe.kind.default_guidance(),
         one_step: false,
     }
 }

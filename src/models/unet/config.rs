@@ -315,23 +315,16 @@ impl UNet2DConditionConfig {
                 ),
             ));
         }
-        if self.down_block_types.len() != n {
-            return Err(err(
-                "down_block_types",
-                format!(
-                    "must have as many entries as block_out_channels ({n}), got {}",
-                    self.down_block_types.len()
-                ),
-            ));
-        }
-        if self.up_block_types.len() != n {
-            return Err(err(
-                "up_block_types",
-                format!(
-                    "must have as many entries as down_block_types ({n}), got {}",
-                    self.up_block_types.len()
-                ),
-            ));
+        for (key, types, like) in [
+            ("down_block_types", &self.down_block_types, "block_out_channels"),
+            ("up_block_types", &self.up_block_types, "down_block_types"),
+        ] {
+            if types.len() != n {
+                return Err(err(
+                    key,
+                    format!("must have as many entries as {like} ({n}), got {}", types.len()),
+                ));
+            }
         }
         let kind = |key: &str, s: &str, plain: &str, cross: &str| match s {
             s if s == plain => Ok(BlockKind::Plain),
