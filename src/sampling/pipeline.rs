@@ -130,7 +130,6 @@ pub struct StableDiffusionPipeline {
 }
 
 impl StableDiffusionPipeline {
-
     /// Whether the checkpoint is a few-step (Turbo-style) model: its scheduler spaces timesteps
     /// `trailing`, so that one step starts at the last training timestep, as SD-Turbo's and
     /// SDXL-Turbo's do (multi-step checkpoints use `leading` or `linspace`).

@@ -96,7 +96,13 @@ impl EulerDiscreteScheduler {
 
     /// The Euler move of `sample` (shapes checked by the caller) from the sigma of step
     /// `step_index` to `sigma_to`, in float32.
-    pub(super) fn move_f32(&self, model_output: &Tensor, step_index: usize, sample: &Tensor, sigma_to: f32) -> Result<Tensor> {
+    pub(super) fn move_f32(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        sigma_to: f32,
+    ) -> Result<Tensor> {
         let (sigma, _) = self.sigmas.sigma_pair(step_index)?;
         let x = sample.to_dtype(DType::F32)?;
         let mo = model_output.to_dtype(DType::F32)?;

@@ -21,24 +21,12 @@ fn default_true() -> bool {
     true
 }
 fn default_down_blocks() -> Vec<String> {
-    [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    let cross = "CrossAttnDownBlock2D";
+    [cross, cross, cross, "DownBlock2D"].map(String::from).to_vec()
 }
 fn default_up_blocks() -> Vec<String> {
-    [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    let cross = "CrossAttnUpBlock2D";
+    ["UpBlock2D", cross, cross, cross].map(String::from).to_vec()
 }
 fn default_mid_block() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())

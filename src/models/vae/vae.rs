@@ -67,7 +67,12 @@ impl AttentionBlock {
 
 /// `count` resnets of block `vb` (`vb.resnets.<j>`), the first from `in_ch` channels, all to
 /// `out_ch`.
-fn resnet_chain(cfg: &CoderConfig, count: usize, (in_ch, out_ch): (usize, usize), vb: &VarBuilder) -> Result<Vec<ResnetBlock2D>> {
+fn resnet_chain(
+    cfg: &CoderConfig,
+    count: usize,
+    (in_ch, out_ch): (usize, usize),
+    vb: &VarBuilder,
+) -> Result<Vec<ResnetBlock2D>> {
     (0..count)
         .map(|j| {
             let from = if j == 0 { in_ch } else { out_ch };
