@@ -163,3 +163,13 @@ impl Error {
 
 /// The library's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Checks that `value` is finite and > 0; otherwise the bad-input error on `what`
+/// ("must be positive, got {value}").
+pub fn positive(what: &str, value: f64) -> Result<()> {
+    if value > 0.0 && value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::input(what, format!("must be positive, got {value}")))
+    }
+}

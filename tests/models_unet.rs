@@ -107,3 +107,24 @@ fn check_all_gradients(h: usize, w: usize) {
     );
     assert_every_var_has_gradient(&out, &vb);
 }
+
+#[test]
+fn unet_config_without_block_out_channels_names_that_key() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&shared_fixtures().join("sd15").join("unet"), dir.path());
+    let config_file = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_file).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("block_out_channels");
+    std::fs::write(&config_file, cfg.to_string()).unwrap();
+    let err = UNet2DConditionModel::from_pretrained(dir.path(), &load_options())
+        .err()
+        .expect("a config whose block count no longer matches is an error");
+    match err {
+        diffalign::Error::Config { file, key, reason } => {
+            assert_eq!(file, config_file);
+            assert_eq!(key, "block_out_channels", "{reason}");
+            assert!(reason.contains("missing"), "{reason}");
+        }
+        other => panic!("expected a config error, got {other}"),
+    }
+}

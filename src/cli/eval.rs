@@ -28,7 +28,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::inputs::{
     check_memory, image_size, load_rewards, parse_finite, parse_reward_spec, read_prompts, reward_specs_or_default,
-    sampling_defaults,
+    sampling_defaults, SizeArgs,
 };
 use super::model_args::ModelArgs;
 
@@ -59,12 +59,8 @@ pub struct EvalArgs {
     /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
     #[arg(long)]
     scheduler: Option<String>,
-    /// Image height in pixels (default: the UNet's sample size times the VAE factor).
-    #[arg(long)]
-    height: Option<usize>,
-    /// Image width in pixels (default: the UNet's sample size times the VAE factor).
-    #[arg(long)]
-    width: Option<usize>,
+    #[command(flatten)]
+    size: SizeArgs,
     /// Output folder (created if needed).
     #[arg(long)]
     out: PathBuf,
@@ -122,7 +118,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         &reward_specs_or_default(&args.rewards)?,
         &args.model.load_options()?.without_lora(),
     )?;
-    let size = image_size(&pipe, None, args.height, args.width)?;
+    let size = image_size(&pipe, None, &args.size)?;
     let (height, width) = (size.height, size.width);
     let (lh, lw) = pipe.check_size(height, width).with_context(|| size.source.clone())?;
     let defaults = sampling_defaults(&pipe, args.model.model.is_none());

@@ -7,11 +7,11 @@ use candle_core::Device;
 use clap::Args;
 use diffalign::rng::Rng;
 use diffalign::sampling::image_io::save_png;
-use diffalign::sampling::{GenerateRequest, PipelineKind};
+use diffalign::sampling::GenerateRequest;
 use diffalign::schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::inputs::{check_memory, image_size, load_init_noise, parse_finite, read_prompts};
+use super::inputs::{check_memory, image_size, load_init_noise, parse_finite, PromptArgs, SizeArgs};
 use super::model_args::ModelArgs;
 
 /// Flags of `diffalign generate`.
@@ -19,12 +19,8 @@ use super::model_args::ModelArgs;
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt.
-    #[arg(long, conflicts_with = "prompts")]
-    prompt: Option<String>,
-    /// A file with one prompt per line (blank lines skipped).
-    #[arg(long)]
-    prompts: Option<PathBuf>,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Images per prompt; image k of a prompt uses seed `seed + k`.
     #[arg(long, default_value_t = 1)]
     num_images: usize,
@@ -38,12 +34,8 @@ pub struct GenerateArgs {
     /// Default: 7.5, or 5.0 for SDXL pipelines, as diffusers.
     #[arg(long, value_parser = parse_finite)]
     guidance: Option<f64>,
-    /// Image height in pixels (default: the UNet's sample size times the VAE factor).
-    #[arg(long)]
-    height: Option<usize>,
-    /// Image width in pixels (default: the UNet's sample size times the VAE factor).
-    #[arg(long)]
-    width: Option<usize>,
+    #[command(flatten)]
+    size: SizeArgs,
     /// Seed of the initial noise (and of any sampler noise).
     #[arg(long, default_value_t = 0, conflicts_with = "init_noise")]
     seed: u64,
@@ -69,7 +61,7 @@ fn numbered(out: &Path, p: usize, k: usize) -> PathBuf {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let prompts = read_prompts(args.prompt.as_deref(), args.prompts.as_deref())?;
+    let prompts = args.prompt.read()?;
     if args.num_images == 0 {
         bail!("--num-images: must be at least 1");
     }
@@ -95,16 +87,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     let noise_source = args.init_noise.as_deref().zip(init_noise.as_ref());
-    let size = image_size(&pipe, noise_source, args.height, args.width)?;
+    let size = image_size(&pipe, noise_source, &args.size)?;
     let (height, width) = (size.height, size.width);
     let (lh, lw) = pipe.check_size(height, width).with_context(|| size.source.clone())?;
-    let guidance = args
-        .guidance
-        .unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXl {
-            5.0
-        } else {
-            7.5
-        });
+    let guidance = args.guidance.unwrap_or(pipe.kind.default_guidance());
     check_memory(&pipe, &size, (lh, lw), guidance > 1.0, 1)?;
 
     let total = prompts.len() * args.num_images;

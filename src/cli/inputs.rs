@@ -1,14 +1,46 @@
 //! Inputs several commands share: prompts, initial noise and reward models.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
+use clap::Args;
 use diffalign::reward::{load_reward, ImageReward, RewardSpec};
 use diffalign::sampling::budget;
-use diffalign::sampling::{PipelineKind, StableDiffusionPipeline};
+use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::weights::{LoadOptions, TensorStore};
+
+/// `--prompt` / `--prompts` of the commands that generate from one prompt or a file of them.
+#[derive(Debug, Args)]
+pub struct PromptArgs {
+    /// The prompt.
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// A file with one prompt per line (blank lines skipped).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+}
+
+impl PromptArgs {
+    /// The prompts the flags give (see [`read_prompts`]).
+    pub fn read(&self) -> anyhow::Result<Vec<String>> {
+        read_prompts(self.prompt.as_deref(), self.prompts.as_deref())
+    }
+}
+
+/// `--height` / `--width` of the commands that generate images.
+#[derive(Debug, Args)]
+pub struct SizeArgs {
+    /// Image height in pixels (default: the --init-noise's where given, else the UNet's sample
+    /// size times the VAE factor).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels (default: the --init-noise's where given, else the UNet's sample
+    /// size times the VAE factor).
+    #[arg(long)]
+    pub width: Option<usize>,
+}
 
 /// The prompts of `--prompt TEXT` or `--prompts FILE` (one per line, blank lines skipped).
 pub fn read_prompts(prompt: Option<&str>, file: Option<&Path>) -> anyhow::Result<Vec<String>> {
@@ -61,8 +93,7 @@ pub struct ImageSize {
 pub fn image_size(
     pipe: &StableDiffusionPipeline,
     init_noise: Option<(&Path, &Tensor)>,
-    height: Option<usize>,
-    width: Option<usize>,
+    &SizeArgs { height, width }: &SizeArgs,
 ) -> anyhow::Result<ImageSize> {
     let f = pipe.vae_scale_factor();
     let unet_config = pipe.unet_config_file.display();
@@ -171,11 +202,7 @@ pub fn sampling_defaults(pipe: &StableDiffusionPipeline, embedded: bool) -> Samp
     }
     SamplingDefaults {
         steps: 50,
-        guidance: if pipe.kind == PipelineKind::StableDiffusionXl {
-            5.0
-        } else {
-            7.5
-        },
+        guidance: pipe.kind.default_guidance(),
         one_step: false,
     }
 }

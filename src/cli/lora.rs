@@ -8,7 +8,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
 use diffalign::weights::lora::{dominant_rank_alpha, fuse_store, save_kohya, save_peft};
-use diffalign::weights::{layout, save_safetensors, LoraSource, SafetensorsFile};
+use diffalign::weights::{layout, save_safetensors, SafetensorsFile};
+
+use super::model_args::read_unet_lora;
 
 /// Flags of `diffalign lora`.
 #[derive(Debug, Args)]
@@ -84,20 +86,6 @@ pub fn run(args: LoraArgs) -> anyhow::Result<()> {
 
 const STEM: &str = "diffusion_pytorch_model";
 
-fn read_lora(path: &Path) -> anyhow::Result<LoraSource> {
-    let source = LoraSource::from_file(path, "unet", false).context("--lora")?;
-    let ignored = source.ignored_keys();
-    if !ignored.is_empty() {
-        eprintln!(
-            "note: {}: {} text-encoder LoRA tensor(s) skipped (only the UNet's are used), e.g. {}",
-            path.display(),
-            ignored.len(),
-            ignored[0]
-        );
-    }
-    Ok(source)
-}
-
 /// The `unet/` folder `--model` names: the folder itself when it holds a UNet config, else the
 /// `unet/` of a pipeline folder or cached repo.
 fn unet_dir(args: &MergeArgs) -> anyhow::Result<PathBuf> {
@@ -144,7 +132,7 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
         }
     }
     let dir = unet_dir(&args)?;
-    let source = read_lora(&args.lora)?;
+    let source = read_unet_lora(&args.lora)?;
     let store = layout::open_weights(&dir, STEM, args.variant.as_deref())?;
     let dtype = match &args.dtype {
         Some(d) => diffalign::device::parse_dtype(d)?,
@@ -183,7 +171,7 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
-    let source = read_lora(&args.lora)?;
+    let source = read_unet_lora(&args.lora)?;
     let adapters = source.file_adapters(&Device::Cpu)?;
     match args.to {
         Form::Kohya => save_kohya(&args.out, &adapters)?,

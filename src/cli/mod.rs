@@ -43,7 +43,7 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Score images for a prompt with reward models (one JSON line per image).
     Score(score::ScoreArgs),
-    /// Optimise the initial noise of a one-step model against reward models (ReNO).
+    /// Optimise the initial noise of a text-to-image model against reward models (ReNO).
     Reno(reno::RenoArgs),
     /// Compare a tuned model (LoRA or UNet) with its base on the same prompts and seeds by rewards.
     Eval(eval::EvalArgs),

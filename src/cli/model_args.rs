@@ -107,17 +107,7 @@ impl ModelArgs {
         let Some(path) = &self.lora else {
             return Ok(None);
         };
-        let source = LoraSource::from_file(path, "unet", false).context("--lora")?;
-        let ignored = source.ignored_keys();
-        if !ignored.is_empty() {
-            eprintln!(
-                "note: {}: {} text-encoder LoRA tensor(s) not applied (only the UNet takes a LoRA), e.g. {}",
-                path.display(),
-                ignored.len(),
-                ignored[0]
-            );
-        }
-        Ok(Some(Arc::new(source)))
+        Ok(Some(Arc::new(read_unet_lora(path)?)))
     }
 
     /// The model folder (resolved offline) and the load options the flags give. A single-file
@@ -209,4 +199,20 @@ fn download(
 #[cfg(not(feature = "download"))]
 fn download(repo: &str, _: Option<&str>, _: Option<&str>, _: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     anyhow::bail!("--download: {repo}: this build has no download support (build with --features download)")
+}
+
+/// Reads the UNet part of the LoRA file `path` (`--lora`), with a note on stderr about the
+/// text-encoder tensors it skips.
+pub fn read_unet_lora(path: &Path) -> anyhow::Result<LoraSource> {
+    let source = LoraSource::from_file(path, "unet", false).context("--lora")?;
+    let ignored = source.ignored_keys();
+    if !ignored.is_empty() {
+        eprintln!(
+            "note: {}: {} text-encoder LoRA tensor(s) skipped (only the UNet takes a LoRA), e.g. {}",
+            path.display(),
+            ignored.len(),
+            ignored[0]
+        );
+    }
+    Ok(source)
 }

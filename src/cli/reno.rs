@@ -24,8 +24,8 @@ use diffalign::weights::store::save_safetensors;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::inputs::{
-    check_memory, image_size, load_init_noise, load_rewards, parse_finite, parse_reward_spec, read_prompts,
-    reward_specs_or_default, sampling_defaults,
+    check_memory, image_size, load_init_noise, load_rewards, parse_finite, parse_reward_spec, reward_specs_or_default,
+    sampling_defaults, PromptArgs, SizeArgs,
 };
 use super::model_args::ModelArgs;
 
@@ -34,12 +34,8 @@ use super::model_args::ModelArgs;
 pub struct RenoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt.
-    #[arg(long, conflicts_with = "prompts")]
-    prompt: Option<String>,
-    /// A file with one prompt per line (blank lines skipped); each gets its own folder in --out.
-    #[arg(long)]
-    prompts: Option<PathBuf>,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic. Default:
     /// the embedded shapes-world reward (a small CLIP, as clipscore).
     #[arg(long = "reward", value_parser = parse_reward_spec)]
@@ -90,17 +86,13 @@ pub struct RenoArgs {
     /// for SDXL).
     #[arg(long, value_parser = parse_finite)]
     guidance: Option<f64>,
-    /// Image height in pixels (default: the init noise's, or the UNet's sample size).
-    #[arg(long)]
-    height: Option<usize>,
-    /// Image width in pixels (default: the init noise's, or the UNet's sample size).
-    #[arg(long)]
-    width: Option<usize>,
+    #[command(flatten)]
+    size: SizeArgs,
     /// Recompute activations block by block in the backward pass (UNet, VAE decoder, reward
     /// image towers): much less memory for about one extra forward per iteration.
     #[arg(long)]
     recompute: bool,
-    /// Output folder (created if needed).
+    /// Output folder (created if needed); with --prompts, one folder in it per prompt.
     #[arg(long)]
     out: PathBuf,
 }
@@ -118,7 +110,7 @@ fn parse_weight(s: &str) -> Result<(RewardKind, f64), String> {
 }
 
 pub fn run(args: RenoArgs) -> anyhow::Result<()> {
-    let prompts = read_prompts(args.prompt.as_deref(), args.prompts.as_deref())?;
+    let prompts = args.prompt.read()?;
     let specs = reward_specs_or_default(&args.rewards)?;
     let weights: HashMap<RewardKind, f64> = args.weights.iter().copied().collect();
     let refs: HashMap<RewardKind, f64> = args.reward_refs.iter().copied().collect();
@@ -186,7 +178,7 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     let reno = Reno::new(&pipe, &rewards, sampler, config, args.seed)?;
 
     let noise_source = args.init_noise.as_deref().zip(init_noise.as_ref());
-    let size = image_size(&pipe, noise_source, args.height, args.width)?;
+    let size = image_size(&pipe, noise_source, &args.size)?;
     let (height, width) = (size.height, size.width);
     let (lh, lw) = pipe.check_size(height, width).with_context(|| size.source.clone())?;
     // Every step's activations are kept for the backward pass (about three forwards' worth

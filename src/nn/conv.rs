@@ -79,10 +79,7 @@ impl Conv2d {
     /// The weight with the LoRA update merged, `W + scale * B @ A` (B @ A over the flattened
     /// kernel; computed in f32, in the weight's dtype); the base weight without a LoRA.
     pub fn fused_weight(&self) -> Result<Tensor> {
-        match &self.lora {
-            Some(l) => l.fuse(&self.weight),
-            None => Ok(self.weight.clone()),
-        }
+        super::lora::fused_weight(&self.weight, self.lora.as_ref())
     }
 
     /// A same-size `kernel x kernel` convolution (padding `kernel / 2`, stride 1).

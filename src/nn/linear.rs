@@ -42,10 +42,7 @@ impl Linear {
     /// The weight with the LoRA update merged, `W + scale * B @ A` (computed in f32, in the
     /// weight's dtype); the base weight without a LoRA.
     pub fn fused_weight(&self) -> Result<Tensor> {
-        match &self.lora {
-            Some(l) => l.fuse(&self.weight),
-            None => Ok(self.weight.clone()),
-        }
+        super::lora::fused_weight(&self.weight, self.lora.as_ref())
     }
 
     /// Applies the layer to `xs` of shape `[..., in]`, giving `[..., out]`.

@@ -35,3 +35,12 @@ impl LoraAdapter {
         Ok(down.conv2d(&b, 0, 1, 1, 1)?.affine(self.scale, 0.0)?)
     }
 }
+
+/// `weight` with `lora`'s update merged ([`LoraAdapter::fuse`]), or `weight` itself without an
+/// adapter: the weight a layer with an optional LoRA computes with.
+pub fn fused_weight(weight: &Tensor, lora: Option<&LoraAdapter>) -> Result<Tensor> {
+    match lora {
+        Some(l) => l.fuse(weight),
+        None => Ok(weight.clone()),
+    }
+}

@@ -91,7 +91,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     let out = q3.apply_op3(
         &k3,
         &v3,
-        Attention {
+        AttentionOp {
             scale,
             mask: kernel_mask,
         },
@@ -398,12 +398,12 @@ fn probabilities<T: Real>(
     p.chunks_mut(lk.max(1)).for_each(T::softmax_row);
 }
 
-struct Attention {
+struct AttentionOp {
     scale: f64,
     mask: Option<Mask>,
 }
 
-impl Attention {
+impl AttentionOp {
     fn forward<T: Real>(&self, dims: &Dims, (q, k, v): (&[T], &[T], &[T]), mask: Option<MaskView<T>>) -> Vec<T> {
         let Dims { lq, lk, d, dv, .. } = *dims;
         let scale = T::from_f64(self.scale);
@@ -436,7 +436,7 @@ impl Attention {
     }
 }
 
-impl CustomOp3 for Attention {
+impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "attention"
     }

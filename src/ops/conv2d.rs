@@ -266,13 +266,67 @@ fn emulator_job<'a>(
     super::cuda::conv2d::job(op, DType::F32, g, product, a, b)
 }
 
+/// One of the three products of a convolution as a kernel: the forward, the input gradient or
+/// the weight gradient, each from two inputs.
+trait ConvKernel: CustomOp2 {
+    /// The product the GPU kernels compute.
+    #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+    const PRODUCT: Product;
+
+    /// The convolution and the output shape, checked against the two inputs' layouts.
+    fn geometry(&self, l1: &Layout, l2: &Layout) -> Result<(Geometry, Shape)>;
+
+    /// The product on the CPU.
+    fn run<T: Real>(&self, g: &Geometry, a: &[T], b: &[T]) -> Vec<T>;
+}
+
+/// `cpu_fwd` of a convolution kernel: on wgpu or the CUDA emulator when that backend is on
+/// (f32), else on the CPU.
+fn cpu_product<K: ConvKernel>(
+    op: &K,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (g, shape) = op.geometry(l1, l2)?;
+    let name = op.name();
+    super::on_wgpu!(s1, {
+        let (a, b) = (slice(name, s1, l1)?, slice(name, s2, l2)?);
+        super::wgpu::conv2d::run(name, &g, K::PRODUCT, a, b).map(|out| (out, shape))
+    });
+    super::on_cuda_emu!(s1, emulator_job(name, &g, K::PRODUCT, (s1, l1), (s2, l2)), shape);
+    let out = dispatch_real!(name, s1, T => {
+        let out = op.run::<T>(&g, slice(name, s1, l1)?, slice(name, s2, l2)?);
+        T::to_cpu_storage_owned(out)
+    });
+    Ok((out, shape))
+}
+
+/// `cuda_fwd` of a convolution kernel.
+#[cfg(feature = "cuda")]
+fn cuda_product<K: ConvKernel>(
+    op: &K,
+    src1: super::cuda::device::Input<'_>,
+    src2: super::cuda::device::Input<'_>,
+) -> Result<(CudaStorage, Shape)> {
+    let (g, shape) = op.geometry(src1.1, src2.1)?;
+    run_cuda(op.name(), &g, K::PRODUCT, src1, src2, shape)
+}
+
 /// The forward convolution; its backward runs [`InputGrad`] and [`WeightGrad`].
 struct Conv2dOp {
     stride: usize,
     padding: usize,
 }
 
-impl Conv2dOp {
+impl ConvKernel for Conv2dOp {
+    #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+    const PRODUCT: Product = Product::Forward;
+
+    fn geometry(&self, xl: &Layout, wl: &Layout) -> Result<(Geometry, Shape)> {
+        let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
+        Ok((g, Shape::from((g.b, g.c_out, g.ho, g.wo))))
+    }
+
     fn run<T: Real>(&self, g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
         let (k, l) = (g.k(), g.l());
         let mut out = vec![T::zero(); g.b * g.c_out * l];
@@ -302,29 +356,12 @@ impl CustomOp2 for Conv2dOp {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
-        let shape = Shape::from((g.b, g.c_out, g.ho, g.wo));
-        super::on_wgpu!(xs, {
-            let (x, w) = (slice(self.name(), xs, xl)?, slice(self.name(), ws, wl)?);
-            super::wgpu::conv2d::run(self.name(), &g, Product::Forward, x, w).map(|y| (y, shape))
-        });
-        super::on_cuda_emu!(
-            xs,
-            emulator_job(self.name(), &g, Product::Forward, (xs, xl), (ws, wl)),
-            shape
-        );
-        let out = dispatch_real!("conv2d", xs, T => {
-            let out = self.run::<T>(&g, slice("conv2d", xs, xl)?, slice("conv2d", ws, wl)?);
-            T::to_cpu_storage_owned(out)
-        });
-        Ok((out, shape))
+        cpu_product(self, (xs, xl), (ws, wl))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
-        let shape = Shape::from((g.b, g.c_out, g.ho, g.wo));
-        run_cuda(self.name(), &g, Product::Forward, (xs, xl), (ws, wl), shape)
+        cuda_product(self, (xs, xl), (ws, wl))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -362,7 +399,10 @@ struct InputGrad {
     w: usize,
 }
 
-impl InputGrad {
+impl ConvKernel for InputGrad {
+    #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+    const PRODUCT: Product = Product::InputGrad;
+
     /// The convolution and the shape of `dx`, checking the gradient `dY` against the weight.
     fn geometry(&self, dl: &Layout, wl: &Layout) -> Result<(Geometry, Shape)> {
         let b = dl.dims()[0];
@@ -423,27 +463,12 @@ impl CustomOp2 for InputGrad {
     }
 
     fn cpu_fwd(&self, ds: &CpuStorage, dl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, shape) = self.geometry(dl, wl)?;
-        super::on_wgpu!(ds, {
-            let (dy, w) = (slice(self.name(), ds, dl)?, slice(self.name(), ws, wl)?);
-            super::wgpu::conv2d::run(self.name(), &g, Product::InputGrad, dy, w).map(|dx| (dx, shape))
-        });
-        super::on_cuda_emu!(
-            ds,
-            emulator_job(self.name(), &g, Product::InputGrad, (ds, dl), (ws, wl)),
-            shape
-        );
-        let out = dispatch_real!("conv2d-input-grad", ds, T => {
-            let dx = self.run::<T>(&g, slice("conv2d-input-grad", ds, dl)?, slice("conv2d-input-grad", ws, wl)?);
-            T::to_cpu_storage_owned(dx)
-        });
-        Ok((out, shape))
+        cpu_product(self, (ds, dl), (ws, wl))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, ds: &CudaStorage, dl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (g, shape) = self.geometry(dl, wl)?;
-        run_cuda(self.name(), &g, Product::InputGrad, (ds, dl), (ws, wl), shape)
+        cuda_product(self, (ds, dl), (ws, wl))
     }
 }
 
@@ -455,7 +480,10 @@ struct WeightGrad {
     kw: usize,
 }
 
-impl WeightGrad {
+impl ConvKernel for WeightGrad {
+    #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
+    const PRODUCT: Product = Product::WeightGrad;
+
     /// The convolution and the shape of `dW`, checking the gradient `dY` against the input.
     fn geometry(&self, xl: &Layout, dl: &Layout) -> Result<(Geometry, Shape)> {
         let (c_out, c_in) = (dl.dims()[1], xl.dims()[1]);
@@ -490,26 +518,11 @@ impl CustomOp2 for WeightGrad {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, shape) = self.geometry(xl, dl)?;
-        super::on_wgpu!(xs, {
-            let (x, dy) = (slice(self.name(), xs, xl)?, slice(self.name(), ds, dl)?);
-            super::wgpu::conv2d::run(self.name(), &g, Product::WeightGrad, x, dy).map(|dw| (dw, shape))
-        });
-        super::on_cuda_emu!(
-            xs,
-            emulator_job(self.name(), &g, Product::WeightGrad, (xs, xl), (ds, dl)),
-            shape
-        );
-        let out = dispatch_real!("conv2d-weight-grad", xs, T => {
-            let dw = self.run::<T>(&g, slice("conv2d-weight-grad", xs, xl)?, slice("conv2d-weight-grad", ds, dl)?);
-            T::to_cpu_storage_owned(dw)
-        });
-        Ok((out, shape))
+        cpu_product(self, (xs, xl), (ds, dl))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ds: &CudaStorage, dl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (g, shape) = self.geometry(xl, dl)?;
-        run_cuda(self.name(), &g, Product::WeightGrad, (xs, xl), (ds, dl), shape)
+        cuda_product(self, (xs, xl), (ds, dl))
     }
 }

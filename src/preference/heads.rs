@@ -34,9 +34,7 @@ impl GpmHead {
                 format!("must be even and positive, got {dim}"),
             ));
         }
-        if !(tau > 0.0 && tau.is_finite()) {
-            return Err(Error::input("tau", format!("must be positive, got {tau}")));
-        }
+        crate::error::positive("tau", tau)?;
         Ok(GpmHead {
             value_head: Linear::new(hidden, dim, false, vb.pp("value_head"))?,
             prompt_head: if gate {

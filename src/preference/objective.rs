@@ -240,9 +240,7 @@ impl Objective {
                     ));
                 }
                 match loss_type {
-                    LossType::Discopop { tau } if !(tau > 0.0 && tau.is_finite()) => {
-                        return Err(Error::input("discopop_tau", format!("must be positive, got {tau}")));
-                    }
+                    LossType::Discopop { tau } => crate::error::positive("discopop_tau", tau)?,
                     LossType::Simpo { gamma } if !gamma.is_finite() => {
                         return Err(Error::input("simpo_gamma", format!("must be finite, got {gamma}")));
                     }

@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod image_io;
+pub mod load;
 pub mod pipeline;
 
 pub use pipeline::{GenerateRequest, Generated, PipelineKind, StableDiffusionPipeline};

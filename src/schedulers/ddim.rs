@@ -74,11 +74,12 @@ impl DdimMove {
 /// diffusers' `DDIMScheduler` set to N inference steps.
 #[derive(Debug, Clone)]
 pub struct DDIMScheduler {
-    schedule: NoiseSchedule,
-    timesteps: Vec<f64>,
-    step_ratio: usize,
-    final_alpha_cumprod: f64,
-    clip: Option<f64>,
+    pub(super) schedule: NoiseSchedule,
+    pub(super) timesteps: Vec<f64>,
+    pub(super) step_ratio: usize,
+    /// ᾱ below timestep 0: 1 with `set_alpha_to_one`, else ᾱ_0.
+    pub(super) final_alpha_cumprod: f64,
+    pub(super) clip: Option<f64>,
     eta: f64,
 }
 
@@ -92,10 +93,21 @@ impl DDIMScheduler {
         }
         let schedule = NoiseSchedule::from_config(cfg)?;
         let spacing = cfg.timestep_spacing_for(SchedulerKind::Ddim);
+        Self::with_config_settings(&schedule, spacing, cfg, num_inference_steps)
+    }
+
+    /// The scheduler on `schedule` with `timestep_spacing` and the rest of the settings from
+    /// `cfg` (`steps_offset`, `set_alpha_to_one`, `clip_sample` and its range).
+    pub(super) fn with_config_settings(
+        schedule: &NoiseSchedule,
+        timestep_spacing: TimestepSpacing,
+        cfg: &SchedulerConfig,
+        num_inference_steps: usize,
+    ) -> Result<Self> {
         let clip = cfg.clip_sample.then_some(cfg.clip_sample_range);
         Self::new(
-            &schedule,
-            spacing,
+            schedule,
+            timestep_spacing,
             cfg.steps_offset,
             cfg.set_alpha_to_one,
             clip,
@@ -200,17 +212,6 @@ impl DDIMScheduler {
 impl Scheduler for DDIMScheduler {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        if step_index >= self.timesteps.len() {
-            return Err(step_index_error(step_index, self.timesteps.len()));
-        }
-        Ok(sample.clone())
     }
 
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, rng: &mut Rng) -> Result<Tensor> {

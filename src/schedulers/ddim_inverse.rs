@@ -11,20 +11,17 @@
 use candle_core::Tensor;
 
 use super::config::{SchedulerConfig, SchedulerKind, TimestepSpacing};
-use super::ddim::DdimMove;
-use super::noise_schedule::{step_index_error, NoiseSchedule, TimestepValues};
+use super::ddim::{DDIMScheduler, DdimMove};
+use super::noise_schedule::{step_index_error, NoiseSchedule};
 use super::Scheduler;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-/// diffusers' `DDIMInverseScheduler` set to N inversion steps.
+/// diffusers' `DDIMInverseScheduler` set to N inversion steps: DDIM's grid (timesteps reversed,
+/// its ᾱ below timestep 0 now the starting point) with the moves turned around.
 #[derive(Debug, Clone)]
 pub struct DDIMInverseScheduler {
-    schedule: NoiseSchedule,
-    timesteps: Vec<f64>,
-    step_ratio: usize,
-    initial_alpha_cumprod: f64,
-    clip: Option<f64>,
+    ddim: DDIMScheduler,
 }
 
 impl DDIMInverseScheduler {
@@ -39,15 +36,8 @@ impl DDIMInverseScheduler {
                 "DDIMInverseScheduler supports leading or trailing, got linspace",
             ));
         }
-        let clip = cfg.clip_sample.then_some(cfg.clip_sample_range);
-        Self::new(
-            &schedule,
-            spacing,
-            cfg.steps_offset,
-            cfg.set_alpha_to_one,
-            clip,
-            num_inference_steps,
-        )
+        let ddim = DDIMScheduler::with_config_settings(&schedule, spacing, cfg, num_inference_steps)?;
+        Ok(Self::reversed(ddim))
     }
 
     /// The scheduler on `schedule` with explicit settings (diffusers' constructor arguments of the
@@ -67,52 +57,49 @@ impl DDIMInverseScheduler {
                 "DDIMInverseScheduler supports leading or trailing, got linspace",
             ));
         }
-        let mut timesteps = schedule.inference_timesteps(
+        let ddim = DDIMScheduler::new(
+            schedule,
             timestep_spacing,
             steps_offset,
-            num_inference_steps,
-            TimestepValues::Integer,
-        )?;
-        timesteps.reverse();
-        let initial_alpha_cumprod = if set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alphas_cumprod()[0]
-        };
-        Ok(DDIMInverseScheduler {
-            schedule: schedule.clone(),
-            timesteps,
-            step_ratio: schedule.num_train_timesteps() / num_inference_steps,
-            initial_alpha_cumprod,
+            set_alpha_to_one,
             clip,
-        })
+            num_inference_steps,
+        )?;
+        Ok(Self::reversed(ddim))
+    }
+
+    /// The inverse of `ddim` (eta 0): its timesteps ascending.
+    fn reversed(mut ddim: DDIMScheduler) -> Self {
+        ddim.timesteps.reverse();
+        DDIMInverseScheduler { ddim }
     }
 
     /// The noise schedule.
     pub fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
+        self.ddim.schedule()
     }
 
     /// The move onto timestep `timestep` (any training timestep, not only scheduled ones).
     pub fn move_to(&self, timestep: usize) -> Result<DdimMove> {
-        let t_train = self.schedule.num_train_timesteps();
+        let schedule = &self.ddim.schedule;
+        let t_train = schedule.num_train_timesteps();
         if timestep >= t_train {
             return Err(Error::input(
                 "timestep",
                 format!("expected a value in 0..{t_train}, got {timestep}"),
             ));
         }
-        let ac = self.schedule.alphas_cumprod();
-        let alpha_prod_t = match timestep.checked_sub(self.step_ratio) {
+        let ac = schedule.alphas_cumprod();
+        let alpha_prod_t = match timestep.checked_sub(self.ddim.step_ratio) {
             Some(from) => ac[from.min(t_train - 1)],
-            None => self.initial_alpha_cumprod,
+            None => self.ddim.final_alpha_cumprod,
         };
         Ok(DdimMove {
-            prediction_type: self.schedule.prediction_type(),
+            prediction_type: schedule.prediction_type(),
             alpha_prod_t,
             alpha_prod_to: ac[timestep],
             std_dev: 0.0,
-            clip: self.clip,
+            clip: self.ddim.clip,
         })
     }
 
@@ -125,23 +112,13 @@ impl DDIMInverseScheduler {
 
 impl Scheduler for DDIMInverseScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        if step_index >= self.timesteps.len() {
-            return Err(step_index_error(step_index, self.timesteps.len()));
-        }
-        Ok(sample.clone())
+        self.ddim.timesteps()
     }
 
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
-        let n = self.timesteps.len();
+        let n = self.ddim.timesteps.len();
         let t = *self
+            .ddim
             .timesteps
             .get(step_index)
             .ok_or_else(|| step_index_error(step_index, n))?;

@@ -12,17 +12,17 @@
 use candle_core::{DType, Tensor};
 
 use super::config::{FinalSigmasType, SchedulerConfig, SchedulerKind, TimestepType};
-use super::euler_discrete::{euler_move, euler_pred_original_sample};
+use super::euler_discrete::EulerDiscreteScheduler;
 use super::noise_schedule::{check_step_shapes, mul_f32, NoiseSchedule, SigmaSchedule};
 use super::Scheduler;
 use crate::rng::Rng;
 use crate::Result;
 
-/// diffusers' `EulerAncestralDiscreteScheduler` set to N inference steps.
+/// diffusers' `EulerAncestralDiscreteScheduler` set to N inference steps: the Euler scheduler's
+/// timesteps and sigmas, with a noisy step.
 #[derive(Debug, Clone)]
 pub struct EulerAncestralDiscreteScheduler {
-    schedule: NoiseSchedule,
-    sigmas: SigmaSchedule,
+    euler: EulerDiscreteScheduler,
 }
 
 impl EulerAncestralDiscreteScheduler {
@@ -37,30 +37,29 @@ impl EulerAncestralDiscreteScheduler {
             FinalSigmasType::Zero,
             TimestepType::Discrete,
         )?;
-        Ok(EulerAncestralDiscreteScheduler { schedule, sigmas })
+        Ok(Self::new(&schedule, sigmas))
     }
 
     /// The scheduler on `schedule` with a sigma layout (see [`NoiseSchedule::sigma_schedule`]).
     pub fn new(schedule: &NoiseSchedule, sigmas: SigmaSchedule) -> Self {
         EulerAncestralDiscreteScheduler {
-            schedule: schedule.clone(),
-            sigmas,
+            euler: EulerDiscreteScheduler::new(schedule, sigmas),
         }
     }
 
     /// The noise schedule.
     pub fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
+        self.euler.schedule()
     }
 
     /// The N + 1 sigmas (the last one 0).
     pub fn sigmas(&self) -> &[f64] {
-        self.sigmas.sigmas()
+        self.euler.sigmas()
     }
 
     /// `(σ_up, σ_down)` of step `step_index` (float32, diffusers' order).
     pub fn sigma_up_down(&self, step_index: usize) -> Result<(f32, f32)> {
-        let (from, to) = self.sigmas.sigma_pair(step_index)?;
+        let (from, to) = self.euler.sigmas.sigma_pair(step_index)?;
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         // Clamped at 0 where float32 rounding would make diffusers' square root NaN.
         let down = (to * to - up * up).max(0.0).sqrt();
@@ -77,12 +76,8 @@ impl EulerAncestralDiscreteScheduler {
     ) -> Result<Tensor> {
         check_step_shapes(model_output, sample)?;
         check_step_shapes(noise, sample)?;
-        let (sigma, _) = self.sigmas.sigma_pair(step_index)?;
         let (sigma_up, sigma_down) = self.sigma_up_down(step_index)?;
-        let x = sample.to_dtype(DType::F32)?;
-        let mo = model_output.to_dtype(DType::F32)?;
-        let x0 = euler_pred_original_sample(self.schedule.prediction_type(), &mo, &x, sigma)?;
-        let prev = euler_move(&x, &x0, sigma, sigma_down)?;
+        let prev = self.euler.move_f32(model_output, step_index, sample, sigma_down)?;
         let prev = (prev + mul_f32(&noise.to_dtype(DType::F32)?, sigma_up)?)?;
         Ok(prev.to_dtype(model_output.dtype())?)
     }
@@ -90,19 +85,15 @@ impl EulerAncestralDiscreteScheduler {
 
 impl Scheduler for EulerAncestralDiscreteScheduler {
     fn timesteps(&self) -> &[f64] {
-        self.sigmas.timesteps()
+        self.euler.timesteps()
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        self.sigmas.init_noise_sigma()
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.sigmas.scale_model_input(sample, step_index)
+    fn sigma_schedule(&self) -> Option<&SigmaSchedule> {
+        self.euler.sigma_schedule()
     }
 
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        self.sigmas.sigma_pair(step_index)?;
+        self.euler.sigmas.sigma_pair(step_index)?;
         let noise = rng.randn(sample.shape(), sample.device())?;
         self.step_with_noise(model_output, step_index, sample, &noise)
     }

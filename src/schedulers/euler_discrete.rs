@@ -20,7 +20,7 @@ use crate::Result;
 /// The x0 an Euler-type scheduler predicts at sigma `sigma` (float32, diffusers' order):
 /// epsilon `x − σ·m`, v-prediction `m·(−σ/sqrt(σ²+1)) + x/(σ²+1)`, sample `m`.
 /// `model_output` and `sample` are float32.
-pub(crate) fn euler_pred_original_sample(
+fn euler_pred_original_sample(
     prediction_type: PredictionType,
     model_output: &Tensor,
     sample: &Tensor,
@@ -37,7 +37,7 @@ pub(crate) fn euler_pred_original_sample(
 }
 
 /// The Euler move `x + (x − x0)/σ · (σ_to − σ)` in float32 (diffusers' order).
-pub(crate) fn euler_move(sample: &Tensor, pred_original_sample: &Tensor, sigma: f32, sigma_to: f32) -> Result<Tensor> {
+fn euler_move(sample: &Tensor, pred_original_sample: &Tensor, sigma: f32, sigma_to: f32) -> Result<Tensor> {
     let derivative = div_f32(&(sample - pred_original_sample)?, sigma)?;
     Ok((sample + mul_f32(&derivative, sigma_to - sigma)?)?)
 }
@@ -46,7 +46,7 @@ pub(crate) fn euler_move(sample: &Tensor, pred_original_sample: &Tensor, sigma: 
 #[derive(Debug, Clone)]
 pub struct EulerDiscreteScheduler {
     schedule: NoiseSchedule,
-    sigmas: SigmaSchedule,
+    pub(super) sigmas: SigmaSchedule,
 }
 
 impl EulerDiscreteScheduler {
@@ -93,6 +93,22 @@ impl EulerDiscreteScheduler {
     pub fn sigmas(&self) -> &[f64] {
         self.sigmas.sigmas()
     }
+
+    /// The Euler move of `sample` (shapes checked by the caller) from the sigma of step
+    /// `step_index` to `sigma_to`, in float32.
+    pub(super) fn move_f32(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        sigma_to: f32,
+    ) -> Result<Tensor> {
+        let (sigma, _) = self.sigmas.sigma_pair(step_index)?;
+        let x = sample.to_dtype(DType::F32)?;
+        let mo = model_output.to_dtype(DType::F32)?;
+        let x0 = euler_pred_original_sample(self.schedule.prediction_type(), &mo, &x, sigma)?;
+        euler_move(&x, &x0, sigma, sigma_to)
+    }
 }
 
 impl Scheduler for EulerDiscreteScheduler {
@@ -100,20 +116,14 @@ impl Scheduler for EulerDiscreteScheduler {
         self.sigmas.timesteps()
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        self.sigmas.init_noise_sigma()
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.sigmas.scale_model_input(sample, step_index)
+    fn sigma_schedule(&self) -> Option<&SigmaSchedule> {
+        Some(&self.sigmas)
     }
 
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
         check_step_shapes(model_output, sample)?;
-        let (sigma, sigma_next) = self.sigmas.sigma_pair(step_index)?;
-        let x = sample.to_dtype(DType::F32)?;
-        let mo = model_output.to_dtype(DType::F32)?;
-        let x0 = euler_pred_original_sample(self.schedule.prediction_type(), &mo, &x, sigma)?;
-        Ok(euler_move(&x, &x0, sigma, sigma_next)?.to_dtype(model_output.dtype())?)
+        let (_, sigma_next) = self.sigmas.sigma_pair(step_index)?;
+        let prev = self.move_f32(model_output, step_index, sample, sigma_next)?;
+        Ok(prev.to_dtype(model_output.dtype())?)
     }
 }

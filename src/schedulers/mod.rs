@@ -47,12 +47,29 @@ pub trait Scheduler: Send + Sync {
     /// The timesteps the model is given, in sampling order (float values for Euler-type samplers).
     fn timesteps(&self) -> &[f64];
 
+    /// The sigma layout of an Euler-type sampler, which sets the two methods below; `None` for
+    /// DDIM-type samplers (initial scale 1, model input unchanged).
+    fn sigma_schedule(&self) -> Option<&SigmaSchedule> {
+        None
+    }
+
     /// The scale of the initial latents: `latents = standard_normal · init_noise_sigma`.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        self.sigma_schedule().map_or(1.0, SigmaSchedule::init_noise_sigma)
+    }
 
     /// The model input for `sample` at step `step_index` (identity for DDIM,
     /// `sample / sqrt(σ² + 1)` for Euler-type samplers). Keeps the sample's shape and dtype.
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        if let Some(sigmas) = self.sigma_schedule() {
+            return sigmas.scale_model_input(sample, step_index);
+        }
+        let n = self.timesteps().len();
+        if step_index >= n {
+            return Err(noise_schedule::step_index_error(step_index, n));
+        }
+        Ok(sample.clone())
+    }
 
     /// One step from the model output at `step_index` (same shape as `sample`) to the next
     /// sample; stochastic samplers draw their noise from `rng`.

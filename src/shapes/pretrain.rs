@@ -44,10 +44,10 @@ pub struct WorldSection {
     pub seed: u64,
 }
 
-/// `[model]`.
+/// `[model]`: the configs and tokenizer the pretrained model is built from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelSection {
+pub struct ConfigsSection {
     /// A diffusers folder of configs: `model_index.json`, `scheduler/`, and `config.json` in
     /// `unet/`, `vae/`, `text_encoder/` (relative paths are relative to the recipe's folder's
     /// parent, i.e. the repository root for recipes in `pipelines/`).
@@ -135,7 +135,7 @@ pub struct PretrainRecipe {
     /// The world.
     pub world: WorldSection,
     /// Configs and tokenizer.
-    pub model: ModelSection,
+    pub model: ConfigsSection,
     /// VAE training.
     pub vae: VaeSection,
     /// Text encoder and UNet training.

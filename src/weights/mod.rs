@@ -269,33 +269,21 @@ impl VarBuilder {
     /// fresh LoRA, PEFT names `unet.<module>.lora_A.weight` / `.lora_B.weight`), sorted by module,
     /// A before B. Empty without a trainable LoRA.
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
-        self.lora
-            .as_ref()
-            .map(|l| {
-                l.attached
-                    .lock()
-                    .expect("lora lock")
-                    .values()
-                    .flat_map(|a| a.vars.iter().cloned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.collect_attached(|_, a| a.vars.clone())
+    }
+
+    /// `f`'s items for each attached LoRA (module path, entry), in module order; empty without
+    /// a LoRA.
+    fn collect_attached<T>(&self, f: impl Fn(&String, &Attached) -> Vec<T>) -> Vec<T> {
+        let Some(l) = &self.lora else { return Vec::new() };
+        let attached = l.attached.lock().expect("lora lock");
+        attached.iter().flat_map(|(m, a)| f(m, a)).collect()
     }
 
     /// The LoRA adapters attached so far, by module path (sorted), with their current values;
     /// for [`lora::save_peft`] and [`lora::save_kohya`].
     pub fn lora_adapters(&self) -> Vec<(String, LoraAdapter)> {
-        self.lora
-            .as_ref()
-            .map(|l| {
-                l.attached
-                    .lock()
-                    .expect("lora lock")
-                    .iter()
-                    .map(|(m, a)| (m.clone(), a.adapter.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.collect_attached(|m, a| vec![(m.clone(), a.adapter.clone())])
     }
 
     /// Fails unless every key of the attached LoRA file found a module (or, for a fresh LoRA,

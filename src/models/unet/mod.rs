@@ -1,5 +1,6 @@
 //! The conditional UNet and its parts.
 
+pub mod config;
 pub mod embeddings;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;

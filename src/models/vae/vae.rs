@@ -65,6 +65,22 @@ impl AttentionBlock {
     }
 }
 
+/// `count` resnets of block `vb` (`vb.resnets.<j>`), the first from `in_ch` channels, all to
+/// `out_ch`.
+fn resnet_chain(
+    cfg: &CoderConfig,
+    count: usize,
+    (in_ch, out_ch): (usize, usize),
+    vb: &VarBuilder,
+) -> Result<Vec<ResnetBlock2D>> {
+    (0..count)
+        .map(|j| {
+            let from = if j == 0 { in_ch } else { out_ch };
+            ResnetBlock2D::new(from, out_ch, cfg.resnet(), vb.pp("resnets").pp(j))
+        })
+        .collect()
+}
+
 /// `UNetMidBlock2D` without time input: resnet, (attention,) resnet.
 #[derive(Debug, Clone)]
 struct MidBlock {
@@ -125,16 +141,7 @@ impl Encoder {
             let in_ch = out_ch;
             out_ch = ch;
             let bvb = vb.pp("down_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    ResnetBlock2D::new(
-                        if j == 0 { in_ch } else { out_ch },
-                        out_ch,
-                        cfg.resnet(),
-                        bvb.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_chain(cfg, cfg.layers_per_block, (in_ch, out_ch), &bvb)?;
             let down = if i + 1 < n {
                 Some(Downsample2D::new(out_ch, 0, bvb.pp("downsamplers").pp(0))?)
             } else {
@@ -192,16 +199,7 @@ impl Decoder {
             let prev = out_ch;
             out_ch = ch;
             let bvb = vb.pp("up_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    ResnetBlock2D::new(
-                        if j == 0 { prev } else { out_ch },
-                        out_ch,
-                        cfg.resnet(),
-                        bvb.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_chain(cfg, cfg.layers_per_block + 1, (prev, out_ch), &bvb)?;
             let up = if i + 1 < n {
                 Some(Upsample2D::new(out_ch, bvb.pp("upsamplers").pp(0))?)
             } else {
