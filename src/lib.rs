@@ -20,7 +20,7 @@
 //! - [`preference`]: preference objectives (DPO family, MaPO, SmPO, KTO), reward heads and
 //!   transforms, and the diffusion proxy.
 //! - [`reward`]: differentiable image reward models (PickScore, CLIPScore, HPSv2, aesthetic).
-//! - [`reno`]: ReNO, reward-based optimisation of the initial noise of one-step models.
+//! - [`reno`]: ReNO, reward-based optimisation of the initial noise of a text-to-image model.
 //! - [`eval`]: tuned-versus-base comparison statistics (win rates with intervals).
 //! - [`data`]: preference pairs from parquet, JSONL or folders, preprocessing, the latent cache.
 //! - [`lm`]: language-model preference components (log-probabilities, pair batches, reward

@@ -24,7 +24,6 @@ use diffalign::train::report::{write_report, ImageRow};
 use diffalign::weights::lora::LoraSource;
 use diffalign::weights::store::write_atomic;
 use diffalign::weights::LoadOptions;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::inputs::{
     check_memory, image_size, load_rewards, parse_finite, parse_reward_spec, read_prompts, reward_specs_or_default,
@@ -129,12 +128,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&images_dir).with_context(|| format!("creating {}", images_dir.display()))?;
 
     let total = prompts.len() as u64 * args.seeds * 2 * steps as u64;
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} eval [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar = super::progress_bar("eval", total);
     // scores[kind] = (base, tuned), one entry per (prompt, seed).
     let mut scores: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     let mut records = Vec::new();

@@ -9,7 +9,6 @@ use diffalign::rng::Rng;
 use diffalign::sampling::image_io::save_png;
 use diffalign::sampling::GenerateRequest;
 use diffalign::schedulers::SchedulerKind;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::inputs::{check_memory, image_size, load_init_noise, parse_finite, PromptArgs, SizeArgs};
 use super::model_args::ModelArgs;
@@ -94,12 +93,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     check_memory(&pipe, &size, (lh, lw), guidance > 1.0, 1)?;
 
     let total = prompts.len() * args.num_images;
-    let bar = ProgressBar::new((total * args.steps) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} generating [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar = super::progress_bar("generating", (total * args.steps) as u64);
     let mut written = Vec::with_capacity(total);
     for (p, prompt) in prompts.iter().enumerate() {
         for k in 0..args.num_images {

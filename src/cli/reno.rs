@@ -21,7 +21,6 @@ use diffalign::sampling::pipeline::Conditioning;
 use diffalign::schedulers::SchedulerKind;
 use diffalign::train::report::{write_report, Curve, ImageRow};
 use diffalign::weights::store::save_safetensors;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::inputs::{
     check_memory, image_size, load_init_noise, load_rewards, parse_finite, parse_reward_spec, reward_specs_or_default,
@@ -208,14 +207,7 @@ pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
 
-    let bar = ProgressBar::new((prompts.len() * args.iters) as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} reno [{bar:30}] {pos}/{len} iterations {elapsed_precise} eta {eta} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let bar = super::progress_bar("reno", (prompts.len() * args.iters) as u64);
     let mut rows = Vec::new();
     for (p, prompt) in prompts.iter().enumerate() {
         let dir = if prompts.len() == 1 {
@@ -260,7 +252,7 @@ fn optimise_prompt(
     prompt: &str,
     z0: &Tensor,
     dir: &Path,
-    bar: &ProgressBar,
+    bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<RenoOutcome> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let jsonl = dir.join("iterations.jsonl");

@@ -11,7 +11,6 @@ use diffalign::recipe::Plan;
 use diffalign::sampling::budget::{self, TrainingJob};
 use diffalign::train::{Resume, TrainOptions, Trainer};
 use diffalign::weights::layout;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::device_arg::DeviceArg;
 
@@ -67,14 +66,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     // Records found bad during training are named while fewer than SHOWN_SKIPPED were, then counted.
     let mut shown = trainer.skipped_records().len().min(SHOWN_SKIPPED);
     let mut unshown = 0;
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} training [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let bar = super::progress_bar("training", 0);
     bar.set_position(trainer.step_count() as u64);
     trainer.run(&opts, &mut |r, total| {
         for s in &r.bad_records {

@@ -239,7 +239,7 @@ pub(super) enum BlockKind {
 
 /// The config, validated and expanded to per-block values.
 #[derive(Debug, Clone)]
-pub(super) struct Plan {
+pub(super) struct BlockLayout {
     pub(super) down: Vec<BlockKind>,
     pub(super) up: Vec<BlockKind>,
     pub(super) heads: Vec<usize>,
@@ -286,7 +286,7 @@ impl UNet2DConditionConfig {
     }
 
     /// Validates the config (errors name `file` and the key) and expands per-block values.
-    pub(super) fn plan(&self, file: &Path) -> Result<Plan> {
+    pub(super) fn plan(&self, file: &Path) -> Result<BlockLayout> {
         let err = |key: &str, reason: String| Error::config(file, key, reason);
         let unsupported =
             |key: &str, value: &dyn std::fmt::Debug| Err(err(key, format!("value {value:?} is not supported")));
@@ -445,7 +445,7 @@ impl UNet2DConditionConfig {
             }
             Some(other) => return unsupported("addition_embed_type", &other),
         };
-        Ok(Plan {
+        Ok(BlockLayout {
             down,
             up,
             heads,
