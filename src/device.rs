@@ -20,6 +20,11 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// The dtype a recipe's `dtype` key defaults to: `f32`.
+pub fn default_dtype_name() -> String {
+    "f32".into()
+}
+
 /// Where tensors live and who runs the hot ops, as `--device` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {

@@ -32,12 +32,8 @@ pub struct ModelSection {
     #[serde(default)]
     pub variant: Option<String>,
     /// Compute dtype: f32, f16, bf16 (master weights and optimizer state stay f32).
-    #[serde(default = "default_dtype")]
+    #[serde(default = "crate::device::default_dtype_name")]
     pub dtype: String,
-}
-
-fn default_dtype() -> String {
-    "f32".into()
 }
 
 /// `[train]`: the method and the optimisation.

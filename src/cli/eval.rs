@@ -135,17 +135,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (p, prompt) in prompts.iter().enumerate() {
         for seed in 0..args.seeds {
+            let noise = Rng::new(seed).randn((1, pipe.unet.in_channels(), lh, lw), &Device::Cpu)?;
             let req = GenerateRequest {
-                prompts: vec![prompt.clone()],
-                negative_prompts: None,
-                steps,
-                guidance,
-                height,
-                width,
-                init_noise: Rng::new(seed).randn((1, pipe.unet.in_channels(), lh, lw), &Device::Cpu)?,
                 scheduler,
-                seed,
-                time_ids: None,
+                ..GenerateRequest::new(prompt.clone(), noise, seed, steps, guidance, (height, width))
             };
             let mut record = serde_json::json!({"prompt": prompt, "seed": seed});
             let mut paths = Vec::with_capacity(2);

@@ -103,16 +103,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 None => Rng::new(seed).randn((1, pipe.unet.in_channels(), lh, lw), &Device::Cpu)?,
             };
             let req = GenerateRequest {
-                prompts: vec![prompt.clone()],
                 negative_prompts: args.negative_prompt.clone().map(|n| vec![n]),
-                steps: args.steps,
-                guidance,
-                height,
-                width,
-                init_noise: noise,
                 scheduler,
-                seed,
-                time_ids: None,
+                ..GenerateRequest::new(prompt.clone(), noise, seed, args.steps, guidance, (height, width))
             };
             let done = bar.position();
             let out = pipe

@@ -75,6 +75,32 @@ pub struct GenerateRequest {
     pub time_ids: Option<[f64; 6]>,
 }
 
+impl GenerateRequest {
+    /// One image of `prompt` from `init_noise`, at `size` (height, width) pixels, with no
+    /// negative prompt, the checkpoint's sampler and default SDXL time ids.
+    pub fn new(
+        prompt: String,
+        init_noise: Tensor,
+        seed: u64,
+        steps: usize,
+        guidance: f64,
+        size: (usize, usize),
+    ) -> Self {
+        GenerateRequest {
+            prompts: vec![prompt],
+            negative_prompts: None,
+            steps,
+            guidance,
+            height: size.0,
+            width: size.1,
+            init_noise,
+            scheduler: None,
+            seed,
+            time_ids: None,
+        }
+    }
+}
+
 /// What the denoiser is conditioned on, from [`StableDiffusionPipeline::conditioning`].
 #[derive(Debug, Clone)]
 pub struct Conditioning {

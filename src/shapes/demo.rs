@@ -203,16 +203,15 @@ impl Generator {
         let f = self.pipe.vae_scale_factor();
         let (h, w) = (noise.dim(2)? * f, noise.dim(3)? * f);
         let req = GenerateRequest {
-            prompts: vec![prompt.to_string()],
-            negative_prompts: None,
-            steps: self.steps,
-            guidance: self.guidance,
-            height: h,
-            width: w,
-            init_noise: noise.clone(),
             scheduler: Some(SchedulerKind::Ddim),
-            seed,
-            time_ids: None,
+            ..GenerateRequest::new(
+                prompt.to_string(),
+                noise.clone(),
+                seed,
+                self.steps,
+                self.guidance,
+                (h, w),
+            )
         };
         Ok(self.pipe.generate_with(unet, &req, &mut |_, _| {})?.images.get(0)?)
     }

@@ -120,12 +120,8 @@ pub struct PretrainOutput {
     /// The pipeline folder to write (relative paths as for `[model]`).
     pub dir: PathBuf,
     /// Dtype of the saved weights: f32, f16 or bf16.
-    #[serde(default = "default_dtype")]
+    #[serde(default = "crate::device::default_dtype_name")]
     pub dtype: String,
-}
-
-fn default_dtype() -> String {
-    "f32".into()
 }
 
 /// A pretraining recipe.

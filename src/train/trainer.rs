@@ -411,18 +411,15 @@ impl Trainer {
         let (lh, lw) = self.pipe.check_size(res, res)?;
         for (pi, prompt) in o.validation_prompts.iter().enumerate() {
             for &seed in &o.validation_seeds {
-                let req = GenerateRequest {
-                    prompts: vec![prompt.clone()],
-                    negative_prompts: None,
-                    steps: o.validation_steps,
-                    guidance: o.validation_guidance,
-                    height: res,
-                    width: res,
-                    init_noise: Rng::new(seed).randn((1, self.policy.in_channels(), lh, lw), &Device::Cpu)?,
-                    scheduler: None,
+                let noise = Rng::new(seed).randn((1, self.policy.in_channels(), lh, lw), &Device::Cpu)?;
+                let req = GenerateRequest::new(
+                    prompt.clone(),
+                    noise,
                     seed,
-                    time_ids: None,
-                };
+                    o.validation_steps,
+                    o.validation_guidance,
+                    (res, res),
+                );
                 let img = self.pipe.generate_with(&self.policy, &req, &mut |_, _| {})?.images;
                 save_png(&img.get(0)?, &self.validation_path(step, pi, seed))?;
             }
