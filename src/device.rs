@@ -20,6 +20,44 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// The processor's model name (`/proc/cpuinfo` on Linux; the architecture elsewhere), for
+/// benchmark lines.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// The widest vector instruction set this processor offers the CPU kernels, detected at run
+/// time: `avx512` (with `+bf16` when it has avx512_bf16), `avx2`, `neon` or `scalar`.
+pub fn cpu_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return if std::arch::is_x86_feature_detected!("avx512bf16") {
+                "avx512+bf16"
+            } else {
+                "avx512"
+            };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        return "neon";
+    }
+    #[allow(unreachable_code)]
+    "scalar"
+}
+
 /// The dtype a recipe's `dtype` key defaults to: `f32`.
 pub fn default_dtype_name() -> String {
     "f32".into()

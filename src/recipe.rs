@@ -152,7 +152,7 @@ fn default_rank() -> usize {
     8
 }
 fn default_targets() -> Vec<String> {
-    ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec()
+    crate::weights::lora::DEFAULT_TARGETS.map(String::from).to_vec()
 }
 
 /// `[output]`: where results go and what is written along the way.

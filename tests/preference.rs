@@ -9,7 +9,7 @@ use std::process::Command;
 use candle_core::{DType, Tensor};
 use common::*;
 use diffalign::models::unet::UNet2DConditionModel;
-use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch};
+use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch, Reference};
 use diffalign::preference::objective::log_sigmoid;
 use diffalign::preference::{LossType, Objective, PairScores};
 use diffalign::sampling::pipeline::PipelineSources;
@@ -202,7 +202,7 @@ fn smpo_renoise_inversion_matches_reference() {
     let cond = diffalign_cli_conditioning(&pipe, &batch);
     let eval = DiffusionPreference {
         policy: &policy,
-        reference: Some(&pipe.unet),
+        reference: Some(Reference::Unet(&pipe.unet)),
         schedule: &schedule,
         method,
         objective: Objective::Dpo {
@@ -228,7 +228,7 @@ fn smpo_without_inversion_is_dpo_noising_with_smoothed_weights() {
     let run = |method| {
         DiffusionPreference {
             policy: &policy,
-            reference: Some(&pipe.unet),
+            reference: Some(Reference::Unet(&pipe.unet)),
             schedule: &schedule,
             method,
             objective: Objective::Dpo {
@@ -372,4 +372,60 @@ fn loss_rejects_bad_input_with_clear_errors() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("kto"), "{err}");
+}
+
+/// A LoRA run holds one UNet: the reference pass through the policy with its adapters switched
+/// off gives bit for bit the loss, metrics and adapter gradients of a separately loaded base
+/// UNet, for every method that has a reference, and the adapters are back on afterwards.
+#[test]
+fn lora_reference_with_adapters_off_is_bitwise_the_base_unet() {
+    use diffalign::weights::lora::LoraSource;
+    use diffalign::weights::LoadOptions;
+
+    let (pipe, _, schedule, batch) = sd15_loss_case();
+    let lora = losses_dir().join("policy_lora/pytorch_lora_weights.safetensors");
+    let opts = LoadOptions {
+        lora: Some(std::sync::Arc::new(LoraSource::from_file(&lora, "unet", true).unwrap())),
+        ..load_options()
+    };
+    let (policy, vb) = UNet2DConditionModel::from_pretrained(&shared_fixtures().join("sd15/unet"), &opts).unwrap();
+    let switch = vb.lora_switch().unwrap();
+    let cond = diffalign_cli_conditioning(&pipe, &batch);
+    for method in [Method::Dpo, Method::Dcpo, Method::Smpo { inversion_steps: 2 }] {
+        let run = |reference| {
+            let out = DiffusionPreference {
+                policy: &policy,
+                reference: Some(reference),
+                schedule: &schedule,
+                method,
+                objective: Objective::for_method(method, None, LossType::Sigmoid, 0.0).unwrap(),
+            }
+            .loss(&batch, &cond)
+            .unwrap();
+            let grads = out.loss.loss.backward().unwrap();
+            let g: Vec<Tensor> = vb
+                .lora_vars()
+                .iter()
+                .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (out, g)
+        };
+        let (separate, g_separate) = run(Reference::Unet(&pipe.unet));
+        let (shared, g_shared) = run(Reference::PolicyWithoutAdapters(switch));
+        let name = method.name();
+        assert!(switch.is_on(), "{name}: adapters left off");
+        assert_eq!(
+            separate.loss.metrics.loss.to_bits(),
+            shared.loss.metrics.loss.to_bits(),
+            "{name}: loss"
+        );
+        let (rw, rl) = separate.ref_mse.unwrap();
+        let (sw, sl) = shared.ref_mse.unwrap();
+        assert_eq!(max_abs_diff(&rw, &sw), 0.0, "{name}: reference MSE, preferred");
+        assert_eq!(max_abs_diff(&rl, &sl), 0.0, "{name}: reference MSE, rejected");
+        assert!(!g_separate.is_empty());
+        for (a, b) in g_separate.iter().zip(&g_shared) {
+            assert_eq!(max_abs_diff(a, b), 0.0, "{name}: adapter gradient");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Preference fine-tuning end to end on the tiny sd15 pipeline: every method raises the implicit
 //! accuracy on held-out pairs; an interrupted and resumed run ends with exactly the weights of an
 //! uninterrupted one; recipes parse; bad recipes give clear errors; skipped records are named
-//! and listed, and a resume cannot quietly start over or continue a different run (issue 23).
+//! and listed, and a resume cannot quietly start over or continue a different run (issue 23); f16
+//! runs scale the loss as torch's GradScaler does.
 
 mod common;
 
@@ -11,12 +12,13 @@ use std::process::{Command, Output};
 use candle_core::{Device, Tensor};
 use common::*;
 use diffalign::models::unet::UNet2DConditionModel;
-use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch};
+use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch, Reference};
 use diffalign::preference::{LossType, Objective};
 use diffalign::rng::Rng;
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::schedulers::NoiseSchedule;
+use diffalign::train::loss_scale::LossScale;
 use diffalign::train::pair_conditioning;
 use diffalign::train::resume::recipe_changes;
 use diffalign::weights::LoadOptions;
@@ -164,7 +166,7 @@ fn held_out_accuracy(
     };
     let eval = DiffusionPreference {
         policy,
-        reference: Some(&pipe.unet),
+        reference: Some(Reference::Unet(&pipe.unet)),
         schedule: &schedule,
         method,
         objective: Objective::Dpo {
@@ -693,4 +695,86 @@ fn recipe_changes_ignore_steps_and_output_but_not_the_objective() {
     let described: Vec<String> = changes.iter().map(|c| c.describe()).collect();
     assert_eq!(described, ["lora.rank: 4 -> 8", "train.beta: (unset) -> 500.0"]);
     assert!(recipe_changes(old, Path::new("recipe.toml"), old).unwrap().is_empty());
+}
+
+#[test]
+fn loss_scale_follows_torch_grad_scaler() {
+    // tests/fixtures/gen_loss_scale.py: torch.amp.GradScaler's defaults over a pattern of
+    // overflowing and clean steps, long enough for the scale to grow after 2,000 clean steps.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loss_scale/trajectory.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let found_inf = v["found_inf"].as_str().unwrap();
+    let expected: Vec<f64> = v["scale_before"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(expected.len(), found_inf.len() + 1);
+    let mut s = LossScale::new();
+    for (i, inf) in found_inf.chars().enumerate() {
+        assert_eq!(s.scale, expected[i], "scale before step {i}");
+        s.update(inf == '0');
+    }
+    assert_eq!(s.scale, *expected.last().unwrap(), "final scale");
+    assert!(expected
+        .iter()
+        .any(|&x| x > LossScale::INITIAL / 8.0 && x < LossScale::INITIAL));
+}
+
+#[test]
+fn f16_run_scales_the_loss_logs_it_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(&tmp.path().join("data"), 4, 5);
+    let run = |name: &str, phases: &[&[&str]]| -> (String, Vec<(String, Tensor)>) {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let r = recipe(&dir, &data, "dpo", "");
+        for extra in phases {
+            let mut args = vec![
+                "--set",
+                "lora.rank=2",
+                "--set",
+                "train.steps=6",
+                "--set",
+                "model.dtype=\"f16\"",
+                // Beta 500 instead of DPO's 5000, so that a few halvings bring the scaled
+                // gradients inside f16's range within the run.
+                "--set",
+                "train.beta=500.0",
+            ];
+            args.extend_from_slice(extra);
+            train(&r, &args);
+        }
+        let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
+        let mut lora: Vec<(String, Tensor)> = load(&dir.join("out/pytorch_lora_weights.safetensors"))
+            .into_iter()
+            .collect();
+        lora.sort_by(|a, b| a.0.cmp(&b.0));
+        (metrics, lora)
+    };
+    let (straight, lora_a) = run("straight", &[&[]]);
+    let (resumed, lora_b) = run("resumed", &[&["--max-steps-this-run", "3"], &["--resume"]]);
+    assert_eq!(straight, resumed, "metrics of the resumed f16 run differ");
+    for ((ka, a), (kb, b)) in lora_a.iter().zip(&lora_b) {
+        assert_eq!(ka, kb);
+        assert_eq!(max_abs_diff(a, b), 0.0, "{ka}: resumed f16 run differs");
+    }
+    // Every step logs the scale it used: GradScaler's initial 2^16, halved after each skipped step.
+    let mut expect = LossScale::new();
+    let mut skips = 0;
+    for line in straight.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(m["loss"].as_f64().unwrap().is_finite(), "{line}");
+        assert_eq!(m["loss_scale"].as_f64(), Some(expect.scale), "{line}");
+        skips += usize::from(m["skipped"] == true);
+        expect.update(m["skipped"] != true);
+    }
+    // 2^16 overflows f16 here: the run backs off at least once, then takes steps.
+    assert!((1..6).contains(&skips), "{skips} of 6 steps skipped:\n{straight}");
+    let moved = lora_a
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .any(|(_, t)| max_abs_diff(t, &t.zeros_like().unwrap()) > 0.0);
+    assert!(moved, "f16 training left every lora_B at zero:\n{straight}");
 }

@@ -64,8 +64,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     seq: usize,
     /// Recompute activations block by block in backward passes (suites dpo-step and reno).
-    #[arg(long)]
+    #[arg(long, alias = "gradient-checkpointing")]
     recompute: bool,
+    /// Suite dpo-step: train a fresh LoRA of this rank on the attention projections of a frozen
+    /// UNet, whose adapters-off pass is the reference (one copy of the weights), instead of
+    /// every weight against a second UNet.
+    #[arg(long, value_name = "RANK")]
+    lora: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArg,
     /// Suite kernels: only the cases whose op name starts with this (e.g. `attention`).
@@ -240,18 +245,43 @@ fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
-    use diffalign::preference::diffusion::{DiffusionPreference, Method, PairConditioning, PreferenceBatch};
+    use diffalign::preference::diffusion::{DiffusionPreference, Method, PairConditioning, PreferenceBatch, Reference};
+    use diffalign::weights::lora::{LoraConfig, LoraSource, DEFAULT_TARGETS};
+    use std::sync::Arc;
+
+    /// What the reference pass runs.
+    enum BenchReference {
+        Unet(Box<UNet2DConditionModel>),
+        AdaptersOff(diffalign::weights::LoraSwitch),
+    }
     use diffalign::preference::{LossType, Objective};
     use diffalign::schedulers::{NoiseSchedule, SchedulerConfig};
 
     let cfg = UNet2DConditionConfig::from_file(args.config()?)?;
     // The pair through the policy (kept for the backward) and the reference; the policy, its
-    // gradients and the reference.
-    check_unet_memory(args, &cfg, None, 2, BACKWARD_FACTOR + 1, 3.0)?;
+    // gradients and the reference, or with a LoRA the one frozen UNet.
+    let weight_copies = if args.lora.is_some() { 1.0 } else { 3.0 };
+    check_unet_memory(args, &cfg, None, 2, BACKWARD_FACTOR + 1, weight_copies)?;
     let dev = args.device.device()?;
-    let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
-    let policy = UNet2DConditionModel::new(&cfg, args.config()?, policy_vb.clone())?;
-    let reference = frozen_unet(&cfg, args)?;
+    let (policy, reference) = match args.lora {
+        Some(rank) => {
+            let lora = LoraConfig {
+                rank,
+                alpha: rank as f64,
+                target_modules: DEFAULT_TARGETS.map(String::from).to_vec(),
+                init_seed: 0,
+            };
+            let vb = VarBuilder::random(0, DType::F32, &dev, false).with_lora(Arc::new(LoraSource::fresh(&lora)));
+            let policy = UNet2DConditionModel::new(&cfg, args.config()?, vb.clone())?;
+            let switch = vb.lora_switch().context("the LoRA builder has a switch")?.clone();
+            (policy, BenchReference::AdaptersOff(switch))
+        }
+        None => {
+            let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
+            let policy = UNet2DConditionModel::new(&cfg, args.config()?, policy_vb)?;
+            (policy, BenchReference::Unet(Box::new(frozen_unet(&cfg, args)?)))
+        }
+    };
     policy.set_gradient_checkpointing(args.recompute);
     let schedule = NoiseSchedule::from_config(&SchedulerConfig::from_json(
         r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
@@ -279,7 +309,10 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let eval = DiffusionPreference {
         policy: &policy,
-        reference: Some(&reference),
+        reference: Some(match &reference {
+            BenchReference::Unet(unet) => Reference::Unet(unet),
+            BenchReference::AdaptersOff(switch) => Reference::PolicyWithoutAdapters(switch),
+        }),
         schedule: &schedule,
         method: Method::Dpo,
         objective: Objective::Dpo {
@@ -290,9 +323,15 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let threads = candle_core::utils::get_num_threads();
     let shape = format!(
-        "unet-mid DPO step: one pair, latents {c}x{s}x{s}, text {}x{}",
+        "{} DPO step ({}): one pair, latents {c}x{s}x{s}, text {}x{}, recompute {}",
+        config_name(args.config()?),
+        match args.lora {
+            Some(rank) => format!("LoRA rank {rank}"),
+            None => "every weight".into(),
+        },
         args.text_len,
-        policy.cross_attention_dim()
+        policy.cross_attention_dim(),
+        args.recompute
     );
     let secs = median_secs(&dev, args.repeats, || {
         let out = eval.loss(&batch, &cond)?;
@@ -344,8 +383,13 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     let mut z = rng.randn((1, c, s, s), &dev)?;
     let mut sgd = Sgd::new(5.0, 0.9, true);
     let shape = format!(
-        "unet-mid + vae-mid + clip-mid: noise {c}x{s}x{s}, image {0}x{0}, CLIP {1}x{1}, recompute {2}",
+        "{} + {} + {}: noise {c}x{s}x{s}, image {}x{}, CLIP {}x{}, recompute {}",
+        config_name(args.config()?),
+        config_name(vae_path),
+        config_name(clip_path),
         s * vae_cfg.downscale_factor(),
+        s * vae_cfg.downscale_factor(),
+        clip_cfg.image_size,
         clip_cfg.image_size,
         args.recompute
     );
@@ -431,6 +475,18 @@ fn bench_lm(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// The same architecture with constant (non-`Var`) weights, so the forward records no graph.
+/// The name of the configuration `config` is (its folder's name, e.g. `unet-mid`, or the file's
+/// stem), for the `shape` of benchmark lines.
+fn config_name(config: &std::path::Path) -> String {
+    let folder = config.parent().and_then(|p| p.file_name());
+    let stem = match config.file_stem() {
+        Some(s) if s != "config" => Some(s),
+        _ => folder,
+    };
+    stem.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| config.display().to_string())
+}
+
 fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs) -> anyhow::Result<UNet2DConditionModel> {
     let vb = VarBuilder::random(0, DType::F32, &args.device.device()?, false);
     Ok(UNet2DConditionModel::new(cfg, args.config()?, vb)?)
@@ -439,6 +495,14 @@ fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs) -> anyhow::Result<
 fn report(name: &str, shape: &str, secs: f64, threads: usize) {
     println!(
         "{}",
-        serde_json::json!({"bench": name, "shape": shape, "median_s": secs, "threads": threads, "impl": "diffalign"})
+        serde_json::json!({
+            "bench": name,
+            "shape": shape,
+            "median_s": secs,
+            "threads": threads,
+            "impl": "diffalign",
+            "cpu": diffalign::device::cpu_model(),
+            "isa": diffalign::device::cpu_isa(),
+        })
     );
 }

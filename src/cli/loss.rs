@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use diffalign::models::unet::UNet2DConditionModel;
-use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch};
+use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch, Reference};
 use diffalign::preference::{LossType, Objective};
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
@@ -113,9 +113,6 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
         vae: args.model.vae.clone(),
         unet: None,
     };
-    // The reference is the model's own UNet, never adapted.
-    let pipe = StableDiffusionPipeline::load(&sources, &opts.without_lora())
-        .with_context(|| format!("loading {}", root.display()))?;
     let policy_dir = args.model.unet.clone().unwrap_or_else(|| root.join("unet"));
     // A `--lora` policy trains the adapter on the frozen UNet; otherwise every UNet weight trains.
     let policy_opts = match &args.model.lora {
@@ -128,9 +125,28 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
             ..opts.without_lora()
         },
     };
-    let (policy, policy_vb) = UNet2DConditionModel::from_pretrained(&policy_dir, &policy_opts)
-        .with_context(|| format!("loading the policy UNet {}", policy_dir.display()))?;
+    let load_policy = || {
+        UNet2DConditionModel::from_pretrained(&policy_dir, &policy_opts)
+            .with_context(|| format!("loading the policy UNet {}", policy_dir.display()))
+    };
+    let loading = || format!("loading {}", root.display());
+    // The reference is the model's own UNet, never adapted: with a LoRA on that UNet, the
+    // policy with its adapters off (one copy of the weights); else a UNet of its own.
+    let shares_base = args.model.lora.is_some() && args.model.unet.is_none();
+    let (pipe, (policy, policy_vb)) = if shares_base {
+        let (policy, vb) = load_policy()?;
+        let pipe = StableDiffusionPipeline::load_with_unet(&sources, &opts.without_lora(), policy.clone())
+            .with_context(loading)?;
+        (pipe, (policy, vb))
+    } else {
+        let pipe = StableDiffusionPipeline::load(&sources, &opts.without_lora()).with_context(loading)?;
+        (pipe, load_policy()?)
+    };
     pipe.check_unet_fits(&policy, &policy_dir.join("config.json"))?;
+    let reference = match policy_vb.lora_switch().filter(|_| shares_base) {
+        Some(switch) => Reference::PolicyWithoutAdapters(switch),
+        None => Reference::Unet(&pipe.unet),
+    };
     let trainable = if args.model.lora.is_some() {
         policy_vb.lora_vars()
     } else {
@@ -140,7 +156,7 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
     let cond = pair_conditioning(&pipe, &batch, method)?;
     let eval = DiffusionPreference {
         policy: &policy,
-        reference: Some(&pipe.unet),
+        reference: Some(reference),
         schedule: &schedule,
         method,
         objective,

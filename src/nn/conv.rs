@@ -71,15 +71,15 @@ impl Conv2d {
         &self.weight
     }
 
-    /// The LoRA adapter, if any.
+    /// The LoRA adapter, if any and switched on ([`LoraAdapter::switch`]).
     pub fn lora(&self) -> Option<&LoraAdapter> {
-        self.lora.as_ref()
+        self.lora.as_ref().filter(|l| l.switch.is_on())
     }
 
     /// The weight with the LoRA update merged, `W + scale * B @ A` (B @ A over the flattened
     /// kernel; computed in f32, in the weight's dtype); the base weight without a LoRA.
     pub fn fused_weight(&self) -> Result<Tensor> {
-        super::lora::fused_weight(&self.weight, self.lora.as_ref())
+        super::lora::fused_weight(&self.weight, self.lora())
     }
 
     /// A same-size `kernel x kernel` convolution (padding `kernel / 2`, stride 1).
@@ -109,7 +109,7 @@ impl Conv2d {
         } else {
             input.conv2d(&weight, padding, self.cfg.stride, 1, self.cfg.groups)?
         };
-        let ys = match &self.lora {
+        let ys = match self.lora() {
             Some(l) => (ys + l.conv_delta(&input, padding, self.cfg.stride)?)?,
             None => ys,
         };

@@ -34,15 +34,15 @@ impl Linear {
         &self.weight
     }
 
-    /// The LoRA adapter, if any.
+    /// The LoRA adapter, if any and switched on ([`LoraAdapter::switch`]).
     pub fn lora(&self) -> Option<&LoraAdapter> {
-        self.lora.as_ref()
+        self.lora.as_ref().filter(|l| l.switch.is_on())
     }
 
     /// The weight with the LoRA update merged, `W + scale * B @ A` (computed in f32, in the
     /// weight's dtype); the base weight without a LoRA.
     pub fn fused_weight(&self) -> Result<Tensor> {
-        super::lora::fused_weight(&self.weight, self.lora.as_ref())
+        super::lora::fused_weight(&self.weight, self.lora())
     }
 
     /// Applies the layer to `xs` of shape `[..., in]`, giving `[..., out]`.
@@ -54,7 +54,7 @@ impl Linear {
         let gemm = super::gemm_dtype(xs);
         let x2 = xs.reshape((rows, in_features))?.to_dtype(gemm)?;
         let ys = x2.matmul(&self.weight.to_dtype(gemm)?.t()?)?;
-        let ys = match &self.lora {
+        let ys = match self.lora() {
             Some(l) => (ys + l.linear_delta(&x2)?)?,
             None => ys,
         };

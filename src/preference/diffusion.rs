@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use super::objective::{LossType, Objective, PairScores, PreferenceLoss};
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::schedulers::{DDIMInverseScheduler, NoiseSchedule, PredictionType, Scheduler, TimestepSpacing};
-use crate::weights::TensorStore;
+use crate::weights::{LoraSwitch, TensorStore};
 use crate::{Error, Result};
 
 /// How `x_t` and the conditioning are made for a method.
@@ -294,12 +294,21 @@ fn alpha_coefficients(schedule: &NoiseSchedule, timesteps: &[usize], device: &De
     ))
 }
 
+/// The frozen reference model of the methods that have one.
+#[derive(Debug, Clone, Copy)]
+pub enum Reference<'a> {
+    /// A UNet of its own (full fine-tuning, or a LoRA on another base).
+    Unet(&'a UNet2DConditionModel),
+    /// The policy with its LoRA adapters switched off: the base it adapts, held once.
+    PolicyWithoutAdapters(&'a LoraSwitch),
+}
+
 /// The evaluator of one method's loss: the UNets, the noise schedule and the objective.
 pub struct DiffusionPreference<'a> {
     /// The model being trained.
     pub policy: &'a UNet2DConditionModel,
     /// The frozen reference (its outputs carry no gradient).
-    pub reference: Option<&'a UNet2DConditionModel>,
+    pub reference: Option<Reference<'a>>,
     /// The pipeline's training noise schedule.
     pub schedule: &'a NoiseSchedule,
     /// The method.
@@ -368,7 +377,14 @@ impl DiffusionPreference<'_> {
         let (mse_w, mse_l) = (mse.narrow(0, 0, b)?, mse.narrow(0, b, b)?);
         let ref_mse = match self.reference {
             Some(r) => {
-                let m = run(r)?.detach();
+                let m = match r {
+                    Reference::Unet(unet) => run(unet)?,
+                    Reference::PolicyWithoutAdapters(switch) => {
+                        let _off = switch.off();
+                        run(self.policy)?
+                    }
+                }
+                .detach();
                 Some((m.narrow(0, 0, b)?, m.narrow(0, b, b)?))
             }
             None => None,

@@ -210,7 +210,14 @@ fn require_dir(dir: &Path, what: &str) -> Result<()> {
 impl StableDiffusionPipeline {
     /// Loads every component of a diffusers pipeline folder.
     pub fn load(sources: &PipelineSources, opts: &LoadOptions) -> Result<Self> {
-        Self::load_from(sources, None, opts)
+        Self::load_from(sources, None, opts, None)
+    }
+
+    /// Loads every component but the UNet, and takes `unet`, built from `sources.unet` (or
+    /// `root/unet`), in its place: the UNet of a LoRA run, whose base weights then serve both
+    /// as the policy (adapters on) and the reference (adapters off) without a second copy.
+    pub fn load_with_unet(sources: &PipelineSources, opts: &LoadOptions, unet: UNet2DConditionModel) -> Result<Self> {
+        Self::load_from(sources, None, opts, Some(unet))
     }
 
     /// Loads the weights of a single-file checkpoint (see [`SingleFile`]): UNet, VAE and text
@@ -219,10 +226,15 @@ impl StableDiffusionPipeline {
     /// tokenizers and the scheduler (its weight files are not read). A folder of another family
     /// (an SDXL file with an SD 1.x folder, or the reverse) is an error naming both.
     pub fn load_single_file(checkpoint: &SingleFile, sources: &PipelineSources, opts: &LoadOptions) -> Result<Self> {
-        Self::load_from(sources, Some(checkpoint), opts)
+        Self::load_from(sources, Some(checkpoint), opts, None)
     }
 
-    fn load_from(sources: &PipelineSources, single: Option<&SingleFile>, opts: &LoadOptions) -> Result<Self> {
+    fn load_from(
+        sources: &PipelineSources,
+        single: Option<&SingleFile>,
+        opts: &LoadOptions,
+        unet: Option<UNet2DConditionModel>,
+    ) -> Result<Self> {
         let root = &sources.root;
         let index_path = root.join("model_index.json");
         let index: ModelIndex = crate::models::config::read_config(&index_path)?;
@@ -322,9 +334,10 @@ impl StableDiffusionPipeline {
         // The checkpoint's UNet and VAE, unless a replacement folder is given.
         let single_unet = single.filter(|_| sources.unet.is_none());
         let single_vae = single.filter(|_| sources.vae.is_none());
-        let unet = match single_unet {
-            Some(sf) => unet_from_store(&unet_dir, sf.unet(&unet_dir.join("config.json"))?, opts)?,
-            None => UNet2DConditionModel::from_pretrained(&unet_dir, opts)?.0,
+        let unet = match (unet, single_unet) {
+            (Some(unet), _) => unet,
+            (None, Some(sf)) => unet_from_store(&unet_dir, sf.unet(&unet_dir.join("config.json"))?, opts)?,
+            (None, None) => UNet2DConditionModel::from_pretrained(&unet_dir, opts)?.0,
         };
         // diffusers runs `force_upcast` VAEs in f32 whatever the pipeline dtype (fp16 SD VAEs overflow).
         let vae_opts = if vae_cfg.force_upcast {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::loss_scale::LossScale;
 use crate::optim::AdamW;
 use crate::weights::{save_safetensors, TensorStore};
 use crate::{Error, Result};
@@ -25,6 +26,9 @@ pub struct TrainState {
     pub rng: [u64; 6],
     /// Non-finite steps in a row so far.
     pub nonfinite_in_a_row: usize,
+    /// f16 runs: the dynamic loss scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScale>,
 }
 
 const PARAMS: &str = "params.safetensors";

@@ -1,11 +1,13 @@
 //! Preference fine-tuning: the diffusion loop ([`trainer`]), resumable checkpoints
 //! ([`checkpoint`]), how a run starts or resumes in its output folder ([`resume`]), the
-//! end-of-run report ([`report`]), and the language-model trainers ([`lm`]). The optimizer and
+//! end-of-run report ([`report`]), f16 loss scaling ([`loss_scale`]), and the language-model
+//! trainers ([`lm`]). The optimizer and
 //! schedules are `crate::optim`'s.
 
 mod batches;
 pub mod checkpoint;
 pub mod lm;
+pub mod loss_scale;
 pub mod records;
 pub mod report;
 pub mod resume;

@@ -36,6 +36,9 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Whether the step was skipped for a non-finite loss or gradient.
     pub skipped: bool,
+    /// f16 runs: the loss scale this step used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
     /// Records left out while building this step's batches (an image that does not decode,
     /// under `bad_records = "skip"`); not written to `metrics.jsonl`.
     #[serde(skip)]
@@ -103,6 +106,7 @@ impl MetricsLog {
                 lr: v["lr"].as_f64().unwrap_or(0.0),
                 grad_norm: v["grad_norm"].as_f64().unwrap_or(f64::NAN),
                 skipped: v["skipped"].as_bool().unwrap_or(false),
+                loss_scale: v["loss_scale"].as_f64(),
                 bad_records: Vec::new(),
             });
         }

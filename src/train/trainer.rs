@@ -1,7 +1,7 @@
-//! The training loop: the preference loss on the policy UNet against the frozen reference over
-//! micro-batches (`super::batches`), gradient accumulation, clipping, AdamW with f32 master
-//! weights, a non-finite guard, checkpoints, validation images, per-step metrics
-//! ([`super::records`]) and the final weights and report.
+//! The training loop: the preference loss on the policy UNet against the frozen reference (for a
+//! LoRA, the same UNet with its adapters off) over micro-batches (`super::batches`), gradient
+//! accumulation, clipping, AdamW with f32 master weights, a non-finite guard, checkpoints,
+//! validation images, per-step metrics ([`super::records`]) and the final weights and report.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::batches::Batches;
 use super::checkpoint::{self, TrainState};
+use super::loss_scale::LossScale;
 use super::records::{MetricsLog, StepRecord};
 use super::report::{write_report, Curve, ImageRow};
 use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Resume};
@@ -17,7 +18,7 @@ use crate::data::skipped::{self, SkippedRecord};
 use crate::data::{LatentCache, PairDataset, Preprocess};
 use crate::models::unet::UNet2DConditionModel;
 use crate::optim::{clip_grad_norm, AdamW};
-use crate::preference::diffusion::{DiffusionPreference, Method};
+use crate::preference::diffusion::{DiffusionPreference, Method, Reference};
 use crate::recipe::Plan;
 use crate::rng::Rng;
 use crate::sampling::image_io::save_png;
@@ -97,10 +98,10 @@ impl Trainer {
             vae,
             ..Default::default()
         };
-        let pipe = StableDiffusionPipeline::load(&sources, &load)?;
         let policy_unet_dir = root.join("unet");
-        let (policy, policy_vb) = match &r.lora {
-            // LoRA: a fresh adapter (PEFT's gaussian init, B = 0) on the frozen UNet.
+        let (pipe, policy, policy_vb) = match &r.lora {
+            // LoRA: a fresh adapter (PEFT's gaussian init, B = 0) on the frozen UNet, which is
+            // also the pipeline's: the reference is the policy with its adapters off.
             Some(l) => {
                 let cfg = crate::weights::lora::LoraConfig {
                     rank: l.rank,
@@ -113,14 +114,18 @@ impl Trainer {
                     lora: Some(source),
                     ..load.without_lora()
                 };
-                UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?
+                let (policy, vb) = UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?;
+                let pipe = StableDiffusionPipeline::load_with_unet(&sources, &load, policy.clone())?;
+                (pipe, policy, vb)
             }
             None => {
+                let pipe = StableDiffusionPipeline::load(&sources, &load)?;
                 let lopts = LoadOptions {
                     trainable: true,
                     ..load.without_lora()
                 };
-                UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?
+                let (policy, vb) = UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?;
+                (pipe, policy, vb)
             }
         };
         let vars = if r.lora.is_some() {
@@ -167,6 +172,7 @@ impl Trainer {
             position: 0,
             rng: Rng::new(t.seed).state(),
             nonfinite_in_a_row: 0,
+            loss_scale: (plan.dtype == DType::F16).then(LossScale::new),
         };
         let batches = Batches::new(
             data,
@@ -212,6 +218,10 @@ impl Trainer {
         match checkpoint {
             Some(ck) => {
                 self.state = checkpoint::load(ck, &mut self.opt)?;
+                // A dtype changed on resume (allowed by `--allow-recipe-change`) starts or ends
+                // the loss scaling.
+                let f16 = self.plan.dtype == DType::F16;
+                self.state.loss_scale = f16.then(|| self.state.loss_scale.unwrap_or_default());
                 self.batches.rng = Rng::from_state(self.state.rng);
                 self.records = self.metrics.read_until(self.state.step)?;
                 // Pairs found undecodable before the interruption stay listed.
@@ -276,16 +286,17 @@ impl Trainer {
             .iter()
             .map(|p| p.master.zeros_like())
             .collect::<candle_core::Result<_>>()?;
+        let scale = self.state.loss_scale;
         let (mut loss, mut acc, mut margin, mut mw, mut ml, mut rw, mut rl) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         let mut finite = true;
         for _ in 0..grad_accum {
             let batch = self
                 .batches
                 .next_batch(&self.pipe, self.schedule.num_train_timesteps(), &mut self.state)?;
-            let reference = if self.plan.objective.needs_reference() {
-                Some(&self.pipe.unet)
-            } else {
-                None
+            let reference = match self.policy_vb.lora_switch() {
+                _ if !self.plan.objective.needs_reference() => None,
+                Some(switch) => Some(Reference::PolicyWithoutAdapters(switch)),
+                None => Some(Reference::Unet(&self.pipe.unet)),
             };
             let cond = super::pair_conditioning(&self.pipe, &batch, self.plan.method)?;
             let eval = DiffusionPreference {
@@ -309,12 +320,20 @@ impl Trainer {
                 rl += mean(l)? / k;
             }
             if finite {
-                let g = (out.loss.loss / k)?.backward()?;
+                let g = match scale {
+                    Some(s) => (out.loss.loss * (s.scale / k))?.backward()?,
+                    None => (out.loss.loss / k)?.backward()?,
+                };
                 for (acc, p) in grads.iter_mut().zip(&self.opt.params) {
                     if let Some(gi) = g.get(p.var.as_tensor()) {
                         *acc = (&*acc + gi.to_dtype(DType::F32)?)?;
                     }
                 }
+            }
+        }
+        if let (Some(s), true) = (scale, finite) {
+            for g in grads.iter_mut() {
+                *g = g.affine(s.inverse(), 0.0)?;
             }
         }
         let max_norm = (max_grad_norm > 0.0).then_some(max_grad_norm);
@@ -324,11 +343,16 @@ impl Trainer {
             f64::NAN
         };
         let skipped = !(finite && grad_norm.is_finite());
-        if skipped {
-            self.state.nonfinite_in_a_row += 1;
-        } else {
+        if let Some(s) = self.state.loss_scale.as_mut() {
+            s.update(!skipped);
+        }
+        if !skipped {
             self.state.nonfinite_in_a_row = 0;
             self.opt.update(&grads, lr)?;
+        } else if scale.is_none() || !finite {
+            // With loss scaling an overflow of the scaled gradients is routine (the scale backs
+            // off), so only a non-finite loss counts towards stopping the run.
+            self.state.nonfinite_in_a_row += 1;
         }
         self.state.step += 1;
         let dpo = self.plan.objective.needs_reference();
@@ -344,6 +368,7 @@ impl Trainer {
             lr,
             grad_norm,
             skipped,
+            loss_scale: scale.map(|s| s.scale),
             bad_records: Vec::new(),
         })
     }

@@ -30,6 +30,8 @@ mod save;
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -53,6 +55,38 @@ pub struct LoraAdapter {
     pub b: Tensor,
     /// The factor on `B A`: `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
     pub scale: f64,
+    /// Shared by every adapter attached through one [`crate::weights::VarBuilder`].
+    pub switch: LoraSwitch,
+}
+
+/// Turns a model's LoRA adapters off and on together, as PEFT's `disable_adapter()`: with the
+/// adapters off the model computes exactly as its base, which lets a LoRA run use one UNet as
+/// both the policy and the frozen reference. Clones share the state; adapters start on.
+#[derive(Debug, Clone, Default)]
+pub struct LoraSwitch(Arc<AtomicBool>);
+
+impl LoraSwitch {
+    /// Whether the adapters apply.
+    pub fn is_on(&self) -> bool {
+        !self.0.load(Ordering::Acquire)
+    }
+
+    /// Switches the adapters off until the returned guard is dropped.
+    pub fn off(&self) -> AdaptersOff<'_> {
+        self.0.store(true, Ordering::Release);
+        AdaptersOff(self)
+    }
+}
+
+/// The adapters of a [`LoraSwitch`] stay off while this lives.
+#[must_use = "the adapters come back on when the guard is dropped"]
+#[derive(Debug)]
+pub struct AdaptersOff<'a>(&'a LoraSwitch);
+
+impl Drop for AdaptersOff<'_> {
+    fn drop(&mut self) {
+        (self.0).0.store(false, Ordering::Release);
+    }
 }
 
 impl LoraAdapter {
@@ -78,6 +112,10 @@ impl LoraAdapter {
         Ok((weight.to_dtype(DType::F32)? + delta)?.to_dtype(weight.dtype())?)
     }
 }
+
+/// The modules a fresh LoRA adapts unless told otherwise: the attention projections, as
+/// diffusers' DPO and SDXL LoRA scripts target.
+pub const DEFAULT_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
 /// A fresh LoRA to train, as diffusers' DPO script makes it (`LoraConfig(r, lora_alpha,
 /// init_lora_weights="gaussian", target_modules)`): A ~ N(0, std 1/r), B = 0, so the adapted
@@ -281,6 +319,7 @@ impl LoraSource {
                         a: a_fit,
                         b: b_fit,
                         scale: entry.scale,
+                        switch: LoraSwitch::default(),
                     },
                     names: [entry.a.clone(), entry.b.clone()],
                     stored: [a, b],
@@ -306,6 +345,7 @@ impl LoraSource {
                         a: a.clone(),
                         b: b.clone(),
                         scale: cfg.alpha / cfg.rank as f64,
+                        switch: LoraSwitch::default(),
                     },
                     names,
                     stored: [a, b],
@@ -381,7 +421,15 @@ impl LoraSource {
         for (module, e) in entries {
             let a = fl.file.load(&e.a, device)?.to_dtype(DType::F32)?;
             let b = fl.file.load(&e.b, device)?.to_dtype(DType::F32)?;
-            out.push((module, LoraAdapter { a, b, scale: e.scale }));
+            out.push((
+                module,
+                LoraAdapter {
+                    a,
+                    b,
+                    scale: e.scale,
+                    switch: LoraSwitch::default(),
+                },
+            ));
         }
         out.sort_by(|x, y| x.0.cmp(&y.0));
         Ok(out)

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-pub use lora::{LoraAdapter, LoraConfig, LoraSource};
+pub use lora::{AdaptersOff, LoraAdapter, LoraConfig, LoraSource, LoraSwitch};
 pub use store::{save_safetensors, SafetensorsFile, TensorStore};
 
 use crate::rng::Rng;
@@ -43,6 +43,8 @@ struct LoraState {
     source: Arc<LoraSource>,
     /// Module path to its adapter and, when trainable, its `Var`s under the file's key names.
     attached: Mutex<BTreeMap<String, Attached>>,
+    /// The one switch of every adapter attached here.
+    switch: LoraSwitch,
 }
 
 #[derive(Clone)]
@@ -211,6 +213,7 @@ impl VarBuilder {
             lora: Some(Arc::new(LoraState {
                 source,
                 attached: Mutex::new(BTreeMap::new()),
+                switch: LoraSwitch::default(),
             })),
             ..self
         }
@@ -219,6 +222,12 @@ impl VarBuilder {
     /// The attached LoRA source, if any.
     pub fn lora_source(&self) -> Option<&Arc<LoraSource>> {
         self.lora.as_ref().map(|l| &l.source)
+    }
+
+    /// The switch of the adapters attached through this builder (and those made from it by
+    /// [`VarBuilder::pp`]), if it has a LoRA.
+    pub fn lora_switch(&self) -> Option<&LoraSwitch> {
+        self.lora.as_ref().map(|l| &l.switch)
     }
 
     /// The LoRA adapter of the module at this cursor (its path is the prefix, e.g.
@@ -238,8 +247,12 @@ impl VarBuilder {
         let Some(found) = state.source.adapter(&self.prefix, weight_shape, &self.inner.device)? else {
             return Ok(None);
         };
+        let adapter = LoraAdapter {
+            switch: state.switch.clone(),
+            ..found.adapter
+        };
         let entry = if state.source.trainable() {
-            let mut adapter = found.adapter;
+            let mut adapter = adapter;
             let mut vars = Vec::with_capacity(2);
             let [name_a, name_b] = found.names;
             let [stored_a, stored_b] = found.stored;
@@ -256,7 +269,7 @@ impl VarBuilder {
             Attached { adapter, vars }
         } else {
             Attached {
-                adapter: found.adapter,
+                adapter,
                 vars: Vec::new(),
             }
         };
