@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// every weight against a second UNet.
     #[arg(long, value_name = "RANK")]
     lora: Option<usize>,
+    /// Suite dpo-step: the dtype the UNet computes and stores its weights in (`f32`, `bf16`,
+    /// `f16`); LoRA factors stay f32.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype_flag)]
+    dtype: DType,
     #[command(flatten)]
     pub device: DeviceArg,
     /// Suite kernels: only the cases whose op name starts with this (e.g. `attention`).
@@ -83,6 +87,10 @@ pub struct BenchArgs {
     /// same as `DIFFALIGN_KERNELS=reference`).
     #[arg(long)]
     composed: bool,
+}
+
+fn parse_dtype_flag(s: &str) -> Result<DType, String> {
+    diffalign::device::parse_dtype(s).map_err(|e| e.to_string())
 }
 
 impl BenchArgs {
@@ -226,7 +234,7 @@ fn bench_unet(args: &BenchArgs) -> anyhow::Result<()> {
     );
 
     // Forward only: no graph is kept, as in a no-grad PyTorch forward.
-    let frozen = frozen_unet(&cfg, args)?;
+    let frozen = frozen_unet(&cfg, args, DType::F32)?;
     let fwd = median_secs(&dev, args.repeats, || {
         frozen.forward(&x, &t, &ctx, None)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
@@ -271,15 +279,15 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
                 target_modules: DEFAULT_TARGETS.map(String::from).to_vec(),
                 init_seed: 0,
             };
-            let vb = VarBuilder::random(0, DType::F32, &dev, false).with_lora(Arc::new(LoraSource::fresh(&lora)));
+            let vb = VarBuilder::random(0, args.dtype, &dev, false).with_lora(Arc::new(LoraSource::fresh(&lora)));
             let policy = UNet2DConditionModel::new(&cfg, args.config()?, vb.clone())?;
             let switch = vb.lora_switch().context("the LoRA builder has a switch")?.clone();
             (policy, BenchReference::AdaptersOff(switch))
         }
         None => {
-            let policy_vb = VarBuilder::random(0, DType::F32, &dev, true);
+            let policy_vb = VarBuilder::random(0, args.dtype, &dev, true);
             let policy = UNet2DConditionModel::new(&cfg, args.config()?, policy_vb)?;
-            (policy, BenchReference::Unet(Box::new(frozen_unet(&cfg, args)?)))
+            (policy, BenchReference::Unet(Box::new(frozen_unet(&cfg, args, args.dtype)?)))
         }
     };
     policy.set_gradient_checkpointing(args.recompute);
@@ -323,12 +331,13 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let threads = candle_core::utils::get_num_threads();
     let shape = format!(
-        "{} DPO step ({}): one pair, latents {c}x{s}x{s}, text {}x{}, recompute {}",
+        "{} DPO step ({}, {}): one pair, latents {c}x{s}x{s}, text {}x{}, recompute {}",
         config_name(args.config()?),
         match args.lora {
             Some(rank) => format!("LoRA rank {rank}"),
             None => "every weight".into(),
         },
+        format!("{:?}", args.dtype).to_lowercase(),
         args.text_len,
         policy.cross_attention_dim(),
         args.recompute
@@ -358,7 +367,7 @@ fn bench_reno(args: &BenchArgs) -> anyhow::Result<()> {
     let vae_cfg = AutoencoderKLConfig::from_file(vae_path)?;
     // One differentiated generation through the frozen UNet and the VAE decoder.
     check_unet_memory(args, &unet_cfg, Some(&vae_cfg), 1, BACKWARD_FACTOR, 1.0)?;
-    let unet = frozen_unet(&unet_cfg, args)?;
+    let unet = frozen_unet(&unet_cfg, args, DType::F32)?;
     let vae = AutoencoderKL::new(&vae_cfg, vae_path, VarBuilder::random(1, DType::F32, &dev, false))?;
     let clip_cfg = ClipVisionConfig::from_file(clip_path)?;
     let clip = ClipVisionModel::new(
@@ -487,8 +496,8 @@ fn config_name(config: &std::path::Path) -> String {
         .unwrap_or_else(|| config.display().to_string())
 }
 
-fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs) -> anyhow::Result<UNet2DConditionModel> {
-    let vb = VarBuilder::random(0, DType::F32, &args.device.device()?, false);
+fn frozen_unet(cfg: &UNet2DConditionConfig, args: &BenchArgs, dtype: DType) -> anyhow::Result<UNet2DConditionModel> {
+    let vb = VarBuilder::random(0, dtype, &args.device.device()?, false);
     Ok(UNet2DConditionModel::new(cfg, args.config()?, vb)?)
 }
 
