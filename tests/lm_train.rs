@@ -12,7 +12,7 @@ use diffalign::lm::data::load_pairs;
 use diffalign::lm::synthetic;
 use diffalign::models::llama::LlamaForCausalLM;
 use diffalign::nn::Linear;
-use diffalign::optim::{AdamW, AdamWConfig};
+use diffalign::optim::{AdamWConfig, Optimizer};
 use diffalign::preference::heads::{bt_loss, gpm_loss, gpm_score, GpmHead};
 use diffalign::preference::{LossType, Objective};
 use diffalign::train::lm::{evaluate_policy, train_policy, PolicyData, TrainSettings};
@@ -382,7 +382,7 @@ fn adam_fit(vb: &VarBuilder, loss_of: &dyn Fn() -> Tensor) {
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut opt = AdamW::new(vb.vars(), cfg).unwrap();
+    let mut opt = Optimizer::new(vb.vars(), cfg).unwrap();
     for _ in 0..300 {
         let grads = loss_of().backward().unwrap();
         let g: Vec<Tensor> = opt

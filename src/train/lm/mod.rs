@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use crate::models::llama::LlamaConfig;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{clip_grad_norm, AdamWConfig, Optimizer};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -82,7 +82,7 @@ fn train_loop<T>(
 ) -> Result<Vec<LmStepRecord>> {
     s.validate(items.len())?;
     let tensors: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-    let mut opt = AdamW::new(vars, s.adamw)?;
+    let mut opt = Optimizer::new(vars, s.adamw)?;
     let mut rng = Rng::new(s.seed);
     let mut order: Vec<usize> = Vec::new();
     let mut records = Vec::with_capacity(s.steps);
