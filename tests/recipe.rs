@@ -131,7 +131,10 @@ fn a_bad_train_optimizer_is_an_error_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     for (extra, expected) in [
         ("[train.optimizer]\nkind = \"lion\"", "unknown variant `lion`"),
-        ("[train.optimizer]\nkind = \"adafactor\"\nbeta2 = 0.9", "unknown field `beta2`"),
+        (
+            "[train.optimizer]\nkind = \"adafactor\"\nbeta2 = 0.9",
+            "unknown field `beta2`",
+        ),
         ("[train.optimizer]\nbeta1 = 0.9", "missing field `kind`"),
         (
             "[train.optimizer]\nkind = \"adamw8bit\"\nbeta2 = 1.5",

@@ -91,16 +91,16 @@ pub fn dynamic_map(signed: bool) -> Vec<f32> {
     data
 }
 
-/// `torch.linspace(start, end, steps)` in f32: the first half counted up from `start`, the second
-/// down from `end`.
+/// `torch.linspace(start, end, steps)` in f32 as torch computes it on a CPU: the first half
+/// counted up from `start`, the second down from `end`, each point one fused multiply-add.
 fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     (0..steps)
         .map(|i| {
             if i < steps / 2 {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (steps - 1 - i) as f32
+                (-step).mul_add((steps - 1 - i) as f32, end)
             }
         })
         .collect()
