@@ -10,10 +10,12 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
+use diffalign::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use diffalign::optim::adamw8bit::{dequantize, dynamic_map};
 use diffalign::optim::{AdafactorConfig, AdamW8bitConfig, AdamWConfig, Optimizer, OptimizerConfig};
 use diffalign::rng::Rng;
 use diffalign::train::checkpoint::{self, TrainState};
+use diffalign::weights::VarBuilder;
 
 const PARAMS: [&str; 4] = ["big", "small", "conv", "bias"];
 
@@ -324,4 +326,33 @@ fn state_bytes_per_parameter() {
     assert_eq!(adafactor, 4 * (20 + 300 + 8 + 6 + 6));
     assert_eq!(adafactor_m, adafactor + 4 * n);
     assert_eq!(fresh(&init, AdamWConfig::default().into()).master_bytes(), 4 * n);
+}
+
+#[test]
+fn state_memory_on_the_unet_mid_benchmark_model() {
+    // The UNet of ../shared/bench/unet-mid (37.5M parameters, random weights): the state each
+    // kind really allocates, in bytes per trained parameter (printed for BENCHMARKS.md).
+    let dir = std::path::Path::new("../shared/bench/unet-mid");
+    let cfg = UNet2DConditionConfig::from_file(&dir.join("config.json")).unwrap();
+    let vb = VarBuilder::random(0, DType::F32, &Device::Cpu, true);
+    UNet2DConditionModel::new(&cfg, &dir.join("config.json"), vb.clone()).unwrap();
+    let vars = vb.vars();
+    let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let per_param = |config: OptimizerConfig| {
+        let opt = Optimizer::new(vars.clone(), config).unwrap();
+        assert_eq!(opt.master_bytes(), 4 * n);
+        opt.state_bytes() as f64 / n as f64
+    };
+    let [adamw, adamw8bit, adafactor, adafactor_m] = every_kind().map(per_param);
+    eprintln!(
+        "unet-mid, {n} parameters, state bytes per parameter: adamw {adamw:.3}, adamw8bit \
+         {adamw8bit:.3}, adafactor {adafactor:.4}, adafactor with beta1 {adafactor_m:.4}"
+    );
+    assert_eq!(adamw, 8.0);
+    // Two codes per element, two f32 scales per 256 elements (0.031), and 8 bytes for the few
+    // tensors under 4,096 elements (norms, biases).
+    assert!((2.031..2.2).contains(&adamw8bit), "{adamw8bit}");
+    // Factored rows and columns are a small fraction of a matrix; 1-D tensors keep a full v.
+    assert!(adafactor < 0.5, "{adafactor}");
+    assert!((adafactor_m - adafactor - 4.0).abs() < 1e-9);
 }
