@@ -357,7 +357,11 @@ fn state_memory_on_the_unet_mid_benchmark_model() {
     for (_, v) in &vars {
         let (d, e) = (v.dims(), v.elem_count());
         q8 += if e >= 4096 { 2 * e + 8 * e.div_ceil(256) } else { 8 * e };
-        fa += 4 * if d.len() >= 2 { e / d[d.len() - 1] + e / d[d.len() - 2] } else { e };
+        fa += 4 * if d.len() >= 2 {
+            e / d[d.len() - 1] + e / d[d.len() - 2]
+        } else {
+            e
+        };
     }
     assert_eq!(adamw8bit, q8 as f64 / n as f64);
     assert_eq!(adafactor, fa as f64 / n as f64);

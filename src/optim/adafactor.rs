@@ -162,8 +162,8 @@ impl ParamState for State {
     fn load(&mut self, name: &str, shape: &[usize], read: &mut StateReader) -> Result<()> {
         match &mut self.v {
             Second::Factored { row, col } => {
-                *row = read(&format!("v_row.{name}"), &row.dims().to_vec(), DType::F32)?;
-                *col = read(&format!("v_col.{name}"), &col.dims().to_vec(), DType::F32)?;
+                *row = read(&format!("v_row.{name}"), row.dims(), DType::F32)?;
+                *col = read(&format!("v_col.{name}"), col.dims(), DType::F32)?;
             }
             Second::Full(v) => *v = read(&format!("v.{name}"), shape, DType::F32)?,
         }
