@@ -32,6 +32,16 @@ fn flat(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// The elements of `t` (any dtype) as f64, flat.
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Largest |a - b| over the elements, after checking the shapes agree.
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
@@ -271,21 +281,7 @@ fn a_checkpointed_and_resumed_run_equals_an_uninterrupted_one_for_every_kind() {
         let (sa, sb) = (state(&straight), state(&resumed));
         assert_eq!(sa.len(), sb.len(), "{kind}");
         for (k, t) in &sa {
-            let same = t
-                .flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-                == sb[k]
-                    .flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap();
-            assert!(same, "{kind}: state {k} differs after resuming");
+            assert!(values(t) == values(&sb[k]), "{kind}: state {k} differs after resuming");
         }
     }
 }
