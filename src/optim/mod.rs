@@ -139,6 +139,19 @@ impl OptimizerConfig {
         }
     }
 
+    /// About how many bytes of state the optimizer keeps per trained parameter of a diffusion
+    /// UNet, for memory estimates before a run (measured on unet-mid, see BENCHMARKS.md;
+    /// [`Optimizer::state_bytes`] counts a built optimizer's exactly).
+    pub fn state_bytes_per_param(&self) -> f64 {
+        match self {
+            OptimizerConfig::AdamW(_) => 8.0,
+            // Two codes, two f32 scales per 256 elements, and the f32 moments of small tensors.
+            OptimizerConfig::AdamW8bit(_) => 2.1,
+            // A 3x3 conv kernel is factored over its window: rows and columns are 2/3 of it.
+            OptimizerConfig::Adafactor(c) => 2.7 + if c.beta1.is_some() { 4.0 } else { 0.0 },
+        }
+    }
+
     /// The state of one parameter whose f32 master copy is `master`.
     fn new_state(&self, master: &Tensor) -> Result<Box<dyn ParamState>> {
         Ok(match *self {
