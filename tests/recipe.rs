@@ -117,6 +117,16 @@ fn train_optimizer_picks_the_kind_and_train_adam_still_means_adamw() {
             ..AdamW8bitConfig::default()
         })
     );
+    // The dotted --set the dpo-sdxl recipe suggests for the official optimizer.
+    let sets = ["train.optimizer.kind=adafactor", "train.optimizer.weight_decay=0.01"].map(String::from);
+    let plan = Plan::load(&recipe(tmp.path(), "dpo", ""), &sets).unwrap();
+    assert_eq!(
+        plan.raw.train.optimizer_config(),
+        OptimizerConfig::Adafactor(AdafactorConfig {
+            weight_decay: 0.01,
+            ..AdafactorConfig::default()
+        })
+    );
     assert_eq!(
         config("[train.optimizer]\nkind = \"adafactor\"\nbeta1 = 0.9"),
         OptimizerConfig::Adafactor(AdafactorConfig {
