@@ -59,10 +59,11 @@ fn settings(steps: usize, lr: f64) -> TrainSettings {
         lr,
         seed: 3,
         max_grad_norm: Some(1.0),
-        adamw: AdamWConfig {
+        optimizer: AdamWConfig {
             weight_decay: 0.0,
             ..Default::default()
-        },
+        }
+        .into(),
     }
 }
 
@@ -147,6 +148,39 @@ fn run_cli(args: &[&str]) -> serde_json::Value {
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn a_bt_reward_model_trains_with_8bit_adamw_and_adafactor_too() {
+    let (tmp, base, train, held) = world(96, 50, 5);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for optimizer in ["adamw8bit", "adafactor"] {
+        let out = s(&tmp.path().join(format!("rm-{optimizer}")));
+        let (base, train) = (s(&base), s(&train));
+        run_cli(&[
+            "lm",
+            "train-rm",
+            "--model",
+            &base,
+            "--head",
+            "bt",
+            "--data",
+            &train,
+            "--out",
+            &out,
+            "--steps",
+            "40",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "8",
+            "--optimizer",
+            optimizer,
+        ]);
+        let report = run_cli(&["lm", "eval-rm", "--model", &out, "--data", &s(&held)]);
+        let acc = report["accuracy"].as_f64().unwrap();
+        assert!(acc >= 0.9, "{optimizer}: held-out accuracy {acc}: {report}");
+    }
 }
 
 #[test]
