@@ -150,34 +150,41 @@ fn run_cli(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
+/// `diffalign lm train-rm` of a `head` reward model on `base` and `train` into `out`: 40 steps of
+/// 8 pairs at lr 3e-3, with `extra` flags.
+fn train_rm(base: &Path, train: &Path, out: &Path, head: &str, extra: &[&str]) {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (base, train, out) = (s(base), s(train), s(out));
+    let mut args = vec![
+        "lm",
+        "train-rm",
+        "--model",
+        &base,
+        "--head",
+        head,
+        "--data",
+        &train,
+        "--out",
+        &out,
+        "--steps",
+        "40",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    run_cli(&args);
+}
+
 #[test]
 fn a_bt_reward_model_trains_with_8bit_adamw_and_adafactor_too() {
     let (tmp, base, train, held) = world(96, 50, 5);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     for optimizer in ["adamw8bit", "adafactor"] {
-        let out = s(&tmp.path().join(format!("rm-{optimizer}")));
-        let (base, train) = (s(&base), s(&train));
-        run_cli(&[
-            "lm",
-            "train-rm",
-            "--model",
-            &base,
-            "--head",
-            "bt",
-            "--data",
-            &train,
-            "--out",
-            &out,
-            "--steps",
-            "40",
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "8",
-            "--optimizer",
-            optimizer,
-        ]);
-        let report = run_cli(&["lm", "eval-rm", "--model", &out, "--data", &s(&held)]);
+        let out = tmp.path().join(format!("rm-{optimizer}"));
+        train_rm(&base, &train, &out, "bt", &["--optimizer", optimizer]);
+        let report = run_cli(&["lm", "eval-rm", "--model", &s(&out), "--data", &s(&held)]);
         let acc = report["accuracy"].as_f64().unwrap();
         assert!(acc >= 0.9, "{optimizer}: held-out accuracy {acc}: {report}");
     }
@@ -189,30 +196,7 @@ fn bt_and_gpm_reward_models_train_and_score_on_rewardbench_format() {
     let s = |p: &Path| p.to_str().unwrap().to_string();
     for (head, extra) in [("bt", vec![]), ("gpm", vec!["--prompt-gate", "--value-head-dim", "4"])] {
         let out = tmp.path().join(format!("rm-{head}"));
-        let mut args = vec![
-            "lm",
-            "train-rm",
-            "--model",
-            &s(&base),
-            "--head",
-            head,
-            "--data",
-            &s(&train),
-            "--out",
-            &s(&out),
-            "--steps",
-            "40",
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "8",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        args.extend(extra.into_iter().map(String::from));
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_cli(&argv);
+        train_rm(&base, &train, &out, head, &extra);
         let report = run_cli(&["lm", "eval-rm", "--model", &s(&out), "--data", &s(&held)]);
         let acc = report["accuracy"].as_f64().unwrap();
         assert!(acc >= 0.9, "{head}: held-out accuracy {acc}: {report}");
