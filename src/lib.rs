@@ -16,7 +16,8 @@
 //! - [`models`]: CLIP text and vision encoders, the UNet, the VAE and Llama-family LMs.
 //! - [`schedulers`]: the noise schedule and the step rules.
 //! - [`sampling`]: the text-to-image pipeline.
-//! - [`optim`]: AdamW, SGD, gradient clipping and learning-rate schedules.
+//! - [`optim`]: AdamW, 8-bit AdamW and Adafactor behind one optimizer, SGD, gradient clipping
+//!   and learning-rate schedules.
 //! - [`preference`]: preference objectives (DPO family, MaPO, SmPO, KTO), reward heads and
 //!   transforms, and the diffusion proxy.
 //! - [`reward`]: differentiable image reward models (PickScore, CLIPScore, HPSv2, aesthetic).

@@ -11,7 +11,7 @@ use candle_core::DType;
 use serde::Deserialize;
 
 use crate::data::DataSpec;
-use crate::optim::{AdamWConfig, LrSchedule};
+use crate::optim::{AdamWConfig, LrSchedule, OptimizerConfig};
 use crate::preference::diffusion::Method;
 use crate::preference::{LossType, Objective};
 use crate::{Error, Result};
@@ -79,9 +79,12 @@ pub struct TrainSection {
     /// Clip the global gradient norm to this (none when absent or 0).
     #[serde(default = "default_clip")]
     pub max_grad_norm: f64,
-    /// AdamW settings.
+    /// AdamW settings, the older spelling of `[train.optimizer] kind = "adamw"`.
     #[serde(default)]
-    pub adam: AdamWConfig,
+    pub adam: Option<AdamWConfig>,
+    /// The optimizer (`kind` = adamw, adamw8bit or adafactor) and its settings; AdamW when absent.
+    #[serde(default)]
+    pub optimizer: Option<OptimizerConfig>,
     /// Seed of every random choice (data order, crops, flips, noise, timesteps).
     #[serde(default)]
     pub seed: u64,
@@ -109,6 +112,14 @@ pub struct TrainSection {
     /// gradient checkpointing): less memory for one extra forward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+}
+
+impl TrainSection {
+    /// The optimizer: `[train.optimizer]`, else AdamW with `[train.adam]`'s (or default) settings.
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        self.optimizer
+            .unwrap_or_else(|| OptimizerConfig::AdamW(self.adam.unwrap_or_default()))
+    }
 }
 
 fn default_loss_type() -> String {
@@ -327,6 +338,19 @@ impl Plan {
                 format!("must be >= 0, got {}", t.max_grad_norm),
             ));
         }
+        if t.adam.is_some() && t.optimizer.is_some() {
+            return Err(err(
+                "train.adam",
+                "give the optimizer's settings in [train.optimizer] or AdamW's in [train.adam], not both".into(),
+            ));
+        }
+        t.optimizer_config().validate().map_err(|e| match e {
+            Error::Input { what, reason } => {
+                let table = if t.adam.is_some() { "adam" } else { "optimizer" };
+                err(&format!("train.{table}.{what}"), reason)
+            }
+            other => other,
+        })?;
         let dtype = crate::device::parse_dtype(&raw.model.dtype).map_err(|e| err("model.dtype", e.to_string()))?;
         if let Some(l) = &raw.lora {
             if l.rank == 0 {

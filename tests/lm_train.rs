@@ -12,7 +12,7 @@ use diffalign::lm::data::load_pairs;
 use diffalign::lm::synthetic;
 use diffalign::models::llama::LlamaForCausalLM;
 use diffalign::nn::Linear;
-use diffalign::optim::{AdamW, AdamWConfig};
+use diffalign::optim::{AdamWConfig, Optimizer};
 use diffalign::preference::heads::{bt_loss, gpm_loss, gpm_score, GpmHead};
 use diffalign::preference::{LossType, Objective};
 use diffalign::train::lm::{evaluate_policy, train_policy, PolicyData, TrainSettings};
@@ -59,10 +59,11 @@ fn settings(steps: usize, lr: f64) -> TrainSettings {
         lr,
         seed: 3,
         max_grad_norm: Some(1.0),
-        adamw: AdamWConfig {
+        optimizer: AdamWConfig {
             weight_decay: 0.0,
             ..Default::default()
-        },
+        }
+        .into(),
     }
 }
 
@@ -149,36 +150,53 @@ fn run_cli(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
+/// `diffalign lm train-rm` of a `head` reward model on `base` and `train` into `out`: 40 steps of
+/// 8 pairs at lr 3e-3, with `extra` flags.
+fn train_rm(base: &Path, train: &Path, out: &Path, head: &str, extra: &[&str]) {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (base, train, out) = (s(base), s(train), s(out));
+    let mut args = vec![
+        "lm",
+        "train-rm",
+        "--model",
+        &base,
+        "--head",
+        head,
+        "--data",
+        &train,
+        "--out",
+        &out,
+        "--steps",
+        "40",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    run_cli(&args);
+}
+
+#[test]
+fn a_bt_reward_model_trains_with_8bit_adamw_and_adafactor_too() {
+    let (tmp, base, train, held) = world(96, 50, 5);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for optimizer in ["adamw8bit", "adafactor"] {
+        let out = tmp.path().join(format!("rm-{optimizer}"));
+        train_rm(&base, &train, &out, "bt", &["--optimizer", optimizer]);
+        let report = run_cli(&["lm", "eval-rm", "--model", &s(&out), "--data", &s(&held)]);
+        let acc = report["accuracy"].as_f64().unwrap();
+        assert!(acc >= 0.9, "{optimizer}: held-out accuracy {acc}: {report}");
+    }
+}
+
 #[test]
 fn bt_and_gpm_reward_models_train_and_score_on_rewardbench_format() {
     let (tmp, base, train, held) = world(96, 50, 5);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     for (head, extra) in [("bt", vec![]), ("gpm", vec!["--prompt-gate", "--value-head-dim", "4"])] {
         let out = tmp.path().join(format!("rm-{head}"));
-        let mut args = vec![
-            "lm",
-            "train-rm",
-            "--model",
-            &s(&base),
-            "--head",
-            head,
-            "--data",
-            &s(&train),
-            "--out",
-            &s(&out),
-            "--steps",
-            "40",
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "8",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        args.extend(extra.into_iter().map(String::from));
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_cli(&argv);
+        train_rm(&base, &train, &out, head, &extra);
         let report = run_cli(&["lm", "eval-rm", "--model", &s(&out), "--data", &s(&held)]);
         let acc = report["accuracy"].as_f64().unwrap();
         assert!(acc >= 0.9, "{head}: held-out accuracy {acc}: {report}");
@@ -382,7 +400,7 @@ fn adam_fit(vb: &VarBuilder, loss_of: &dyn Fn() -> Tensor) {
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut opt = AdamW::new(vb.vars(), cfg).unwrap();
+    let mut opt = Optimizer::new(vb.vars(), cfg).unwrap();
     for _ in 0..300 {
         let grads = loss_of().backward().unwrap();
         let g: Vec<Tensor> = opt

@@ -2,7 +2,7 @@
 //! rules, written out in f64.
 
 use candle_core::{DType, Device, Tensor};
-use diffalign::optim::{AdamW, AdamWConfig, LrSchedule, Sgd};
+use diffalign::optim::{AdamWConfig, LrSchedule, Optimizer, Sgd};
 
 #[test]
 fn lr_schedules_follow_diffusers() {
@@ -23,7 +23,7 @@ fn adamw_matches_pytorch_formula() {
         eps: 1e-8,
         weight_decay: 0.01,
     };
-    let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();
+    let mut opt = Optimizer::new(vec![("w".into(), var.clone())], cfg).unwrap();
     let grads = [[0.5f64, -1.0], [0.25, 2.0]];
     let lr = 0.1;
     let (mut w, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use diffalign::optim::{AdafactorConfig, AdamW8bitConfig, AdamWConfig, OptimizerConfig};
 use diffalign::preference::diffusion::Method;
 use diffalign::preference::{LossType, Objective};
 use diffalign::recipe::Plan;
@@ -86,5 +87,82 @@ fn mapo_with_a_dpo_loss_setting_is_an_error_naming_the_key() {
             .unwrap_err()
             .to_string();
         assert!(err.contains(key) && err.contains("mapo"), "{extra}: {err}");
+    }
+}
+
+#[test]
+fn train_optimizer_picks_the_kind_and_train_adam_still_means_adamw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = |extra: &str| {
+        Plan::load(&recipe(tmp.path(), "dpo", extra), &[])
+            .unwrap()
+            .raw
+            .train
+            .optimizer_config()
+    };
+    assert_eq!(config(""), OptimizerConfig::AdamW(AdamWConfig::default()));
+    let adam = AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
+    assert_eq!(config("[train.adam]\nweight_decay = 0.0"), OptimizerConfig::AdamW(adam));
+    assert_eq!(
+        config("[train.optimizer]\nkind = \"adamw\"\nweight_decay = 0.0"),
+        OptimizerConfig::AdamW(adam)
+    );
+    assert_eq!(
+        config("[train.optimizer]\nkind = \"adamw8bit\"\nmin_8bit_size = 16"),
+        OptimizerConfig::AdamW8bit(AdamW8bitConfig {
+            min_8bit_size: 16,
+            ..AdamW8bitConfig::default()
+        })
+    );
+    // The dotted --set the dpo-sdxl recipe suggests for the official optimizer.
+    let sets = ["train.optimizer.kind=adafactor", "train.optimizer.weight_decay=0.01"].map(String::from);
+    let plan = Plan::load(&recipe(tmp.path(), "dpo", ""), &sets).unwrap();
+    assert_eq!(
+        plan.raw.train.optimizer_config(),
+        OptimizerConfig::Adafactor(AdafactorConfig {
+            weight_decay: 0.01,
+            ..AdafactorConfig::default()
+        })
+    );
+    assert_eq!(
+        config("[train.optimizer]\nkind = \"adafactor\"\nbeta1 = 0.9"),
+        OptimizerConfig::Adafactor(AdafactorConfig {
+            beta1: Some(0.9),
+            ..AdafactorConfig::default()
+        })
+    );
+}
+
+#[test]
+fn a_bad_train_optimizer_is_an_error_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (extra, expected) in [
+        ("[train.optimizer]\nkind = \"lion\"", "unknown variant `lion`"),
+        (
+            "[train.optimizer]\nkind = \"adafactor\"\nbeta2 = 0.9",
+            "unknown field `beta2`",
+        ),
+        ("[train.optimizer]\nbeta1 = 0.9", "missing field `kind`"),
+        (
+            "[train.optimizer]\nkind = \"adamw8bit\"\nbeta2 = 1.5",
+            "train.optimizer.beta2: must be in [0, 1), got 1.5",
+        ),
+        (
+            "[train.optimizer]\nkind = \"adafactor\"\nclip_threshold = 0.0",
+            "train.optimizer.clip_threshold",
+        ),
+        ("[train.adam]\neps = -1.0", "train.adam.eps"),
+        (
+            "[train.adam]\neps = 1e-8\n[train.optimizer]\nkind = \"adamw\"",
+            "train.adam: give the optimizer's settings",
+        ),
+    ] {
+        let err = Plan::load(&recipe(tmp.path(), "dpo", extra), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{extra}: {err}");
     }
 }

@@ -287,7 +287,10 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
         None => {
             let policy_vb = VarBuilder::random(0, args.dtype, &dev, true);
             let policy = UNet2DConditionModel::new(&cfg, args.config()?, policy_vb)?;
-            (policy, BenchReference::Unet(Box::new(frozen_unet(&cfg, args, args.dtype)?)))
+            (
+                policy,
+                BenchReference::Unet(Box::new(frozen_unet(&cfg, args, args.dtype)?)),
+            )
         }
     };
     policy.set_gradient_checkpointing(args.recompute);

@@ -17,7 +17,7 @@ use diffalign::lm::batch::PairBatch;
 use diffalign::lm::data::{check_positions, load_examples, load_pairs, pair_seqs};
 use diffalign::lm::reward_model::{HeadKind, RewardModel, RewardOutput};
 use diffalign::models::llama::{LlamaConfig, LlamaForCausalLM};
-use diffalign::optim::AdamWConfig;
+use diffalign::optim::{AdafactorConfig, AdamW8bitConfig, AdamWConfig, OptimizerConfig};
 use diffalign::preference::heads::gpm_score;
 use diffalign::preference::kto::Kto;
 use diffalign::preference::{metrics, LossType, Objective};
@@ -121,10 +121,13 @@ struct OptimArgs {
     /// Pairs per step.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Learning rate (AdamW, constant).
+    /// Learning rate (constant).
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
-    /// AdamW weight decay.
+    /// Optimizer, with the defaults of `[train.optimizer]` but `--weight-decay`.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
+    optimizer: OptimizerKind,
+    /// Weight decay of the optimizer.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
     /// Clip the global gradient norm to this (0: no clipping).
@@ -149,11 +152,38 @@ impl OptimArgs {
             lr: self.lr,
             seed: self.seed,
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
-            adamw: AdamWConfig {
-                weight_decay: self.weight_decay,
-                ..Default::default()
-            },
+            optimizer: self.optimizer.config(self.weight_decay),
         })
+    }
+}
+
+/// `--optimizer`: the kinds of `[train.optimizer]`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OptimizerKind {
+    /// AdamW, f32 moments.
+    Adamw,
+    /// bitsandbytes' 8-bit AdamW.
+    Adamw8bit,
+    /// transformers' Adafactor.
+    Adafactor,
+}
+
+impl OptimizerKind {
+    fn config(self, weight_decay: f64) -> OptimizerConfig {
+        match self {
+            OptimizerKind::Adamw => OptimizerConfig::AdamW(AdamWConfig {
+                weight_decay,
+                ..Default::default()
+            }),
+            OptimizerKind::Adamw8bit => OptimizerConfig::AdamW8bit(AdamW8bitConfig {
+                weight_decay,
+                ..Default::default()
+            }),
+            OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
+                weight_decay,
+                ..Default::default()
+            }),
+        }
     }
 }
 

@@ -151,6 +151,7 @@ fn check_plan_fits(plan: &Plan, opts: &TrainOptions) -> anyhow::Result<()> {
         device: &opts.device,
         reference: plan.objective.needs_reference(),
         full_fine_tune: r.lora.is_none(),
+        optimizer_state: t.optimizer_config().state_bytes_per_param(),
     };
     let estimate = budget::estimate_training(&job, &unet, &vae);
     if let Some(why) = budget::shortfall(&estimate, &opts.device, available) {

@@ -20,7 +20,7 @@ use candle_core::{DType, Tensor, Var, D};
 use super::preprocess::ClipPreprocess;
 use super::{ImageReward, RewardKind};
 use crate::models::clip::vision_model::ClipVisionModel;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamWConfig, Optimizer};
 use crate::preference::objective::log_sigmoid;
 use crate::weights::store::save_safetensors;
 use crate::weights::{LoadOptions, TensorStore};
@@ -170,7 +170,7 @@ pub fn fit_pair_head(f_w: &Tensor, f_l: &Tensor, soft: &[f64], fit: &PairHeadFit
     let diff = (f_w - f_l)?.broadcast_div(&sd)?;
     let labels = Tensor::from_vec(soft.iter().map(|&x| x as f32).collect::<Vec<_>>(), p, dev)?;
     let w = Var::zeros(nf, DType::F32, dev)?;
-    let mut opt = AdamW::new(
+    let mut opt = Optimizer::new(
         vec![("weight".into(), w.clone())],
         AdamWConfig {
             weight_decay: 0.0,

@@ -218,9 +218,9 @@ pub fn unet_parameters(cfg: &UNet2DConditionConfig) -> f64 {
     2.0 * per_path
 }
 
-/// How many f32 copies of the policy's parameters a full fine-tune keeps: the master weights,
-/// their gradients and AdamW's two moments.
-const TRAINED_COPIES: f64 = 4.0;
+/// How many f32 copies of the policy's parameters a full fine-tune keeps besides the optimizer's
+/// state: the master weights and their gradients.
+const TRAINED_COPIES: f64 = 2.0;
 
 /// How many times a forward's activations a forward + backward holds at its peak: the
 /// activations kept for the backward, their gradients and the backward's temporaries.
@@ -241,12 +241,15 @@ pub struct TrainingJob<'a> {
     pub reference: bool,
     /// Whether every UNet weight trains (else a LoRA, whose state is small).
     pub full_fine_tune: bool,
+    /// Bytes of optimizer state per trained parameter (8 for AdamW's f32 moments).
+    pub optimizer_state: f64,
 }
 
 /// The estimated peak memory of one training step: the policy UNet's forward on both images of
 /// every pair with its activations kept for the backward ([`BACKWARD_FACTOR`] forwards' worth),
 /// the reference's forward beside them, the VAE at the training resolution, and the weights of
-/// the policy (with gradients and AdamW state for a full fine-tune) and of the reference.
+/// the policy (with master weights, gradients and optimizer state for a full fine-tune) and of
+/// the reference.
 pub fn estimate_training(job: &TrainingJob, unet: &UNet2DConditionConfig, vae: &AutoencoderKLConfig) -> MemoryEstimate {
     let calls = Job {
         batch: 2 * job.pairs,
@@ -259,7 +262,7 @@ pub fn estimate_training(job: &TrainingJob, unet: &UNet2DConditionConfig, vae: &
     let elem = dtype_bytes(job.dtype);
     let params = unet_parameters(unet);
     let copies = if job.full_fine_tune {
-        elem + TRAINED_COPIES * 4.0
+        elem + TRAINED_COPIES * 4.0 + job.optimizer_state
     } else {
         elem
     };

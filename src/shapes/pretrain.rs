@@ -24,7 +24,7 @@ use super::{Prompt, Scene};
 use crate::models::clip::text_model::{ClipTextConfig, ClipTextLayout, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::optim::{clip_grad_norm, AdamWConfig, LrSchedule, Optimizer};
 use crate::rng::Rng;
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use crate::text::ClipTokenizer;
@@ -221,7 +221,7 @@ fn train_vae(r: &PretrainRecipe, rng: &mut Rng, progress: &mut Progress) -> Resu
     let vb = VarBuilder::random(r.world.seed, DType::F32, &Device::Cpu, true);
     let vae = AutoencoderKL::new(&cfg, &path, vb.clone())?;
     let vars = vb.vars();
-    let mut opt = AdamW::new(vars.clone(), adamw())?;
+    let mut opt = Optimizer::new(vars.clone(), adamw())?;
     let s = &r.vae;
     for step in 0..s.steps {
         let (x, _) = scene_batch(s.batch_size, r.world.resolution, rng)?;
@@ -288,7 +288,7 @@ pub fn pretrain(r: &PretrainRecipe, progress: &mut Progress) -> Result<PathBuf> 
 
     let mut vars = te_vb.vars();
     vars.extend(unet_vb.vars());
-    let mut opt = AdamW::new(vars.clone(), adamw())?;
+    let mut opt = Optimizer::new(vars.clone(), adamw())?;
     let d = &r.denoiser;
     for step in 0..d.steps {
         let idx: Vec<u32> = (0..d.batch_size).map(|_| rng.below(pool as u64) as u32).collect();
@@ -397,7 +397,7 @@ pub fn pretrain_reward(r: &PretrainRecipe, progress: &mut Progress) -> Result<Pa
     let tokenizer = ClipTokenizer::from_dir(&r.model.tokenizer)?;
     let mut rng = Rng::new(r.world.seed + 3);
     let vars = vb.vars();
-    let mut opt = AdamW::new(vars.clone(), adamw())?;
+    let mut opt = Optimizer::new(vars.clone(), adamw())?;
     let n = s.batch_size;
     for step in 0..s.steps {
         let (x, prompts) = scene_batch(n, r.world.resolution, &mut rng)?;

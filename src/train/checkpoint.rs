@@ -1,5 +1,5 @@
-//! Resumable checkpoints: f32 master weights, AdamW moments, and the loop state (step, data
-//! position, RNG state), written to a temporary folder and renamed into place, so a checkpoint is
+//! Resumable checkpoints: f32 master weights, the optimizer's state (whatever its kind), and the
+//! loop state (step, data position, RNG state), written to a temporary folder and renamed into place, so a checkpoint is
 //! either complete or absent.
 
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::loss_scale::LossScale;
-use crate::optim::AdamW;
+use crate::optim::Optimizer;
 use crate::weights::{save_safetensors, TensorStore};
 use crate::{Error, Result};
 
@@ -34,9 +34,13 @@ pub struct TrainState {
 const PARAMS: &str = "params.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "state.json";
+/// Metadata key of `optimizer.safetensors` naming the optimizer kind.
+const KIND: &str = "optimizer";
+/// The kind of a checkpoint without [`KIND`].
+const DEFAULT_KIND: &str = "adamw";
 
 /// Writes `checkpoints/step-NNNNNNNN/` under `dir` atomically; returns its path.
-pub fn save(dir: &Path, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
+pub fn save(dir: &Path, opt: &Optimizer, state: &TrainState) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let final_dir = dir.join(format!("step-{:08}", state.step));
     let tmp = dir.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
@@ -47,12 +51,12 @@ pub fn save(dir: &Path, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
     let write = || -> Result<()> {
         let params: HashMap<String, Tensor> = opt.params.iter().map(|p| (p.name.clone(), p.master.clone())).collect();
         save_safetensors(&tmp.join(PARAMS), &params, None)?;
-        let mut moments = HashMap::new();
-        for p in &opt.params {
-            moments.insert(format!("m.{}", p.name), p.m.clone());
-            moments.insert(format!("v.{}", p.name), p.v.clone());
+        let moments: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        let mut meta = HashMap::from([("adam_step".to_string(), opt.step.to_string())]);
+        // AdamW checkpoints stay as they were before there was a choice: no kind means adamw.
+        if opt.config.kind() != DEFAULT_KIND {
+            meta.insert(KIND.to_string(), opt.config.kind().to_string());
         }
-        let meta = HashMap::from([("adam_step".to_string(), opt.step.to_string())]);
         save_safetensors(&tmp.join(OPTIMIZER), &moments, Some(meta))?;
         let json = serde_json::to_string_pretty(state).expect("state serialises");
         std::fs::write(tmp.join(STATE), json).map_err(|e| Error::io(tmp.join(STATE), e))?;
@@ -110,9 +114,10 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(found.pop())
 }
 
-/// Restores `opt` (master weights into the model's `Var`s, moments, step) from the checkpoint
-/// folder `path` and returns the loop state. Names and shapes must match the current run.
-pub fn load(path: &Path, opt: &mut AdamW) -> Result<TrainState> {
+/// Restores `opt` (master weights into the model's `Var`s, optimizer state, step) from the
+/// checkpoint folder `path` and returns the loop state. Names, shapes and the optimizer kind must
+/// match the current run.
+pub fn load(path: &Path, opt: &mut Optimizer) -> Result<TrainState> {
     let state_file = path.join(STATE);
     let state: TrainState = crate::json::read_json(&state_file, "training state")?;
     let params = TensorStore::open_file(&path.join(PARAMS))?;
@@ -122,19 +127,25 @@ pub fn load(path: &Path, opt: &mut AdamW) -> Result<TrainState> {
         .first()
         .map(|p| p.master.device().clone())
         .unwrap_or(candle_core::Device::Cpu);
+    let meta = moments.metadata();
+    let saved_kind = meta.get(KIND).map_or(DEFAULT_KIND, String::as_str);
+    if saved_kind != opt.config.kind() {
+        return Err(Error::input(
+            path.join(OPTIMIZER).display().to_string(),
+            format!(
+                "written by the {saved_kind} optimizer, but the recipe's train.optimizer is {}",
+                opt.config.kind()
+            ),
+        ));
+    }
     for p in opt.params.iter_mut() {
         let shape = p.master.dims().to_vec();
         p.master = params.get(&p.name, Some(&shape), DType::F32, &dev)?;
-        p.m = moments.get(&format!("m.{}", p.name), Some(&shape), DType::F32, &dev)?;
-        p.v = moments.get(&format!("v.{}", p.name), Some(&shape), DType::F32, &dev)?;
         p.var.set(&p.master.to_dtype(p.var.dtype())?)?;
     }
+    opt.load_state(&mut |name, shape, dtype| moments.get(name, Some(shape), dtype, &dev))?;
     params.check_all_used(|_| false)?;
-    let adam_step = moments
-        .metadata()
-        .get("adam_step")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(state.step);
+    let adam_step = meta.get("adam_step").and_then(|s| s.parse().ok()).unwrap_or(state.step);
     opt.step = adam_step;
     Ok(state)
 }

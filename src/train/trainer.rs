@@ -1,7 +1,8 @@
 //! The training loop: the preference loss on the policy UNet against the frozen reference (for a
 //! LoRA, the same UNet with its adapters off) over micro-batches (`super::batches`), gradient
-//! accumulation, clipping, AdamW with f32 master weights, a non-finite guard, checkpoints,
-//! validation images, per-step metrics ([`super::records`]) and the final weights and report.
+//! accumulation, clipping, the recipe's optimizer with f32 master weights, a non-finite guard,
+//! checkpoints, validation images, per-step metrics ([`super::records`]) and the final weights
+//! and report.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Re
 use crate::data::skipped::{self, SkippedRecord};
 use crate::data::{LatentCache, PairDataset, Preprocess};
 use crate::models::unet::UNet2DConditionModel;
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::{clip_grad_norm, Optimizer};
 use crate::preference::diffusion::{DiffusionPreference, Method, Reference};
 use crate::recipe::Plan;
 use crate::rng::Rng;
@@ -51,7 +52,7 @@ pub struct Trainer {
     pipe: StableDiffusionPipeline,
     policy: UNet2DConditionModel,
     policy_unet_dir: PathBuf,
-    opt: AdamW,
+    opt: Optimizer,
     schedule: NoiseSchedule,
     batches: Batches,
     metrics: MetricsLog,
@@ -134,7 +135,7 @@ impl Trainer {
             policy_vb.vars()
         };
         policy.set_gradient_checkpointing(r.train.gradient_checkpointing);
-        let opt = AdamW::new(vars, r.train.adam)?;
+        let opt = Optimizer::new(vars, r.train.optimizer_config())?;
         let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
         let data = PairDataset::open(&r.data)?;
         data.ensure_usable()?;

@@ -1,7 +1,7 @@
 //! Training and evaluation on language-model preference pairs: DPO-family (and KTO) fine-tuning
 //! of a causal LM against its frozen starting point ([`policy`]), and Bradley-Terry / GPM reward
-//! models ([`reward_model`]). One loop serves both: shuffled batches from a seeded RNG, AdamW with
-//! f32 master weights, global gradient-norm clipping, one JSON record per step; [`save`] writes
+//! models ([`reward_model`]). One loop serves both: shuffled batches from a seeded RNG, the chosen
+//! optimizer (AdamW by default) with f32 master weights, global gradient-norm clipping, one JSON record per step; [`save`] writes
 //! the results as folders that transformers and PEFT load.
 
 mod policy;
@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use crate::models::llama::LlamaConfig;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -35,8 +35,8 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Clip the global gradient norm to this.
     pub max_grad_norm: Option<f64>,
-    /// AdamW settings.
-    pub adamw: AdamWConfig,
+    /// The optimizer and its settings.
+    pub optimizer: OptimizerConfig,
 }
 
 impl TrainSettings {
@@ -72,7 +72,7 @@ pub fn pad_id(cfg: &LlamaConfig) -> u32 {
     cfg.pad_token_id.and_then(|p| u32::try_from(p).ok()).unwrap_or(0)
 }
 
-/// Runs `steps` AdamW steps of `loss_fn` (loss and batch accuracy) over shuffled batches of `items`.
+/// Runs `steps` optimizer steps of `loss_fn` (loss and batch accuracy) over shuffled batches of `items`.
 fn train_loop<T>(
     vars: Vec<(String, Var)>,
     items: &[T],
@@ -82,7 +82,7 @@ fn train_loop<T>(
 ) -> Result<Vec<LmStepRecord>> {
     s.validate(items.len())?;
     let tensors: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-    let mut opt = AdamW::new(vars, s.adamw)?;
+    let mut opt = Optimizer::new(vars, s.optimizer)?;
     let mut rng = Rng::new(s.seed);
     let mut order: Vec<usize> = Vec::new();
     let mut records = Vec::with_capacity(s.steps);
