@@ -16,6 +16,14 @@ use crate::{Error, Result};
 /// A parsed JSON object.
 pub(super) type JsonMap = serde_json::Map<String, serde_json::Value>;
 
+/// `[("field", $value.field), ...]`: the listed fields of `$value` under their own names, the
+/// config keys they are read from.
+macro_rules! named {
+    ($value:ident: $($field:ident),*) => {
+        [$((stringify!($field), $value.$field)),*]
+    };
+}
+
 /// Sizes and activation of one transformer stack (CLIP's pre-norm encoder).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClipEncoderConfig {
@@ -39,12 +47,7 @@ impl ClipEncoderConfig {
     pub fn validate(&self, source: &Path) -> Result<()> {
         check_positive(
             source,
-            &[
-                ("hidden_size", self.hidden_size),
-                ("intermediate_size", self.intermediate_size),
-                ("num_hidden_layers", self.num_hidden_layers),
-                ("num_attention_heads", self.num_attention_heads),
-            ],
+            &named!(self: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads),
         )?;
         check_divides(
             source,
@@ -211,15 +214,9 @@ impl ClipTextConfig {
     /// Checks what transformers' `validate_architecture` and the layer shapes need.
     pub fn validate(&self) -> Result<()> {
         let source = &self.source;
-        check_positive(
-            source,
-            &[
-                ("vocab_size", self.vocab_size),
-                ("max_position_embeddings", self.max_position_embeddings),
-            ],
-        )?;
+        check_positive(source, &named!(self: vocab_size, max_position_embeddings))?;
         if self.architecture.has_projection() {
-            check_positive(source, &[("projection_dim", self.projection_dim)])?;
+            check_positive(source, &named!(self: projection_dim))?;
         }
         self.encoder().validate(source)
     }
@@ -313,12 +310,7 @@ impl ClipVisionConfig {
         let source = &self.source;
         check_positive(
             source,
-            &[
-                ("projection_dim", self.projection_dim),
-                ("num_channels", self.num_channels),
-                ("image_size", self.image_size),
-                ("patch_size", self.patch_size),
-            ],
+            &named!(self: projection_dim, num_channels, image_size, patch_size),
         )?;
         self.encoder().validate(source)?;
         check_divides(source, ("patch_size", self.patch_size), ("image_size", self.image_size))
@@ -385,6 +377,17 @@ macro_rules! tower_config {
                     hidden_act: self.hidden_act,
                     layer_norm_eps: self.layer_norm_eps,
                 }
+            }
+
+            /// The config with the encoder stack's sizes of `encoder`.
+            pub fn with_encoder(mut self, encoder: ClipEncoderConfig) -> Self {
+                self.hidden_size = encoder.hidden_size;
+                self.intermediate_size = encoder.intermediate_size;
+                self.num_hidden_layers = encoder.num_hidden_layers;
+                self.num_attention_heads = encoder.num_attention_heads;
+                self.hidden_act = encoder.hidden_act;
+                self.layer_norm_eps = encoder.layer_norm_eps;
+                self
             }
         }
     };
