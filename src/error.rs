@@ -173,3 +173,15 @@ pub fn positive(what: &str, value: f64) -> Result<()> {
         Err(Error::input(what, format!("must be positive, got {value}")))
     }
 }
+
+/// Checks that `got`, the shape of `what`, is `expected`, the shape of `like`; otherwise the
+/// bad-input error on `what` ("expected the shape of {like} {expected:?}, got {got:?}").
+pub fn same_shape(what: &str, got: &[usize], like: &str, expected: &[usize]) -> Result<()> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(Error::input(
+        what,
+        format!("expected the shape of {like} {expected:?}, got {got:?}"),
+    ))
+}
