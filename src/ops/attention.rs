@@ -548,13 +548,13 @@ impl<const GRAD: bool> Kernel<3> for Attention<GRAD> {
     }
 
     #[cfg(feature = "wgpu")]
-    fn wgpu(&self, dims: &Dims, [a, b, c]: [&[f32]; 3]) -> crate::Result<CpuStorage> {
+    fn wgpu(&self, dims: &Dims, inputs: [&[f32]; 3]) -> crate::Result<CpuStorage> {
         with_mask(Self::NAME, dims, self.mask.as_ref(), |mask| {
             let sizes = dims.sizes(self.scale);
             if GRAD {
-                super::wgpu::attention::backward(&sizes, (a, b, c), mask)
+                super::wgpu::attention::backward(&sizes, inputs, mask)
             } else {
-                super::wgpu::attention::forward(&sizes, (a, b, c), mask)
+                super::wgpu::attention::forward(&sizes, inputs, mask)
             }
         })?
     }

@@ -81,11 +81,7 @@ impl ShaderMask {
 }
 
 /// `O` `[n, lq, dv]` from `q` `[n, lq, d]`, `k` `[n, lk, d]`, `v` `[n, lk, dv]` and the mask.
-pub(crate) fn forward(
-    s: &Sizes,
-    (q, k, v): (&[f32], &[f32], &[f32]),
-    mask: Option<MaskView<f32>>,
-) -> Result<CpuStorage> {
+pub(crate) fn forward(s: &Sizes, [q, k, v]: [&[f32]; 3], mask: Option<MaskView<f32>>) -> Result<CpuStorage> {
     let op = "attention";
     let params = s.params(op, mask.is_some())?;
     let mask = ShaderMask::new(op, s, mask)?;
@@ -110,11 +106,7 @@ pub(crate) fn forward(
 
 /// `[dq | dk | dv]` from `q`, `kv` `[n, lk, d + dv]` (keys and values side by side), `go`
 /// `[n, lq, dv + 1]` (the output gradient and `rowsum(dO * O)`) and the forward's mask.
-pub(crate) fn backward(
-    s: &Sizes,
-    (q, kv, go): (&[f32], &[f32], &[f32]),
-    mask: Option<MaskView<f32>>,
-) -> Result<CpuStorage> {
+pub(crate) fn backward(s: &Sizes, [q, kv, go]: [&[f32]; 3], mask: Option<MaskView<f32>>) -> Result<CpuStorage> {
     let op = "attention-grad";
     let params = s.params(op, mask.is_some())?;
     let mask = ShaderMask::new(op, s, mask)?;
