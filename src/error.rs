@@ -185,3 +185,17 @@ pub fn same_shape(what: &str, got: &[usize], like: &str, expected: &[usize]) -> 
         format!("expected the shape of {like} {expected:?}, got {got:?}"),
     ))
 }
+
+/// The value `name` stands for among `names` (`(name, value)` pairs); otherwise the bad-input
+/// error on `what` that lists them ("expected a, b or c, got {name:?}").
+pub fn one_of<T: Copy>(what: &str, name: &str, names: &[(&str, T)]) -> Result<T> {
+    if let Some(&(_, value)) = names.iter().find(|(n, _)| *n == name) {
+        return Ok(value);
+    }
+    let list: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+    let expected = match list.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => list.concat(),
+    };
+    Err(Error::input(what, format!("expected {expected}, got {name:?}")))
+}
