@@ -173,3 +173,29 @@ pub fn positive(what: &str, value: f64) -> Result<()> {
         Err(Error::input(what, format!("must be positive, got {value}")))
     }
 }
+
+/// Checks that `got`, the shape of `what`, is `expected`, the shape of `like`; otherwise the
+/// bad-input error on `what` ("expected the shape of {like} {expected:?}, got {got:?}").
+pub fn same_shape(what: &str, got: &[usize], like: &str, expected: &[usize]) -> Result<()> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(Error::input(
+        what,
+        format!("expected the shape of {like} {expected:?}, got {got:?}"),
+    ))
+}
+
+/// The value `name` stands for among `names` (`(name, value)` pairs); otherwise the bad-input
+/// error on `what` that lists them ("expected a, b or c, got {name:?}").
+pub fn one_of<T: Copy>(what: &str, name: &str, names: &[(&str, T)]) -> Result<T> {
+    if let Some(&(_, value)) = names.iter().find(|(n, _)| *n == name) {
+        return Ok(value);
+    }
+    let list: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+    let expected = match list.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => list.concat(),
+    };
+    Err(Error::input(what, format!("expected {expected}, got {name:?}")))
+}

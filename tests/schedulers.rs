@@ -10,8 +10,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use diffalign::rng::Rng;
 use diffalign::schedulers::{
-    DDIMInverseScheduler, DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, NoiseSchedule,
-    PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TimestepType,
+    DDIMInverseScheduler, DDIMScheduler, DdimSettings, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+    NoiseSchedule, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, TimestepType,
 };
 use serde_json::Value;
 
@@ -781,7 +781,13 @@ fn ddim_inverse_meets_the_contract() {
 fn smpo_inversion_timesteps_and_first_step() {
     // SmPO: leading, offset 1, 5 steps, no clipping, ᾱ_0 below the first timestep.
     let schedule = NoiseSchedule::from_config(&sd_config()).unwrap();
-    let inv = DDIMInverseScheduler::new(&schedule, TimestepSpacing::Leading, 1, false, None, 5).unwrap();
+    let settings = DdimSettings {
+        timestep_spacing: TimestepSpacing::Leading,
+        steps_offset: 1,
+        set_alpha_to_one: false,
+        clip: None,
+    };
+    let inv = DDIMInverseScheduler::new(&schedule, settings, 5).unwrap();
     assert_eq!(inv.timesteps(), &[1.0, 201.0, 401.0, 601.0, 801.0]);
     let first = inv.move_to(1).unwrap();
     assert_eq!(

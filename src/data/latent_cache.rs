@@ -172,16 +172,7 @@ impl LatentCache {
             Err(e) => return Err(Error::io(&path, e)),
         }
         let (mean, std) = encode()?;
-        if mean.dims() != std.dims() {
-            return Err(Error::input(
-                "latent encoding",
-                format!(
-                    "mean and std must have one shape, got {:?} and {:?}",
-                    mean.dims(),
-                    std.dims()
-                ),
-            ));
-        }
+        crate::error::same_shape("latent encoding std", std.dims(), "the mean", mean.dims())?;
         let mean = mean.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?;
         let std = std.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?;
         let metadata = HashMap::from([

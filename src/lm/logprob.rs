@@ -47,16 +47,7 @@ pub fn token_logps(logits: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
 pub fn sequence_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor) -> Result<(Tensor, Tensor)> {
     let per_token = token_logps(logits, input_ids)?;
     let mask = completion_mask.to_dtype(DType::F32)?.to_device(logits.device())?;
-    if mask.dims() != per_token.dims() {
-        return Err(Error::input(
-            "completion_mask",
-            format!(
-                "shape {:?} does not match input_ids {:?}",
-                mask.dims(),
-                per_token.dims()
-            ),
-        ));
-    }
+    crate::error::same_shape("completion_mask", mask.dims(), "input_ids", per_token.dims())?;
     let first = mask.narrow(1, 0, 1)?.sum_all()?.to_scalar::<f32>()?;
     if first != 0.0 {
         return Err(Error::input(

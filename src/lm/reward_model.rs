@@ -35,11 +35,7 @@ pub enum HeadKind {
 impl std::str::FromStr for HeadKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "bt" => Ok(HeadKind::Bt),
-            "gpm" => Ok(HeadKind::Gpm),
-            other => Err(Error::input("--head", format!("expected bt or gpm, got {other:?}"))),
-        }
+        crate::error::one_of("--head", s, &[("bt", HeadKind::Bt), ("gpm", HeadKind::Gpm)])
     }
 }
 

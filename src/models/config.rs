@@ -13,6 +13,24 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     crate::json::read_json(path, "config file")
 }
 
+/// Loads a diffusers model folder `dir`: `config.json` through `read`, then the model `build`
+/// makes from it and `diffusion_pytorch_model*.safetensors`; every tensor of the checkpoint must
+/// be used. Returns the model and its builder (whose `vars()` are the trainable parameters when
+/// `opts.trainable`).
+pub(crate) fn from_diffusers_folder<C, M>(
+    dir: &Path,
+    opts: &crate::weights::LoadOptions,
+    read: fn(&Path) -> Result<C>,
+    build: fn(&C, &Path, crate::weights::VarBuilder) -> Result<M>,
+) -> Result<(M, crate::weights::VarBuilder)> {
+    let config_file = dir.join("config.json");
+    let cfg = read(&config_file)?;
+    let vb = opts.open(dir, "diffusion_pytorch_model")?;
+    let model = build(&cfg, &config_file, vb.clone())?;
+    crate::weights::check_all_used(&vb, |_| false)?;
+    Ok((model, vb))
+}
+
 /// Keys of a config that the model does not read: `extra` minus bookkeeping keys (`_class_name`,
 /// `_diffusers_version`, `_name_or_path`, ...), sorted, for a warning.
 pub fn unknown_keys(extra: &BTreeMap<String, serde_json::Value>) -> Vec<String> {

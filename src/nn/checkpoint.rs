@@ -6,15 +6,16 @@
 //!
 //! candle has no hook for this, so a recomputed block is a custom op on its inputs. Its
 //! parameters' gradients cannot be returned through a custom op with a fixed arity, so each
-//! trainable parameter feeds a small "tap" op whose output (a zero scalar) is an input of the
-//! block op: the graph then visits the block op first, which recomputes and stores every
-//! parameter gradient, and each tap afterwards, which hands its parameter's gradient to candle.
+//! trainable parameter feeds a small "tap" op whose output (a zero scalar), summed with the
+//! others, is an input of the block op: the graph then visits the block op first, which
+//! recomputes and stores every parameter gradient, and each tap afterwards, which hands its
+//! parameter's gradient to candle.
 //! No parameter is copied. Off CPU the block runs plainly (no saving yet).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, Var};
 
 use crate::Result;
 
@@ -81,13 +82,11 @@ impl Recompute {
         let mut taps = Tensor::zeros((), DType::F32, a.device())?;
         for (i, p) in self.params.iter().enumerate() {
             if p.track_op() {
-                taps = taps.apply_op2(
-                    p,
-                    Tap {
-                        index: i,
-                        grads: grads.clone(),
-                    },
-                )?;
+                let tap = p.apply_op1(Tap {
+                    index: i,
+                    grads: grads.clone(),
+                })?;
+                taps = (taps + tap)?;
             }
         }
         let b_arg = match b {
@@ -191,38 +190,20 @@ struct Tap {
     grads: Arc<Mutex<Vec<Option<Tensor>>>>,
 }
 
-impl CustomOp2 for Tap {
+impl CustomOp1 for Tap {
     fn name(&self) -> &'static str {
         "recomputed-block-tap"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
     }
 
-    fn bwd(
-        &self,
-        chain: &Tensor,
-        param: &Tensor,
-        _res: &Tensor,
-        _grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, param: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let grad = self.grads.lock().expect("block grads lock")[self.index].take();
-        let grad = match grad {
+        Ok(Some(match grad {
             Some(g) => g,
             None => param.zeros_like()?,
-        };
-        let chain_grad = if chain.track_op() {
-            Some(chain.zeros_like()?)
-        } else {
-            None
-        };
-        Ok((chain_grad, Some(grad)))
+        }))
     }
 }

@@ -37,6 +37,8 @@ pub struct Conv2d {
     lora: Option<LoraAdapter>,
 }
 
+super::lora_weight_accessors!(Conv2d, "[out, in/groups, k, k]");
+
 impl Conv2d {
     /// Loads a `kernel x kernel` convolution from `in_channels` to `out_channels` with a bias, and
     /// the LoRA adapter `vb` has for this module, if any ([`VarBuilder::lora`]; dense
@@ -64,22 +66,6 @@ impl Conv2d {
             cfg,
             lora,
         })
-    }
-
-    /// The base weight, `[out, in/groups, k, k]` (without the LoRA update).
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    /// The LoRA adapter, if any and switched on ([`LoraAdapter::switch`]).
-    pub fn lora(&self) -> Option<&LoraAdapter> {
-        self.lora.as_ref().filter(|l| l.switch.is_on())
-    }
-
-    /// The weight with the LoRA update merged, `W + scale * B @ A` (B @ A over the flattened
-    /// kernel; computed in f32, in the weight's dtype); the base weight without a LoRA.
-    pub fn fused_weight(&self) -> Result<Tensor> {
-        super::lora::fused_weight(&self.weight, self.lora())
     }
 
     /// A same-size `kernel x kernel` convolution (padding `kernel / 2`, stride 1).

@@ -15,6 +15,8 @@ pub struct Linear {
     lora: Option<LoraAdapter>,
 }
 
+super::lora_weight_accessors!(Linear, "[out, in]");
+
 impl Linear {
     /// Loads `weight` (and `bias` when `bias` is true) under `vb`, and the LoRA adapter `vb` has
     /// for this module, if any ([`VarBuilder::lora`]).
@@ -27,22 +29,6 @@ impl Linear {
         };
         let lora = vb.lora(&[out_features, in_features])?;
         Ok(Linear { weight, bias, lora })
-    }
-
-    /// The base weight, `[out, in]` (without the LoRA update; see [`Linear::fused_weight`]).
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    /// The LoRA adapter, if any and switched on ([`LoraAdapter::switch`]).
-    pub fn lora(&self) -> Option<&LoraAdapter> {
-        self.lora.as_ref().filter(|l| l.switch.is_on())
-    }
-
-    /// The weight with the LoRA update merged, `W + scale * B @ A` (computed in f32, in the
-    /// weight's dtype); the base weight without a LoRA.
-    pub fn fused_weight(&self) -> Result<Tensor> {
-        super::lora::fused_weight(&self.weight, self.lora())
     }
 
     /// Applies the layer to `xs` of shape `[..., in]`, giving `[..., out]`.

@@ -18,3 +18,29 @@ pub use lora::LoraAdapter;
 pub use norm::{l2_normalize, GroupNorm, LayerNorm, RmsNorm};
 
 pub(crate) use crate::ops::gemm_dtype;
+
+/// The accessors of a layer with a `weight` (laid out as `$layout`) and an optional `lora`
+/// adapter: the base weight, the adapter, and the two merged.
+macro_rules! lora_weight_accessors {
+    ($layer:ty, $layout:literal) => {
+        impl $layer {
+            #[doc = concat!("The base weight, `", $layout, "` (without the LoRA update).")]
+            pub fn weight(&self) -> &Tensor {
+                &self.weight
+            }
+
+            /// The LoRA adapter, if any and switched on ([`LoraAdapter::switch`]).
+            pub fn lora(&self) -> Option<&LoraAdapter> {
+                self.lora.as_ref().filter(|l| l.switch.is_on())
+            }
+
+            /// The weight with the LoRA update merged, `W + scale * B @ A` (B @ A over the
+            /// flattened kernel of a convolution; computed in f32, in the weight's dtype); the
+            /// base weight without a LoRA.
+            pub fn fused_weight(&self) -> Result<Tensor> {
+                super::lora::fused_weight(&self.weight, self.lora())
+            }
+        }
+    };
+}
+use lora_weight_accessors;

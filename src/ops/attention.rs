@@ -15,11 +15,14 @@
 
 use std::sync::Arc;
 
+#[cfg(any(feature = "wgpu", feature = "cuda-emu"))]
+use candle_core::CpuStorage;
 #[cfg(feature = "cuda")]
 use candle_core::{backend::BackendStorage, CudaStorage};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, D};
 
-use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
+use super::cpu::{for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
+use super::kernel::{Fused, Kernel};
 use super::{compute_dtype, gemm_dtype};
 
 /// The composed reference for `q` `[..., Lq, D]`, `k` `[..., Lk, D]`, `v` `[..., Lk, Dv]`; the
@@ -88,14 +91,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     let q3 = q.contiguous()?.reshape((n, lq, d))?;
     let k3 = k.contiguous()?.reshape((n, lk, d))?;
     let v3 = v.contiguous()?.reshape((n, lk, dv))?;
-    let out = q3.apply_op3(
-        &k3,
-        &v3,
-        AttentionOp {
-            scale,
-            mask: kernel_mask,
-        },
-    )?;
+    let op = Attention::<false> {
+        scale,
+        mask: kernel_mask,
+    };
+    let out = q3.apply_op3(&k3, &v3, Fused(op))?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank checked") = dv;
     out.reshape(out_dims)
@@ -258,15 +258,6 @@ fn with_cuda_mask<R>(
     f(Some(mask.input(op, (cuda, layout))?))
 }
 
-/// Whether `cpu_fwd` runs on the CUDA emulator: its backend on, f32, and a call the CUDA
-/// kernels take.
-#[cfg(feature = "cuda-emu")]
-fn emulated(storage: &CpuStorage, dims: &Dims, mask: Option<&Mask>) -> bool {
-    matches!(storage, CpuStorage::F32(_))
-        && super::backend() == super::Backend::CudaEmu
-        && cuda_takes(dims.d, dims.dv, mask)
-}
-
 /// The emulator's form of `mask`, whose values `view` holds.
 #[cfg(feature = "cuda-emu")]
 fn emulator_mask<'m>(
@@ -398,13 +389,16 @@ fn probabilities<T: Real>(
     p.chunks_mut(lk.max(1)).for_each(T::softmax_row);
 }
 
-struct AttentionOp {
+/// The fused attention kernels with their mask: the forward pass on `(q, k, v)`, or (`GRAD`)
+/// the backward pass on `(q, [k | v], [dO | delta])`, output `[dq | dk | dv]` flattened.
+struct Attention<const GRAD: bool> {
     scale: f64,
     mask: Option<Mask>,
 }
 
-impl AttentionOp {
-    fn forward<T: Real>(&self, dims: &Dims, (q, k, v): (&[T], &[T], &[T]), mask: Option<MaskView<T>>) -> Vec<T> {
+impl<const GRAD: bool> Attention<GRAD> {
+    /// `O` `[n, lq, dv]` from `(q, k, v)`.
+    fn cpu_forward<T: Real>(&self, dims: &Dims, (q, k, v): (&[T], &[T], &[T]), mask: Option<MaskView<T>>) -> Vec<T> {
         let Dims { lq, lk, d, dv, .. } = *dims;
         let scale = T::from_f64(self.scale);
         let mut out = vec![T::zero(); dims.n * lq * dv];
@@ -434,106 +428,9 @@ impl AttentionOp {
         });
         out
     }
-}
 
-impl CustomOp3 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let dims = Dims::new(op, ql, kl, vl)?;
-        super::on_wgpu!(qs, {
-            let (q, k, v) = (slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?);
-            with_mask(op, &dims, self.mask.as_ref(), |mask| {
-                super::wgpu::attention::forward(&dims.sizes(self.scale), (q, k, v), mask)
-            })?
-            .map(|out| (out, Shape::from((dims.n, dims.lq, dims.dv))))
-        });
-        #[cfg(feature = "cuda-emu")]
-        if emulated(qs, &dims, self.mask.as_ref()) {
-            let qkv = (slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?);
-            let out = with_mask(op, &dims, self.mask.as_ref(), |view| {
-                let mask = emulator_mask(op, self.mask.as_ref(), view)?;
-                super::cuda::attention::forward(DType::F32, &dims.sizes(self.scale), qkv, mask)
-                    .and_then(super::cuda::emu::run)
-            })?
-            .map_err(candle_core::Error::wrap)?;
-            return Ok((out, Shape::from((dims.n, dims.lq, dims.dv))));
-        }
-        let out = dispatch_real!(op, qs, T => {
-            let qkv = (slice(op, qs, ql)?, slice(op, ks, kl)?, slice(op, vs, vl)?);
-            with_mask(op, &dims, self.mask.as_ref(), |mask| T::to_cpu_storage_owned(self.forward::<T>(&dims, qkv, mask)))?
-        });
-        Ok((out, Shape::from((dims.n, dims.lq, dims.dv))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let op = self.name();
-        let dims = Dims::new(op, ql, kl, vl)?;
-        let out = with_cuda_mask(op, &dims, self.mask.as_ref(), |mask| {
-            let qkv = ((qs, ql), (ks, kl), (vs, vl));
-            let job = super::cuda::attention::forward(qs.dtype(), &dims.sizes(self.scale), qkv, mask)
-                .map_err(candle_core::Error::wrap)?;
-            super::cuda::device::run(job)
-        })?;
-        Ok((out, Shape::from((dims.n, dims.lq, dims.dv))))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Packed so that the backward kernel fits three inputs: [k | v] and [dO | rowsum(dO * O)].
-        let grad = grad.contiguous()?;
-        let delta = (&grad * res)?.sum_keepdim(D::Minus1)?;
-        let kv = Tensor::cat(&[k, v], D::Minus1)?;
-        let go = Tensor::cat(&[&grad, &delta], D::Minus1)?;
-        let grad_op = AttentionGrad {
-            scale: self.scale,
-            mask: self.mask.clone(),
-        };
-        let all = q.apply_op3_no_bwd(&kv, &go, &grad_op)?;
-        let (nq, nk, nv) = (q.elem_count(), k.elem_count(), v.elem_count());
-        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
-        let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
-        let dv = all.narrow(0, nq + nk, nv)?.reshape(v.shape())?;
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-/// The backward kernel: inputs `(q, [k | v], [dO | delta])` and the forward's mask, output
-/// `[dq | dk | dv]` flattened.
-struct AttentionGrad {
-    scale: f64,
-    mask: Option<Mask>,
-}
-
-impl AttentionGrad {
     /// `[dq | dk | dv]`, each over all slices.
-    fn backward<T: Real>(&self, dims: &Dims, (q, kv, go): (&[T], &[T], &[T]), mask: Option<MaskView<T>>) -> Vec<T> {
+    fn cpu_backward<T: Real>(&self, dims: &Dims, (q, kv, go): (&[T], &[T], &[T]), mask: Option<MaskView<T>>) -> Vec<T> {
         let Dims { n, lq, lk, d, dv } = *dims;
         let scale = T::from_f64(self.scale);
         // Per slice `[dq_i | dk_i | dv_i]`, regrouped by tensor at the end.
@@ -606,68 +503,102 @@ impl AttentionGrad {
         }
         out
     }
+
+    /// The CUDA job of this pass with `mask`.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn job<I>(
+        &self,
+        dtype: DType,
+        dims: &Dims,
+        [a, b, c]: [I; 3],
+        mask: Option<super::cuda::attention::MaskInput<I>>,
+    ) -> crate::Result<super::cuda::Job<I>> {
+        let sizes = dims.sizes(self.scale);
+        if GRAD {
+            super::cuda::attention::backward(dtype, &sizes, (a, b, c), mask)
+        } else {
+            super::cuda::attention::forward(dtype, &sizes, (a, b, c), mask)
+        }
+    }
 }
 
-impl CustomOp3 for AttentionGrad {
-    fn name(&self) -> &'static str {
-        "attention-grad"
+impl<const GRAD: bool> Kernel<3> for Attention<GRAD> {
+    const NAME: &'static str = if GRAD { "attention-grad" } else { "attention" };
+
+    type Call = Dims;
+
+    fn call(&self, [l1, l2, l3]: [&Layout; 3]) -> Result<(Dims, Shape)> {
+        if GRAD {
+            let dims = Dims::packed(Self::NAME, l1, l2, l3)?;
+            Ok((dims, Shape::from(dims.grad_len())))
+        } else {
+            let dims = Dims::new(Self::NAME, l1, l2, l3)?;
+            Ok((dims, Shape::from((dims.n, dims.lq, dims.dv))))
+        }
     }
 
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        kvs: &CpuStorage,
-        kvl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let dims = Dims::packed(op, ql, kvl, gl)?;
-        let total = dims.grad_len();
-        super::on_wgpu!(qs, {
-            let (q, kv, go) = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
-            with_mask(op, &dims, self.mask.as_ref(), |mask| {
-                super::wgpu::attention::backward(&dims.sizes(self.scale), (q, kv, go), mask)
-            })?
-            .map(|all| (all, Shape::from(total)))
-        });
-        #[cfg(feature = "cuda-emu")]
-        if emulated(qs, &dims, self.mask.as_ref()) {
-            let inputs = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
-            let out = with_mask(op, &dims, self.mask.as_ref(), |view| {
-                let mask = emulator_mask(op, self.mask.as_ref(), view)?;
-                super::cuda::attention::backward(DType::F32, &dims.sizes(self.scale), inputs, mask)
-                    .and_then(super::cuda::emu::run)
-            })?
-            .map_err(candle_core::Error::wrap)?;
-            return Ok((out, Shape::from(total)));
+    fn cpu<T: Real>(&self, dims: &Dims, [a, b, c]: [&[T]; 3]) -> Result<Vec<T>> {
+        with_mask(Self::NAME, dims, self.mask.as_ref(), |mask| {
+            if GRAD {
+                self.cpu_backward(dims, (a, b, c), mask)
+            } else {
+                self.cpu_forward(dims, (a, b, c), mask)
+            }
+        })
+    }
+
+    #[cfg(feature = "wgpu")]
+    fn wgpu(&self, dims: &Dims, inputs: [&[f32]; 3]) -> crate::Result<CpuStorage> {
+        with_mask(Self::NAME, dims, self.mask.as_ref(), |mask| {
+            let sizes = dims.sizes(self.scale);
+            if GRAD {
+                super::wgpu::attention::backward(&sizes, inputs, mask)
+            } else {
+                super::wgpu::attention::forward(&sizes, inputs, mask)
+            }
+        })?
+    }
+
+    #[cfg(feature = "cuda-emu")]
+    fn cuda_emu(&self, dims: &Dims, inputs: [&[f32]; 3]) -> crate::Result<Option<CpuStorage>> {
+        if !cuda_takes(dims.d, dims.dv, self.mask.as_ref()) {
+            return Ok(None);
         }
-        let out = dispatch_real!(op, qs, T => {
-            let inputs = (slice(op, qs, ql)?, slice(op, kvs, kvl)?, slice(op, gs, gl)?);
-            with_mask(op, &dims, self.mask.as_ref(), |mask| T::to_cpu_storage_owned(self.backward::<T>(&dims, inputs, mask)))?
-        });
-        Ok((out, Shape::from(total)))
+        let out = with_mask(Self::NAME, dims, self.mask.as_ref(), |view| {
+            let mask = emulator_mask(Self::NAME, self.mask.as_ref(), view)?;
+            self.job(DType::F32, dims, inputs, mask).and_then(super::cuda::emu::run)
+        })??;
+        Ok(Some(out))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        kvs: &CudaStorage,
-        kvl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let op = self.name();
-        let dims = Dims::packed(op, ql, kvl, gl)?;
-        let out = with_cuda_mask(op, &dims, self.mask.as_ref(), |mask| {
-            let inputs = ((qs, ql), (kvs, kvl), (gs, gl));
-            let job = super::cuda::attention::backward(qs.dtype(), &dims.sizes(self.scale), inputs, mask)
+    fn cuda(&self, dims: &Dims, inputs: [super::cuda::device::Input<'_>; 3]) -> Result<CudaStorage> {
+        with_cuda_mask(Self::NAME, dims, self.mask.as_ref(), |mask| {
+            let job = self
+                .job(inputs[0].0.dtype(), dims, inputs, mask)
                 .map_err(candle_core::Error::wrap)?;
             super::cuda::device::run(job)
-        })?;
-        Ok((out, Shape::from(dims.grad_len())))
+        })
+    }
+
+    fn backward(&self, [q, k, v]: [&Tensor; 3], res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
+        if GRAD {
+            return Err(candle_core::Error::BackwardNotSupported { op: Self::NAME });
+        }
+        // Packed so that the backward kernel fits three inputs: [k | v] and [dO | rowsum(dO * O)].
+        let grad = grad.contiguous()?;
+        let delta = (&grad * res)?.sum_keepdim(D::Minus1)?;
+        let kv = Tensor::cat(&[k, v], D::Minus1)?;
+        let go = Tensor::cat(&[&grad, &delta], D::Minus1)?;
+        let grad_op = Attention::<true> {
+            scale: self.scale,
+            mask: self.mask.clone(),
+        };
+        let all = q.apply_op3_no_bwd(&kv, &go, &Fused(grad_op))?;
+        let (nq, nk, nv) = (q.elem_count(), k.elem_count(), v.elem_count());
+        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = all.narrow(0, nq + nk, nv)?.reshape(v.shape())?;
+        Ok([Some(dq), Some(dk), Some(dv)])
     }
 }

@@ -3,13 +3,14 @@
 //! GEMMs too (the input gradient folds back with col2im). candle's own CPU backward runs a direct
 //! conv_transpose2d loop for the input gradient, which dominates training time.
 
-#[cfg(feature = "cuda-emu")]
+#[cfg(feature = "wgpu")]
+use candle_core::CpuStorage;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 use candle_core::DType;
-#[cfg(feature = "cuda")]
-use candle_core::{backend::BackendStorage, CudaStorage};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Shape, Tensor};
 
-use super::cpu::{dispatch_real, for_each_chunk, matmul, slice, Mat, Real, PAR_MIN_ELEMENTS};
+use super::cpu::{for_each_chunk, matmul, Mat, Real, PAR_MIN_ELEMENTS};
+use super::kernel::{Fused, Kernel};
 
 /// The composed reference: candle's `conv2d` (`x` `[B, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`).
 pub fn reference(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
@@ -28,7 +29,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
         return reference(x, w, stride, padding);
     }
     x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv2dOp { stride, padding })
+        .apply_op2(&w.contiguous()?, Fused(Conv2dOp { stride, padding }))
 }
 
 /// Sizes of one convolution.
@@ -239,36 +240,12 @@ fn valid_range(k: usize, pad: usize, stride: usize, n_in: usize, n_out: usize) -
     (lo.min(hi), hi)
 }
 
-/// Runs `product` of the convolution `g` on the CUDA kernels; the result has shape `shape`.
-#[cfg(feature = "cuda")]
-fn run_cuda(
-    op: &'static str,
-    g: &Geometry,
-    product: Product,
-    src1: super::cuda::device::Input<'_>,
-    src2: super::cuda::device::Input<'_>,
-    shape: Shape,
-) -> Result<(CudaStorage, Shape)> {
-    let job = super::cuda::conv2d::job(op, src1.0.dtype(), g, product, src1, src2).map_err(candle_core::Error::wrap)?;
-    Ok((super::cuda::device::run(job)?, shape))
-}
-
-/// The job of `product` of the convolution `g` on two f32 storages, for the CUDA emulator.
-#[cfg(feature = "cuda-emu")]
-fn emulator_job<'a>(
-    op: &'static str,
-    g: &Geometry,
-    product: Product,
-    (s1, l1): (&'a CpuStorage, &Layout),
-    (s2, l2): (&'a CpuStorage, &Layout),
-) -> crate::Result<super::cuda::Job<&'a [f32]>> {
-    let (a, b) = (slice(op, s1, l1)?, slice(op, s2, l2)?);
-    super::cuda::conv2d::job(op, DType::F32, g, product, a, b)
-}
-
 /// One of the three products of a convolution as a kernel: the forward, the input gradient or
 /// the weight gradient, each from two inputs.
-trait ConvKernel: CustomOp2 {
+trait ConvKernel: Send + Sync {
+    /// The op's name.
+    const NAME: &'static str;
+
     /// The product the GPU kernels compute.
     #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
     const PRODUCT: Product;
@@ -278,38 +255,41 @@ trait ConvKernel: CustomOp2 {
 
     /// The product on the CPU.
     fn run<T: Real>(&self, g: &Geometry, a: &[T], b: &[T]) -> Vec<T>;
+
+    /// The gradients of the two inputs (the forward only; the gradient products have none).
+    fn grads(&self, _inputs: [&Tensor; 2], _grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
+        Err(candle_core::Error::BackwardNotSupported {
+            op: <Self as ConvKernel>::NAME,
+        })
+    }
 }
 
-/// `cpu_fwd` of a convolution kernel: on wgpu or the CUDA emulator when that backend is on
-/// (f32), else on the CPU.
-fn cpu_product<K: ConvKernel>(
-    op: &K,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-) -> Result<(CpuStorage, Shape)> {
-    let (g, shape) = op.geometry(l1, l2)?;
-    let name = op.name();
-    super::on_wgpu!(s1, {
-        let (a, b) = (slice(name, s1, l1)?, slice(name, s2, l2)?);
-        super::wgpu::conv2d::run(name, &g, K::PRODUCT, a, b).map(|out| (out, shape))
-    });
-    super::on_cuda_emu!(s1, emulator_job(name, &g, K::PRODUCT, (s1, l1), (s2, l2)), shape);
-    let out = dispatch_real!(name, s1, T => {
-        let out = op.run::<T>(&g, slice(name, s1, l1)?, slice(name, s2, l2)?);
-        T::to_cpu_storage_owned(out)
-    });
-    Ok((out, shape))
-}
+impl<K: ConvKernel> Kernel<2> for K {
+    const NAME: &'static str = <K as ConvKernel>::NAME;
 
-/// `cuda_fwd` of a convolution kernel.
-#[cfg(feature = "cuda")]
-fn cuda_product<K: ConvKernel>(
-    op: &K,
-    src1: super::cuda::device::Input<'_>,
-    src2: super::cuda::device::Input<'_>,
-) -> Result<(CudaStorage, Shape)> {
-    let (g, shape) = op.geometry(src1.1, src2.1)?;
-    run_cuda(op.name(), &g, K::PRODUCT, src1, src2, shape)
+    type Call = Geometry;
+
+    fn call(&self, [l1, l2]: [&Layout; 2]) -> Result<(Geometry, Shape)> {
+        self.geometry(l1, l2)
+    }
+
+    fn cpu<T: Real>(&self, g: &Geometry, [a, b]: [&[T]; 2]) -> Result<Vec<T>> {
+        Ok(self.run(g, a, b))
+    }
+
+    #[cfg(feature = "wgpu")]
+    fn wgpu(&self, g: &Geometry, [a, b]: [&[f32]; 2]) -> crate::Result<CpuStorage> {
+        super::wgpu::conv2d::run(<K as Kernel<2>>::NAME, g, K::PRODUCT, a, b)
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn cuda_job<I>(&self, g: &Geometry, dtype: DType, [a, b]: [I; 2]) -> crate::Result<super::cuda::Job<I>> {
+        super::cuda::conv2d::job(<K as Kernel<2>>::NAME, dtype, g, K::PRODUCT, a, b)
+    }
+
+    fn backward(&self, inputs: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
+        self.grads(inputs, grad)
+    }
 }
 
 /// The forward convolution; its backward runs [`InputGrad`] and [`WeightGrad`].
@@ -319,6 +299,8 @@ struct Conv2dOp {
 }
 
 impl ConvKernel for Conv2dOp {
+    const NAME: &'static str = "conv2d";
+
     #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
     const PRODUCT: Product = Product::Forward;
 
@@ -348,46 +330,31 @@ impl ConvKernel for Conv2dOp {
         }
         out
     }
-}
 
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "conv2d"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_product(self, (xs, xl), (ws, wl))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
-        cuda_product(self, (xs, xl), (ws, wl))
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn grads(&self, [x, w]: [&Tensor; 2], grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
         let grad = grad.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let (stride, padding) = (self.stride, self.padding);
         let dx = grad.apply_op2_no_bwd(
             w,
-            &InputGrad {
+            &Fused(InputGrad {
                 stride,
                 padding,
                 h,
                 w: wd,
-            },
+            }),
         )?;
         let dw = x.apply_op2_no_bwd(
             &grad,
-            &WeightGrad {
+            &Fused(WeightGrad {
                 stride,
                 padding,
                 kh,
                 kw,
-            },
+            }),
         )?;
-        Ok((Some(dx), Some(dw)))
+        Ok([Some(dx), Some(dw)])
     }
 }
 
@@ -400,6 +367,8 @@ struct InputGrad {
 }
 
 impl ConvKernel for InputGrad {
+    const NAME: &'static str = "conv2d-input-grad";
+
     #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
     const PRODUCT: Product = Product::InputGrad;
 
@@ -457,21 +426,6 @@ impl ConvKernel for InputGrad {
     }
 }
 
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-input-grad"
-    }
-
-    fn cpu_fwd(&self, ds: &CpuStorage, dl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_product(self, (ds, dl), (ws, wl))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, ds: &CudaStorage, dl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
-        cuda_product(self, (ds, dl), (ws, wl))
-    }
-}
-
 /// The weight gradient: `dW = sum_b dY_b col_b^T`. Inputs `(X, dY)`.
 struct WeightGrad {
     stride: usize,
@@ -481,6 +435,8 @@ struct WeightGrad {
 }
 
 impl ConvKernel for WeightGrad {
+    const NAME: &'static str = "conv2d-weight-grad";
+
     #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
     const PRODUCT: Product = Product::WeightGrad;
 
@@ -509,20 +465,5 @@ impl ConvKernel for WeightGrad {
             });
         }
         dw
-    }
-}
-
-impl CustomOp2 for WeightGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-weight-grad"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_product(self, (xs, xl), (ds, dl))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ds: &CudaStorage, dl: &Layout) -> Result<(CudaStorage, Shape)> {
-        cuda_product(self, (xs, xl), (ds, dl))
     }
 }

@@ -26,6 +26,7 @@ pub(crate) mod cpu;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
 pub mod group_norm;
+mod kernel;
 mod lanes;
 pub mod layer_norm;
 pub mod mse;
@@ -40,36 +41,6 @@ pub use config::{
     backend, cuda_kernel_enabled, fused_enabled, install, installed, parse_cuda_kernels, Backend, KernelConfig,
     KernelOp,
 };
-
-/// Inside a kernel's `cpu_fwd`: when the wgpu backend is on and `$storage` is f32, returns the
-/// result of `$wgpu_call` (a `crate::Result` of the output storage) from the enclosing function.
-macro_rules! on_wgpu {
-    ($storage:expr, $wgpu_call:expr) => {
-        #[cfg(feature = "wgpu")]
-        if matches!($storage, candle_core::CpuStorage::F32(_)) && $crate::ops::backend() == $crate::ops::Backend::Wgpu {
-            return $wgpu_call.map_err(candle_core::Error::wrap);
-        }
-    };
-}
-pub(crate) use on_wgpu;
-
-/// Inside a kernel's `cpu_fwd`: when the CUDA emulator backend is on and `$storage` is f32, runs
-/// the job `$job` (a `crate::Result` of a `cuda::Job` on host slices) on the emulator and returns
-/// its output with the shape `$shape` from the enclosing function.
-macro_rules! on_cuda_emu {
-    ($storage:expr, $job:expr, $shape:expr) => {
-        #[cfg(feature = "cuda-emu")]
-        if matches!($storage, candle_core::CpuStorage::F32(_))
-            && $crate::ops::backend() == $crate::ops::Backend::CudaEmu
-        {
-            return $job
-                .and_then($crate::ops::cuda::emu::run)
-                .map(|out| (out, $shape))
-                .map_err(candle_core::Error::wrap);
-        }
-    };
-}
-pub(crate) use on_cuda_emu;
 
 /// The dtype matmuls and convolutions on `t` run in: candle's CPU backend has no bf16 kernels
 /// for them, so bf16 tensors on the CPU compute in f32 (and the result is cast back).

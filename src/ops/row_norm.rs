@@ -4,13 +4,16 @@
 //! its segments the channels, each `H * W` long), optionally followed by SiLU.
 //! The backward pass is one kernel that returns the input, weight and bias gradients together.
 
-#[cfg(feature = "cuda-emu")]
+#[cfg(feature = "wgpu")]
+use candle_core::CpuStorage;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 use candle_core::DType;
-#[cfg(feature = "cuda")]
-use candle_core::{backend::BackendStorage, CudaStorage};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Shape, Tensor};
 
-use super::cpu::{dispatch_real, for_each_chunk, for_each_chunk2, slice, Real, PAR_MIN_ELEMENTS};
+use super::cpu::{for_each_chunk, for_each_chunk2, Real, PAR_MIN_ELEMENTS};
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+use super::cuda::Job;
+use super::kernel::{Fused, Kernel};
 
 /// How the rows of a normalised tensor map onto the affine parameters.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +41,7 @@ impl RowNorm {
     /// `bias` of [`Self::params`] elements each.
     pub fn apply(self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         x.contiguous()?
-            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, self)
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Fused(self))
     }
 
     fn check(&self, op: &str, x: &Layout, p: &Layout) -> Result<usize> {
@@ -202,143 +205,71 @@ impl RowNorm {
     }
 }
 
-impl CustomOp3 for RowNorm {
-    fn name(&self) -> &'static str {
-        "row-norm"
+impl Kernel<3> for RowNorm {
+    const NAME: &'static str = "row-norm";
+
+    /// Rows.
+    type Call = usize;
+
+    fn call(&self, [xl, wl, _]: [&Layout; 3]) -> Result<(usize, Shape)> {
+        Ok((self.check(Self::NAME, xl, wl)?, xl.shape().clone()))
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        self.check(op, xl, wl)?;
-        super::on_wgpu!(xs, {
-            let (w, b): (&[f32], &[f32]) = (slice(op, ws, wl)?, slice(op, bs, bl)?);
-            super::wgpu::row_norm::forward(self, slice(op, xs, xl)?, &[w, b].concat()).map(|y| (y, xl.shape().clone()))
-        });
-        super::on_cuda_emu!(
-            xs,
-            super::cuda::row_norm::forward(
-                DType::F32,
-                self,
-                xl.shape().elem_count(),
-                slice(op, xs, xl)?,
-                slice(op, ws, wl)?,
-                slice(op, bs, bl)?
-            ),
-            xl.shape().clone()
-        );
-        let out = dispatch_real!(op, xs, T => {
-            T::to_cpu_storage_owned(self.forward::<T>(slice(op, xs, xl)?, slice(op, ws, wl)?, slice(op, bs, bl)?))
-        });
-        Ok((out, xl.shape().clone()))
+    fn cpu<T: Real>(&self, _: &usize, [x, w, b]: [&[T]; 3]) -> Result<Vec<T>> {
+        Ok(self.forward(x, w, b))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.check(self.name(), xl, wl)?;
-        let n = xl.shape().elem_count();
-        let job = super::cuda::row_norm::forward(xs.dtype(), self, n, (xs, xl), (ws, wl), (bs, bl))
-            .map_err(candle_core::Error::wrap)?;
-        Ok((super::cuda::device::run(job)?, xl.shape().clone()))
+    #[cfg(feature = "wgpu")]
+    fn wgpu(&self, _: &usize, [x, w, b]: [&[f32]; 3]) -> crate::Result<CpuStorage> {
+        super::wgpu::row_norm::forward(self, x, &[w, b].concat())
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn cuda_job<I>(&self, &rows: &usize, dtype: DType, [x, w, b]: [I; 3]) -> crate::Result<Job<I>> {
+        super::cuda::row_norm::forward(dtype, self, rows * self.row_len, x, w, b)
+    }
+
+    fn backward(&self, [x, w, b]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let params = Tensor::cat(&[w.flatten_all()?, b.flatten_all()?], 0)?;
-        let all = x.apply_op3_no_bwd(&grad.contiguous()?, &params, &RowNormGrad(*self))?;
+        let all = x.apply_op3_no_bwd(&grad.contiguous()?, &params, &Fused(RowNormGrad(*self)))?;
         let (n, p) = (x.elem_count(), self.params());
         let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = all.narrow(0, n, p)?.reshape(w.shape())?;
         let db = all.narrow(0, n + p, p)?.reshape(b.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok([Some(dx), Some(dw), Some(db)])
     }
 }
 
 /// The backward kernel: inputs `(x, dy, [weight | bias])`, output all three gradients flattened.
 struct RowNormGrad(RowNorm);
 
-impl CustomOp3 for RowNormGrad {
-    fn name(&self) -> &'static str {
-        "row-norm-grad"
-    }
+impl Kernel<3> for RowNormGrad {
+    const NAME: &'static str = "row-norm-grad";
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ds: &CpuStorage,
-        dl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
+    /// Elements of `x`.
+    type Call = usize;
+
+    fn call(&self, [xl, dl, pl]: [&Layout; 3]) -> Result<(usize, Shape)> {
         let p = self.0.params();
         if pl.shape().elem_count() != 2 * p || dl.shape() != xl.shape() {
-            candle_core::bail!("{op}: mismatched gradient or parameter sizes");
+            candle_core::bail!("{}: mismatched gradient or parameter sizes", Self::NAME);
         }
         let n = xl.shape().elem_count();
-        super::on_wgpu!(xs, {
-            let (x, dy, params) = (slice(op, xs, xl)?, slice(op, ds, dl)?, slice(op, ps, pl)?);
-            super::wgpu::row_norm::backward(&self.0, x, dy, params).map(|all| (all, Shape::from(n + 2 * p)))
-        });
-        super::on_cuda_emu!(
-            xs,
-            super::cuda::row_norm::backward(
-                DType::F32,
-                &self.0,
-                n,
-                slice(op, xs, xl)?,
-                slice(op, ds, dl)?,
-                slice(op, ps, pl)?
-            ),
-            Shape::from(n + 2 * p)
-        );
-        let out = dispatch_real!(op, xs, T => {
-            let params: &[T] = slice(op, ps, pl)?;
-            let (w, b) = params.split_at(p);
-            T::to_cpu_storage_owned(self.0.backward::<T>(slice(op, xs, xl)?, slice(op, ds, dl)?, w, b))
-        });
-        Ok((out, Shape::from(n + 2 * p)))
+        Ok((n, Shape::from(n + 2 * p)))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ds: &CudaStorage,
-        dl: &Layout,
-        ps: &CudaStorage,
-        pl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let p = self.0.params();
-        if pl.shape().elem_count() != 2 * p || dl.shape() != xl.shape() {
-            candle_core::bail!("{}: mismatched gradient or parameter sizes", self.name());
-        }
-        let n = xl.shape().elem_count();
-        let job = super::cuda::row_norm::backward(xs.dtype(), &self.0, n, (xs, xl), (ds, dl), (ps, pl))
-            .map_err(candle_core::Error::wrap)?;
-        Ok((super::cuda::device::run(job)?, Shape::from(n + 2 * p)))
+    fn cpu<T: Real>(&self, _: &usize, [x, dy, params]: [&[T]; 3]) -> Result<Vec<T>> {
+        let (w, b) = params.split_at(self.0.params());
+        Ok(self.0.backward(x, dy, w, b))
+    }
+
+    #[cfg(feature = "wgpu")]
+    fn wgpu(&self, _: &usize, [x, dy, params]: [&[f32]; 3]) -> crate::Result<CpuStorage> {
+        super::wgpu::row_norm::backward(&self.0, x, dy, params)
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn cuda_job<I>(&self, &n: &usize, dtype: DType, [x, dy, params]: [I; 3]) -> crate::Result<Job<I>> {
+        super::cuda::row_norm::backward(dtype, &self.0, n, x, dy, params)
     }
 }

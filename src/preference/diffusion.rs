@@ -17,7 +17,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::objective::{LossType, Objective, PairScores, PreferenceLoss};
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
-use crate::schedulers::{DDIMInverseScheduler, NoiseSchedule, PredictionType, Scheduler, TimestepSpacing};
+use crate::schedulers::{
+    DDIMInverseScheduler, DdimSettings, NoiseSchedule, PredictionType, Scheduler, TimestepSpacing,
+};
 use crate::weights::{LoraSwitch, TensorStore};
 use crate::{Error, Result};
 
@@ -443,7 +445,13 @@ impl DiffusionPreference<'_> {
         added: Option<&AddedCond>,
         steps: usize,
     ) -> Result<Tensor> {
-        let inverse = DDIMInverseScheduler::new(self.schedule, TimestepSpacing::Leading, 1, false, None, steps)?;
+        let settings = DdimSettings {
+            timestep_spacing: TimestepSpacing::Leading,
+            steps_offset: 1,
+            set_alpha_to_one: false,
+            clip: None,
+        };
+        let inverse = DDIMInverseScheduler::new(self.schedule, settings, steps)?;
         let device = x0.device().clone();
         let dtype = self.policy_dtype();
         let n = x0.dim(0)?;

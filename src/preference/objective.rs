@@ -115,24 +115,24 @@ impl LossType {
 
     /// Sets SimPO's gamma; an error for other losses.
     pub fn with_simpo_gamma(self, gamma: f64) -> Result<Self> {
-        match self {
-            LossType::Simpo { .. } => Ok(LossType::Simpo { gamma }),
-            other => Err(Error::input(
-                "--simpo-gamma",
-                format!("applies to the simpo loss, not {}", other.name()),
-            )),
-        }
+        self.replaced_by(LossType::Simpo { gamma }, "--simpo-gamma")
     }
 
     /// Sets DiscoPOP's tau; an error for other losses.
     pub fn with_discopop_tau(self, tau: f64) -> Result<Self> {
-        match self {
-            LossType::Discopop { .. } => Ok(LossType::Discopop { tau }),
-            other => Err(Error::input(
-                "--discopop-tau",
-                format!("applies to the discopop loss, not {}", other.name()),
-            )),
+        self.replaced_by(LossType::Discopop { tau }, "--discopop-tau")
+    }
+
+    /// `with` (the same loss with another parameter) when `self` is that loss, else an error
+    /// naming `flag`, the option that sets the parameter.
+    fn replaced_by(self, with: LossType, flag: &str) -> Result<Self> {
+        if std::mem::discriminant(&self) == std::mem::discriminant(&with) {
+            return Ok(with);
         }
+        Err(Error::input(
+            flag,
+            format!("applies to the {} loss, not {}", with.name(), self.name()),
+        ))
     }
 }
 

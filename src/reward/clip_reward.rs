@@ -28,26 +28,35 @@ pub enum ClipScoreScale {
     Cosine,
 }
 
+impl ClipScoreScale {
+    /// The scale of the CLIP reward `kind`: the raw cosine for HPSv2, else the logit scale.
+    pub fn of(kind: RewardKind) -> Self {
+        match kind {
+            RewardKind::Hpsv2 => ClipScoreScale::Cosine,
+            _ => ClipScoreScale::LogitScale,
+        }
+    }
+}
+
 /// A CLIP model, its tokenizer and preprocessing, scoring image-prompt similarity.
 pub struct ClipReward {
     kind: RewardKind,
     model: ClipModel,
     tokenizer: ClipTokenizer,
     preprocess: ClipPreprocess,
-    scale: ClipScoreScale,
     vb: VarBuilder,
     /// Normalised text embeddings `[1, P]` by prompt, detached.
     text_cache: Mutex<HashMap<String, Tensor>>,
 }
 
 impl ClipReward {
-    /// Assembles a reward from its parts.
+    /// Assembles a reward from its parts; `kind` decides the score's scale
+    /// ([`ClipScoreScale::of`]).
     pub fn new(
         kind: RewardKind,
         model: ClipModel,
         tokenizer: ClipTokenizer,
         preprocess: ClipPreprocess,
-        scale: ClipScoreScale,
         vb: VarBuilder,
     ) -> Self {
         ClipReward {
@@ -55,7 +64,6 @@ impl ClipReward {
             model,
             tokenizer,
             preprocess,
-            scale,
             vb,
             text_cache: Mutex::new(HashMap::new()),
         }
@@ -76,14 +84,7 @@ impl ClipReward {
         let tokenizer = ClipTokenizer::from_dir(dir)?;
         let size = model.vision().config().image_size;
         let preprocess = ClipPreprocess::from_preprocessor_config(&dir.join("preprocessor_config.json"), size)?;
-        Ok(Self::new(
-            kind,
-            model,
-            tokenizer,
-            preprocess,
-            ClipScoreScale::LogitScale,
-            vb,
-        ))
+        Ok(Self::new(kind, model, tokenizer, preprocess, vb))
     }
 
     /// HPSv2 from an open_clip folder laid out as the Hub stores open_clip models:
@@ -108,14 +109,7 @@ impl ClipReward {
             preprocess.image_std = std;
         }
         preprocess.validate(&cfg.source)?;
-        Ok(Self::new(
-            RewardKind::Hpsv2,
-            model,
-            tokenizer,
-            preprocess,
-            ClipScoreScale::Cosine,
-            vb,
-        ))
+        Ok(Self::new(RewardKind::Hpsv2, model, tokenizer, preprocess, vb))
     }
 
     /// The CLIP model.
@@ -176,7 +170,7 @@ impl ImageReward for ClipReward {
         let text = self.text_embedding(prompt)?;
         let image = self.image_embedding(images)?;
         let cos = image.broadcast_mul(&text)?.sum(1)?;
-        Ok(match self.scale {
+        Ok(match ClipScoreScale::of(self.kind) {
             ClipScoreScale::LogitScale => cos.broadcast_mul(&self.model.logit_scale().exp()?)?,
             ClipScoreScale::Cosine => cos,
         })

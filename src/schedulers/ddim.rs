@@ -71,6 +71,32 @@ impl DdimMove {
     }
 }
 
+/// The settings of a DDIM grid and step (diffusers' constructor arguments of the same names).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DdimSettings {
+    /// How the inference timesteps are spread.
+    pub timestep_spacing: TimestepSpacing,
+    /// Added to every inference timestep.
+    pub steps_offset: usize,
+    /// ᾱ below timestep 0 is 1 (else ᾱ_0).
+    pub set_alpha_to_one: bool,
+    /// `clip_sample_range` when `clip_sample`, `None` for no x0 clipping.
+    pub clip: Option<f64>,
+}
+
+impl DdimSettings {
+    /// `timestep_spacing` and the rest of the settings from `cfg` (`steps_offset`,
+    /// `set_alpha_to_one`, `clip_sample` and its range).
+    pub fn from_config(cfg: &SchedulerConfig, timestep_spacing: TimestepSpacing) -> Self {
+        DdimSettings {
+            timestep_spacing,
+            steps_offset: cfg.steps_offset,
+            set_alpha_to_one: cfg.set_alpha_to_one,
+            clip: cfg.clip_sample.then_some(cfg.clip_sample_range),
+        }
+    }
+}
+
 /// diffusers' `DDIMScheduler` set to N inference steps.
 #[derive(Debug, Clone)]
 pub struct DDIMScheduler {
@@ -93,38 +119,17 @@ impl DDIMScheduler {
         }
         let schedule = NoiseSchedule::from_config(cfg)?;
         let spacing = cfg.timestep_spacing_for(SchedulerKind::Ddim);
-        Self::with_config_settings(&schedule, spacing, cfg, num_inference_steps)
+        Self::new(&schedule, DdimSettings::from_config(cfg, spacing), num_inference_steps)
     }
 
-    /// The scheduler on `schedule` with `timestep_spacing` and the rest of the settings from
-    /// `cfg` (`steps_offset`, `set_alpha_to_one`, `clip_sample` and its range).
-    pub(super) fn with_config_settings(
-        schedule: &NoiseSchedule,
-        timestep_spacing: TimestepSpacing,
-        cfg: &SchedulerConfig,
-        num_inference_steps: usize,
-    ) -> Result<Self> {
-        let clip = cfg.clip_sample.then_some(cfg.clip_sample_range);
-        Self::new(
-            schedule,
+    /// The scheduler on `schedule` with explicit `settings`.
+    pub fn new(schedule: &NoiseSchedule, settings: DdimSettings, num_inference_steps: usize) -> Result<Self> {
+        let DdimSettings {
             timestep_spacing,
-            cfg.steps_offset,
-            cfg.set_alpha_to_one,
+            steps_offset,
+            set_alpha_to_one,
             clip,
-            num_inference_steps,
-        )
-    }
-
-    /// The scheduler on `schedule` with explicit settings (diffusers' constructor arguments of the
-    /// same names; `clip` is `clip_sample_range` when `clip_sample`).
-    pub fn new(
-        schedule: &NoiseSchedule,
-        timestep_spacing: TimestepSpacing,
-        steps_offset: usize,
-        set_alpha_to_one: bool,
-        clip: Option<f64>,
-        num_inference_steps: usize,
-    ) -> Result<Self> {
+        } = settings;
         let timesteps = schedule.inference_timesteps(
             timestep_spacing,
             steps_offset,

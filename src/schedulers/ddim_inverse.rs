@@ -11,7 +11,7 @@
 use candle_core::Tensor;
 
 use super::config::{SchedulerConfig, SchedulerKind, TimestepSpacing};
-use super::ddim::{DDIMScheduler, DdimMove};
+use super::ddim::{DDIMScheduler, DdimMove, DdimSettings};
 use super::noise_schedule::{step_index_error, NoiseSchedule};
 use super::Scheduler;
 use crate::rng::Rng;
@@ -36,36 +36,24 @@ impl DDIMInverseScheduler {
                 "DDIMInverseScheduler supports leading or trailing, got linspace",
             ));
         }
-        let ddim = DDIMScheduler::with_config_settings(&schedule, spacing, cfg, num_inference_steps)?;
+        let ddim = DDIMScheduler::new(&schedule, DdimSettings::from_config(cfg, spacing), num_inference_steps)?;
         Ok(Self::reversed(ddim))
     }
 
-    /// The scheduler on `schedule` with explicit settings (diffusers' constructor arguments of the
-    /// same names; `clip` is `clip_sample_range` when `clip_sample`, `None` for no x0 clipping).
-    /// For SmPO's ReNoise inversion: leading spacing, offset 1, `set_alpha_to_one` false, no clip.
-    pub fn new(
-        schedule: &NoiseSchedule,
-        timestep_spacing: TimestepSpacing,
-        steps_offset: usize,
-        set_alpha_to_one: bool,
-        clip: Option<f64>,
-        num_inference_steps: usize,
-    ) -> Result<Self> {
-        if timestep_spacing == TimestepSpacing::Linspace {
+    /// The scheduler on `schedule` with explicit `settings` (spacing leading or trailing). For
+    /// SmPO's ReNoise inversion: leading spacing, offset 1, `set_alpha_to_one` false, no clip.
+    pub fn new(schedule: &NoiseSchedule, settings: DdimSettings, num_inference_steps: usize) -> Result<Self> {
+        if settings.timestep_spacing == TimestepSpacing::Linspace {
             return Err(Error::input(
                 "timestep_spacing",
                 "DDIMInverseScheduler supports leading or trailing, got linspace",
             ));
         }
-        let ddim = DDIMScheduler::new(
+        Ok(Self::reversed(DDIMScheduler::new(
             schedule,
-            timestep_spacing,
-            steps_offset,
-            set_alpha_to_one,
-            clip,
+            settings,
             num_inference_steps,
-        )?;
-        Ok(Self::reversed(ddim))
+        )?))
     }
 
     /// The inverse of `ddim` (eta 0): its timesteps ascending.

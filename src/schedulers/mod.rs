@@ -31,7 +31,7 @@ pub use config::{
     BetaSchedule, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
     TimestepType,
 };
-pub use ddim::{DDIMScheduler, DdimMove};
+pub use ddim::{DDIMScheduler, DdimMove, DdimSettings};
 pub use ddim_inverse::DDIMInverseScheduler;
 pub use euler_ancestral_discrete::EulerAncestralDiscreteScheduler;
 pub use euler_discrete::EulerDiscreteScheduler;

@@ -424,17 +424,7 @@ pub(crate) fn step_index_error(step_index: usize, n: usize) -> Error {
 
 /// Checks that the model output has the sample's shape.
 pub(crate) fn check_step_shapes(model_output: &Tensor, sample: &Tensor) -> Result<()> {
-    if model_output.dims() != sample.dims() {
-        return Err(Error::input(
-            "model_output",
-            format!(
-                "expected the sample's shape {:?}, got {:?}",
-                sample.dims(),
-                model_output.dims()
-            ),
-        ));
-    }
-    Ok(())
+    crate::error::same_shape("model_output", model_output.dims(), "the sample", sample.dims())
 }
 
 /// `x · c` with a float32 scalar: exact float32 multiplication on an f32 tensor.

@@ -127,15 +127,12 @@ impl std::str::FromStr for DcpoCaption {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "captioned" => Ok(DcpoCaption::Captioned),
-            "perturbed" => Ok(DcpoCaption::Perturbed),
-            "hybrid" => Ok(DcpoCaption::Hybrid),
-            other => Err(Error::input(
-                "--dcpo-caption",
-                format!("expected captioned, perturbed or hybrid, got {other:?}"),
-            )),
-        }
+        let names = [
+            ("captioned", DcpoCaption::Captioned),
+            ("perturbed", DcpoCaption::Perturbed),
+            ("hybrid", DcpoCaption::Hybrid),
+        ];
+        crate::error::one_of("--dcpo-caption", s, &names)
     }
 }
 

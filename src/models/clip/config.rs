@@ -16,14 +16,12 @@ use crate::{Error, Result};
 /// A parsed JSON object.
 pub(super) type JsonMap = serde_json::Map<String, serde_json::Value>;
 
-/// Reads each listed field of `$cfg` from `$map` when present (the key is the field's name), so
-/// that a bad value names its key (after `$prefix`).
-macro_rules! read_fields {
-    ($map:ident, $cfg:ident, $prefix:expr, $($field:ident),* $(,)?) => {$(
-        if let Some(v) = take(&mut $map, stringify!($field), $prefix, &$cfg.source)? {
-            $cfg.$field = v;
-        }
-    )*};
+/// `[("field", $value.field), ...]`: the listed fields of `$value` under their own names, the
+/// config keys they are read from.
+macro_rules! named {
+    ($value:ident: $($field:ident),*) => {
+        [$((stringify!($field), $value.$field)),*]
+    };
 }
 
 /// Sizes and activation of one transformer stack (CLIP's pre-norm encoder).
@@ -49,12 +47,7 @@ impl ClipEncoderConfig {
     pub fn validate(&self, source: &Path) -> Result<()> {
         check_positive(
             source,
-            &[
-                ("hidden_size", self.hidden_size),
-                ("intermediate_size", self.intermediate_size),
-                ("num_hidden_layers", self.num_hidden_layers),
-                ("num_attention_heads", self.num_attention_heads),
-            ],
+            &named!(self: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads),
         )?;
         check_divides(
             source,
@@ -157,29 +150,6 @@ pub struct ClipTextConfig {
     pub source: PathBuf,
 }
 
-impl Default for ClipTextConfig {
-    /// transformers 5's `CLIPTextConfig()` defaults, as a `CLIPTextModel`.
-    fn default() -> Self {
-        ClipTextConfig {
-            architecture: ClipTextArchitecture::TextModel,
-            vocab_size: 49408,
-            hidden_size: 512,
-            intermediate_size: 2048,
-            projection_dim: 512,
-            num_hidden_layers: 12,
-            num_attention_heads: 8,
-            max_position_embeddings: 77,
-            hidden_act: Activation::QuickGelu,
-            layer_norm_eps: 1e-5,
-            pad_token_id: Some(1),
-            bos_token_id: Some(49406),
-            eos_token_id: 49407,
-            other: BTreeMap::new(),
-            source: PathBuf::from("config.json"),
-        }
-    }
-}
-
 const TEXT_CONFIG: &str = "CLIP text encoder config";
 const MODEL_CONFIG: &str = "CLIP model config";
 
@@ -222,61 +192,31 @@ impl ClipTextConfig {
         Ok(cfg)
     }
 
-    /// Reads the known keys of `map` one by one, so that a bad value names its key (prefixed by
-    /// `key_prefix`), then validates.
-    fn from_map(mut map: JsonMap, source: PathBuf, key_prefix: &str) -> Result<Self> {
-        let mut cfg = ClipTextConfig {
-            source,
-            ..ClipTextConfig::default()
-        };
-        read_fields!(
-            map,
-            cfg,
-            key_prefix,
-            vocab_size,
-            hidden_size,
-            intermediate_size,
-            projection_dim,
-            num_hidden_layers,
-            num_attention_heads,
-            max_position_embeddings,
-            hidden_act,
-            layer_norm_eps,
-            pad_token_id,
-            bos_token_id,
-            eos_token_id,
-        );
-        let err = |reason: String| Error::config(&cfg.source, format!("{key_prefix}architectures"), reason);
-        if let Some(names) = take::<Vec<String>>(&mut map, "architectures", key_prefix, &cfg.source)? {
+    /// Reads `architectures` (the class) from `map`; a bad value names its key after `key_prefix`.
+    fn read_architecture(&mut self, map: &mut JsonMap, key_prefix: &str) -> Result<()> {
+        let err = |reason: String| Error::config(&self.source, format!("{key_prefix}architectures"), reason);
+        if let Some(names) = take::<Vec<String>>(map, "architectures", key_prefix, &self.source)? {
             let name = names.first().ok_or_else(|| err("empty list".into()))?;
             if name == "CLIPModel" {
                 return Err(err("a full CLIPModel config; read its text encoder with \
                      ClipTextConfig::from_clip_model_file"
                     .into()));
             }
-            cfg.architecture = ClipTextArchitecture::from_class_name(name).ok_or_else(|| {
+            self.architecture = ClipTextArchitecture::from_class_name(name).ok_or_else(|| {
                 err(format!(
                     "unsupported class {name:?}; expected CLIPTextModel or CLIPTextModelWithProjection"
                 ))
             })?;
         }
-        cfg.other = leftover(map);
-        cfg.validate()?;
-        Ok(cfg)
+        Ok(())
     }
 
     /// Checks what transformers' `validate_architecture` and the layer shapes need.
     pub fn validate(&self) -> Result<()> {
         let source = &self.source;
-        check_positive(
-            source,
-            &[
-                ("vocab_size", self.vocab_size),
-                ("max_position_embeddings", self.max_position_embeddings),
-            ],
-        )?;
+        check_positive(source, &named!(self: vocab_size, max_position_embeddings))?;
         if self.architecture.has_projection() {
-            check_positive(source, &[("projection_dim", self.projection_dim)])?;
+            check_positive(source, &named!(self: projection_dim))?;
         }
         self.encoder().validate(source)
     }
@@ -327,26 +267,6 @@ pub struct ClipVisionConfig {
     pub source: PathBuf,
 }
 
-impl Default for ClipVisionConfig {
-    /// transformers 5's `CLIPVisionConfig()` defaults.
-    fn default() -> Self {
-        ClipVisionConfig {
-            hidden_size: 768,
-            intermediate_size: 3072,
-            projection_dim: 512,
-            num_hidden_layers: 12,
-            num_attention_heads: 12,
-            num_channels: 3,
-            image_size: 224,
-            patch_size: 32,
-            hidden_act: Activation::QuickGelu,
-            layer_norm_eps: 1e-5,
-            other: BTreeMap::new(),
-            source: PathBuf::from("config.json"),
-        }
-    }
-}
-
 impl ClipVisionConfig {
     /// Reads a `config.json`: a `CLIPModel`'s (its `vision_config`, updated by a legacy
     /// `vision_config_dict`, with the top-level `projection_dim`) or a
@@ -384,43 +304,13 @@ impl ClipVisionConfig {
         Self::from_map(vision, source.to_path_buf(), "vision_config.")
     }
 
-    fn from_map(mut map: JsonMap, source: PathBuf, prefix: &str) -> Result<Self> {
-        let mut cfg = ClipVisionConfig {
-            source,
-            ..ClipVisionConfig::default()
-        };
-        read_fields!(
-            map,
-            cfg,
-            prefix,
-            hidden_size,
-            intermediate_size,
-            projection_dim,
-            num_hidden_layers,
-            num_attention_heads,
-            num_channels,
-            image_size,
-            patch_size,
-            hidden_act,
-            layer_norm_eps,
-        );
-        cfg.other = leftover(map);
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
     /// Checks what the layer shapes need: positive sizes, heads dividing the width, patches
     /// tiling the image, a positive epsilon.
     pub fn validate(&self) -> Result<()> {
         let source = &self.source;
         check_positive(
             source,
-            &[
-                ("projection_dim", self.projection_dim),
-                ("num_channels", self.num_channels),
-                ("image_size", self.image_size),
-                ("patch_size", self.patch_size),
-            ],
+            &named!(self: projection_dim, num_channels, image_size, patch_size),
         )?;
         self.encoder().validate(source)?;
         check_divides(source, ("patch_size", self.patch_size), ("image_size", self.image_size))
@@ -432,11 +322,45 @@ impl ClipVisionConfig {
     }
 }
 
-/// The methods both tower configs share: they hold the encoder's sizes under the same keys and
-/// the unread keys in `other`.
-macro_rules! tower_config_methods {
-    ($config:ty) => {
+/// What both tower configs share: they hold the encoder's sizes under the same keys and the
+/// unread keys in `other`. `$config { key: default, ... }` lists the keys read from JSON (the
+/// key is the field's name) with transformers' default; `else { ... }` the defaults of fields
+/// that `$read_more` reads after them, in its own way.
+macro_rules! tower_config {
+    (
+        $config:ident { $($field:ident: $default:expr),* $(,)? }
+        $(else { $($other_field:ident: $other_default:expr),* $(,)? } then $read_more:ident)?
+    ) => {
+        impl Default for $config {
+            fn default() -> Self {
+                $config {
+                    $($field: $default,)*
+                    $($($other_field: $other_default,)*)?
+                    other: BTreeMap::new(),
+                    source: PathBuf::from("config.json"),
+                }
+            }
+        }
+
         impl $config {
+            /// Reads the known keys of `map` one by one, so that a bad value names its key (after
+            /// `prefix`), keeps the rest in `other`, then validates.
+            fn from_map(mut map: JsonMap, source: PathBuf, prefix: &str) -> Result<Self> {
+                let mut cfg = Self {
+                    source,
+                    ..Self::default()
+                };
+                $(
+                    if let Some(v) = take(&mut map, stringify!($field), prefix, &cfg.source)? {
+                        cfg.$field = v;
+                    }
+                )*
+                $(cfg.$read_more(&mut map, prefix)?;)?
+                cfg.other = leftover(map);
+                cfg.validate()?;
+                Ok(cfg)
+            }
+
             /// Keys of the file that diffalign does not read (`_`-prefixed bookkeeping excluded),
             /// sorted, for a warning at load time.
             pub fn unknown_keys(&self) -> Vec<String> {
@@ -454,11 +378,55 @@ macro_rules! tower_config_methods {
                     layer_norm_eps: self.layer_norm_eps,
                 }
             }
+
+            /// The config with the encoder stack's sizes of `encoder`.
+            pub fn with_encoder(mut self, encoder: ClipEncoderConfig) -> Self {
+                self.hidden_size = encoder.hidden_size;
+                self.intermediate_size = encoder.intermediate_size;
+                self.num_hidden_layers = encoder.num_hidden_layers;
+                self.num_attention_heads = encoder.num_attention_heads;
+                self.hidden_act = encoder.hidden_act;
+                self.layer_norm_eps = encoder.layer_norm_eps;
+                self
+            }
         }
     };
 }
-tower_config_methods!(ClipTextConfig);
-tower_config_methods!(ClipVisionConfig);
+
+// transformers 5's `CLIPTextConfig()` defaults, as a `CLIPTextModel`.
+tower_config! {
+    ClipTextConfig {
+        vocab_size: 49408,
+        hidden_size: 512,
+        intermediate_size: 2048,
+        projection_dim: 512,
+        num_hidden_layers: 12,
+        num_attention_heads: 8,
+        max_position_embeddings: 77,
+        hidden_act: Activation::QuickGelu,
+        layer_norm_eps: 1e-5,
+        pad_token_id: Some(1),
+        bos_token_id: Some(49406),
+        eos_token_id: 49407,
+    }
+    else { architecture: ClipTextArchitecture::TextModel } then read_architecture
+}
+
+// transformers 5's `CLIPVisionConfig()` defaults.
+tower_config! {
+    ClipVisionConfig {
+        hidden_size: 768,
+        intermediate_size: 3072,
+        projection_dim: 512,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        num_channels: 3,
+        image_size: 224,
+        patch_size: 32,
+        hidden_act: Activation::QuickGelu,
+        layer_norm_eps: 1e-5,
+    }
+}
 
 /// Removes `key` from `map` and deserialises it; a bad value is a config error on
 /// `{prefix}{key}` in `source`.

@@ -184,6 +184,18 @@ impl OpenClipConfig {
         ) -> Result<T> {
             Ok(take::<Option<T>>(map, key, path, source)?.flatten().unwrap_or(default))
         }
+        /// `$ty` with each `key: default` read from `$map` by [`take_or`], and the fields after
+        /// `;` from the locals of the same name.
+        macro_rules! read_cfg {
+            ($map:ident, $path:expr, $source:expr => $ty:ident {
+                $($key:ident: $default:expr),* $(; $($given:ident),*)?
+            }) => {
+                $ty {
+                    $($key: take_or(&mut $map, stringify!($key), $default, $path, $source)?,)*
+                    $($($given,)*)?
+                }
+            };
+        }
         fn check_fixed(map: &mut JsonMap, fixed: &[(&str, &str)], path: &str, source: &Path) -> Result<()> {
             for (key, default) in fixed.iter().chain(BLOCK_FIXED) {
                 if let Some(v) = map.remove(*key) {
@@ -230,24 +242,14 @@ impl OpenClipConfig {
                 )
             })?,
         };
-        let vision_cfg = OpenClipVisionCfg {
-            image_size,
-            layers: take_or(&mut vision, "layers", 12, &vp, source)?,
-            width: take_or(&mut vision, "width", 768, &vp, source)?,
-            head_width: take_or(&mut vision, "head_width", 64, &vp, source)?,
-            mlp_ratio: take_or(&mut vision, "mlp_ratio", 4.0, &vp, source)?,
-            patch_size: take_or(&mut vision, "patch_size", 16, &vp, source)?,
-        };
+        let vision_cfg = read_cfg! { vision, &vp, source => OpenClipVisionCfg {
+            layers: 12, width: 768, head_width: 64, mlp_ratio: 4.0, patch_size: 16; image_size
+        }};
         check_fixed(&mut vision, VISION_FIXED, &vp, source)?;
         let tp = format!("{prefix}text_cfg.");
-        let text_cfg = OpenClipTextCfg {
-            context_length: take_or(&mut text, "context_length", 77, &tp, source)?,
-            vocab_size: take_or(&mut text, "vocab_size", 49408, &tp, source)?,
-            width: take_or(&mut text, "width", 512, &tp, source)?,
-            heads: take_or(&mut text, "heads", 8, &tp, source)?,
-            layers: take_or(&mut text, "layers", 12, &tp, source)?,
-            mlp_ratio: take_or(&mut text, "mlp_ratio", 4.0, &tp, source)?,
-        };
+        let text_cfg = read_cfg! { text, &tp, source => OpenClipTextCfg {
+            context_length: 77, vocab_size: 49408, width: 512, heads: 8, layers: 12, mlp_ratio: 4.0
+        }};
         check_fixed(&mut text, TEXT_FIXED, &tp, source)?;
         for (path, map) in [(prefix.to_string(), model), (vp, vision), (tp, text)] {
             other.extend(map.into_iter().map(|(k, v)| (format!("{path}{k}"), v)));
@@ -320,28 +322,28 @@ impl OpenClipConfig {
     pub fn vision_config(&self) -> ClipVisionConfig {
         let v = &self.vision_cfg;
         ClipVisionConfig {
-            hidden_size: v.width,
-            intermediate_size: (v.width as f64 * v.mlp_ratio) as usize,
             projection_dim: self.embed_dim,
-            num_hidden_layers: v.layers,
-            num_attention_heads: v.width / v.head_width,
             num_channels: 3,
             image_size: v.image_size,
             patch_size: v.patch_size,
-            hidden_act: self.activation(),
-            layer_norm_eps: 1e-5,
-            other: BTreeMap::new(),
             source: self.source.clone(),
+            ..ClipVisionConfig::default()
         }
+        .with_encoder(self.encoder(v.width, v.mlp_ratio, v.layers, v.width / v.head_width))
     }
 
     fn text_encoder(&self) -> ClipEncoderConfig {
         let t = &self.text_cfg;
+        self.encoder(t.width, t.mlp_ratio, t.layers, t.heads)
+    }
+
+    /// A tower's transformer stack in open_clip's terms.
+    fn encoder(&self, width: usize, mlp_ratio: f64, layers: usize, heads: usize) -> ClipEncoderConfig {
         ClipEncoderConfig {
-            hidden_size: t.width,
-            intermediate_size: (t.width as f64 * t.mlp_ratio) as usize,
-            num_hidden_layers: t.layers,
-            num_attention_heads: t.heads,
+            hidden_size: width,
+            intermediate_size: (width as f64 * mlp_ratio) as usize,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
             hidden_act: self.activation(),
             layer_norm_eps: 1e-5,
         }

@@ -324,11 +324,6 @@ impl UNet2DConditionModel {
     /// folder); every tensor of the checkpoint must be used. Returns the model and its builder
     /// (whose `vars()` are the trainable parameters when `opts.trainable`).
     pub fn from_pretrained(dir: &Path, opts: &crate::weights::LoadOptions) -> Result<(Self, VarBuilder)> {
-        let config_file = dir.join("config.json");
-        let cfg = UNet2DConditionConfig::from_file(&config_file)?;
-        let vb = opts.open(dir, "diffusion_pytorch_model")?;
-        let model = Self::new(&cfg, &config_file, vb.clone())?;
-        crate::weights::check_all_used(&vb, |_| false)?;
-        Ok((model, vb))
+        crate::models::config::from_diffusers_folder(dir, opts, UNet2DConditionConfig::from_file, Self::new)
     }
 }

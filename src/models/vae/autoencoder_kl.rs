@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::vae::{CoderConfig, Decoder, Encoder};
-use crate::models::config::{read_config, unknown_keys};
+use crate::models::config::{from_diffusers_folder, read_config, unknown_keys};
 use crate::nn::conv::Conv2dConfig;
 use crate::nn::{Activation, Conv2d};
 use crate::rng::Rng;
@@ -239,12 +239,7 @@ impl AutoencoderKL {
 
     /// Loads a diffusers `vae/` folder; every checkpoint tensor must be used.
     pub fn from_pretrained(dir: &Path, opts: &LoadOptions) -> Result<(Self, VarBuilder)> {
-        let config_file = dir.join("config.json");
-        let cfg = AutoencoderKLConfig::from_file(&config_file)?;
-        let vb = opts.open(dir, "diffusion_pytorch_model")?;
-        let model = Self::new(&cfg, &config_file, vb.clone())?;
-        crate::weights::check_all_used(&vb, |_| false)?;
-        Ok((model, vb))
+        from_diffusers_folder(dir, opts, AutoencoderKLConfig::from_file, Self::new)
     }
 
     /// The dtype of the weights (inputs are expected in it).

@@ -10,7 +10,7 @@
 
 use candle_core::CpuStorage;
 
-use super::{f32_word, groups_for, run, shader, word, Job, Shader, Slot};
+use super::{f32_word, groups_for, run, shader, word, Job, Shader};
 use crate::ops::attention::{MaskView, Sizes};
 use crate::Result;
 
@@ -55,11 +55,8 @@ impl ShaderMask {
         Ok(ShaderMask { values, slice_of, dead })
     }
 
-    fn slots(&self) -> [(u32, Slot<'_>); 2] {
-        [
-            (7, Slot::In(&self.values)),
-            (8, Slot::In(bytemuck::cast_slice(&self.slice_of))),
-        ]
+    fn inputs(&self) -> [(u32, &[f32]); 2] {
+        [(7, &self.values), (8, bytemuck::cast_slice(&self.slice_of))]
     }
 
     /// Writes NaN into the rows of `[n * lq, width]` that belong to fully blocked query rows.
@@ -81,44 +78,30 @@ impl ShaderMask {
 }
 
 /// `O` `[n, lq, dv]` from `q` `[n, lq, d]`, `k` `[n, lk, d]`, `v` `[n, lk, dv]` and the mask.
-pub(crate) fn forward(
-    s: &Sizes,
-    (q, k, v): (&[f32], &[f32], &[f32]),
-    mask: Option<MaskView<f32>>,
-) -> Result<CpuStorage> {
+pub(crate) fn forward(s: &Sizes, [q, k, v]: [&[f32]; 3], mask: Option<MaskView<f32>>) -> Result<CpuStorage> {
     let op = "attention";
     let params = s.params(op, mask.is_some())?;
     let mask = ShaderMask::new(op, s, mask)?;
-    let [m7, m8] = mask.slots();
-    let mut outs = run(&Job {
+    let [m7, m8] = mask.inputs();
+    let mut out = run(&Job {
         op,
         params: &params,
-        slots: &[
-            (1, Slot::In(q)),
-            (2, Slot::In(k)),
-            (3, Slot::In(v)),
-            (5, Slot::Out(s.n * s.lq * s.dv)),
-            m7,
-            m8,
-        ],
+        inputs: &[(1, q), (2, k), (3, v), m7, m8],
+        output: (5, s.n * s.lq * s.dv),
+        scratch: &[],
         passes: &[SHADER.pass("attention_fwd_f32", groups_for(op, s.n * s.lq, 1)?)],
     })?;
-    let mut out = outs.swap_remove(0);
     mask.poison_rows(&mut out, s.dv);
     Ok(CpuStorage::F32(out))
 }
 
 /// `[dq | dk | dv]` from `q`, `kv` `[n, lk, d + dv]` (keys and values side by side), `go`
 /// `[n, lq, dv + 1]` (the output gradient and `rowsum(dO * O)`) and the forward's mask.
-pub(crate) fn backward(
-    s: &Sizes,
-    (q, kv, go): (&[f32], &[f32], &[f32]),
-    mask: Option<MaskView<f32>>,
-) -> Result<CpuStorage> {
+pub(crate) fn backward(s: &Sizes, [q, kv, go]: [&[f32]; 3], mask: Option<MaskView<f32>>) -> Result<CpuStorage> {
     let op = "attention-grad";
     let params = s.params(op, mask.is_some())?;
     let mask = ShaderMask::new(op, s, mask)?;
-    let [m7, m8] = mask.slots();
+    let [m7, m8] = mask.inputs();
     // The shader reads keys and values as separate arrays.
     let (mut k, mut v) = (
         Vec::with_capacity(s.n * s.lk * s.d),
@@ -130,25 +113,17 @@ pub(crate) fn backward(
     }
     let (nq, nk) = (s.n * s.lq * s.d, s.n * s.lk * s.d);
     let total = nq + nk + s.n * s.lk * s.dv;
-    let mut outs = run(&Job {
+    let mut all = run(&Job {
         op,
         params: &params,
-        slots: &[
-            (1, Slot::In(q)),
-            (2, Slot::In(&k)),
-            (3, Slot::In(&v)),
-            (4, Slot::In(go)),
-            (5, Slot::Out(total)),
-            (6, Slot::Scratch(s.n * s.lq)),
-            m7,
-            m8,
-        ],
+        inputs: &[(1, q), (2, &k), (3, &v), (4, go), m7, m8],
+        output: (5, total),
+        scratch: &[(6, s.n * s.lq)],
         passes: &[
             SHADER.pass("attention_bwd_q_f32", groups_for(op, s.n * s.lq, 1)?),
             SHADER.pass("attention_bwd_kv_f32", groups_for(op, s.n * s.lk, 1)?),
         ],
     })?;
-    let mut all = outs.swap_remove(0);
     let (dq, rest) = all.split_at_mut(nq);
     let (dk, dv) = rest.split_at_mut(nk);
     mask.poison_rows(dq, s.d);

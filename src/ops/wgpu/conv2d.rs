@@ -3,7 +3,7 @@
 
 use candle_core::CpuStorage;
 
-use super::{groups_for, run_one, shader, word, Job, Pass, Shader, Slot};
+use super::{groups_for, run_one, shader, word, Job, Pass, Shader};
 use crate::ops::conv2d::{Geometry, Product};
 use crate::Result;
 
@@ -29,7 +29,9 @@ pub(crate) fn run(op: &'static str, g: &Geometry, product: Product, src1: &[f32]
     run_one(&Job {
         op,
         params: &params,
-        slots: &[(1, Slot::In(src1)), (2, Slot::In(src2)), (3, Slot::Out(m * n))],
+        inputs: &[(1, src1), (2, src2)],
+        output: (3, m * n),
+        scratch: &[],
         passes: &[Pass {
             constants: &constants,
             ..SHADER.pass(

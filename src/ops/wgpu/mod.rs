@@ -79,20 +79,36 @@ pub(crate) struct Pass<'a> {
 }
 
 /// A storage buffer of a job: uploaded input, output read back, or scratch kept on the device.
-pub(crate) enum Slot<'a> {
+enum Slot<'a> {
     In(&'a [f32]),
     Out(usize),
     Scratch(usize),
 }
 
-/// One op call: parameters, storage buffers by binding number, and passes run in order (each
-/// sees the writes of the previous ones).
+/// One op call: parameters, storage buffers by binding number (inputs, the one output, scratch),
+/// and passes run in order (each sees the writes of the previous ones).
 pub(crate) struct Job<'a> {
     /// The op's name, for errors.
     pub op: &'static str,
     pub params: &'a [u32],
-    pub slots: &'a [(u32, Slot<'a>)],
+    /// Uploaded inputs: binding, values.
+    pub inputs: &'a [(u32, &'a [f32])],
+    /// The output read back: binding, elements.
+    pub output: (u32, usize),
+    /// Buffers kept on the device between passes: binding, elements.
+    pub scratch: &'a [(u32, usize)],
     pub passes: &'a [Pass<'a>],
+}
+
+impl<'a> Job<'a> {
+    /// Every storage buffer, by binding number.
+    fn slots(&self) -> Vec<(u32, Slot<'a>)> {
+        let mut slots: Vec<_> = self.inputs.iter().map(|&(b, data)| (b, Slot::In(data))).collect();
+        slots.push((self.output.0, Slot::Out(self.output.1)));
+        slots.extend(self.scratch.iter().map(|&(b, n)| (b, Slot::Scratch(n))));
+        slots.sort_by_key(|&(b, _)| b);
+        slots
+    }
 }
 
 /// Parameter words: integers as they are, floats by their bits.
@@ -124,21 +140,20 @@ pub(crate) fn op_error(op: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Runs `job`, returning the contents of its [`Slot::Out`] buffers in binding order.
-pub(crate) fn run(job: &Job) -> Result<Vec<Vec<f32>>> {
+/// Runs `job`, returning the contents of its output buffer.
+pub(crate) fn run(job: &Job) -> Result<Vec<f32>> {
     let ctx = context()?;
     let mut state = ctx
         .state
         .lock()
         .map_err(|_| op_error(job.op, "the wgpu context lock is poisoned"))?;
-    state.run(ctx, job)
+    let mut outs = state.run(ctx, job)?;
+    Ok(outs.swap_remove(0))
 }
 
-/// Runs `job` and returns its single output, converted to a candle storage: the shape of every
-/// single-output op's `cpu_fwd`.
+/// Runs `job` and returns its output as a candle storage, the result of an op's `cpu_fwd`.
 pub(crate) fn run_one(job: &Job) -> Result<candle_core::CpuStorage> {
-    let mut outs = run(job)?;
-    Ok(candle_core::CpuStorage::F32(outs.swap_remove(0)))
+    run(job).map(candle_core::CpuStorage::F32)
 }
 
 /// The name and backend of the adapter, creating the context if needed: fails when there is
@@ -349,7 +364,8 @@ impl State {
     }
 
     fn run_scoped(&mut self, ctx: &'static Context, job: &Job) -> Result<Vec<Vec<f32>>> {
-        let sig: Vec<(u32, bool)> = job.slots.iter().map(|(b, s)| (*b, matches!(s, Slot::In(_)))).collect();
+        let slots = job.slots();
+        let sig: Vec<(u32, bool)> = slots.iter().map(|(b, s)| (*b, matches!(s, Slot::In(_)))).collect();
         let pipelines: Vec<_> = job.passes.iter().map(|p| self.pipeline(ctx, p, &sig)).collect();
 
         // Upload: the parameters and every input, until the device has them.
@@ -358,9 +374,9 @@ impl State {
         words[..job.params.len()].copy_from_slice(job.params);
         let uniform = self.buffer(ctx, Usage::Uniform, (PARAM_WORDS * 4) as u64);
         ctx.queue.write_buffer(&uniform, 0, bytemuck::cast_slice(&words));
-        let mut buffers = Vec::with_capacity(job.slots.len());
+        let mut buffers = Vec::with_capacity(slots.len());
         let mut uploaded = 0u64;
-        for (_, slot) in job.slots {
+        for (_, slot) in &slots {
             let len = match slot {
                 Slot::In(data) => data.len(),
                 Slot::Out(n) | Slot::Scratch(n) => *n,
@@ -385,7 +401,7 @@ impl State {
             binding: 0,
             resource: uniform.as_entire_binding(),
         }];
-        for ((binding, _), (buffer, bytes)) in job.slots.iter().zip(&buffers) {
+        for ((binding, _), (buffer, bytes)) in slots.iter().zip(&buffers) {
             entries.push(wgpu::BindGroupEntry {
                 binding: *binding,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -427,7 +443,7 @@ impl State {
         let start = Instant::now();
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         let mut staging = Vec::new();
-        for ((_, slot), (buffer, bytes)) in job.slots.iter().zip(&buffers) {
+        for ((_, slot), (buffer, bytes)) in slots.iter().zip(&buffers) {
             if let Slot::Out(n) = slot {
                 let rb = self.buffer(ctx, Usage::Readback, *bytes);
                 encoder.copy_buffer_to_buffer(buffer, 0, &rb, 0, *bytes);

@@ -2,7 +2,7 @@
 
 use candle_core::CpuStorage;
 
-use super::{groups_for, run_one, shader, word, Job, Shader, Slot, WORKGROUP};
+use super::{groups_for, run_one, shader, word, Job, Shader, WORKGROUP};
 use crate::Result;
 
 static SHADER: Shader = shader!("mse");
@@ -18,12 +18,9 @@ pub(crate) fn forward(m: usize, a: &[f32], b: &[f32]) -> Result<CpuStorage> {
     run_one(&Job {
         op,
         params: &params,
-        slots: &[
-            (1, Slot::In(a)),
-            (2, Slot::In(b)),
-            (4, Slot::Out(rows)),
-            (5, Slot::Scratch(rows * pieces)),
-        ],
+        inputs: &[(1, a), (2, b)],
+        output: (4, rows),
+        scratch: &[(5, rows * pieces)],
         passes: &[
             SHADER.pass("mse_pieces_f32", groups_for(op, rows * pieces, 1)?),
             SHADER.pass("mse_rows_f32", groups_for(op, rows, 1)?),
@@ -38,12 +35,9 @@ pub(crate) fn backward(m: usize, a: &[f32], b: &[f32], g: &[f32]) -> Result<CpuS
     run_one(&Job {
         op,
         params: &params,
-        slots: &[
-            (1, Slot::In(a)),
-            (2, Slot::In(b)),
-            (3, Slot::In(g)),
-            (4, Slot::Out(2 * a.len())),
-        ],
+        inputs: &[(1, a), (2, b), (3, g)],
+        output: (4, 2 * a.len()),
+        scratch: &[],
         passes: &[SHADER.pass("mse_bwd_f32", groups_for(op, a.len(), WORKGROUP as usize)?)],
     })
 }

@@ -2,7 +2,7 @@
 
 use candle_core::CpuStorage;
 
-use super::{f32_word, groups_for, run_one, shader, word, Job, Shader, Slot};
+use super::{f32_word, groups_for, run_one, shader, word, Job, Shader};
 use crate::ops::row_norm::RowNorm;
 use crate::Result;
 
@@ -28,7 +28,9 @@ pub(crate) fn forward(norm: &RowNorm, x: &[f32], wb: &[f32]) -> Result<CpuStorag
     run_one(&Job {
         op,
         params: &words,
-        slots: &[(1, Slot::In(x)), (3, Slot::In(wb)), (4, Slot::Out(x.len()))],
+        inputs: &[(1, x), (3, wb)],
+        output: (4, x.len()),
+        scratch: &[],
         passes: &[SHADER.pass("row_norm_fwd_f32", groups_for(op, x.len() / norm.row_len, 1)?)],
     })
 }
@@ -41,13 +43,9 @@ pub(crate) fn backward(norm: &RowNorm, x: &[f32], dy: &[f32], wb: &[f32]) -> Res
     run_one(&Job {
         op,
         params: &words,
-        slots: &[
-            (1, Slot::In(x)),
-            (2, Slot::In(dy)),
-            (3, Slot::In(wb)),
-            (4, Slot::Out(x.len() + 2 * p)),
-            (5, Slot::Scratch(2 * rows)),
-        ],
+        inputs: &[(1, x), (2, dy), (3, wb)],
+        output: (4, x.len() + 2 * p),
+        scratch: &[(5, 2 * rows)],
         passes: &[
             SHADER.pass("row_norm_bwd_input_f32", groups_for(op, rows, 1)?),
             SHADER.pass("row_norm_bwd_params_f32", groups_for(op, p, 1)?),
