@@ -70,6 +70,15 @@ def main():
     lw, ll, noise = torch.randn(1, c, s, s), torch.randn(1, c, s, s), torch.randn(1, c, s, s)
     ctx = torch.randn(1, a.text_len, unet.config.cross_attention_dim)
     tt = torch.tensor([500])
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        # SDXL layouts: pooled text embeddings and the time ids of a square image.
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        px = float(s * 8)
+        added = {
+            "text_embeds": torch.randn(2, pooled).to(dtype),
+            "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]] * 2).to(dtype),
+        }
 
     def dpo_step():
         for q in trainable:
@@ -79,15 +88,15 @@ def main():
         t2 = tt.repeat(2)
         xt = sched.add_noise(x0, n2, t2).to(dtype)
         c2 = ctx.repeat(2, 1, 1).to(dtype)
-        pred = unet(xt, t2, c2).sample
+        pred = unet(xt, t2, c2, added_cond_kwargs=added).sample
         mse = (pred.float() - n2.float()).pow(2).mean(dim=[1, 2, 3])
         with torch.no_grad():
             if reference is None:
                 unet.disable_adapters()
-                rpred = unet(xt, t2, c2).sample
+                rpred = unet(xt, t2, c2, added_cond_kwargs=added).sample
                 unet.enable_adapters()
             else:
-                rpred = reference(xt, t2, c2).sample
+                rpred = reference(xt, t2, c2, added_cond_kwargs=added).sample
             rmse = (rpred.float() - n2.float()).pow(2).mean(dim=[1, 2, 3])
         inside = -0.5 * 5000 * ((mse[0] - mse[1]) - (rmse[0] - rmse[1]))
         loss = -torch.nn.functional.logsigmoid(inside).mean()

@@ -285,3 +285,34 @@ fn conv2d_strided_non_square_gradients_match_finite_differences() {
         );
     }
 }
+
+/// Frozen weights (a LoRA run's base): the input gradient of a Linear and a Conv2d matches
+/// finite differences, and the weights get no gradient.
+#[test]
+fn frozen_weight_layers_give_input_gradients_only() {
+    let vb = VarBuilder::random(1, DType::F64, &common::device(), false);
+    let linear = Linear::new(6, 5, true, vb.pp("linear")).unwrap();
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride: 2,
+        ..Default::default()
+    };
+    let conv = Conv2d::new(3, 4, 3, cfg, vb.pp("conv")).unwrap();
+    let mut rng = Rng::new(4);
+    for (what, shape) in [("linear", &[2usize, 3, 6][..]), ("conv", &[2, 3, 7, 7])] {
+        let x = Var::from_tensor(&randn(&mut rng, shape)).unwrap();
+        let f = |x: &Tensor| match what {
+            "linear" => linear.forward(x).unwrap(),
+            _ => conv.forward(x).unwrap(),
+        };
+        let w = randn(&mut rng, f(x.as_tensor()).dims());
+        let loss = || (f(x.as_tensor()) * &w).unwrap().sum_all().unwrap();
+        check_var(&format!("frozen {what} input"), &x, &loss, &mut rng);
+        let grads = loss().backward().unwrap();
+        let weight = match what {
+            "linear" => linear.weight().clone(),
+            _ => conv.weight().clone(),
+        };
+        assert!(grads.get(&weight).is_none(), "{what}: a frozen weight got a gradient");
+    }
+}

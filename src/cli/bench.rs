@@ -312,11 +312,22 @@ fn bench_dpo_step(args: &BenchArgs) -> anyhow::Result<()> {
         captions_l: vec![String::new()],
     };
     let ctx = rng.randn((1, args.text_len, policy.cross_attention_dim()), &dev)?;
+    // SDXL layouts (`text_time`): pooled text embeddings and the time ids of a square image.
+    let added = match (cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim) {
+        (Some(t), Some(p)) if policy.needs_added_cond() => {
+            let px = (s * 8) as f32;
+            Some(diffalign::models::unet::AddedCond {
+                text_embeds: rng.randn((1, p.saturating_sub(6 * t)), &dev)?,
+                time_ids: Tensor::new(&[[px, px, 0.0, 0.0, px, px]], &dev)?,
+            })
+        }
+        _ => None,
+    };
     let cond = PairConditioning {
         context_w: ctx.clone(),
         context_l: ctx,
-        added_w: None,
-        added_l: None,
+        added_w: added.clone(),
+        added_l: added,
     };
     let eval = DiffusionPreference {
         policy: &policy,

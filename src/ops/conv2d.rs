@@ -336,25 +336,38 @@ impl ConvKernel for Conv2dOp {
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let (stride, padding) = (self.stride, self.padding);
-        let dx = grad.apply_op2_no_bwd(
-            w,
-            &Fused(InputGrad {
-                stride,
-                padding,
-                h,
-                w: wd,
-            }),
-        )?;
-        let dw = x.apply_op2_no_bwd(
-            &grad,
-            &Fused(WeightGrad {
-                stride,
-                padding,
-                kh,
-                kw,
-            }),
-        )?;
-        Ok([Some(dx), Some(dw)])
+        // Only the gradients the graph needs: a frozen weight (a LoRA run's base, a reference
+        // model) gets no `dw`, and an input that depends on no variable (the noisy latents into
+        // `conv_in`) no `dx`, which saves their products and the gradient store's memory.
+        let dx = x
+            .track_op()
+            .then(|| {
+                grad.apply_op2_no_bwd(
+                    w,
+                    &Fused(InputGrad {
+                        stride,
+                        padding,
+                        h,
+                        w: wd,
+                    }),
+                )
+            })
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| {
+                x.apply_op2_no_bwd(
+                    &grad,
+                    &Fused(WeightGrad {
+                        stride,
+                        padding,
+                        kh,
+                        kw,
+                    }),
+                )
+            })
+            .transpose()?;
+        Ok([dx, dw])
     }
 }
 

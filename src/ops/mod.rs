@@ -18,6 +18,7 @@
 //! - [`attention`]: scaled dot-product attention (with an optional additive mask) that
 //!   recomputes the scores in its backward pass instead of keeping the attention matrix.
 //! - [`mse`]: the per-sample mean squared error of the preference losses.
+//! - [`frozen`]: `x W^T` with a frozen weight, whose backward gives the input's gradient only.
 
 pub mod attention;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod conv2d;
 pub(crate) mod cpu;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
+pub mod frozen;
 pub mod group_norm;
 mod kernel;
 mod lanes;
