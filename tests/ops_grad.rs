@@ -316,3 +316,32 @@ fn frozen_weight_layers_give_input_gradients_only() {
         assert!(grads.get(&weight).is_none(), "{what}: a frozen weight got a gradient");
     }
 }
+
+/// A bf16 weight that needs no gradient is widened inside the product, per call: the output and
+/// the input gradient are bit for bit those of a matmul on the widened weight.
+#[test]
+fn frozen_bf16_weight_product_equals_the_widened_matmul() {
+    use diffalign::ops::frozen::frozen_weight_product;
+    let dev = candle_core::Device::Cpu;
+    let mut rng = Rng::new(5);
+    let w = rng.randn((5, 6), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let x = Var::from_tensor(&rng.randn((3, 6), &dev).unwrap()).unwrap();
+    let y = frozen_weight_product(x.as_tensor(), &w).unwrap();
+    let widened = x
+        .as_tensor()
+        .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+        .unwrap();
+    assert_eq!(common::max_abs_diff(&y, &widened), 0.0);
+    let dx = |t: &Tensor| {
+        (t * t)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(common::max_abs_diff(&dx(&y), &dx(&widened)), 0.0);
+}

@@ -39,7 +39,7 @@ impl Linear {
         let dtype = xs.dtype();
         let gemm = super::gemm_dtype(xs);
         let x2 = xs.reshape((rows, in_features))?.to_dtype(gemm)?;
-        let ys = crate::ops::frozen::frozen_weight_product(&x2, &self.weight.to_dtype(gemm)?)?;
+        let ys = crate::ops::frozen::frozen_weight_product(&x2, &self.weight)?;
         let ys = match self.lora() {
             Some(l) => (ys + l.linear_delta(&x2)?)?,
             None => ys,
