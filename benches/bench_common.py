@@ -2,7 +2,9 @@
 with TF32 off, as candle computes) and the timing protocol (one warm-up, median of N, each run
 synchronised with the device)."""
 
+import json
 import os
+import resource
 import statistics
 import time
 
@@ -41,3 +43,11 @@ def peak_gpu_gib():
     if DEVICE.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / (1 << 30)
     return None
+
+
+def report_peak_memory():
+    """Prints the process's peak RSS (and on a GPU PyTorch's peak allocation) as JSON lines."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"bench": "peak_rss", "bytes": rss, "gib": rss / (1 << 30), "impl": "pytorch"}))
+    if peak_gpu_gib() is not None:
+        print(json.dumps({"bench": "peak_gpu_memory", "gib": peak_gpu_gib(), "impl": "pytorch"}))

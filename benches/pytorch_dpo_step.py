@@ -13,12 +13,11 @@ UNet. Without it, every weight trains (in --dtype) against a second frozen UNet.
 
 import argparse
 import json
-import resource
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from bench_common import DEVICE, median_secs, peak_gpu_gib, setup
+from bench_common import DEVICE, median_secs, report_peak_memory, setup
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -110,10 +109,7 @@ def main():
         f"recompute {str(a.gradient_checkpointing).lower()}"
     )
     print(json.dumps({"bench": "dpo_step", "shape": shape, "median_s": secs, "threads": torch.get_num_threads(), "impl": f"pytorch {torch.__version__}", "device": DEVICE}))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"bench": "peak_rss", "bytes": rss, "gib": rss / (1 << 30), "impl": "pytorch"}))
-    if peak_gpu_gib() is not None:
-        print(json.dumps({"bench": "peak_gpu_memory", "gib": peak_gpu_gib(), "impl": "pytorch"}))
+    report_peak_memory()
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ BENCH_DEVICE=cuda runs it on the GPU (f32, TF32 off, as candle computes; each ru
 """
 
 import json
-import resource
 import sys
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from bench_common import DEVICE, median_secs, peak_gpu_gib, setup
+from bench_common import DEVICE, median_secs, report_peak_memory, setup
 
 
 def main():
@@ -69,10 +68,7 @@ def main():
     for name, f in [("unet_forward", forward), ("unet_forward_backward", forward_backward), ("dpo_step", dpo_step)]:
         secs = median_secs(repeats, f)
         print(json.dumps({"bench": name, "shape": shape, "median_s": secs, "threads": torch.get_num_threads(), "impl": f"pytorch {torch.__version__}", "device": DEVICE}))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"bench": "peak_rss", "bytes": rss, "gib": rss / (1 << 30), "impl": "pytorch"}))
-    if peak_gpu_gib() is not None:
-        print(json.dumps({"bench": "peak_gpu_memory", "gib": peak_gpu_gib(), "impl": "pytorch"}))
+    report_peak_memory()
 
 
 if __name__ == "__main__":
