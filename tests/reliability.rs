@@ -525,6 +525,16 @@ fn training_memory_estimate_accepts_the_usual_sizes() {
             ..job
         }) < usual
     );
+    // A LoRA run holds one base UNet: its reference pass adds activations but, unlike a full
+    // fine-tune's, no second copy of the weights.
+    let lora = TrainingJob {
+        full_fine_tune: false,
+        ..job
+    };
+    let reference_cost = |j: &TrainingJob| bytes(j) - bytes(&TrainingJob { reference: false, ..*j });
+    let unet_weights = diffalign::sampling::budget::unet_parameters(&unet) * 4.0;
+    let saved = reference_cost(&job) - reference_cost(&lora);
+    assert!((saved - unet_weights).abs() < 1.0, "{saved} vs {unet_weights}");
 }
 
 #[test]

@@ -249,7 +249,8 @@ pub struct TrainingJob<'a> {
 /// every pair with its activations kept for the backward ([`BACKWARD_FACTOR`] forwards' worth),
 /// the reference's forward beside them, the VAE at the training resolution, and the weights of
 /// the policy (with master weights, gradients and optimizer state for a full fine-tune) and of
-/// the reference.
+/// the reference (a UNet of its own for a full fine-tune; a LoRA's reference is its policy with
+/// the adapters off).
 pub fn estimate_training(job: &TrainingJob, unet: &UNet2DConditionConfig, vae: &AutoencoderKLConfig) -> MemoryEstimate {
     let calls = Job {
         batch: 2 * job.pairs,
@@ -266,7 +267,11 @@ pub fn estimate_training(job: &TrainingJob, unet: &UNet2DConditionConfig, vae: &
     } else {
         elem
     };
-    let reference = if job.reference { params * elem } else { 0.0 };
+    let reference = if job.reference && job.full_fine_tune {
+        params * elem
+    } else {
+        0.0
+    };
     let weights = Part {
         what: "the UNets' weights (with gradients and optimiser state)".into(),
         bytes: params * copies + reference,
