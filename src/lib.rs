@@ -6,6 +6,8 @@
 //! - [`json`]: reading JSON files with errors that name the file and the place.
 //! - [`rng`]: the seeded RNG used for all noise.
 //! - [`device`]: the device (`--device`, [`device::DeviceSpec`]) and dtype choice.
+//! - [`dist`]: data-parallel runs: the launcher's ranks ([`dist::Launch`]) and the
+//!   collectives of a training step over MPI ([`dist::Comm`]).
 //! - [`ops`]: custom ops with forward and backward kernels (convolution, norms, softmax,
 //!   attention, per-sample MSE), each beside its composed reference, and the one kernel choice
 //!   of a process ([`ops::KernelConfig`]).
@@ -33,6 +35,7 @@
 
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod json;

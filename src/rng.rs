@@ -34,6 +34,18 @@ impl Rng {
         Rng { s, spare_normal: None }
     }
 
+    /// A generator for one item of a seeded run, fixed by the run's `seed` and the item's `key`
+    /// alone (say its epoch and position in the data order), so the item draws the same numbers
+    /// however the run's work is split into batches and processes.
+    pub fn keyed(seed: u64, key: &[u64]) -> Self {
+        let mut h = seed;
+        for &k in key {
+            let mut s = h ^ k.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            h = splitmix64(&mut s);
+        }
+        Rng::new(h)
+    }
+
     /// The full generator state, for checkpoints: the four state words, then the cached second
     /// normal's bits with a presence flag.
     pub fn state(&self) -> [u64; 6] {

@@ -222,6 +222,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         max_steps_this_run: None,
         device: cfg.device.clone(),
         hub_cache: None,
+        comm: std::rc::Rc::new(diffalign::dist::Comm::alone()),
     };
     for method in METHODS.into_iter().filter(|m| wanted(m)) {
         let run_dir = out.join("runs").join(method);

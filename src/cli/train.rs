@@ -1,10 +1,13 @@
-//! `diffalign train RECIPE.toml`: preference fine-tuning from a recipe.
+//! `diffalign train RECIPE.toml`: preference fine-tuning from a recipe, in one process or in
+//! the several that `mpirun`, `mpiexec` or `srun` start (built with the `mpi` feature).
 
 use std::path::PathBuf;
+use std::rc::Rc;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use diffalign::data::skipped::{describe, summary_lines, SHOWN_SKIPPED, SKIPPED_FILE};
+use diffalign::dist::{Comm, Launch};
 use diffalign::models::unet::UNet2DConditionConfig;
 use diffalign::models::vae::AutoencoderKLConfig;
 use diffalign::recipe::Plan;
@@ -41,6 +44,19 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let launch = Launch::from_env(|k| std::env::var(k).ok())?;
+    let comm = Rc::new(Comm::connect(&launch)?);
+    let result = train(args, comm.clone());
+    if let (Err(e), true) = (&result, comm.size() > 1) {
+        // The other ranks would wait for this one in their next collective: end them all.
+        eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.size());
+        comm.abort(1);
+    }
+    result
+}
+
+fn train(args: TrainArgs, comm: Rc<Comm>) -> anyhow::Result<()> {
+    let main = comm.is_main();
     let plan = Plan::load(&args.recipe, &args.sets)?;
     let out = plan.raw.output.dir.clone();
     let resume = match (args.resume, args.resume_if_possible) {
@@ -54,9 +70,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         max_steps_this_run: args.max_steps_this_run,
         device: args.device.device()?,
         hub_cache: layout::hub_cache_dir(|k| std::env::var(k).ok()),
+        comm,
     };
     check_plan_fits(&plan, &opts)?;
     let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {}", args.recipe.display()))?;
+    if !main {
+        // Rank 0 reports for the run.
+        return Ok(trainer.run(&opts, &mut |_, _| {})?);
+    }
     for note in trainer.notes() {
         eprintln!("note: {note}");
     }
@@ -145,7 +166,8 @@ fn check_plan_fits(plan: &Plan, opts: &TrainOptions) -> anyhow::Result<()> {
     };
     let side = t.resolution / factor;
     let job = TrainingJob {
-        pairs: t.batch_size,
+        // The trainer runs a micro-batch pair by pair, whatever `batch_size`.
+        pairs: 1,
         latent: (side, side),
         dtype: plan.dtype,
         device: &opts.device,
@@ -155,11 +177,7 @@ fn check_plan_fits(plan: &Plan, opts: &TrainOptions) -> anyhow::Result<()> {
     };
     let estimate = budget::estimate_training(&job, &unet, &vae);
     if let Some(why) = budget::shortfall(&estimate, &opts.device, available) {
-        bail!(
-            "train.resolution = {} (train.batch_size = {}) in {recipe}: {why}",
-            t.resolution,
-            t.batch_size
-        );
+        bail!("train.resolution = {} in {recipe}: {why}", t.resolution);
     }
     Ok(())
 }

@@ -167,24 +167,46 @@ impl PairDataset {
     /// be read or decoded is `None`, listed in [`Self::late_skipped`] and not read again. Fails
     /// when that leaves no usable pair.
     pub fn get_or_skip(&self, i: usize) -> Result<Option<PreferencePair>> {
-        let lock = || self.late.lock().unwrap_or_else(|p| p.into_inner());
-        if lock().indices.contains(&i) {
+        if self.is_skipped(i) {
             return Ok(None);
         }
-        match self.get(i) {
+        match self.try_get(i)? {
             Ok(pair) => Ok(Some(pair)),
-            Err(Error::Record { reason, .. }) if self.spec.bad_records == BadRecordPolicy::Skip => {
-                let mut late = lock();
-                late.indices.insert(i);
-                late.list.push((self.source.location(i), reason));
-                if late.indices.len() == self.len() {
-                    let all: Vec<SkippedRecord> = self.skipped().iter().chain(&late.list).cloned().collect();
-                    return Err(Error::input("data", explain_empty(&self.spec.path, &all)));
-                }
+            Err(reason) => {
+                self.skip(i, reason)?;
                 Ok(None)
             }
+        }
+    }
+
+    /// Pair `i` as [`Self::get`] reads it, or, under `bad_records = "skip"`, why it cannot be
+    /// read or decoded (for [`Self::skip`]; nothing is listed yet).
+    pub fn try_get(&self, i: usize) -> Result<std::result::Result<PreferencePair, String>> {
+        match self.get(i) {
+            Ok(pair) => Ok(Ok(pair)),
+            Err(Error::Record { reason, .. }) if self.spec.bad_records == BadRecordPolicy::Skip => Ok(Err(reason)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether pair `i` was left out after opening.
+    pub fn is_skipped(&self, i: usize) -> bool {
+        self.late.lock().unwrap_or_else(|p| p.into_inner()).indices.contains(&i)
+    }
+
+    /// Leaves pair `i` out for `reason` and lists it in [`Self::late_skipped`] (once); fails
+    /// when no usable pair is left.
+    pub fn skip(&self, i: usize, reason: String) -> Result<()> {
+        let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+        if !late.indices.insert(i) {
+            return Ok(());
+        }
+        late.list.push((self.source.location(i), reason));
+        if late.indices.len() == self.len() {
+            let all: Vec<SkippedRecord> = self.skipped().iter().chain(&late.list).cloned().collect();
+            return Err(Error::input("data", explain_empty(&self.spec.path, &all)));
+        }
+        Ok(())
     }
 
     /// Pairs left out by [`Self::get_or_skip`], in the order found, from the `from`-th on.

@@ -237,6 +237,21 @@ impl PreferenceBatch {
     pub fn is_empty(&self) -> bool {
         self.captions_w.is_empty()
     }
+
+    /// Pair `i` alone, as a batch of one.
+    pub fn pair(&self, i: usize) -> Result<Self> {
+        let one = |t: &Tensor| t.narrow(0, i, 1);
+        Ok(PreferenceBatch {
+            latents_w: one(&self.latents_w)?,
+            latents_l: one(&self.latents_l)?,
+            noise: one(&self.noise)?,
+            timesteps: one(&self.timesteps)?,
+            soft_label: self.soft_label.as_ref().map(one).transpose()?,
+            time_ids: self.time_ids.as_ref().map(one).transpose()?,
+            captions_w: vec![self.captions_w[i].clone()],
+            captions_l: vec![self.captions_l[i].clone()],
+        })
+    }
 }
 
 /// Text conditioning of a batch: per side, the UNet's text states and SDXL's added inputs.

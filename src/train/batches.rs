@@ -1,11 +1,21 @@
 //! Where a diffusion run's micro-batches come from: the usable pairs in a seeded order per
-//! epoch, preprocessing (crops, flips, caption dropout), VAE latents (through the latent cache
-//! when it is on), and the run's RNG for those choices and for noise and timesteps.
+//! epoch, split between the ranks of a data-parallel run, preprocessing (crops, flips, caption
+//! dropout), VAE latents (through the latent cache when it is on), and each pair's random
+//! draws for those choices and for noise and timesteps.
+//!
+//! A micro-batch of the run is `batch_size × world size` pairs in the data order; rank `r`
+//! takes the `r`-th `batch_size` of them. Every draw of a pair comes from an RNG keyed by the
+//! run's seed and the pair's place in the data order (epoch, position), so a run computes the
+//! same global batches whatever the number of processes.
+
+use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
 
 use super::checkpoint::TrainState;
 use crate::data::{LatentCache, LatentKey, PairDataset, PreferencePair, Preprocess};
+use crate::dist::Comm;
 use crate::preference::diffusion::{Method, PreferenceBatch};
 use crate::rng::Rng;
 use crate::sampling::StableDiffusionPipeline;
@@ -17,11 +27,24 @@ pub(super) struct Batches {
     pub(super) data: PairDataset,
     preprocess: Preprocess,
     cache: Option<LatentCache>,
-    /// Every random choice of the run (saved in its checkpoints).
-    pub(super) rng: Rng,
     seed: u64,
     batch_size: usize,
     method: Method,
+}
+
+/// A pair's place in the run: its epoch, its position in that epoch's order, its dataset index.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    epoch: usize,
+    position: usize,
+    index: usize,
+}
+
+/// A pair found bad on some rank, as the ranks tell each other.
+#[derive(Serialize, Deserialize)]
+struct BadPair {
+    index: usize,
+    reason: String,
 }
 
 /// The data order of `epoch`: a permutation of `0..n` fixed by the seed.
@@ -41,7 +64,6 @@ impl Batches {
         data: PairDataset,
         preprocess: Preprocess,
         cache: Option<LatentCache>,
-        rng: Rng,
         seed: u64,
         batch_size: usize,
         method: Method,
@@ -50,36 +72,76 @@ impl Batches {
             data,
             preprocess,
             cache,
-            rng,
             seed,
             batch_size,
             method,
         }
     }
 
-    /// The next `n` usable pairs in this run's order, with their dataset indices; pairs that
-    /// turn out bad are passed over (skip mode) and listed by the dataset.
-    fn next_pairs(&mut self, n: usize, state: &mut TrainState) -> Result<Vec<(usize, PreferencePair)>> {
+    /// The next `n` pairs in the data order from `(epoch, position)` that are not known to be
+    /// bad, and the place after the last one.
+    fn walk(&self, mut epoch: usize, mut position: usize, n: usize) -> (Vec<Slot>, (usize, usize)) {
         let len = self.data.len();
+        let mut order = epoch_order(self.seed, epoch, len);
         let mut out = Vec::with_capacity(n);
-        let mut order = epoch_order(self.seed, state.epoch, len);
         while out.len() < n {
-            if state.position >= len {
-                state.epoch += 1;
-                state.position = 0;
-                order = epoch_order(self.seed, state.epoch, len);
+            if position >= len {
+                epoch += 1;
+                position = 0;
+                order = epoch_order(self.seed, epoch, len);
             }
-            let i = order[state.position];
-            state.position += 1;
-            if let Some(pair) = self.data.get_or_skip(i)? {
-                out.push((i, pair));
+            let index = order[position];
+            if !self.data.is_skipped(index) {
+                out.push(Slot { epoch, position, index });
+            }
+            position += 1;
+        }
+        (out, (epoch, position))
+    }
+
+    /// This rank's pairs of the next global micro-batch, decoded, advancing the data order in
+    /// `state`. A pair found bad (skip mode) on any rank is left out on every rank and the
+    /// micro-batch is chosen again, so all ranks agree on it, as one process would.
+    fn next_pairs(&mut self, state: &mut TrainState, comm: &Comm) -> Result<Vec<(Slot, PreferencePair)>> {
+        let mine = comm.rank() * self.batch_size..(comm.rank() + 1) * self.batch_size;
+        let mut decoded: HashMap<usize, PreferencePair> = HashMap::new();
+        loop {
+            let (slots, next) = self.walk(state.epoch, state.position, self.batch_size * comm.size());
+            let mut bad = Vec::new();
+            for slot in &slots[mine.clone()] {
+                if decoded.contains_key(&slot.index) || bad.iter().any(|b: &BadPair| b.index == slot.index) {
+                    continue;
+                }
+                match self.data.try_get(slot.index)? {
+                    Ok(pair) => {
+                        decoded.insert(slot.index, pair);
+                    }
+                    Err(reason) => bad.push(BadPair {
+                        index: slot.index,
+                        reason,
+                    }),
+                }
+            }
+            let found: Vec<BadPair> = comm.all_gather(&bad)?.into_iter().flatten().collect();
+            if found.is_empty() {
+                (state.epoch, state.position) = next;
+                return Ok(slots[mine].iter().map(|s| (*s, decoded[&s.index].clone())).collect());
+            }
+            // In rank order, which is the data order: the list matches one process's.
+            for b in found {
+                self.data.skip(b.index, b.reason)?;
             }
         }
-        Ok(out)
     }
 
     /// Encodes one preprocessed image `[3, H, W]` to a latent sample (times the scaling factor).
-    fn latent(&mut self, pipe: &StableDiffusionPipeline, image: &Tensor, key: Option<LatentKey>) -> Result<Tensor> {
+    fn latent(
+        &self,
+        pipe: &StableDiffusionPipeline,
+        image: &Tensor,
+        key: Option<LatentKey>,
+        rng: &mut Rng,
+    ) -> Result<Tensor> {
         let vae = &pipe.vae;
         let device = pipe.device().clone();
         let encode = || -> Result<(Tensor, Tensor)> {
@@ -93,30 +155,33 @@ impl Batches {
             (Some(cache), Some(key)) => cache.get_or_encode(&key, encode)?,
             _ => encode()?,
         };
-        let noise = self.rng.randn(m.dims(), m.device())?;
+        let noise = rng.randn(m.dims(), m.device())?;
         Ok(((m + (s * noise)?)? * vae.config().scaling_factor)?)
     }
 
-    /// Builds the next micro-batch, advancing the data order in `state`; `num_train_timesteps`
-    /// bounds the sampled timesteps.
+    /// Builds this rank's part of the next micro-batch, advancing the data order in `state`;
+    /// `num_train_timesteps` bounds the sampled timesteps.
     pub(super) fn next_batch(
         &mut self,
         pipe: &StableDiffusionPipeline,
         num_train_timesteps: usize,
         state: &mut TrainState,
+        comm: &Comm,
     ) -> Result<PreferenceBatch> {
-        let pairs = self.next_pairs(self.batch_size, state)?;
+        let pairs = self.next_pairs(state, comm)?;
         let (mut lw, mut ll, mut noise, mut ts, mut soft) = (vec![], vec![], vec![], vec![], vec![]);
         let (mut cw, mut cl) = (vec![], vec![]);
-        for (i, pair) in pairs {
-            let (img_w, img_l, flip_w, flip_l) = self.preprocess.pair(&pair, &mut self.rng)?;
+        for (slot, pair) in pairs {
+            let mut rng = Rng::keyed(self.seed, &[slot.epoch as u64, slot.position as u64]);
+            let (img_w, img_l, flip_w, flip_l) = self.preprocess.pair(&pair, &mut rng)?;
+            let i = slot.index;
             let key_w = self.cache.as_ref().map(|_| LatentKey::new(i, true, flip_w));
             let key_l = self.cache.as_ref().map(|_| LatentKey::new(i, false, flip_l));
-            let zw = self.latent(pipe, &img_w, key_w)?;
-            let zl = self.latent(pipe, &img_l, key_l)?;
-            noise.push(self.rng.randn(zw.dims(), zw.device())?);
-            ts.push(self.rng.below(num_train_timesteps as u64) as f32);
-            let caption_w = self.preprocess.caption(&pair.caption_w, &mut self.rng);
+            let zw = self.latent(pipe, &img_w, key_w, &mut rng)?;
+            let zl = self.latent(pipe, &img_l, key_l, &mut rng)?;
+            noise.push(rng.randn(zw.dims(), zw.device())?);
+            ts.push(rng.below(num_train_timesteps as u64) as f32);
+            let caption_w = self.preprocess.caption(&pair.caption_w, &mut rng);
             let caption_l = if self.method == Method::Dcpo {
                 pair.caption_l.clone()
             } else {

@@ -1,5 +1,5 @@
 //! Resumable checkpoints: f32 master weights, the optimizer's state (whatever its kind), and the
-//! loop state (step, data position, RNG state), written to a temporary folder and renamed into place, so a checkpoint is
+//! loop state (step, data position, world size), written to a temporary folder and renamed into place, so a checkpoint is
 //! either complete or absent.
 
 use std::collections::HashMap;
@@ -22,13 +22,18 @@ pub struct TrainState {
     pub epoch: usize,
     /// Next position in this epoch's order.
     pub position: usize,
-    /// State of the training RNG.
-    pub rng: [u64; 6],
+    /// Processes of the run (data-parallel runs resume with the same number).
+    #[serde(default = "one")]
+    pub world_size: usize,
     /// Non-finite steps in a row so far.
     pub nonfinite_in_a_row: usize,
     /// f16 runs: the dynamic loss scale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<LossScale>,
+}
+
+fn one() -> usize {
+    1
 }
 
 const PARAMS: &str = "params.safetensors";

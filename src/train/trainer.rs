@@ -3,9 +3,15 @@
 //! accumulation, clipping, the recipe's optimizer with f32 master weights, a non-finite guard,
 //! checkpoints, validation images, per-step metrics ([`super::records`]) and the final weights
 //! and report.
+//!
+//! Data-parallel runs ([`crate::dist`]): each rank computes its share of every micro-batch
+//! ([`super::batches`]); the gradients are summed over the ranks once per optimizer step, after
+//! accumulation, so every rank takes the same step; metrics are averaged over the ranks; rank 0
+//! alone writes files.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -17,6 +23,7 @@ use super::report::{write_report, Curve, ImageRow};
 use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Resume};
 use crate::data::skipped::{self, SkippedRecord};
 use crate::data::{LatentCache, PairDataset, Preprocess};
+use crate::dist::Comm;
 use crate::models::unet::UNet2DConditionModel;
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::preference::diffusion::{DiffusionPreference, Method, Reference};
@@ -44,6 +51,8 @@ pub struct TrainOptions {
     pub device: Device,
     /// The Hugging Face cache folder for repo ids.
     pub hub_cache: Option<PathBuf>,
+    /// The processes of a data-parallel run ([`Comm::alone`] for one).
+    pub comm: Rc<Comm>,
 }
 
 /// A training run.
@@ -66,6 +75,7 @@ pub struct Trainer {
     late_seen: usize,
     /// Things the caller should tell the user about how the run started.
     notes: Vec<String>,
+    comm: Rc<Comm>,
 }
 
 fn mean(t: &Tensor) -> Result<f64> {
@@ -77,12 +87,16 @@ impl Trainer {
     /// anything when the start `resume` asks for is not possible (see [`super::resume`]).
     pub fn new(plan: Plan, opts: &TrainOptions) -> Result<Self> {
         let r = &plan.raw;
-        let start = plan_start(
-            &r.output.dir,
-            &plan.resolved_toml,
-            opts.resume,
-            opts.allow_recipe_change,
-        )?;
+        let comm = opts.comm.clone();
+        // Rank 0 removes what an interrupted run left; the others then find the same start.
+        let start = comm.rank0_first(|| {
+            plan_start(
+                &r.output.dir,
+                &plan.resolved_toml,
+                opts.resume,
+                opts.allow_recipe_change,
+            )
+        })?;
         let root = layout::resolve_model(&r.model.path, opts.hub_cache.as_deref(), r.model.revision.as_deref())?;
         let load = LoadOptions {
             dtype: plan.dtype,
@@ -163,7 +177,8 @@ impl Trainer {
                 t.resolution,
                 sources.vae.as_ref().unwrap_or(&root.join("vae")).display()
             );
-            Some(LatentCache::open(&out.join("latents"), &identity)?.with_device(opts.device.clone()))
+            let cache = comm.rank0_first(|| LatentCache::open(&out.join("latents"), &identity))?;
+            Some(cache.with_device(opts.device.clone()))
         } else {
             None
         };
@@ -171,19 +186,11 @@ impl Trainer {
             step: 0,
             epoch: 0,
             position: 0,
-            rng: Rng::new(t.seed).state(),
+            world_size: comm.size(),
             nonfinite_in_a_row: 0,
             loss_scale: (plan.dtype == DType::F16).then(LossScale::new),
         };
-        let batches = Batches::new(
-            data,
-            preprocess,
-            cache,
-            Rng::from_state(state.rng),
-            t.seed,
-            t.batch_size,
-            plan.method,
-        );
+        let batches = Batches::new(data, preprocess, cache, t.seed, t.batch_size, plan.method);
         let mut trainer = Trainer {
             metrics: MetricsLog::new(&out),
             batches,
@@ -200,8 +207,10 @@ impl Trainer {
             skipped: Vec::new(),
             late_seen: 0,
             notes: Vec::new(),
+            comm: comm.clone(),
         };
-        trainer.begin(&start.checkpoint, &start.changes)?;
+        comm.rank0_first(|| trainer.begin(&start.checkpoint, &start.changes))?;
+        trainer.share_weights()?;
         trainer.notes.extend(start.removed_tmp.iter().map(|p| {
             format!(
                 "removed {}, left by a run stopped while writing a checkpoint",
@@ -214,20 +223,33 @@ impl Trainer {
     /// Continues from `checkpoint` (recording allowed recipe `changes` in the metrics) or
     /// clears the metrics of an earlier, checkpoint-less start; writes `recipe.toml` and the
     /// list of skipped records.
+    /// Only rank 0 writes.
     fn begin(&mut self, checkpoint: &Option<PathBuf>, changes: &[RecipeChange]) -> Result<()> {
         let skipped_path = self.out.join(skipped::SKIPPED_FILE);
+        let main = self.comm.is_main();
         match checkpoint {
             Some(ck) => {
                 self.state = checkpoint::load(ck, &mut self.opt)?;
+                if self.state.world_size != self.comm.size() {
+                    return Err(Error::input(
+                        ck.display().to_string(),
+                        format!(
+                            "written by a run of {} process(es); this run has {}: resume with the same number of processes",
+                            self.state.world_size,
+                            self.comm.size()
+                        ),
+                    ));
+                }
                 // A dtype changed on resume (allowed by `--allow-recipe-change`) starts or ends
                 // the loss scaling.
                 let f16 = self.plan.dtype == DType::F16;
                 self.state.loss_scale = f16.then(|| self.state.loss_scale.unwrap_or_default());
-                self.batches.rng = Rng::from_state(self.state.rng);
-                self.records = self.metrics.read_until(self.state.step)?;
+                if main {
+                    self.records = self.metrics.read_until(self.state.step)?;
+                }
                 // Pairs found undecodable before the interruption stay listed.
                 self.skipped = skipped::read_skipped(&skipped_path)?;
-                if !changes.is_empty() {
+                if !changes.is_empty() && main {
                     self.metrics
                         .append_line(&change_event(self.state.step, changes).to_string())?;
                     self.notes.push(format!(
@@ -238,11 +260,29 @@ impl Trainer {
                     ));
                 }
             }
-            None => self.metrics.clear()?,
+            None if main => self.metrics.clear()?,
+            None => {}
         }
         skipped::merge(&mut self.skipped, self.batches.data.skipped());
+        if !main {
+            return Ok(());
+        }
         skipped::write_skipped(&skipped_path, &self.skipped)?;
         write_atomic(&self.out.join("recipe.toml"), &self.plan.resolved_toml)
+    }
+
+    /// Gives every rank rank 0's trainable weights (a no-op for one process).
+    fn share_weights(&mut self) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let mut masters: Vec<Tensor> = self.opt.params.iter().map(|p| p.master.clone()).collect();
+        self.comm.broadcast_tensors(&mut masters)?;
+        for (p, m) in self.opt.params.iter_mut().zip(masters) {
+            p.var.set(&m.to_dtype(p.var.dtype())?)?;
+            p.master = m;
+        }
+        Ok(())
     }
 
     /// Notes on how the run started (stale temporary folders removed, an allowed recipe
@@ -267,7 +307,9 @@ impl Trainer {
         if !new.is_empty() {
             self.late_seen += new.len();
             skipped::merge(&mut self.skipped, &new);
-            skipped::write_skipped(&self.out.join(skipped::SKIPPED_FILE), &self.skipped)?;
+            if self.comm.is_main() {
+                skipped::write_skipped(&self.out.join(skipped::SKIPPED_FILE), &self.skipped)?;
+            }
         }
         Ok(new)
     }
@@ -276,67 +318,92 @@ impl Trainer {
         self.out.join("checkpoints")
     }
 
-    /// One optimizer step over `grad_accum` micro-batches.
+    /// One optimizer step over `grad_accum` micro-batches (of every rank). Each pair's
+    /// gradient is computed on its own and summed in f64, so the sum does not depend on how
+    /// the pairs are grouped into micro-batches and processes: the same run on any number of
+    /// processes takes the same steps, up to the last bit of an f32 in all but rare elements.
     fn step(&mut self) -> Result<StepRecord> {
         let t = &self.plan.raw.train;
         let lr = t.lr_schedule.lr(t.lr, self.state.step, t.warmup_steps, t.steps);
         let (grad_accum, max_grad_norm) = (t.grad_accum, t.max_grad_norm);
+        // The step's loss is the mean over every pair of every micro-batch and rank.
+        let pairs = (grad_accum * t.batch_size * self.comm.size()) as f64;
         let mut grads: Vec<Tensor> = self
             .opt
             .params
             .iter()
-            .map(|p| p.master.zeros_like())
+            .map(|p| p.master.zeros_like()?.to_dtype(DType::F64))
             .collect::<candle_core::Result<_>>()?;
         let scale = self.state.loss_scale;
-        let (mut loss, mut acc, mut margin, mut mw, mut ml, mut rw, mut rl) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-        let mut finite = true;
+        // Sums over this rank's pairs: loss, accuracy, margin, the four MSEs, non-finite losses.
+        let mut sums = [0.0f64; 8];
         for _ in 0..grad_accum {
-            let batch = self
-                .batches
-                .next_batch(&self.pipe, self.schedule.num_train_timesteps(), &mut self.state)?;
-            let reference = match self.policy_vb.lora_switch() {
-                _ if !self.plan.objective.needs_reference() => None,
-                Some(switch) => Some(Reference::PolicyWithoutAdapters(switch)),
-                None => Some(Reference::Unet(&self.pipe.unet)),
-            };
-            let cond = super::pair_conditioning(&self.pipe, &batch, self.plan.method)?;
-            let eval = DiffusionPreference {
-                policy: &self.policy,
-                reference,
-                schedule: &self.schedule,
-                method: self.plan.method,
-                objective: self.plan.objective,
-            };
-            let out = eval.loss(&batch, &cond)?;
-            let m = &out.loss.metrics;
-            finite &= m.loss.is_finite();
-            let k = grad_accum as f64;
-            loss += m.loss / k;
-            acc += m.implicit_acc.unwrap_or(0.0) / k;
-            margin += m.reward_margin.unwrap_or(0.0) / k;
-            mw += mean(&out.mse_w)? / k;
-            ml += mean(&out.mse_l)? / k;
-            if let Some((w, l)) = &out.ref_mse {
-                rw += mean(w)? / k;
-                rl += mean(l)? / k;
-            }
-            if finite {
-                let g = match scale {
-                    Some(s) => (out.loss.loss * (s.scale / k))?.backward()?,
-                    None => (out.loss.loss / k)?.backward()?,
+            let batch = self.batches.next_batch(
+                &self.pipe,
+                self.schedule.num_train_timesteps(),
+                &mut self.state,
+                &self.comm,
+            )?;
+            for i in 0..batch.len() {
+                let pair = batch.pair(i)?;
+                let reference = match self.policy_vb.lora_switch() {
+                    _ if !self.plan.objective.needs_reference() => None,
+                    Some(switch) => Some(Reference::PolicyWithoutAdapters(switch)),
+                    None => Some(Reference::Unet(&self.pipe.unet)),
                 };
+                let cond = super::pair_conditioning(&self.pipe, &pair, self.plan.method)?;
+                let eval = DiffusionPreference {
+                    policy: &self.policy,
+                    reference,
+                    schedule: &self.schedule,
+                    method: self.plan.method,
+                    objective: self.plan.objective,
+                };
+                let out = eval.loss(&pair, &cond)?;
+                let m = &out.loss.metrics;
+                sums[0] += m.loss;
+                sums[1] += m.implicit_acc.unwrap_or(0.0);
+                sums[2] += m.reward_margin.unwrap_or(0.0);
+                sums[3] += mean(&out.mse_w)?;
+                sums[4] += mean(&out.mse_l)?;
+                if let Some((w, l)) = &out.ref_mse {
+                    sums[5] += mean(w)?;
+                    sums[6] += mean(l)?;
+                }
+                if !m.loss.is_finite() {
+                    sums[7] += 1.0;
+                }
+                // After a non-finite loss the step is skipped: no gradient is needed.
+                if sums[7] > 0.0 {
+                    continue;
+                }
+                let weight = scale.map_or(1.0, |s| s.scale) / pairs;
+                let g = (out.loss.loss * weight)?.backward()?;
                 for (acc, p) in grads.iter_mut().zip(&self.opt.params) {
                     if let Some(gi) = g.get(p.var.as_tensor()) {
-                        *acc = (&*acc + gi.to_dtype(DType::F32)?)?;
+                        *acc = (&*acc + gi.to_dtype(DType::F64)?)?;
                     }
                 }
             }
         }
-        if let (Some(s), true) = (scale, finite) {
-            for g in grads.iter_mut() {
-                *g = g.affine(s.inverse(), 0.0)?;
-            }
+        // Every rank's sums (a no-op for one process), then the means.
+        self.comm.sum_f64(&mut sums);
+        let [loss, acc, margin, mw, ml, rw, rl, nonfinite] = sums.map(|v| v / pairs);
+        let finite = nonfinite == 0.0;
+        if finite {
+            self.comm.sum_tensors(&mut grads)?;
         }
+        let unscale = scale.map_or(1.0, |s| s.inverse());
+        let mut grads: Vec<Tensor> = grads
+            .iter()
+            .map(|g| {
+                if finite && unscale != 1.0 {
+                    g.affine(unscale, 0.0)?.to_dtype(DType::F32)
+                } else {
+                    g.to_dtype(DType::F32)
+                }
+            })
+            .collect::<candle_core::Result<_>>()?;
         let max_norm = (max_grad_norm > 0.0).then_some(max_grad_norm);
         let grad_norm = if finite {
             clip_grad_norm(&mut grads, max_norm)?
@@ -378,7 +445,8 @@ impl Trainer {
     pub fn run(&mut self, opts: &TrainOptions, on_step: &mut dyn FnMut(&StepRecord, usize)) -> Result<()> {
         let total = self.plan.raw.train.steps;
         let o = self.plan.raw.output.clone();
-        if self.state.step == 0 {
+        let main = self.comm.is_main();
+        if self.state.step == 0 && main {
             self.validation_images(0)?;
         }
         let mut done_here = 0;
@@ -390,8 +458,9 @@ impl Trainer {
             let mut record = self.step()?;
             record.bad_records = self.take_late_skips()?;
             done_here += 1;
-            self.state.rng = self.batches.rng.state();
-            self.metrics.append(&record)?;
+            if main {
+                self.metrics.append(&record)?;
+            }
             on_step(&record, total);
             self.records.push(record);
             if self.state.nonfinite_in_a_row >= self.plan.raw.train.max_nonfinite_steps {
@@ -408,19 +477,25 @@ impl Trainer {
             if o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step < total {
                 self.save_checkpoint()?;
             }
-            if o.validation_every > 0 && step % o.validation_every == 0 && step < total {
+            if o.validation_every > 0 && step % o.validation_every == 0 && step < total && main {
                 self.validation_images(step)?;
             }
         }
         self.save_checkpoint()?;
-        self.validation_images(total)?;
-        self.save_weights()?;
-        self.write_report()
+        if main {
+            self.validation_images(total)?;
+            self.save_weights()?;
+            self.write_report()?;
+        }
+        Ok(())
     }
 
+    /// Rank 0 writes the checkpoint; every rank waits for it.
     fn save_checkpoint(&mut self) -> Result<()> {
-        self.state.rng = self.batches.rng.state();
-        checkpoint::save(&self.checkpoint_dir(), &self.opt, &self.state)?;
+        if self.comm.is_main() {
+            checkpoint::save(&self.checkpoint_dir(), &self.opt, &self.state)?;
+        }
+        self.comm.barrier();
         Ok(())
     }
 

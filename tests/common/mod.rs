@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod ops_check;
+pub mod pairs;
 
 use std::path::PathBuf;
 
@@ -68,9 +69,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
     let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs(&(a - b).unwrap())
+}
+
+/// Largest element of an f32 CPU tensor in absolute value.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
