@@ -317,31 +317,77 @@ fn frozen_weight_layers_give_input_gradients_only() {
     }
 }
 
-/// A bf16 weight that needs no gradient is widened inside the product, per call: the output and
-/// the input gradient are bit for bit those of a matmul on the widened weight.
+/// `x W^T + b + s (x A^T) B^T` as composed candle ops, for checking the fused frozen layer.
+fn composed_lora_linear(x: &Tensor, w: &Tensor, b: &Tensor, a: &Tensor, up: &Tensor, s: f64) -> Tensor {
+    let dt = x.dtype();
+    let base = x
+        .matmul(&w.to_dtype(dt).unwrap().t().unwrap())
+        .unwrap()
+        .broadcast_add(&b.to_dtype(dt).unwrap())
+        .unwrap();
+    let h = x.matmul(&a.to_dtype(dt).unwrap().t().unwrap()).unwrap();
+    let delta = (h.matmul(&up.to_dtype(dt).unwrap().t().unwrap()).unwrap() * s).unwrap();
+    (base + delta).unwrap()
+}
+
+/// The fused frozen linear layer with a LoRA equals the composed layer, and its gradients in the
+/// input and both adapter factors match finite differences (the frozen weight and bias get none).
 #[test]
-fn frozen_bf16_weight_product_equals_the_widened_matmul() {
-    use diffalign::ops::frozen::frozen_weight_product;
+fn frozen_lora_linear_equals_the_composed_layer_and_has_exact_gradients() {
+    use diffalign::ops::frozen::frozen_linear;
+    let mut rng = Rng::new(6);
+    let (w, b) = (randn(&mut rng, &[5, 6]), randn(&mut rng, &[5]));
+    let x = Var::from_tensor(&randn(&mut rng, &[4, 6])).unwrap();
+    let a = Var::from_tensor(&randn(&mut rng, &[2, 6])).unwrap();
+    let up = Var::from_tensor(&randn(&mut rng, &[5, 2])).unwrap();
+    let s = 0.75;
+    let f = || {
+        frozen_linear(x.as_tensor(), &w, Some(&b), Some((a.as_tensor(), up.as_tensor(), s)))
+            .unwrap()
+            .expect("the op takes a CPU f64 call")
+    };
+    let want = composed_lora_linear(x.as_tensor(), &w, &b, a.as_tensor(), up.as_tensor(), s);
+    common::assert_close("frozen LoRA linear", &f(), &want, 1e-12);
+    let probe = randn(&mut rng, want.dims());
+    let loss = || (f() * &probe).unwrap().sum_all().unwrap();
+    for (name, var) in [("input", &x), ("lora A", &a), ("lora B", &up)] {
+        check_var(&format!("frozen LoRA linear {name}"), var, &loss, &mut rng);
+    }
+    let grads = loss().backward().unwrap();
+    assert!(
+        grads.get(&w).is_none() && grads.get(&b).is_none(),
+        "a frozen tensor got a gradient"
+    );
+}
+
+/// bf16 weights, bias and adapter factors are widened inside the op, per call: the output and
+/// the gradients are those of the composed layer on the widened tensors.
+#[test]
+fn frozen_bf16_linear_equals_the_widened_composed_layer() {
+    use diffalign::ops::frozen::frozen_linear;
     let dev = candle_core::Device::Cpu;
     let mut rng = Rng::new(5);
-    let w = rng.randn((5, 6), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let bf16 = |rng: &mut Rng, shape: (usize, usize)| rng.randn(shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let (w, a, up) = (bf16(&mut rng, (5, 6)), bf16(&mut rng, (2, 6)), bf16(&mut rng, (5, 2)));
+    let b = rng.randn(5, &dev).unwrap().to_dtype(DType::BF16).unwrap();
     let x = Var::from_tensor(&rng.randn((3, 6), &dev).unwrap()).unwrap();
-    let y = frozen_weight_product(x.as_tensor(), &w).unwrap();
-    let widened = x
-        .as_tensor()
-        .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
-        .unwrap();
-    assert_eq!(common::max_abs_diff(&y, &widened), 0.0);
-    let dx = |t: &Tensor| {
-        (t * t)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(x.as_tensor())
-            .unwrap()
-            .clone()
-    };
-    assert_eq!(common::max_abs_diff(&dx(&y), &dx(&widened)), 0.0);
+    let (av, upv) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&up).unwrap());
+    let y = frozen_linear(
+        x.as_tensor(),
+        &w,
+        Some(&b),
+        Some((av.as_tensor(), upv.as_tensor(), 2.0)),
+    )
+    .unwrap()
+    .expect("the op takes an f32 call with bf16 weights");
+    let widened = composed_lora_linear(x.as_tensor(), &w, &b, av.as_tensor(), upv.as_tensor(), 2.0);
+    common::assert_close("bf16 frozen LoRA linear", &y, &widened, 1e-5);
+    let grads = |t: &Tensor| (t * t).unwrap().sum_all().unwrap().backward().unwrap();
+    let (gy, gw) = (grads(&y), grads(&widened));
+    for (name, t) in [("input", x.as_tensor()), ("A", av.as_tensor()), ("B", upv.as_tensor())] {
+        let (got, want) = (gy.get(t).unwrap(), gw.get(t).unwrap());
+        assert_eq!(got.dtype(), t.dtype(), "{name}: gradient dtype");
+        let tol = if t.dtype() == DType::BF16 { 0.05 } else { 1e-4 };
+        common::assert_close(&format!("bf16 frozen LoRA linear, gradient of {name}"), got, want, tol);
+    }
 }

@@ -39,15 +39,22 @@ impl Linear {
         let dtype = xs.dtype();
         let gemm = super::gemm_dtype(xs);
         let x2 = xs.reshape((rows, in_features))?.to_dtype(gemm)?;
-        let ys = crate::ops::frozen::frozen_weight_product(&x2, &self.weight)?;
-        let ys = match self.lora() {
-            Some(l) => (ys + l.linear_delta(&x2)?)?,
-            None => ys,
-        };
-        let ys = ys.to_dtype(dtype)?;
-        let ys = match &self.bias {
-            Some(b) => ys.broadcast_add(b)?,
-            None => ys,
+        let lora = self.lora().map(|l| (&l.a, &l.b, l.scale));
+        let ys = match crate::ops::frozen::frozen_linear(&x2, &self.weight, self.bias.as_ref(), lora)? {
+            Some(ys) => ys.to_dtype(dtype)?,
+            // A trainable weight or bias (or a GPU): composed ops.
+            None => {
+                let ys = x2.matmul(&self.weight.to_dtype(gemm)?.t()?)?;
+                let ys = match self.lora() {
+                    Some(l) => (ys + l.linear_delta(&x2)?)?,
+                    None => ys,
+                };
+                let ys = ys.to_dtype(dtype)?;
+                match &self.bias {
+                    Some(b) => ys.broadcast_add(b)?,
+                    None => ys,
+                }
+            }
         };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;

@@ -1,38 +1,64 @@
-//! `x W^T` for a weight that takes no gradient (a LoRA run's base, a reference model). candle's
-//! matmul backward computes the gradient of both operands whether or not anything reads it, so
-//! every frozen linear layer would cost a weight-sized product and a weight-sized entry in the
-//! gradient store per backward pass. This op's backward gives the input's gradient only.
+//! A linear layer whose weight and bias take no gradient (a LoRA run's base, a reference
+//! model), with its LoRA update if any, as one op: `y = x W^T + b + s (x A^T) B^T`.
+//!
+//! candle's matmul backward computes the gradient of both operands whether or not anything
+//! reads it, so a frozen layer would cost a weight-sized product per backward pass; and as
+//! composed ops the layer keeps every partial result alive in the graph until the backward
+//! pass (the base product, the LoRA product, its scaled copy, their sum, the bias sum: four
+//! output-sized tensors besides the output). This op keeps only its output, and its backward
+//! gives the input's gradient and the adapter's.
 
 use std::borrow::Cow;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-
-use num_traits::{One, Zero};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::cpu::{dispatch_real, matmul, slice, Mat};
 
-/// `xs W^T` for `xs` `[rows, in]` and `weight` `[out, in]`; differentiable in `xs` only. CPU
-/// inputs in f32 or f64 with a weight that needs no gradient take the op; the weight may be
-/// stored in a narrower float type (bf16, f16), which the op widens per call instead of keeping
-/// a widened copy alive in the graph until the backward pass. Others (CUDA, a trainable weight)
-/// take candle's matmul on the weight in `xs`'s dtype, whose result is the same product.
-pub fn frozen_weight_product(xs: &Tensor, weight: &Tensor) -> crate::Result<Tensor> {
-    let takes = !weight.track_op()
-        && xs.device().is_cpu()
+/// `xs W^T (+ bias) (+ scale (xs A^T) B^T)` for `xs` `[rows, in]`, `weight` `[out, in]`,
+/// `bias` `[out]`, and a LoRA `(A [r, in], B [out, r], scale)`; differentiable in `xs`, `A`
+/// and `B`. `None` when the op does not take the call, which it does for CPU inputs in f32 or
+/// f64 with a weight and bias that need no gradient; the weight, bias and adapter may be
+/// stored in a narrower float type (bf16, f16), which the op widens per call instead of
+/// keeping a widened copy alive in the graph until the backward pass.
+pub fn frozen_linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<(&Tensor, &Tensor, f64)>,
+) -> crate::Result<Option<Tensor>> {
+    let widenable = |t: &Tensor| t.dtype() == xs.dtype() || matches!(t.dtype(), DType::BF16 | DType::F16);
+    let frozen = |t: &Tensor| !t.track_op() && widenable(t) && t.device().is_cpu();
+    let takes = xs.device().is_cpu()
         && matches!(xs.dtype(), DType::F32 | DType::F64)
-        && (weight.dtype() == xs.dtype() || matches!(weight.dtype(), DType::BF16 | DType::F16));
-    if takes {
-        Ok(xs.contiguous()?.apply_op2(&weight.contiguous()?, FrozenWeightProduct)?)
-    } else {
-        Ok(xs.matmul(&weight.to_dtype(xs.dtype())?.t()?)?)
+        && frozen(weight)
+        && bias.is_none_or(frozen)
+        && lora.is_none_or(|(a, b, _)| widenable(a) && widenable(b) && a.device().is_cpu() && b.device().is_cpu());
+    if !takes {
+        return Ok(None);
     }
+    let op = FrozenLinear {
+        weight: weight.contiguous()?,
+        bias: bias.map(Tensor::contiguous).transpose()?,
+        scale: lora.map_or(0.0, |(_, _, s)| s),
+    };
+    let xs = xs.contiguous()?;
+    Ok(Some(match lora {
+        Some((a, b, _)) => xs.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?,
+        None => xs.apply_op1(op)?,
+    }))
 }
 
-struct FrozenWeightProduct;
+/// The frozen layer: its weight and bias, and the LoRA scale when it is applied as a
+/// [`CustomOp3`] over `(x, A, B)`.
+struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
 
-/// The weight's elements as `T`: borrowed when they are `T` already, else widened from bf16 or
-/// f16 (exactly, as a cast would).
-fn weight_as<'a, T: candle_core::WithDType + num_traits::Float>(
+/// The elements of `storage` as `T`: borrowed when they are `T` already, else widened from bf16
+/// or f16 (exactly, as a cast would).
+fn widened<'a, T: candle_core::WithDType + num_traits::Float>(
     op: &str,
     storage: &'a CpuStorage,
     layout: &Layout,
@@ -55,43 +81,157 @@ fn weight_as<'a, T: candle_core::WithDType + num_traits::Float>(
     })
 }
 
-impl CustomOp2 for FrozenWeightProduct {
-    fn name(&self) -> &'static str {
-        "frozen-weight-product"
-    }
+/// Calls `f` with a frozen CPU tensor's elements as `T` (see [`widened`]).
+fn with_frozen<T, R>(op: &str, t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: a frozen tensor is not on the CPU");
+    };
+    f(&widened::<T>(op, cpu, layout)?)
+}
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (rows, inner) = xl.shape().dims2()?;
-        let (out, w_inner) = wl.shape().dims2()?;
+impl FrozenLinear {
+    /// `x W^T + b`, plus `scale (x A^T) B^T` with `lora = (A, r, B)`, as `[rows, out]`.
+    fn forward<T: super::cpu::Real + num_traits::Float>(
+        &self,
+        x: &[T],
+        (rows, inner): (usize, usize),
+        lora: Option<(&[T], usize, &[T])>,
+    ) -> Result<Vec<T>> {
+        let op = "frozen-linear";
+        let (out, w_inner) = self.weight.dims2()?;
         if inner != w_inner {
             candle_core::bail!("{op}: input [{rows}, {inner}] does not fit weight [{out}, {w_inner}]");
         }
-        let y = dispatch_real!(op, xs, T => {
-            let (x, w) = (slice::<T>(op, xs, xl)?, weight_as::<T>(op, ws, wl)?);
-            let mut y = vec![T::zero(); rows * out];
+        let mut y = vec![T::zero(); rows * out];
+        with_frozen::<T, ()>(op, &self.weight, |w| {
             matmul(
                 &mut y,
                 out,
                 Mat::rows(x, inner),
-                Mat::rows_t(&w, inner),
+                Mat::rows_t(w, inner),
                 (rows, out, inner),
                 T::one(),
                 false,
                 true,
             );
-            T::to_cpu_storage_owned(y)
+            Ok(())
+        })?;
+        if let Some(b) = &self.bias {
+            with_frozen::<T, ()>(op, b, |b| {
+                for row in y.chunks_mut(out.max(1)) {
+                    for (v, &bi) in row.iter_mut().zip(b) {
+                        *v = *v + bi;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        if let Some((a, r, b)) = lora {
+            let mut h = vec![T::zero(); rows * r];
+            matmul(
+                &mut h,
+                r,
+                Mat::rows(x, inner),
+                Mat::rows_t(a, inner),
+                (rows, r, inner),
+                T::one(),
+                false,
+                true,
+            );
+            matmul(
+                &mut y,
+                out,
+                Mat::rows(&h, r),
+                Mat::rows_t(b, r),
+                (rows, out, r),
+                T::from(self.scale).unwrap_or_else(T::nan),
+                true,
+                true,
+            );
+        }
+        Ok(y)
+    }
+
+    /// `dy W` for the output gradient `dy`.
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        dy.matmul(&self.weight.to_dtype(dy.dtype())?)
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = CustomOp1::name(self);
+        let (rows, inner) = xl.shape().dims2()?;
+        let out = self.weight.dim(0)?;
+        let y = dispatch_real!(op, xs, T => {
+            T::to_cpu_storage_owned(self.forward(slice::<T>(op, xs, xl)?, (rows, inner), None)?)
+        });
+        Ok((y, Shape::from((rows, out))))
+    }
+
+    fn bwd(&self, _xs: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.input_grad(grad)?))
+    }
+}
+
+impl CustomOp3 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        b_s: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = CustomOp3::name(self);
+        let (rows, inner) = xl.shape().dims2()?;
+        let out = self.weight.dim(0)?;
+        let (r, a_inner) = al.shape().dims2()?;
+        let (b_out, b_r) = bl.shape().dims2()?;
+        if a_inner != inner || b_out != out || b_r != r {
+            candle_core::bail!(
+                "{op}: LoRA A {:?} and B {:?} do not fit input [{rows}, {inner}] and output width {out}",
+                al.dims(),
+                bl.dims()
+            );
+        }
+        let y = dispatch_real!(op, xs, T => {
+            let (a, b) = (widened::<T>(op, a_s, al)?, widened::<T>(op, b_s, bl)?);
+            let x = slice::<T>(op, xs, xl)?;
+            T::to_cpu_storage_owned(self.forward(x, (rows, inner), Some((&a, r, &b)))?)
         });
         Ok((y, Shape::from((rows, out))))
     }
 
     fn bwd(
         &self,
-        _xs: &Tensor,
-        weight: &Tensor,
+        xs: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&weight.to_dtype(grad.dtype())?)?), None))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dt = grad.dtype();
+        let (aw, bw) = (a.to_dtype(dt)?, b.to_dtype(dt)?);
+        // h = x A^T is small (rank columns): recomputed rather than kept.
+        let h = xs.matmul(&aw.t()?)?;
+        let dh = (grad.matmul(&bw)? * self.scale)?;
+        let db = (grad.t()?.matmul(&h)? * self.scale)?;
+        let da = dh.t()?.matmul(xs)?;
+        let dx = (self.input_grad(grad)? + dh.matmul(&aw)?)?;
+        Ok((Some(dx), Some(da.to_dtype(a.dtype())?), Some(db.to_dtype(b.dtype())?)))
     }
 }
