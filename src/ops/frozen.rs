@@ -124,7 +124,7 @@ impl FrozenLinear {
             with_frozen::<T, ()>(op, b, |b| {
                 for row in y.chunks_mut(out.max(1)) {
                     for (v, &bi) in row.iter_mut().zip(b) {
-                        *v = *v + bi;
+                        *v += bi;
                     }
                 }
                 Ok(())
