@@ -229,7 +229,7 @@ fn sampler_images_match_diffusers_on_tiny_pipelines() {
         let key = case["pipeline"].as_str().unwrap().to_string();
         let (pipe, meta, noise) = pipelines.entry(key.clone()).or_insert_with(|| {
             let dir = match key.as_str() {
-                "sd15" => shared_fixtures().join("sd15"),
+                "sd15" | "turbo" => shared_fixtures().join(&key),
                 _ => own_fixtures().join(&key),
             };
             let reference = dir.join("reference.safetensors");
@@ -264,7 +264,7 @@ fn sampler_images_match_diffusers_on_tiny_pipelines() {
         assert_close(&format!("images.{name}"), &out.images, &want, IMAGE_ATOL);
         n += 1;
     }
-    assert_eq!(n, 17, "image cases");
+    assert_eq!(n, 20, "image cases");
 }
 
 // ---------------------------------------------------------------------------------------------

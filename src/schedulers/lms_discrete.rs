@@ -119,3 +119,20 @@ impl Scheduler for LMSDiscreteScheduler {
         Ok((x + update)?.to_dtype(sample.dtype())?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::gauss_legendre_4;
+
+    #[test]
+    fn gauss_legendre_4_is_exact_for_cubics_and_degree_7() {
+        // ∫_a^b (t³ − 2t + 0.5) dt and ∫_a^b t⁷ dt in closed form, over a sigma-like interval
+        // that runs backwards as LMS steps do.
+        let (a, b) = (14.6f64, 9.7f64);
+        let cubic = |t: f64| t.powi(3) - 2.0 * t + 0.5;
+        let want = (b.powi(4) - a.powi(4)) / 4.0 - (b * b - a * a) + 0.5 * (b - a);
+        assert!((gauss_legendre_4(cubic, a, b) - want).abs() <= 1e-12 * want.abs());
+        let want7 = (b.powi(8) - a.powi(8)) / 8.0;
+        assert!((gauss_legendre_4(|t| t.powi(7), a, b) - want7).abs() <= 1e-12 * want7.abs());
+    }
+}
