@@ -122,6 +122,10 @@ fn sigmas_of(cfg: &SchedulerConfig, kind: SchedulerKind, steps: usize) -> Option
 #[test]
 fn sampler_timesteps_sigmas_and_init_noise_sigma_match_diffusers() {
     let fx = Fixture::load("expected.safetensors");
+    // Every key diffusers writes for these classes is read (no spurious unknown-key warning).
+    for cfg in &fx.configs {
+        assert_eq!(cfg.unknown_keys(), Vec::<String>::new(), "{}", cfg.source.display());
+    }
     let mut n = 0;
     for (name, cfg, case) in fx.cases(&["timesteps", "loop"]) {
         let steps = steps_of(case);
@@ -299,6 +303,8 @@ fn config_reads_python_json_non_finite_floats() {
     assert_eq!(cfg.other["note"], "-Infinity stays a string");
     let bad = SchedulerConfig::from_json(r#"{"solver_order": -Infinity}"#, "x.json");
     assert!(err_text(bad).contains("solver_order"));
+    let bad = SchedulerConfig::from_json(r#"{"solver_p": {"a": 1}}"#, "x.json");
+    assert!(err_text(bad).contains("solver_p"));
 }
 
 #[test]

@@ -359,6 +359,21 @@ impl SchedulerConfig {
             lambda_min_clipped,
         );
         read!(python_json::optional_float; sigma_min, sigma_max);
+        // Settings of flow-matching and dynamic shifting, which are errors when switched on
+        // (`use_flow_sigmas`, `use_dynamic_shifting`): without them these keys do nothing.
+        for key in ["flow_shift", "time_shift_type"] {
+            map.remove(key);
+        }
+        // UniPC's external predictor and flow-sigma stretch: supported only as null.
+        for key in ["solver_p", "shift_terminal"] {
+            if let Some(v) = map.remove(key).filter(|v| !v.is_null()) {
+                return Err(Error::config(
+                    &cfg.source,
+                    key,
+                    format!("only null is supported, got {v}"),
+                ));
+            }
+        }
         if let Some(v) = map.remove("_class_name") {
             cfg.class_name =
                 Some(serde_json::from_value(v).map_err(|e| Error::config(&cfg.source, "_class_name", e.to_string()))?);

@@ -16,7 +16,9 @@
 
 use candle_core::{DType, Tensor};
 
-use super::config::{AlgorithmType, BetaSchedule, SchedulerConfig, SchedulerKind, SolverType, VarianceType};
+use super::config::{
+    AlgorithmType, BetaSchedule, FinalSigmasType, SchedulerConfig, SchedulerKind, SolverType, VarianceType,
+};
 use super::multistep::{alpha_sigma, data_prediction, lambda, History, MultistepGrid};
 use super::noise_schedule::{check_step_shapes, mul_f32, NoiseSchedule, SigmaLayout};
 use super::sigmas::{reject_true, SigmaSpacing};
@@ -94,7 +96,7 @@ impl DPMSolverMultistepScheduler {
             heun: cfg.solver_type == Some(SolverType::Heun),
             lower_order_final: cfg.lower_order_final,
             euler_at_final: cfg.euler_at_final,
-            final_sigma_zero: cfg.final_sigmas_type == super::config::FinalSigmasType::Zero,
+            final_sigma_zero: cfg.final_sigmas_type == FinalSigmasType::Zero,
             outputs: History::new(cfg.solver_order),
         })
     }
