@@ -81,6 +81,68 @@ fn generate_sd15_png_matches_diffusers() {
     }
 }
 
+/// Issue 21: a folder laid out like `runwayml/stable-diffusion-v1-5` (its `model_index.json` and
+/// PNDM `scheduler_config.json`, tiny weights from `../shared/fixtures/sd15`) generates with its
+/// own PNDM scheduler when `--scheduler` is not given, as diffusers does
+/// (`tests/fixtures/gen_samplers.py`, `images.pndm_sd15_hub`).
+#[test]
+fn generate_sd15_hub_layout_uses_its_pndm_scheduler_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("stable-diffusion-v1-5");
+    let shared = shared_fixtures().join("sd15");
+    for comp in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        copy_dir(&shared.join(comp), &model.join(comp));
+    }
+    let hub = own_fixtures().join("samplers/sd15_pndm");
+    std::fs::copy(hub.join("model_index.json"), model.join("model_index.json")).unwrap();
+    std::fs::copy(
+        hub.join("scheduler_config.json"),
+        model.join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+
+    let reference = shared.join("reference.safetensors");
+    let meta = metadata(&reference);
+    let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).unwrap();
+    let negatives: Vec<String> = serde_json::from_str(&meta["negative_prompts"]).unwrap();
+    let images = load(&own_fixtures().join("samplers/images.safetensors"));
+    let images_meta = metadata(&own_fixtures().join("samplers/images.safetensors"));
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&images_meta["cases"]).unwrap();
+    let case = cases.iter().find(|c| c["name"] == "pndm_sd15_hub").unwrap();
+    for i in 0..2 {
+        let noise = write_init_noise(tmp.path(), &reference, "pipe.init_noise", i);
+        let out = tmp.path().join(format!("out{i}.png"));
+        let o = bin()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args(["--prompt", &prompts[i], "--negative-prompt", &negatives[i]])
+            .args([
+                "--steps",
+                &case["steps"].to_string(),
+                "--guidance",
+                &meta["guidance_scale"],
+            ])
+            .args(["--height", &meta["height"], "--width", &meta["width"]])
+            .arg("--init-noise")
+            .arg(&noise)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "generate failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let want = images["images.pndm_sd15_hub"]
+            .get(i)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_close(&format!("PNDM image {i}"), &png_as_tensor(&out), &want, IMAGE_ATOL);
+    }
+}
+
 #[test]
 fn generate_turbo_png_matches_diffusers() {
     for i in 0..2 {

@@ -299,6 +299,7 @@ impl Built {
             SchedulerKind::EulerAncestralDiscrete => {
                 Built::EulerA(EulerAncestralDiscreteScheduler::from_config(cfg, steps).unwrap())
             }
+            other => panic!("gen_schedulers.py has no {other} loops (see tests/samplers.rs)"),
         }
     }
 
@@ -454,18 +455,24 @@ fn config_with(pairs: &[(&str, Value)]) -> String {
 #[test]
 fn build_unsupported_class_names_class_and_lists_supported() {
     let cfg = SchedulerConfig::from_json(
-        &config_with(&[("_class_name", "PNDMScheduler".into()), ("skip_prk_steps", true.into())]),
-        "pndm.json",
+        &config_with(&[
+            ("_class_name", "HeunDiscreteScheduler".into()),
+            ("use_beta_sigmas_x", true.into()),
+        ]),
+        "heun.json",
     )
     .unwrap();
     let msg = err_text(cfg.build(None, 4));
     for part in [
-        "pndm.json",
+        "heun.json",
         "_class_name",
-        "PNDMScheduler",
+        "HeunDiscreteScheduler",
         "DDIMScheduler",
         "EulerDiscreteScheduler",
         "EulerAncestralDiscreteScheduler",
+        "PNDMScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
     ] {
         assert!(msg.contains(part), "{msg:?} lacks {part:?}");
     }
@@ -474,7 +481,7 @@ fn build_unsupported_class_names_class_and_lists_supported() {
         cfg.build(Some(SchedulerKind::Ddim), 4).unwrap().timesteps(),
         &[751.0, 501.0, 251.0, 1.0]
     );
-    assert_eq!(cfg.unknown_keys(), vec!["skip_prk_steps".to_string()]);
+    assert_eq!(cfg.unknown_keys(), vec!["use_beta_sigmas_x".to_string()]);
 }
 
 #[test]
@@ -539,9 +546,8 @@ fn config_malformed_json_and_missing_file_are_errors() {
 
 #[test]
 fn unsupported_options_are_errors_naming_the_key() {
-    let cases: [(&str, Value, SchedulerKind); 6] = [
-        ("use_karras_sigmas", true.into(), SchedulerKind::EulerDiscrete),
-        ("use_exponential_sigmas", true.into(), SchedulerKind::EulerDiscrete),
+    // Karras and exponential Euler sigmas are supported now (tests/samplers.rs).
+    let cases: [(&str, Value, SchedulerKind); 4] = [
         ("use_beta_sigmas", true.into(), SchedulerKind::EulerDiscrete),
         ("interpolation_type", "log_linear".into(), SchedulerKind::EulerDiscrete),
         ("thresholding", true.into(), SchedulerKind::Ddim),
@@ -601,8 +607,10 @@ fn bad_step_inputs_are_errors() {
     let mut rng = Rng::new(0);
     for kind in SchedulerKind::ALL {
         let mut s = cfg.build(Some(kind), 4).unwrap();
-        assert!(err_text(s.step(&x, 4, &x, &mut rng)).contains("step_index"), "{kind}");
-        assert!(err_text(s.scale_model_input(&x, 4)).contains("step_index"), "{kind}");
+        // PNDM's Runge-Kutta warm-up evaluates the model 13 times for 4 steps.
+        let n = s.timesteps().len();
+        assert!(err_text(s.step(&x, n, &x, &mut rng)).contains("step_index"), "{kind}");
+        assert!(err_text(s.scale_model_input(&x, n)).contains("step_index"), "{kind}");
         assert!(
             err_text(s.step(&wrong, 0, &x, &mut rng)).contains("model_output"),
             "{kind}"
@@ -662,7 +670,7 @@ fn every_sampler_meets_the_contract() {
     let x0 = rng.randn((2, 4, 4, 4), &dev).unwrap().affine(0.5, 0.0).unwrap();
     let eps = rng.randn((2, 4, 4, 4), &dev).unwrap();
     let base = SchedulerConfig {
-        set_alpha_to_one: true,
+        set_alpha_to_one: Some(true),
         ..sd_config()
     };
     let sampling = [
@@ -749,7 +757,7 @@ fn ddim_inverse_meets_the_contract() {
     for spacing in [TimestepSpacing::Leading, TimestepSpacing::Trailing] {
         for steps in [1, 4, 8, 50] {
             let cfg = SchedulerConfig {
-                set_alpha_to_one: true,
+                set_alpha_to_one: Some(true),
                 timestep_spacing: Some(spacing),
                 ..sd_config()
             };

@@ -55,7 +55,8 @@ pub struct EvalArgs {
     /// usual scale (the demo's 3 for the embedded model, 7.5, or 5.0 for SDXL, as diffusers).
     #[arg(long, value_parser = parse_finite)]
     guidance: Option<f64>,
-    /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
+    /// Sampler: ddim, euler, euler-a, pndm, dpm++, lms, unipc, ddpm or a diffusers class name
+    /// (default: the checkpoint's scheduler).
     #[arg(long)]
     scheduler: Option<String>,
     #[command(flatten)]

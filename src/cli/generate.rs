@@ -42,7 +42,8 @@ pub struct GenerateArgs {
     /// latent noise (diffusers' `latents=`).
     #[arg(long)]
     init_noise: Option<PathBuf>,
-    /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
+    /// Sampler: ddim, euler, euler-a, pndm, dpm++, lms, unipc, ddpm or a diffusers class name
+    /// (default: the checkpoint's scheduler).
     #[arg(long)]
     scheduler: Option<String>,
     /// Output PNG. With several images, `NAME-<prompt>-<image>.png` beside it.

@@ -77,7 +77,8 @@ pub struct RenoArgs {
     /// One Euler step from this timestep to the image, for models without a one-step schedule.
     #[arg(long, value_parser = parse_finite)]
     timestep: Option<f64>,
-    /// Sampler: ddim, euler, euler-a (default: the checkpoint's scheduler).
+    /// Sampler: ddim, euler, euler-a, pndm, dpm++, lms, unipc, ddpm or a diffusers class name
+    /// (default: the checkpoint's scheduler).
     #[arg(long, conflicts_with = "timestep")]
     scheduler: Option<String>,
     /// Classifier-free guidance scale; guidance runs only when > 1. Default: none for Turbo-style

@@ -10,16 +10,21 @@
 //! [`SchedulerConfig::unknown_keys`] so that the caller can warn about them.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::Deserialize;
 
 use super::ddim::DDIMScheduler;
 use super::ddim_inverse::DDIMInverseScheduler;
+use super::ddpm::DDPMScheduler;
+use super::dpm_solver_multistep::DPMSolverMultistepScheduler;
 use super::euler_ancestral_discrete::EulerAncestralDiscreteScheduler;
 use super::euler_discrete::EulerDiscreteScheduler;
+pub use super::kind::SchedulerKind;
+use super::lms_discrete::LMSDiscreteScheduler;
+use super::pndm::PNDMScheduler;
+use super::python_json;
+use super::unipc_multistep::UniPCMultistepScheduler;
 use super::Scheduler;
 use crate::{Error, Result};
 
@@ -90,94 +95,59 @@ pub enum FinalSigmasType {
     SigmaMin,
 }
 
-/// The scheduler classes diffalign can sample with (`--scheduler`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchedulerKind {
-    /// `DDIMScheduler` (`ddim`).
-    Ddim,
-    /// `DDIMInverseScheduler` (`ddim-inverse`): runs from a clean sample towards noise.
-    DdimInverse,
-    /// `EulerDiscreteScheduler` (`euler`).
-    EulerDiscrete,
-    /// `EulerAncestralDiscreteScheduler` (`euler-a`, `euler_ancestral`).
-    EulerAncestralDiscrete,
+/// The DPM-Solver variant (`algorithm_type`, `DPMSolverMultistepScheduler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AlgorithmType {
+    /// DPM-Solver on the noise prediction (deprecated in diffusers; not supported here).
+    #[serde(rename = "dpmsolver")]
+    DpmSolver,
+    /// DPM-Solver++ on the data prediction (Lu et al., 2022, arXiv 2211.01095).
+    #[serde(rename = "dpmsolver++")]
+    DpmSolverPlusPlus,
+    /// SDE-DPM-Solver (deprecated in diffusers; not supported here).
+    #[serde(rename = "sde-dpmsolver")]
+    SdeDpmSolver,
+    /// SDE-DPM-Solver++: the stochastic DPM-Solver++ that adds fresh noise each step.
+    #[serde(rename = "sde-dpmsolver++")]
+    SdeDpmSolverPlusPlus,
+    /// DEIS, which diffusers' DPM-Solver replaces by DPM-Solver++.
+    #[serde(rename = "deis")]
+    Deis,
 }
 
-impl SchedulerKind {
-    /// Every kind, in the order error messages list them.
-    pub const ALL: [SchedulerKind; 4] = [
-        SchedulerKind::Ddim,
-        SchedulerKind::DdimInverse,
-        SchedulerKind::EulerDiscrete,
-        SchedulerKind::EulerAncestralDiscrete,
-    ];
-
-    /// The diffusers class name (`"DDIMScheduler"`, ...).
-    pub fn class_name(self) -> &'static str {
-        match self {
-            SchedulerKind::Ddim => "DDIMScheduler",
-            SchedulerKind::DdimInverse => "DDIMInverseScheduler",
-            SchedulerKind::EulerDiscrete => "EulerDiscreteScheduler",
-            SchedulerKind::EulerAncestralDiscrete => "EulerAncestralDiscreteScheduler",
-        }
-    }
-
-    /// The command-line name (`"ddim"`, `"ddim-inverse"`, `"euler"`, `"euler-a"`).
-    pub fn cli_name(self) -> &'static str {
-        match self {
-            SchedulerKind::Ddim => "ddim",
-            SchedulerKind::DdimInverse => "ddim-inverse",
-            SchedulerKind::EulerDiscrete => "euler",
-            SchedulerKind::EulerAncestralDiscrete => "euler-a",
-        }
-    }
-
-    /// The kind of a diffusers `_class_name`, if it is one diffalign can sample with.
-    pub fn from_class_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.class_name() == name)
-    }
-
-    /// The timestep spacing diffusers' constructor of this class defaults to.
-    pub fn default_timestep_spacing(self) -> TimestepSpacing {
-        match self {
-            SchedulerKind::Ddim | SchedulerKind::DdimInverse => TimestepSpacing::Leading,
-            SchedulerKind::EulerDiscrete | SchedulerKind::EulerAncestralDiscrete => TimestepSpacing::Linspace,
-        }
-    }
-
-    fn supported_classes() -> String {
-        Self::ALL.map(|k| k.class_name()).join(", ")
-    }
+/// The second-order rule (`solver_type`): DPM-Solver reads midpoint / heun (and, like diffusers,
+/// takes logrho / bh1 / bh2 as midpoint); UniPC reads bh1 / bh2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SolverType {
+    /// DPM-Solver's midpoint rule.
+    Midpoint,
+    /// DPM-Solver's Heun rule.
+    Heun,
+    /// DEIS' log-rho rule (a midpoint DPM-Solver here).
+    Logrho,
+    /// UniPC with B(h) = h.
+    Bh1,
+    /// UniPC with B(h) = e^h − 1.
+    Bh2,
 }
 
-impl fmt::Display for SchedulerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.cli_name())
-    }
-}
-
-impl FromStr for SchedulerKind {
-    type Err = Error;
-
-    /// Parses a command-line name (`ddim`, `ddim-inverse`, `euler`, `euler-a`, with `_` or `-`,
-    /// and `euler-ancestral`) or a diffusers class name.
-    fn from_str(s: &str) -> Result<Self> {
-        let lower = s.trim().to_ascii_lowercase().replace('_', "-");
-        let kind = match lower.as_str() {
-            "ddim" => Some(SchedulerKind::Ddim),
-            "ddim-inverse" => Some(SchedulerKind::DdimInverse),
-            "euler" => Some(SchedulerKind::EulerDiscrete),
-            "euler-a" | "euler-ancestral" => Some(SchedulerKind::EulerAncestralDiscrete),
-            _ => SchedulerKind::from_class_name(s.trim()),
-        };
-        kind.ok_or_else(|| {
-            let valid = Self::ALL.map(|k| k.cli_name()).join(", ");
-            Error::input(
-                "--scheduler",
-                format!("unknown scheduler {s:?}, expected one of {valid}"),
-            )
-        })
-    }
+/// The DDPM posterior variance (`variance_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VarianceType {
+    /// β̃_t = (1 − ᾱ_prev)/(1 − ᾱ_t)·β_t (DDPM's default).
+    FixedSmall,
+    /// `exp(0.5·ln β̃_t)` used directly as the standard deviation.
+    FixedSmallLog,
+    /// β_t.
+    FixedLarge,
+    /// `ln β_t` used directly as the standard deviation.
+    FixedLargeLog,
+    /// A variance the model predicts (not supported for sampling).
+    Learned,
+    /// An interpolation the model predicts (not supported for sampling).
+    LearnedRange,
 }
 
 /// A diffusers scheduler configuration (`scheduler_config.json`). Fields are the JSON keys;
@@ -209,8 +179,9 @@ pub struct SchedulerConfig {
     pub clip_sample: bool,
     /// DDIM: the clamp range (default 1.0).
     pub clip_sample_range: f64,
-    /// DDIM: ᾱ before timestep 0 is 1 (true) or ᾱ_0 (false) (default true).
-    pub set_alpha_to_one: bool,
+    /// DDIM and PNDM: ᾱ before timestep 0 is 1 (true) or ᾱ_0 (false); absent means the built
+    /// class's default (DDIM true, PNDM false).
+    pub set_alpha_to_one: Option<bool>,
     /// DDIM: dynamic thresholding (default false; true is not supported).
     pub thresholding: bool,
     /// DDIM: percentile of dynamic thresholding (default 0.995; unused without thresholding).
@@ -231,8 +202,37 @@ pub struct SchedulerConfig {
     pub final_sigmas_type: FinalSigmasType,
     /// Euler: lower sigma bound of Karras/exponential/beta sigmas (default none; unused here).
     pub sigma_min: Option<f64>,
-    /// Euler: upper sigma bound of Karras/exponential/beta sigmas (default none; unused here).
+    /// Euler: upper sigma bound of Karras/exponential/beta sigmas (default none: the largest
+    /// training sigma).
     pub sigma_max: Option<f64>,
+    /// PNDM: skip the Runge-Kutta warm-up steps (default false; false is not supported).
+    pub skip_prk_steps: bool,
+    /// DPM-Solver and UniPC: the multistep order, 1 to 3 (default 2).
+    pub solver_order: usize,
+    /// DPM-Solver: the variant (default dpmsolver++).
+    pub algorithm_type: AlgorithmType,
+    /// DPM-Solver (default midpoint) and UniPC (default bh2): the second-order rule.
+    pub solver_type: Option<SolverType>,
+    /// DPM-Solver and UniPC: lower the order on the last steps (default true).
+    pub lower_order_final: bool,
+    /// DPM-Solver: a first-order last step (default false).
+    pub euler_at_final: bool,
+    /// DPM-Solver: timesteps whose λ = ln(α/σ) lies below this are dropped (default −∞, written
+    /// `-Infinity` by diffusers).
+    pub lambda_min_clipped: f64,
+    /// DDPM: the posterior variance (default fixed_small); DPM-Solver: learned variance
+    /// channels (default none).
+    pub variance_type: Option<VarianceType>,
+    /// UniPC: solve for the data prediction (default true; false is not supported).
+    pub predict_x0: bool,
+    /// UniPC: the steps whose corrector is skipped (default none).
+    pub disable_corrector: Vec<usize>,
+    /// DPM-Solver: Lu's uniform-λ spacing (default false; true is not supported).
+    pub use_lu_lambdas: Option<bool>,
+    /// Flow-matching sigmas (default false; true is not supported).
+    pub use_flow_sigmas: Option<bool>,
+    /// Resolution-dependent timestep shifting (default false; true is not supported).
+    pub use_dynamic_shifting: Option<bool>,
     /// Keys this crate does not read (other classes' settings, newer keys), verbatim.
     pub other: BTreeMap<String, serde_json::Value>,
     /// Where the config came from, for error messages.
@@ -255,7 +255,7 @@ impl Default for SchedulerConfig {
             rescale_betas_zero_snr: false,
             clip_sample: true,
             clip_sample_range: 1.0,
-            set_alpha_to_one: true,
+            set_alpha_to_one: None,
             thresholding: false,
             dynamic_thresholding_ratio: 0.995,
             sample_max_value: 1.0,
@@ -267,6 +267,19 @@ impl Default for SchedulerConfig {
             final_sigmas_type: FinalSigmasType::Zero,
             sigma_min: None,
             sigma_max: None,
+            skip_prk_steps: false,
+            solver_order: 2,
+            algorithm_type: AlgorithmType::DpmSolverPlusPlus,
+            solver_type: None,
+            lower_order_final: true,
+            euler_at_final: false,
+            lambda_min_clipped: f64::NEG_INFINITY,
+            variance_type: None,
+            predict_x0: true,
+            disable_corrector: Vec::new(),
+            use_lu_lambdas: None,
+            use_flow_sigmas: None,
+            use_dynamic_shifting: None,
             other: BTreeMap::new(),
             source: PathBuf::from("scheduler_config.json"),
         }
@@ -283,7 +296,13 @@ impl SchedulerConfig {
     /// Parses the text of a `scheduler_config.json`; `source` names it in errors.
     pub fn from_json(text: &str, source: impl Into<PathBuf>) -> Result<Self> {
         let source = source.into();
-        let value: serde_json::Value = crate::json::parse_json(text, &source, "scheduler config")?;
+        let value = python_json::parse(text).map_err(|e| {
+            let reason = match e.classify() {
+                serde_json::error::Category::Data => format!("not a valid scheduler config: {e}"),
+                _ => format!("malformed JSON: {e}"),
+            };
+            Error::config(&source, "(file)", reason)
+        })?;
         let serde_json::Value::Object(mut map) = value else {
             return Err(Error::config(&source, "(file)", "expected a JSON object"));
         };
@@ -292,19 +311,17 @@ impl SchedulerConfig {
             ..SchedulerConfig::default()
         };
 
-        // Each key is read on its own, so that a bad value names its key.
+        // Each key is read on its own, so that a bad value names its key; float keys also take
+        // Python's `-Infinity`, `Infinity` and `NaN`.
         macro_rules! read {
-            ($($field:ident),* $(,)?) => {$(
+            ($parse:expr; $($field:ident),* $(,)?) => {$(
                 if let Some(v) = map.remove(stringify!($field)) {
-                    cfg.$field = serde_json::from_value(v)
-                        .map_err(|e| Error::config(&cfg.source, stringify!($field), e.to_string()))?;
+                    cfg.$field = $parse(v).map_err(|e| Error::config(&cfg.source, stringify!($field), e))?;
                 }
             )*};
         }
-        read!(
+        read!(python_json::value;
             num_train_timesteps,
-            beta_start,
-            beta_end,
             beta_schedule,
             trained_betas,
             prediction_type,
@@ -312,20 +329,51 @@ impl SchedulerConfig {
             steps_offset,
             rescale_betas_zero_snr,
             clip_sample,
-            clip_sample_range,
             set_alpha_to_one,
             thresholding,
-            dynamic_thresholding_ratio,
-            sample_max_value,
             use_karras_sigmas,
             use_exponential_sigmas,
             use_beta_sigmas,
             interpolation_type,
             timestep_type,
             final_sigmas_type,
-            sigma_min,
-            sigma_max,
+            skip_prk_steps,
+            solver_order,
+            algorithm_type,
+            solver_type,
+            lower_order_final,
+            euler_at_final,
+            variance_type,
+            predict_x0,
+            disable_corrector,
+            use_lu_lambdas,
+            use_flow_sigmas,
+            use_dynamic_shifting,
         );
+        read!(python_json::float;
+            beta_start,
+            beta_end,
+            clip_sample_range,
+            dynamic_thresholding_ratio,
+            sample_max_value,
+            lambda_min_clipped,
+        );
+        read!(python_json::optional_float; sigma_min, sigma_max);
+        // Settings of flow-matching and dynamic shifting, which are errors when switched on
+        // (`use_flow_sigmas`, `use_dynamic_shifting`): without them these keys do nothing.
+        for key in ["flow_shift", "time_shift_type"] {
+            map.remove(key);
+        }
+        // UniPC's external predictor and flow-sigma stretch: supported only as null.
+        for key in ["solver_p", "shift_terminal"] {
+            if let Some(v) = map.remove(key).filter(|v| !v.is_null()) {
+                return Err(Error::config(
+                    &cfg.source,
+                    key,
+                    format!("only null is supported, got {v}"),
+                ));
+            }
+        }
         if let Some(v) = map.remove("_class_name") {
             cfg.class_name =
                 Some(serde_json::from_value(v).map_err(|e| Error::config(&cfg.source, "_class_name", e.to_string()))?);
@@ -392,6 +440,11 @@ impl SchedulerConfig {
         self.timestep_spacing.unwrap_or_else(|| kind.default_timestep_spacing())
     }
 
+    /// `set_alpha_to_one` for `kind`: the file's, else that class's diffusers default.
+    pub fn set_alpha_to_one_for(&self, kind: SchedulerKind) -> bool {
+        self.set_alpha_to_one.unwrap_or_else(|| kind.default_set_alpha_to_one())
+    }
+
     /// Builds the sampler for `num_inference_steps` (1 ..= `num_train_timesteps`) as `kind`, or as
     /// the file's `_class_name` when `kind` is `None`, keeping this file's beta schedule,
     /// prediction type, spacing and offset (diffusers' `XScheduler.from_config(config)`).
@@ -403,6 +456,13 @@ impl SchedulerConfig {
             SchedulerKind::EulerAncestralDiscrete => {
                 Box::new(EulerAncestralDiscreteScheduler::from_config(self, num_inference_steps)?)
             }
+            SchedulerKind::Pndm => Box::new(PNDMScheduler::from_config(self, num_inference_steps)?),
+            SchedulerKind::DpmSolverMultistep => {
+                Box::new(DPMSolverMultistepScheduler::from_config(self, num_inference_steps)?)
+            }
+            SchedulerKind::LmsDiscrete => Box::new(LMSDiscreteScheduler::from_config(self, num_inference_steps)?),
+            SchedulerKind::UniPcMultistep => Box::new(UniPCMultistepScheduler::from_config(self, num_inference_steps)?),
+            SchedulerKind::Ddpm => Box::new(DDPMScheduler::from_config(self, num_inference_steps)?),
         })
     }
 

@@ -91,7 +91,7 @@ impl DdimSettings {
         DdimSettings {
             timestep_spacing,
             steps_offset: cfg.steps_offset,
-            set_alpha_to_one: cfg.set_alpha_to_one,
+            set_alpha_to_one: cfg.set_alpha_to_one_for(SchedulerKind::Ddim),
             clip: cfg.clip_sample.then_some(cfg.clip_sample_range),
         }
     }

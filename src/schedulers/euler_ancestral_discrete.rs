@@ -11,9 +11,9 @@
 
 use candle_core::{DType, Tensor};
 
-use super::config::{FinalSigmasType, SchedulerConfig, SchedulerKind, TimestepType};
+use super::config::{SchedulerConfig, SchedulerKind};
 use super::euler_discrete::EulerDiscreteScheduler;
-use super::noise_schedule::{check_step_shapes, mul_f32, NoiseSchedule, SigmaSchedule};
+use super::noise_schedule::{check_step_shapes, mul_f32, NoiseSchedule, SigmaLayout, SigmaSchedule};
 use super::Scheduler;
 use crate::rng::Rng;
 use crate::Result;
@@ -31,11 +31,8 @@ impl EulerAncestralDiscreteScheduler {
     pub fn from_config(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         let schedule = NoiseSchedule::from_config(cfg)?;
         let sigmas = schedule.sigma_schedule(
-            cfg.timestep_spacing_for(SchedulerKind::EulerAncestralDiscrete),
-            cfg.steps_offset,
+            &SigmaLayout::plain(cfg, SchedulerKind::EulerAncestralDiscrete),
             num_inference_steps,
-            FinalSigmasType::Zero,
-            TimestepType::Discrete,
         )?;
         Ok(Self::new(&schedule, sigmas))
     }

@@ -6,13 +6,16 @@
 //! sigmas are interpolated from the training sigmas. A one-step trailing schedule (SD-Turbo)
 //! runs at timestep 999. Samples and model outputs are [B, C, H, W] (any shape, the same for
 //! both); the math runs in float32 and the result has the model output's dtype, as in diffusers.
-//! Not supported (an error naming the key): Karras, exponential and beta sigmas, log-linear
-//! interpolation; `s_churn` is always 0 (the pipelines' default).
+//! Karras and exponential sigmas (`use_karras_sigmas`, `use_exponential_sigmas`, between
+//! `sigma_min` and `sigma_max` when given) move the timesteps to the sigmas' fractional training
+//! timesteps. Not supported (an error naming the key): beta sigmas, log-linear interpolation;
+//! `s_churn` is always 0 (the pipelines' default).
 
 use candle_core::{DType, Tensor};
 
 use super::config::{InterpolationType, PredictionType, SchedulerConfig, SchedulerKind};
-use super::noise_schedule::{check_step_shapes, div_f32, mul_f32, NoiseSchedule, SigmaSchedule};
+use super::noise_schedule::{check_step_shapes, div_f32, mul_f32, NoiseSchedule, SigmaLayout, SigmaSchedule};
+use super::sigmas::SigmaSpacing;
 use super::Scheduler;
 use crate::rng::Rng;
 use crate::Result;
@@ -20,7 +23,7 @@ use crate::Result;
 /// The x0 an Euler-type scheduler predicts at sigma `sigma` (float32, diffusers' order):
 /// epsilon `x − σ·m`, v-prediction `m·(−σ/sqrt(σ²+1)) + x/(σ²+1)`, sample `m`.
 /// `model_output` and `sample` are float32.
-fn euler_pred_original_sample(
+pub(super) fn euler_pred_original_sample(
     prediction_type: PredictionType,
     model_output: &Tensor,
     sample: &Tensor,
@@ -51,28 +54,22 @@ pub struct EulerDiscreteScheduler {
 
 impl EulerDiscreteScheduler {
     /// The scheduler for `num_inference_steps` steps from a config (any class: its beta schedule,
-    /// prediction type, spacing, offset, `final_sigmas_type` and `timestep_type` are used).
+    /// prediction type, spacing, offset, sigma spacing and bounds, `final_sigmas_type` and
+    /// `timestep_type` are used).
     pub fn from_config(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
-        for (key, on) in [
-            ("use_karras_sigmas", cfg.use_karras_sigmas),
-            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-            ("use_beta_sigmas", cfg.use_beta_sigmas),
-        ] {
-            if on == Some(true) {
-                return Err(cfg.err(key, "not supported by diffalign's EulerDiscreteScheduler, got true"));
-            }
-        }
         if cfg.interpolation_type != InterpolationType::Linear {
             return Err(cfg.err("interpolation_type", "only linear is supported, got log_linear"));
         }
         let schedule = NoiseSchedule::from_config(cfg)?;
-        let sigmas = schedule.sigma_schedule(
-            cfg.timestep_spacing_for(SchedulerKind::EulerDiscrete),
-            cfg.steps_offset,
-            num_inference_steps,
-            cfg.final_sigmas_type,
-            cfg.timestep_type,
-        )?;
+        let layout = SigmaLayout {
+            sigma_spacing: SigmaSpacing::from_config(cfg)?,
+            sigma_min: cfg.sigma_min,
+            sigma_max: cfg.sigma_max,
+            final_sigmas_type: cfg.final_sigmas_type,
+            timestep_type: cfg.timestep_type,
+            ..SigmaLayout::plain(cfg, SchedulerKind::EulerDiscrete)
+        };
+        let sigmas = schedule.sigma_schedule(&layout, num_inference_steps)?;
         Ok(EulerDiscreteScheduler { schedule, sigmas })
     }
 

@@ -1,12 +1,17 @@
 //! Noise schedules and sampling step rules, ported from diffusers 0.42 with its numerics.
 //!
-//! - [`config`]: [`SchedulerConfig`] (a diffusers `scheduler_config.json`), [`SchedulerKind`]
-//!   (the `--scheduler` choice) and the factory [`SchedulerConfig::build`].
+//! - [`config`]: [`SchedulerConfig`] (a diffusers `scheduler_config.json`, read as Python's
+//!   `json` writes it, `-Infinity` included) and the factory [`SchedulerConfig::build`];
+//!   [`kind`]: [`SchedulerKind`] (the `--scheduler` choice) with per-class defaults.
 //! - [`noise_schedule`]: [`NoiseSchedule`], computed once per config: betas, ᾱ, the per-sample
 //!   training helpers (`add_noise`, `velocity`, `training_target`) and the inference timestep
 //!   and sigma layouts.
+//! - [`sigmas`]: Karras and exponential sigmas and the sigma → timestep map; `multistep`: the
+//!   history and in-order check of multistep samplers and DPM-Solver / UniPC's grid.
 //! - One step rule per file, named after the diffusers file: [`ddim`], [`ddim_inverse`],
-//!   [`euler_discrete`], [`euler_ancestral_discrete`].
+//!   [`ddpm`], [`euler_discrete`], [`euler_ancestral_discrete`], [`pndm`], [`lms_discrete`],
+//!   [`dpm_solver_multistep`], [`unipc_multistep`]. Multistep samplers keep state between
+//!   steps, which must run in order from step 0.
 //!
 //! A sampling loop reads:
 //! ```text
@@ -23,19 +28,35 @@
 pub mod config;
 pub mod ddim;
 pub mod ddim_inverse;
+pub mod ddpm;
+pub mod dpm_solver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
+pub mod kind;
+pub mod lms_discrete;
+mod multistep;
 pub mod noise_schedule;
+pub mod pndm;
+mod python_json;
+pub mod sigmas;
+pub mod unipc_multistep;
 
 pub use config::{
-    BetaSchedule, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
-    TimestepType,
+    AlgorithmType, BetaSchedule, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig, SolverType,
+    TimestepSpacing, TimestepType, VarianceType,
 };
 pub use ddim::{DDIMScheduler, DdimMove, DdimSettings};
 pub use ddim_inverse::DDIMInverseScheduler;
+pub use ddpm::DDPMScheduler;
+pub use dpm_solver_multistep::DPMSolverMultistepScheduler;
 pub use euler_ancestral_discrete::EulerAncestralDiscreteScheduler;
 pub use euler_discrete::EulerDiscreteScheduler;
-pub use noise_schedule::{NoiseSchedule, SigmaSchedule, TimestepValues};
+pub use kind::SchedulerKind;
+pub use lms_discrete::LMSDiscreteScheduler;
+pub use noise_schedule::{NoiseSchedule, SigmaLayout, SigmaSchedule, TimestepValues};
+pub use pndm::PNDMScheduler;
+pub use sigmas::SigmaSpacing;
+pub use unipc_multistep::UniPCMultistepScheduler;
 
 use candle_core::Tensor;
 

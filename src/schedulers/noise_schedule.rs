@@ -11,7 +11,10 @@
 
 use candle_core::{DType, Tensor};
 
-use super::config::{BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing, TimestepType};
+use super::config::{
+    BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing, TimestepType,
+};
+use super::sigmas::{log_sigmas, np_arange_down, np_linspace, sigma_to_t, SigmaSpacing};
 use crate::{Error, Result};
 
 /// Whether inference timesteps are integers (DDIM: `linspace` values are rounded) or float32
@@ -230,20 +233,10 @@ impl NoiseSchedule {
                 let ratio = t_train / n;
                 (0..n).rev().map(|i| (i * ratio + steps_offset) as f64).collect()
             }
-            TimestepSpacing::Trailing => {
-                let start = t_train as f64;
-                let step = -(t_train as f64 / n as f64);
-                let second = start + step;
-                let delta = second - start;
-                (0..n)
-                    .map(|i| match i {
-                        0 => start,
-                        1 => second,
-                        _ => start + i as f64 * delta,
-                    })
-                    .map(|v| v.round_ties_even() - 1.0)
-                    .collect()
-            }
+            TimestepSpacing::Trailing => np_arange_down(t_train as f64, t_train as f64 / n as f64, n)
+                .into_iter()
+                .map(|v| v.round_ties_even() - 1.0)
+                .collect(),
             TimestepSpacing::Linspace => {
                 let ys = np_linspace(0.0, (t_train - 1) as f64, n);
                 ys.into_iter()
@@ -284,41 +277,37 @@ impl NoiseSchedule {
             .collect()
     }
 
-    /// The sigma layout of diffusers' Euler schedulers for N steps: training sigmas
-    /// interpolated linearly at the (float) timesteps, then the final sigma.
-    pub fn sigma_schedule(
-        &self,
-        spacing: TimestepSpacing,
-        steps_offset: usize,
-        num_inference_steps: usize,
-        final_sigmas_type: FinalSigmasType,
-        timestep_type: TimestepType,
-    ) -> Result<SigmaSchedule> {
+    /// The sigma layout of diffusers' Euler and LMS schedulers for N steps: training sigmas
+    /// interpolated linearly at the (float) timesteps, or Karras / exponential sigmas between the
+    /// ends of those (timesteps then follow the sigmas through [`sigma_to_t`]), then the final
+    /// sigma.
+    pub fn sigma_schedule(&self, layout: &SigmaLayout, num_inference_steps: usize) -> Result<SigmaSchedule> {
+        let n = num_inference_steps;
         let timesteps =
-            self.inference_timesteps(spacing, steps_offset, num_inference_steps, TimestepValues::Float32)?;
+            self.inference_timesteps(layout.timestep_spacing, layout.steps_offset, n, TimestepValues::Float32)?;
         let train = self.train_sigmas();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| np_interp_unit(t, &train) as f32 as f64)
-            .collect();
-        sigmas.push(match final_sigmas_type {
-            FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => {
-                let a = self.alphas_cumprod[0] as f32;
-                f64::from(((1.0 - a) / a).sqrt())
+        let interpolated: Vec<f64> = timesteps.iter().map(|&t| np_interp_unit(t, &train)).collect();
+        let sigma_min = layout.sigma_min.unwrap_or(interpolated[n - 1]);
+        let sigma_max = layout.sigma_max.unwrap_or(interpolated[0]);
+        let (mut sigmas, timesteps) = match layout.sigma_spacing.sigmas(sigma_min, sigma_max, n) {
+            None => (interpolated, timesteps),
+            Some(sigmas) => {
+                let logs = log_sigmas(&train);
+                let ts = sigmas.iter().map(|&s| sigma_to_t(s, &logs) as f32 as f64).collect();
+                (sigmas, ts)
             }
-        });
-        let timesteps =
-            if timestep_type == TimestepType::Continuous && self.prediction_type == PredictionType::VPrediction {
-                sigmas[..num_inference_steps]
-                    .iter()
-                    .map(|&s| f64::from((s as f32).ln() * 0.25))
-                    .collect()
-            } else {
-                timesteps
-            };
+        };
+        sigmas.push(self.final_sigma(layout.final_sigmas_type));
+        let sigmas: Vec<f64> = sigmas.into_iter().map(|s| s as f32 as f64).collect();
+        let timesteps = if layout.timestep_type == TimestepType::Continuous
+            && self.prediction_type == PredictionType::VPrediction
+        {
+            sigmas[..n].iter().map(|&s| f64::from((s as f32).ln() * 0.25)).collect()
+        } else {
+            timesteps
+        };
         let max = sigmas.iter().copied().fold(0.0f64, f64::max) as f32;
-        let init_noise_sigma = match spacing {
+        let init_noise_sigma = match layout.timestep_spacing {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
             TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
         };
@@ -327,6 +316,53 @@ impl NoiseSchedule {
             sigmas,
             init_noise_sigma: f64::from(init_noise_sigma),
         })
+    }
+
+    /// The sigma after the last step: 0, or the training sigma of timestep 0 (float32).
+    pub fn final_sigma(&self, final_sigmas_type: FinalSigmasType) -> f64 {
+        match final_sigmas_type {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => {
+                let a = self.alphas_cumprod[0] as f32;
+                f64::from(((1.0 - a) / a).sqrt())
+            }
+        }
+    }
+}
+
+/// The settings of a sigma layout ([`NoiseSchedule::sigma_schedule`]), diffusers' constructor
+/// arguments of the same names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SigmaLayout {
+    /// How the inference timesteps are spread.
+    pub timestep_spacing: TimestepSpacing,
+    /// Added to leading timesteps.
+    pub steps_offset: usize,
+    /// Interpolated, Karras or exponential sigmas.
+    pub sigma_spacing: SigmaSpacing,
+    /// The lower end of Karras / exponential sigmas (`None`: the last interpolated sigma).
+    pub sigma_min: Option<f64>,
+    /// The upper end of Karras / exponential sigmas (`None`: the first interpolated sigma).
+    pub sigma_max: Option<f64>,
+    /// The sigma after the last step.
+    pub final_sigmas_type: FinalSigmasType,
+    /// What the model gets as timestep.
+    pub timestep_type: TimestepType,
+}
+
+impl SigmaLayout {
+    /// Interpolated sigmas with a final 0 and discrete timesteps, the other fields from `cfg`
+    /// for a class whose default spacing is `kind`'s.
+    pub fn plain(cfg: &SchedulerConfig, kind: SchedulerKind) -> Self {
+        SigmaLayout {
+            timestep_spacing: cfg.timestep_spacing_for(kind),
+            steps_offset: cfg.steps_offset,
+            sigma_spacing: SigmaSpacing::Interpolated,
+            sigma_min: None,
+            sigma_max: None,
+            final_sigmas_type: FinalSigmasType::Zero,
+            timestep_type: TimestepType::Discrete,
+        }
     }
 }
 
@@ -436,18 +472,6 @@ pub(crate) fn mul_f32(x: &Tensor, c: f32) -> Result<Tensor> {
 pub(crate) fn div_f32(x: &Tensor, c: f32) -> Result<Tensor> {
     let c = Tensor::new(c, x.device())?.to_dtype(x.dtype())?;
     Ok(x.broadcast_div(&c)?)
-}
-
-/// numpy's `linspace(start, stop, n)` in f64: `i·step + start`, the last value exactly `stop`;
-/// `[start]` for n = 1.
-fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (stop - start) / (n - 1) as f64;
-    let mut ys: Vec<f64> = (0..n).map(|i| i as f64 * step + start).collect();
-    ys[n - 1] = stop;
-    ys
 }
 
 /// A float32 `linspace(start, stop, n)` (torch's values up to one float32 ulp).
