@@ -102,6 +102,20 @@ fn pickle_malicious_is_refused_naming_the_global() {
 }
 
 #[test]
+fn pickle_deep_or_cyclic_is_an_error_not_a_crash() {
+    for (file, why) in [
+        ("deep.pkl", "not a torch.save file"),
+        ("cyclic.pt", "nested deeper than"),
+    ] {
+        match WeightFile::open(&fixture(file)) {
+            Err(e @ Error::BadPickle { .. }) => assert!(e.to_string().contains(why), "{e}"),
+            Err(e) => panic!("{file}: unexpected error {e}"),
+            Ok(_) => panic!("{file}: accepted"),
+        }
+    }
+}
+
+#[test]
 fn pickle_truncated_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     for file in ["state_zip.pt", "state_legacy.pt"] {
@@ -157,14 +171,18 @@ fn lora_pt_reads_as_its_safetensors() {
 #[test]
 fn layout_reads_bin_weights_without_safetensors() {
     let root = fixture("bin_folder");
-    for (sub, stem) in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")] {
+    for (sub, stem) in [
+        ("unet", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+        ("sharded", "model"),
+    ] {
         let store = layout::open_weights(&root.join(sub), stem, None).unwrap();
         let want = expected(&root.join(format!("{sub}.expected.safetensors")));
         let got: BTreeMap<String, Tensor> = store
             .names()
             .into_iter()
             .map(|n| {
-                let t = store.get(&n, None, DType::F32, &Device::Cpu).unwrap();
+                let t = store.get(&n, None, want[&n].dtype(), &Device::Cpu).unwrap();
                 (n, t)
             })
             .collect();

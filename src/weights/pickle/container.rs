@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use super::vm::{self, Fault, Value};
+use super::vm::{self, Fault, Heap, Value};
 use crate::{Error, Result};
 
 /// The legacy format's first pickle: `torch.serialization.MAGIC_NUMBER`
@@ -19,6 +19,8 @@ const LEGACY_PROTOCOL: i64 = 1001;
 pub(super) struct Parsed {
     /// The unpickled object.
     pub object: Value,
+    /// The containers it refers to.
+    pub heap: Heap,
     /// Storage key to its bytes in the file.
     pub storages: HashMap<String, Range<usize>>,
     /// Storages are big-endian.
@@ -52,7 +54,7 @@ pub(super) fn read(data: &[u8], path: &Path) -> Result<Parsed> {
 }
 
 /// Storages are known by key; their dtype and size come with the persistent id.
-fn unpickle_with_storages(data: &[u8], pos: &mut usize, path: &Path, what: &str) -> Result<Value> {
+fn unpickle_with_storages(data: &[u8], pos: &mut usize, path: &Path, what: &str) -> Result<(Value, Heap)> {
     vm::unpickle(data, pos, &mut vm::storage_from_pid).map_err(|f| fault(path, what, f))
 }
 
@@ -102,7 +104,7 @@ fn read_zip(data: &[u8], path: &Path) -> Result<Parsed> {
     };
     let r = entries[&pkl].clone();
     let mut pos = 0;
-    let object = unpickle_with_storages(&data[r], &mut pos, path, &pkl)?;
+    let (object, heap) = unpickle_with_storages(&data[r], &mut pos, path, &pkl)?;
     let prefix = format!("{folder}data/");
     let storages = entries
         .into_iter()
@@ -110,6 +112,7 @@ fn read_zip(data: &[u8], path: &Path) -> Result<Parsed> {
         .collect();
     Ok(Parsed {
         object,
+        heap,
         storages,
         big_endian,
     })
@@ -117,33 +120,33 @@ fn read_zip(data: &[u8], path: &Path) -> Result<Parsed> {
 
 fn read_legacy(data: &[u8], path: &Path) -> Result<Parsed> {
     let mut pos = 0;
-    let plain = |what: &str, pos: &mut usize| -> Result<Value> {
-        vm::unpickle(data, pos, &mut |_| {
+    let plain = |what: &str, pos: &mut usize| -> Result<(Value, Heap)> {
+        vm::unpickle(data, pos, &mut |_, _| {
             Err(Fault::Bad("persistent id outside the main pickle".into()))
         })
         .map_err(|f| fault(path, what, f))
     };
     let not_torch = "not a torch.save file (neither a zip archive nor the legacy format's magic number)";
     match plain("magic number", &mut pos) {
-        Ok(Value::BigInt(b)) if b == MAGIC => {}
+        Ok((Value::BigInt(b), _)) if b == MAGIC => {}
         Ok(_) | Err(Error::BadPickle { .. }) => return Err(bad(path, not_torch)),
         Err(e) => return Err(e),
     }
-    match plain("protocol version", &mut pos)? {
+    match plain("protocol version", &mut pos)?.0 {
         Value::Int(LEGACY_PROTOCOL) => {}
         Value::Int(v) => return Err(bad(path, format!("legacy protocol version {v}, expected 1001"))),
         other => return Err(bad(path, format!("legacy protocol version is a {}", other.kind()))),
     }
     let big_endian = match plain("sys_info", &mut pos)? {
-        Value::Dict(d) => !d
-            .borrow()
+        (Value::Dict(d), heap) => !heap
+            .dict(d)
             .iter()
-            .any(|(k, v)| matches!((k, v), (Value::Str(k), Value::Bool(true)) if k == "little_endian")),
-        other => return Err(bad(path, format!("sys_info is a {}, not a dict", other.kind()))),
+            .any(|(k, v)| matches!((k, v), (Value::Str(k), Value::Bool(true)) if &**k == "little_endian")),
+        (other, _) => return Err(bad(path, format!("sys_info is a {}, not a dict", other.kind()))),
     };
     let mut sizes: HashMap<String, usize> = HashMap::new();
-    let object = vm::unpickle(data, &mut pos, &mut |pid| {
-        let v = vm::storage_from_pid(pid)?;
+    let (object, heap) = vm::unpickle(data, &mut pos, &mut |pid, heap| {
+        let v = vm::storage_from_pid(pid, heap)?;
         if let Value::Storage(s) = &v {
             let size = s.kind.1.map_or(1, |d| d.size_in_bytes());
             sizes.insert(s.key.clone(), size);
@@ -152,15 +155,15 @@ fn read_legacy(data: &[u8], path: &Path) -> Result<Parsed> {
     })
     .map_err(|f| fault(path, "main pickle", f))?;
     let keys = match plain("storage keys", &mut pos)? {
-        Value::List(l) => l
-            .borrow()
+        (Value::List(l), heap) => heap
+            .seq(l)
             .iter()
             .map(|k| match k {
-                Value::Str(s) => Ok(s.clone()),
+                Value::Str(s) => Ok(s.to_string()),
                 other => Err(bad(path, format!("a storage key is a {}", other.kind()))),
             })
             .collect::<Result<Vec<_>>>()?,
-        other => return Err(bad(path, format!("storage keys are a {}, not a list", other.kind()))),
+        (other, _) => return Err(bad(path, format!("storage keys are a {}, not a list", other.kind()))),
     };
     let mut storages = HashMap::new();
     for key in keys {
@@ -189,6 +192,7 @@ fn read_legacy(data: &[u8], path: &Path) -> Result<Parsed> {
     }
     Ok(Parsed {
         object,
+        heap,
         storages,
         big_endian,
     })

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 
 use crate::{Error, Result};
-use vm::{TensorRef, Value};
+use vm::{Heap, TensorRef, Value};
 
 /// Where a tensor's elements are: a strided view into one storage, with everything owned so that
 /// the file can be shared across threads.
@@ -66,7 +66,15 @@ impl PickleFile {
         let parsed = container::read(&mmap, path)?;
         let mut tensors = BTreeMap::new();
         let mut refs = Vec::new();
-        collect(&state_dict(parsed.object), String::new(), &mut refs, path, 0)?;
+        let heap = &parsed.heap;
+        collect(
+            &state_dict(parsed.object, heap),
+            String::new(),
+            &mut refs,
+            heap,
+            path,
+            0,
+        )?;
         for (name, t) in refs {
             let entry = entry(&t, &parsed.storages, path, &name)?;
             tensors.insert(name, entry);
@@ -156,30 +164,39 @@ fn gather(storage: &[u8], size: usize, offset: usize, shape: &[usize], stride: &
     out
 }
 
-/// Steps into `state_dict` while the object is a dict holding one.
-fn state_dict(mut v: Value) -> Value {
-    loop {
+/// Steps into `state_dict` while the object is a dict holding one (at most [`MAX_DEPTH`] times:
+/// a dict can hold itself).
+fn state_dict(mut v: Value, heap: &Heap) -> Value {
+    for _ in 0..MAX_DEPTH {
         let inner = match &v {
-            Value::Dict(d) => d
-                .borrow()
+            Value::Dict(d) => heap
+                .dict(*d)
                 .iter()
-                .find(|(k, _)| matches!(k, Value::Str(s) if s == "state_dict"))
+                .find(|(k, _)| matches!(k, Value::Str(s) if &**s == "state_dict"))
                 .map(|(_, x)| x.clone())
                 .filter(|x| matches!(x, Value::Dict(_))),
             _ => None,
         };
         match inner {
             Some(x) => v = x,
-            None => return v,
+            None => break,
         }
     }
+    v
 }
 
 /// Nested dicts deeper than this are refused (a pickle can hold a dict that contains itself).
 const MAX_DEPTH: usize = 32;
 
 /// Collects the tensor leaves of `v` under dotted names.
-fn collect(v: &Value, name: String, out: &mut Vec<(String, TensorRef)>, path: &Path, depth: usize) -> Result<()> {
+fn collect(
+    v: &Value,
+    name: String,
+    out: &mut Vec<(String, TensorRef)>,
+    heap: &Heap,
+    path: &Path,
+    depth: usize,
+) -> Result<()> {
     let bad = |reason: String| Error::BadPickle {
         file: path.to_path_buf(),
         reason,
@@ -191,14 +208,14 @@ fn collect(v: &Value, name: String, out: &mut Vec<(String, TensorRef)>, path: &P
         }
         Value::Dict(_) if depth >= MAX_DEPTH => Err(bad(format!("{name}: dicts nested deeper than {MAX_DEPTH}"))),
         Value::Dict(d) => {
-            for (k, x) in d.borrow().iter() {
+            for (k, x) in heap.dict(*d) {
                 let key = match k {
-                    Value::Str(s) => s.clone(),
+                    Value::Str(s) => s.to_string(),
                     Value::Int(i) => i.to_string(),
                     other => return Err(bad(format!("{name}: a dict key is a {}", other.kind()))),
                 };
                 let full = if name.is_empty() { key } else { format!("{name}.{key}") };
-                collect(x, full, out, path, depth + 1)?;
+                collect(x, full, out, heap, path, depth + 1)?;
             }
             Ok(())
         }

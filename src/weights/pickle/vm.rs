@@ -5,7 +5,6 @@
 //! refused with [`crate::Error::UnsafePickle`] the moment the opcode naming it is read.
 //! Counterpart: CPython's `Lib/pickle.py` (`_Unpickler`) and `Lib/pickletools.py` (opcode list).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -89,8 +88,10 @@ pub(super) struct TensorRef {
     pub stride: Vec<usize>,
 }
 
-/// A Python value as the unpickler builds it. Lists and dicts are shared (`Rc<RefCell>`), since
-/// a pickle fills a container after memoising it and may refer to it again through the memo.
+/// A Python value as the unpickler builds it. Tuples, lists and dicts are indices into the
+/// [`Heap`] of their pickle: a pickle fills a container after memoising it and may refer to it
+/// again (itself included), and values stay flat, so no nesting depth a file chooses can
+/// overflow the stack when they are dropped.
 #[derive(Debug, Clone)]
 pub(super) enum Value {
     None,
@@ -100,12 +101,13 @@ pub(super) enum Value {
     BigInt(Vec<u8>),
     /// A float; checkpoints' floats (hyper-parameters) carry no tensors, so the value is dropped.
     Float,
-    Str(String),
+    /// Shared, as Python shares it: a memoised string may be referred to many times.
+    Str(Rc<str>),
     /// Bytes, dropped like floats.
     Bytes,
-    Tuple(Vec<Value>),
-    List(Rc<RefCell<Vec<Value>>>),
-    Dict(Rc<RefCell<Vec<(Value, Value)>>>),
+    Tuple(usize),
+    List(usize),
+    Dict(usize),
     Global(Global),
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
@@ -129,9 +131,47 @@ impl Value {
             Value::Tensor(_) => "tensor",
         }
     }
+}
 
-    fn dict(items: Vec<(Value, Value)>) -> Self {
-        Value::Dict(Rc::new(RefCell::new(items)))
+/// The containers of one pickle: tuples and lists in `seqs`, dicts (key order kept) in `dicts`.
+#[derive(Debug, Default)]
+pub(super) struct Heap {
+    seqs: Vec<Vec<Value>>,
+    dicts: Vec<Vec<(Value, Value)>>,
+}
+
+impl Heap {
+    /// The items of tuple or list `id`.
+    pub fn seq(&self, id: usize) -> &[Value] {
+        &self.seqs[id]
+    }
+
+    /// The items of dict `id`.
+    pub fn dict(&self, id: usize) -> &[(Value, Value)] {
+        &self.dicts[id]
+    }
+
+    fn tuple(&mut self, items: Vec<Value>) -> Value {
+        self.seqs.push(items);
+        Value::Tuple(self.seqs.len() - 1)
+    }
+
+    fn list(&mut self, items: Vec<Value>) -> Value {
+        self.seqs.push(items);
+        Value::List(self.seqs.len() - 1)
+    }
+
+    fn new_dict(&mut self, items: Vec<(Value, Value)>) -> Value {
+        self.dicts.push(items);
+        Value::Dict(self.dicts.len() - 1)
+    }
+
+    /// The items of `v` when it is a tuple.
+    pub fn as_tuple(&self, v: &Value) -> Option<&[Value]> {
+        match v {
+            Value::Tuple(id) => Some(self.seq(*id)),
+            _ => None,
+        }
     }
 }
 
@@ -151,20 +191,22 @@ fn bad<T>(reason: impl Into<String>) -> Step<T> {
 }
 
 /// Turns a persistent id into a value (torch: a storage).
-pub(super) type PersistentLoad<'a> = &'a mut dyn FnMut(Value) -> Step<Value>;
+pub(super) type PersistentLoad<'a> = &'a mut dyn FnMut(Value, &Heap) -> Step<Value>;
 
-/// Reads one pickle from `data[*pos..]`, leaving `*pos` after its STOP opcode.
-pub(super) fn unpickle(data: &[u8], pos: &mut usize, persistent_load: PersistentLoad) -> Step<Value> {
+/// Reads one pickle from `data[*pos..]`, leaving `*pos` after its STOP opcode: the object and
+/// the containers it refers to.
+pub(super) fn unpickle(data: &[u8], pos: &mut usize, persistent_load: PersistentLoad) -> Step<(Value, Heap)> {
     let mut m = Machine {
         data,
         pos: *pos,
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        heap: Heap::default(),
     };
     let v = m.run(persistent_load)?;
     *pos = m.pos;
-    Ok(v)
+    Ok((v, m.heap))
 }
 
 struct Machine<'a> {
@@ -174,6 +216,7 @@ struct Machine<'a> {
     /// Stack heights at each MARK.
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    heap: Heap,
 }
 
 impl<'a> Machine<'a> {
@@ -216,7 +259,7 @@ impl<'a> Machine<'a> {
     fn text(&mut self, n: usize) -> Step<Value> {
         let b = self.take(n)?;
         String::from_utf8(b.to_vec())
-            .map(Value::Str)
+            .map(|s| Value::Str(s.into()))
             .map_err(|_| Fault::Bad("a string is not UTF-8".into()))
     }
 
@@ -273,24 +316,24 @@ impl<'a> Machine<'a> {
         if items.len() % 2 != 0 {
             return bad("SETITEMS with an odd number of values");
         }
-        let Value::Dict(d) = self.top()? else {
+        let &mut Value::Dict(id) = self.top()? else {
             return bad("SETITEM(S) on something other than a dict");
         };
-        let mut d = d.borrow_mut();
+        let d = &mut self.heap.dicts[id];
         let mut it = items.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            dict_insert(&mut d, k, v);
+            dict_insert(d, k, v);
         }
         Ok(())
     }
 
     fn append(&mut self, items: Vec<Value>) -> Step<()> {
-        match self.top()? {
-            Value::List(l) => {
-                l.borrow_mut().extend(items);
+        match *self.top()? {
+            Value::List(id) => {
+                self.heap.seqs[id].extend(items);
                 Ok(())
             }
-            other => bad(format!("APPEND(S) on a {}", other.kind())),
+            ref other => bad(format!("APPEND(S) on a {}", other.kind())),
         }
     }
 
@@ -337,6 +380,10 @@ impl<'a> Machine<'a> {
                 }
                 0x8a | 0x8b => {
                     let n = if op == 0x8a { self.len(1)? } else { self.len(4)? };
+                    if n > 16 {
+                        // Each reference would copy it; torch.save's largest is the 10-byte magic.
+                        return bad(format!("an integer of {n} bytes at byte {at}"));
+                    }
                     let b = self.take(n)?;
                     self.stack.push(long(b));
                 }
@@ -363,8 +410,8 @@ impl<'a> Machine<'a> {
                 // `encoding="latin1"` does.
                 b'T' | b'U' => {
                     let n = if op == b'T' { self.len(4)? } else { self.len(1)? };
-                    let s = self.take(n)?.iter().map(|&b| char::from(b)).collect();
-                    self.stack.push(Value::Str(s));
+                    let s: String = self.take(n)?.iter().map(|&b| char::from(b)).collect();
+                    self.stack.push(Value::Str(Rc::from(s)));
                 }
                 b'B' | b'C' | 0x8e | 0x96 => {
                     let n = match op {
@@ -375,21 +422,31 @@ impl<'a> Machine<'a> {
                     self.take(n)?;
                     self.stack.push(Value::Bytes);
                 }
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b')' => {
+                    let t = self.heap.tuple(Vec::new());
+                    self.stack.push(t);
+                }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    let t = self.heap.tuple(items);
+                    self.stack.push(t);
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
                     let mut items = (0..n).map(|_| self.pop()).collect::<Step<Vec<_>>>()?;
                     items.reverse();
-                    self.stack.push(Value::Tuple(items));
+                    let t = self.heap.tuple(items);
+                    self.stack.push(t);
                 }
-                b']' => self.stack.push(Value::List(Rc::default())),
-                b'l' => {
+                // Sets hold no tensors in a checkpoint; kept as lists.
+                b']' | 0x8f => {
+                    let l = self.heap.list(Vec::new());
+                    self.stack.push(l);
+                }
+                b'l' | 0x91 => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                    let l = self.heap.list(items);
+                    self.stack.push(l);
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -399,20 +456,18 @@ impl<'a> Machine<'a> {
                     let items = self.pop_mark()?;
                     self.append(items)?;
                 }
-                // Sets hold no tensors in a checkpoint; kept as lists.
-                0x8f => self.stack.push(Value::List(Rc::default())),
                 0x90 => {
                     let items = self.pop_mark()?;
                     self.append(items)?;
                 }
-                0x91 => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                b'}' => {
+                    let d = self.heap.new_dict(Vec::new());
+                    self.stack.push(d);
                 }
-                b'}' => self.stack.push(Value::dict(Vec::new())),
                 b'd' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::dict(Vec::new()));
+                    let d = self.heap.new_dict(Vec::new());
+                    self.stack.push(d);
                     self.set_items(items)?;
                 }
                 b's' => {
@@ -460,20 +515,23 @@ impl<'a> Machine<'a> {
                 }
                 b'Q' => {
                     let pid = self.pop()?;
-                    let v = persistent_load(pid)?;
+                    let v = persistent_load(pid, &self.heap)?;
                     self.stack.push(v);
                 }
                 b'R' => {
                     let args = self.pop()?;
                     let f = self.pop()?;
-                    let v = call(f, args)?;
+                    let v = call(f, args, &mut self.heap)?;
                     self.stack.push(v);
                 }
                 0x81 => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
                     match cls {
-                        Value::Global(Global::OrderedDict) => self.stack.push(Value::dict(Vec::new())),
+                        Value::Global(Global::OrderedDict) => {
+                            let d = self.heap.new_dict(Vec::new());
+                            self.stack.push(d);
+                        }
                         other => return bad(format!("NEWOBJ of a {} at byte {at}", other.kind())),
                     }
                     drop(args);
@@ -532,12 +590,13 @@ fn dict_insert(d: &mut Vec<(Value, Value)>, k: Value, v: Value) {
 }
 
 /// REDUCE: applies an allowed global to its arguments.
-fn call(f: Value, args: Value) -> Step<Value> {
-    let Value::Tuple(args) = args else {
+fn call(f: Value, args: Value, heap: &mut Heap) -> Step<Value> {
+    let Value::Tuple(id) = args else {
         return bad(format!("REDUCE arguments are a {}, not a tuple", args.kind()));
     };
+    let args = heap.seq(id).to_vec();
     match f {
-        Value::Global(Global::RebuildTensor) => rebuild_tensor(args),
+        Value::Global(Global::RebuildTensor) => rebuild_tensor(&args, heap),
         Value::Global(Global::RebuildParameter) => match args.into_iter().next() {
             Some(t @ Value::Tensor(_)) => Ok(t),
             other => bad(format!(
@@ -546,16 +605,16 @@ fn call(f: Value, args: Value) -> Step<Value> {
             )),
         },
         Value::Global(Global::OrderedDict) => match args.as_slice() {
-            [] => Ok(Value::dict(Vec::new())),
+            [] => Ok(heap.new_dict(Vec::new())),
             [Value::List(items)] => {
                 let mut d = Vec::new();
-                for item in items.borrow().iter() {
-                    match item {
-                        Value::Tuple(kv) if kv.len() == 2 => dict_insert(&mut d, kv[0].clone(), kv[1].clone()),
-                        other => return bad(format!("OrderedDict item is a {}, not a pair", other.kind())),
+                for item in heap.seq(*items) {
+                    match heap.as_tuple(item) {
+                        Some([k, v]) => dict_insert(&mut d, k.clone(), v.clone()),
+                        _ => return bad(format!("OrderedDict item is a {}, not a pair", item.kind())),
                     }
                 }
-                Ok(Value::dict(d))
+                Ok(heap.new_dict(d))
             }
             _ => bad("OrderedDict called with unexpected arguments"),
         },
@@ -572,16 +631,16 @@ fn index(v: &Value, what: &str) -> Step<usize> {
     }
 }
 
-fn sizes(v: &Value, what: &str) -> Step<Vec<usize>> {
-    match v {
-        Value::Tuple(items) => items.iter().map(|x| index(x, what)).collect(),
-        other => bad(format!("_rebuild_tensor_v2: {what} is a {}, not a tuple", other.kind())),
+fn sizes(v: &Value, what: &str, heap: &Heap) -> Step<Vec<usize>> {
+    match heap.as_tuple(v) {
+        Some(items) => items.iter().map(|x| index(x, what)).collect(),
+        None => bad(format!("_rebuild_tensor_v2: {what} is a {}, not a tuple", v.kind())),
     }
 }
 
 /// `_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])`.
-fn rebuild_tensor(args: Vec<Value>) -> Step<Value> {
-    let [storage, offset, size, stride, ..] = args.as_slice() else {
+fn rebuild_tensor(args: &[Value], heap: &Heap) -> Step<Value> {
+    let [storage, offset, size, stride, ..] = args else {
         return bad(format!("_rebuild_tensor_v2 with {} arguments", args.len()));
     };
     let Value::Storage(storage) = storage else {
@@ -590,8 +649,8 @@ fn rebuild_tensor(args: Vec<Value>) -> Step<Value> {
     let t = TensorRef {
         storage: storage.clone(),
         offset: index(offset, "storage_offset")?,
-        shape: sizes(size, "size")?,
-        stride: sizes(stride, "stride")?,
+        shape: sizes(size, "size", heap)?,
+        stride: sizes(stride, "stride", heap)?,
     };
     if t.shape.len() != t.stride.len() {
         return bad(format!(
@@ -604,19 +663,19 @@ fn rebuild_tensor(args: Vec<Value>) -> Step<Value> {
 
 /// torch's persistent id `('storage', storage_type, key, location, numel[, view_metadata])`
 /// as a storage.
-pub(super) fn storage_from_pid(pid: Value) -> Step<Value> {
-    let Value::Tuple(items) = pid else {
+pub(super) fn storage_from_pid(pid: Value, heap: &Heap) -> Step<Value> {
+    let Some(items) = heap.as_tuple(&pid) else {
         return bad(format!("persistent id is a {}, not a tuple", pid.kind()));
     };
-    match items.as_slice() {
+    match items {
         [Value::Str(tag), Value::Global(Global::Storage(name, dtype)), key, _location, numel, rest @ ..]
-            if tag == "storage" =>
+            if &**tag == "storage" =>
         {
             if rest.iter().any(|v| !matches!(v, Value::None)) {
                 return bad("storage views (torch < 0.4 legacy files) are not supported");
             }
             let key = match key {
-                Value::Str(s) => s.clone(),
+                Value::Str(s) => s.to_string(),
                 Value::Int(i) => i.to_string(),
                 other => return bad(format!("storage key is a {}", other.kind())),
             };
