@@ -55,6 +55,29 @@ pub enum Error {
         reason: String,
     },
 
+    /// A PyTorch pickle checkpoint (`.ckpt`, `.pt`, `.bin`) that cannot be read: truncated, an
+    /// unsupported opcode or layout, a tensor outside its storage.
+    #[error("{}: not a readable PyTorch checkpoint: {reason}", file.display())]
+    BadPickle {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A pickle that refers to a Python global other than the tensor-rebuilding ones: it would
+    /// run code if loaded by Python, so it is refused before anything else is read.
+    #[error(
+        "{}: refused: the pickle refers to the Python global `{global}`, which is not a tensor, storage, dtype or OrderedDict (only those are allowed; nothing is ever called)",
+        file.display()
+    )]
+    UnsafePickle {
+        /// The file.
+        file: PathBuf,
+        /// The global as `module.name`.
+        global: String,
+    },
+
     /// Tensors in the checkpoint that no layer used (a sign of a wrong architecture or config).
     #[error("{}: {} tensor(s) not used by the model: {}", file.display(), names.len(), preview(names))]
     UnusedTensors {

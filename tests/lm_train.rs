@@ -363,7 +363,7 @@ fn kto_on_unpaired_examples_through_the_cli() {
     let unpaired: String = synthetic::pairs(48, 21, VOCAB)
         .iter()
         .flat_map(|p| {
-            [(p.chosen.as_str(), true), (p.rejected.as_str(), false)].map(|(c, label)| {
+            [(&p.chosen, true), (&p.rejected, false)].map(|(c, label)| {
                 serde_json::json!({"prompt": p.prompt, "completion": c, "label": label}).to_string() + "\n"
             })
         })

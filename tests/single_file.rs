@@ -226,7 +226,7 @@ fn single_file_every_tensor_is_used_or_explicitly_skipped() {
             "{}: a skipped tensor was read",
             file.display()
         );
-        let all: BTreeSet<String> = diffalign::weights::SafetensorsFile::open(&file)
+        let all: BTreeSet<String> = diffalign::weights::WeightFile::open(&file)
             .unwrap()
             .names()
             .into_iter()

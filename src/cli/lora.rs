@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
 use diffalign::weights::lora::{dominant_rank_alpha, fuse_store, save_kohya, save_peft};
-use diffalign::weights::{layout, save_safetensors, SafetensorsFile};
+use diffalign::weights::{layout, save_safetensors, WeightFile};
 
 use super::model_args::read_unet_lora;
 
@@ -114,7 +114,7 @@ fn stored_dtype(dir: &Path, variant: Option<&str>) -> anyhow::Result<DType> {
             .with_context(|| format!("{}: no weight_map entries", index.display()))?;
         dir.join(first)
     };
-    let f = SafetensorsFile::open(&file)?;
+    let f = WeightFile::open(&file)?;
     let name = f
         .names()
         .into_iter()

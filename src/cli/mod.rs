@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_kernels;
+mod convert;
 mod demo;
 mod device_arg;
 mod eval;
@@ -49,6 +50,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Merge a LoRA into a UNet, or convert a LoRA between diffusers/PEFT and kohya forms.
     Lora(lora::LoraArgs),
+    /// Rewrite a PyTorch checkpoint (.ckpt, .pt, .bin; no code is run) as a .safetensors file.
+    Convert(convert::ConvertArgs),
     /// Language-model preference components: losses, reward models, training, RewardBench.
     Lm(lm::LmArgs),
     /// Time the hot paths on CPU (one JSON line per measurement).
@@ -86,7 +89,7 @@ impl Command {
             Command::Eval(a) => a.model.device.spec,
             Command::Lm(a) => a.device(),
             Command::Bench(a) => a.device.spec,
-            Command::Pretrain(_) | Command::Lora(_) => DeviceSpec::Cpu,
+            Command::Pretrain(_) | Command::Lora(_) | Command::Convert(_) => DeviceSpec::Cpu,
         }
     }
 
@@ -114,6 +117,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Lora(args) => lora::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Score(args) => score::run(args),
         Command::Reno(args) => reno::run(args),
         Command::Eval(args) => eval::run(args),

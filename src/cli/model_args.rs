@@ -71,9 +71,13 @@ impl ModelArgs {
         if !path.is_file() {
             return Ok(None);
         }
-        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        // PyTorch checkpoints are read by the restricted unpickler (no code runs).
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("safetensors" | "ckpt" | "pt" | "pth" | "bin")
+        ) {
             bail!(
-                "--model {}: single-file checkpoints must be .safetensors (pickled .ckpt files are not read)",
+                "--model {}: a single-file checkpoint must be .safetensors or a PyTorch checkpoint (.ckpt, .pt, .pth, .bin)",
                 path.display()
             );
         }

@@ -1,23 +1,65 @@
 //! Text preference pairs for language models and their tokenisation: JSONL or parquet records
 //! with `prompt`, `chosen`, `rejected` (and RewardBench's `subset`), a `tokenizer.json`
 //! (Hugging Face tokenizers), or the pre-tokenised safetensors batch format.
+//!
+//! JSONL fields may also be TRL's conversational format, lists of `{"role", "content"}`
+//! messages, rendered with the tokenizer folder's chat template as TRL does
+//! (`trl/data_utils.py`): without `prompt`, the messages `chosen` and `rejected` share before
+//! they differ are the prompt (`maybe_extract_prompt`); the prompt is rendered with
+//! `add_generation_prompt`, each completion is what rendering `prompt + completion` adds after
+//! the text both share (`maybe_apply_chat_template`), and the ids are those of the texts without
+//! special tokens, the completion's followed by the end-of-sequence id (`DPOTrainer.tokenize_row`).
 
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use serde::Serialize;
 
 use super::batch::{PairBatch, Sequences};
+use crate::text::chat_template::{ChatTemplate, Message};
 use crate::{Error, Result};
+
+/// A prompt or a completion: plain text, or chat messages (TRL's conversational format).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Text {
+    /// Plain text, tokenised as is.
+    Plain(String),
+    /// Messages, rendered with the chat template.
+    Chat(Vec<Message>),
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text::Plain(s)
+    }
+}
+
+impl Text {
+    /// A JSON string or list of `{"role", "content"}` messages; `None` when absent or null.
+    fn from_json(v: Option<&serde_json::Value>, key: &str) -> std::result::Result<Option<Self>, String> {
+        match v {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(Text::Plain(s.clone()))),
+            Some(list @ serde_json::Value::Array(_)) => serde_json::from_value(list.clone())
+                .map(|m| Some(Text::Chat(m)))
+                .map_err(|e| format!("field {key:?}: expected a list of {{\"role\", \"content\"}} messages: {e}")),
+            Some(other) => Err(format!(
+                "field {key:?}: expected a string or a list of messages, got {other}"
+            )),
+        }
+    }
+}
 
 /// One text pair; `subset` is RewardBench's subset name, when given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextPair {
     /// The prompt.
-    pub prompt: String,
+    pub prompt: Text,
     /// The preferred completion.
-    pub chosen: String,
+    pub chosen: Text,
     /// The rejected completion.
-    pub rejected: String,
+    pub rejected: Text,
     /// RewardBench subset.
     pub subset: Option<String>,
 }
@@ -166,20 +208,50 @@ fn read_jsonl(path: &Path) -> Result<Vec<TextPair>> {
             reason,
         };
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| record(format!("not JSON: {e}")))?;
-        let get = |key: &str| -> Result<String> {
-            v.get(key)
-                .and_then(|x| x.as_str())
-                .map(str::to_string)
-                .ok_or_else(|| record(format!("missing string field {key:?}")))
+        let get = |key: &str| Text::from_json(v.get(key), key).map_err(&record);
+        let need = |key: &str| get(key)?.ok_or_else(|| record(format!("missing field {key:?}")));
+        let (chosen, rejected) = (need("chosen")?, need("rejected")?);
+        let (prompt, chosen, rejected) = match (get("prompt")?, chosen, rejected) {
+            (Some(p), c, r) => (p, c, r),
+            (None, Text::Chat(c), Text::Chat(r)) => extract_prompt(c, r).map_err(&record)?,
+            (None, ..) => {
+                return Err(record(
+                    "missing field \"prompt\" (only conversational pairs may leave it implicit)".into(),
+                ))
+            }
         };
+        let plain = |t: &Text| matches!(t, Text::Plain(_));
+        if plain(&prompt) != plain(&chosen) || plain(&prompt) != plain(&rejected) {
+            return Err(record(
+                "prompt, chosen and rejected must all be strings or all be lists of messages".into(),
+            ));
+        }
         out.push(TextPair {
-            prompt: get("prompt")?,
-            chosen: get("chosen")?,
-            rejected: get("rejected")?,
+            prompt,
+            chosen,
+            rejected,
             subset: v.get("subset").and_then(|x| x.as_str()).map(str::to_string),
         });
     }
     Ok(out)
+}
+
+/// TRL's `maybe_extract_prompt` on messages: the prompt is `chosen` up to the first message
+/// where it differs from `rejected` (when none differs, up to the last message both have, as
+/// TRL's loop leaves its index).
+fn extract_prompt(chosen: Vec<Message>, rejected: Vec<Message>) -> std::result::Result<(Text, Text, Text), String> {
+    let n = chosen.len().min(rejected.len());
+    let at = (0..n)
+        .find(|&i| chosen[i] != rejected[i])
+        .unwrap_or(n.saturating_sub(1));
+    if at == 0 {
+        return Err("no \"prompt\", and chosen and rejected share no first message to take as one".into());
+    }
+    Ok((
+        Text::Chat(chosen[..at].to_vec()),
+        Text::Chat(chosen[at..].to_vec()),
+        Text::Chat(rejected[at..].to_vec()),
+    ))
 }
 
 fn read_parquet(path: &Path) -> Result<Vec<TextPair>> {
@@ -213,9 +285,9 @@ fn read_parquet(path: &Path) -> Result<Vec<TextPair>> {
             };
             let (prompt, chosen, rejected) = (get("prompt")?, get("chosen")?, get("rejected")?);
             out.push(TextPair {
-                prompt,
-                chosen,
-                rejected,
+                prompt: prompt.into(),
+                chosen: chosen.into(),
+                rejected: rejected.into(),
                 subset: fields.remove("subset").flatten(),
             });
         }
@@ -223,14 +295,18 @@ fn read_parquet(path: &Path) -> Result<Vec<TextPair>> {
     Ok(out)
 }
 
-/// A Hugging Face `tokenizer.json` with the model's end-of-sequence id.
+/// A Hugging Face `tokenizer.json` with the model's end-of-sequence id and the folder's chat
+/// template, if it has one.
 pub struct LmTokenizer {
     inner: tokenizers::Tokenizer,
     eos: Option<u32>,
+    chat: Option<ChatTemplate>,
+    dir: std::path::PathBuf,
 }
 
 impl LmTokenizer {
-    /// Loads `dir/tokenizer.json`; `eos` is appended to every completion when given.
+    /// Loads `dir/tokenizer.json` and the chat template of `dir` ([`ChatTemplate::from_dir`]);
+    /// `eos` is appended to every completion when given.
     pub fn from_dir(dir: &Path, eos: Option<u32>) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
@@ -241,7 +317,12 @@ impl LmTokenizer {
         }
         let inner =
             tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::config(&path, "(tokenizer)", e.to_string()))?;
-        Ok(LmTokenizer { inner, eos })
+        Ok(LmTokenizer {
+            inner,
+            eos,
+            chat: ChatTemplate::from_dir(dir)?,
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
@@ -269,14 +350,86 @@ impl LmTokenizer {
         })
     }
 
-    /// Tokenises text pairs.
-    pub fn encode_pairs(&self, pairs: &[TextPair]) -> Result<Vec<TokenPair>> {
+    /// A conversational prompt and its completions as TRL tokenises them (see the module docs):
+    /// one sequence per completion.
+    pub fn encode_chat(&self, prompt: &[Message], completions: &[&[Message]]) -> Result<Vec<TokenSeq>> {
+        let chat = self.chat.as_ref().ok_or_else(|| {
+            Error::input(
+                "conversational data",
+                format!(
+                    "needs a chat template, and {} has none (tokenizer_config.json's chat_template or chat_template.jinja)",
+                    self.dir.display()
+                ),
+            )
+        })?;
+        if prompt.last().is_some_and(|m| m.role == "assistant") {
+            return Err(Error::input(
+                "conversational data",
+                "a prompt ending with an assistant message (TRL's continue_final_message) is not supported",
+            ));
+        }
+        let mut prompt_text = chat.render(prompt, true)?;
+        let mut texts = Vec::with_capacity(completions.len());
+        for completion in completions {
+            let whole: Vec<Message> = prompt.iter().chain(completion.iter()).cloned().collect();
+            let full = chat.render(&whole, false)?;
+            // TRL narrows the prompt to the text it shares with each rendering in turn.
+            let shared = prompt_text
+                .char_indices()
+                .zip(full.chars())
+                .find(|((_, a), b)| a != b)
+                .map_or(prompt_text.len().min(full.len()), |((i, _), _)| i);
+            prompt_text.truncate(shared);
+            texts.push(full[shared..].to_string());
+        }
+        let prompt_ids = self.encode(&prompt_text, false)?;
+        if prompt_ids.is_empty() {
+            return Err(Error::input("prompt", "the rendered prompt encodes to no tokens"));
+        }
+        texts
+            .iter()
+            .map(|t| {
+                let mut tokens = prompt_ids.clone();
+                tokens.extend(self.encode(t, false)?);
+                tokens.extend(self.eos);
+                Ok(TokenSeq {
+                    tokens,
+                    completion_start: prompt_ids.len(),
+                })
+            })
+            .collect()
+    }
+
+    /// Tokenises text pairs; errors name `source` and the record.
+    pub fn encode_pairs(&self, pairs: &[TextPair], source: &Path) -> Result<Vec<TokenPair>> {
         pairs
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(index, p)| {
+                let (chosen, rejected) = match (&p.prompt, &p.chosen, &p.rejected) {
+                    (Text::Plain(pr), Text::Plain(c), Text::Plain(r)) => {
+                        (self.encode_pair(pr, c)?, self.encode_pair(pr, r)?)
+                    }
+                    (Text::Chat(pr), Text::Chat(c), Text::Chat(r)) => {
+                        let mut seqs = self.encode_chat(pr, &[c, r]).map_err(|e| Error::Record {
+                            file: source.to_path_buf(),
+                            index,
+                            reason: e.to_string(),
+                        })?;
+                        let rejected = seqs.pop().expect("two completions");
+                        (seqs.pop().expect("two completions"), rejected)
+                    }
+                    _ => {
+                        return Err(Error::Record {
+                            file: source.to_path_buf(),
+                            index,
+                            reason: "prompt, chosen and rejected mix strings and message lists".into(),
+                        })
+                    }
+                };
                 Ok(TokenPair {
-                    chosen: self.encode_pair(&p.prompt, &p.chosen)?,
-                    rejected: self.encode_pair(&p.prompt, &p.rejected)?,
+                    chosen,
+                    rejected,
                     subset: p.subset.clone(),
                 })
             })
@@ -347,5 +500,5 @@ pub fn load_pairs(path: &Path, model_dir: &Path, eos: Option<u32>) -> Result<Vec
         return PairBatch::from_file(path, &Device::Cpu)?.to_token_pairs();
     }
     let text = read_text_pairs(path)?;
-    LmTokenizer::from_dir(model_dir, eos)?.encode_pairs(&text)
+    LmTokenizer::from_dir(model_dir, eos)?.encode_pairs(&text, path)
 }

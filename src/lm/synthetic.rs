@@ -75,9 +75,9 @@ pub fn pairs(n: usize, seed: u64, vocab: usize) -> Vec<TextPair> {
             let prompt = words(&mut rng, vocab, prompt_len, None);
             let (lw, ll) = (2 + rng.below(4) as usize, 2 + rng.below(4) as usize);
             TextPair {
-                prompt,
-                chosen: words(&mut rng, vocab, lw, Some(0)),
-                rejected: words(&mut rng, vocab, ll, Some(2)),
+                prompt: prompt.into(),
+                chosen: words(&mut rng, vocab, lw, Some(0)).into(),
+                rejected: words(&mut rng, vocab, ll, Some(2)).into(),
                 subset: Some(SUBSETS[i % SUBSETS.len()].to_string()),
             }
         })

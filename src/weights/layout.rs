@@ -7,19 +7,26 @@ use std::path::{Path, PathBuf};
 use super::TensorStore;
 use crate::{Error, Result};
 
-/// Opens the weights of one component: `dir/{stem}[.{variant}].safetensors`, or the shards
-/// listed by `dir/{stem}.safetensors.index[.{variant}].json`.
-pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<TensorStore> {
-    let (single, index) = match variant {
+/// The weight file and shard index of `stem` in format `ext` (`safetensors`, `bin`).
+fn weight_paths(dir: &Path, stem: &str, ext: &str, variant: Option<&str>) -> (PathBuf, PathBuf) {
+    match variant {
         Some(v) => (
-            dir.join(format!("{stem}.{v}.safetensors")),
-            dir.join(format!("{stem}.safetensors.index.{v}.json")),
+            dir.join(format!("{stem}.{v}.{ext}")),
+            dir.join(format!("{stem}.{ext}.index.{v}.json")),
         ),
         None => (
-            dir.join(format!("{stem}.safetensors")),
-            dir.join(format!("{stem}.safetensors.index.json")),
+            dir.join(format!("{stem}.{ext}")),
+            dir.join(format!("{stem}.{ext}.index.json")),
         ),
-    };
+    }
+}
+
+/// Opens the weights of one component: `dir/{stem}[.{variant}].safetensors`, or the shards
+/// listed by `dir/{stem}.safetensors.index[.{variant}].json`; without either, the pickled
+/// weights transformers and diffusers fall back to, `{stem}.bin` (`pytorch_model.bin` for the
+/// stem `model`) or its shard index `{stem}.bin.index.json`, read by the restricted unpickler.
+pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<TensorStore> {
+    let (single, index) = weight_paths(dir, stem, "safetensors", variant);
     // A folder under the weights' name is named as such, not reported missing.
     if single.is_file() || single.is_dir() {
         return TensorStore::open_file(&single);
@@ -32,6 +39,14 @@ pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Ten
     }
     if index.is_file() {
         return open_sharded(&index);
+    }
+    let bin_stem = if stem == "model" { "pytorch_model" } else { stem };
+    let (bin, bin_index) = weight_paths(dir, bin_stem, "bin", variant);
+    if bin.is_file() {
+        return TensorStore::open_file(&bin);
+    }
+    if bin_index.is_file() {
+        return open_sharded(&bin_index);
     }
     if !dir.is_dir() {
         return Err(Error::MissingFile {
@@ -47,8 +62,6 @@ pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Ten
         .collect();
     let hint = if found.is_empty() {
         String::new()
-    } else if found.iter().any(|n| n.ends_with(".bin")) && !found.iter().any(|n| n.ends_with(".safetensors")) {
-        format!(" (found {}; only safetensors weights are supported)", found.join(", "))
     } else {
         format!(" (found {}; pick one with --variant)", found.join(", "))
     };
@@ -61,7 +74,8 @@ pub fn open_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Ten
     })
 }
 
-/// Opens a sharded checkpoint from its `*.safetensors.index.json` (`{"weight_map": {name: file}}`).
+/// Opens a sharded checkpoint from its `*.safetensors.index.json` or `*.bin.index.json`
+/// (`{"weight_map": {name: file}}`).
 pub fn open_sharded(index: &Path) -> Result<TensorStore> {
     let json: serde_json::Value = crate::json::read_json(index, "sharded checkpoint index")?;
     let map = json

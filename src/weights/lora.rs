@@ -35,7 +35,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::store::{SafetensorsFile, TensorStore};
+use super::store::TensorStore;
+use super::WeightFile;
 use crate::rng::Rng;
 use crate::{Error, Result};
 use parse::{parse_file, FileLora};
@@ -196,7 +197,7 @@ impl LoraSource {
                 format!("only unet LoRAs are supported, got {component:?}"),
             ));
         }
-        let file = SafetensorsFile::open(path)?;
+        let file = WeightFile::open(path)?;
         let fl = parse_file(file, component)?;
         Ok(LoraSource {
             kind: Kind::File(fl),

@@ -1,12 +1,14 @@
-//! Weights: safetensors files ([`store`]), the cursor models load through ([`VarBuilder`]),
+//! Weights: safetensors files and PyTorch pickle checkpoints ([`file`], [`pickle`], [`store`]), the cursor models load through ([`VarBuilder`]),
 //! and where a pipeline's files are ([`layout`]: diffusers folders, shards, variants, the Hugging
 //! Face cache), and LoRA adapters attached at load time ([`lora`]).
 
 #[cfg(feature = "download")]
 pub mod copy;
+pub mod file;
 pub mod hub;
 pub mod layout;
 pub mod lora;
+pub mod pickle;
 pub mod single_file;
 pub mod store;
 
@@ -15,8 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+pub use file::WeightFile;
 pub use lora::{AdaptersOff, LoraAdapter, LoraConfig, LoraSource, LoraSwitch};
-pub use store::{save_safetensors, SafetensorsFile, TensorStore};
+pub use store::{save_safetensors, TensorStore};
 
 use crate::rng::Rng;
 use crate::Result;

@@ -1,5 +1,6 @@
-//! Memory-mapped safetensors files, one or several (shards), with shape checks and a record of
-//! which tensors were read, so that a loader can report tensors the model did not use.
+//! Weight files ([`WeightFile`]: safetensors, or PyTorch pickles), one or several (shards), with
+//! shape checks and a record of which tensors were read, so that a loader can report tensors the
+//! model did not use.
 //!
 //! A store can also present *views* ([`TensorStore::from_views`]): tensors under our (diffusers)
 //! names that are read from a file tensor of another name through a [`ViewTransform`] (reshape,
@@ -11,93 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Metadata, TensorInfo};
 
+use super::WeightFile;
 use crate::{Error, Result};
-
-/// One safetensors file, memory-mapped and validated (header, offsets, length).
-pub struct SafetensorsFile {
-    path: PathBuf,
-    mmap: memmap2::Mmap,
-    data_start: usize,
-    meta: Metadata,
-}
-
-impl SafetensorsFile {
-    /// Opens and validates `path`; a truncated or corrupt file is an error naming it.
-    pub fn open(path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            return Err(Error::input(
-                path.display().to_string(),
-                "a folder, not a safetensors file",
-            ));
-        }
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; a file changed underneath us while loading is outside
-        // what any loader can guard against (candle and safetensors map files the same way).
-        let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadSafetensors {
-            file: path.to_path_buf(),
-            reason: describe(&e),
-        })?;
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            mmap,
-            data_start: 8 + n,
-            meta,
-        })
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The `__metadata__` string map (empty when absent).
-    pub fn metadata(&self) -> HashMap<String, String> {
-        self.meta.metadata().clone().unwrap_or_default()
-    }
-
-    /// The names of all tensors in the file.
-    pub fn names(&self) -> Vec<String> {
-        self.meta.tensors().into_keys().collect()
-    }
-
-    /// The shape of tensor `name`, if present.
-    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.meta.info(name).map(|i| i.shape.clone())
-    }
-
-    /// Loads tensor `name` in its stored dtype onto `device`.
-    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let info = self.meta.info(name).ok_or_else(|| Error::MissingTensor {
-            file: self.path.clone(),
-            name: name.to_string(),
-        })?;
-        self.load_info(name, info, device)
-    }
-
-    fn load_info(&self, name: &str, info: &TensorInfo, device: &Device) -> Result<Tensor> {
-        let dtype = convert_dtype(info.dtype).ok_or_else(|| Error::BadSafetensors {
-            file: self.path.clone(),
-            reason: format!("{name}: unsupported dtype {:?}", info.dtype),
-        })?;
-        let (s, e) = info.data_offsets;
-        let bytes = &self.mmap[self.data_start + s..self.data_start + e];
-        // One pass over the bytes the copy below reads anyway: a NaN or infinity in a weight or
-        // an input only shows up later as a black image or a `null` loss.
-        if let Some((count, first, value)) = non_finite(bytes, dtype) {
-            return Err(Error::NonFinite {
-                subject: format!("{}: {name}", self.path.display()),
-                count,
-                first,
-                value,
-            });
-        }
-        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?;
-        Ok(t.to_device(device)?)
-    }
-}
 
 /// The exponent bits of each float dtype (all ones: infinity or NaN) and its width in bytes;
 /// `None` for integer dtypes, whose values are always finite.
@@ -185,29 +102,6 @@ pub fn check_finite(t: &Tensor, subject: impl FnOnce() -> String) -> Result<()> 
         // Finite values whose sum overflows f32: large, but not what this check is for.
         None => Ok(()),
     }
-}
-
-fn describe(e: &safetensors::SafeTensorError) -> String {
-    use safetensors::SafeTensorError as E;
-    match e {
-        E::MetadataIncompleteBuffer => "file length does not match its header (truncated?)".into(),
-        E::HeaderTooSmall | E::InvalidHeaderLength => "header is cut short (truncated?)".into(),
-        other => other.to_string(),
-    }
-}
-
-fn convert_dtype(d: safetensors::Dtype) -> Option<DType> {
-    use safetensors::Dtype as S;
-    Some(match d {
-        S::U8 => DType::U8,
-        S::U32 => DType::U32,
-        S::I64 => DType::I64,
-        S::F16 => DType::F16,
-        S::BF16 => DType::BF16,
-        S::F32 => DType::F32,
-        S::F64 => DType::F64,
-        _ => return None,
-    })
 }
 
 /// How a view's tensor is made from the file tensor it reads.
@@ -308,7 +202,7 @@ struct Views {
 /// views with our names over part of one file ([`TensorStore::from_views`]).
 pub struct TensorStore {
     label: PathBuf,
-    files: Vec<Arc<SafetensorsFile>>,
+    files: Vec<Arc<WeightFile>>,
     /// File tensor names (the audit's domain) to their file.
     location: HashMap<String, usize>,
     views: Option<Views>,
@@ -324,7 +218,7 @@ impl TensorStore {
         let mut files = Vec::with_capacity(paths.len());
         let mut location = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let f = SafetensorsFile::open(p)?;
+            let f = WeightFile::open(p)?;
             for name in f.names() {
                 if location.insert(name.clone(), i).is_some() {
                     return Err(Error::BadSafetensors {
@@ -347,7 +241,7 @@ impl TensorStore {
     /// A store over `file` that presents `spec.views` under our names, checks each view against
     /// the file (its source exists, its transform fits the stored shape) and audits the file
     /// tensors of `spec.scope`. Tensors load lazily, on [`TensorStore::get`].
-    pub fn from_views(file: Arc<SafetensorsFile>, spec: ViewSpec) -> Result<Self> {
+    pub fn from_views(file: Arc<WeightFile>, spec: ViewSpec) -> Result<Self> {
         let path = file.path().to_path_buf();
         let mut location = HashMap::new();
         for name in spec.scope.iter().chain(spec.views.values().map(|v| &v.source)) {
@@ -455,7 +349,7 @@ impl TensorStore {
             let got = file.shape(name).expect("name is in the location map");
             if got != expected {
                 return Err(Error::ShapeMismatch {
-                    file: file.path.clone(),
+                    file: file.path().to_path_buf(),
                     name: name.to_string(),
                     expected: expected.to_vec(),
                     got,

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{LoraFormat, METADATA_KEY};
-use crate::weights::store::SafetensorsFile;
+use crate::weights::WeightFile;
 use crate::{Error, Result};
 
 const TEXT_ENCODER_PREFIXES: [&str; 5] = ["text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_"];
@@ -38,7 +38,7 @@ impl Entry {
 /// A parsed LoRA file.
 pub(super) struct FileLora {
     /// The file, memory-mapped.
-    pub file: SafetensorsFile,
+    pub file: WeightFile,
     /// Its key form.
     pub format: LoraFormat,
     /// Adapters under diffusers module paths (PEFT and old diffusers forms).
@@ -90,7 +90,7 @@ struct Pieces {
 }
 
 /// Reads the keys and metadata of `file` for `component` (see the parent module's docs).
-pub(super) fn parse_file(file: SafetensorsFile, component: &str) -> Result<FileLora> {
+pub(super) fn parse_file(file: WeightFile, component: &str) -> Result<FileLora> {
     let path = file.path().to_path_buf();
     let mut names = file.names();
     names.sort();
@@ -199,7 +199,7 @@ pub(super) fn parse_file(file: SafetensorsFile, component: &str) -> Result<FileL
 /// Checks a module's pieces (A and B present, equal ranks) and computes its scale: `configured`
 /// gives it from the PEFT metadata (`None` without), else `.alpha / r`, else 1.
 fn make_entry(
-    file: &SafetensorsFile,
+    file: &WeightFile,
     module: &str,
     p: Pieces,
     configured: impl Fn(&str, usize) -> Result<Option<f64>>,
@@ -270,7 +270,7 @@ struct PeftMetadata {
 
 impl PeftMetadata {
     /// `None` when the file has no metadata for `component`.
-    fn from_file(file: &SafetensorsFile, component: &str) -> Result<Option<Self>> {
+    fn from_file(file: &WeightFile, component: &str) -> Result<Option<Self>> {
         let Some(text) = file.metadata().get(METADATA_KEY).cloned() else {
             return Ok(None);
         };
@@ -340,7 +340,7 @@ impl PeftMetadata {
 }
 
 /// The metadata's scale for `module` with tensor rank `rank`; `None` without metadata.
-fn scale_for(config: Option<&PeftMetadata>, file: &SafetensorsFile, module: &str, rank: usize) -> Result<Option<f64>> {
+fn scale_for(config: Option<&PeftMetadata>, file: &WeightFile, module: &str, rank: usize) -> Result<Option<f64>> {
     let Some(c) = config else {
         return Ok(None);
     };

@@ -1,4 +1,5 @@
-//! Single-file Stable Diffusion checkpoints (the one `.safetensors` A1111 and ComfyUI keep) in the
+//! Single-file Stable Diffusion checkpoints (the one `.safetensors` A1111 and ComfyUI keep, or a
+//! `.ckpt` read by the restricted unpickler of [`super::pickle`]) in the
 //! original CompVis / Stability ("LDM") key layout, seen as per-component [`TensorStore`]s with our
 //! (diffusers) names, so that the models load from them as from a diffusers folder.
 //! Counterpart: `diffusers/loaders/single_file_utils.py` (`convert_ldm_unet_checkpoint`,
@@ -42,7 +43,8 @@ use open_clip::{open_clip_name, OpenClip};
 use unet::{unet_name, unet_rules, UnetShape};
 use vae::vae_name;
 
-use super::store::{SafetensorsFile, TensorStore, TensorView, ViewSpec, ViewTransform};
+use super::store::{TensorStore, TensorView, ViewSpec, ViewTransform};
+use super::WeightFile;
 use crate::{Error, Result};
 
 const UNET: &str = "model.diffusion_model.";
@@ -167,7 +169,7 @@ impl Component {
 
 /// An opened single-file checkpoint: its architecture and, per component, a store with our names.
 pub struct SingleFile {
-    file: Arc<SafetensorsFile>,
+    file: Arc<WeightFile>,
     architecture: Architecture,
     /// File tensors skipped so far (outside every component, and those of the component stores
     /// built), with the reason for each.
@@ -179,7 +181,7 @@ impl SingleFile {
     /// its components or to the allow-list; an unrecognised file, or tensors of no component, are
     /// errors naming the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = Arc::new(SafetensorsFile::open(path)?);
+        let file = Arc::new(WeightFile::open(path)?);
         let names: BTreeSet<String> = file.names().into_iter().collect();
         let architecture = Architecture::detect(|n| names.contains(n)).ok_or_else(|| Error::MissingTensor {
             file: path.to_path_buf(),
