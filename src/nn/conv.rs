@@ -84,7 +84,13 @@ impl Conv2d {
 
     /// Applies the convolution to `xs` of shape `[B, C_in, H, W]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gemm = super::gemm_dtype(xs);
+        // The fused kernel computes half types in f32 itself; widening here would keep an f32
+        // copy of the input alive in the graph.
+        let gemm = if self.lora().is_none() && crate::ops::conv2d::kernel_takes(xs, &self.weight, self.cfg.groups) {
+            xs.dtype()
+        } else {
+            super::gemm_dtype(xs)
+        };
         let weight = self.weight.to_dtype(gemm)?;
         let (input, padding) = match self.exact_cover(xs)? {
             Some(cropped) => (cropped.to_dtype(gemm)?, 0),

@@ -38,12 +38,13 @@ impl Linear {
         let rows = xs.elem_count() / in_features.max(1);
         let dtype = xs.dtype();
         let gemm = super::gemm_dtype(xs);
-        let x2 = xs.reshape((rows, in_features))?.to_dtype(gemm)?;
+        let x = xs.reshape((rows, in_features))?;
         let lora = self.lora().map(|l| (&l.a, &l.b, l.scale));
-        let ys = match crate::ops::frozen::frozen_linear(&x2, &self.weight, self.bias.as_ref(), lora)? {
-            Some(ys) => ys.to_dtype(dtype)?,
-            // A trainable weight or bias (or a GPU): composed ops.
+        let ys = match crate::ops::frozen::frozen_linear(&x, &self.weight, self.bias.as_ref(), lora)? {
+            Some(ys) => ys,
+            // A trainable weight or bias (or a GPU): composed ops, half types on the CPU widened.
             None => {
+                let x2 = x.to_dtype(gemm)?;
                 let ys = x2.matmul(&self.weight.to_dtype(gemm)?.t()?)?;
                 let ys = match self.lora() {
                     Some(l) => (ys + l.linear_delta(&x2)?)?,

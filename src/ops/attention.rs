@@ -78,7 +78,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
         return composed(q, k, v, scale, mask, super::softmax::softmax);
     }
     let kernel_mask = match mask {
-        Some(m) => match Mask::new(m, lead, lq, lk, q.dtype())? {
+        // The CPU kernels compute half types in f32, and read the mask in f32.
+        Some(m) => match Mask::new(m, lead, lq, lk, kernel_dtype(q))? {
             // A mask that does not broadcast: the composed ops report it.
             None => return composed(q, k, v, scale, Some(m), super::softmax::softmax),
             some => some,
@@ -99,6 +100,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank checked") = dv;
     out.reshape(out_dims)
+}
+
+/// The dtype the kernels compute `q`'s attention in: f32 for half types on the CPU (see
+/// [`super::kernel`]), else `q`'s own.
+fn kernel_dtype(q: &Tensor) -> DType {
+    if q.device().is_cpu() {
+        compute_dtype(q.dtype())
+    } else {
+        q.dtype()
+    }
 }
 
 /// Whether the CUDA kernels take a call of widths `d` and `dv` with this mask: widths up to
@@ -586,8 +597,11 @@ impl<const GRAD: bool> Kernel<3> for Attention<GRAD> {
             return Err(candle_core::Error::BackwardNotSupported { op: Self::NAME });
         }
         // Packed so that the backward kernel fits three inputs: [k | v] and [dO | rowsum(dO * O)].
-        let grad = grad.contiguous()?;
-        let delta = (&grad * res)?.sum_keepdim(D::Minus1)?;
+        // In the kernels' dtype (f32 for half types on the CPU): rowsum(dO * O) rounded to
+        // bf16 would cancel badly against dP in the kernel.
+        let dt = kernel_dtype(q);
+        let grad = grad.contiguous()?.to_dtype(dt)?;
+        let delta = (&grad * res.to_dtype(dt)?)?.sum_keepdim(D::Minus1)?;
         let kv = Tensor::cat(&[k, v], D::Minus1)?;
         let go = Tensor::cat(&[&grad, &delta], D::Minus1)?;
         let grad_op = Attention::<true> {

@@ -17,10 +17,16 @@ pub fn reference(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Resul
     x.conv2d(w, padding, stride, 1, 1)
 }
 
+/// Whether the fused kernel takes a convolution of `x` by `w` in `groups` groups (given a
+/// stride of at least 1 and a kernel that fits the padded input).
+pub fn kernel_takes(x: &Tensor, w: &Tensor, groups: usize) -> bool {
+    groups == 1 && super::use_kernel(super::KernelOp::Conv2d, &[x, w])
+}
+
 /// `x * w` with zero padding `padding` and stride `stride`: the fused kernel on CPU, else the
 /// reference.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !super::use_kernel(super::KernelOp::Conv2d, &[x, w]) || stride == 0 {
+    if !kernel_takes(x, w, 1) || stride == 0 {
         return reference(x, w, stride, padding);
     }
     let (_, c_in, h, wd) = x.dims4()?;

@@ -1,6 +1,8 @@
 //! Shared pieces of the CPU kernels: element types, contiguous slices of storages, and a
 //! strided matrix product on the `gemm` crate (the one candle's CPU matmul uses).
 
+use std::borrow::Cow;
+
 use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
 use rayon::prelude::*;
 
@@ -239,5 +241,38 @@ pub(crate) fn for_each_chunk2<U: Send, V: Send>(
             .zip(b.chunks_mut(lb))
             .enumerate()
             .for_each(|(i, (x, y))| f(i, x, y));
+    }
+}
+
+/// The elements of `storage` as `T`: borrowed when they are `T` already, else widened from bf16
+/// or f16 (exactly, as a cast would).
+pub(crate) fn widened<'a, T: candle_core::WithDType + num_traits::Float>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<Cow<'a, [T]>> {
+    let widen = |x: f32| T::from(x).unwrap_or_else(T::nan);
+    Ok(match storage {
+        CpuStorage::BF16(_) => Cow::Owned(
+            slice::<half::bf16>(op, storage, layout)?
+                .iter()
+                .map(|x| widen(x.to_f32()))
+                .collect(),
+        ),
+        CpuStorage::F16(_) => Cow::Owned(
+            slice::<half::f16>(op, storage, layout)?
+                .iter()
+                .map(|x| widen(x.to_f32()))
+                .collect(),
+        ),
+        _ => Cow::Borrowed(slice::<T>(op, storage, layout)?),
+    })
+}
+
+/// `values` rounded to the half type of `like` (bf16 unless it is f16).
+pub(crate) fn narrowed(like: &CpuStorage, values: Vec<f32>) -> CpuStorage {
+    match like {
+        CpuStorage::F16(_) => CpuStorage::F16(values.into_iter().map(half::f16::from_f32).collect()),
+        _ => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect()),
     }
 }

@@ -8,28 +8,29 @@
 //! output-sized tensors besides the output). This op keeps only its output, and its backward
 //! gives the input's gradient and the adapter's.
 
-use std::borrow::Cow;
-
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::cpu::{dispatch_real, matmul, slice, Mat};
+use super::cpu::{dispatch_real, matmul, narrowed, slice, widened, Mat};
 
 /// `xs W^T (+ bias) (+ scale (xs A^T) B^T)` for `xs` `[rows, in]`, `weight` `[out, in]`,
 /// `bias` `[out]`, and a LoRA `(A [r, in], B [out, r], scale)`; differentiable in `xs`, `A`
-/// and `B`. `None` when the op does not take the call, which it does for CPU inputs in f32 or
-/// f64 with a weight and bias that need no gradient; the weight, bias and adapter may be
-/// stored in a narrower float type (bf16, f16), which the op widens per call instead of
-/// keeping a widened copy alive in the graph until the backward pass.
+/// and `B`. `None` when the op does not take the call, which it does for CPU inputs with a
+/// weight and bias that need no gradient. The input may be f32, f64, bf16 or f16 (half types
+/// computed in f32, the output rounded back); the weight, bias and adapter may be stored in a
+/// narrower float type (bf16, f16). What is widened is widened per call, so no widened copy
+/// stays alive in the graph until the backward pass.
 pub fn frozen_linear(
     xs: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     lora: Option<(&Tensor, &Tensor, f64)>,
 ) -> crate::Result<Option<Tensor>> {
-    let widenable = |t: &Tensor| t.dtype() == xs.dtype() || matches!(t.dtype(), DType::BF16 | DType::F16);
+    // Half types compute in f32; every other tensor is read in the compute type.
+    let compute = super::compute_dtype(xs.dtype());
+    let widenable = |t: &Tensor| t.dtype() == compute || matches!(t.dtype(), DType::BF16 | DType::F16);
     let frozen = |t: &Tensor| !t.track_op() && widenable(t) && t.device().is_cpu();
     let takes = xs.device().is_cpu()
-        && matches!(xs.dtype(), DType::F32 | DType::F64)
+        && matches!(xs.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16)
         && frozen(weight)
         && bias.is_none_or(frozen)
         && lora.is_none_or(|(a, b, _)| widenable(a) && widenable(b) && a.device().is_cpu() && b.device().is_cpu());
@@ -54,31 +55,6 @@ struct FrozenLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     scale: f64,
-}
-
-/// The elements of `storage` as `T`: borrowed when they are `T` already, else widened from bf16
-/// or f16 (exactly, as a cast would).
-fn widened<'a, T: candle_core::WithDType + num_traits::Float>(
-    op: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<Cow<'a, [T]>> {
-    let widen = |x: f32| T::from(x).unwrap_or_else(T::nan);
-    Ok(match storage {
-        CpuStorage::BF16(_) => Cow::Owned(
-            slice::<half::bf16>(op, storage, layout)?
-                .iter()
-                .map(|x| widen(x.to_f32()))
-                .collect(),
-        ),
-        CpuStorage::F16(_) => Cow::Owned(
-            slice::<half::f16>(op, storage, layout)?
-                .iter()
-                .map(|x| widen(x.to_f32()))
-                .collect(),
-        ),
-        _ => Cow::Borrowed(slice::<T>(op, storage, layout)?),
-    })
 }
 
 /// Calls `f` with a frozen CPU tensor's elements as `T` (see [`widened`]).
@@ -156,7 +132,7 @@ impl FrozenLinear {
         Ok(y)
     }
 
-    /// `dy W` for the output gradient `dy`.
+    /// `dy W` for the output gradient `dy`, in `dy`'s compute dtype.
     fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
         dy.matmul(&self.weight.to_dtype(dy.dtype())?)
     }
@@ -171,14 +147,20 @@ impl CustomOp1 for FrozenLinear {
         let op = CustomOp1::name(self);
         let (rows, inner) = xl.shape().dims2()?;
         let out = self.weight.dim(0)?;
-        let y = dispatch_real!(op, xs, T => {
-            T::to_cpu_storage_owned(self.forward(slice::<T>(op, xs, xl)?, (rows, inner), None)?)
-        });
+        let y = match xs {
+            CpuStorage::BF16(_) | CpuStorage::F16(_) => {
+                narrowed(xs, self.forward(&widened::<f32>(op, xs, xl)?, (rows, inner), None)?)
+            }
+            _ => dispatch_real!(op, xs, T => {
+                T::to_cpu_storage_owned(self.forward(slice::<T>(op, xs, xl)?, (rows, inner), None)?)
+            }),
+        };
         Ok((y, Shape::from((rows, out))))
     }
 
     fn bwd(&self, _xs: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.input_grad(grad)?))
+        let dy = grad.to_dtype(super::compute_dtype(grad.dtype()))?;
+        Ok(Some(self.input_grad(&dy)?.to_dtype(grad.dtype())?))
     }
 }
 
@@ -208,11 +190,18 @@ impl CustomOp3 for FrozenLinear {
                 bl.dims()
             );
         }
-        let y = dispatch_real!(op, xs, T => {
-            let (a, b) = (widened::<T>(op, a_s, al)?, widened::<T>(op, b_s, bl)?);
-            let x = slice::<T>(op, xs, xl)?;
-            T::to_cpu_storage_owned(self.forward(x, (rows, inner), Some((&a, r, &b)))?)
-        });
+        let y = match xs {
+            CpuStorage::BF16(_) | CpuStorage::F16(_) => {
+                let (a, b) = (widened::<f32>(op, a_s, al)?, widened::<f32>(op, b_s, bl)?);
+                let x = widened::<f32>(op, xs, xl)?;
+                narrowed(xs, self.forward(&x, (rows, inner), Some((&a, r, &b)))?)
+            }
+            _ => dispatch_real!(op, xs, T => {
+                let (a, b) = (widened::<T>(op, a_s, al)?, widened::<T>(op, b_s, bl)?);
+                let x = slice::<T>(op, xs, xl)?;
+                T::to_cpu_storage_owned(self.forward(x, (rows, inner), Some((&a, r, &b)))?)
+            }),
+        };
         Ok((y, Shape::from((rows, out))))
     }
 
@@ -224,14 +213,20 @@ impl CustomOp3 for FrozenLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dt = grad.dtype();
+        // In the compute dtype (f32 for half types), each gradient in its tensor's dtype.
+        let dt = super::compute_dtype(grad.dtype());
+        let (x, dy) = (xs.to_dtype(dt)?, grad.to_dtype(dt)?);
         let (aw, bw) = (a.to_dtype(dt)?, b.to_dtype(dt)?);
         // h = x A^T is small (rank columns): recomputed rather than kept.
-        let h = xs.matmul(&aw.t()?)?;
-        let dh = (grad.matmul(&bw)? * self.scale)?;
-        let db = (grad.t()?.matmul(&h)? * self.scale)?;
-        let da = dh.t()?.matmul(xs)?;
-        let dx = (self.input_grad(grad)? + dh.matmul(&aw)?)?;
-        Ok((Some(dx), Some(da.to_dtype(a.dtype())?), Some(db.to_dtype(b.dtype())?)))
+        let h = x.matmul(&aw.t()?)?;
+        let dh = (dy.matmul(&bw)? * self.scale)?;
+        let db = (dy.t()?.matmul(&h)? * self.scale)?;
+        let da = dh.t()?.matmul(&x)?;
+        let dx = (self.input_grad(&dy)? + dh.matmul(&aw)?)?;
+        Ok((
+            Some(dx.to_dtype(xs.dtype())?),
+            Some(da.to_dtype(a.dtype())?),
+            Some(db.to_dtype(b.dtype())?),
+        ))
     }
 }

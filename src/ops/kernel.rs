@@ -1,7 +1,8 @@
 //! The backend contract of a fused op: a [`Kernel`] says what it computes on each backend, and
 //! [`Fused`] makes it a candle custom op that picks the backend the same way for every op. For
 //! CPU tensors: wgpu or the CUDA emulator when that backend is installed and the inputs are
-//! f32, else the CPU kernel (f32 or f64); CUDA tensors take the CUDA kernel.
+//! f32, else the CPU kernel (f32 or f64; bf16 and f16 computed in f32); CUDA tensors take the
+//! CUDA kernel.
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 use candle_core::DType;
@@ -9,7 +10,7 @@ use candle_core::DType;
 use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::cpu::{dispatch_real, slice, Real};
+use super::cpu::{dispatch_real, narrowed, slice, widened, Real};
 
 /// A fused op on `N` inputs, each backend's part of it.
 pub(crate) trait Kernel<const N: usize>: Send + Sync {
@@ -90,9 +91,21 @@ fn cpu_fwd<K: Kernel<N>, const N: usize>(
             }
         }
     }
-    let out = dispatch_real!(K::NAME, first, T => {
-        T::to_cpu_storage_owned(kernel.cpu::<T>(&call, slices(K::NAME, inputs)?)?)
-    });
+    let out = match first {
+        // Half types compute in f32: the inputs are widened for this call only and the output
+        // rounded back, so no f32 copy stays alive in the graph.
+        CpuStorage::BF16(_) | CpuStorage::F16(_) => {
+            let wide = inputs
+                .iter()
+                .map(|(s, l)| widened::<f32>(K::NAME, s, l))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: [&[f32]; N] = std::array::from_fn(|i| &wide[i][..]);
+            narrowed(first, kernel.cpu::<f32>(&call, refs)?)
+        }
+        _ => dispatch_real!(K::NAME, first, T => {
+            T::to_cpu_storage_owned(kernel.cpu::<T>(&call, slices(K::NAME, inputs)?)?)
+        }),
+    };
     Ok((out, shape))
 }
 

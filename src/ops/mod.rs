@@ -63,8 +63,8 @@ pub(crate) fn compute_dtype(dtype: DType) -> DType {
 }
 
 /// Whether the fused kernels of `op` can take these tensors: kernels on, and all on the CPU in
-/// f32 or all in f64, or (with [`cuda_kernel_enabled`]) all on one CUDA device in f32, f16 or
-/// bf16.
+/// one of f32, f64, bf16 or f16 (the half types computed in f32), or (with
+/// [`cuda_kernel_enabled`]) all on one CUDA device in f32, f16 or bf16.
 pub(crate) fn use_kernel(op: KernelOp, tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else { return false };
     let dtype = first.dtype();
@@ -73,7 +73,8 @@ pub(crate) fn use_kernel(op: KernelOp, tensors: &[&Tensor]) -> bool {
     }
     let device = first.device();
     if device.is_cpu() {
-        matches!(dtype, DType::F32 | DType::F64) && tensors.iter().all(|t| t.device().is_cpu())
+        matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16)
+            && tensors.iter().all(|t| t.device().is_cpu())
     } else {
         device.is_cuda()
             && cfg!(feature = "cuda")
