@@ -18,7 +18,9 @@ use diffalign::nn::{Conv2d, Linear};
 use diffalign::rng::Rng;
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
-use diffalign::weights::lora::{kohya_to_module, module_to_kohya, save_kohya, save_peft, LoraFormat, METADATA_KEY};
+use diffalign::weights::lora::{
+    fuse_store, kohya_to_module, module_to_kohya, save_kohya, save_peft, LdmNames, LoraFormat, METADATA_KEY,
+};
 use diffalign::weights::{LoadOptions, LoraConfig, LoraSource, TensorStore, VarBuilder};
 use diffalign::Error;
 
@@ -601,7 +603,7 @@ fn lora_fresh_saved_peft_and_kohya_load_back_to_the_same_output() {
     let (reloaded, _) = unet_with(LoraSource::from_file(&peft, "unet", false).unwrap());
     assert_close("peft reload", &unet_output(&reloaded), &want, 1e-5);
     let kohya = tmp.path().join("kohya.safetensors");
-    save_kohya(&kohya, &vb.lora_adapters()).unwrap();
+    save_kohya(&kohya, &vb.lora_adapters(), None).unwrap();
     let (reloaded, _) = unet_with(LoraSource::from_file(&kohya, "unet", false).unwrap());
     assert_close("kohya reload", &unet_output(&reloaded), &want, 1e-5);
 }
@@ -624,6 +626,23 @@ fn lora_trainable_file_vars_use_the_file_key_names() {
     }
 }
 
+/// The modules of the Rust-saved fixture LoRAs: attention, feed-forward, projection, resnet and
+/// strided downsampler layers.
+const SAVED_TARGETS: [&str; 12] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+    "downsamplers.0.conv",
+];
+
 /// Regenerates `tests/fixtures/lora/rust_saved_{peft,kohya}.safetensors`, which gen_lora.py then
 /// loads in diffusers (see its docstring):
 /// `cargo test --test lora -- --ignored lora_write_rust_saved_fixtures`.
@@ -633,22 +652,7 @@ fn lora_write_rust_saved_fixtures() {
     let cfg = LoraConfig {
         rank: 2,
         alpha: 3.0,
-        target_modules: [
-            "to_q",
-            "to_k",
-            "to_v",
-            "to_out.0",
-            "ff.net.0.proj",
-            "ff.net.2",
-            "proj_in",
-            "proj_out",
-            "conv1",
-            "conv2",
-            "time_emb_proj",
-            "downsamplers.0.conv",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: SAVED_TARGETS.map(String::from).to_vec(),
         init_seed: 11,
     };
     let (_, vb) = unet_with(LoraSource::fresh(&cfg));
@@ -657,7 +661,7 @@ fn lora_write_rust_saved_fixtures() {
     std::fs::create_dir_all(&dir).unwrap();
     // kohya: one rank and alpha throughout (diffusers 0.42.1 drops per-module kohya alphas; see
     // gen_lora.py).
-    save_kohya(&dir.join("rust_saved_kohya.safetensors"), &vb.lora_adapters()).unwrap();
+    save_kohya(&dir.join("rust_saved_kohya.safetensors"), &vb.lora_adapters(), None).unwrap();
     let mut adapters = vb.lora_adapters();
     for (module, a) in adapters.iter_mut() {
         // One module of rank 1 (rank_pattern) and per-module alphas (alpha_pattern).
@@ -677,6 +681,199 @@ fn lora_write_rust_saved_fixtures() {
         &cfg.target_modules,
     )
     .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// SDXL kohya files with LDM block names
+
+/// The tiny SDXL-architecture UNet (down blocks DownBlock2D, CrossAttn, CrossAttn; 2 layers each).
+fn sdxl_unet() -> PathBuf {
+    own_fixtures().join("sdxl/unet")
+}
+
+fn sdxl_store() -> TensorStore {
+    TensorStore::open_file(&sdxl_unet().join("diffusion_pytorch_model.safetensors")).unwrap()
+}
+
+/// `lora` fused into the SDXL fixture UNet by `fuse_store` equals diffusers' adapted weights of
+/// `case` in sdxl_expected.safetensors (gen_lora.py `sdxl`), module by module, and adapts no other.
+fn check_sdxl_fused(lora: &Path, case: &str) {
+    let want = load(&lora_fixtures().join("sdxl_expected.safetensors"));
+    let source = LoraSource::from_file(lora, "unet", false).unwrap();
+    let store = sdxl_store();
+    let fused: HashMap<String, Tensor> = fuse_store(&store, &source, DType::F32, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let prefix = format!("{case}.");
+    let mut n = 0;
+    for (key, w) in want.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+        let name = format!("{}.weight", &key[prefix.len()..]);
+        assert_close(&name, &fused[&name], w, 1e-5);
+        n += 1;
+    }
+    assert_eq!(n, source.keys().len() / 3, "{case}: one expected weight per adapter");
+    for (name, w) in &fused {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        if !want.contains_key(&format!("{prefix}{module}")) {
+            let base = store.get(name, None, DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(max_abs_diff(w, &base), 0.0, "{name} changed");
+        }
+    }
+}
+
+#[test]
+fn lora_sdxl_kohya_ldm_names_give_diffusers_adapted_weights() {
+    let path = lora_fixtures().join("sdxl_kohya.safetensors");
+    let source = LoraSource::from_file(&path, "unet", false).unwrap();
+    assert!(source.has_ldm_names());
+    assert!(source
+        .keys()
+        .iter()
+        .any(|k| k.starts_with("lora_unet_input_blocks_4_1_")));
+    check_sdxl_fused(&path, "sdxl_kohya");
+}
+
+#[test]
+fn lora_sdxl_kohya_attaches_to_every_module_through_load_options() {
+    let path = lora_fixtures().join("sdxl_kohya.safetensors");
+    let source = LoraSource::from_file(&path, "unet", false).unwrap();
+    let n = source.keys().len() / 3;
+    let (_, vb) = UNet2DConditionModel::from_pretrained(&sdxl_unet(), &opts_with(source)).unwrap();
+    assert_eq!(vb.lora_adapters().len(), n);
+    assert!(vb.kohya_names().is_some(), "an SDXL UNet takes LDM kohya names");
+}
+
+#[test]
+fn lora_ldm_names_map_back_to_every_module_and_only_sdxl_uses_them() {
+    for (store, sdxl) in [
+        (sdxl_store(), true),
+        (TensorStore::open_file(&unet_weights()).unwrap(), false),
+    ] {
+        let names = LdmNames::from_names(&store.names());
+        assert_eq!(names.is_sdxl(), sdxl);
+        let mut n = 0;
+        for name in store.names() {
+            let Some(module) = name.strip_suffix(".weight") else {
+                continue;
+            };
+            if matches!(store.shape(&name).unwrap().len(), 2 | 4) {
+                let kohya = names
+                    .to_kohya(module)
+                    .unwrap_or_else(|| panic!("{module}: no LDM name"));
+                assert_eq!(names.from_kohya(&kohya).as_deref(), Some(module), "{kohya}");
+                n += 1;
+            }
+        }
+        assert!(n > 50);
+    }
+    let names = LdmNames::from_names(&sdxl_store().names());
+    for (module, ldm) in [
+        ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+        ("down_blocks.1.attentions.1.proj_in", "input_blocks.5.1.proj_in"),
+        ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
+        ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
+        (
+            "up_blocks.2.resnets.2.conv_shortcut",
+            "output_blocks.8.0.skip_connection",
+        ),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+    ] {
+        assert_eq!(names.to_ldm(module).as_deref(), Some(ldm));
+    }
+}
+
+fn sdxl_fresh_config() -> LoraConfig {
+    LoraConfig {
+        rank: 2,
+        alpha: 3.0,
+        // Every Linear and Conv2d kind: SAVED_TARGETS plus shortcuts, upsamplers and the top level.
+        target_modules: SAVED_TARGETS
+            .into_iter()
+            .chain([
+                "conv_shortcut",
+                "upsamplers.0.conv",
+                "conv_in",
+                "conv_out",
+                "linear_1",
+                "linear_2",
+            ])
+            .map(String::from)
+            .collect(),
+        init_seed: 21,
+    }
+}
+
+/// A trained (perturbed) fresh LoRA on the SDXL fixture UNet saved in kohya form takes LDM names,
+/// as sd-scripts writes SDXL files.
+fn save_sdxl_fresh_kohya(out: &Path) {
+    let source = LoraSource::fresh(&sdxl_fresh_config());
+    let (_, vb) = UNet2DConditionModel::from_pretrained(&sdxl_unet(), &opts_with(source)).unwrap();
+    perturb_b(&vb, 22, 0.1);
+    save_kohya(out, &vb.lora_adapters(), vb.kohya_names()).unwrap();
+}
+
+/// Regenerates `tests/fixtures/lora/rust_saved_sdxl_kohya.safetensors`, which `gen_lora.py sdxl`
+/// loads in diffusers: `cargo test --test lora -- --ignored lora_write_rust_saved_sdxl_fixture`.
+#[test]
+#[ignore = "regenerates committed fixtures"]
+fn lora_write_rust_saved_sdxl_fixture() {
+    save_sdxl_fresh_kohya(&lora_fixtures().join("rust_saved_sdxl_kohya.safetensors"));
+}
+
+#[test]
+fn lora_rust_saved_sdxl_kohya_gives_diffusers_adapted_weights() {
+    let path = lora_fixtures().join("rust_saved_sdxl_kohya.safetensors");
+    let source = LoraSource::from_file(&path, "unet", false).unwrap();
+    assert!(source.has_ldm_names());
+    check_sdxl_fused(&path, "rust_saved_sdxl_kohya");
+    // The fixture is what the saver writes today.
+    let tmp = tempfile::tempdir().unwrap();
+    let again = tmp.path().join("again.safetensors");
+    save_sdxl_fresh_kohya(&again);
+    let (a, b) = (load(&path), load(&again));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert_eq!(max_abs_diff(t, &b[k]), 0.0, "{k}");
+    }
+}
+
+#[test]
+fn lora_convert_cli_sdxl_kohya_uses_the_base_model_naming() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = lora_fixtures().join("sdxl_kohya.safetensors");
+    let model = own_fixtures().join("sdxl");
+    let run = |from: &Path, to: &str, out: &Path, model: Option<&Path>| {
+        let mut c = bin();
+        c.args(["lora", "convert", "--lora"])
+            .arg(from)
+            .args(["--to", to, "--out"])
+            .arg(out);
+        if let Some(m) = model {
+            c.arg("--model").arg(m);
+        }
+        c.output().unwrap()
+    };
+    // LDM names cannot be read without the base UNet.
+    let o = run(&src, "peft", &tmp.path().join("x.safetensors"), None);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--model"));
+    // kohya (LDM) -> PEFT -> kohya: LDM names again, and the same adapted weights.
+    let peft = tmp.path().join("peft.safetensors");
+    assert!(run(&src, "peft", &peft, Some(&model)).status.success());
+    let p = LoraSource::from_file(&peft, "unet", false).unwrap();
+    assert_eq!(p.format(), Some(LoraFormat::Peft));
+    let kohya = tmp.path().join("kohya.safetensors");
+    let o = run(&peft, "kohya", &kohya, Some(&model));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let k = LoraSource::from_file(&kohya, "unet", false).unwrap();
+    assert!(k.has_ldm_names());
+    let mut keys = k.keys();
+    let mut want = LoraSource::from_file(&src, "unet", false).unwrap().keys();
+    keys.sort();
+    want.sort();
+    assert_eq!(keys, want);
+    check_sdxl_fused(&kohya, "sdxl_kohya");
 }
 
 // ---------------------------------------------------------------------------------------------

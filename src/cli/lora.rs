@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
-use diffalign::weights::lora::{dominant_rank_alpha, fuse_store, save_kohya, save_peft};
+use diffalign::weights::lora::{dominant_rank_alpha, fuse_store, save_kohya, save_peft, LdmNames};
 use diffalign::weights::{layout, save_safetensors, SafetensorsFile};
 
 use super::model_args::read_unet_lora;
@@ -68,6 +68,15 @@ struct ConvertArgs {
     /// The LoRA to read (any supported form).
     #[arg(long)]
     lora: PathBuf,
+    /// The base model (pipeline folder, cached repo id, or `unet/` folder). kohya output then
+    /// uses the naming sd-scripts uses for its architecture: LDM block names
+    /// (`input_blocks_4_1_...`) for SDXL, diffusers paths otherwise (also without `--model`).
+    /// Needed to read a kohya file with LDM names.
+    #[arg(long)]
+    model: Option<String>,
+    /// Cache revision (branch, tag or snapshot hash) of a repo id.
+    #[arg(long)]
+    revision: Option<String>,
     /// The form to write.
     #[arg(long, value_enum)]
     to: Form,
@@ -88,13 +97,13 @@ const STEM: &str = "diffusion_pytorch_model";
 
 /// The `unet/` folder `--model` names: the folder itself when it holds a UNet config, else the
 /// `unet/` of a pipeline folder or cached repo.
-fn unet_dir(args: &MergeArgs) -> anyhow::Result<PathBuf> {
-    let direct = Path::new(&args.model);
+fn unet_dir(model: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
+    let direct = Path::new(model);
     if direct.join("config.json").is_file() && !direct.join("model_index.json").is_file() {
         return Ok(direct.to_path_buf());
     }
     let cache = layout::hub_cache_dir(|k| std::env::var(k).ok());
-    let root = layout::resolve_model(&args.model, cache.as_deref(), args.revision.as_deref())?;
+    let root = layout::resolve_model(model, cache.as_deref(), revision)?;
     Ok(root.join("unet"))
 }
 
@@ -131,7 +140,7 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
             bail!("--out {}: already exists and is not an empty folder", out.display());
         }
     }
-    let dir = unet_dir(&args)?;
+    let dir = unet_dir(&args.model, args.revision.as_deref())?;
     let source = read_unet_lora(&args.lora)?;
     let store = layout::open_weights(&dir, STEM, args.variant.as_deref())?;
     let dtype = match &args.dtype {
@@ -172,9 +181,21 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     let source = read_unet_lora(&args.lora)?;
-    let adapters = source.file_adapters(&Device::Cpu)?;
+    let ldm = match &args.model {
+        Some(model) => {
+            let dir = unet_dir(model, args.revision.as_deref())?;
+            let store = layout::open_weights(&dir, STEM, None)?;
+            Some(LdmNames::from_names(&store.names()))
+        }
+        None if source.has_ldm_names() => bail!(
+            "--lora {}: kohya LoRA with LDM (SDXL) block names; pass the base model as --model",
+            args.lora.display()
+        ),
+        None => None,
+    };
+    let adapters = source.file_adapters(ldm.as_ref(), &Device::Cpu)?;
     match args.to {
-        Form::Kohya => save_kohya(&args.out, &adapters)?,
+        Form::Kohya => save_kohya(&args.out, &adapters, ldm.as_ref().filter(|n| n.is_sdxl()))?,
         Form::Peft => {
             let (rank, alpha) = dominant_rank_alpha(&adapters).context("--lora: no adapters")?;
             save_peft(&args.out, &adapters, rank, alpha, &[])?

@@ -18,13 +18,15 @@
 //!   the file has no text-encoder keys; scaled as above.
 //! - kohya (sd-scripts, A1111, ComfyUI): `lora_unet_<module, dots as underscores>.lora_down.weight`
 //!   / `.lora_up.weight` / `.alpha` (scalar); scale `alpha / r`, 1 without `.alpha`. Underscores are
-//!   ambiguous, so these keys are matched when a module asks for them.
+//!   ambiguous, so these keys are matched when a module asks for them. SDXL files name modules by
+//!   their LDM path (`lora_unet_input_blocks_4_1_...`), matched through the UNet's [`LdmNames`].
 //!
 //! Text-encoder keys (`text_encoder.*`, `text_encoder_2.*`, `lora_te_*`, `lora_te1_*`, `lora_te2_*`)
 //! are not applied; [`LoraSource::ignored_keys`] lists them for a warning. Every other key must
 //! be a LoRA tensor of the component, and after a model is built every one of them must have been
 //! attached to a module ([`LoraSource::check_attached`]).
 
+mod ldm;
 mod parse;
 mod save;
 
@@ -38,6 +40,7 @@ use candle_core::{DType, Device, Tensor};
 use super::store::{SafetensorsFile, TensorStore};
 use crate::rng::Rng;
 use crate::{Error, Result};
+pub use ldm::LdmNames;
 use parse::{parse_file, FileLora};
 pub use save::{dominant_rank_alpha, kohya_to_module, module_to_kohya, save_kohya, save_peft};
 
@@ -296,17 +299,14 @@ impl LoraSource {
     pub(crate) fn adapter(
         &self,
         module: &str,
+        ldm: Option<&LdmNames>,
         weight_shape: &[usize],
         device: &Device,
     ) -> Result<Option<FoundAdapter>> {
         match &self.kind {
             Kind::File(fl) => {
-                let entry = match fl.by_module.get(module) {
-                    Some(e) => e,
-                    None => match fl.by_kohya.get(&module.replace('.', "_")) {
-                        Some(e) => e,
-                        None => return Ok(None),
-                    },
+                let Some(entry) = file_entry(fl, module, ldm) else {
+                    return Ok(None);
                 };
                 let a = fl.file.load(&entry.a, device)?.to_dtype(DType::F32)?;
                 let b = fl.file.load(&entry.b, device)?.to_dtype(DType::F32)?;
@@ -355,12 +355,9 @@ impl LoraSource {
     }
 
     /// The file keys `module`'s adapter reads (A, B, alpha), or for a fresh source the module itself.
-    pub(crate) fn keys_for(&self, module: &str) -> Vec<String> {
+    pub(crate) fn keys_for(&self, module: &str, ldm: Option<&LdmNames>) -> Vec<String> {
         match &self.kind {
-            Kind::File(fl) => fl
-                .by_module
-                .get(module)
-                .or_else(|| fl.by_kohya.get(&module.replace('.', "_")))
+            Kind::File(fl) => file_entry(fl, module, ldm)
                 .map(|e| e.keys().cloned().collect())
                 .unwrap_or_default(),
             Kind::Fresh(_) => vec![module.to_string()],
@@ -369,12 +366,16 @@ impl LoraSource {
 
     /// After a model was built: fails unless every key of the file was attached to a module, or,
     /// for a fresh source, every target matched a module. `attached` holds the modules that got
-    /// an adapter.
-    pub fn check_attached<'a>(&self, attached: impl IntoIterator<Item = &'a String>) -> Result<()> {
+    /// an adapter; `ldm` is the UNet's name map, which LDM-named kohya files need.
+    pub fn check_attached<'a>(
+        &self,
+        attached: impl IntoIterator<Item = &'a String>,
+        ldm: Option<&LdmNames>,
+    ) -> Result<()> {
         let attached: BTreeSet<&String> = attached.into_iter().collect();
         match &self.kind {
             Kind::File(fl) => {
-                let used: BTreeSet<String> = attached.iter().flat_map(|m| self.keys_for(m)).collect();
+                let used: BTreeSet<String> = attached.iter().flat_map(|m| self.keys_for(m, ldm)).collect();
                 let unattached: Vec<String> = self.keys().into_iter().filter(|k| !used.contains(k)).collect();
                 if unattached.is_empty() {
                     Ok(())
@@ -406,18 +407,42 @@ impl LoraSource {
         }
     }
 
-    /// A file's adapters by module path, without a model, for conversion. kohya names are turned
-    /// back into paths with the diffusers UNet's segment names (`down_blocks`, `to_out`, ...).
-    pub fn file_adapters(&self, device: &Device) -> Result<Vec<(String, LoraAdapter)>> {
+    /// Whether the file names modules by LDM path (an SDXL kohya file), which only a UNet's
+    /// [`LdmNames`] turn into module paths.
+    pub fn has_ldm_names(&self) -> bool {
+        matches!(&self.kind, Kind::File(fl) if fl.ldm)
+    }
+
+    /// A file's adapters by module path, for conversion. kohya names are turned back into paths
+    /// with the diffusers UNet's segment names (`down_blocks`, `to_out`, ...), or for an LDM-named
+    /// file through `ldm`, the base UNet's map, which it then needs.
+    pub fn file_adapters(&self, ldm: Option<&LdmNames>, device: &Device) -> Result<Vec<(String, LoraAdapter)>> {
         let Kind::File(fl) = &self.kind else {
             return Err(Error::input("LoRA source", "a fresh LoRA has no file adapters"));
         };
+        let path = fl.file.path();
+        let kohya_module = |k: &String| -> Result<String> {
+            if !fl.ldm {
+                return Ok(kohya_to_module(k));
+            }
+            let Some(names) = ldm else {
+                return Err(Error::input(
+                    path.display().to_string(),
+                    "kohya LoRA with LDM (SDXL) module names: the base UNet is needed to map its block numbers",
+                ));
+            };
+            names.from_kohya(k).ok_or_else(|| {
+                Error::input(
+                    path.display().to_string(),
+                    format!("lora_unet_{k}: names no module of the base UNet"),
+                )
+            })
+        };
         let mut out = Vec::new();
-        let entries = fl
-            .by_module
-            .iter()
-            .map(|(m, e)| (m.clone(), e))
-            .chain(fl.by_kohya.iter().map(|(k, e)| (kohya_to_module(k), e)));
+        let mut entries: Vec<(String, &parse::Entry)> = fl.by_module.iter().map(|(m, e)| (m.clone(), e)).collect();
+        for (k, e) in &fl.by_kohya {
+            entries.push((kohya_module(k)?, e));
+        }
         for (module, e) in entries {
             let a = fl.file.load(&e.a, device)?.to_dtype(DType::F32)?;
             let b = fl.file.load(&e.b, device)?.to_dtype(DType::F32)?;
@@ -434,6 +459,20 @@ impl LoraSource {
         out.sort_by(|x, y| x.0.cmp(&y.0));
         Ok(out)
     }
+}
+
+/// The file's entry for `module`: under its path, or under its kohya name (the LDM one, through
+/// `ldm`, for an LDM-named file).
+fn file_entry<'a>(fl: &'a FileLora, module: &str, ldm: Option<&LdmNames>) -> Option<&'a parse::Entry> {
+    if let Some(e) = fl.by_module.get(module) {
+        return Some(e);
+    }
+    let name = if fl.ldm {
+        ldm?.to_kohya(module)?
+    } else {
+        module_to_kohya(module)
+    };
+    fl.by_kohya.get(&name)
 }
 
 /// PEFT's target rule: `module` is `target` or ends with `.target`.
@@ -493,13 +532,15 @@ pub fn fuse_store(
     dtype: DType,
     device: &Device,
 ) -> Result<Vec<(String, Tensor)>> {
+    let names = store.names();
+    let ldm = LdmNames::from_names(&names);
     let mut attached = Vec::new();
     let mut out = Vec::new();
-    for name in store.names() {
+    for name in names {
         let mut t = store.get(&name, None, DType::F32, device)?;
         if let Some(module) = name.strip_suffix(".weight") {
             if matches!(t.rank(), 2 | 4) {
-                if let Some(found) = source.adapter(module, t.dims(), device)? {
+                if let Some(found) = source.adapter(module, Some(&ldm), t.dims(), device)? {
                     t = found.adapter.fuse(&t)?;
                     attached.push(module.to_string());
                 }
@@ -507,6 +548,6 @@ pub fn fuse_store(
         }
         out.push((name, t.to_dtype(dtype)?));
     }
-    source.check_attached(&attached)?;
+    source.check_attached(&attached, Some(&ldm))?;
     Ok(out)
 }

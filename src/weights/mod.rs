@@ -45,6 +45,8 @@ struct LoraState {
     attached: Mutex<BTreeMap<String, Attached>>,
     /// The one switch of every adapter attached here.
     switch: LoraSwitch,
+    /// The LDM names of the store's UNet, for kohya files that use them (SDXL).
+    ldm: Option<lora::LdmNames>,
 }
 
 #[derive(Clone)]
@@ -209,11 +211,13 @@ impl VarBuilder {
     /// weights keep their own trainability; the adapters are `Var`s when `source` is trainable).
     /// Builders made from it by [`VarBuilder::pp`] share what was attached.
     pub fn with_lora(self, source: Arc<LoraSource>) -> VarBuilder {
+        let ldm = self.store().map(|s| lora::LdmNames::from_names(&s.names()));
         VarBuilder {
             lora: Some(Arc::new(LoraState {
                 source,
                 attached: Mutex::new(BTreeMap::new()),
                 switch: LoraSwitch::default(),
+                ldm,
             })),
             ..self
         }
@@ -244,7 +248,10 @@ impl VarBuilder {
         if let Some(a) = attached.get(&self.prefix) {
             return Ok(Some(a.adapter.clone()));
         }
-        let Some(found) = state.source.adapter(&self.prefix, weight_shape, &self.inner.device)? else {
+        let Some(found) = state
+            .source
+            .adapter(&self.prefix, state.ldm.as_ref(), weight_shape, &self.inner.device)?
+        else {
             return Ok(None);
         };
         let adapter = LoraAdapter {
@@ -293,6 +300,12 @@ impl VarBuilder {
         attached.iter().flat_map(|(m, a)| f(m, a)).collect()
     }
 
+    /// The kohya naming of this builder's UNet for [`lora::save_kohya`]: its LDM names when it is
+    /// an SDXL-architecture UNet (as sd-scripts names them), `None` for diffusers paths.
+    pub fn kohya_names(&self) -> Option<&lora::LdmNames> {
+        self.lora.as_ref()?.ldm.as_ref().filter(|n| n.is_sdxl())
+    }
+
     /// The LoRA adapters attached so far, by module path (sorted), with their current values;
     /// for [`lora::save_peft`] and [`lora::save_kohya`].
     pub fn lora_adapters(&self) -> Vec<(String, LoraAdapter)> {
@@ -305,7 +318,7 @@ impl VarBuilder {
         match &self.lora {
             Some(l) => {
                 let attached = l.attached.lock().expect("lora lock");
-                l.source.check_attached(attached.keys())
+                l.source.check_attached(attached.keys(), l.ldm.as_ref())
             }
             None => Ok(()),
         }

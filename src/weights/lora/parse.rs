@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, Device};
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::ldm::LDM_HEADS;
 use super::{LoraFormat, METADATA_KEY};
 use crate::weights::store::SafetensorsFile;
 use crate::{Error, Result};
@@ -45,6 +46,8 @@ pub(super) struct FileLora {
     pub by_module: BTreeMap<String, Entry>,
     /// Adapters under kohya names (module path with dots as underscores).
     pub by_kohya: BTreeMap<String, Entry>,
+    /// Whether the kohya names are LDM paths (SDXL, see [`super::ldm`]) rather than diffusers paths.
+    pub ldm: bool,
     /// Text-encoder keys, sorted.
     pub ignored: Vec<String>,
 }
@@ -180,6 +183,7 @@ pub(super) fn parse_file(file: SafetensorsFile, component: &str) -> Result<FileL
             ),
         });
     }
+    let ldm = by_kohya.keys().any(|k| LDM_HEADS.iter().any(|h| k.starts_with(h)));
     let format = if !by_kohya.is_empty() {
         LoraFormat::Kohya
     } else if formats.contains("Peft") {
@@ -192,6 +196,7 @@ pub(super) fn parse_file(file: SafetensorsFile, component: &str) -> Result<FileL
         format,
         by_module,
         by_kohya,
+        ldm,
         ignored,
     })
 }

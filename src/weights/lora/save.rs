@@ -5,9 +5,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{LoraAdapter, METADATA_KEY};
+use super::{LdmNames, LoraAdapter, METADATA_KEY};
 use crate::weights::store::save_safetensors;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Segment names of diffusers' UNet module paths that contain underscores, longest first, for
 /// turning kohya names back into paths.
@@ -159,11 +159,22 @@ pub fn save_peft(
 
 /// Writes `adapters` (module path, adapter) in kohya form, as A1111 and ComfyUI read it:
 /// `lora_unet_<module_underscored>.lora_down.weight` (A), `.lora_up.weight` (B), both f32, and
-/// `.alpha` (`scale * rank`, an f32 scalar). Written via a temporary file and rename.
-pub fn save_kohya(path: &Path, adapters: &[(String, LoraAdapter)]) -> Result<()> {
+/// `.alpha` (`scale * rank`, an f32 scalar). With `ldm` (an SDXL UNet's map, see
+/// [`super::LdmNames`]) modules are named by LDM path, as sd-scripts does for SDXL; a module
+/// outside the map is an error naming it. Written via a temporary file and rename.
+pub fn save_kohya(path: &Path, adapters: &[(String, LoraAdapter)], ldm: Option<&LdmNames>) -> Result<()> {
     let mut tensors = HashMap::new();
     for (module, ad) in adapters {
-        let name = format!("lora_unet_{}", module_to_kohya(module));
+        let kohya = match ldm {
+            None => module_to_kohya(module),
+            Some(names) => names.to_kohya(module).ok_or_else(|| {
+                Error::input(
+                    path.display().to_string(),
+                    format!("{module}: no LDM (SDXL kohya) name for this module"),
+                )
+            })?,
+        };
+        let name = format!("lora_unet_{kohya}");
         let alpha = ad.scale * ad.rank() as f64;
         tensors.insert(format!("{name}.lora_down.weight"), ad.a.to_dtype(DType::F32)?);
         tensors.insert(format!("{name}.lora_up.weight"), ad.b.to_dtype(DType::F32)?);
