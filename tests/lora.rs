@@ -838,6 +838,41 @@ fn lora_rust_saved_sdxl_kohya_gives_diffusers_adapted_weights() {
     }
 }
 
+/// `train` with `[lora]` on the SDXL fixture writes its kohya copy with LDM names (as sd-scripts
+/// does for SDXL) that adapts the UNet exactly as its PEFT file; `gen_lora.py --check-sdxl` then
+/// checks such a file in diffusers (see the README).
+#[test]
+fn lora_trained_on_sdxl_saves_kohya_with_ldm_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::pairs::write_pairs(&tmp.path().join("data"), 2, 3);
+    let extra = "[lora]\nrank = 2\nalpha = 4\ntargets = [\"to_q\", \"to_out.0\", \"conv1\", \"proj_in\"]";
+    let r = common::pairs::recipe_for(&own_fixtures().join("sdxl"), tmp.path(), &data, "dpo", "");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("[output]", &format!("{extra}\n\n[output]"));
+    std::fs::write(&r, text).unwrap();
+    let o = bin()
+        .arg("train")
+        .arg(&r)
+        .args(["--set", "train.steps=2", "--set", "train.lr=1e-2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("out");
+    let kohya = LoraSource::from_file(&out.join("lora_kohya.safetensors"), "unet", false).unwrap();
+    assert!(kohya.has_ldm_names());
+    let peft = LoraSource::from_file(&out.join("pytorch_lora_weights.safetensors"), "unet", false).unwrap();
+    let store = sdxl_store();
+    let fused = |s: &LoraSource| fuse_store(&store, s, DType::F32, &Device::Cpu).unwrap();
+    let mut changed = 0;
+    for ((name, k), (_, p)) in fused(&kohya).iter().zip(fused(&peft).iter()) {
+        assert_eq!(max_abs_diff(k, p), 0.0, "{name}");
+        let base = store.get(name, None, DType::F32, &Device::Cpu).unwrap();
+        changed += usize::from(max_abs_diff(k, &base) > 0.0);
+    }
+    assert_eq!(changed, kohya.keys().len() / 3, "every adapter trained away from zero");
+}
+
 #[test]
 fn lora_convert_cli_sdxl_kohya_uses_the_base_model_naming() {
     let tmp = tempfile::tempdir().unwrap();
