@@ -1048,6 +1048,60 @@ fn lora_unsupported_keys_are_an_error_naming_them() {
     assert!(msg.contains(key) && msg.contains("hada_w1_a"), "{msg}");
 }
 
+/// Each known adapter kind that is not implemented is refused by name, with the first key.
+#[test]
+fn lora_dora_and_lycoris_keys_are_refused_naming_the_kind_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kohya = load(&lora_fixtures().join("kohya.safetensors"));
+    let module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    for (key, kind) in [
+        (format!("{module}.dora_scale"), "DoRA"),
+        (
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector".into(),
+            "DoRA",
+        ),
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale".into(),
+            "DoRA",
+        ),
+        (format!("{module}.hada_w1_a"), "LoHa"),
+        (format!("{module}.lokr_w1"), "LoKr"),
+        (format!("{module}.lora_mid.weight"), "Tucker"),
+        (format!("{module}.diff"), "weight difference"),
+    ] {
+        let mut t = kohya.clone();
+        t.insert(key.clone(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap());
+        let path = tmp.path().join("x.safetensors");
+        write(&path, &t, None);
+        let msg = LoraSource::from_file(&path, "unet", false).unwrap_err().to_string();
+        assert!(
+            msg.contains(&key) && msg.contains(kind) && msg.contains("x.safetensors"),
+            "{msg}"
+        );
+    }
+}
+
+/// kohya alphas as A1111 and ComfyUI files hold them: a 0-d f32 scalar, or `[1]`-shaped in f16.
+#[test]
+fn lora_kohya_alpha_in_f16_of_shape_one_reads_as_the_scalar() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = load(&lora_fixtures().join("kohya.safetensors"));
+    for (k, v) in t.iter_mut() {
+        if k.ends_with(".alpha") {
+            *v = v.reshape(1).unwrap().to_dtype(DType::F16).unwrap();
+        }
+    }
+    let path = tmp.path().join("alpha_f16.safetensors");
+    write(&path, &t, None);
+    let (unet, _) = unet_with(LoraSource::from_file(&path, "unet", false).unwrap());
+    assert_close(
+        "f16 alphas",
+        &unet_output(&unet),
+        &expected()["kohya.output"],
+        MODULE_ATOL,
+    );
+}
+
 #[test]
 fn lora_fresh_target_matching_no_module_is_an_error() {
     let cfg = LoraConfig {

@@ -108,7 +108,9 @@ pub(super) fn parse_file(file: SafetensorsFile, component: &str) -> Result<FileL
     let mut kohya: BTreeMap<String, Pieces> = BTreeMap::new();
     let mut formats = BTreeSet::new();
     for name in &names {
-        if TEXT_ENCODER_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        if unimplemented_kind(name).is_some() {
+            unsupported.push(name.clone());
+        } else if TEXT_ENCODER_PREFIXES.iter().any(|p| name.starts_with(p)) {
             ignored.push(name.clone());
         } else if let Some(rest) = name.strip_prefix(&kohya_prefix) {
             let slot = rest.split_once('.').and_then(|(m, role)| {
@@ -151,15 +153,31 @@ pub(super) fn parse_file(file: SafetensorsFile, component: &str) -> Result<FileL
     // Drop the empty kohya entries made for unsupported roles.
     kohya.retain(|_, p| p.a.is_some() || p.b.is_some() || p.alpha.is_some());
     if !unsupported.is_empty() {
+        // Known adapter kinds first, each named with its keys; then keys of no known form.
+        let mut kinds: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for k in &unsupported {
+            let kind = unimplemented_kind(k).unwrap_or("");
+            kinds.entry(kind).or_default().push(k.clone());
+        }
+        let parts: Vec<String> = kinds
+            .iter()
+            .map(|(kind, keys)| match *kind {
+                "" => format!(
+                    "{} key(s) are not {component} LoRA tensors of a supported form (PEFT lora_A/lora_B, \
+                     lora.down/lora.up, kohya lora_down/lora_up/alpha; bias terms are not supported): {}",
+                    keys.len(),
+                    preview(keys)
+                ),
+                _ => format!(
+                    "{kind} is not implemented, only plain LoRA (A/B and alpha): {} key(s): {}",
+                    keys.len(),
+                    preview(keys)
+                ),
+            })
+            .collect();
         return Err(Error::BadSafetensors {
             file: path,
-            reason: format!(
-                "{} key(s) are not {component} LoRA tensors of a supported form (PEFT lora_A/lora_B, \
-                 lora.down/lora.up, kohya lora_down/lora_up/alpha; DoRA, LyCORIS and bias terms are not \
-                 supported): {}",
-                unsupported.len(),
-                preview(&unsupported)
-            ),
+            reason: parts.join("; "),
         });
     }
     let config = PeftMetadata::from_file(&file, component)?;
@@ -199,6 +217,22 @@ pub(super) fn parse_file(file: SafetensorsFile, component: &str) -> Result<FileL
         ldm,
         ignored,
     })
+}
+
+/// The adapter kind a key belongs to when it is a known one that is not implemented (DoRA, the
+/// LyCORIS families, full-weight differences), for a refusal that says what the file is.
+fn unimplemented_kind(key: &str) -> Option<&'static str> {
+    if key.ends_with(".dora_scale") || key.contains(".lora_magnitude_vector") {
+        return Some("DoRA (dora_scale / lora_magnitude_vector)");
+    }
+    // LyCORIS keys are kohya-style: the module name, one dot, the role.
+    match key.split_once('.')?.1 {
+        r if r.starts_with("hada_") => Some("LyCORIS LoHa (hada_*)"),
+        r if r.starts_with("lokr_") => Some("LyCORIS LoKr (lokr_*)"),
+        "lora_mid.weight" => Some("LyCORIS Tucker decomposition (lora_mid)"),
+        "diff" | "diff_b" => Some("a full weight difference (diff / diff_b)"),
+        _ => None,
+    }
 }
 
 /// Checks a module's pieces (A and B present, equal ranks) and computes its scale: `configured`
