@@ -16,6 +16,7 @@ use diffalign::models::unet::UNet2DConditionModel;
 use diffalign::nn::conv::Conv2dConfig;
 use diffalign::nn::{Conv2d, Linear};
 use diffalign::rng::Rng;
+use diffalign::sampling::load::load_text_encoder;
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
 use diffalign::weights::lora::{
@@ -909,6 +910,70 @@ fn lora_convert_cli_sdxl_kohya_uses_the_base_model_naming() {
     want.sort();
     assert_eq!(keys, want);
     check_sdxl_fused(&kohya, "sdxl_kohya");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text-encoder LoRAs
+
+/// Both text encoders of `te_{form}.safetensors` fused by `fuse_store` equal diffusers' adapted
+/// weights (te_expected.safetensors, gen_lora.py `te`), and no other weight changes.
+fn check_te_fused(form: &str) {
+    let want = load(&lora_fixtures().join("te_expected.safetensors"));
+    let path = lora_fixtures().join(format!("te_{form}.safetensors"));
+    let strip = |s: &str| s.strip_prefix("text_model.").unwrap_or(s).to_string();
+    let mut n = 0;
+    for component in ["text_encoder", "text_encoder_2"] {
+        let source = LoraSource::from_file(&path, component, false).unwrap();
+        assert!(!source.ignored_keys().is_empty(), "the other encoder's keys are listed");
+        let store =
+            TensorStore::open_file(&own_fixtures().join(format!("sdxl/{component}/model.safetensors"))).unwrap();
+        assert!(source.applies_to(&store));
+        let want: HashMap<String, &Tensor> = want
+            .iter()
+            .filter_map(|(k, v)| Some((strip(k.strip_prefix(&format!("{component}."))?), v)))
+            .collect();
+        for (name, w) in fuse_store(&store, &source, DType::F32, &Device::Cpu).unwrap() {
+            let module = strip(name.strip_suffix(".weight").unwrap_or(&name));
+            match want.get(&module) {
+                Some(t) => {
+                    assert_close(&format!("{form} {component} {name}"), &w, t, 1e-5);
+                    n += 1;
+                }
+                None => {
+                    let base = store.get(&name, None, DType::F32, &Device::Cpu).unwrap();
+                    assert_eq!(max_abs_diff(&w, &base), 0.0, "{name} changed");
+                }
+            }
+        }
+    }
+    assert_eq!(n, want.len());
+}
+
+#[test]
+fn lora_text_encoder_kohya_te1_te2_give_diffusers_adapted_weights() {
+    check_te_fused("kohya");
+}
+
+#[test]
+fn lora_text_encoder_peft_saved_by_diffusers_gives_the_same_adapted_weights() {
+    check_te_fused("peft");
+}
+
+#[test]
+fn lora_text_encoder_attaches_to_its_encoder_only() {
+    let path = lora_fixtures().join("te_kohya.safetensors");
+    for component in ["text_encoder", "text_encoder_2"] {
+        let source = Arc::new(LoraSource::from_file(&path, component, false).unwrap());
+        let opts = LoadOptions {
+            lora: Some(source),
+            ..Default::default()
+        };
+        // Every key of the component must attach, or loading fails (check_all_used).
+        load_text_encoder(&own_fixtures().join(format!("sdxl/{component}")), &opts).unwrap();
+        // The UNet is not a text encoder: nothing attaches there.
+        let (_, vb) = UNet2DConditionModel::from_pretrained(&sdxl_unet(), &opts).unwrap();
+        assert!(vb.lora_adapters().is_empty());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,10 +21,12 @@
 //!   ambiguous, so these keys are matched when a module asks for them. SDXL files name modules by
 //!   their LDM path (`lora_unet_input_blocks_4_1_...`), matched through the UNet's [`LdmNames`].
 //!
-//! Text-encoder keys (`text_encoder.*`, `text_encoder_2.*`, `lora_te_*`, `lora_te1_*`, `lora_te2_*`)
-//! are not applied; [`LoraSource::ignored_keys`] lists them for a warning. Every other key must
-//! be a LoRA tensor of the component, and after a model is built every one of them must have been
-//! attached to a module ([`LoraSource::check_attached`]).
+//! A source reads one component's keys: the UNet's (`unet.*`, `lora_unet_*`), the first text
+//! encoder's (`text_encoder.*`, kohya `lora_te_*` / `lora_te1_*`, CLIP module paths such as
+//! `text_model.encoder.layers.0.self_attn.q_proj`) or SDXL's second (`text_encoder_2.*`,
+//! `lora_te2_*`). [`LoraSource::ignored_keys`] lists the other components' keys for a warning.
+//! Every other key must be a LoRA tensor of the component, and after a model is built every one of
+//! them must have been attached to a module ([`LoraSource::check_attached`]).
 
 mod ldm;
 mod parse;
@@ -188,15 +190,15 @@ pub(crate) struct FoundAdapter {
 }
 
 impl LoraSource {
-    /// Reads a LoRA file for `component` (only `"unet"`): PEFT, old diffusers or kohya keys (see
+    /// Reads a LoRA file for `component` (`"unet"`, `"text_encoder"`, `"text_encoder_2"`): PEFT, old diffusers or kohya keys (see
     /// the module docs). Errors name the file and key: a truncated file, an unknown or unsupported
     /// key (DoRA, LyCORIS), an A without B, ranks of A and B that differ, bad metadata.
     /// `trainable` makes the adapters `Var`s when attached.
     pub fn from_file(path: &Path, component: &str, trainable: bool) -> Result<Self> {
-        if component != "unet" {
+        if !parse::COMPONENTS.iter().any(|(c, _, _)| *c == component) {
             return Err(Error::input(
                 "LoRA component",
-                format!("only unet LoRAs are supported, got {component:?}"),
+                format!("expected unet, text_encoder or text_encoder_2, got {component:?}"),
             ));
         }
         let file = SafetensorsFile::open(path)?;
@@ -258,8 +260,7 @@ impl LoraSource {
         }
     }
 
-    /// Keys of the file that are not for this component (text-encoder LoRA), sorted; they are
-    /// not applied, and callers should warn about them.
+    /// Keys of the file that are for other components, sorted; this source does not apply them.
     pub fn ignored_keys(&self) -> &[String] {
         match &self.kind {
             Kind::File(fl) => &fl.ignored,
@@ -283,11 +284,20 @@ impl LoraSource {
     }
 
     /// Whether `store` holds this source's component: for `"unet"`, a UNet2DConditionModel (its
-    /// `conv_in.weight` and `time_embedding.linear_1.weight`), not a VAE or text encoder. This lets
-    /// one [`super::LoadOptions`] load a whole pipeline with the LoRA reaching only the UNet.
+    /// `conv_in.weight` and `time_embedding.linear_1.weight`); for `"text_encoder"` a CLIP text
+    /// model without `text_projection.weight`, for `"text_encoder_2"` one with it. This lets one
+    /// [`super::LoadOptions`] load a whole pipeline with the LoRA reaching only its component.
     pub fn applies_to(&self, store: &TensorStore) -> bool {
+        let clip = ["", "text_model."]
+            .iter()
+            .any(|p| store.contains(&format!("{p}embeddings.token_embedding.weight")));
+        // In SD and SDXL pipelines the first encoder is a CLIPTextModel, the second a
+        // CLIPTextModelWithProjection.
+        let projection = store.contains("text_projection.weight");
         match self.component.as_str() {
             "unet" => store.contains("conv_in.weight") && store.contains("time_embedding.linear_1.weight"),
+            "text_encoder" => clip && !projection,
+            "text_encoder_2" => clip && projection,
             _ => false,
         }
     }
@@ -462,17 +472,26 @@ impl LoraSource {
 }
 
 /// The file's entry for `module`: under its path, or under its kohya name (the LDM one, through
-/// `ldm`, for an LDM-named file).
+/// `ldm`, for an LDM-named file). A CLIP text model's modules are also looked up with the
+/// `text_model.` prefix toggled: transformers 4 saves it, transformers 5 does not, and kohya names
+/// always have it.
 fn file_entry<'a>(fl: &'a FileLora, module: &str, ldm: Option<&LdmNames>) -> Option<&'a parse::Entry> {
-    if let Some(e) = fl.by_module.get(module) {
-        return Some(e);
-    }
-    let name = if fl.ldm {
-        ldm?.to_kohya(module)?
-    } else {
-        module_to_kohya(module)
+    let twin = match module.strip_prefix("text_model.") {
+        Some(m) => m.to_string(),
+        None => format!("text_model.{module}"),
     };
-    fl.by_kohya.get(&name)
+    let candidates = if fl.text_encoder {
+        vec![module, twin.as_str()]
+    } else {
+        vec![module]
+    };
+    candidates.into_iter().find_map(|m| {
+        if let Some(e) = fl.by_module.get(m) {
+            return Some(e);
+        }
+        let name = if fl.ldm { ldm?.to_kohya(m)? } else { module_to_kohya(m) };
+        fl.by_kohya.get(&name)
+    })
 }
 
 /// PEFT's target rule: `module` is `target` or ends with `.target`.
