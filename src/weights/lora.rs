@@ -161,6 +161,8 @@ pub struct LoraSource {
     kind: Kind,
     component: String,
     trainable: bool,
+    /// The same file's sources for its other components ([`LoraSource::from_file_all`]).
+    others: Vec<Arc<LoraSource>>,
 }
 
 impl std::fmt::Debug for LoraSource {
@@ -175,6 +177,7 @@ impl std::fmt::Debug for LoraSource {
         };
         d.field("component", &self.component)
             .field("trainable", &self.trainable)
+            .field("others", &self.others)
             .finish()
     }
 }
@@ -207,7 +210,45 @@ impl LoraSource {
             kind: Kind::File(fl),
             component: component.to_string(),
             trainable,
+            others: Vec::new(),
         })
+    }
+
+    /// Reads every component a LoRA file has keys for (UNet, `text_encoder`, `text_encoder_2`; a
+    /// file of unprefixed keys is the UNet's): the first as this source, the others as its
+    /// [`LoraSource::others`], so that one [`super::LoadOptions`] applies each to its component
+    /// of a pipeline ([`LoraSource::for_store`]).
+    pub fn from_file_all(path: &Path, trainable: bool) -> Result<Self> {
+        let names = SafetensorsFile::open(path)?.names();
+        let mut present: Vec<&str> = parse::COMPONENTS
+            .iter()
+            .map(|(c, _, _)| *c)
+            .filter(|c| names.iter().any(|n| parse::component_of(n) == Some(*c)))
+            .collect();
+        if present.is_empty() {
+            present.push("unet");
+        }
+        let mut sources = present
+            .into_iter()
+            .map(|c| Self::from_file(path, c, trainable))
+            .collect::<Result<Vec<_>>>()?;
+        let mut first = sources.remove(0);
+        first.others = sources.into_iter().map(Arc::new).collect();
+        Ok(first)
+    }
+
+    /// The sources of the file's other components (see [`LoraSource::from_file_all`]).
+    pub fn others(&self) -> &[Arc<LoraSource>] {
+        &self.others
+    }
+
+    /// The source among `source` and its [`LoraSource::others`] whose component `store` holds
+    /// ([`LoraSource::applies_to`]), if any.
+    pub fn for_store(source: &Arc<LoraSource>, store: &TensorStore) -> Option<Arc<LoraSource>> {
+        std::iter::once(source)
+            .chain(source.others.iter())
+            .find(|s| s.applies_to(store))
+            .cloned()
     }
 
     /// A fresh, always trainable UNet LoRA (see [`LoraConfig`]).
@@ -223,6 +264,7 @@ impl LoraSource {
             kind: Kind::Fresh(cfg.clone()),
             component: prefix.to_string(),
             trainable: true,
+            others: Vec::new(),
         }
     }
 

@@ -351,8 +351,9 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Load the weights as trainable `Var`s.
     pub trainable: bool,
-    /// A LoRA attached to the builders of its component only ([`LoraSource::applies_to`]: the
-    /// UNet, recognised by its tensors), so one set of options can load a whole pipeline.
+    /// A LoRA attached to the builders of its component only ([`LoraSource::for_store`]: the UNet
+    /// or a text encoder, recognised by its tensors; a source from [`LoraSource::from_file_all`]
+    /// carries one per component), so one set of options can load a whole pipeline.
     pub lora: Option<Arc<LoraSource>>,
 }
 
@@ -372,7 +373,7 @@ impl LoadOptions {
     /// A [`VarBuilder`] over `store` with these options; with `lora` attached when `store` holds
     /// the LoRA's component.
     pub fn var_builder(&self, store: TensorStore) -> VarBuilder {
-        let lora = self.lora.as_ref().filter(|l| l.applies_to(&store)).cloned();
+        let lora = self.lora.as_ref().and_then(|l| LoraSource::for_store(l, &store));
         let vb = if self.trainable {
             VarBuilder::trainable_from_store(store, self.dtype, &self.device)
         } else {
