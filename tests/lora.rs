@@ -990,6 +990,55 @@ fn lora_text_encoder_pipeline_prompt_embeds_match_diffusers() {
     );
 }
 
+/// `lora merge` writes each text encoder the LoRA adapts, with diffusers' adapted weights; a
+/// missing output flag for a component the LoRA has is an error naming the flag.
+#[test]
+fn lora_merge_cli_writes_adapted_text_encoders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = lora_fixtures().join("te_kohya.safetensors");
+    let merge = |extra: &[&str]| {
+        bin()
+            .args(["lora", "merge", "--model"])
+            .arg(own_fixtures().join("sdxl"))
+            .arg("--lora")
+            .arg(&lora)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let (te, te2) = (tmp.path().join("te"), tmp.path().join("te2"));
+    let o = merge(&["--out-text-encoder", te.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out-text-encoder-2"));
+    let o = merge(&[
+        "--out-text-encoder",
+        te.to_str().unwrap(),
+        "--out-text-encoder-2",
+        te2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = load(&lora_fixtures().join("te_expected.safetensors"));
+    let strip = |s: &str| s.strip_prefix("text_model.").unwrap_or(s).to_string();
+    let mut n = 0;
+    for (component, dir) in [("text_encoder", &te), ("text_encoder_2", &te2)] {
+        assert!(dir.join("config.json").is_file());
+        let merged = load(&dir.join("model.safetensors"));
+        for (k, w) in &want {
+            let Some(module) = k.strip_prefix(&format!("{component}.")) else {
+                continue;
+            };
+            let got = merged
+                .iter()
+                .find(|(name, _)| strip(name) == format!("{}.weight", strip(module)))
+                .map(|(_, t)| t)
+                .unwrap_or_else(|| panic!("{k} not in the merged {component}"));
+            assert_close(k, got, w, 1e-5);
+            n += 1;
+        }
+    }
+    assert_eq!(n, 30);
+}
+
 #[test]
 fn lora_text_encoder_attaches_to_its_encoder_only() {
     let path = lora_fixtures().join("te_kohya.safetensors");
