@@ -214,7 +214,7 @@ pub fn read_unet_lora(path: &Path) -> anyhow::Result<LoraSource> {
     let ignored = source.ignored_keys();
     if !ignored.is_empty() {
         eprintln!(
-            "note: {}: {} text-encoder LoRA tensor(s) skipped (only the UNet takes a LoRA), e.g. {}",
+            "note: {}: {} text-encoder LoRA tensor(s) skipped (only the UNet part is read here), e.g. {}",
             path.display(),
             ignored.len(),
             ignored[0]
