@@ -917,13 +917,13 @@ fn lora_convert_cli_sdxl_kohya_uses_the_base_model_naming() {
 
 /// Both text encoders of `te_{form}.safetensors` fused by `fuse_store` equal diffusers' adapted
 /// weights (te_expected.safetensors, gen_lora.py `te`), and no other weight changes.
-fn check_te_fused(form: &str) {
+fn check_te_fused(path: &Path) {
     let want = load(&lora_fixtures().join("te_expected.safetensors"));
-    let path = lora_fixtures().join(format!("te_{form}.safetensors"));
+    let form = path.display();
     let strip = |s: &str| s.strip_prefix("text_model.").unwrap_or(s).to_string();
     let mut n = 0;
     for component in ["text_encoder", "text_encoder_2"] {
-        let source = LoraSource::from_file(&path, component, false).unwrap();
+        let source = LoraSource::from_file(path, component, false).unwrap();
         assert!(!source.ignored_keys().is_empty(), "the other encoder's keys are listed");
         let store =
             TensorStore::open_file(&own_fixtures().join(format!("sdxl/{component}/model.safetensors"))).unwrap();
@@ -951,12 +951,36 @@ fn check_te_fused(form: &str) {
 
 #[test]
 fn lora_text_encoder_kohya_te1_te2_give_diffusers_adapted_weights() {
-    check_te_fused("kohya");
+    check_te_fused(&lora_fixtures().join("te_kohya.safetensors"));
 }
 
 #[test]
 fn lora_text_encoder_peft_saved_by_diffusers_gives_the_same_adapted_weights() {
-    check_te_fused("peft");
+    check_te_fused(&lora_fixtures().join("te_peft.safetensors"));
+}
+
+/// `lora convert` keeps both text-encoder parts: kohya -> PEFT (`text_encoder.*`,
+/// `text_encoder_2.*`) -> kohya (`lora_te1_*`, `lora_te2_*`), with the same adapted weights.
+#[test]
+fn lora_convert_cli_keeps_text_encoder_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peft = tmp.path().join("peft.safetensors");
+    convert(&lora_fixtures().join("te_kohya.safetensors"), "peft", &peft);
+    let keys = load(&peft).into_keys().collect::<Vec<_>>();
+    assert!(
+        keys.iter().any(|k| k.starts_with("text_encoder.")) && keys.iter().any(|k| k.starts_with("text_encoder_2."))
+    );
+    check_te_fused(&peft);
+    let kohya = tmp.path().join("kohya.safetensors");
+    convert(&peft, "kohya", &kohya);
+    let mut keys = load(&kohya).into_keys().collect::<Vec<_>>();
+    let mut want = load(&lora_fixtures().join("te_kohya.safetensors"))
+        .into_keys()
+        .collect::<Vec<_>>();
+    keys.sort();
+    want.sort();
+    assert_eq!(keys, want);
+    check_te_fused(&kohya);
 }
 
 /// A pipeline loaded with a whole-file source (`generate --lora`'s) encodes prompts through both

@@ -8,11 +8,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
-use diffalign::weights::lora::{dominant_rank_alpha, fuse_store, save_kohya, save_peft, LdmNames};
+use diffalign::weights::lora::{fuse_store, save_kohya_parts, save_peft_parts, LdmNames, LoraPart};
 use diffalign::weights::LoraSource;
 use diffalign::weights::{layout, save_safetensors, SafetensorsFile};
-
-use super::model_args::read_unet_lora;
 
 /// Flags of `diffalign lora`.
 #[derive(Debug, Args)]
@@ -27,7 +25,7 @@ enum LoraCommand {
     /// folder (config.json and diffusion_pytorch_model.safetensors), usable as `--unet`; its
     /// text-encoder adapters, if any, into text-encoder folders (`--out-text-encoder`, `-2`).
     Merge(MergeArgs),
-    /// Rewrite a UNet LoRA in diffusers/PEFT or kohya (A1111, ComfyUI) form.
+    /// Rewrite a LoRA (UNet and text-encoder parts) in diffusers/PEFT or kohya (A1111, ComfyUI) form.
     Convert(ConvertArgs),
 }
 
@@ -229,30 +227,46 @@ fn merge_component(args: &MergeArgs, source: &LoraSource, dir: &Path, stem: &str
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
-    let source = read_unet_lora(&args.lora)?;
+    let source = Arc::new(LoraSource::from_file_all(&args.lora, false).context("--lora")?);
+    let parts: Vec<Arc<LoraSource>> = std::iter::once(source.clone())
+        .chain(source.others().iter().cloned())
+        .collect();
     let ldm = match &args.model {
         Some(model) => {
             let dir = unet_dir(model, args.revision.as_deref())?;
             let store = layout::open_weights(&dir, STEM, None)?;
             Some(LdmNames::from_names(&store.names()))
         }
-        None if source.has_ldm_names() => bail!(
+        None if parts.iter().any(|p| p.has_ldm_names()) => bail!(
             "--lora {}: kohya LoRA with LDM (SDXL) block names; pass the base model as --model",
             args.lora.display()
         ),
         None => None,
     };
-    let adapters = source.file_adapters(ldm.as_ref(), &Device::Cpu)?;
+    let adapters = parts
+        .iter()
+        .map(|p| {
+            let ldm = ldm.as_ref().filter(|_| p.component() == "unet");
+            Ok((p.component(), p.file_adapters(ldm, &Device::Cpu)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kohya_ldm = ldm.as_ref().filter(|n| n.is_sdxl());
+    let out_parts: Vec<LoraPart> = adapters
+        .iter()
+        .map(|(component, adapters)| LoraPart {
+            component,
+            adapters,
+            ldm: kohya_ldm.filter(|_| *component == "unet"),
+        })
+        .collect();
     match args.to {
-        Form::Kohya => save_kohya(&args.out, &adapters, ldm.as_ref().filter(|n| n.is_sdxl()))?,
-        Form::Peft => {
-            let (rank, alpha) = dominant_rank_alpha(&adapters).context("--lora: no adapters")?;
-            save_peft(&args.out, &adapters, rank, alpha, &[])?
-        }
+        Form::Kohya => save_kohya_parts(&args.out, &out_parts)?,
+        Form::Peft => save_peft_parts(&args.out, &out_parts)?,
     }
+    let counts: Vec<String> = adapters.iter().map(|(c, a)| format!("{} {c}", a.len())).collect();
     eprintln!(
         "wrote {} adapter(s) of {} to {}",
-        adapters.len(),
+        counts.join(", "),
         args.lora.display(),
         args.out.display()
     );

@@ -206,19 +206,3 @@ fn download(
 fn download(repo: &str, _: Option<&str>, _: Option<&str>, _: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     anyhow::bail!("--download: {repo}: this build has no download support (build with --features download)")
 }
-
-/// Reads the UNet part of the LoRA file `path` (`--lora`), with a note on stderr about the
-/// text-encoder tensors it skips.
-pub fn read_unet_lora(path: &Path) -> anyhow::Result<LoraSource> {
-    let source = LoraSource::from_file(path, "unet", false).context("--lora")?;
-    let ignored = source.ignored_keys();
-    if !ignored.is_empty() {
-        eprintln!(
-            "note: {}: {} text-encoder LoRA tensor(s) skipped (only the UNet part is read here), e.g. {}",
-            path.display(),
-            ignored.len(),
-            ignored[0]
-        );
-    }
-    Ok(source)
-}

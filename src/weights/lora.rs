@@ -44,7 +44,10 @@ use crate::rng::Rng;
 use crate::{Error, Result};
 pub use ldm::LdmNames;
 use parse::{parse_file, FileLora};
-pub use save::{dominant_rank_alpha, kohya_to_module, module_to_kohya, save_kohya, save_peft};
+pub use save::{
+    dominant_rank_alpha, kohya_to_module, module_to_kohya, save_kohya, save_kohya_parts, save_peft, save_peft_parts,
+    LoraPart,
+};
 
 /// The safetensors metadata entry holding the PEFT `LoraConfig` (diffusers' `LORA_ADAPTER_METADATA_KEY`).
 pub const METADATA_KEY: &str = "lora_adapter_metadata";
