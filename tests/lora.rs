@@ -965,8 +965,25 @@ fn lora_text_encoder_peft_saved_by_diffusers_gives_the_same_adapted_weights() {
 fn lora_convert_cli_keeps_text_encoder_parts() {
     let tmp = tempfile::tempdir().unwrap();
     let peft = tmp.path().join("peft.safetensors");
-    convert(&lora_fixtures().join("te_kohya.safetensors"), "peft", &peft);
-    let keys = load(&peft).into_keys().collect::<Vec<_>>();
+    // With --model, the PEFT paths are the model's own (its first encoder, saved by transformers
+    // 5, has no `text_model.`), as diffusers' `save_lora_weights` writes them (te_peft.safetensors).
+    let o = bin()
+        .args(["lora", "convert", "--lora"])
+        .arg(lora_fixtures().join("te_kohya.safetensors"))
+        .args(["--to", "peft", "--model"])
+        .arg(own_fixtures().join("sdxl"))
+        .arg("--out")
+        .arg(&peft)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut keys = load(&peft).into_keys().collect::<Vec<_>>();
+    let mut diffusers_keys = load(&lora_fixtures().join("te_peft.safetensors"))
+        .into_keys()
+        .collect::<Vec<_>>();
+    keys.sort();
+    diffusers_keys.sort();
+    assert_eq!(keys, diffusers_keys);
     assert!(
         keys.iter().any(|k| k.starts_with("text_encoder.")) && keys.iter().any(|k| k.starts_with("text_encoder_2."))
     );

@@ -82,7 +82,8 @@ struct ConvertArgs {
     /// The base model (pipeline folder, cached repo id, or `unet/` folder). kohya output then
     /// uses the naming sd-scripts uses for its architecture: LDM block names
     /// (`input_blocks_4_1_...`) for SDXL, diffusers paths otherwise (also without `--model`).
-    /// Needed to read a kohya file with LDM names.
+    /// Needed to read a kohya file with LDM names. Text-encoder modules then follow the model's
+    /// own paths (with or without `text_model.`).
     #[arg(long)]
     model: Option<String>,
     /// Cache revision (branch, tag or snapshot hash) of a repo id.
@@ -247,7 +248,12 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| {
             let ldm = ldm.as_ref().filter(|_| p.component() == "unet");
-            Ok((p.component(), p.file_adapters(ldm, &Device::Cpu)?))
+            let mut adapters = p.file_adapters(ldm, &Device::Cpu)?;
+            if let (Some(model), true) = (&args.model, p.component() != "unet") {
+                let dir = unet_dir(model, args.revision.as_deref())?.with_file_name(p.component());
+                clip_layout(&mut adapters, &layout::open_weights(&dir, "model", None)?);
+            }
+            Ok((p.component(), adapters))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let kohya_ldm = ldm.as_ref().filter(|n| n.is_sdxl());
@@ -271,4 +277,19 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// Names text-encoder modules as `store` does: with the `text_model.` prefix (transformers 4, and
+/// transformers 5's CLIPTextModelWithProjection) or without (transformers 5's CLIPTextModel), so
+/// that PEFT output loads into that model.
+fn clip_layout(adapters: &mut [(String, diffalign::weights::LoraAdapter)], store: &diffalign::weights::TensorStore) {
+    let prefixed = store.contains("text_model.embeddings.token_embedding.weight");
+    for (module, _) in adapters.iter_mut() {
+        let bare = module.strip_prefix("text_model.").unwrap_or(module);
+        *module = if prefixed {
+            format!("text_model.{bare}")
+        } else {
+            bare.to_string()
+        };
+    }
 }
