@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::shared_fixtures;
+use common::{own_fixtures, shared_fixtures};
 use diffalign::eval::{wilson_interval, WinRate};
 
 fn diffalign() -> Command {
@@ -124,6 +124,53 @@ fn eval_pairs_base_and_tuned_images_from_the_same_seeds() {
     assert!((s["win_rate"]["rate"].as_f64().unwrap() - want.rate).abs() < 1e-12);
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     assert!(html.contains("images/001-1-tuned.png") && html.contains("pickscore"));
+}
+
+/// A LoRA with text-encoder adapters (both SDXL encoders): the tuned side runs them, so its image
+/// equals `generate --lora` with that file, and differs from the base.
+#[test]
+fn eval_lora_with_text_encoder_adapters_equals_generate_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sdxl = own_fixtures().join("sdxl");
+    let te_lora = own_fixtures().join("lora/te_kohya.safetensors");
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\n").unwrap();
+    let out = tmp.path().join("eval");
+    let common_args = ["--steps", "2", "--scheduler", "ddim", "--guidance", "3"];
+    let o = diffalign()
+        .arg("eval")
+        .arg("--model")
+        .arg(&sdxl)
+        .arg("--lora")
+        .arg(&te_lora)
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--reward", &reward(), "--seeds", "1", "--out"])
+        .arg(&out)
+        .args(common_args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = tmp.path().join("tuned.png");
+    let g = diffalign()
+        .arg("generate")
+        .arg("--model")
+        .arg(&sdxl)
+        .arg("--lora")
+        .arg(&te_lora)
+        .args(["--prompt", "a red circle", "--seed", "0", "--out"])
+        .arg(&png)
+        .args(common_args)
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let tuned = out.join("images/000-0-tuned.png");
+    assert_eq!(png_bytes(&tuned), png_bytes(&png), "eval and generate --lora differ");
+    assert_ne!(
+        png_bytes(&out.join("images/000-0-base.png")),
+        png_bytes(&tuned),
+        "the LoRA changes the image"
+    );
 }
 
 #[test]

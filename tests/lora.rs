@@ -16,9 +16,12 @@ use diffalign::models::unet::UNet2DConditionModel;
 use diffalign::nn::conv::Conv2dConfig;
 use diffalign::nn::{Conv2d, Linear};
 use diffalign::rng::Rng;
+use diffalign::sampling::load::load_text_encoder;
 use diffalign::sampling::pipeline::PipelineSources;
 use diffalign::sampling::StableDiffusionPipeline;
-use diffalign::weights::lora::{kohya_to_module, module_to_kohya, save_kohya, save_peft, LoraFormat, METADATA_KEY};
+use diffalign::weights::lora::{
+    fuse_store, kohya_to_module, module_to_kohya, save_kohya, save_peft, LdmNames, LoraFormat, METADATA_KEY,
+};
 use diffalign::weights::{LoadOptions, LoraConfig, LoraSource, TensorStore, VarBuilder};
 use diffalign::Error;
 
@@ -601,7 +604,7 @@ fn lora_fresh_saved_peft_and_kohya_load_back_to_the_same_output() {
     let (reloaded, _) = unet_with(LoraSource::from_file(&peft, "unet", false).unwrap());
     assert_close("peft reload", &unet_output(&reloaded), &want, 1e-5);
     let kohya = tmp.path().join("kohya.safetensors");
-    save_kohya(&kohya, &vb.lora_adapters()).unwrap();
+    save_kohya(&kohya, &vb.lora_adapters(), None).unwrap();
     let (reloaded, _) = unet_with(LoraSource::from_file(&kohya, "unet", false).unwrap());
     assert_close("kohya reload", &unet_output(&reloaded), &want, 1e-5);
 }
@@ -624,6 +627,23 @@ fn lora_trainable_file_vars_use_the_file_key_names() {
     }
 }
 
+/// The modules of the Rust-saved fixture LoRAs: attention, feed-forward, projection, resnet and
+/// strided downsampler layers.
+const SAVED_TARGETS: [&str; 12] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+    "downsamplers.0.conv",
+];
+
 /// Regenerates `tests/fixtures/lora/rust_saved_{peft,kohya}.safetensors`, which gen_lora.py then
 /// loads in diffusers (see its docstring):
 /// `cargo test --test lora -- --ignored lora_write_rust_saved_fixtures`.
@@ -633,22 +653,7 @@ fn lora_write_rust_saved_fixtures() {
     let cfg = LoraConfig {
         rank: 2,
         alpha: 3.0,
-        target_modules: [
-            "to_q",
-            "to_k",
-            "to_v",
-            "to_out.0",
-            "ff.net.0.proj",
-            "ff.net.2",
-            "proj_in",
-            "proj_out",
-            "conv1",
-            "conv2",
-            "time_emb_proj",
-            "downsamplers.0.conv",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: SAVED_TARGETS.map(String::from).to_vec(),
         init_seed: 11,
     };
     let (_, vb) = unet_with(LoraSource::fresh(&cfg));
@@ -657,7 +662,7 @@ fn lora_write_rust_saved_fixtures() {
     std::fs::create_dir_all(&dir).unwrap();
     // kohya: one rank and alpha throughout (diffusers 0.42.1 drops per-module kohya alphas; see
     // gen_lora.py).
-    save_kohya(&dir.join("rust_saved_kohya.safetensors"), &vb.lora_adapters()).unwrap();
+    save_kohya(&dir.join("rust_saved_kohya.safetensors"), &vb.lora_adapters(), None).unwrap();
     let mut adapters = vb.lora_adapters();
     for (module, a) in adapters.iter_mut() {
         // One module of rank 1 (rank_pattern) and per-module alphas (alpha_pattern).
@@ -677,6 +682,419 @@ fn lora_write_rust_saved_fixtures() {
         &cfg.target_modules,
     )
     .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// SDXL kohya files with LDM block names
+
+/// The tiny SDXL-architecture UNet (down blocks DownBlock2D, CrossAttn, CrossAttn; 2 layers each).
+fn sdxl_unet() -> PathBuf {
+    own_fixtures().join("sdxl/unet")
+}
+
+fn sdxl_store() -> TensorStore {
+    TensorStore::open_file(&sdxl_unet().join("diffusion_pytorch_model.safetensors")).unwrap()
+}
+
+/// `lora` fused into the SDXL fixture UNet by `fuse_store` equals diffusers' adapted weights of
+/// `case` in sdxl_expected.safetensors (gen_lora.py `sdxl`), module by module, and adapts no other.
+fn check_sdxl_fused(lora: &Path, case: &str) {
+    let want = load(&lora_fixtures().join("sdxl_expected.safetensors"));
+    let source = LoraSource::from_file(lora, "unet", false).unwrap();
+    let store = sdxl_store();
+    let fused: HashMap<String, Tensor> = fuse_store(&store, &source, DType::F32, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let prefix = format!("{case}.");
+    let mut n = 0;
+    for (key, w) in want.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+        let name = format!("{}.weight", &key[prefix.len()..]);
+        assert_close(&name, &fused[&name], w, 1e-5);
+        n += 1;
+    }
+    assert_eq!(n, source.keys().len() / 3, "{case}: one expected weight per adapter");
+    for (name, w) in &fused {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        if !want.contains_key(&format!("{prefix}{module}")) {
+            let base = store.get(name, None, DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(max_abs_diff(w, &base), 0.0, "{name} changed");
+        }
+    }
+}
+
+#[test]
+fn lora_sdxl_kohya_ldm_names_give_diffusers_adapted_weights() {
+    let path = lora_fixtures().join("sdxl_kohya.safetensors");
+    let source = LoraSource::from_file(&path, "unet", false).unwrap();
+    assert!(source.has_ldm_names());
+    assert!(source
+        .keys()
+        .iter()
+        .any(|k| k.starts_with("lora_unet_input_blocks_4_1_")));
+    check_sdxl_fused(&path, "sdxl_kohya");
+}
+
+#[test]
+fn lora_sdxl_kohya_attaches_to_every_module_through_load_options() {
+    let path = lora_fixtures().join("sdxl_kohya.safetensors");
+    let source = LoraSource::from_file(&path, "unet", false).unwrap();
+    let n = source.keys().len() / 3;
+    let (_, vb) = UNet2DConditionModel::from_pretrained(&sdxl_unet(), &opts_with(source)).unwrap();
+    assert_eq!(vb.lora_adapters().len(), n);
+    assert!(vb.kohya_names().is_some(), "an SDXL UNet takes LDM kohya names");
+}
+
+#[test]
+fn lora_ldm_names_map_back_to_every_module_and_only_sdxl_uses_them() {
+    for (store, sdxl) in [
+        (sdxl_store(), true),
+        (TensorStore::open_file(&unet_weights()).unwrap(), false),
+    ] {
+        let names = LdmNames::from_names(&store.names());
+        assert_eq!(names.is_sdxl(), sdxl);
+        let mut n = 0;
+        for name in store.names() {
+            let Some(module) = name.strip_suffix(".weight") else {
+                continue;
+            };
+            if matches!(store.shape(&name).unwrap().len(), 2 | 4) {
+                let kohya = names
+                    .to_kohya(module)
+                    .unwrap_or_else(|| panic!("{module}: no LDM name"));
+                assert_eq!(names.from_kohya(&kohya).as_deref(), Some(module), "{kohya}");
+                n += 1;
+            }
+        }
+        assert!(n > 50);
+    }
+    let names = LdmNames::from_names(&sdxl_store().names());
+    for (module, ldm) in [
+        ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+        ("down_blocks.1.attentions.1.proj_in", "input_blocks.5.1.proj_in"),
+        ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
+        ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
+        (
+            "up_blocks.2.resnets.2.conv_shortcut",
+            "output_blocks.8.0.skip_connection",
+        ),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+    ] {
+        assert_eq!(names.to_ldm(module).as_deref(), Some(ldm));
+    }
+}
+
+fn sdxl_fresh_config() -> LoraConfig {
+    LoraConfig {
+        rank: 2,
+        alpha: 3.0,
+        // Every Linear and Conv2d kind: SAVED_TARGETS plus shortcuts, upsamplers and the top level.
+        target_modules: SAVED_TARGETS
+            .into_iter()
+            .chain([
+                "conv_shortcut",
+                "upsamplers.0.conv",
+                "conv_in",
+                "conv_out",
+                "linear_1",
+                "linear_2",
+            ])
+            .map(String::from)
+            .collect(),
+        init_seed: 21,
+    }
+}
+
+/// A trained (perturbed) fresh LoRA on the SDXL fixture UNet saved in kohya form takes LDM names,
+/// as sd-scripts writes SDXL files.
+fn save_sdxl_fresh_kohya(out: &Path) {
+    let source = LoraSource::fresh(&sdxl_fresh_config());
+    let (_, vb) = UNet2DConditionModel::from_pretrained(&sdxl_unet(), &opts_with(source)).unwrap();
+    perturb_b(&vb, 22, 0.1);
+    save_kohya(out, &vb.lora_adapters(), vb.kohya_names()).unwrap();
+}
+
+/// Regenerates `tests/fixtures/lora/rust_saved_sdxl_kohya.safetensors`, which `gen_lora.py sdxl`
+/// loads in diffusers: `cargo test --test lora -- --ignored lora_write_rust_saved_sdxl_fixture`.
+#[test]
+#[ignore = "regenerates committed fixtures"]
+fn lora_write_rust_saved_sdxl_fixture() {
+    save_sdxl_fresh_kohya(&lora_fixtures().join("rust_saved_sdxl_kohya.safetensors"));
+}
+
+#[test]
+fn lora_rust_saved_sdxl_kohya_gives_diffusers_adapted_weights() {
+    let path = lora_fixtures().join("rust_saved_sdxl_kohya.safetensors");
+    let source = LoraSource::from_file(&path, "unet", false).unwrap();
+    assert!(source.has_ldm_names());
+    check_sdxl_fused(&path, "rust_saved_sdxl_kohya");
+    // The fixture is what the saver writes today.
+    let tmp = tempfile::tempdir().unwrap();
+    let again = tmp.path().join("again.safetensors");
+    save_sdxl_fresh_kohya(&again);
+    let (a, b) = (load(&path), load(&again));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert_eq!(max_abs_diff(t, &b[k]), 0.0, "{k}");
+    }
+}
+
+/// `train` with `[lora]` on the SDXL fixture writes its kohya copy with LDM names (as sd-scripts
+/// does for SDXL) that adapts the UNet exactly as its PEFT file; `gen_lora.py --check-sdxl` then
+/// checks such a file in diffusers (see the README).
+#[test]
+fn lora_trained_on_sdxl_saves_kohya_with_ldm_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::pairs::write_pairs(&tmp.path().join("data"), 2, 3);
+    let extra = "[lora]\nrank = 2\nalpha = 4\ntargets = [\"to_q\", \"to_out.0\", \"conv1\", \"proj_in\"]";
+    let r = common::pairs::recipe_for(&own_fixtures().join("sdxl"), tmp.path(), &data, "dpo", "");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("[output]", &format!("{extra}\n\n[output]"));
+    std::fs::write(&r, text).unwrap();
+    let o = bin()
+        .arg("train")
+        .arg(&r)
+        .args(["--set", "train.steps=2", "--set", "train.lr=1e-2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("out");
+    let kohya = LoraSource::from_file(&out.join("lora_kohya.safetensors"), "unet", false).unwrap();
+    assert!(kohya.has_ldm_names());
+    let peft = LoraSource::from_file(&out.join("pytorch_lora_weights.safetensors"), "unet", false).unwrap();
+    let store = sdxl_store();
+    let fused = |s: &LoraSource| fuse_store(&store, s, DType::F32, &Device::Cpu).unwrap();
+    let mut changed = 0;
+    for ((name, k), (_, p)) in fused(&kohya).iter().zip(fused(&peft).iter()) {
+        assert_eq!(max_abs_diff(k, p), 0.0, "{name}");
+        let base = store.get(name, None, DType::F32, &Device::Cpu).unwrap();
+        changed += usize::from(max_abs_diff(k, &base) > 0.0);
+    }
+    assert_eq!(changed, kohya.keys().len() / 3, "every adapter trained away from zero");
+}
+
+#[test]
+fn lora_convert_cli_sdxl_kohya_uses_the_base_model_naming() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = lora_fixtures().join("sdxl_kohya.safetensors");
+    let model = own_fixtures().join("sdxl");
+    let run = |from: &Path, to: &str, out: &Path, model: Option<&Path>| {
+        let mut c = bin();
+        c.args(["lora", "convert", "--lora"])
+            .arg(from)
+            .args(["--to", to, "--out"])
+            .arg(out);
+        if let Some(m) = model {
+            c.arg("--model").arg(m);
+        }
+        c.output().unwrap()
+    };
+    // LDM names cannot be read without the base UNet.
+    let o = run(&src, "peft", &tmp.path().join("x.safetensors"), None);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--model"));
+    // kohya (LDM) -> PEFT -> kohya: LDM names again, and the same adapted weights.
+    let peft = tmp.path().join("peft.safetensors");
+    assert!(run(&src, "peft", &peft, Some(&model)).status.success());
+    let p = LoraSource::from_file(&peft, "unet", false).unwrap();
+    assert_eq!(p.format(), Some(LoraFormat::Peft));
+    let kohya = tmp.path().join("kohya.safetensors");
+    let o = run(&peft, "kohya", &kohya, Some(&model));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let k = LoraSource::from_file(&kohya, "unet", false).unwrap();
+    assert!(k.has_ldm_names());
+    let mut keys = k.keys();
+    let mut want = LoraSource::from_file(&src, "unet", false).unwrap().keys();
+    keys.sort();
+    want.sort();
+    assert_eq!(keys, want);
+    check_sdxl_fused(&kohya, "sdxl_kohya");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text-encoder LoRAs
+
+/// Both text encoders of `te_{form}.safetensors` fused by `fuse_store` equal diffusers' adapted
+/// weights (te_expected.safetensors, gen_lora.py `te`), and no other weight changes.
+fn check_te_fused(path: &Path) {
+    let want = load(&lora_fixtures().join("te_expected.safetensors"));
+    let form = path.display();
+    let strip = |s: &str| s.strip_prefix("text_model.").unwrap_or(s).to_string();
+    let mut n = 0;
+    for component in ["text_encoder", "text_encoder_2"] {
+        let source = LoraSource::from_file(path, component, false).unwrap();
+        assert!(!source.ignored_keys().is_empty(), "the other encoder's keys are listed");
+        let store =
+            TensorStore::open_file(&own_fixtures().join(format!("sdxl/{component}/model.safetensors"))).unwrap();
+        assert!(source.applies_to(&store));
+        let want: HashMap<String, &Tensor> = want
+            .iter()
+            .filter_map(|(k, v)| Some((strip(k.strip_prefix(&format!("{component}."))?), v)))
+            .collect();
+        for (name, w) in fuse_store(&store, &source, DType::F32, &Device::Cpu).unwrap() {
+            let module = strip(name.strip_suffix(".weight").unwrap_or(&name));
+            match want.get(&module) {
+                Some(t) => {
+                    assert_close(&format!("{form} {component} {name}"), &w, t, 1e-5);
+                    n += 1;
+                }
+                None => {
+                    let base = store.get(&name, None, DType::F32, &Device::Cpu).unwrap();
+                    assert_eq!(max_abs_diff(&w, &base), 0.0, "{name} changed");
+                }
+            }
+        }
+    }
+    assert_eq!(n, want.keys().filter(|k| k.starts_with("text_encoder")).count());
+}
+
+#[test]
+fn lora_text_encoder_kohya_te1_te2_give_diffusers_adapted_weights() {
+    check_te_fused(&lora_fixtures().join("te_kohya.safetensors"));
+}
+
+#[test]
+fn lora_text_encoder_peft_saved_by_diffusers_gives_the_same_adapted_weights() {
+    check_te_fused(&lora_fixtures().join("te_peft.safetensors"));
+}
+
+/// `lora convert` keeps both text-encoder parts: kohya -> PEFT (`text_encoder.*`,
+/// `text_encoder_2.*`) -> kohya (`lora_te1_*`, `lora_te2_*`), with the same adapted weights.
+#[test]
+fn lora_convert_cli_keeps_text_encoder_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peft = tmp.path().join("peft.safetensors");
+    // With --model, the PEFT paths are the model's own (its first encoder, saved by transformers
+    // 5, has no `text_model.`), as diffusers' `save_lora_weights` writes them (te_peft.safetensors).
+    let o = bin()
+        .args(["lora", "convert", "--lora"])
+        .arg(lora_fixtures().join("te_kohya.safetensors"))
+        .args(["--to", "peft", "--model"])
+        .arg(own_fixtures().join("sdxl"))
+        .arg("--out")
+        .arg(&peft)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut keys = load(&peft).into_keys().collect::<Vec<_>>();
+    let mut diffusers_keys = load(&lora_fixtures().join("te_peft.safetensors"))
+        .into_keys()
+        .collect::<Vec<_>>();
+    keys.sort();
+    diffusers_keys.sort();
+    assert_eq!(keys, diffusers_keys);
+    assert!(
+        keys.iter().any(|k| k.starts_with("text_encoder.")) && keys.iter().any(|k| k.starts_with("text_encoder_2."))
+    );
+    check_te_fused(&peft);
+    let kohya = tmp.path().join("kohya.safetensors");
+    convert(&peft, "kohya", &kohya);
+    let mut keys = load(&kohya).into_keys().collect::<Vec<_>>();
+    let mut want = load(&lora_fixtures().join("te_kohya.safetensors"))
+        .into_keys()
+        .collect::<Vec<_>>();
+    keys.sort();
+    want.sort();
+    assert_eq!(keys, want);
+    check_te_fused(&kohya);
+}
+
+/// A pipeline loaded with a whole-file source (`generate --lora`'s) encodes prompts through both
+/// LoRA-adapted encoders as diffusers does after `load_lora_weights`.
+#[test]
+fn lora_text_encoder_pipeline_prompt_embeds_match_diffusers() {
+    let path = lora_fixtures().join("te_kohya.safetensors");
+    let want = load(&lora_fixtures().join("te_expected.safetensors"));
+    let prompt = metadata(&lora_fixtures().join("te_expected.safetensors"))["prompt"].clone();
+    let source = LoraSource::from_file_all(&path, false).unwrap();
+    assert_eq!(source.component(), "text_encoder");
+    assert_eq!(source.others().len(), 1);
+    let sources = PipelineSources {
+        root: own_fixtures().join("sdxl"),
+        ..Default::default()
+    };
+    let pipe = StableDiffusionPipeline::load(&sources, &opts_with(source)).unwrap();
+    let e = pipe.encode_text(&[prompt.as_str()]).unwrap();
+    assert_close("prompt_embeds", &e.context, &want["pipe.prompt_embeds"], MODULE_ATOL);
+    assert_close(
+        "pooled_prompt_embeds",
+        e.pooled.as_ref().unwrap(),
+        &want["pipe.pooled_prompt_embeds"],
+        MODULE_ATOL,
+    );
+    let base = StableDiffusionPipeline::load(&sources, &LoadOptions::default()).unwrap();
+    let b = base.encode_text(&[prompt.as_str()]).unwrap();
+    assert!(
+        max_abs_diff(&b.context, &e.context) > 1e-2,
+        "the LoRA changes the embeddings"
+    );
+}
+
+/// `lora merge` writes each text encoder the LoRA adapts, with diffusers' adapted weights; a
+/// missing output flag for a component the LoRA has is an error naming the flag.
+#[test]
+fn lora_merge_cli_writes_adapted_text_encoders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = lora_fixtures().join("te_kohya.safetensors");
+    let merge = |extra: &[&str]| {
+        bin()
+            .args(["lora", "merge", "--model"])
+            .arg(own_fixtures().join("sdxl"))
+            .arg("--lora")
+            .arg(&lora)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let (te, te2) = (tmp.path().join("te"), tmp.path().join("te2"));
+    let o = merge(&["--out-text-encoder", te.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out-text-encoder-2"));
+    let o = merge(&[
+        "--out-text-encoder",
+        te.to_str().unwrap(),
+        "--out-text-encoder-2",
+        te2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = load(&lora_fixtures().join("te_expected.safetensors"));
+    let strip = |s: &str| s.strip_prefix("text_model.").unwrap_or(s).to_string();
+    let mut n = 0;
+    for (component, dir) in [("text_encoder", &te), ("text_encoder_2", &te2)] {
+        assert!(dir.join("config.json").is_file());
+        let merged = load(&dir.join("model.safetensors"));
+        for (k, w) in &want {
+            let Some(module) = k.strip_prefix(&format!("{component}.")) else {
+                continue;
+            };
+            let got = merged
+                .iter()
+                .find(|(name, _)| strip(name) == format!("{}.weight", strip(module)))
+                .map(|(_, t)| t)
+                .unwrap_or_else(|| panic!("{k} not in the merged {component}"));
+            assert_close(k, got, w, 1e-5);
+            n += 1;
+        }
+    }
+    assert_eq!(n, 30);
+}
+
+#[test]
+fn lora_text_encoder_attaches_to_its_encoder_only() {
+    let path = lora_fixtures().join("te_kohya.safetensors");
+    for component in ["text_encoder", "text_encoder_2"] {
+        let source = Arc::new(LoraSource::from_file(&path, component, false).unwrap());
+        let opts = LoadOptions {
+            lora: Some(source),
+            ..Default::default()
+        };
+        // Every key of the component must attach, or loading fails (check_all_used).
+        load_text_encoder(&own_fixtures().join(format!("sdxl/{component}")), &opts).unwrap();
+        // The UNet is not a text encoder: nothing attaches there.
+        let (_, vb) = UNet2DConditionModel::from_pretrained(&sdxl_unet(), &opts).unwrap();
+        assert!(vb.lora_adapters().is_empty());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -814,6 +1232,60 @@ fn lora_unsupported_keys_are_an_error_naming_them() {
     write(&path, &t, None);
     let msg = LoraSource::from_file(&path, "unet", false).unwrap_err().to_string();
     assert!(msg.contains(key) && msg.contains("hada_w1_a"), "{msg}");
+}
+
+/// Each known adapter kind that is not implemented is refused by name, with the first key.
+#[test]
+fn lora_dora_and_lycoris_keys_are_refused_naming_the_kind_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kohya = load(&lora_fixtures().join("kohya.safetensors"));
+    let module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    for (key, kind) in [
+        (format!("{module}.dora_scale"), "DoRA"),
+        (
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector".into(),
+            "DoRA",
+        ),
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale".into(),
+            "DoRA",
+        ),
+        (format!("{module}.hada_w1_a"), "LoHa"),
+        (format!("{module}.lokr_w1"), "LoKr"),
+        (format!("{module}.lora_mid.weight"), "Tucker"),
+        (format!("{module}.diff"), "weight difference"),
+    ] {
+        let mut t = kohya.clone();
+        t.insert(key.clone(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap());
+        let path = tmp.path().join("x.safetensors");
+        write(&path, &t, None);
+        let msg = LoraSource::from_file(&path, "unet", false).unwrap_err().to_string();
+        assert!(
+            msg.contains(&key) && msg.contains(kind) && msg.contains("x.safetensors"),
+            "{msg}"
+        );
+    }
+}
+
+/// kohya alphas as A1111 and ComfyUI files hold them: a 0-d f32 scalar, or `[1]`-shaped in f16.
+#[test]
+fn lora_kohya_alpha_in_f16_of_shape_one_reads_as_the_scalar() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = load(&lora_fixtures().join("kohya.safetensors"));
+    for (k, v) in t.iter_mut() {
+        if k.ends_with(".alpha") {
+            *v = v.reshape(1).unwrap().to_dtype(DType::F16).unwrap();
+        }
+    }
+    let path = tmp.path().join("alpha_f16.safetensors");
+    write(&path, &t, None);
+    let (unet, _) = unet_with(LoraSource::from_file(&path, "unet", false).unwrap());
+    assert_close(
+        "f16 alphas",
+        &unet_output(&unet),
+        &expected()["kohya.output"],
+        MODULE_ATOL,
+    );
 }
 
 #[test]

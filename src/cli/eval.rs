@@ -34,7 +34,8 @@ use super::model_args::ModelArgs;
 /// Flags of `diffalign eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// The base model, and the tuned one as `--lora FILE` (on the base UNet) or `--unet DIR`.
+    /// The base model, and the tuned one as `--lora FILE` (on the base UNet and, where it has
+    /// text-encoder keys, the text encoders) or `--unet DIR`.
     #[command(flatten)]
     pub model: ModelArgs,
     /// A file with one prompt per line (blank lines skipped).
@@ -66,8 +67,15 @@ pub struct EvalArgs {
     out: PathBuf,
 }
 
-/// The base pipeline and the tuned UNet.
-fn load_models(model: &ModelArgs) -> anyhow::Result<(StableDiffusionPipeline, UNet2DConditionModel)> {
+/// The tuned side: a UNet run with the base pipeline's text encoders, or, for a LoRA with
+/// text-encoder adapters, a whole pipeline of its own.
+enum Tuned {
+    Unet(Box<UNet2DConditionModel>),
+    Pipeline(Box<StableDiffusionPipeline>),
+}
+
+/// The base pipeline and the tuned model.
+fn load_models(model: &ModelArgs) -> anyhow::Result<(StableDiffusionPipeline, Tuned)> {
     let (root, opts) = model.resolve()?;
     let base_opts = opts.without_lora();
     let sources = PipelineSources {
@@ -85,17 +93,25 @@ fn load_models(model: &ModelArgs) -> anyhow::Result<(StableDiffusionPipeline, UN
                 .with_context(|| format!("loading the tuned UNet {}", dir.display()))?
                 .0;
             pipe.check_unet_fits(&tuned, &dir.join("config.json"))?;
-            tuned
+            Tuned::Unet(Box::new(tuned))
         }
         (None, Some(file)) => {
-            let lora = LoraSource::from_file(file, "unet", false).context("--lora")?;
+            let lora = LoraSource::from_file_all(file, false).context("--lora")?;
+            let text_encoders = lora.component() != "unet" || !lora.others().is_empty();
             let opts = LoadOptions {
                 lora: Some(Arc::new(lora)),
                 ..base_opts
             };
-            UNet2DConditionModel::from_pretrained(&root.join("unet"), &opts)
-                .with_context(|| format!("applying --lora {}", file.display()))?
-                .0
+            if text_encoders {
+                let tuned = StableDiffusionPipeline::load(&sources, &opts)
+                    .with_context(|| format!("applying --lora {}", file.display()))?;
+                Tuned::Pipeline(Box::new(tuned))
+            } else {
+                let unet = UNet2DConditionModel::from_pretrained(&root.join("unet"), &opts)
+                    .with_context(|| format!("applying --lora {}", file.display()))?
+                    .0;
+                Tuned::Unet(Box::new(unet))
+            }
         }
     };
     Ok((pipe, tuned))
@@ -143,11 +159,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             };
             let mut record = serde_json::json!({"prompt": prompt, "seed": seed});
             let mut paths = Vec::with_capacity(2);
-            for (side, unet) in [("base", &pipe.unet), ("tuned", &tuned)] {
+            for side in ["base", "tuned"] {
                 let done = bar.position();
-                let image = pipe
-                    .generate_with(unet, &req, &mut |i, _| bar.set_position(done + i as u64))?
-                    .images;
+                let mut progress = |i: usize, _| bar.set_position(done + i as u64);
+                let image = match (side, &tuned) {
+                    ("base", _) => pipe.generate_with(&pipe.unet, &req, &mut progress)?,
+                    (_, Tuned::Unet(unet)) => pipe.generate_with(unet, &req, &mut progress)?,
+                    (_, Tuned::Pipeline(p)) => p.generate(&req, &mut progress)?,
+                }
+                .images;
                 let name = format!("{p:03}-{seed}-{side}.png");
                 save_png(&image.get(0)?, &images_dir.join(&name))?;
                 let nchw = image.permute((0, 3, 1, 2))?.to_device(pipe.device())?;

@@ -34,9 +34,10 @@ pub struct ModelArgs {
     /// Replace the pipeline's UNet with this `unet/` folder (e.g. a fine-tuned one).
     #[arg(long)]
     pub unet: Option<PathBuf>,
-    /// A LoRA applied to the UNet: a safetensors file in diffusers/PEFT, old diffusers
-    /// (`lora.down`/`lora.up`) or kohya (`lora_unet_*`) form. Its text-encoder tensors, if any, are
-    /// not applied (a note lists them).
+    /// A LoRA applied to the UNet and, where it has keys for them, the text encoders: a
+    /// safetensors file in diffusers/PEFT (`unet.*`, `text_encoder.*`, `text_encoder_2.*`), old
+    /// diffusers (`lora.down`/`lora.up`) or kohya (`lora_unet_*`, `lora_te_*`, `lora_te1_*`,
+    /// `lora_te2_*`) form.
     #[arg(long)]
     pub lora: Option<PathBuf>,
     /// Weight-file variant: `fp16` loads `*.fp16.safetensors`.
@@ -106,12 +107,17 @@ impl ModelArgs {
         })
     }
 
-    /// The `--lora` file, read for the UNet.
+    /// The `--lora` file, read for each component it has keys for (UNet, text encoders).
     fn lora_source(&self) -> anyhow::Result<Option<Arc<LoraSource>>> {
         let Some(path) = &self.lora else {
             return Ok(None);
         };
-        Ok(Some(Arc::new(read_unet_lora(path)?)))
+        let source = LoraSource::from_file_all(path, false).context("--lora")?;
+        let parts: Vec<&str> = std::iter::once(source.component())
+            .chain(source.others().iter().map(|o| o.component()))
+            .collect();
+        eprintln!("note: {}: LoRA for {}", path.display(), parts.join(", "));
+        Ok(Some(Arc::new(source)))
     }
 
     /// The model folder (resolved offline) and the load options the flags give. A single-file
@@ -203,20 +209,4 @@ fn download(
 #[cfg(not(feature = "download"))]
 fn download(repo: &str, _: Option<&str>, _: Option<&str>, _: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     anyhow::bail!("--download: {repo}: this build has no download support (build with --features download)")
-}
-
-/// Reads the UNet part of the LoRA file `path` (`--lora`), with a note on stderr about the
-/// text-encoder tensors it skips.
-pub fn read_unet_lora(path: &Path) -> anyhow::Result<LoraSource> {
-    let source = LoraSource::from_file(path, "unet", false).context("--lora")?;
-    let ignored = source.ignored_keys();
-    if !ignored.is_empty() {
-        eprintln!(
-            "note: {}: {} text-encoder LoRA tensor(s) skipped (only the UNet takes a LoRA), e.g. {}",
-            path.display(),
-            ignored.len(),
-            ignored[0]
-        );
-    }
-    Ok(source)
 }

@@ -536,7 +536,8 @@ impl Trainer {
             let alpha = l.alpha.unwrap_or(l.rank as f64);
             let peft = self.out.join("pytorch_lora_weights.safetensors");
             crate::weights::lora::save_peft(&peft, &adapters, l.rank, alpha, &l.targets)?;
-            return crate::weights::lora::save_kohya(&self.out.join("lora_kohya.safetensors"), &adapters);
+            let kohya = self.out.join("lora_kohya.safetensors");
+            return crate::weights::lora::save_kohya(&kohya, &adapters, self.policy_vb.kohya_names());
         }
         let dir = self.out.join("unet");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;

@@ -18,13 +18,17 @@
 //!   the file has no text-encoder keys; scaled as above.
 //! - kohya (sd-scripts, A1111, ComfyUI): `lora_unet_<module, dots as underscores>.lora_down.weight`
 //!   / `.lora_up.weight` / `.alpha` (scalar); scale `alpha / r`, 1 without `.alpha`. Underscores are
-//!   ambiguous, so these keys are matched when a module asks for them.
+//!   ambiguous, so these keys are matched when a module asks for them. SDXL files name modules by
+//!   their LDM path (`lora_unet_input_blocks_4_1_...`), matched through the UNet's [`LdmNames`].
 //!
-//! Text-encoder keys (`text_encoder.*`, `text_encoder_2.*`, `lora_te_*`, `lora_te1_*`, `lora_te2_*`)
-//! are not applied; [`LoraSource::ignored_keys`] lists them for a warning. Every other key must
-//! be a LoRA tensor of the component, and after a model is built every one of them must have been
-//! attached to a module ([`LoraSource::check_attached`]).
+//! A source reads one component's keys: the UNet's (`unet.*`, `lora_unet_*`), the first text
+//! encoder's (`text_encoder.*`, kohya `lora_te_*` / `lora_te1_*`, CLIP module paths such as
+//! `text_model.encoder.layers.0.self_attn.q_proj`) or SDXL's second (`text_encoder_2.*`,
+//! `lora_te2_*`). [`LoraSource::ignored_keys`] lists the other components' keys for a warning.
+//! Every other key must be a LoRA tensor of the component, and after a model is built every one of
+//! them must have been attached to a module ([`LoraSource::check_attached`]).
 
+mod ldm;
 mod parse;
 mod save;
 
@@ -39,8 +43,12 @@ use super::store::TensorStore;
 use super::WeightFile;
 use crate::rng::Rng;
 use crate::{Error, Result};
+pub use ldm::LdmNames;
 use parse::{parse_file, FileLora};
-pub use save::{dominant_rank_alpha, kohya_to_module, module_to_kohya, save_kohya, save_peft};
+pub use save::{
+    dominant_rank_alpha, kohya_to_module, module_to_kohya, save_kohya, save_kohya_parts, save_peft, save_peft_parts,
+    LoraPart,
+};
 
 /// The safetensors metadata entry holding the PEFT `LoraConfig` (diffusers' `LORA_ADAPTER_METADATA_KEY`).
 pub const METADATA_KEY: &str = "lora_adapter_metadata";
@@ -157,6 +165,8 @@ pub struct LoraSource {
     kind: Kind,
     component: String,
     trainable: bool,
+    /// The same file's sources for its other components ([`LoraSource::from_file_all`]).
+    others: Vec<Arc<LoraSource>>,
 }
 
 impl std::fmt::Debug for LoraSource {
@@ -171,6 +181,7 @@ impl std::fmt::Debug for LoraSource {
         };
         d.field("component", &self.component)
             .field("trainable", &self.trainable)
+            .field("others", &self.others)
             .finish()
     }
 }
@@ -186,15 +197,15 @@ pub(crate) struct FoundAdapter {
 }
 
 impl LoraSource {
-    /// Reads a LoRA file for `component` (only `"unet"`): PEFT, old diffusers or kohya keys (see
+    /// Reads a LoRA file for `component` (`"unet"`, `"text_encoder"`, `"text_encoder_2"`): PEFT, old diffusers or kohya keys (see
     /// the module docs). Errors name the file and key: a truncated file, an unknown or unsupported
     /// key (DoRA, LyCORIS), an A without B, ranks of A and B that differ, bad metadata.
     /// `trainable` makes the adapters `Var`s when attached.
     pub fn from_file(path: &Path, component: &str, trainable: bool) -> Result<Self> {
-        if component != "unet" {
+        if !parse::COMPONENTS.iter().any(|(c, _, _)| *c == component) {
             return Err(Error::input(
                 "LoRA component",
-                format!("only unet LoRAs are supported, got {component:?}"),
+                format!("expected unet, text_encoder or text_encoder_2, got {component:?}"),
             ));
         }
         let file = WeightFile::open(path)?;
@@ -203,7 +214,45 @@ impl LoraSource {
             kind: Kind::File(fl),
             component: component.to_string(),
             trainable,
+            others: Vec::new(),
         })
+    }
+
+    /// Reads every component a LoRA file has keys for (UNet, `text_encoder`, `text_encoder_2`; a
+    /// file of unprefixed keys is the UNet's): the first as this source, the others as its
+    /// [`LoraSource::others`], so that one [`super::LoadOptions`] applies each to its component
+    /// of a pipeline ([`LoraSource::for_store`]).
+    pub fn from_file_all(path: &Path, trainable: bool) -> Result<Self> {
+        let names = WeightFile::open(path)?.names();
+        let mut present: Vec<&str> = parse::COMPONENTS
+            .iter()
+            .map(|(c, _, _)| *c)
+            .filter(|c| names.iter().any(|n| parse::component_of(n) == Some(*c)))
+            .collect();
+        if present.is_empty() {
+            present.push("unet");
+        }
+        let mut sources = present
+            .into_iter()
+            .map(|c| Self::from_file(path, c, trainable))
+            .collect::<Result<Vec<_>>>()?;
+        let mut first = sources.remove(0);
+        first.others = sources.into_iter().map(Arc::new).collect();
+        Ok(first)
+    }
+
+    /// The sources of the file's other components (see [`LoraSource::from_file_all`]).
+    pub fn others(&self) -> &[Arc<LoraSource>] {
+        &self.others
+    }
+
+    /// The source among `source` and its [`LoraSource::others`] whose component `store` holds
+    /// ([`LoraSource::applies_to`]), if any.
+    pub fn for_store(source: &Arc<LoraSource>, store: &TensorStore) -> Option<Arc<LoraSource>> {
+        std::iter::once(source)
+            .chain(source.others.iter())
+            .find(|s| s.applies_to(store))
+            .cloned()
     }
 
     /// A fresh, always trainable UNet LoRA (see [`LoraConfig`]).
@@ -219,6 +268,7 @@ impl LoraSource {
             kind: Kind::Fresh(cfg.clone()),
             component: prefix.to_string(),
             trainable: true,
+            others: Vec::new(),
         }
     }
 
@@ -256,8 +306,7 @@ impl LoraSource {
         }
     }
 
-    /// Keys of the file that are not for this component (text-encoder LoRA), sorted; they are
-    /// not applied, and callers should warn about them.
+    /// Keys of the file that are for other components, sorted; this source does not apply them.
     pub fn ignored_keys(&self) -> &[String] {
         match &self.kind {
             Kind::File(fl) => &fl.ignored,
@@ -281,11 +330,20 @@ impl LoraSource {
     }
 
     /// Whether `store` holds this source's component: for `"unet"`, a UNet2DConditionModel (its
-    /// `conv_in.weight` and `time_embedding.linear_1.weight`), not a VAE or text encoder. This lets
-    /// one [`super::LoadOptions`] load a whole pipeline with the LoRA reaching only the UNet.
+    /// `conv_in.weight` and `time_embedding.linear_1.weight`); for `"text_encoder"` a CLIP text
+    /// model without `text_projection.weight`, for `"text_encoder_2"` one with it. This lets one
+    /// [`super::LoadOptions`] load a whole pipeline with the LoRA reaching only its component.
     pub fn applies_to(&self, store: &TensorStore) -> bool {
+        let clip = ["", "text_model."]
+            .iter()
+            .any(|p| store.contains(&format!("{p}embeddings.token_embedding.weight")));
+        // In SD and SDXL pipelines the first encoder is a CLIPTextModel, the second a
+        // CLIPTextModelWithProjection.
+        let projection = store.contains("text_projection.weight");
         match self.component.as_str() {
             "unet" => store.contains("conv_in.weight") && store.contains("time_embedding.linear_1.weight"),
+            "text_encoder" => clip && !projection,
+            "text_encoder_2" => clip && projection,
             _ => false,
         }
     }
@@ -297,17 +355,14 @@ impl LoraSource {
     pub(crate) fn adapter(
         &self,
         module: &str,
+        ldm: Option<&LdmNames>,
         weight_shape: &[usize],
         device: &Device,
     ) -> Result<Option<FoundAdapter>> {
         match &self.kind {
             Kind::File(fl) => {
-                let entry = match fl.by_module.get(module) {
-                    Some(e) => e,
-                    None => match fl.by_kohya.get(&module.replace('.', "_")) {
-                        Some(e) => e,
-                        None => return Ok(None),
-                    },
+                let Some(entry) = file_entry(fl, module, ldm) else {
+                    return Ok(None);
                 };
                 let a = fl.file.load(&entry.a, device)?.to_dtype(DType::F32)?;
                 let b = fl.file.load(&entry.b, device)?.to_dtype(DType::F32)?;
@@ -356,12 +411,9 @@ impl LoraSource {
     }
 
     /// The file keys `module`'s adapter reads (A, B, alpha), or for a fresh source the module itself.
-    pub(crate) fn keys_for(&self, module: &str) -> Vec<String> {
+    pub(crate) fn keys_for(&self, module: &str, ldm: Option<&LdmNames>) -> Vec<String> {
         match &self.kind {
-            Kind::File(fl) => fl
-                .by_module
-                .get(module)
-                .or_else(|| fl.by_kohya.get(&module.replace('.', "_")))
+            Kind::File(fl) => file_entry(fl, module, ldm)
                 .map(|e| e.keys().cloned().collect())
                 .unwrap_or_default(),
             Kind::Fresh(_) => vec![module.to_string()],
@@ -370,12 +422,16 @@ impl LoraSource {
 
     /// After a model was built: fails unless every key of the file was attached to a module, or,
     /// for a fresh source, every target matched a module. `attached` holds the modules that got
-    /// an adapter.
-    pub fn check_attached<'a>(&self, attached: impl IntoIterator<Item = &'a String>) -> Result<()> {
+    /// an adapter; `ldm` is the UNet's name map, which LDM-named kohya files need.
+    pub fn check_attached<'a>(
+        &self,
+        attached: impl IntoIterator<Item = &'a String>,
+        ldm: Option<&LdmNames>,
+    ) -> Result<()> {
         let attached: BTreeSet<&String> = attached.into_iter().collect();
         match &self.kind {
             Kind::File(fl) => {
-                let used: BTreeSet<String> = attached.iter().flat_map(|m| self.keys_for(m)).collect();
+                let used: BTreeSet<String> = attached.iter().flat_map(|m| self.keys_for(m, ldm)).collect();
                 let unattached: Vec<String> = self.keys().into_iter().filter(|k| !used.contains(k)).collect();
                 if unattached.is_empty() {
                     Ok(())
@@ -407,18 +463,42 @@ impl LoraSource {
         }
     }
 
-    /// A file's adapters by module path, without a model, for conversion. kohya names are turned
-    /// back into paths with the diffusers UNet's segment names (`down_blocks`, `to_out`, ...).
-    pub fn file_adapters(&self, device: &Device) -> Result<Vec<(String, LoraAdapter)>> {
+    /// Whether the file names modules by LDM path (an SDXL kohya file), which only a UNet's
+    /// [`LdmNames`] turn into module paths.
+    pub fn has_ldm_names(&self) -> bool {
+        matches!(&self.kind, Kind::File(fl) if fl.ldm)
+    }
+
+    /// A file's adapters by module path, for conversion. kohya names are turned back into paths
+    /// with the diffusers UNet's segment names (`down_blocks`, `to_out`, ...), or for an LDM-named
+    /// file through `ldm`, the base UNet's map, which it then needs.
+    pub fn file_adapters(&self, ldm: Option<&LdmNames>, device: &Device) -> Result<Vec<(String, LoraAdapter)>> {
         let Kind::File(fl) = &self.kind else {
             return Err(Error::input("LoRA source", "a fresh LoRA has no file adapters"));
         };
+        let path = fl.file.path();
+        let kohya_module = |k: &String| -> Result<String> {
+            if !fl.ldm {
+                return Ok(kohya_to_module(k));
+            }
+            let Some(names) = ldm else {
+                return Err(Error::input(
+                    path.display().to_string(),
+                    "kohya LoRA with LDM (SDXL) module names: the base UNet is needed to map its block numbers",
+                ));
+            };
+            names.from_kohya(k).ok_or_else(|| {
+                Error::input(
+                    path.display().to_string(),
+                    format!("lora_unet_{k}: names no module of the base UNet"),
+                )
+            })
+        };
         let mut out = Vec::new();
-        let entries = fl
-            .by_module
-            .iter()
-            .map(|(m, e)| (m.clone(), e))
-            .chain(fl.by_kohya.iter().map(|(k, e)| (kohya_to_module(k), e)));
+        let mut entries: Vec<(String, &parse::Entry)> = fl.by_module.iter().map(|(m, e)| (m.clone(), e)).collect();
+        for (k, e) in &fl.by_kohya {
+            entries.push((kohya_module(k)?, e));
+        }
         for (module, e) in entries {
             let a = fl.file.load(&e.a, device)?.to_dtype(DType::F32)?;
             let b = fl.file.load(&e.b, device)?.to_dtype(DType::F32)?;
@@ -435,6 +515,29 @@ impl LoraSource {
         out.sort_by(|x, y| x.0.cmp(&y.0));
         Ok(out)
     }
+}
+
+/// The file's entry for `module`: under its path, or under its kohya name (the LDM one, through
+/// `ldm`, for an LDM-named file). A CLIP text model's modules are also looked up with the
+/// `text_model.` prefix toggled: transformers 4 saves it, transformers 5 does not, and kohya names
+/// always have it.
+fn file_entry<'a>(fl: &'a FileLora, module: &str, ldm: Option<&LdmNames>) -> Option<&'a parse::Entry> {
+    let twin = match module.strip_prefix("text_model.") {
+        Some(m) => m.to_string(),
+        None => format!("text_model.{module}"),
+    };
+    let candidates = if fl.text_encoder {
+        vec![module, twin.as_str()]
+    } else {
+        vec![module]
+    };
+    candidates.into_iter().find_map(|m| {
+        if let Some(e) = fl.by_module.get(m) {
+            return Some(e);
+        }
+        let name = if fl.ldm { ldm?.to_kohya(m)? } else { module_to_kohya(m) };
+        fl.by_kohya.get(&name)
+    })
 }
 
 /// PEFT's target rule: `module` is `target` or ends with `.target`.
@@ -494,13 +597,15 @@ pub fn fuse_store(
     dtype: DType,
     device: &Device,
 ) -> Result<Vec<(String, Tensor)>> {
+    let names = store.names();
+    let ldm = LdmNames::from_names(&names);
     let mut attached = Vec::new();
     let mut out = Vec::new();
-    for name in store.names() {
+    for name in names {
         let mut t = store.get(&name, None, DType::F32, device)?;
         if let Some(module) = name.strip_suffix(".weight") {
             if matches!(t.rank(), 2 | 4) {
-                if let Some(found) = source.adapter(module, t.dims(), device)? {
+                if let Some(found) = source.adapter(module, Some(&ldm), t.dims(), device)? {
                     t = found.adapter.fuse(&t)?;
                     attached.push(module.to_string());
                 }
@@ -508,6 +613,6 @@ pub fn fuse_store(
         }
         out.push((name, t.to_dtype(dtype)?));
     }
-    source.check_attached(&attached)?;
+    source.check_attached(&attached, Some(&ldm))?;
     Ok(out)
 }

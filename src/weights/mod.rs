@@ -48,6 +48,8 @@ struct LoraState {
     attached: Mutex<BTreeMap<String, Attached>>,
     /// The one switch of every adapter attached here.
     switch: LoraSwitch,
+    /// The LDM names of the store's UNet, for kohya files that use them (SDXL).
+    ldm: Option<lora::LdmNames>,
 }
 
 #[derive(Clone)]
@@ -212,11 +214,13 @@ impl VarBuilder {
     /// weights keep their own trainability; the adapters are `Var`s when `source` is trainable).
     /// Builders made from it by [`VarBuilder::pp`] share what was attached.
     pub fn with_lora(self, source: Arc<LoraSource>) -> VarBuilder {
+        let ldm = self.store().map(|s| lora::LdmNames::from_names(&s.names()));
         VarBuilder {
             lora: Some(Arc::new(LoraState {
                 source,
                 attached: Mutex::new(BTreeMap::new()),
                 switch: LoraSwitch::default(),
+                ldm,
             })),
             ..self
         }
@@ -247,7 +251,10 @@ impl VarBuilder {
         if let Some(a) = attached.get(&self.prefix) {
             return Ok(Some(a.adapter.clone()));
         }
-        let Some(found) = state.source.adapter(&self.prefix, weight_shape, &self.inner.device)? else {
+        let Some(found) = state
+            .source
+            .adapter(&self.prefix, state.ldm.as_ref(), weight_shape, &self.inner.device)?
+        else {
             return Ok(None);
         };
         let adapter = LoraAdapter {
@@ -296,6 +303,12 @@ impl VarBuilder {
         attached.iter().flat_map(|(m, a)| f(m, a)).collect()
     }
 
+    /// The kohya naming of this builder's UNet for [`lora::save_kohya`]: its LDM names when it is
+    /// an SDXL-architecture UNet (as sd-scripts names them), `None` for diffusers paths.
+    pub fn kohya_names(&self) -> Option<&lora::LdmNames> {
+        self.lora.as_ref()?.ldm.as_ref().filter(|n| n.is_sdxl())
+    }
+
     /// The LoRA adapters attached so far, by module path (sorted), with their current values;
     /// for [`lora::save_peft`] and [`lora::save_kohya`].
     pub fn lora_adapters(&self) -> Vec<(String, LoraAdapter)> {
@@ -308,7 +321,7 @@ impl VarBuilder {
         match &self.lora {
             Some(l) => {
                 let attached = l.attached.lock().expect("lora lock");
-                l.source.check_attached(attached.keys())
+                l.source.check_attached(attached.keys(), l.ldm.as_ref())
             }
             None => Ok(()),
         }
@@ -341,8 +354,9 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Load the weights as trainable `Var`s.
     pub trainable: bool,
-    /// A LoRA attached to the builders of its component only ([`LoraSource::applies_to`]: the
-    /// UNet, recognised by its tensors), so one set of options can load a whole pipeline.
+    /// A LoRA attached to the builders of its component only ([`LoraSource::for_store`]: the UNet
+    /// or a text encoder, recognised by its tensors; a source from [`LoraSource::from_file_all`]
+    /// carries one per component), so one set of options can load a whole pipeline.
     pub lora: Option<Arc<LoraSource>>,
 }
 
@@ -362,7 +376,7 @@ impl LoadOptions {
     /// A [`VarBuilder`] over `store` with these options; with `lora` attached when `store` holds
     /// the LoRA's component.
     pub fn var_builder(&self, store: TensorStore) -> VarBuilder {
-        let lora = self.lora.as_ref().filter(|l| l.applies_to(&store)).cloned();
+        let lora = self.lora.as_ref().and_then(|l| LoraSource::for_store(l, &store));
         let vb = if self.trainable {
             VarBuilder::trainable_from_store(store, self.dtype, &self.device)
         } else {

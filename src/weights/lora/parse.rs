@@ -7,11 +7,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, Device};
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::ldm::LDM_HEADS;
 use super::{LoraFormat, METADATA_KEY};
 use crate::weights::WeightFile;
 use crate::{Error, Result};
 
-const TEXT_ENCODER_PREFIXES: [&str; 5] = ["text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_"];
+/// The components a LoRA file may adapt: name, PEFT / diffusers key prefix, kohya key prefixes
+/// (`lora_te_` is SD 1.x/2.x's one text encoder, `lora_te1_` / `lora_te2_` SDXL's two).
+pub(super) const COMPONENTS: [(&str, &str, &[&str]); 3] = [
+    ("unet", "unet.", &["lora_unet_"]),
+    ("text_encoder", "text_encoder.", &["lora_te_", "lora_te1_"]),
+    ("text_encoder_2", "text_encoder_2.", &["lora_te2_"]),
+];
+
+/// The component whose prefix `key` has, if any.
+pub(super) fn component_of(key: &str) -> Option<&'static str> {
+    COMPONENTS
+        .iter()
+        .find(|(_, peft, kohya)| key.starts_with(peft) || kohya.iter().any(|k| key.starts_with(k)))
+        .map(|(c, _, _)| *c)
+}
 
 /// One adapter's tensors in a file.
 #[derive(Debug, Clone)]
@@ -45,6 +60,10 @@ pub(super) struct FileLora {
     pub by_module: BTreeMap<String, Entry>,
     /// Adapters under kohya names (module path with dots as underscores).
     pub by_kohya: BTreeMap<String, Entry>,
+    /// Whether the kohya names are LDM paths (SDXL, see [`super::ldm`]) rather than diffusers paths.
+    pub ldm: bool,
+    /// Whether the component is a text encoder (CLIP module paths, with or without `text_model.`).
+    pub text_encoder: bool,
     /// Text-encoder keys, sorted.
     pub ignored: Vec<String>,
 }
@@ -58,9 +77,11 @@ enum Role {
 
 /// Classifies a non-kohya key of the component (without its prefix): `(module, role, form)`.
 fn classify(body: &str) -> Option<(String, Role, LoraFormat)> {
-    const SUFFIXES: [(&str, Role, LoraFormat); 5] = [
+    const SUFFIXES: [(&str, Role, LoraFormat); 7] = [
         (".lora_A.weight", Role::A, LoraFormat::Peft),
         (".lora_B.weight", Role::B, LoraFormat::Peft),
+        (".lora_linear_layer.down.weight", Role::A, LoraFormat::OldDiffusers),
+        (".lora_linear_layer.up.weight", Role::B, LoraFormat::OldDiffusers),
         (".lora.down.weight", Role::A, LoraFormat::OldDiffusers),
         (".lora.up.weight", Role::B, LoraFormat::OldDiffusers),
         (".alpha", Role::Alpha, LoraFormat::OldDiffusers),
@@ -94,20 +115,23 @@ pub(super) fn parse_file(file: WeightFile, component: &str) -> Result<FileLora> 
     let path = file.path().to_path_buf();
     let mut names = file.names();
     names.sort();
-    let kohya_prefix = format!("lora_{component}_");
-    let prefix = format!("{component}.");
-    let has_text_encoder = names
+    let (_, prefix, kohya_prefixes) = COMPONENTS
         .iter()
-        .any(|n| TEXT_ENCODER_PREFIXES.iter().any(|p| n.starts_with(p)));
+        .find(|(c, _, _)| *c == component)
+        .expect("LoraSource::from_file checks the component");
+    // Unprefixed keys are the UNet's, in files that hold nothing else (old diffusers).
+    let bare_ok = component == "unet" && names.iter().all(|n| component_of(n).is_none_or(|c| c == "unet"));
     let mut ignored = Vec::new();
     let mut unsupported = Vec::new();
     let mut modules: BTreeMap<String, Pieces> = BTreeMap::new();
     let mut kohya: BTreeMap<String, Pieces> = BTreeMap::new();
     let mut formats = BTreeSet::new();
     for name in &names {
-        if TEXT_ENCODER_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        if unimplemented_kind(name).is_some() {
+            unsupported.push(name.clone());
+        } else if component_of(name).is_some_and(|c| c != component) {
             ignored.push(name.clone());
-        } else if let Some(rest) = name.strip_prefix(&kohya_prefix) {
+        } else if let Some(rest) = kohya_prefixes.iter().find_map(|p| name.strip_prefix(p)) {
             let slot = rest.split_once('.').and_then(|(m, role)| {
                 let pieces = kohya.entry(m.to_string()).or_default();
                 match role {
@@ -123,9 +147,9 @@ pub(super) fn parse_file(file: WeightFile, component: &str) -> Result<FileLora> 
             }
             formats.insert(format!("{:?}", LoraFormat::Kohya));
         } else {
-            let body = match name.strip_prefix(&prefix) {
+            let body = match name.strip_prefix(prefix) {
                 Some(b) => Some(b),
-                None if !has_text_encoder => Some(name.as_str()),
+                None if bare_ok => Some(name.as_str()),
                 None => None,
             };
             match body.and_then(classify) {
@@ -148,15 +172,31 @@ pub(super) fn parse_file(file: WeightFile, component: &str) -> Result<FileLora> 
     // Drop the empty kohya entries made for unsupported roles.
     kohya.retain(|_, p| p.a.is_some() || p.b.is_some() || p.alpha.is_some());
     if !unsupported.is_empty() {
+        // Known adapter kinds first, each named with its keys; then keys of no known form.
+        let mut kinds: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for k in &unsupported {
+            let kind = unimplemented_kind(k).unwrap_or("");
+            kinds.entry(kind).or_default().push(k.clone());
+        }
+        let parts: Vec<String> = kinds
+            .iter()
+            .map(|(kind, keys)| match *kind {
+                "" => format!(
+                    "{} key(s) are not {component} LoRA tensors of a supported form (PEFT lora_A/lora_B, \
+                     lora.down/lora.up, kohya lora_down/lora_up/alpha; bias terms are not supported): {}",
+                    keys.len(),
+                    preview(keys)
+                ),
+                _ => format!(
+                    "{kind} is not implemented, only plain LoRA (A/B and alpha): {} key(s): {}",
+                    keys.len(),
+                    preview(keys)
+                ),
+            })
+            .collect();
         return Err(Error::BadSafetensors {
             file: path,
-            reason: format!(
-                "{} key(s) are not {component} LoRA tensors of a supported form (PEFT lora_A/lora_B, \
-                 lora.down/lora.up, kohya lora_down/lora_up/alpha; DoRA, LyCORIS and bias terms are not \
-                 supported): {}",
-                unsupported.len(),
-                preview(&unsupported)
-            ),
+            reason: parts.join("; "),
         });
     }
     let config = PeftMetadata::from_file(&file, component)?;
@@ -175,11 +215,12 @@ pub(super) fn parse_file(file: WeightFile, component: &str) -> Result<FileLora> 
         return Err(Error::BadSafetensors {
             file: path,
             reason: format!(
-                "no {component} LoRA tensors (ignored: {} text-encoder key(s))",
+                "no {component} LoRA tensors (ignored: {} key(s) of other components)",
                 ignored.len()
             ),
         });
     }
+    let ldm = component == "unet" && by_kohya.keys().any(|k| LDM_HEADS.iter().any(|h| k.starts_with(h)));
     let format = if !by_kohya.is_empty() {
         LoraFormat::Kohya
     } else if formats.contains("Peft") {
@@ -192,8 +233,26 @@ pub(super) fn parse_file(file: WeightFile, component: &str) -> Result<FileLora> 
         format,
         by_module,
         by_kohya,
+        ldm,
+        text_encoder: component != "unet",
         ignored,
     })
+}
+
+/// The adapter kind a key belongs to when it is a known one that is not implemented (DoRA, the
+/// LyCORIS families, full-weight differences), for a refusal that says what the file is.
+fn unimplemented_kind(key: &str) -> Option<&'static str> {
+    if key.ends_with(".dora_scale") || key.contains(".lora_magnitude_vector") {
+        return Some("DoRA (dora_scale / lora_magnitude_vector)");
+    }
+    // LyCORIS keys are kohya-style: the module name, one dot, the role.
+    match key.split_once('.')?.1 {
+        r if r.starts_with("hada_") => Some("LyCORIS LoHa (hada_*)"),
+        r if r.starts_with("lokr_") => Some("LyCORIS LoKr (lokr_*)"),
+        "lora_mid.weight" => Some("LyCORIS Tucker decomposition (lora_mid)"),
+        "diff" | "diff_b" => Some("a full weight difference (diff / diff_b)"),
+        _ => None,
+    }
 }
 
 /// Checks a module's pieces (A and B present, equal ranks) and computes its scale: `configured`

@@ -5,13 +5,13 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{LoraAdapter, METADATA_KEY};
+use super::{LdmNames, LoraAdapter, METADATA_KEY};
 use crate::weights::store::save_safetensors;
-use crate::Result;
+use crate::{Error, Result};
 
-/// Segment names of diffusers' UNet module paths that contain underscores, longest first, for
-/// turning kohya names back into paths.
-const UNET_SEGMENTS: [&str; 26] = [
+/// Segment names of diffusers' UNet and transformers' CLIP module paths that contain
+/// underscores, for turning kohya names back into paths.
+const SEGMENTS: [&str; 36] = [
     "conv_norm_out",
     "time_emb_proj",
     "conv_shortcut",
@@ -38,6 +38,17 @@ const UNET_SEGMENTS: [&str; 26] = [
     "add_time_proj",
     "to_add_out",
     "norm_cross",
+    // CLIP text models (kohya `lora_te*_` names).
+    "text_model",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "final_layer_norm",
+    "layer_norm1",
+    "layer_norm2",
+    "text_projection",
 ];
 
 /// A kohya module name (`down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0`) as a
@@ -52,7 +63,7 @@ pub fn kohya_to_module(name: &str) -> String {
             .rev()
             .filter(|n| i + n <= tokens.len())
             .map(|n| (n, tokens[i..i + n].join("_")))
-            .find(|(_, s)| UNET_SEGMENTS.contains(&s.as_str()));
+            .find(|(_, s)| SEGMENTS.contains(&s.as_str()));
         match joined {
             Some((n, s)) => {
                 segments.push(s);
@@ -98,20 +109,27 @@ fn json_number(x: f64) -> serde_json::Value {
     }
 }
 
-/// Writes `adapters` (module path, adapter) as a diffusers/PEFT LoRA file that diffusers'
-/// `load_lora_weights` reads: `unet.<module>.lora_A.weight` / `.lora_B.weight` (f32) and the
-/// metadata entry `lora_adapter_metadata`, the PEFT `LoraConfig` as JSON with `unet.`-prefixed
-/// keys (sorted, as diffusers writes it) with `r = rank`, `lora_alpha = alpha`; modules whose
-/// rank or `scale * rank` differ go into `rank_pattern` / `alpha_pattern` under their full path.
-/// `target_modules` empty writes the modules' full paths. Written via a temporary file and rename.
-pub fn save_peft(
-    path: &Path,
+/// One component's adapters, for the files that hold several ([`save_peft_parts`],
+/// [`save_kohya_parts`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LoraPart<'a> {
+    /// `unet`, `text_encoder` or `text_encoder_2`.
+    pub component: &'a str,
+    /// (module path, adapter).
+    pub adapters: &'a [(String, LoraAdapter)],
+    /// The UNet's LDM names for kohya output (an SDXL UNet), `None` for module paths.
+    pub ldm: Option<&'a LdmNames>,
+}
+
+/// Adds `adapters` of `component` to a PEFT file's `tensors` and `config` (see [`save_peft`]).
+fn add_peft(
+    tensors: &mut HashMap<String, Tensor>,
+    config: &mut BTreeMap<String, serde_json::Value>,
+    component: &str,
     adapters: &[(String, LoraAdapter)],
-    rank: usize,
-    alpha: f64,
+    (rank, alpha): (usize, f64),
     target_modules: &[String],
 ) -> Result<()> {
-    let mut tensors = HashMap::new();
     let mut rank_pattern = serde_json::Map::new();
     let mut alpha_pattern = serde_json::Map::new();
     for (module, ad) in adapters {
@@ -123,15 +141,21 @@ pub fn save_peft(
         if (module_alpha - alpha).abs() > 1e-6 * alpha.abs().max(1.0) {
             alpha_pattern.insert(module.clone(), json_number(module_alpha));
         }
-        tensors.insert(format!("unet.{module}.lora_A.weight"), ad.a.to_dtype(DType::F32)?);
-        tensors.insert(format!("unet.{module}.lora_B.weight"), ad.b.to_dtype(DType::F32)?);
+        tensors.insert(
+            format!("{component}.{module}.lora_A.weight"),
+            ad.a.to_dtype(DType::F32)?,
+        );
+        tensors.insert(
+            format!("{component}.{module}.lora_B.weight"),
+            ad.b.to_dtype(DType::F32)?,
+        );
     }
     let targets: Vec<String> = if target_modules.is_empty() {
         adapters.iter().map(|(m, _)| m.clone()).collect()
     } else {
         target_modules.to_vec()
     };
-    let config: BTreeMap<String, serde_json::Value> = [
+    let entries: [(&str, serde_json::Value); 13] = [
         ("r", rank.into()),
         ("lora_alpha", json_number(alpha)),
         ("target_modules", targets.into()),
@@ -145,32 +169,115 @@ pub fn save_peft(
         ("fan_in_fan_out", false.into()),
         ("init_lora_weights", "gaussian".into()),
         ("peft_type", "LORA".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("unet.{k}"), v))
-    .collect();
-    let json = serde_json::to_string_pretty(&config).expect("a JSON map serialises");
+    ];
+    config.extend(entries.into_iter().map(|(k, v)| (format!("{component}.{k}"), v)));
+    Ok(())
+}
+
+fn write_peft(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    config: &BTreeMap<String, serde_json::Value>,
+) -> Result<()> {
+    let json = serde_json::to_string_pretty(config).expect("a JSON map serialises");
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         (METADATA_KEY.to_string(), json),
     ]);
-    save_safetensors(path, &tensors, Some(metadata))
+    save_safetensors(path, tensors, Some(metadata))
+}
+
+/// Writes `adapters` (module path, adapter) as a diffusers/PEFT LoRA file that diffusers'
+/// `load_lora_weights` reads: `unet.<module>.lora_A.weight` / `.lora_B.weight` (f32) and the
+/// metadata entry `lora_adapter_metadata`, the PEFT `LoraConfig` as JSON with `unet.`-prefixed
+/// keys (sorted, as diffusers writes it) with `r = rank`, `lora_alpha = alpha`; modules whose
+/// rank or `scale * rank` differ go into `rank_pattern` / `alpha_pattern` under their full path.
+/// `target_modules` empty writes the modules' full paths. Written via a temporary file and rename.
+pub fn save_peft(
+    path: &Path,
+    adapters: &[(String, LoraAdapter)],
+    rank: usize,
+    alpha: f64,
+    target_modules: &[String],
+) -> Result<()> {
+    let (mut tensors, mut config) = (HashMap::new(), BTreeMap::new());
+    add_peft(
+        &mut tensors,
+        &mut config,
+        "unet",
+        adapters,
+        (rank, alpha),
+        target_modules,
+    )?;
+    write_peft(path, &tensors, &config)
+}
+
+/// [`save_peft`] for several components, each under its own prefix (`unet.`, `text_encoder.`,
+/// `text_encoder_2.`, as diffusers' `save_lora_weights` writes them), with its most common rank
+/// and alpha ([`dominant_rank_alpha`]) and its modules' paths as `target_modules`.
+pub fn save_peft_parts(path: &Path, parts: &[LoraPart]) -> Result<()> {
+    let (mut tensors, mut config) = (HashMap::new(), BTreeMap::new());
+    for part in parts {
+        if let Some(ra) = dominant_rank_alpha(part.adapters) {
+            add_peft(&mut tensors, &mut config, part.component, part.adapters, ra, &[])?;
+        }
+    }
+    write_peft(path, &tensors, &config)
 }
 
 /// Writes `adapters` (module path, adapter) in kohya form, as A1111 and ComfyUI read it:
 /// `lora_unet_<module_underscored>.lora_down.weight` (A), `.lora_up.weight` (B), both f32, and
-/// `.alpha` (`scale * rank`, an f32 scalar). Written via a temporary file and rename.
-pub fn save_kohya(path: &Path, adapters: &[(String, LoraAdapter)]) -> Result<()> {
+/// `.alpha` (`scale * rank`, an f32 scalar). With `ldm` (an SDXL UNet's map, see
+/// [`super::LdmNames`]) modules are named by LDM path, as sd-scripts does for SDXL; a module
+/// outside the map is an error naming it. Written via a temporary file and rename.
+pub fn save_kohya(path: &Path, adapters: &[(String, LoraAdapter)], ldm: Option<&LdmNames>) -> Result<()> {
+    save_kohya_parts(
+        path,
+        &[LoraPart {
+            component: "unet",
+            adapters,
+            ldm,
+        }],
+    )
+}
+
+/// [`save_kohya`] for several components: `lora_unet_`, and for the text encoders sd-scripts'
+/// prefixes, `lora_te_` for SD 1.x/2.x's one encoder, `lora_te1_` and `lora_te2_` when the
+/// parts include a second one (SDXL), with CLIP module paths under `text_model_`.
+pub fn save_kohya_parts(path: &Path, parts: &[LoraPart]) -> Result<()> {
+    let two_encoders = parts.iter().any(|p| p.component == "text_encoder_2");
     let mut tensors = HashMap::new();
-    for (module, ad) in adapters {
-        let name = format!("lora_unet_{}", module_to_kohya(module));
-        let alpha = ad.scale * ad.rank() as f64;
-        tensors.insert(format!("{name}.lora_down.weight"), ad.a.to_dtype(DType::F32)?);
-        tensors.insert(format!("{name}.lora_up.weight"), ad.b.to_dtype(DType::F32)?);
-        tensors.insert(format!("{name}.alpha"), Tensor::new(alpha as f32, &Device::Cpu)?);
+    for part in parts {
+        let prefix = match part.component {
+            "unet" => "lora_unet_",
+            "text_encoder" if two_encoders => "lora_te1_",
+            "text_encoder" => "lora_te_",
+            _ => "lora_te2_",
+        };
+        for (module, ad) in part.adapters {
+            let kohya = match part.ldm {
+                None if part.component == "unet" => module_to_kohya(module),
+                None => module_to_kohya(&format!(
+                    "text_model.{}",
+                    module.strip_prefix("text_model.").unwrap_or(module)
+                )),
+                Some(names) => names.to_kohya(module).ok_or_else(|| {
+                    Error::input(
+                        path.display().to_string(),
+                        format!("{module}: no LDM (SDXL kohya) name for this module"),
+                    )
+                })?,
+            };
+            let name = format!("{prefix}{kohya}");
+            let alpha = ad.scale * ad.rank() as f64;
+            tensors.insert(format!("{name}.lora_down.weight"), ad.a.to_dtype(DType::F32)?);
+            tensors.insert(format!("{name}.lora_up.weight"), ad.b.to_dtype(DType::F32)?);
+            tensors.insert(format!("{name}.alpha"), Tensor::new(alpha as f32, &Device::Cpu)?);
+        }
     }
-    let dim = most_common(adapters.iter().map(|(_, a)| a.rank() as u64)).unwrap_or(0);
-    let alpha = most_common(adapters.iter().map(|(_, a)| (a.scale * a.rank() as f64).to_bits())).map(f64::from_bits);
+    let all = || parts.iter().flat_map(|p| p.adapters.iter());
+    let dim = most_common(all().map(|(_, a)| a.rank() as u64)).unwrap_or(0);
+    let alpha = most_common(all().map(|(_, a)| (a.scale * a.rank() as f64).to_bits())).map(f64::from_bits);
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("ss_network_module".to_string(), "networks.lora".to_string()),
