@@ -153,7 +153,7 @@ fn lora_pt_reads_as_its_safetensors() {
     let adapters = |path: &Path| {
         LoraSource::from_file(path, "unet", false)
             .unwrap()
-            .file_adapters(&Device::Cpu)
+            .file_adapters(None, &Device::Cpu)
             .unwrap()
     };
     let got = adapters(&fixture("kohya.pt"));
