@@ -96,6 +96,11 @@ impl Conv2d {
             Some(cropped) => (cropped.to_dtype(gemm)?, 0),
             None => (xs.to_dtype(gemm)?, self.cfg.padding),
         };
+        if let (None, Some(b), 1) = (self.lora(), &self.bias, self.cfg.groups) {
+            if gemm == xs.dtype() {
+                return Ok(crate::ops::conv2d::conv2d_biased(&input, &weight, b, self.cfg.stride, padding)?);
+            }
+        }
         let ys = if self.cfg.groups == 1 {
             crate::ops::conv2d::conv2d(&input, &weight, self.cfg.stride, padding)?
         } else {

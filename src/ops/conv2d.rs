@@ -38,6 +38,30 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
         .apply_op2(&w.contiguous()?, Fused(Conv2dOp { stride, padding }))
 }
 
+/// `x * w + b` (`b` `[C_out]`, per output channel): on the CPU one fused op that writes the
+/// bias into the product's output, so the graph keeps one output-sized tensor instead of the
+/// product and its sum with the bias; elsewhere [`conv2d`] and a broadcast add.
+pub fn conv2d_biased(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let fits = || -> Result<bool> {
+        let ((_, c_in, h, wd), (c_out, wc, kh, kw)) = (x.dims4()?, w.dims4()?);
+        Ok(wc == c_in && h + 2 * padding >= kh && wd + 2 * padding >= kw && b.dims() == [c_out])
+    };
+    if stride == 0
+        || !x.device().is_cpu()
+        || !kernel_takes(x, w, 1)
+        || b.dtype() != x.dtype()
+        || !fits()?
+    {
+        let ys = conv2d(x, w, stride, padding)?;
+        return ys.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        Fused(Conv2dBiasOp(Conv2dOp { stride, padding })),
+    )
+}
+
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Geometry {
@@ -316,8 +340,24 @@ impl ConvKernel for Conv2dOp {
     }
 
     fn run<T: Real>(&self, g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
+        self.run_biased(g, x, w, None)
+    }
+
+    fn grads(&self, [x, w]: [&Tensor; 2], grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
+        self.input_and_weight_grads([x, w], grad)
+    }
+}
+
+impl Conv2dOp {
+    /// The product, each output channel starting from its `bias` (zero without one).
+    fn run_biased<T: Real>(&self, g: &Geometry, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
         let (k, l) = (g.k(), g.l());
         let mut out = vec![T::zero(); g.b * g.c_out * l];
+        if let Some(bias) = bias {
+            for (row, &bv) in out.chunks_mut(l).zip(bias.iter().cycle()) {
+                row.fill(bv);
+            }
+        }
         let mut col = Vec::new();
         for (xb, ob) in x.chunks(g.c_in * g.h * g.w).zip(out.chunks_mut(g.c_out * l)) {
             g.for_each_unfolded(xb, &mut col, |band, cols, lc| {
@@ -329,7 +369,7 @@ impl ConvKernel for Conv2dOp {
                     rhs,
                     (g.c_out, lc, k),
                     T::one(),
-                    false,
+                    bias.is_some(),
                     true,
                 );
             });
@@ -337,7 +377,8 @@ impl ConvKernel for Conv2dOp {
         out
     }
 
-    fn grads(&self, [x, w]: [&Tensor; 2], grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
+    /// The gradients of the input and the weight, each only where the graph needs it.
+    fn input_and_weight_grads(&self, [x, w]: [&Tensor; 2], grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
         let grad = grad.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
@@ -374,6 +415,49 @@ impl ConvKernel for Conv2dOp {
             })
             .transpose()?;
         Ok([dx, dw])
+    }
+}
+
+/// [`Conv2dOp`] with the bias as a third input, written into the output (CPU, and wgpu with the
+/// bias added on the host; the CUDA kernels are not given it, see [`conv2d_biased`]).
+struct Conv2dBiasOp(Conv2dOp);
+
+impl Kernel<3> for Conv2dBiasOp {
+    const NAME: &'static str = "conv2d-bias";
+
+    type Call = Geometry;
+
+    fn call(&self, [xl, wl, bl]: [&Layout; 3]) -> Result<(Geometry, Shape)> {
+        let (g, shape) = self.0.geometry(xl, wl)?;
+        if bl.dims() != [g.c_out] {
+            candle_core::bail!("{}: bias {:?} for {} output channels", Self::NAME, bl.dims(), g.c_out)
+        }
+        Ok((g, shape))
+    }
+
+    fn cpu<T: Real>(&self, g: &Geometry, [x, w, b]: [&[T]; 3]) -> Result<Vec<T>> {
+        Ok(self.0.run_biased(g, x, w, Some(b)))
+    }
+
+    #[cfg(feature = "wgpu")]
+    fn wgpu(&self, g: &Geometry, [x, w, b]: [&[f32]; 3]) -> crate::Result<CpuStorage> {
+        let product = super::wgpu::conv2d::run(Self::NAME, g, Product::Forward, x, w)?;
+        let mut out = product.as_slice::<f32>()?.to_vec();
+        for (row, &bv) in out.chunks_mut(g.l()).zip(b.iter().cycle()) {
+            row.iter_mut().for_each(|v| *v += bv);
+        }
+        Ok(CpuStorage::F32(out))
+    }
+
+    #[cfg(feature = "cuda-emu")]
+    fn cuda_emu(&self, _g: &Geometry, _inputs: [&[f32]; 3]) -> crate::Result<Option<CpuStorage>> {
+        Ok(None)
+    }
+
+    fn backward(&self, [x, w, b]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
+        let [dx, dw] = self.0.input_and_weight_grads([x, w], grad)?;
+        let db = b.track_op().then(|| grad.sum((0, 2, 3))).transpose()?;
+        Ok([dx, dw, db])
     }
 }
 

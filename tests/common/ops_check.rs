@@ -136,6 +136,16 @@ pub fn check_conv2d_cases(seed: u64, cases: &[ConvCase]) {
             |x| ops::conv2d::conv2d(&x[0], &x[1], s, p).unwrap(),
             |x| conv2d_reference_covered(&x[0], &x[1], s, p),
         );
+        let inputs = [inputs[0].clone(), inputs[1].clone(), randn(&mut rng, &[co])];
+        check(
+            &format!("{what} with bias"),
+            &inputs,
+            |x| ops::conv2d::conv2d_biased(&x[0], &x[1], &x[2], s, p).unwrap(),
+            |x| {
+                let bias = x[2].reshape((1, co, 1, 1)).unwrap();
+                conv2d_reference_covered(&x[0], &x[1], s, p).broadcast_add(&bias).unwrap()
+            },
+        );
     }
 }
 
