@@ -78,6 +78,47 @@ fn attention_matches_reference() {
     );
 }
 
+/// GEGLU as one op against `a * gelu_erf(b)` composed: forward and the input's gradient, on
+/// small, odd and thread-pool-sized inputs.
+#[test]
+fn geglu_matches_reference() {
+    let mut rng = Rng::new(24);
+    for shape in [&[3, 8][..], &[2, 5, 14], &[1, 1, 2], &[2, 256, 640]] {
+        let inputs = [randn(&mut rng, shape)];
+        ops_check::check(
+            &format!("geglu {shape:?}"),
+            &inputs,
+            |x| ops::geglu::geglu(&x[0]).unwrap(),
+            |x| ops::geglu::reference(&x[0]).unwrap(),
+        );
+    }
+    let odd = randn(&mut rng, &[2, 3]);
+    let err = ops::geglu::geglu(&odd).unwrap_err().to_string();
+    assert!(err.contains("does not split"), "{err}");
+}
+
+/// Heads side by side in the projections' rows, as the UNet's and CLIP's attention pass them:
+/// the kernels read each head's columns in place.
+#[test]
+fn attention_heads_matches_reference() {
+    let mut cases: Vec<_> = [
+        ((2, 3), 10, 10, 8, 8),
+        ((2, 4), 16, 7, 8, 8),
+        ((1, 1), 5, 9, 4, 6),
+        ((3, 2), 1, 3, 5, 7),
+        ((2, 4), 96, 96, 8, 8),
+    ]
+    .into_iter()
+    .map(|(bh, lq, lk, d, dv)| (bh, lq, lk, d, dv, None))
+    .collect();
+    cases.extend(
+        ops_check::MASKED_ATTENTION_CASES
+            .iter()
+            .map(|&(bh, lq, lk, d, dv, kind)| (bh, lq, lk, d, dv, Some(kind))),
+    );
+    ops_check::check_attention_heads_cases(23, &cases);
+}
+
 #[test]
 fn masked_attention_matches_reference() {
     ops_check::check_masked_attention_cases(7, ops_check::MASKED_ATTENTION_CASES);

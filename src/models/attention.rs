@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use crate::nn::{scaled_dot_product_attention, Linear};
+use crate::nn::{attention_heads, Linear};
 use crate::weights::VarBuilder;
 use crate::Result;
 
@@ -42,21 +42,13 @@ impl Attention {
         })
     }
 
-    /// `[B, L, inner]` to `[B, heads, L, dim_head]`.
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, l, inner) = xs.dims3()?;
-        Ok(xs.reshape((b, l, self.heads, inner / self.heads))?.transpose(1, 2)?)
-    }
-
     /// Attends `xs` `[B, Lq, query_dim]` to `context` `[B, Lk, cross_dim]` (to itself when `None`).
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, None)?;
-        let (b, h, l, d) = out.dims4()?;
-        let out = out.transpose(1, 2)?.reshape((b, l, h * d))?;
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let out = attention_heads(&q, &k, &v, self.heads, self.scale, None)?;
         self.to_out.forward(&out)
     }
 }

@@ -98,7 +98,13 @@ impl Conv2d {
         };
         if let (None, Some(b), 1) = (self.lora(), &self.bias, self.cfg.groups) {
             if gemm == xs.dtype() {
-                return Ok(crate::ops::conv2d::conv2d_biased(&input, &weight, b, self.cfg.stride, padding)?);
+                return Ok(crate::ops::conv2d::conv2d_biased(
+                    &input,
+                    &weight,
+                    b,
+                    self.cfg.stride,
+                    padding,
+                )?);
             }
         }
         let ys = if self.cfg.groups == 1 {

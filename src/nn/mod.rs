@@ -10,6 +10,7 @@ pub mod lora;
 pub mod norm;
 
 pub use crate::ops::attention::attention as scaled_dot_product_attention;
+pub use crate::ops::attention::attention_heads;
 pub use crate::ops::softmax::softmax;
 pub use activation::Activation;
 pub use conv::Conv2d;

@@ -13,6 +13,7 @@
 //! the fused kernels as in the reference (`0 / 0` in the softmax), and the NaN spreads through
 //! the backward pass the same way: that row of dq, and dk and dv of its whole slice.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 #[cfg(any(feature = "wgpu", feature = "cuda-emu"))]
@@ -95,11 +96,58 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     let op = Attention::<false> {
         scale,
         mask: kernel_mask,
+        heads: 1,
     };
     let out = q3.apply_op3(&k3, &v3, Fused(op))?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank checked") = dv;
     out.reshape(out_dims)
+}
+
+/// Attention over `heads` heads kept side by side in the last dim: `q` `[B, Lq, heads * D]`,
+/// `k` `[B, Lk, heads * D]`, `v` `[B, Lk, heads * Dv]` to `[B, Lq, heads * Dv]`, as the
+/// projections give them and the output projection takes them. On the CPU kernels this reads
+/// each head's columns in place, so the graph keeps no head-split copies of q, k, v and the
+/// output; elsewhere it splits the heads and runs [`attention`]. The mask broadcasts to
+/// `[B, heads, Lq, Lk]`.
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, l, w) = t.dims3()?;
+        if heads == 0 || w % heads != 0 {
+            candle_core::bail!("attention: {w} channels do not split into {heads} heads")
+        }
+        t.reshape((b, l, heads, w / heads))?.transpose(1, 2)
+    };
+    let (q4, k4, v4) = (split(q)?, split(k)?, split(v)?);
+    let (b, lq, lk) = (q.dim(0)?, q.dim(1)?, k.dim(1)?);
+    let in_place = q.device().is_cpu()
+        && super::backend() == super::Backend::Cpu
+        && super::use_kernel(super::KernelOp::Attention, &[q, k, v])
+        && k.dim(0)? == b
+        && v.dims()[..2] == [b, lk]
+        && q4.dim(3)? == k4.dim(3)?;
+    let kernel_mask = match mask {
+        Some(m) if in_place => Mask::new(m, &[b, heads], lq, lk, kernel_dtype(q))?,
+        _ => None,
+    };
+    if !in_place || (mask.is_some() && kernel_mask.is_none()) {
+        let out = attention(&q4, &k4, &v4, scale, mask)?;
+        let (b, h, l, d) = out.dims4()?;
+        return out.transpose(1, 2)?.reshape((b, l, h * d));
+    }
+    let op = Attention::<false> {
+        scale,
+        mask: kernel_mask,
+        heads,
+    };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Fused(op))
 }
 
 /// The dtype the kernels compute `q`'s attention in: f32 for half types on the CPU (see
@@ -279,7 +327,9 @@ fn emulator_mask<'m>(
     mask.zip(view).map(|(m, v)| m.input(op, v.values)).transpose()
 }
 
-/// Sizes of one call: `n` slices of `lq` queries and `lk` keys, widths `d` and `dv`.
+/// Sizes of one call: `n` slices of `lq` queries and `lk` keys, widths `d` and `dv`, the
+/// tensors holding `heads` heads side by side in their rows (`[n / heads, l, heads * width]`;
+/// one head is the packed `[n, l, width]`).
 #[derive(Debug, Clone, Copy)]
 struct Dims {
     n: usize,
@@ -287,6 +337,7 @@ struct Dims {
     lk: usize,
     d: usize,
     dv: usize,
+    heads: usize,
 }
 
 impl Dims {
@@ -295,8 +346,8 @@ impl Dims {
         self.n > 1 && self.n * self.lq * self.lk >= PAR_MIN_ELEMENTS
     }
 
-    fn new(op: &str, q: &Layout, k: &Layout, v: &Layout) -> Result<Self> {
-        let (&[n, lq, d], &[nk, lk, dk], &[nv, lv, dv]) = (q.dims(), k.dims(), v.dims()) else {
+    fn new(op: &str, heads: usize, q: &Layout, k: &Layout, v: &Layout) -> Result<Self> {
+        let (&[n, lq, wq], &[nk, lk, wk], &[nv, lv, wv]) = (q.dims(), k.dims(), v.dims()) else {
             candle_core::bail!(
                 "{op}: expected 3-D q, k, v, got {:?}, {:?}, {:?}",
                 q.dims(),
@@ -304,27 +355,93 @@ impl Dims {
                 v.dims()
             )
         };
-        if nk != n || nv != n || dk != d || lv != lk {
-            candle_core::bail!("{op}: mismatched q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
-        }
-        Ok(Dims { n, lq, lk, d, dv })
-    }
-
-    /// The sizes of a backward call from its packed inputs `q`, `[k | v]` and `[dO | delta]`.
-    fn packed(op: &str, q: &Layout, kv: &Layout, go: &Layout) -> Result<Self> {
-        let (&[n, lq, d], &[_, lk, dkv], &[_, _, dg]) = (q.dims(), kv.dims(), go.dims()) else {
-            candle_core::bail!("{op}: expected 3-D inputs");
-        };
-        if dkv < d || dg != dkv - d + 1 {
-            candle_core::bail!("{op}: mismatched packed inputs {:?}, {:?}", kv.dims(), go.dims());
+        if nk != n || nv != n || wk != wq || lv != lk || heads == 0 || wq % heads != 0 || wv % heads != 0 {
+            candle_core::bail!(
+                "{op}: mismatched q {:?}, k {:?}, v {:?} for {heads} heads",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
         }
         Ok(Dims {
-            n,
+            n: n * heads,
             lq,
             lk,
-            d,
-            dv: dkv - d,
+            d: wq / heads,
+            dv: wv / heads,
+            heads,
         })
+    }
+
+    /// The sizes of a backward call from its packed inputs `q`, `[k | v]` and `[dO | delta]`
+    /// (each row holding every head's columns of the first part, then every head's of the
+    /// second).
+    fn packed(op: &str, heads: usize, q: &Layout, kv: &Layout, go: &Layout) -> Result<Self> {
+        let (&[n, lq, wq], &[_, lk, wkv], &[_, _, wg]) = (q.dims(), kv.dims(), go.dims()) else {
+            candle_core::bail!("{op}: expected 3-D inputs");
+        };
+        let fits = heads > 0 && wq % heads == 0 && wkv % heads == 0 && wkv >= wq;
+        if !fits || wg != wkv - wq + heads {
+            candle_core::bail!(
+                "{op}: mismatched packed inputs {:?}, {:?} for {heads} heads",
+                kv.dims(),
+                go.dims()
+            );
+        }
+        Ok(Dims {
+            n: n * heads,
+            lq,
+            lk,
+            d: wq / heads,
+            dv: (wkv - wq) / heads,
+            heads,
+        })
+    }
+
+    /// Slice `i`'s `rows` rows of the given parts of a tensor with rows of `row_len`, each part
+    /// `(offset, width)` holding every head's `width` columns from `offset`: packed, one head's
+    /// parts after another. Borrowed where the slice is already one contiguous block.
+    fn gather<'a, T: Copy>(
+        &self,
+        src: &'a [T],
+        i: usize,
+        (rows, row_len): (usize, usize),
+        parts: &[(usize, usize)],
+    ) -> Cow<'a, [T]> {
+        let (b, h) = (i / self.heads, i % self.heads);
+        let block = &src[b * rows * row_len..(b + 1) * rows * row_len];
+        if self.heads == 1 && parts.iter().map(|&(_, w)| w).sum::<usize>() == row_len {
+            return Cow::Borrowed(block);
+        }
+        let mut out = Vec::with_capacity(rows * row_len / self.heads);
+        for row in block.chunks(row_len) {
+            for &(offset, w) in parts {
+                out.extend_from_slice(&row[offset + h * w..offset + (h + 1) * w]);
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// Appends to `out` the tensor of per-slice blocks `[rows, width]` (at `offset` in each of
+    /// `per_slice`'s chunks of `stride`) in this call's layout, `[n / heads, rows, heads * width]`.
+    fn scatter<T: Real>(
+        &self,
+        per_slice: &[T],
+        stride: usize,
+        (offset, rows, width): (usize, usize, usize),
+        out: &mut Vec<T>,
+    ) {
+        let start = out.len();
+        out.resize(start + self.n * rows * width, T::zero());
+        let dst = &mut out[start..];
+        let row_len = self.heads * width;
+        for (i, slice) in per_slice.chunks(stride).enumerate() {
+            let (b, h) = (i / self.heads, i % self.heads);
+            for (r, src) in slice[offset..offset + rows * width].chunks(width.max(1)).enumerate() {
+                let at = (b * rows + r) * row_len + h * width;
+                dst[at..at + width].copy_from_slice(src);
+            }
+        }
     }
 
     /// Elements of the backward output `[dq | dk | dv]`.
@@ -335,7 +452,7 @@ impl Dims {
     /// The sizes as the GPU kernels take them.
     #[cfg(any(feature = "wgpu", feature = "cuda", feature = "cuda-emu"))]
     fn sizes(&self, scale: f64) -> Sizes {
-        let Dims { n, lq, lk, d, dv } = *self;
+        let Dims { n, lq, lk, d, dv, .. } = *self;
         Sizes {
             n,
             lq,
@@ -405,6 +522,8 @@ fn probabilities<T: Real>(
 struct Attention<const GRAD: bool> {
     scale: f64,
     mask: Option<Mask>,
+    /// Heads side by side in the tensors' rows (1: packed slices), see [`attention_heads`].
+    heads: usize,
 }
 
 impl<const GRAD: bool> Attention<GRAD> {
@@ -417,32 +536,47 @@ impl<const GRAD: bool> Attention<GRAD> {
         let inner = !dims.parallel();
         for_each_chunk(&mut out, lq * dv, dims.parallel(), |i, o| {
             let mut p = vec![T::zero(); lq * lk];
+            let h = dims.heads;
+            let qi = dims.gather(q, i, (lq, h * d), &[(0, d)]);
+            let ki = dims.gather(k, i, (lk, h * d), &[(0, d)]);
             probabilities(
                 dims,
-                (&q[i * lq * d..(i + 1) * lq * d], &k[i * lk * d..(i + 1) * lk * d]),
+                (&qi, &ki),
                 mask.map(|m| m.slice(i, lq * lk)),
                 scale,
                 &mut p,
                 inner,
             );
-            let vi = &v[i * lk * dv..(i + 1) * lk * dv];
+            let vi = dims.gather(v, i, (lk, h * dv), &[(0, dv)]);
             matmul(
                 o,
                 dv,
                 Mat::rows(&p, lk),
-                Mat::rows(vi, dv),
+                Mat::rows(&vi, dv),
                 (lq, dv, lk),
                 T::one(),
                 false,
                 inner,
             );
         });
-        out
+        if dims.heads == 1 {
+            return out;
+        }
+        let mut placed = Vec::new();
+        dims.scatter(&out, lq * dv, (0, lq, dv), &mut placed);
+        placed
     }
 
     /// `[dq | dk | dv]`, each over all slices.
     fn cpu_backward<T: Real>(&self, dims: &Dims, (q, kv, go): (&[T], &[T], &[T]), mask: Option<MaskView<T>>) -> Vec<T> {
-        let Dims { n, lq, lk, d, dv } = *dims;
+        let Dims {
+            n,
+            lq,
+            lk,
+            d,
+            dv,
+            heads,
+        } = *dims;
         let scale = T::from_f64(self.scale);
         // Per slice `[dq_i | dk_i | dv_i]`, regrouped by tensor at the end.
         let (sq, sk, sv) = (lq * d, lk * d, lk * dv);
@@ -451,21 +585,24 @@ impl<const GRAD: bool> Attention<GRAD> {
         for_each_chunk(&mut per_slice, sq + sk + sv, dims.parallel(), |i, out| {
             let (dqi, rest) = out.split_at_mut(sq);
             let (dki, dvi) = rest.split_at_mut(sk);
-            let qi = &q[i * sq..(i + 1) * sq];
-            let kvi = &kv[i * lk * (d + dv)..(i + 1) * lk * (d + dv)];
-            let (mut ki, mut vi) = (Vec::with_capacity(sk), Vec::with_capacity(sv));
-            for row in kvi.chunks(d + dv) {
-                ki.extend_from_slice(&row[..d]);
-                vi.extend_from_slice(&row[d..]);
-            }
-            let goi = &go[i * lq * (dv + 1)..(i + 1) * lq * (dv + 1)];
+            let qi = dims.gather(q, i, (lq, heads * d), &[(0, d)]);
+            let ki = dims.gather(kv, i, (lk, heads * (d + dv)), &[(0, d)]);
+            let vi = dims.gather(kv, i, (lk, heads * (d + dv)), &[(heads * d, dv)]);
+            let goi = dims.gather(go, i, (lq, heads * (dv + 1)), &[(0, dv), (heads * dv, 1)]);
             let g = Mat {
-                data: goi,
+                data: &goi,
                 rs: dv + 1,
                 cs: 1,
             };
             let (mut p, mut dp) = (vec![T::zero(); lq * lk], vec![T::zero(); lq * lk]);
-            probabilities(dims, (qi, &ki), mask.map(|m| m.slice(i, lq * lk)), scale, &mut p, inner);
+            probabilities(
+                dims,
+                (&qi, &ki),
+                mask.map(|m| m.slice(i, lq * lk)),
+                scale,
+                &mut p,
+                inner,
+            );
             // dV = P^T dO; dP = dO V^T; dS = P * (dP - delta).
             matmul(dvi, dv, Mat::rows_t(&p, lk), g, (lk, dv, lq), T::one(), false, inner);
             matmul(
@@ -499,7 +636,7 @@ impl<const GRAD: bool> Attention<GRAD> {
                 dki,
                 d,
                 Mat::rows_t(&dp, lk),
-                Mat::rows(qi, d),
+                Mat::rows(&qi, d),
                 (lk, d, lq),
                 scale,
                 false,
@@ -507,10 +644,8 @@ impl<const GRAD: bool> Attention<GRAD> {
             );
         });
         let mut out = Vec::with_capacity(per_slice.len());
-        for (offset, size) in [(0, sq), (sq, sk), (sq + sk, sv)] {
-            for slice in per_slice.chunks(sq + sk + sv) {
-                out.extend_from_slice(&slice[offset..offset + size]);
-            }
+        for part in [(0, lq, d), (sq, lk, d), (sq + sk, lk, dv)] {
+            dims.scatter(&per_slice, sq + sk + sv, part, &mut out);
         }
         out
     }
@@ -540,11 +675,12 @@ impl<const GRAD: bool> Kernel<3> for Attention<GRAD> {
 
     fn call(&self, [l1, l2, l3]: [&Layout; 3]) -> Result<(Dims, Shape)> {
         if GRAD {
-            let dims = Dims::packed(Self::NAME, l1, l2, l3)?;
+            let dims = Dims::packed(Self::NAME, self.heads, l1, l2, l3)?;
             Ok((dims, Shape::from(dims.grad_len())))
         } else {
-            let dims = Dims::new(Self::NAME, l1, l2, l3)?;
-            Ok((dims, Shape::from((dims.n, dims.lq, dims.dv))))
+            let dims = Dims::new(Self::NAME, self.heads, l1, l2, l3)?;
+            let shape = (dims.n / self.heads, dims.lq, dims.dv * self.heads);
+            Ok((dims, Shape::from(shape)))
         }
     }
 
@@ -560,6 +696,11 @@ impl<const GRAD: bool> Kernel<3> for Attention<GRAD> {
 
     #[cfg(feature = "wgpu")]
     fn wgpu(&self, dims: &Dims, inputs: [&[f32]; 3]) -> crate::Result<CpuStorage> {
+        // The shaders take packed slices; side-by-side heads never reach them (see
+        // `attention_heads`), and would run here on the CPU.
+        if self.heads > 1 {
+            return Ok(CpuStorage::F32(self.cpu(dims, inputs)?));
+        }
         with_mask(Self::NAME, dims, self.mask.as_ref(), |mask| {
             let sizes = dims.sizes(self.scale);
             if GRAD {
@@ -572,7 +713,7 @@ impl<const GRAD: bool> Kernel<3> for Attention<GRAD> {
 
     #[cfg(feature = "cuda-emu")]
     fn cuda_emu(&self, dims: &Dims, inputs: [&[f32]; 3]) -> crate::Result<Option<CpuStorage>> {
-        if !cuda_takes(dims.d, dims.dv, self.mask.as_ref()) {
+        if self.heads > 1 || !cuda_takes(dims.d, dims.dv, self.mask.as_ref()) {
             return Ok(None);
         }
         let out = with_mask(Self::NAME, dims, self.mask.as_ref(), |view| {
@@ -584,6 +725,9 @@ impl<const GRAD: bool> Kernel<3> for Attention<GRAD> {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, dims: &Dims, inputs: [super::cuda::device::Input<'_>; 3]) -> Result<CudaStorage> {
+        if self.heads > 1 {
+            candle_core::bail!("{}: the CUDA kernels take packed heads only", Self::NAME)
+        }
         with_cuda_mask(Self::NAME, dims, self.mask.as_ref(), |mask| {
             let job = self
                 .job(inputs[0].0.dtype(), dims, inputs, mask)
@@ -601,12 +745,15 @@ impl<const GRAD: bool> Kernel<3> for Attention<GRAD> {
         // bf16 would cancel badly against dP in the kernel.
         let dt = kernel_dtype(q);
         let grad = grad.contiguous()?.to_dtype(dt)?;
-        let delta = (&grad * res.to_dtype(dt)?)?.sum_keepdim(D::Minus1)?;
+        let (n, l, w) = grad.dims3()?;
+        let per_head = (n, l, self.heads, w / self.heads);
+        let delta = (grad.reshape(per_head)? * res.to_dtype(dt)?.reshape(per_head)?)?.sum(D::Minus1)?;
         let kv = Tensor::cat(&[k, v], D::Minus1)?;
         let go = Tensor::cat(&[&grad, &delta], D::Minus1)?;
         let grad_op = Attention::<true> {
             scale: self.scale,
             mask: self.mask.clone(),
+            heads: self.heads,
         };
         let all = q.apply_op3_no_bwd(&kv, &go, &Fused(grad_op))?;
         let (nq, nk, nv) = (q.elem_count(), k.elem_count(), v.elem_count());

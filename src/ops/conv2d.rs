@@ -46,12 +46,7 @@ pub fn conv2d_biased(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding:
         let ((_, c_in, h, wd), (c_out, wc, kh, kw)) = (x.dims4()?, w.dims4()?);
         Ok(wc == c_in && h + 2 * padding >= kh && wd + 2 * padding >= kw && b.dims() == [c_out])
     };
-    if stride == 0
-        || !x.device().is_cpu()
-        || !kernel_takes(x, w, 1)
-        || b.dtype() != x.dtype()
-        || !fits()?
-    {
+    if stride == 0 || !x.device().is_cpu() || !kernel_takes(x, w, 1) || b.dtype() != x.dtype() || !fits()? {
         let ys = conv2d(x, w, stride, padding)?;
         return ys.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?);
     }

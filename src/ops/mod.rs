@@ -19,6 +19,7 @@
 //!   recomputes the scores in its backward pass instead of keeping the attention matrix.
 //! - [`mse`]: the per-sample mean squared error of the preference losses.
 //! - [`frozen`]: `x W^T` with a frozen weight, whose backward gives the input's gradient only.
+//! - [`geglu`]: `a * gelu(b)` of the feed-forward blocks, keeping no `gelu(b)` for the backward.
 
 pub mod attention;
 pub mod config;
@@ -27,6 +28,7 @@ pub(crate) mod cpu;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
 pub mod frozen;
+pub mod geglu;
 pub mod group_norm;
 mod kernel;
 mod lanes;

@@ -143,7 +143,9 @@ pub fn check_conv2d_cases(seed: u64, cases: &[ConvCase]) {
             |x| ops::conv2d::conv2d_biased(&x[0], &x[1], &x[2], s, p).unwrap(),
             |x| {
                 let bias = x[2].reshape((1, co, 1, 1)).unwrap();
-                conv2d_reference_covered(&x[0], &x[1], s, p).broadcast_add(&bias).unwrap()
+                conv2d_reference_covered(&x[0], &x[1], s, p)
+                    .broadcast_add(&bias)
+                    .unwrap()
             },
         );
     }
@@ -316,6 +318,43 @@ pub fn check_masked_attention_cases(seed: u64, cases: &[MaskedCase]) {
             &inputs,
             |x| ops::attention::attention(&x[0], &x[1], &x[2], scale, Some(&mask)).unwrap(),
             |x| ops::attention::reference(&x[0], &x[1], &x[2], scale, Some(&mask)).unwrap(),
+        );
+    }
+}
+
+/// Checks `attention_heads` (heads side by side in the rows) against the reference on the
+/// head-split tensors, on each case with its mask or none: forward and the three gradients.
+pub fn check_attention_heads_cases(
+    seed: u64,
+    cases: &[((usize, usize), usize, usize, usize, usize, Option<MaskKind>)],
+) {
+    let mut rng = Rng::new(seed);
+    for &((b, h), lq, lk, d, dv, kind) in cases {
+        let inputs = [
+            randn(&mut rng, &[b, lq, h * d]),
+            randn(&mut rng, &[b, lk, h * d]),
+            randn(&mut rng, &[b, lk, h * dv]),
+        ];
+        let mask = kind.map(|kind| attention_mask(&mut rng, kind, (b, h), lq, lk));
+        let scale = 1.0 / (d as f64).sqrt();
+        let split = |t: &Tensor, w: usize| {
+            let (_, l, _) = t.dims3().unwrap();
+            t.reshape((b, l, h, w)).unwrap().transpose(1, 2).unwrap()
+        };
+        check(
+            &format!("attention_heads b {b} heads {h} lq {lq} lk {lk} d {d} dv {dv} mask {kind:?}"),
+            &inputs,
+            |x| ops::attention::attention_heads(&x[0], &x[1], &x[2], h, scale, mask.as_ref()).unwrap(),
+            |x| {
+                let out = ops::attention::reference(
+                    &split(&x[0], d),
+                    &split(&x[1], d),
+                    &split(&x[2], dv),
+                    scale,
+                    mask.as_ref(),
+                );
+                out.unwrap().transpose(1, 2).unwrap().reshape((b, lq, h * dv)).unwrap()
+            },
         );
     }
 }

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 
 use super::config::ClipEncoderConfig;
 use crate::nn::checkpoint::Recompute;
-use crate::nn::{scaled_dot_product_attention, Activation, LayerNorm, Linear};
+use crate::nn::{attention_heads, Activation, LayerNorm, Linear};
 use crate::weights::VarBuilder;
 use crate::{Error, Result};
 
@@ -91,7 +91,7 @@ impl ClipAttention {
 
     /// `xs` `[B, L, D]`, `mask` `[L, L]` additive or none.
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, l, d) = xs.dims3()?;
+        let d = xs.dim(2)?;
         let (q, k, v) = match &self.qkv {
             QkvProjection::Separate { q_proj, k_proj, v_proj } => {
                 (q_proj.forward(xs)?, k_proj.forward(xs)?, v_proj.forward(xs)?)
@@ -104,14 +104,8 @@ impl ClipAttention {
                 (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?)
             }
         };
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
         let scale = (self.head_dim as f64).powf(-0.5);
-        let ys = scaled_dot_product_attention(&heads(q)?, &heads(k)?, &heads(v)?, scale, mask)?;
-        let ys = ys.transpose(1, 2)?.reshape((b, l, d))?;
+        let ys = attention_heads(&q, &k, &v, self.num_heads, scale, mask)?;
         self.out_proj.forward(&ys)
     }
 }

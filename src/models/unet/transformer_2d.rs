@@ -46,9 +46,7 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let chunks = h.chunk(2, candle_core::D::Minus1)?;
-        let gated = (&chunks[0] * chunks[1].gelu_erf()?)?;
+        let gated = crate::ops::geglu::geglu(&self.proj.forward(xs)?)?;
         self.out.forward(&gated)
     }
 }
