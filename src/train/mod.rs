@@ -11,6 +11,7 @@ pub mod loss_scale;
 pub mod records;
 pub mod report;
 pub mod resume;
+pub mod text_lora;
 pub mod trainer;
 
 use candle_core::Tensor;
