@@ -38,21 +38,21 @@ fn pipeline(root: &Path, opts: &LoadOptions) -> StableDiffusionPipeline {
     StableDiffusionPipeline::load(&sources, opts).unwrap()
 }
 
-/// The sd15 pipeline in `dtype` with fresh rank-2 text-encoder adapters whose B are moved off
+/// The pipeline `root` in `dtype` with fresh rank-2 text-encoder adapters whose B are moved off
 /// zero (at B = 0, A gets no gradient).
-fn adapted_sd15(dtype: DType) -> (StableDiffusionPipeline, TextEncoderLora) {
+fn adapted(root: &Path, dtype: DType) -> (StableDiffusionPipeline, TextEncoderLora) {
     let load = LoadOptions {
         dtype,
         ..Default::default()
     };
-    let mut pipe = pipeline(&sd15(), &load);
+    let mut pipe = pipeline(root, &load);
     let cfg = LoraConfig {
         rank: 2,
         alpha: 4.0,
         target_modules: DEFAULT_TEXT_ENCODER_TARGETS.map(String::from).to_vec(),
         init_seed: 3,
     };
-    let te = TextEncoderLora::attach(&mut pipe, &sd15(), &load, &cfg).unwrap();
+    let te = TextEncoderLora::attach(&mut pipe, root, &load, &cfg).unwrap();
     let mut rng = Rng::new(5);
     for (name, var) in te.vars() {
         if name.contains("lora_B") {
@@ -103,7 +103,7 @@ fn dpo_loss(pipe: &StableDiffusionPipeline, te: &TextEncoderLora, batch: &Prefer
 
 #[test]
 fn text_encoder_lora_every_adapter_gets_a_gradient_and_the_reference_sees_the_base() {
-    let (pipe, te) = adapted_sd15(DType::F32);
+    let (pipe, te) = adapted(&sd15(), DType::F32);
     let vars = te.vars();
     // 2 layers x q/k/v/out_proj x (A, B).
     assert_eq!(vars.len(), 16, "{:?}", vars.iter().map(|v| &v.0).collect::<Vec<_>>());
@@ -145,9 +145,25 @@ fn dpo_loss_f64(pipe: &StableDiffusionPipeline, te: &TextEncoderLora, b: &Prefer
     (1.0 + (-inside).exp()).ln()
 }
 
+/// SDXL: both encoders' adapters get gradients, except those of the first encoder's last layer,
+/// whose output SDXL does not use (it takes the penultimate states).
+#[test]
+fn text_encoder_lora_on_sdxl_every_used_adapter_gets_a_gradient() {
+    let (pipe, te) = adapted(&own_fixtures().join("sdxl"), DType::F32);
+    let vars = te.vars();
+    // (2 layers of the first encoder + 3 of the second) x q/k/v/out_proj x (A, B).
+    assert_eq!(vars.len(), 40);
+    let grads = dpo_loss(&pipe, &te, &batch(DType::F32)).backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads.get(var.as_tensor()).map_or(0.0, max_abs);
+        let unused = name.starts_with("text_encoder.encoder.layers.1.");
+        assert_eq!(g > 0.0, !unused, "{name}: gradient max abs {g}");
+    }
+}
+
 #[test]
 fn text_encoder_lora_gradient_matches_finite_differences() {
-    let (pipe, te) = adapted_sd15(DType::F64);
+    let (pipe, te) = adapted(&sd15(), DType::F64);
     let b = batch(DType::F64);
     let vars = te.vars();
     let loss = dpo_loss(&pipe, &te, &b);
