@@ -157,6 +157,29 @@ pub struct LoraSection {
     /// Target modules, by name suffix (`to_q`) or full diffusers path.
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
+    /// Also train adapters on the text encoder (both encoders for SDXL), with the same rank
+    /// and alpha (see [`crate::train::text_lora`]).
+    #[serde(default)]
+    pub text_encoder: bool,
+    /// The text encoders' target modules, by name suffix or full path.
+    #[serde(default = "default_text_encoder_targets")]
+    pub text_encoder_targets: Vec<String>,
+    /// The text-encoder adapters' base learning rate (default `train.lr`), on the same schedule.
+    #[serde(default)]
+    pub text_encoder_lr: Option<f64>,
+}
+
+impl LoraSection {
+    /// The fresh text-encoder adapters' configuration: this rank and alpha, the text-encoder
+    /// targets, `seed` for their initialisation.
+    pub fn text_encoder_config(&self, seed: u64) -> crate::weights::lora::LoraConfig {
+        crate::weights::lora::LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(self.rank as f64),
+            target_modules: self.text_encoder_targets.clone(),
+            init_seed: seed,
+        }
+    }
 }
 
 fn default_rank() -> usize {
@@ -164,6 +187,11 @@ fn default_rank() -> usize {
 }
 fn default_targets() -> Vec<String> {
     crate::weights::lora::DEFAULT_TARGETS.map(String::from).to_vec()
+}
+fn default_text_encoder_targets() -> Vec<String> {
+    crate::train::text_lora::DEFAULT_TEXT_ENCODER_TARGETS
+        .map(String::from)
+        .to_vec()
 }
 
 /// `[output]`: where results go and what is written along the way.
@@ -358,6 +386,17 @@ impl Plan {
             }
             if l.targets.is_empty() {
                 return Err(err("lora.targets", "must name at least one module".into()));
+            }
+            if l.text_encoder && l.text_encoder_targets.is_empty() {
+                return Err(err("lora.text_encoder_targets", "must name at least one module".into()));
+            }
+            if let Some(te_lr) = l.text_encoder_lr {
+                if !l.text_encoder {
+                    return Err(err("lora.text_encoder_lr", "needs text_encoder = true".into()));
+                }
+                if !(te_lr.is_finite() && te_lr >= 0.0) {
+                    return Err(err("lora.text_encoder_lr", format!("must be >= 0, got {te_lr}")));
+                }
             }
         }
         if raw.output.validation_seeds.is_empty() && !raw.output.validation_prompts.is_empty() {

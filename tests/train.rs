@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-use common::pairs::{recipe_for, write_pairs};
+use common::pairs::{recipe_for, sorted_tensors, train, write_pairs};
 use common::*;
 use diffalign::models::unet::UNet2DConditionModel;
 use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch, Reference};
@@ -52,20 +52,6 @@ fn sharp_vae_pipeline(dir: &Path) -> PathBuf {
 
 fn recipe(dir: &Path, data: &Path, method: &str, extra: &str) -> PathBuf {
     recipe_for(&shared_fixtures().join("sd15"), dir, data, method, extra)
-}
-
-fn train(recipe: &Path, args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
-        .arg("train")
-        .arg(recipe)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "train failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// Implicit accuracy of `policy` against the pipeline's UNet on held-out pairs: the fraction
@@ -692,11 +678,10 @@ fn f16_run_scales_the_loss_logs_it_and_resumes_exactly() {
             train(&r, &args);
         }
         let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
-        let mut lora: Vec<(String, Tensor)> = load(&dir.join("out/pytorch_lora_weights.safetensors"))
-            .into_iter()
-            .collect();
-        lora.sort_by(|a, b| a.0.cmp(&b.0));
-        (metrics, lora)
+        (
+            metrics,
+            sorted_tensors(&dir.join("out/pytorch_lora_weights.safetensors")),
+        )
     };
     let (straight, lora_a) = run("straight", &[&[]]);
     let (resumed, lora_b) = run("resumed", &[&["--max-steps-this-run", "3"], &["--resume"]]);

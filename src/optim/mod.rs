@@ -273,6 +273,12 @@ impl Optimizer {
 
     /// One update with learning rate `lr` from f32 gradients aligned with `params`.
     pub fn update(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.update_scaled(grads, lr, |_| 1.0)
+    }
+
+    /// [`Optimizer::update`] with parameter `p`'s rate `lr * factor(p)`: parameter groups whose
+    /// base rates differ, scheduled together (torch's `LambdaLR` over several groups).
+    pub fn update_scaled(&mut self, grads: &[Tensor], lr: f64, factor: impl Fn(&Param) -> f64) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(Error::input(
                 "gradients",
@@ -284,7 +290,7 @@ impl Optimizer {
             // candle's gradients may still reference the forward graph (a matmul's gradient is an
             // op on the weight); detached, the state does not chain every step's graph together.
             let g = g.to_dtype(DType::F32)?.detach();
-            p.master = state.update(&p.master, &g, lr, self.step)?;
+            p.master = state.update(&p.master, &g, lr * factor(p), self.step)?;
             p.var.set(&p.master.to_dtype(p.var.dtype())?)?;
         }
         Ok(())

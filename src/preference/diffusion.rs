@@ -338,6 +338,17 @@ pub struct DiffusionPreference<'a> {
 impl DiffusionPreference<'_> {
     /// Computes the loss of `batch` with the given conditioning (already encoded per side).
     pub fn loss(&self, batch: &PreferenceBatch, cond: &PairConditioning) -> Result<DiffusionLoss> {
+        self.loss_with_reference_conditioning(batch, cond, None)
+    }
+
+    /// [`DiffusionPreference::loss`] with the reference conditioned on `ref_cond` when given:
+    /// the base text encoders' states when the policy's text encoders carry trained adapters.
+    pub fn loss_with_reference_conditioning(
+        &self,
+        batch: &PreferenceBatch,
+        cond: &PairConditioning,
+        ref_cond: Option<&PairConditioning>,
+    ) -> Result<DiffusionLoss> {
         let b = batch.len();
         let device = self.policy.device().clone();
         let t_idx: Vec<usize> = batch
@@ -386,19 +397,26 @@ impl DiffusionPreference<'_> {
         };
 
         let dtype = self.policy_dtype();
-        let run = |unet: &UNet2DConditionModel| -> Result<Tensor> {
-            let pred = unet.forward(&x_t.to_dtype(dtype)?, &ts, &context.to_dtype(dtype)?, added.as_ref())?;
+        let run = |unet: &UNet2DConditionModel, context: &Tensor, added: Option<&AddedCond>| -> Result<Tensor> {
+            let pred = unet.forward(&x_t.to_dtype(dtype)?, &ts, &context.to_dtype(dtype)?, added)?;
             per_sample_mse(&pred, &target)
         };
-        let mse = run(self.policy)?;
+        let mse = run(self.policy, &context, added.as_ref())?;
         let (mse_w, mse_l) = (mse.narrow(0, 0, b)?, mse.narrow(0, b, b)?);
         let ref_mse = match self.reference {
             Some(r) => {
+                let (ref_context, ref_added) = match ref_cond {
+                    Some(c) => (
+                        Tensor::cat(&[&c.context_w, &c.context_l], 0)?.detach(),
+                        cat_added(&c.added_w, &c.added_l)?,
+                    ),
+                    None => (context.clone(), added.clone()),
+                };
                 let m = match r {
-                    Reference::Unet(unet) => run(unet)?,
+                    Reference::Unet(unet) => run(unet, &ref_context, ref_added.as_ref())?,
                     Reference::PolicyWithoutAdapters(switch) => {
                         let _off = switch.off();
-                        run(self.policy)?
+                        run(self.policy, &ref_context, ref_added.as_ref())?
                     }
                 }
                 .detach();

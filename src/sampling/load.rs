@@ -85,17 +85,23 @@ pub struct PipelineSources {
 
 /// Loads a CLIP text encoder from a transformers folder; every tensor must be used.
 pub fn load_text_encoder(dir: &Path, opts: &LoadOptions) -> Result<ClipTextModel> {
+    Ok(load_text_encoder_with_builder(dir, opts)?.0)
+}
+
+/// [`load_text_encoder`], also giving the builder the model was made from, which holds the
+/// LoRA adapters `opts` attached (for training them).
+pub fn load_text_encoder_with_builder(dir: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, VarBuilder)> {
     let store = crate::weights::layout::open_weights(dir, "model", opts.variant.as_deref())?;
     text_encoder_from_store(dir, store, opts)
 }
 
 /// Builds a CLIP text encoder with `dir/config.json` from `store`; every tensor must be used.
-fn text_encoder_from_store(dir: &Path, store: TensorStore, opts: &LoadOptions) -> Result<ClipTextModel> {
+fn text_encoder_from_store(dir: &Path, store: TensorStore, opts: &LoadOptions) -> Result<(ClipTextModel, VarBuilder)> {
     let cfg = ClipTextConfig::from_file(dir.join("config.json"))?;
     let vb = opts.var_builder(store);
     let model = ClipTextModel::load(&cfg, vb.clone())?;
     crate::weights::check_all_used(&vb, is_known_buffer)?;
-    Ok(model)
+    Ok((model, vb))
 }
 
 /// Builds a model with `build(dir/config.json, weights)` from `store`; every tensor must be used.
@@ -310,14 +316,14 @@ impl StableDiffusionPipeline {
         let scheduler_config = SchedulerConfig::from_file(root.join("scheduler").join("scheduler_config.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
         let text_encoder = match single {
-            Some(sf) => text_encoder_from_store(&te_dir, sf.text_encoder(&te_dir.join("config.json"))?, opts)?,
+            Some(sf) => text_encoder_from_store(&te_dir, sf.text_encoder(&te_dir.join("config.json"))?, opts)?.0,
             None => load_text_encoder(&te_dir, opts)?,
         };
         let (tokenizer_2, text_encoder_2) = if let Some(te2_dir) = &te2_dir {
             require_dir(te2_dir, "text_encoder_2")?;
             require_dir(&root.join("tokenizer_2"), "tokenizer_2")?;
             let te2 = match single {
-                Some(sf) => text_encoder_from_store(te2_dir, sf.text_encoder_2(&te2_dir.join("config.json"))?, opts)?,
+                Some(sf) => text_encoder_from_store(te2_dir, sf.text_encoder_2(&te2_dir.join("config.json"))?, opts)?.0,
                 None => load_text_encoder(te2_dir, opts)?,
             };
             if !te2.config().architecture.has_projection() {

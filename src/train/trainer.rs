@@ -21,6 +21,7 @@ use super::loss_scale::LossScale;
 use super::records::{MetricsLog, StepRecord};
 use super::report::{write_report, Curve, ImageRow};
 use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Resume};
+use super::text_lora::TextEncoderLora;
 use crate::data::skipped::{self, SkippedRecord};
 use crate::data::{LatentCache, PairDataset, Preprocess};
 use crate::dist::Comm;
@@ -69,6 +70,8 @@ pub struct Trainer {
     out: PathBuf,
     records: Vec<StepRecord>,
     policy_vb: VarBuilder,
+    /// The text encoders' adapters, with `[lora] text_encoder = true`.
+    text_lora: Option<TextEncoderLora>,
     /// Every record left out, as listed in `skipped_records.jsonl`.
     skipped: Vec<SkippedRecord>,
     /// How many of the dataset's late skips are already in `skipped`.
@@ -114,7 +117,7 @@ impl Trainer {
             ..Default::default()
         };
         let policy_unet_dir = root.join("unet");
-        let (pipe, policy, policy_vb) = match &r.lora {
+        let (pipe, policy, policy_vb, text_lora) = match &r.lora {
             // LoRA: a fresh adapter (PEFT's gaussian init, B = 0) on the frozen UNet, which is
             // also the pipeline's: the reference is the policy with its adapters off.
             Some(l) => {
@@ -130,8 +133,13 @@ impl Trainer {
                     ..load.without_lora()
                 };
                 let (policy, vb) = UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?;
-                let pipe = StableDiffusionPipeline::load_with_unet(&sources, &load, policy.clone())?;
-                (pipe, policy, vb)
+                let mut pipe = StableDiffusionPipeline::load_with_unet(&sources, &load, policy.clone())?;
+                let te_cfg = l.text_encoder_config(r.train.seed);
+                let text_lora = l
+                    .text_encoder
+                    .then(|| TextEncoderLora::attach(&mut pipe, &root, &load, &te_cfg))
+                    .transpose()?;
+                (pipe, policy, vb, text_lora)
             }
             None => {
                 let pipe = StableDiffusionPipeline::load(&sources, &load)?;
@@ -140,11 +148,13 @@ impl Trainer {
                     ..load.without_lora()
                 };
                 let (policy, vb) = UNet2DConditionModel::from_pretrained(&policy_unet_dir, &lopts)?;
-                (pipe, policy, vb)
+                (pipe, policy, vb, None)
             }
         };
         let vars = if r.lora.is_some() {
-            policy_vb.lora_vars()
+            let mut vars = policy_vb.lora_vars();
+            vars.extend(text_lora.iter().flat_map(TextEncoderLora::vars));
+            vars
         } else {
             policy_vb.vars()
         };
@@ -204,6 +214,7 @@ impl Trainer {
             out,
             records: Vec::new(),
             policy_vb,
+            text_lora,
             skipped: Vec::new(),
             late_seen: 0,
             notes: Vec::new(),
@@ -359,7 +370,11 @@ impl Trainer {
                     method: self.plan.method,
                     objective: self.plan.objective,
                 };
-                let out = eval.loss(&pair, &cond)?;
+                let ref_cond = match (&self.text_lora, reference) {
+                    (Some(te), Some(_)) => Some(te.reference_conditioning(&self.pipe, &pair, self.plan.method)?),
+                    _ => None,
+                };
+                let out = eval.loss_with_reference_conditioning(&pair, &cond, ref_cond.as_ref())?;
                 let m = &out.loss.metrics;
                 sums[0] += m.loss;
                 sums[1] += m.implicit_acc.unwrap_or(0.0);
@@ -416,7 +431,9 @@ impl Trainer {
         }
         if !skipped {
             self.state.nonfinite_in_a_row = 0;
-            self.opt.update(&grads, lr)?;
+            let (te_lr, base_lr) = (self.plan.raw.lora.as_ref().and_then(|l| l.text_encoder_lr), t.lr);
+            self.opt
+                .update_scaled(&grads, lr, |p| super::text_lora::lr_factor(te_lr, base_lr, &p.name))?;
         } else if scale.is_none() || !finite {
             // With loss scaling an overflow of the scaled gradients is routine (the scale backs
             // off), so only a non-finite loss counts towards stopping the run.
@@ -537,6 +554,9 @@ impl Trainer {
             let peft = self.out.join("pytorch_lora_weights.safetensors");
             crate::weights::lora::save_peft(&peft, &adapters, l.rank, alpha, &l.targets)?;
             let kohya = self.out.join("lora_kohya.safetensors");
+            if let Some(te) = &self.text_lora {
+                return te.save(&peft, &kohya, &adapters, self.policy_vb.kohya_names());
+            }
             return crate::weights::lora::save_kohya(&kohya, &adapters, self.policy_vb.kohya_names());
         }
         let dir = self.out.join("unet");

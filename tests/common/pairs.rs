@@ -1,7 +1,9 @@
 //! Preference data and recipes for training tests: JSONL pairs of synthetic disc images.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
+use candle_core::Tensor;
 use diffalign::rng::Rng;
 
 /// A 64x64 image: a disc of `fg` on `bg`, centre and radius jittered by `rng`.
@@ -80,4 +82,26 @@ dir = "{out}"
     let path = dir.join("recipe.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Runs `diffalign train recipe args`; fails the test with its stderr if it fails.
+pub fn train(recipe: &Path, args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .arg("train")
+        .arg(recipe)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "train failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The tensors of a LoRA file, sorted by name.
+pub fn sorted_tensors(file: &Path) -> Vec<(String, Tensor)> {
+    let mut t: Vec<(String, Tensor)> = super::load(file).into_iter().collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
 }
