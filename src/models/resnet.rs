@@ -81,14 +81,13 @@ impl ResnetBlock2D {
     }
 
     fn forward_plain(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_act(xs, self.act)?)?;
-        let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => {
-                let t = proj.forward(&self.act.forward(temb)?)?;
-                h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
-            }
-            _ => h,
+        let shift = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&self.act.forward(temb)?)?),
+            _ => None,
         };
+        let h = self
+            .conv1
+            .forward_shifted(&self.norm1.forward_act(xs, self.act)?, shift.as_ref())?;
         let h = self.conv2.forward(&self.norm2.forward_act(&h, self.act)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,

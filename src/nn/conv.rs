@@ -84,6 +84,12 @@ impl Conv2d {
 
     /// Applies the convolution to `xs` of shape `[B, C_in, H, W]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_shifted(xs, None)
+    }
+
+    /// The convolution plus `shift` `[B, C_out]` per sample and channel (a ResNet block's time
+    /// embedding), added inside the fused op with the bias.
+    pub fn forward_shifted(&self, xs: &Tensor, shift: Option<&Tensor>) -> Result<Tensor> {
         // The fused kernel computes half types in f32 itself; widening here would keep an f32
         // copy of the input alive in the graph.
         let gemm = if self.lora().is_none() && crate::ops::conv2d::kernel_takes(xs, &self.weight, self.cfg.groups) {
@@ -98,13 +104,12 @@ impl Conv2d {
         };
         if let (None, Some(b), 1) = (self.lora(), &self.bias, self.cfg.groups) {
             if gemm == xs.dtype() {
-                return Ok(crate::ops::conv2d::conv2d_biased(
-                    &input,
-                    &weight,
-                    b,
-                    self.cfg.stride,
-                    padding,
-                )?);
+                let b = match shift {
+                    Some(t) => t.broadcast_add(&b.unsqueeze(0)?)?,
+                    None => b.clone(),
+                };
+                let stride = self.cfg.stride;
+                return Ok(crate::ops::conv2d::conv2d_biased(&input, &weight, &b, stride, padding)?);
             }
         }
         let ys = if self.cfg.groups == 1 {
@@ -117,8 +122,12 @@ impl Conv2d {
             None => ys,
         };
         let ys = ys.to_dtype(xs.dtype())?;
-        Ok(match &self.bias {
+        let ys = match &self.bias {
             Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => ys,
+        };
+        Ok(match shift {
+            Some(t) => ys.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?,
             None => ys,
         })
     }

@@ -38,17 +38,26 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
         .apply_op2(&w.contiguous()?, Fused(Conv2dOp { stride, padding }))
 }
 
-/// `x * w + b` (`b` `[C_out]`, per output channel): on the CPU one fused op that writes the
-/// bias into the product's output, so the graph keeps one output-sized tensor instead of the
-/// product and its sum with the bias; elsewhere [`conv2d`] and a broadcast add.
+/// `x * w + b`, `b` per output channel (`[C_out]`) or per sample and channel (`[B, C_out]`, a
+/// bias plus a ResNet block's time embedding): on the CPU one fused op that writes the bias into
+/// the product's output, so the graph keeps one output-sized tensor instead of the product and
+/// its sum with the bias; elsewhere [`conv2d`] and a broadcast add.
 pub fn conv2d_biased(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let fits = || -> Result<bool> {
-        let ((_, c_in, h, wd), (c_out, wc, kh, kw)) = (x.dims4()?, w.dims4()?);
-        Ok(wc == c_in && h + 2 * padding >= kh && wd + 2 * padding >= kw && b.dims() == [c_out])
+    let ((batch, c_in, h, wd), (c_out, wc, kh, kw)) = (x.dims4()?, w.dims4()?);
+    let fits = wc == c_in && h + 2 * padding >= kh && wd + 2 * padding >= kw;
+    let per_sample = match b.dims() {
+        [c] if *c == c_out => false,
+        [n, c] if *n == batch && *c == c_out => true,
+        _ => candle_core::bail!("conv2d: bias {:?} for {batch} samples of {c_out} channels", b.dims()),
     };
-    if stride == 0 || !x.device().is_cpu() || !kernel_takes(x, w, 1) || b.dtype() != x.dtype() || !fits()? {
+    if stride == 0 || !fits || !x.device().is_cpu() || !kernel_takes(x, w, 1) || b.dtype() != x.dtype() {
         let ys = conv2d(x, w, stride, padding)?;
-        return ys.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?);
+        let b = if per_sample {
+            b.reshape((batch, c_out, 1, 1))?
+        } else {
+            b.reshape((1, c_out, 1, 1))?
+        };
+        return ys.broadcast_add(&b);
     }
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
@@ -413,7 +422,7 @@ impl Conv2dOp {
     }
 }
 
-/// [`Conv2dOp`] with the bias as a third input, written into the output (CPU, and wgpu with the
+/// [`Conv2dOp`] with the bias (`[C_out]` or `[B, C_out]`) as a third input, written into the output (CPU, and wgpu with the
 /// bias added on the host; the CUDA kernels are not given it, see [`conv2d_biased`]).
 struct Conv2dBiasOp(Conv2dOp);
 
@@ -424,7 +433,7 @@ impl Kernel<3> for Conv2dBiasOp {
 
     fn call(&self, [xl, wl, bl]: [&Layout; 3]) -> Result<(Geometry, Shape)> {
         let (g, shape) = self.0.geometry(xl, wl)?;
-        if bl.dims() != [g.c_out] {
+        if bl.dims() != [g.c_out] && bl.dims() != [g.b, g.c_out] {
             candle_core::bail!("{}: bias {:?} for {} output channels", Self::NAME, bl.dims(), g.c_out)
         }
         Ok((g, shape))
@@ -451,7 +460,16 @@ impl Kernel<3> for Conv2dBiasOp {
 
     fn backward(&self, [x, w, b]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let [dx, dw] = self.0.input_and_weight_grads([x, w], grad)?;
-        let db = b.track_op().then(|| grad.sum((0, 2, 3))).transpose()?;
+        let db = b
+            .track_op()
+            .then(|| {
+                if b.rank() == 1 {
+                    grad.sum((0, 2, 3))
+                } else {
+                    grad.sum((2, 3))
+                }
+            })
+            .transpose()?;
         Ok([dx, dw, db])
     }
 }

@@ -148,6 +148,19 @@ pub fn check_conv2d_cases(seed: u64, cases: &[ConvCase]) {
                     .unwrap()
             },
         );
+        // Per sample and channel, as a ResNet block's bias plus time embedding.
+        let inputs = [inputs[0].clone(), inputs[1].clone(), randn(&mut rng, &[b, co])];
+        check(
+            &format!("{what} with a per-sample bias"),
+            &inputs,
+            |x| ops::conv2d::conv2d_biased(&x[0], &x[1], &x[2], s, p).unwrap(),
+            |x| {
+                let bias = x[2].reshape((b, co, 1, 1)).unwrap();
+                conv2d_reference_covered(&x[0], &x[1], s, p)
+                    .broadcast_add(&bias)
+                    .unwrap()
+            },
+        );
     }
 }
 
