@@ -35,12 +35,12 @@ pub struct RenoArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic. Default:
+    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic, imagereward. Default:
     /// the embedded shapes-world reward (a small CLIP, as clipscore).
     #[arg(long = "reward", value_parser = parse_reward_spec)]
     rewards: Vec<RewardSpec>,
     /// A reward's loss weight as KIND=W, replacing ReNO's default (hpsv2 5, clipscore 0.01,
-    /// pickscore 0.05, aesthetic 0).
+    /// pickscore 0.05, imagereward 1, aesthetic 0).
     #[arg(long = "weight", value_parser = parse_weight)]
     weights: Vec<(RewardKind, f64)>,
     /// Use the log-sigmoid-centred loss `-w * logsigmoid(score - REF)` for a reward, as

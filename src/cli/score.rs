@@ -18,7 +18,8 @@ use super::inputs::{load_rewards, parse_reward_spec, reward_specs_or_default};
 pub struct ScoreArgs {
     /// A reward model as KIND=PATH, repeatable. Kinds: pickscore, clipscore (transformers
     /// CLIPModel folders), hpsv2 (open_clip folder), aesthetic (folder with `clip/` and
-    /// `aesthetic.safetensors`), imagereward (not supported yet). Default: the embedded
+    /// `aesthetic.safetensors`), imagereward (folder with `ImageReward.pt`, `med_config.json`,
+    /// `vocab.txt`). Default: the embedded
     /// shapes-world reward (clipscore).
     #[arg(long = "reward", value_parser = parse_reward_spec)]
     rewards: Vec<RewardSpec>,
