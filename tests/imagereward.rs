@@ -338,3 +338,45 @@ fn score_cli_scores_image_files_with_imagereward() {
         assert!((got - want).abs() <= RTOL * want.abs(), "img{j}: {got} vs {want}");
     }
 }
+
+#[test]
+fn reno_cli_combines_imagereward_with_reno_default_weights() {
+    let reno = common::shared_fixtures().join("turbo-reno");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let pick = format!("pickscore={}", reno.join("reward_clip").display());
+    let ir = format!("imagereward={}", dir().display());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .arg("reno")
+        .arg("--model")
+        .arg(common::shared_fixtures().join("turbo"))
+        .args(["--prompt", "a photo of a cat", "--reward", &pick, "--reward", &ir])
+        .args(["--iters", "2", "--seed", "3", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines = common::read_jsonl(&out.join("iterations.jsonl"));
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        let (p, r) = (
+            line["scores"]["pickscore"].as_f64().unwrap(),
+            line["scores"]["imagereward"].as_f64().unwrap(),
+        );
+        // ReNO's losses: 0.05 (30 - PickScore) + 1.0 (2 - ImageReward).
+        let want = 0.05 * (30.0 - p) + (2.0 - r);
+        let got = line["reward_loss"].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-5 * want.abs(), "{got} vs {want}");
+    }
+    // The first iteration scores the saved initial image (up to its 8-bit rounding).
+    let model = model();
+    let initial = load_image(&out.join("initial.png"))
+        .unwrap()
+        .permute((2, 0, 1))
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let s = values(&model.score(&initial, "a photo of a cat").unwrap())[0];
+    let r0 = lines[0]["scores"]["imagereward"].as_f64().unwrap();
+    assert!((s - r0).abs() <= 1e-2 * r0.abs(), "{s} vs {r0}");
+}
