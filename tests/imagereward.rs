@@ -380,3 +380,29 @@ fn reno_cli_combines_imagereward_with_reno_default_weights() {
     let r0 = lines[0]["scores"]["imagereward"].as_f64().unwrap();
     assert!((s - r0).abs() <= 1e-2 * r0.abs(), "{s} vs {r0}");
 }
+
+#[test]
+fn imagereward_recompute_and_bf16_keep_the_score() {
+    let model = model();
+    let (prompts, _) = prompts();
+    let img = image(0);
+    let grad = |m: &ImageRewardModel| {
+        let raw = Var::from_tensor(&img).unwrap();
+        let s = m.score(raw.as_tensor(), &prompts[0]).unwrap();
+        let g = s.sum_all().unwrap().backward().unwrap();
+        (values(&s)[0], g.get(raw.as_tensor()).unwrap().clone())
+    };
+    let (s, g) = grad(&model);
+    model.set_gradient_checkpointing(true);
+    let (s2, g2) = grad(&model);
+    assert_eq!(s, s2);
+    assert_rel_close("gradient with recomputation", &g2, &g);
+
+    let opts = diffalign::weights::LoadOptions {
+        dtype: DType::BF16,
+        ..load_options()
+    };
+    let half = ImageRewardModel::load(&dir(), &opts).unwrap();
+    let got = values(&half.score(&img, &prompts[0]).unwrap())[0];
+    assert!((got - s).abs() <= 0.05 * s.abs(), "bf16 {got} vs f32 {s}");
+}
