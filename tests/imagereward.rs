@@ -368,6 +368,28 @@ fn reno_cli_combines_imagereward_with_reno_default_weights() {
         let got = line["reward_loss"].as_f64().unwrap();
         assert!((got - want).abs() <= 1e-5 * want.abs(), "{got} vs {want}");
     }
+    // `KIND=PATH:W` sets the weight as `--weight KIND=W` does.
+    let weighted = format!("{ir}:0.5");
+    let out2 = tmp.path().join("weighted");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .arg("reno")
+        .arg("--model")
+        .arg(common::shared_fixtures().join("turbo"))
+        .args(["--prompt", "a photo of a cat", "--reward", &pick, "--reward", &weighted])
+        .args(["--iters", "1", "--seed", "3", "--out"])
+        .arg(&out2)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = &common::read_jsonl(&out2.join("iterations.jsonl"))[0];
+    let (p, r) = (
+        line["scores"]["pickscore"].as_f64().unwrap(),
+        line["scores"]["imagereward"].as_f64().unwrap(),
+    );
+    let want = 0.05 * (30.0 - p) + 0.5 * (2.0 - r);
+    let got = line["reward_loss"].as_f64().unwrap();
+    assert!((got - want).abs() <= 1e-5 * want.abs(), "{got} vs {want}");
+
     // The first iteration scores the saved initial image (up to its 8-bit rounding).
     let model = model();
     let initial = load_image(&out.join("initial.png"))
