@@ -313,29 +313,36 @@ fn imagereward_bad_shapes_and_configs_are_named() {
     assert!(err.contains("vocab.txt") && err.contains("[UNK]"), "{err}");
 }
 
+/// `score` reads files as the package's `score(prompt, path)` does (Pillow's bicubic resize of the
+/// 8-bit image, centre crop): its scores equal the package's on the PNGs.
 #[test]
-fn score_cli_scores_image_files_with_imagereward() {
+fn score_cli_scores_image_files_as_the_package_does() {
     let reference = reference();
-    let (prompts, _) = prompts();
+    let (prompts, scored) = prompts();
     let spec = format!("imagereward={}", dir().display());
     let imgs: Vec<String> = (0..2)
         .map(|j| dir().join(format!("img{j}.png")).display().to_string())
         .collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diffalign"))
-        .args(["score", "--reward", &spec, "--prompt", &prompts[0], &imgs[0], &imgs[1]])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 2);
-    for (j, line) in lines.iter().enumerate() {
-        let got = line["scores"]["imagereward"].as_f64().unwrap();
-        let want = values(&reference[&format!("score.0.img{j}")])[0];
-        assert!((got - want).abs() <= RTOL * want.abs(), "img{j}: {got} vs {want}");
+    for (i, prompt) in prompts.iter().take(scored).enumerate() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_diffalign"))
+            .args(["score", "--reward", &spec, "--prompt", prompt, &imgs[0], &imgs[1]])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        for (j, line) in lines.iter().enumerate() {
+            let got = line["scores"]["imagereward"].as_f64().unwrap();
+            let want = values(&reference[&format!("file_score.{i}.img{j}")])[0];
+            assert!(
+                (got - want).abs() <= RTOL * want.abs(),
+                "prompt {i} img{j}: {got} vs {want}"
+            );
+        }
     }
 }
 

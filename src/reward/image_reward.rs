@@ -6,9 +6,10 @@
 //!
 //! The image goes through the in-graph CLIP preprocessing ([`ClipPreprocess`]: bicubic resize of
 //! the shorter side to the ViT's input size, centre crop, CLIP's mean and std), as ReNO feeds
-//! ImageReward its generated images. The package's own `score` on a file resizes the decoded
-//! 8-bit image with Pillow instead (and rounds the result to 8 bits), so file scores differ from
-//! the package's by that rounding.
+//! ImageReward its generated images. `diffalign score` gives image files the package's own
+//! `score(prompt, path)` pipeline instead ([`ImageReward::file_resize`]): Pillow's bicubic resize
+//! of the 8-bit image (`crate::data::resize`), centre crop, `/ 255`; at the ViT's size the
+//! in-graph preprocessing then only normalises.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -166,6 +167,10 @@ impl ImageReward for ImageRewardModel {
 
     fn set_gradient_checkpointing(&self, on: bool) {
         self.visual_encoder.set_gradient_checkpointing(on);
+    }
+
+    fn file_resize(&self) -> Option<usize> {
+        Some(self.preprocess.image_size)
     }
 
     fn score(&self, images: &Tensor, prompt: &str) -> Result<Tensor> {

@@ -195,6 +195,14 @@ pub trait ImageReward: Send + Sync {
     /// respect to `images`. Text-side results are cached per prompt and carry no gradient.
     fn score(&self, images: &Tensor, prompt: &str) -> Result<Tensor>;
 
+    /// The side to which the reward's own package resizes an image file (Pillow's bicubic on the
+    /// 8-bit image, shorter side) and centre-crops it before scoring, where that differs from the
+    /// in-graph preprocessing: ImageReward's `score(prompt, path)` (224). `None` (the default):
+    /// files are scored as tensors.
+    fn file_resize(&self) -> Option<usize> {
+        None
+    }
+
     /// Turns activation recomputation by layer on or off in the image tower (see
     /// [`crate::nn::checkpoint`]).
     fn set_gradient_checkpointing(&self, on: bool);
