@@ -435,3 +435,20 @@ fn imagereward_recompute_and_bf16_keep_the_score() {
     let got = values(&half.score(&img, &prompts[0]).unwrap())[0];
     assert!((got - s).abs() <= 0.05 * s.abs(), "bf16 {got} vs f32 {s}");
 }
+
+#[test]
+fn med_config_lists_only_unknown_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("med_config.json");
+    let text = std::fs::read_to_string(dir().join("med_config.json"))
+        .unwrap()
+        .replacen('{', "{\n  \"foo_bar\": 1,", 1);
+    std::fs::write(&path, text).unwrap();
+    let cfg = diffalign::models::blip::MedConfig::from_file(&path).unwrap();
+    // The file's dropout, initialiser and bookkeeping keys are known and inert.
+    assert_eq!(cfg.unknown_keys(), vec!["foo_bar".to_string()]);
+    assert_eq!(
+        (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads),
+        (32, 2, 2)
+    );
+}
