@@ -511,7 +511,7 @@ fn load_reward_errors_name_what_is_missing() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("not supported yet"), "{err}");
+    assert!(err.contains("/x: imagereward reward model folder not found"), "{err}");
 
     let empty = tempfile::tempdir().unwrap();
     let err = load_reward(RewardKind::Aesthetic, empty.path(), &opts)

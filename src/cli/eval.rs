@@ -41,7 +41,7 @@ pub struct EvalArgs {
     /// A file with one prompt per line (blank lines skipped).
     #[arg(long)]
     prompts: PathBuf,
-    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic. Default:
+    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic, imagereward. Default:
     /// the embedded shapes-world reward (a small CLIP, as clipscore).
     #[arg(long = "reward", value_parser = parse_reward_spec)]
     rewards: Vec<RewardSpec>,

@@ -35,12 +35,13 @@ pub struct RenoArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// A reward model as KIND=PATH, repeatable: pickscore, clipscore, hpsv2, aesthetic. Default:
-    /// the embedded shapes-world reward (a small CLIP, as clipscore).
-    #[arg(long = "reward", value_parser = parse_reward_spec)]
-    rewards: Vec<RewardSpec>,
+    /// A reward model as KIND=PATH or KIND=PATH:W (W its loss weight, as `--weight KIND=W`),
+    /// repeatable: pickscore, clipscore, hpsv2, aesthetic, imagereward. Default: the embedded
+    /// shapes-world reward (a small CLIP, as clipscore).
+    #[arg(long = "reward", value_parser = parse_weighted_reward)]
+    rewards: Vec<(RewardSpec, Option<f64>)>,
     /// A reward's loss weight as KIND=W, replacing ReNO's default (hpsv2 5, clipscore 0.01,
-    /// pickscore 0.05, aesthetic 0).
+    /// pickscore 0.05, imagereward 1, aesthetic 0).
     #[arg(long = "weight", value_parser = parse_weight)]
     weights: Vec<(RewardKind, f64)>,
     /// Use the log-sigmoid-centred loss `-w * logsigmoid(score - REF)` for a reward, as
@@ -97,6 +98,20 @@ pub struct RenoArgs {
     out: PathBuf,
 }
 
+/// `KIND=PATH` or `KIND=PATH:W`: a trailing `:W` that parses as a finite number is the weight
+/// (a folder whose name ends in `:<number>` needs `--weight` instead).
+fn parse_weighted_reward(s: &str) -> Result<(RewardSpec, Option<f64>), String> {
+    if let Some((spec, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.trim().parse::<f64>() {
+            if !w.is_finite() {
+                return Err(format!("{s:?}: the weight must be finite, got {w}"));
+            }
+            return Ok((parse_reward_spec(spec)?, Some(w)));
+        }
+    }
+    Ok((parse_reward_spec(s)?, None))
+}
+
 fn parse_weight(s: &str) -> Result<(RewardKind, f64), String> {
     let (kind, w) = s
         .split_once('=')
@@ -111,8 +126,10 @@ fn parse_weight(s: &str) -> Result<(RewardKind, f64), String> {
 
 pub fn run(args: RenoArgs) -> anyhow::Result<()> {
     let prompts = args.prompt.read()?;
-    let specs = reward_specs_or_default(&args.rewards)?;
-    let weights: HashMap<RewardKind, f64> = args.weights.iter().copied().collect();
+    let given: Vec<RewardSpec> = args.rewards.iter().map(|(spec, _)| spec.clone()).collect();
+    let specs = reward_specs_or_default(&given)?;
+    let inline = args.rewards.iter().filter_map(|(spec, w)| w.map(|w| (spec.kind, w)));
+    let weights: HashMap<RewardKind, f64> = inline.chain(args.weights.iter().copied()).collect();
     let refs: HashMap<RewardKind, f64> = args.reward_refs.iter().copied().collect();
     for (flag, kind) in weights
         .keys()

@@ -1,5 +1,6 @@
-//! Models: CLIP text encoders, UNet, VAE, and Llama-family language models.
+//! Models: CLIP text encoders, BLIP (ImageReward's towers), UNet, VAE, and Llama-family language models.
 pub mod attention;
+pub mod blip;
 pub mod clip;
 pub mod config;
 pub mod llama;

@@ -21,7 +21,8 @@ use crate::{Error, Result};
 /// Indices of the `Linear` layers of the predictor's `nn.Sequential`.
 const LINEAR_INDICES: [usize; 5] = [0, 2, 4, 6, 7];
 
-/// The predictor head: five `Linear` layers without activations, `[B, D]` to `[B, 1]`.
+/// The predictor head: five `Linear` layers without activations, `[B, D]` to `[B, 1]`. ImageReward's
+/// head (`ImageReward.py`, `MLP`) is the same module under `mlp.layers`.
 #[derive(Debug, Clone)]
 pub struct AestheticMlp {
     layers: Vec<Linear>,

@@ -12,12 +12,13 @@
 //! | `hpsv2` | `cos(img, txt)` | open_clip layout, see [`clip_reward::ClipReward::from_open_clip`] |
 //! | `aesthetic` | LAION aesthetic predictor v2 on normalised CLIP ViT-L/14 image embeddings | see [`aesthetic::AestheticReward::load`] |
 //! | `pairhead` | a linear Bradley-Terry head on a CLIP image tower's patch tokens, fitted on labelled pairs | see [`pair_head::PairHeadReward::load`] |
-//! | `imagereward` | (BLIP) | not supported yet: [`load_reward`] fails with a clear error |
+//! | `imagereward` | `(mlp(cls) − mean) / std` of BLIP's BERT cross-attending to its ViT | `ImageReward.pt` (or `.safetensors`), `med_config.json`, `vocab.txt`, see [`image_reward::ImageRewardModel::load`] |
 //!
 //! [`RewardKind::reno_loss`] is the one table of ReNO's per-reward losses and default weights.
 
 pub mod aesthetic;
 pub mod clip_reward;
+pub mod image_reward;
 pub mod pair_head;
 pub mod preprocess;
 
@@ -32,6 +33,7 @@ use crate::{Error, Result};
 
 pub use aesthetic::AestheticReward;
 pub use clip_reward::ClipReward;
+pub use image_reward::ImageRewardModel;
 pub use pair_head::PairHeadReward;
 pub use preprocess::ClipPreprocess;
 
@@ -46,7 +48,7 @@ pub enum RewardKind {
     Hpsv2,
     /// The LAION aesthetic predictor v2 (an MLP on CLIP ViT-L/14 image embeddings).
     Aesthetic,
-    /// ImageReward (Xu et al. 2023, BLIP based); not implemented yet.
+    /// ImageReward (Xu et al. 2023): BLIP's BERT cross-attending to its ViT, an MLP head.
     ImageReward,
     /// A Bradley-Terry head on CLIP patch tokens fitted on labelled pairs ([`pair_head`]).
     PairHead,
@@ -193,6 +195,14 @@ pub trait ImageReward: Send + Sync {
     /// respect to `images`. Text-side results are cached per prompt and carry no gradient.
     fn score(&self, images: &Tensor, prompt: &str) -> Result<Tensor>;
 
+    /// The side to which the reward's own package resizes an image file (Pillow's bicubic on the
+    /// 8-bit image, shorter side) and centre-crops it before scoring, where that differs from the
+    /// in-graph preprocessing: ImageReward's `score(prompt, path)` (224). `None` (the default):
+    /// files are scored as tensors.
+    fn file_resize(&self) -> Option<usize> {
+        None
+    }
+
     /// Turns activation recomputation by layer on or off in the image tower (see
     /// [`crate::nn::checkpoint`]).
     fn set_gradient_checkpointing(&self, on: bool);
@@ -205,7 +215,7 @@ pub trait ImageReward: Send + Sync {
 
 /// Loads the reward `kind` from its folder `path` (see the module docs for each layout).
 pub fn load_reward(kind: RewardKind, path: &Path, opts: &LoadOptions) -> Result<Box<dyn ImageReward>> {
-    if kind != RewardKind::ImageReward && !path.is_dir() {
+    if !path.is_dir() {
         return Err(Error::MissingFile {
             path: path.to_path_buf(),
             what: format!("{kind} reward model folder"),
@@ -216,13 +226,7 @@ pub fn load_reward(kind: RewardKind, path: &Path, opts: &LoadOptions) -> Result<
         RewardKind::Hpsv2 => Box::new(ClipReward::from_open_clip(path, opts)?),
         RewardKind::Aesthetic => Box::new(AestheticReward::load(path, opts)?),
         RewardKind::PairHead => Box::new(PairHeadReward::load(path, opts)?),
-        RewardKind::ImageReward => {
-            return Err(Error::input(
-                "imagereward",
-                "not supported yet (its BLIP ViT-L/16 + BERT cross-attention model is not implemented); \
-                 use pickscore, clipscore, hpsv2 or aesthetic",
-            ))
-        }
+        RewardKind::ImageReward => Box::new(ImageRewardModel::load(path, opts)?),
     })
 }
 

@@ -474,7 +474,7 @@ fn leftover(mut map: JsonMap) -> BTreeMap<String, serde_json::Value> {
 }
 
 /// Fails on the first `(key, value)` that is 0.
-pub(super) fn check_positive(source: &Path, sizes: &[(&str, usize)]) -> Result<()> {
+pub(crate) fn check_positive(source: &Path, sizes: &[(&str, usize)]) -> Result<()> {
     match sizes.iter().find(|(_, value)| *value == 0) {
         Some((key, _)) => Err(Error::config(source, *key, "must be > 0, got 0")),
         None => Ok(()),
@@ -482,7 +482,7 @@ pub(super) fn check_positive(source: &Path, sizes: &[(&str, usize)]) -> Result<(
 }
 
 /// Fails unless `part` (positive) divides `whole`, naming both keys.
-pub(super) fn check_divides(source: &Path, part: (&str, usize), whole: (&str, usize)) -> Result<()> {
+pub(crate) fn check_divides(source: &Path, part: (&str, usize), whole: (&str, usize)) -> Result<()> {
     if whole.1 % part.1 == 0 {
         return Ok(());
     }

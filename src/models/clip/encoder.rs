@@ -3,7 +3,7 @@
 //! towers: pre-norm layers of multi-head attention and an MLP, with the text towers' causal mask
 //! or no mask, and per-layer activation recomputation ([`Recompute`]).
 //!
-//! It reads either key layout ([`ClipKeyLayout`]): transformers' separate `q_proj`/`k_proj`/
+//! It reads any of three key layouts ([`ClipKeyLayout`]): transformers' separate `q_proj`/`k_proj`/
 //! `v_proj` (three matmuls) or open_clip's fused `in_proj_weight` (one matmul, then slices). The
 //! layout decides the arithmetic as well as the names, so each checkpoint keeps its own numerics.
 //! There is no dropout (`attention_dropout` is 0 in every released checkpoint).
@@ -28,6 +28,9 @@ pub enum ClipKeyLayout {
     /// attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`,
     /// `visual.ln_post` and `visual.proj` (a matrix applied as `x @ proj`).
     OpenClip,
+    /// BLIP's timm-style ViT blocks (`models/blip/vit.rs`): `blocks.N.{norm1, attn.qkv (fused
+    /// `Linear`), attn.proj, norm2, mlp.fc1, mlp.fc2}`.
+    Blip,
 }
 
 /// `x W^T + b` for a weight `[out, in]` and bias `[out]` that are not stored as a `Linear`
@@ -80,10 +83,18 @@ impl ClipAttention {
                 in_proj_weight: vb.get(&[3 * d, d], "in_proj_weight")?,
                 in_proj_bias: vb.get(&[3 * d], "in_proj_bias")?,
             },
+            ClipKeyLayout::Blip => QkvProjection::Fused {
+                in_proj_weight: vb.pp("qkv").get(&[3 * d, d], "weight")?,
+                in_proj_bias: vb.pp("qkv").get(&[3 * d], "bias")?,
+            },
+        };
+        let out_proj = match layout {
+            ClipKeyLayout::Blip => "proj",
+            _ => "out_proj",
         };
         Ok(ClipAttention {
             qkv,
-            out_proj: Linear::new(d, d, true, vb.pp("out_proj"))?,
+            out_proj: Linear::new(d, d, true, vb.pp(out_proj))?,
             num_heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
         })
@@ -121,7 +132,7 @@ struct ClipMlp {
 impl ClipMlp {
     fn new(cfg: &ClipEncoderConfig, layout: ClipKeyLayout, vb: VarBuilder) -> Result<Self> {
         let (fc1, fc2) = match layout {
-            ClipKeyLayout::Transformers => ("fc1", "fc2"),
+            ClipKeyLayout::Transformers | ClipKeyLayout::Blip => ("fc1", "fc2"),
             ClipKeyLayout::OpenClip => ("c_fc", "c_proj"),
         };
         Ok(ClipMlp {
@@ -151,6 +162,7 @@ impl ClipEncoderLayer {
         let (attn, ln1, ln2) = match layout {
             ClipKeyLayout::Transformers => ("self_attn", "layer_norm1", "layer_norm2"),
             ClipKeyLayout::OpenClip => ("attn", "ln_1", "ln_2"),
+            ClipKeyLayout::Blip => ("attn", "norm1", "norm2"),
         };
         let d = cfg.hidden_size;
         let self_attn = ClipAttention::new(cfg, layout, vb.pp(attn))?;

@@ -30,6 +30,25 @@ pub fn is_known_vision_buffer(name: &str) -> bool {
     name == "vision_model.embeddings.position_ids"
 }
 
+/// A stride-`p`, kernel-`p` convolution without bias as a matmul on non-overlapping patches, each
+/// flattened as (channel, row, column) like the kernel: `xs` `[B, C, S, S]` and `weight`
+/// `[D, C * p * p]` give `[B, (S/p)^2, D]`, patches in row-major order.
+pub(crate) fn patch_embed(xs: &Tensor, weight: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, c, s, _) = xs.dims4()?;
+    let (g, d) = (s / p, weight.dim(0)?);
+    let patches = xs
+        .reshape((b, c, g, p, g, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b * g * g, c * p * p))?;
+    let gemm = crate::nn::gemm_dtype(&patches);
+    Ok(patches
+        .to_dtype(gemm)?
+        .matmul(&weight.to_dtype(gemm)?.t()?)?
+        .to_dtype(xs.dtype())?
+        .reshape((b, g * g, d))?)
+}
+
 /// What the vision tower computes for `pixel_values` `[B, C, S, S]`.
 #[derive(Debug, Clone)]
 pub struct ClipVisionOutput {
@@ -91,6 +110,12 @@ impl ClipVisionModel {
                     Projection::Matrix(body.get(&[d, cfg.projection_dim], "proj")?),
                 )
             }
+            ClipKeyLayout::Blip => {
+                return Err(Error::input(
+                    vb.path(""),
+                    "BLIP's vision transformer is models::blip::vit, not a CLIP tower",
+                ))
+            }
         };
         Ok(ClipVisionModel {
             patch_embedding: patch.reshape((d, c * p * p))?,
@@ -146,21 +171,9 @@ impl ClipVisionModel {
                 format!("expected shape [B, {c}, {s}, {s}] (image_size {s}), got {dims:?}"),
             ));
         }
-        let (b, g, d) = (dims[0], cfg.grid_size(), cfg.hidden_size);
+        let (b, d) = (dims[0], cfg.hidden_size);
         let xs = pixel_values.to_dtype(self.patch_embedding.dtype())?;
-        // A stride-p, kernel-p convolution is a matmul on non-overlapping patches, each flattened
-        // as (channel, row, column) like the kernel.
-        let patches = xs
-            .reshape((b, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * g * g, c * p * p))?;
-        let gemm = crate::nn::gemm_dtype(&patches);
-        let patches = patches
-            .to_dtype(gemm)?
-            .matmul(&self.patch_embedding.to_dtype(gemm)?.t()?)?
-            .to_dtype(xs.dtype())?
-            .reshape((b, g * g, d))?;
+        let patches = patch_embed(&xs, &self.patch_embedding, p)?;
         let class = self.class_embedding.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
         let xs = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         let xs = self.pre_layrnorm.forward(&xs)?;
