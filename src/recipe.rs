@@ -158,7 +158,7 @@ pub struct LoraSection {
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
     /// Also train adapters on the text encoder (both encoders for SDXL), with the same rank
-    /// and alpha (see [`crate::train::text_lora`]).
+    /// and alpha.
     #[serde(default)]
     pub text_encoder: bool,
     /// The text encoders' target modules, by name suffix or full path.
@@ -189,7 +189,7 @@ fn default_targets() -> Vec<String> {
     crate::weights::lora::DEFAULT_TARGETS.map(String::from).to_vec()
 }
 fn default_text_encoder_targets() -> Vec<String> {
-    crate::train::text_lora::DEFAULT_TEXT_ENCODER_TARGETS
+    crate::weights::lora::DEFAULT_TEXT_ENCODER_TARGETS
         .map(String::from)
         .to_vec()
 }

@@ -35,9 +35,7 @@ use crate::weights::lora::{save_kohya_parts, save_peft_parts, LdmNames, LoraConf
 use crate::weights::{LoadOptions, LoraAdapter, VarBuilder};
 use crate::{Error, Result};
 
-/// The text-encoder modules adapted unless `text_encoder_targets` says otherwise: the attention
-/// projections, as diffusers' text-encoder LoRA scripts target.
-pub const DEFAULT_TEXT_ENCODER_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
+pub use crate::weights::lora::DEFAULT_TEXT_ENCODER_TARGETS;
 
 /// The factor on the scheduled learning rate of the optimizer parameter `name`:
 /// `text_encoder_lr / lr` for a text encoder's adapter when `text_encoder_lr` is set, else 1.

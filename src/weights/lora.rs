@@ -126,6 +126,10 @@ impl LoraAdapter {
 /// diffusers' DPO and SDXL LoRA scripts target.
 pub const DEFAULT_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
+/// The text-encoder modules adapted unless `text_encoder_targets` says otherwise: the attention
+/// projections, as diffusers' text-encoder LoRA scripts target.
+pub const DEFAULT_TEXT_ENCODER_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
+
 /// A fresh LoRA to train, as diffusers' DPO script makes it (`LoraConfig(r, lora_alpha,
 /// init_lora_weights="gaussian", target_modules)`): A ~ N(0, std 1/r), B = 0, so the adapted
 /// model starts equal to the base model.

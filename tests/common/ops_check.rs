@@ -335,12 +335,12 @@ pub fn check_masked_attention_cases(seed: u64, cases: &[MaskedCase]) {
     }
 }
 
+/// `((batch, heads), lq, lk, d, dv, mask)`: an `attention_heads` case.
+pub type HeadsCase = ((usize, usize), usize, usize, usize, usize, Option<MaskKind>);
+
 /// Checks `attention_heads` (heads side by side in the rows) against the reference on the
 /// head-split tensors, on each case with its mask or none: forward and the three gradients.
-pub fn check_attention_heads_cases(
-    seed: u64,
-    cases: &[((usize, usize), usize, usize, usize, usize, Option<MaskKind>)],
-) {
+pub fn check_attention_heads_cases(seed: u64, cases: &[HeadsCase]) {
     let mut rng = Rng::new(seed);
     for &((b, h), lq, lk, d, dv, kind) in cases {
         let inputs = [

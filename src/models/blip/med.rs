@@ -12,7 +12,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::MedConfig;
-use crate::nn::{scaled_dot_product_attention, LayerNorm, Linear};
+use crate::nn::{attention_heads, LayerNorm, Linear};
 use crate::weights::VarBuilder;
 use crate::{Error, Result};
 
@@ -97,19 +97,11 @@ impl BertAttention {
 
     /// `xs` `[B, L, D]` attends to `context` `[B, N, kv_width]`; `mask` is additive.
     fn forward(&self, xs: &Tensor, context: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let heads = |t: Tensor| -> Result<Tensor> {
-            let (b, n, _) = t.dims3()?;
-            Ok(t.reshape((b, n, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = heads(self.query.forward(xs)?)?;
-        let k = heads(self.key.forward(context)?)?;
-        let v = heads(self.value.forward(context)?)?;
+        let q = self.query.forward(xs)?;
+        let k = self.key.forward(context)?;
+        let v = self.value.forward(context)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let ys = scaled_dot_product_attention(&q, &k, &v, scale, mask)?;
-        let (b, l, d) = xs.dims3()?;
-        let ys = ys.transpose(1, 2)?.reshape((b, l, d))?;
+        let ys = attention_heads(&q, &k, &v, self.num_heads, scale, mask)?;
         self.layer_norm.forward(&(self.dense.forward(&ys)? + xs)?)
     }
 }
