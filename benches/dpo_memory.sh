@@ -5,7 +5,7 @@
 # CONFIG is a diffusers UNet config.json (random weights); each configuration runs in a fresh
 # process (one warm-up, one timed step), so the peak RSS is that configuration's.
 set -euo pipefail
-config=$1; size=$2; rank=${3:-8}
+config=$(realpath "$1"); size=$2; rank=${3:-8}
 bin=${BIN:-target/release/diffalign}
 py=${PY:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
