@@ -11,6 +11,7 @@ mod inputs;
 mod lm;
 mod lora;
 mod loss;
+mod loss_kto;
 mod model_args;
 mod pretrain;
 mod reno;

@@ -38,32 +38,38 @@ pub enum Method {
         /// noises forward as Diffusion-DPO does (the smoothed loss alone, an ablation).
         inversion_steps: usize,
     },
+    /// Diffusion-KTO (Li et al. 2024): single images labelled desirable or undesirable
+    /// ([`super::diffusion_kto`]); on pairs, the preferred image is desirable.
+    Kto,
 }
 
 impl Method {
-    /// Parses `dpo`, `dcpo`, `mapo` or `smpo` (SmPO with `inversion_steps`).
+    /// Parses `dpo`, `dcpo`, `mapo`, `smpo` (SmPO with `inversion_steps`) or `kto`.
     pub fn parse(s: &str, inversion_steps: usize) -> Result<Self> {
         Ok(match s {
             "dpo" => Method::Dpo,
             "dcpo" => Method::Dcpo,
             "mapo" => Method::Mapo,
             "smpo" => Method::Smpo { inversion_steps },
+            "kto" => Method::Kto,
             other => {
                 return Err(Error::input(
                     "--method",
-                    format!("expected one of dpo, dcpo, mapo, smpo, got {other:?}"),
+                    format!("expected one of dpo, dcpo, mapo, smpo, kto, got {other:?}"),
                 ))
             }
         })
     }
 
-    /// The papers' beta: DPO 5000, DCPO 500, MaPO 0.1, SmPO 2000 (SD 1.5 settings).
+    /// The papers' beta: DPO 5000, DCPO 500, MaPO 0.1, SmPO 2000 (SD 1.5 settings); KTO 5000,
+    /// the Diffusion-DPO `--beta_dpo` its official script inherits.
     pub fn default_beta(self) -> f64 {
         match self {
             Method::Dpo => 5000.0,
             Method::Dcpo => 500.0,
             Method::Mapo => 0.1,
             Method::Smpo { .. } => 2000.0,
+            Method::Kto => 5000.0,
         }
     }
 
@@ -74,6 +80,7 @@ impl Method {
             Method::Dcpo => "dcpo",
             Method::Mapo => "mapo",
             Method::Smpo { .. } => "smpo",
+            Method::Kto => "kto",
         }
     }
 }
@@ -96,20 +103,24 @@ impl Objective {
         label_smoothing: f64,
     ) -> Result<Objective> {
         let beta = beta.unwrap_or(method.default_beta());
-        if method != Method::Mapo {
+        if !matches!(method, Method::Mapo | Method::Kto) {
             return Objective::dpo(loss_type, beta, label_smoothing);
         }
+        let name = method.name();
         if loss_type != LossType::Sigmoid {
             return Err(Error::input(
                 "loss_type",
-                format!("applies to dpo, dcpo and smpo, not mapo, got {loss_type}"),
+                format!("applies to dpo, dcpo and smpo, not {name}, got {loss_type}"),
             ));
         }
         if label_smoothing != 0.0 {
             return Err(Error::input(
                 "label_smoothing",
-                format!("applies to dpo, dcpo and smpo, not mapo, got {label_smoothing}"),
+                format!("applies to dpo, dcpo and smpo, not {name}, got {label_smoothing}"),
             ));
+        }
+        if method == Method::Kto {
+            return Objective::kto(beta, super::kto::Kto::default(), super::kto::Utility::Sigmoid);
         }
         let objective = Objective::Mapo {
             beta,
@@ -340,23 +351,7 @@ impl DiffusionPreference<'_> {
     pub fn loss(&self, batch: &PreferenceBatch, cond: &PairConditioning) -> Result<DiffusionLoss> {
         let b = batch.len();
         let device = self.policy.device().clone();
-        let t_idx: Vec<usize> = batch
-            .timesteps
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?
-            .into_iter()
-            .map(|t| {
-                let n = self.schedule.num_train_timesteps();
-                if t.fract() == 0.0 && t >= 0.0 && (t as usize) < n {
-                    Ok(t as usize)
-                } else {
-                    Err(Error::input(
-                        "timesteps",
-                        format!("expected integers in 0..{n}, got {t}"),
-                    ))
-                }
-            })
-            .collect::<Result<_>>()?;
+        let t_idx = self.timestep_indices(&batch.timesteps)?;
         let x0 = Tensor::cat(&[&batch.latents_w, &batch.latents_l], 0)?.to_device(&device)?;
         let t2: Vec<usize> = t_idx.iter().chain(t_idx.iter()).copied().collect();
         let context = Tensor::cat(&[&cond.context_w, &cond.context_l], 0)?;
@@ -385,27 +380,11 @@ impl DiffusionPreference<'_> {
             }
         };
 
-        let dtype = self.policy_dtype();
-        let run = |unet: &UNet2DConditionModel| -> Result<Tensor> {
-            let pred = unet.forward(&x_t.to_dtype(dtype)?, &ts, &context.to_dtype(dtype)?, added.as_ref())?;
-            per_sample_mse(&pred, &target)
-        };
-        let mse = run(self.policy)?;
+        let (mse, ref_mse) = self.errors(&x_t, &ts, &context, added.as_ref(), &target)?;
         let (mse_w, mse_l) = (mse.narrow(0, 0, b)?, mse.narrow(0, b, b)?);
-        let ref_mse = match self.reference {
-            Some(r) => {
-                let m = match r {
-                    Reference::Unet(unet) => run(unet)?,
-                    Reference::PolicyWithoutAdapters(switch) => {
-                        let _off = switch.off();
-                        run(self.policy)?
-                    }
-                }
-                .detach();
-                Some((m.narrow(0, 0, b)?, m.narrow(0, b, b)?))
-            }
-            None => None,
-        };
+        let ref_mse = ref_mse
+            .map(|m| Ok::<_, Error>((m.narrow(0, 0, b)?, m.narrow(0, b, b)?)))
+            .transpose()?;
         if self.objective.needs_reference() && ref_mse.is_none() {
             return Err(Error::input(
                 "reference",
@@ -441,6 +420,54 @@ impl DiffusionPreference<'_> {
             ref_mse,
             inverted,
         })
+    }
+
+    /// The batch's timesteps `[N]` as indices into the training schedule; an error names any
+    /// that is not an integer in `0..T`.
+    pub fn timestep_indices(&self, timesteps: &Tensor) -> Result<Vec<usize>> {
+        let n = self.schedule.num_train_timesteps();
+        timesteps
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .map(|t| {
+                if t.fract() == 0.0 && t >= 0.0 && (t as usize) < n {
+                    Ok(t as usize)
+                } else {
+                    Err(Error::input(
+                        "timesteps",
+                        format!("expected integers in 0..{n}, got {t}"),
+                    ))
+                }
+            })
+            .collect()
+    }
+
+    /// The policy's per-sample MSE `[N]` of its prediction at `x_t` against `target`, and the
+    /// reference's (detached), when there is a reference.
+    pub fn errors(
+        &self,
+        x_t: &Tensor,
+        ts: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        target: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dtype = self.policy_dtype();
+        let run = |unet: &UNet2DConditionModel| -> Result<Tensor> {
+            let pred = unet.forward(&x_t.to_dtype(dtype)?, ts, &context.to_dtype(dtype)?, added)?;
+            per_sample_mse(&pred, target)
+        };
+        let mse = run(self.policy)?;
+        let ref_mse = match self.reference {
+            Some(Reference::Unet(unet)) => Some(run(unet)?.detach()),
+            Some(Reference::PolicyWithoutAdapters(switch)) => {
+                let _off = switch.off();
+                Some(run(self.policy)?.detach())
+            }
+            None => None,
+        };
+        Ok((mse, ref_mse))
     }
 
     fn policy_dtype(&self) -> DType {
