@@ -304,7 +304,7 @@ impl Plan {
         let method = Method::parse(&t.method, t.inversion_steps).map_err(|_| {
             err(
                 "train.method",
-                format!("expected one of dpo, dcpo, mapo, smpo, kto, got {:?}", t.method),
+                format!("expected one of dpo, dcpo, mapo, smpo, kto, npo, got {:?}", t.method),
             )
         })?;
         let mut loss_type = t

@@ -13,6 +13,7 @@ mod lora;
 mod loss;
 mod loss_kto;
 mod model_args;
+mod npo_args;
 mod pretrain;
 mod reno;
 mod score;

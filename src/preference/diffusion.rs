@@ -41,6 +41,9 @@ pub enum Method {
     /// Diffusion-KTO (Li et al. 2024): single images labelled desirable or undesirable
     /// ([`super::diffusion_kto`]); on pairs, the preferred image is desirable.
     Kto,
+    /// Diffusion-NPO (Wang et al., ICLR 2025): Diffusion-DPO with the labels swapped, which
+    /// trains the negative-preference adapter that guidance uses in its negative branch.
+    Npo,
 }
 
 impl Method {
@@ -52,10 +55,11 @@ impl Method {
             "mapo" => Method::Mapo,
             "smpo" => Method::Smpo { inversion_steps },
             "kto" => Method::Kto,
+            "npo" => Method::Npo,
             other => {
                 return Err(Error::input(
                     "--method",
-                    format!("expected one of dpo, dcpo, mapo, smpo, kto, got {other:?}"),
+                    format!("expected one of dpo, dcpo, mapo, smpo, kto, npo, got {other:?}"),
                 ))
             }
         })
@@ -69,7 +73,7 @@ impl Method {
             Method::Dcpo => 500.0,
             Method::Mapo => 0.1,
             Method::Smpo { .. } => 2000.0,
-            Method::Kto => 5000.0,
+            Method::Kto | Method::Npo => 5000.0,
         }
     }
 
@@ -81,6 +85,7 @@ impl Method {
             Method::Mapo => "mapo",
             Method::Smpo { .. } => "smpo",
             Method::Kto => "kto",
+            Method::Npo => "npo",
         }
     }
 }
@@ -352,7 +357,12 @@ impl DiffusionPreference<'_> {
         let b = batch.len();
         let device = self.policy.device().clone();
         let t_idx = self.timestep_indices(&batch.timesteps)?;
-        let x0 = Tensor::cat(&[&batch.latents_w, &batch.latents_l], 0)?.to_device(&device)?;
+        // NPO learns the opposite preference: the rejected image takes the preferred side.
+        let sides = match self.method {
+            Method::Npo => [&batch.latents_l, &batch.latents_w],
+            _ => [&batch.latents_w, &batch.latents_l],
+        };
+        let x0 = Tensor::cat(&sides, 0)?.to_device(&device)?;
         let t2: Vec<usize> = t_idx.iter().chain(t_idx.iter()).copied().collect();
         let context = Tensor::cat(&[&cond.context_w, &cond.context_l], 0)?;
         let added = cat_added(&cond.added_w, &cond.added_l)?;
