@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::data::DataSpec;
 use crate::optim::{AdamWConfig, LrSchedule, OptimizerConfig};
 use crate::preference::diffusion::Method;
+use crate::preference::kto::KtoSettings;
 use crate::preference::{LossType, Objective};
 use crate::{Error, Result};
 
@@ -40,7 +41,7 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    /// dpo, dcpo, mapo or smpo.
+    /// dpo, dcpo, mapo, smpo or kto.
     pub method: String,
     /// Beta (default: the method's paper value).
     #[serde(default)]
@@ -57,6 +58,15 @@ pub struct TrainSection {
     /// DiscoPOP's tau (default 0.05).
     #[serde(default)]
     pub discopop_tau: Option<f64>,
+    /// KTO: weight of desirable images, lambda_D.
+    #[serde(default = "one_f64")]
+    pub kto_lambda_d: f64,
+    /// KTO: weight of undesirable images, lambda_U.
+    #[serde(default = "one_f64")]
+    pub kto_lambda_u: f64,
+    /// KTO's value function: sigmoid (Kahneman-Tversky), linear or log_sigmoid.
+    #[serde(default = "default_loss_type")]
+    pub halo: String,
     /// SmPO's inversion steps (5 for SD 1.5, 10 for SDXL; 0: forward noising as Diffusion-DPO).
     #[serde(default = "default_inversion_steps")]
     pub inversion_steps: usize,
@@ -124,6 +134,9 @@ impl TrainSection {
 
 fn default_loss_type() -> String {
     "sigmoid".into()
+}
+fn one_f64() -> f64 {
+    1.0
 }
 fn default_inversion_steps() -> usize {
     5
@@ -319,7 +332,7 @@ impl Plan {
         let method = Method::parse(&t.method, t.inversion_steps).map_err(|_| {
             err(
                 "train.method",
-                format!("expected one of dpo, dcpo, mapo, smpo, got {:?}", t.method),
+                format!("expected one of dpo, dcpo, mapo, smpo, kto, npo, got {:?}", t.method),
             )
         })?;
         let mut loss_type = t
@@ -338,6 +351,15 @@ impl Plan {
         }
         let objective = Objective::for_method(method, t.beta, loss_type, t.label_smoothing).map_err(|e| match e {
             Error::Input { what, reason } => err(&format!("train.{what}"), format!("{what}: {reason}")),
+            other => other,
+        })?;
+        let kto = KtoSettings {
+            kto_lambda_d: t.kto_lambda_d,
+            kto_lambda_u: t.kto_lambda_u,
+            halo: t.halo.clone(),
+        };
+        let objective = kto.apply(method == Method::Kto, objective).map_err(|e| match e {
+            Error::Input { what, reason } => err(&format!("train.{what}"), reason),
             other => other,
         })?;
         let positive = [

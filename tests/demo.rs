@@ -24,7 +24,7 @@ fn quick_demo_writes_every_file_with_its_schema() {
 
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    for method in ["dpo", "dcpo", "mapo", "smpo", "reno"] {
+    for method in ["dpo", "dcpo", "mapo", "smpo", "kto", "dpo+npo", "reno"] {
         let m = &metrics["methods"][method];
         let win = m["win_rate"].as_f64().unwrap_or_else(|| panic!("{method}: win_rate"));
         let ci = m["ci95"].as_array().unwrap();
@@ -38,6 +38,15 @@ fn quick_demo_writes_every_file_with_its_schema() {
             );
         }
     }
+
+    // Diffusion-NPO's row is also judged against the dpo images.
+    let npo = &metrics["methods"]["dpo+npo"];
+    let ci = npo["ci95_vs_dpo"].as_array().unwrap();
+    let win = npo["win_rate_vs_dpo"].as_f64().unwrap();
+    assert!(
+        ci[0].as_f64().unwrap() <= win && win <= ci[1].as_f64().unwrap(),
+        "{npo}"
+    );
 
     // ReNO's pair head: fitted on the pairs, saved as a loadable `pairhead` folder.
     let head = &metrics["pair_head"];
@@ -63,7 +72,7 @@ fn quick_demo_writes_every_file_with_its_schema() {
 
     let manifest: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(out.join("gallery/manifest.json")).unwrap()).unwrap();
-    let methods = ["base", "dpo", "dcpo", "mapo", "smpo", "reno"];
+    let methods = ["base", "dpo", "dcpo", "mapo", "smpo", "kto", "dpo+npo", "reno"];
     for m in methods {
         assert!(manifest.iter().any(|g| g["method"] == m), "no {m} image");
     }
@@ -183,4 +192,22 @@ fn pretrain_writes_pipelines_that_load_and_generate() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(line["scores"]["clipscore"].as_f64().is_some_and(f64::is_finite));
+}
+
+#[test]
+fn demo_dpo_npo_runs_dpo_and_kto_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .args(["demo", "--quick", "--methods", "kto,dpo+npo", "--out"])
+        .arg(&out)
+        .env("DIFFALIGN_CACHE", tmp.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let methods: Vec<&String> = metrics["methods"].as_object().unwrap().keys().collect();
+    assert_eq!(methods, ["dpo", "dpo+npo", "kto"]);
+    assert!(metrics["methods"]["kto"]["win_rate_vs_dpo"].is_null());
 }

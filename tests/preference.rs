@@ -366,12 +366,12 @@ fn loss_rejects_bad_input_with_clear_errors() {
     let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
         .args(["loss", "--model"])
         .arg(shared_fixtures().join("sd15"))
-        .args(["--method", "kto", "--batch"])
+        .args(["--method", "ppo", "--batch"])
         .arg(losses_dir().join("batch.safetensors"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("kto"), "{err}");
+    assert!(!o.status.success() && err.contains("ppo"), "{err}");
 }
 
 /// A LoRA run holds one UNet: the reference pass through the policy with its adapters switched

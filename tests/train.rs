@@ -140,8 +140,16 @@ fn training_raises_held_out_implicit_accuracy_for_every_method() {
     // tiny model within a few steps. At beta 200 the first step alone (gradient norm ~500)
     // decides the result, which then swings with f32 rounding (0.54 to 0.75 between the fused
     // and composed kernels); at beta 20 the margin stays informative for all 20 steps (0.90 with
-    // either).
-    for (method, extra) in [("dpo", ""), ("dcpo", ""), ("mapo", ""), ("smpo", "beta = 20")] {
+    // either). KTO learns the pairs more slowly (each image against a batch reference point,
+    // not against its partner): 0.625 at beta 5000 and 0.54 at beta 500 after 20 steps, so its
+    // bar is lower.
+    for (method, extra) in [
+        ("dpo", ""),
+        ("dcpo", ""),
+        ("mapo", ""),
+        ("smpo", "beta = 20"),
+        ("kto", ""),
+    ] {
         let dir = tmp.path().join(method);
         std::fs::create_dir_all(&dir).unwrap();
         let r = recipe_for(&model, &dir, &train_data, method, extra);
@@ -156,8 +164,9 @@ fn training_raises_held_out_implicit_accuracy_for_every_method() {
         };
         let acc = held_out_accuracy(&pipe, &policy, &held_out, eval_method);
         eprintln!("{method}: held-out implicit accuracy {acc} (base {base})");
+        let bar = if method == "kto" { 0.6 } else { 0.75 };
         assert!(
-            acc >= 0.75 && acc > base,
+            acc >= bar && acc > base,
             "{method}: held-out implicit accuracy {acc} (base {base})"
         );
         let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
@@ -168,15 +177,15 @@ fn training_raises_held_out_implicit_accuracy_for_every_method() {
 
 /// Trains 6 steps at once and in three runs (2, 3 and 1 steps, resumed twice) with `extra` at the
 /// end of `[train]`: the final weights and the metrics must be identical.
-fn assert_resumed_run_equals_uninterrupted_run(extra: &str) {
+fn assert_resumed_run_equals_uninterrupted_run(method: &str, extra: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_pairs(&tmp.path().join("data"), 5, 3);
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
-    let ra = recipe(&a, &data, "dpo", extra);
-    let rb = recipe(&b, &data, "dpo", extra);
+    let ra = recipe(&a, &data, method, extra);
+    let rb = recipe(&b, &data, method, extra);
     let steps = ["--set", "train.steps=6"];
     train(&ra, &steps);
     train(&rb, &[&steps[..], &["--max-steps-this-run", "2"]].concat());
@@ -197,8 +206,14 @@ fn assert_resumed_run_equals_uninterrupted_run(extra: &str) {
 #[test]
 fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     assert_resumed_run_equals_uninterrupted_run(
+        "dpo",
         "grad_accum = 2\nlr_schedule = \"cosine\"\nwarmup_steps = 2\nempty_caption_prob = 0.3",
     );
+}
+
+#[test]
+fn kto_interrupted_and_resumed_run_equals_uninterrupted_run() {
+    assert_resumed_run_equals_uninterrupted_run("kto", "grad_accum = 2\nkto_lambda_u = 1.5\nhalo = \"log_sigmoid\"");
 }
 
 #[test]
@@ -208,9 +223,10 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run_with_8bit_adamw_and_adaf
         "kind = \"adamw8bit\"\nmin_8bit_size = 256",
         "kind = \"adafactor\"\nbeta1 = 0.9\nweight_decay = 0.01",
     ] {
-        assert_resumed_run_equals_uninterrupted_run(&format!(
-            "grad_accum = 2\nlr_schedule = \"cosine\"\nwarmup_steps = 2\n[train.optimizer]\n{optimizer}"
-        ));
+        assert_resumed_run_equals_uninterrupted_run(
+            "dpo",
+            &format!("grad_accum = 2\nlr_schedule = \"cosine\"\nwarmup_steps = 2\n[train.optimizer]\n{optimizer}"),
+        );
     }
 }
 
@@ -230,7 +246,12 @@ fn bad_recipes_are_errors_naming_file_and_key() {
         }
     };
     check(&["train.beta=-1"], &["recipe.toml", "train.beta"]);
-    check(&["train.method=\"kto\""], &["train.method", "kto"]);
+    check(&["train.method=\"ppo\""], &["train.method", "ppo"]);
+    check(&["train.kto_lambda_u=2"], &["train.kto_lambda_u", "kto"]);
+    check(
+        &["train.method=\"kto\"", "train.halo=\"cubic\""],
+        &["train.halo", "cubic"],
+    );
     check(&["train.steps=0"], &["train.steps"]);
     check(&["train.typo=1"], &["typo"]);
     check(&["train.loss_type=\"fancy\""], &["train.loss_type", "fancy"]);

@@ -22,7 +22,7 @@ use diffalign::sampling::image_io::save_png;
 use diffalign::schedulers::SchedulerKind;
 use diffalign::shapes::demo::{
     eval_cases, fit_demo_pair_head, method_recipe, sample_pairs, split_prompts, true_reward, DcpoCaption, DemoConfig,
-    GalleryImage, Generator, MethodResult, METHODS,
+    GalleryImage, Generator, MethodResult, DPO_NPO, METHODS,
 };
 use diffalign::train::report::{line_plot_svg, Curve};
 use diffalign::train::{Resume, TrainOptions, Trainer};
@@ -66,7 +66,8 @@ pub struct DemoArgs {
     /// A shapes-world reward CLIP folder for ReNO instead of the embedded one.
     #[arg(long)]
     reward: Option<PathBuf>,
-    /// The methods to run, comma-separated (default: dpo,dcpo,mapo,smpo,reno).
+    /// The methods to run, comma-separated (default: dpo,dcpo,mapo,smpo,kto,dpo+npo,reno;
+    /// dpo+npo also runs dpo).
     #[arg(long, value_delimiter = ',', value_parser = parse_method)]
     methods: Vec<String>,
     /// How DCPO's caption of each rejected image is made: `captioned` (DCPO-c, the world's
@@ -89,11 +90,11 @@ pub struct DemoArgs {
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
-    if METHODS.contains(&s) || s == "reno" {
+    if METHODS.contains(&s) || s == "reno" || s == DPO_NPO {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "unknown method {s:?}; expected one of {}, reno",
+            "unknown method {s:?}; expected one of {}, {DPO_NPO}, reno",
             METHODS.join(", ")
         ))
     }
@@ -191,27 +192,30 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let cases = eval_cases(&held_out, &cfg);
     let mut manifest: Vec<GalleryImage> = Vec::new();
     let mut scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let render =
-        |method: &str, unet: &UNet2DConditionModel, manifest: &mut Vec<GalleryImage>| -> anyhow::Result<Vec<f64>> {
-            let b = bar(method, cases.len());
-            let mut s = Vec::with_capacity(cases.len());
-            for (i, (prompt, seed)) in cases.iter().enumerate() {
-                let image = gen.generate(unet, prompt, &gen.noise(*seed)?, *seed)?;
-                let path = format!("gallery/{method}/{i:03}-{seed}.png");
-                save_png(&image, &out.join(&path))?;
-                manifest.push(GalleryImage {
-                    path,
-                    prompt: prompt.to_string(),
-                    method: method.into(),
-                    seed: *seed,
-                });
-                s.push(true_reward(&image, prompt)?);
-                b.inc(1);
-            }
-            b.finish();
-            Ok(s)
-        };
-    let base = render("base", &gen.pipe.unet, &mut manifest)?;
+    let render = |method: &str,
+                  unet: &UNet2DConditionModel,
+                  negative: Option<&UNet2DConditionModel>,
+                  manifest: &mut Vec<GalleryImage>|
+     -> anyhow::Result<Vec<f64>> {
+        let b = bar(method, cases.len());
+        let mut s = Vec::with_capacity(cases.len());
+        for (i, (prompt, seed)) in cases.iter().enumerate() {
+            let image = gen.generate_guided(unet, negative, prompt, &gen.noise(*seed)?, *seed)?;
+            let path = format!("gallery/{method}/{i:03}-{seed}.png");
+            save_png(&image, &out.join(&path))?;
+            manifest.push(GalleryImage {
+                path,
+                prompt: prompt.to_string(),
+                method: method.into(),
+                seed: *seed,
+            });
+            s.push(true_reward(&image, prompt)?);
+            b.inc(1);
+        }
+        b.finish();
+        Ok(s)
+    };
+    let base = render("base", &gen.pipe.unet, None, &mut manifest)?;
 
     // 3. Each method: train, then render the held-out cases.
     let mut results: BTreeMap<String, MethodResult> = BTreeMap::new();
@@ -224,13 +228,21 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         hub_cache: None,
         comm: std::rc::Rc::new(diffalign::dist::Comm::alone()),
     };
-    for method in METHODS.into_iter().filter(|m| wanted(m)) {
+    let mut tuned_unets = BTreeMap::new();
+    let npo_wanted = wanted(DPO_NPO);
+    let trained = METHODS.into_iter().filter(|m| wanted(m) || (*m == "dpo" && npo_wanted));
+    for method in trained.chain(npo_wanted.then_some("npo")) {
         let run_dir = out.join("runs").join(method);
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
         }
         std::fs::create_dir_all(&run_dir)?;
-        let recipe = method_recipe(method, &model_dir, &pairs, &run_dir, &cfg);
+        let mut recipe = method_recipe(method, &model_dir, &pairs, &run_dir, &cfg);
+        if method == "npo" {
+            // A quarter of the steps keeps the negative model near the base, as the paper's
+            // adapter weight below 1 does (all the steps: 0.37 against dpo, README).
+            recipe["train"]["steps"] = toml::Value::from((cfg.train_steps / 4).max(1) as i64);
+        }
         let plan = Plan::from_table(&run_dir.join("recipe.toml"), recipe)?;
         let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {method}"))?;
         let b = bar(&format!("train {method}"), cfg.train_steps);
@@ -244,9 +256,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         curves.push((format!("{method} training loss"), points));
         let (tuned, _) = UNet2DConditionModel::from_pretrained(&run_dir.join("unet"), &device_opts)
             .with_context(|| format!("loading the {method} UNet"))?;
-        let s = render(method, &tuned, &mut manifest)?;
+        if method == "npo" {
+            // Diffusion-NPO: the DPO model guided with the NPO model as the negative branch.
+            let s = render(DPO_NPO, &tuned_unets["dpo"], Some(&tuned), &mut manifest)?;
+            results.insert(DPO_NPO.into(), MethodResult::with_dpo(&base, &scores["dpo"], &s)?);
+            scores.insert(DPO_NPO.into(), s);
+            continue;
+        }
+        let s = render(method, &tuned, None, &mut manifest)?;
         results.insert(method.into(), MethodResult::from_scores(&base, &s)?);
         scores.insert(method.into(), s);
+        tuned_unets.insert(method, tuned);
     }
 
     // 4. ReNO with the learned shapes reward and the pair head, from each held-out case's own

@@ -35,6 +35,8 @@ pub struct GenerateArgs {
     guidance: Option<f64>,
     #[command(flatten)]
     size: SizeArgs,
+    #[command(flatten)]
+    npo: super::npo_args::NpoArgs,
     /// Seed of the initial noise (and of any sampler noise).
     #[arg(long, default_value_t = 0, conflicts_with = "init_noise")]
     seed: u64,
@@ -83,6 +85,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("--init-noise: gives the noise of one image; use it with one --prompt and --num-images 1");
     }
     let pipe = args.model.load_pipeline()?;
+    let negative_unet = args.npo.load(&args.model)?;
     for w in &pipe.warnings {
         eprintln!("warning: {w}");
     }
@@ -110,7 +113,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             };
             let done = bar.position();
             let out = pipe
-                .generate(&req, &mut |i, _| bar.set_position(done + i as u64))?
+                .generate_npo(&pipe.unet, negative_unet.as_ref(), &req, &mut |i, _| {
+                    bar.set_position(done + i as u64)
+                })?
                 .images;
             let path = if total == 1 {
                 args.out.clone()

@@ -55,10 +55,11 @@ pub struct LossArgs {
     /// `--lora` (an adapter on the model's UNet) the policy (default: a copy of the reference).
     #[command(flatten)]
     pub model: ModelArgs,
-    /// dpo, dcpo, mapo or smpo.
+    /// dpo, dcpo, mapo, smpo or kto (kto reads a labelled batch: `latents`, `noise`,
+    /// `timesteps`, `labels`, metadata `captions`).
     #[arg(long)]
     method: String,
-    /// Beta (default: the paper's: dpo 5000, dcpo 500, mapo 0.1, smpo 2000).
+    /// Beta (default: the paper's: dpo 5000, dcpo 500, mapo 0.1, smpo 2000, kto 5000).
     #[arg(long)]
     beta: Option<f64>,
     /// Loss form of dpo, dcpo and smpo, TRL's names: sigmoid, hinge, ipo, robust, exo_pair,
@@ -68,6 +69,8 @@ pub struct LossArgs {
     loss_type: String,
     #[command(flatten)]
     loss_params: LossParams,
+    #[command(flatten)]
+    kto: super::loss_kto::KtoArgs,
     /// The batch: `latents_w`, `latents_l`, `noise`, `timesteps`, [`soft_label`], [`time_ids`],
     /// metadata `captions_w`, [`captions_l`].
     #[arg(long)]
@@ -101,12 +104,31 @@ fn check_soft_labels(batch: &PreferenceBatch, file: &std::path::Path) -> anyhow:
     Ok(())
 }
 
+/// Writes the gradient of `loss` on every `trainable` tensor (zeros where it has none) to
+/// `path`, under the tensors' checkpoint names.
+pub(super) fn write_grads(
+    loss: &Tensor,
+    trainable: Vec<(String, candle_core::Var)>,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let grads = loss.backward()?;
+    let mut tensors = HashMap::new();
+    for (name, var) in trainable {
+        let g = match grads.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => var.as_tensor().zeros_like()?,
+        };
+        tensors.insert(name, g);
+    }
+    save_safetensors(path, &tensors, None)?;
+    Ok(())
+}
+
 pub fn run(args: LossArgs) -> anyhow::Result<()> {
     let method = Method::parse(&args.method, args.inversion_steps)?;
     let loss_type = args.loss_params.apply(args.loss_type.parse()?)?;
     let objective = Objective::for_method(method, args.beta, loss_type, args.loss_params.label_smoothing)?;
-    let batch = PreferenceBatch::from_file(&args.batch)?;
-    check_soft_labels(&batch, &args.batch)?;
+    let objective = args.kto.apply(method, objective)?;
     let (root, opts) = args.model.resolve()?;
     let sources = PipelineSources {
         root: root.clone(),
@@ -153,7 +175,6 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
         policy_vb.vars()
     };
     let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
-    let cond = pair_conditioning(&pipe, &batch, method)?;
     let eval = DiffusionPreference {
         policy: &policy,
         reference: Some(reference),
@@ -161,19 +182,16 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
         method,
         objective,
     };
+    if method == Method::Kto {
+        return super::loss_kto::run(&pipe, &eval, &args.batch, args.grads_out.as_deref(), trainable);
+    }
+    let batch = PreferenceBatch::from_file(&args.batch)?;
+    check_soft_labels(&batch, &args.batch)?;
+    let cond = pair_conditioning(&pipe, &batch, method)?;
     let out = eval.loss(&batch, &cond)?;
 
     if let Some(path) = &args.grads_out {
-        let grads = out.loss.loss.backward()?;
-        let mut tensors = HashMap::new();
-        for (name, var) in trainable {
-            let g = match grads.get(var.as_tensor()) {
-                Some(g) => g.clone(),
-                None => var.as_tensor().zeros_like()?,
-            };
-            tensors.insert(name, g);
-        }
-        save_safetensors(path, &tensors, None)?;
+        write_grads(&out.loss.loss, trainable, path)?;
     }
 
     let m = &out.loss.metrics;

@@ -23,7 +23,7 @@ pub(super) struct FolderPairs {
 }
 
 /// The non-hidden file names of `dir`.
-fn list(dir: &Path) -> Result<BTreeSet<String>> {
+pub(super) fn list(dir: &Path) -> Result<BTreeSet<String>> {
     if !dir.is_dir() {
         return Err(Error::MissingFile {
             path: dir.to_path_buf(),
@@ -42,7 +42,7 @@ fn list(dir: &Path) -> Result<BTreeSet<String>> {
 }
 
 /// Reads the captions file into name -> caption; bad lines go through the policy.
-fn read_captions(
+pub(super) fn read_captions(
     spec: &DataSpec,
     skipped: &mut Vec<(RecordLocation, String)>,
 ) -> Result<(PathBuf, HashMap<String, String>)> {

@@ -87,18 +87,25 @@ fn check(line: Line, index: usize, dir: &Path, spec: &DataSpec) -> std::result::
     })
 }
 
+/// The JSONL file `spec` names (`default_name` inside a folder), its text, and the folder its
+/// image paths are relative to.
+pub(super) fn read_jsonl(spec: &DataSpec, default_name: &str) -> Result<(PathBuf, String, PathBuf)> {
+    let file = if spec.path.is_dir() {
+        spec.path.join(default_name)
+    } else {
+        spec.path.clone()
+    };
+    let text = read_text(&file)?;
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((file, text, dir))
+}
+
 impl JsonlPairs {
     pub(super) fn open(spec: &DataSpec) -> Result<Self> {
-        let file = if spec.path.is_dir() {
-            spec.path.join("pairs.jsonl")
-        } else {
-            spec.path.clone()
-        };
-        let text = read_text(&file)?;
-        let dir = match file.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let (file, text, dir) = read_jsonl(spec, "pairs.jsonl")?;
         let limit = spec.limit.unwrap_or(usize::MAX);
         let mut records = Vec::new();
         let mut skipped = Vec::new();

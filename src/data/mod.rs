@@ -10,7 +10,8 @@
 //! [`PairDataset::get`] and reported as [`crate::Error::Record`] naming the file, the record and
 //! the column or side; [`PairDataset::get_or_skip`] skips and lists it instead under
 //! `bad_records = "skip"`. [`skipped`] formats the lists for people and for
-//! `skipped_records.jsonl`.
+//! `skipped_records.jsonl`. [`unpaired`] reads single labelled images (Diffusion-KTO) from the
+//! same three layouts.
 
 pub mod dataset;
 pub mod folders;
@@ -21,6 +22,7 @@ pub mod preprocess;
 pub mod resize;
 pub mod skipped;
 pub mod spec;
+pub mod unpaired;
 
 pub use dataset::{PairDataset, PreferencePair, RecordLocation};
 pub use latent_cache::{LatentCache, LatentKey};
@@ -28,3 +30,4 @@ pub use preprocess::{PreparedImage, Preprocess};
 pub use resize::{resize, ResampleFilter};
 pub use skipped::SkippedRecord;
 pub use spec::{BadRecordPolicy, ColumnNames, DataFormat, DataSpec};
+pub use unpaired::{LabelledImage, UnpairedDataset};

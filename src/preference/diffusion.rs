@@ -38,32 +38,42 @@ pub enum Method {
         /// noises forward as Diffusion-DPO does (the smoothed loss alone, an ablation).
         inversion_steps: usize,
     },
+    /// Diffusion-KTO (Li et al. 2024): single images labelled desirable or undesirable
+    /// ([`super::diffusion_kto`]); on pairs, the preferred image is desirable.
+    Kto,
+    /// Diffusion-NPO (Wang et al., ICLR 2025): Diffusion-DPO with the labels swapped, which
+    /// trains the negative-preference adapter that guidance uses in its negative branch.
+    Npo,
 }
 
 impl Method {
-    /// Parses `dpo`, `dcpo`, `mapo` or `smpo` (SmPO with `inversion_steps`).
+    /// Parses `dpo`, `dcpo`, `mapo`, `smpo` (SmPO with `inversion_steps`) or `kto`.
     pub fn parse(s: &str, inversion_steps: usize) -> Result<Self> {
         Ok(match s {
             "dpo" => Method::Dpo,
             "dcpo" => Method::Dcpo,
             "mapo" => Method::Mapo,
             "smpo" => Method::Smpo { inversion_steps },
+            "kto" => Method::Kto,
+            "npo" => Method::Npo,
             other => {
                 return Err(Error::input(
                     "--method",
-                    format!("expected one of dpo, dcpo, mapo, smpo, got {other:?}"),
+                    format!("expected one of dpo, dcpo, mapo, smpo, kto, npo, got {other:?}"),
                 ))
             }
         })
     }
 
-    /// The papers' beta: DPO 5000, DCPO 500, MaPO 0.1, SmPO 2000 (SD 1.5 settings).
+    /// The papers' beta: DPO 5000, DCPO 500, MaPO 0.1, SmPO 2000 (SD 1.5 settings); KTO 5000,
+    /// the Diffusion-DPO `--beta_dpo` its official script inherits.
     pub fn default_beta(self) -> f64 {
         match self {
             Method::Dpo => 5000.0,
             Method::Dcpo => 500.0,
             Method::Mapo => 0.1,
             Method::Smpo { .. } => 2000.0,
+            Method::Kto | Method::Npo => 5000.0,
         }
     }
 
@@ -74,6 +84,8 @@ impl Method {
             Method::Dcpo => "dcpo",
             Method::Mapo => "mapo",
             Method::Smpo { .. } => "smpo",
+            Method::Kto => "kto",
+            Method::Npo => "npo",
         }
     }
 }
@@ -96,20 +108,24 @@ impl Objective {
         label_smoothing: f64,
     ) -> Result<Objective> {
         let beta = beta.unwrap_or(method.default_beta());
-        if method != Method::Mapo {
+        if !matches!(method, Method::Mapo | Method::Kto) {
             return Objective::dpo(loss_type, beta, label_smoothing);
         }
+        let name = method.name();
         if loss_type != LossType::Sigmoid {
             return Err(Error::input(
                 "loss_type",
-                format!("applies to dpo, dcpo and smpo, not mapo, got {loss_type}"),
+                format!("applies to dpo, dcpo and smpo, not {name}, got {loss_type}"),
             ));
         }
         if label_smoothing != 0.0 {
             return Err(Error::input(
                 "label_smoothing",
-                format!("applies to dpo, dcpo and smpo, not mapo, got {label_smoothing}"),
+                format!("applies to dpo, dcpo and smpo, not {name}, got {label_smoothing}"),
             ));
+        }
+        if method == Method::Kto {
+            return Objective::kto(beta, super::kto::Kto::default(), super::kto::Utility::Sigmoid);
         }
         let objective = Objective::Mapo {
             beta,
@@ -351,24 +367,13 @@ impl DiffusionPreference<'_> {
     ) -> Result<DiffusionLoss> {
         let b = batch.len();
         let device = self.policy.device().clone();
-        let t_idx: Vec<usize> = batch
-            .timesteps
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?
-            .into_iter()
-            .map(|t| {
-                let n = self.schedule.num_train_timesteps();
-                if t.fract() == 0.0 && t >= 0.0 && (t as usize) < n {
-                    Ok(t as usize)
-                } else {
-                    Err(Error::input(
-                        "timesteps",
-                        format!("expected integers in 0..{n}, got {t}"),
-                    ))
-                }
-            })
-            .collect::<Result<_>>()?;
-        let x0 = Tensor::cat(&[&batch.latents_w, &batch.latents_l], 0)?.to_device(&device)?;
+        let t_idx = self.timestep_indices(&batch.timesteps)?;
+        // NPO learns the opposite preference: the rejected image takes the preferred side.
+        let sides = match self.method {
+            Method::Npo => [&batch.latents_l, &batch.latents_w],
+            _ => [&batch.latents_w, &batch.latents_l],
+        };
+        let x0 = Tensor::cat(&sides, 0)?.to_device(&device)?;
         let t2: Vec<usize> = t_idx.iter().chain(t_idx.iter()).copied().collect();
         let context = Tensor::cat(&[&cond.context_w, &cond.context_l], 0)?;
         let added = cat_added(&cond.added_w, &cond.added_l)?;
@@ -396,34 +401,20 @@ impl DiffusionPreference<'_> {
             }
         };
 
-        let dtype = self.policy_dtype();
-        let run = |unet: &UNet2DConditionModel, context: &Tensor, added: Option<&AddedCond>| -> Result<Tensor> {
-            let pred = unet.forward(&x_t.to_dtype(dtype)?, &ts, &context.to_dtype(dtype)?, added)?;
-            per_sample_mse(&pred, &target)
-        };
-        let mse = run(self.policy, &context, added.as_ref())?;
+        let ref_cond = ref_cond
+            .map(|c| {
+                Ok::<_, Error>((
+                    Tensor::cat(&[&c.context_w, &c.context_l], 0)?.detach(),
+                    cat_added(&c.added_w, &c.added_l)?,
+                ))
+            })
+            .transpose()?;
+        let ref_cond = ref_cond.as_ref().map(|(c, a)| (c, a.as_ref()));
+        let (mse, ref_mse) = self.errors(&x_t, &ts, (&context, added.as_ref()), ref_cond, &target)?;
         let (mse_w, mse_l) = (mse.narrow(0, 0, b)?, mse.narrow(0, b, b)?);
-        let ref_mse = match self.reference {
-            Some(r) => {
-                let (ref_context, ref_added) = match ref_cond {
-                    Some(c) => (
-                        Tensor::cat(&[&c.context_w, &c.context_l], 0)?.detach(),
-                        cat_added(&c.added_w, &c.added_l)?,
-                    ),
-                    None => (context.clone(), added.clone()),
-                };
-                let m = match r {
-                    Reference::Unet(unet) => run(unet, &ref_context, ref_added.as_ref())?,
-                    Reference::PolicyWithoutAdapters(switch) => {
-                        let _off = switch.off();
-                        run(self.policy, &ref_context, ref_added.as_ref())?
-                    }
-                }
-                .detach();
-                Some((m.narrow(0, 0, b)?, m.narrow(0, b, b)?))
-            }
-            None => None,
-        };
+        let ref_mse = ref_mse
+            .map(|m| Ok::<_, Error>((m.narrow(0, 0, b)?, m.narrow(0, b, b)?)))
+            .transpose()?;
         if self.objective.needs_reference() && ref_mse.is_none() {
             return Err(Error::input(
                 "reference",
@@ -459,6 +450,56 @@ impl DiffusionPreference<'_> {
             ref_mse,
             inverted,
         })
+    }
+
+    /// The batch's timesteps `[N]` as indices into the training schedule; an error names any
+    /// that is not an integer in `0..T`.
+    pub fn timestep_indices(&self, timesteps: &Tensor) -> Result<Vec<usize>> {
+        let n = self.schedule.num_train_timesteps();
+        timesteps
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .map(|t| {
+                if t.fract() == 0.0 && t >= 0.0 && (t as usize) < n {
+                    Ok(t as usize)
+                } else {
+                    Err(Error::input(
+                        "timesteps",
+                        format!("expected integers in 0..{n}, got {t}"),
+                    ))
+                }
+            })
+            .collect()
+    }
+
+    /// The policy's per-sample MSE `[N]` of its prediction at `x_t` under `cond` (context and
+    /// added conditioning) against `target`, and the reference's (detached) under
+    /// `reference_cond` (else `cond`), when there is a reference.
+    pub fn errors(
+        &self,
+        x_t: &Tensor,
+        ts: &Tensor,
+        cond: (&Tensor, Option<&AddedCond>),
+        reference_cond: Option<(&Tensor, Option<&AddedCond>)>,
+        target: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dtype = self.policy_dtype();
+        let run = |unet: &UNet2DConditionModel, (context, added): (&Tensor, Option<&AddedCond>)| -> Result<Tensor> {
+            let pred = unet.forward(&x_t.to_dtype(dtype)?, ts, &context.to_dtype(dtype)?, added)?;
+            per_sample_mse(&pred, target)
+        };
+        let mse = run(self.policy, cond)?;
+        let ref_cond = reference_cond.unwrap_or(cond);
+        let ref_mse = match self.reference {
+            Some(Reference::Unet(unet)) => Some(run(unet, ref_cond)?.detach()),
+            Some(Reference::PolicyWithoutAdapters(switch)) => {
+                let _off = switch.off();
+                Some(run(self.policy, ref_cond)?.detach())
+            }
+            None => None,
+        };
+        Ok((mse, ref_mse))
     }
 
     fn policy_dtype(&self) -> DType {

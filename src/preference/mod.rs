@@ -4,6 +4,7 @@
 //! the denoising-error proxy; `crate::lm` the sequence log-probabilities.
 
 pub mod diffusion;
+pub mod diffusion_kto;
 pub mod heads;
 pub mod kto;
 pub mod metrics;

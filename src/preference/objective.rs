@@ -195,6 +195,14 @@ pub enum Objective {
         /// MaPO's `snr_value` (0.5).
         snr: f64,
     },
+    /// KTO on the pairs split into single examples (preferred desirable, rejected
+    /// undesirable), its reference point taken over the batch ([`super::kto`]).
+    Kto {
+        /// Beta and the desirable / undesirable weights.
+        kto: super::kto::Kto,
+        /// The value function.
+        utility: super::kto::Utility,
+    },
 }
 
 impl Objective {
@@ -211,7 +219,11 @@ impl Objective {
 
     /// Whether the objective needs the frozen reference model's proxies.
     pub fn needs_reference(&self) -> bool {
-        matches!(self, Objective::Dpo { loss_type, .. } if loss_type.needs_reference())
+        match self {
+            Objective::Dpo { loss_type, .. } => loss_type.needs_reference(),
+            Objective::Mapo { .. } => false,
+            Objective::Kto { .. } => true,
+        }
     }
 
     /// Checks the settings; errors name the setting.
@@ -258,6 +270,7 @@ impl Objective {
                     }
                 }
             }
+            Objective::Kto { kto, .. } => kto.validate()?,
         }
         Ok(())
     }
@@ -500,6 +513,17 @@ impl Objective {
                     margins: None,
                     metrics,
                 })
+            }
+            Objective::Kto { kto, utility } => {
+                let (ref_w, ref_l) = s
+                    .reference
+                    .as_ref()
+                    .ok_or_else(|| Error::input("reference", "kto needs reference scores"))?;
+                let b = s.policy_w.dim(0)?;
+                let desirable: Vec<bool> = (0..2 * b).map(|i| i < b).collect();
+                let policy = Tensor::cat(&[&s.policy_w, &s.policy_l], 0)?;
+                let reference = Tensor::cat(&[ref_w, ref_l], 0)?;
+                kto.evaluate_unpaired(utility, &policy, &reference, &desirable)
             }
         }
     }

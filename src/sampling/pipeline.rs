@@ -114,6 +114,12 @@ pub struct Conditioning {
     pub batch: usize,
     /// Latent `(h, w)`.
     pub latent_size: (usize, usize),
+    /// Diffusion-NPO (Wang et al., ICLR 2025, `G-U-N/Diffusion-NPO`): the model that predicts
+    /// the negative (unconditional or negative-prompt) branch of guidance, the base with the
+    /// negative-preference adapter at weight `w`. Guidance then reads
+    /// `eps = eps_npo(x_t, c_neg) + s * (eps(x_t, c) - eps_npo(x_t, c_neg))`, the paper's
+    /// `s * eps(x_t, c) + (1 - s) * eps_npo(x_t, c_neg)`; `None` is plain guidance.
+    pub negative_unet: Option<UNet2DConditionModel>,
 }
 
 /// Generated images.
@@ -272,13 +278,28 @@ impl StableDiffusionPipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
-        let cond = self.conditioning(
-            &req.prompts,
-            req.negative_prompts.as_deref(),
-            req.guidance,
-            (req.height, req.width),
-            req.time_ids,
-        )?;
+        self.generate_npo(unet, None, req, progress)
+    }
+
+    /// [`Self::generate_with`] with Diffusion-NPO's `negative` UNet predicting guidance's
+    /// negative branch ([`Conditioning::negative_unet`]); `None` is plain guidance.
+    pub fn generate_npo(
+        &self,
+        unet: &UNet2DConditionModel,
+        negative: Option<&UNet2DConditionModel>,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let cond = Conditioning {
+            negative_unet: negative.cloned(),
+            ..self.conditioning(
+                &req.prompts,
+                req.negative_prompts.as_deref(),
+                req.guidance,
+                (req.height, req.width),
+                req.time_ids,
+            )?
+        };
         let mut scheduler = self.scheduler_config.build(req.scheduler, req.steps)?;
         let mut rng = Rng::new(req.seed);
         let latents = self.denoise(unet, &cond, scheduler.as_mut(), &req.init_noise, &mut rng, progress)?;
@@ -331,6 +352,7 @@ impl StableDiffusionPipeline {
             guidance,
             batch: b,
             latent_size,
+            negative_unet: None,
         })
     }
 
@@ -366,7 +388,11 @@ impl StableDiffusionPipeline {
             };
             let input = scheduler.scale_model_input(&input, i)?;
             let ts = Tensor::from_vec(vec![t as f32; rows], rows, &self.device)?;
-            let pred = unet.forward(&input.to_dtype(self.dtype)?, &ts, &cond.context, cond.added.as_ref())?;
+            let input = input.to_dtype(self.dtype)?;
+            let pred = match (&cond.negative_unet, guided) {
+                (Some(negative), true) => npo_predictions(unet, negative, &input, &ts, cond)?,
+                _ => unet.forward(&input, &ts, &cond.context, cond.added.as_ref())?,
+            };
             let pred = pred.to_dtype(DType::F32)?;
             let pred = if guided {
                 let (uncond, text) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
@@ -410,4 +436,37 @@ impl StableDiffusionPipeline {
             self.dtype
         }
     }
+}
+
+/// The guided batch's predictions `[2B, ...]` with the negative half (rows `0..B`) from
+/// `negative` and the conditional half from `unet` (Diffusion-NPO).
+fn npo_predictions(
+    unet: &UNet2DConditionModel,
+    negative: &UNet2DConditionModel,
+    input: &Tensor,
+    ts: &Tensor,
+    cond: &Conditioning,
+) -> Result<Tensor> {
+    let b = cond.batch;
+    let half = |t: &Tensor, i: usize| t.narrow(0, i * b, b);
+    let added = |i: usize| -> Result<Option<AddedCond>> {
+        cond.added
+            .as_ref()
+            .map(|a| {
+                Ok(AddedCond {
+                    text_embeds: half(&a.text_embeds, i)?,
+                    time_ids: half(&a.time_ids, i)?,
+                })
+            })
+            .transpose()
+    };
+    let run = |model: &UNet2DConditionModel, i: usize| -> Result<Tensor> {
+        model.forward(
+            &half(input, i)?,
+            &half(ts, i)?,
+            &half(&cond.context, i)?,
+            added(i)?.as_ref(),
+        )
+    };
+    Ok(Tensor::cat(&[run(negative, 0)?, run(unet, 1)?], 0)?)
 }

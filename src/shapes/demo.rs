@@ -25,8 +25,11 @@ use crate::schedulers::SchedulerKind;
 use crate::weights::LoadOptions;
 use crate::{Error, Result};
 
-/// The preference methods the demo trains.
-pub const METHODS: [&str; 4] = ["dpo", "dcpo", "mapo", "smpo"];
+/// The preference methods the demo trains (KTO on the pairs split into labelled images).
+pub const METHODS: [&str; 5] = ["dpo", "dcpo", "mapo", "smpo", "kto"];
+
+/// The demo row of the DPO model guided by an NPO model trained on the same pairs (Diffusion-NPO).
+pub const DPO_NPO: &str = "dpo+npo";
 
 /// How much the demo does.
 #[derive(Debug, Clone)]
@@ -197,6 +200,18 @@ impl Generator {
 
     /// The image `[H, W, 3]` in [0, 1] of `prompt` from `noise` with `unet`.
     pub fn generate(&self, unet: &UNet2DConditionModel, prompt: &Prompt, noise: &Tensor, seed: u64) -> Result<Tensor> {
+        self.generate_guided(unet, None, prompt, noise, seed)
+    }
+
+    /// [`Self::generate`] with Diffusion-NPO's `negative` model in guidance's negative branch.
+    pub fn generate_guided(
+        &self,
+        unet: &UNet2DConditionModel,
+        negative: Option<&UNet2DConditionModel>,
+        prompt: &Prompt,
+        noise: &Tensor,
+        seed: u64,
+    ) -> Result<Tensor> {
         let f = self.pipe.vae_scale_factor();
         let (h, w) = (noise.dim(2)? * f, noise.dim(3)? * f);
         let req = GenerateRequest {
@@ -210,7 +225,11 @@ impl Generator {
                 (h, w),
             )
         };
-        Ok(self.pipe.generate_with(unet, &req, &mut |_, _| {})?.images.get(0)?)
+        Ok(self
+            .pipe
+            .generate_npo(unet, negative, &req, &mut |_, _| {})?
+            .images
+            .get(0)?)
     }
 }
 
@@ -458,6 +477,12 @@ pub struct MethodResult {
     pub true_reward: f64,
     /// The base model's mean rater score on the same prompts and seeds.
     pub base_true_reward: f64,
+    /// `dpo+npo` only: the win rate over the `dpo` images of the same cases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub win_rate_vs_dpo: Option<f64>,
+    /// `dpo+npo` only: its 95% Wilson interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci95_vs_dpo: Option<[f64; 2]>,
 }
 
 impl MethodResult {
@@ -470,6 +495,18 @@ impl MethodResult {
             n: w.n,
             true_reward: mean(tuned),
             base_true_reward: mean(base),
+            win_rate_vs_dpo: None,
+            ci95_vs_dpo: None,
+        })
+    }
+
+    /// [`Self::from_scores`] with the win rate over the `dpo` scores of the same cases.
+    pub fn with_dpo(base: &[f64], dpo: &[f64], tuned: &[f64]) -> Result<Self> {
+        let w = WinRate::from_scores(dpo, tuned).ok_or_else(|| Error::input("scores", "no pairs to compare"))?;
+        Ok(MethodResult {
+            win_rate_vs_dpo: Some(w.rate),
+            ci95_vs_dpo: Some([w.low, w.high]),
+            ..Self::from_scores(base, tuned)?
         })
     }
 }

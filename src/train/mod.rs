@@ -18,6 +18,7 @@ use candle_core::Tensor;
 
 use crate::models::unet::AddedCond;
 use crate::preference::diffusion::{Method, PairConditioning, PreferenceBatch};
+use crate::preference::diffusion_kto::LabelledBatch;
 use crate::sampling::StableDiffusionPipeline;
 use crate::Result;
 
@@ -40,16 +41,7 @@ pub fn pair_conditioning(
     } else {
         enc_w.clone()
     };
-    let b = batch.len();
-    let time_ids = match &batch.time_ids {
-        Some(t) => t.to_device(pipe.device())?,
-        None => {
-            let f = pipe.vae_scale_factor() as f32;
-            let (_, _, h, w) = batch.latents_w.dims4()?;
-            let (h, w) = (h as f32 * f, w as f32 * f);
-            Tensor::from_vec([h, w, 0.0, 0.0, h, w].repeat(b), (b, 6), pipe.device())?
-        }
-    };
+    let time_ids = time_ids(pipe, batch.time_ids.as_ref(), &batch.latents_w)?;
     let added = |pooled: &Option<Tensor>| {
         pooled.as_ref().map(|p| AddedCond {
             text_embeds: p.clone(),
@@ -62,4 +54,35 @@ pub fn pair_conditioning(
         context_w: enc_w.context,
         context_l: enc_l.context,
     })
+}
+
+/// The batch's SDXL time ids, or `(H, W, 0, 0, H, W)` per sample with `H, W` the image size the
+/// `latents` `[B, C, h, w]` decode to, as the official Diffusion-DPO code sets them.
+fn time_ids(pipe: &StableDiffusionPipeline, given: Option<&Tensor>, latents: &Tensor) -> Result<Tensor> {
+    Ok(match given {
+        Some(t) => t.to_device(pipe.device())?,
+        None => {
+            let f = pipe.vae_scale_factor() as f32;
+            let (b, _, h, w) = latents.dims4()?;
+            let (h, w) = (h as f32 * f, w as f32 * f);
+            Tensor::from_vec([h, w, 0.0, 0.0, h, w].repeat(b), (b, 6), pipe.device())?
+        }
+    })
+}
+
+/// A labelled batch's text states `[B, L, D]` and, for SDXL, its added inputs (time ids as
+/// [`pair_conditioning`] makes them).
+pub fn labelled_conditioning(
+    pipe: &StableDiffusionPipeline,
+    batch: &LabelledBatch,
+) -> Result<(Tensor, Option<AddedCond>)> {
+    let enc = pipe.encode_text(&batch.captions)?;
+    let added = match enc.pooled {
+        Some(p) => Some(AddedCond {
+            text_embeds: p,
+            time_ids: time_ids(pipe, batch.time_ids.as_ref(), &batch.latents)?,
+        }),
+        None => None,
+    };
+    Ok((enc.context, added))
 }

@@ -333,6 +333,7 @@ impl Trainer {
     /// gradient is computed on its own and summed in f64, so the sum does not depend on how
     /// the pairs are grouped into micro-batches and processes: the same run on any number of
     /// processes takes the same steps, up to the last bit of an f32 in all but rare elements.
+    /// KTO, whose reference point is a mean over a batch, is evaluated a micro-batch at a time.
     fn step(&mut self) -> Result<StepRecord> {
         let t = &self.plan.raw.train;
         let lr = t.lr_schedule.lr(t.lr, self.state.step, t.warmup_steps, t.steps);
@@ -355,8 +356,13 @@ impl Trainer {
                 &mut self.state,
                 &self.comm,
             )?;
-            for i in 0..batch.len() {
-                let pair = batch.pair(i)?;
+            // KTO's reference point is a mean over the micro-batch: it is evaluated whole.
+            let pieces = match self.plan.method {
+                Method::Kto => vec![batch],
+                _ => (0..batch.len()).map(|i| batch.pair(i)).collect::<Result<_>>()?,
+            };
+            for pair in pieces {
+                let n = pair.len() as f64;
                 let reference = match self.policy_vb.lora_switch() {
                     _ if !self.plan.objective.needs_reference() => None,
                     Some(switch) => Some(Reference::PolicyWithoutAdapters(switch)),
@@ -376,14 +382,14 @@ impl Trainer {
                 };
                 let out = eval.loss_with_reference_conditioning(&pair, &cond, ref_cond.as_ref())?;
                 let m = &out.loss.metrics;
-                sums[0] += m.loss;
-                sums[1] += m.implicit_acc.unwrap_or(0.0);
-                sums[2] += m.reward_margin.unwrap_or(0.0);
-                sums[3] += mean(&out.mse_w)?;
-                sums[4] += mean(&out.mse_l)?;
+                sums[0] += n * m.loss;
+                sums[1] += n * m.implicit_acc.unwrap_or(0.0);
+                sums[2] += n * m.reward_margin.unwrap_or(0.0);
+                sums[3] += n * mean(&out.mse_w)?;
+                sums[4] += n * mean(&out.mse_l)?;
                 if let Some((w, l)) = &out.ref_mse {
-                    sums[5] += mean(w)?;
-                    sums[6] += mean(l)?;
+                    sums[5] += n * mean(w)?;
+                    sums[6] += n * mean(l)?;
                 }
                 if !m.loss.is_finite() {
                     sums[7] += 1.0;
@@ -392,7 +398,7 @@ impl Trainer {
                 if sums[7] > 0.0 {
                     continue;
                 }
-                let weight = scale.map_or(1.0, |s| s.scale) / pairs;
+                let weight = n * scale.map_or(1.0, |s| s.scale) / pairs;
                 let g = (out.loss.loss * weight)?.backward()?;
                 for (acc, p) in grads.iter_mut().zip(&self.opt.params) {
                     if let Some(gi) = g.get(p.var.as_tensor()) {

@@ -171,6 +171,8 @@ pub struct LoraSource {
     trainable: bool,
     /// The same file's sources for its other components ([`LoraSource::from_file_all`]).
     others: Vec<Arc<LoraSource>>,
+    /// A multiplier of every adapter's scale (1; NPO's guidance weight).
+    weight: f64,
 }
 
 impl std::fmt::Debug for LoraSource {
@@ -219,6 +221,7 @@ impl LoraSource {
             component: component.to_string(),
             trainable,
             others: Vec::new(),
+            weight: 1.0,
         })
     }
 
@@ -259,6 +262,12 @@ impl LoraSource {
             .cloned()
     }
 
+    /// This source with every adapter's scale multiplied by `weight` (Diffusion-NPO's weight of
+    /// its adapter; 0 leaves the base weights exactly).
+    pub fn with_weight(self, weight: f64) -> Self {
+        LoraSource { weight, ..self }
+    }
+
     /// A fresh, always trainable UNet LoRA (see [`LoraConfig`]).
     pub fn fresh(cfg: &LoraConfig) -> Self {
         Self::fresh_for(cfg, "unet")
@@ -273,6 +282,7 @@ impl LoraSource {
             component: prefix.to_string(),
             trainable: true,
             others: Vec::new(),
+            weight: 1.0,
         }
     }
 
@@ -378,7 +388,7 @@ impl LoraSource {
                     adapter: LoraAdapter {
                         a: a_fit,
                         b: b_fit,
-                        scale: entry.scale,
+                        scale: entry.scale * self.weight,
                         switch: LoraSwitch::default(),
                     },
                     names: [entry.a.clone(), entry.b.clone()],
@@ -404,7 +414,7 @@ impl LoraSource {
                     adapter: LoraAdapter {
                         a: a.clone(),
                         b: b.clone(),
-                        scale: cfg.alpha / cfg.rank as f64,
+                        scale: cfg.alpha / cfg.rank as f64 * self.weight,
                         switch: LoraSwitch::default(),
                     },
                     names,
