@@ -24,6 +24,7 @@ use diffalign::shapes::demo::{
     eval_cases, fit_demo_pair_head, method_recipe, sample_pairs, split_prompts, true_reward, DcpoCaption, DemoConfig,
     GalleryImage, Generator, MethodResult, METHODS,
 };
+use diffalign::shapes::reward_demo::{draft_recipe, write_prompts, DraftDemo, DRAFT};
 use diffalign::train::report::{line_plot_svg, Curve};
 use diffalign::train::{Resume, TrainOptions, Trainer};
 use diffalign::weights::store::write_atomic;
@@ -66,7 +67,7 @@ pub struct DemoArgs {
     /// A shapes-world reward CLIP folder for ReNO instead of the embedded one.
     #[arg(long)]
     reward: Option<PathBuf>,
-    /// The methods to run, comma-separated (default: dpo,dcpo,mapo,smpo,reno).
+    /// The methods to run, comma-separated (default: dpo,dcpo,mapo,smpo,draft,reno).
     #[arg(long, value_delimiter = ',', value_parser = parse_method)]
     methods: Vec<String>,
     /// How DCPO's caption of each rejected image is made: `captioned` (DCPO-c, the world's
@@ -86,14 +87,23 @@ pub struct DemoArgs {
     /// score (default 10; 0 leaves ReNO with the CLIP score alone).
     #[arg(long, value_parser = parse_non_negative)]
     head_weight: Option<f64>,
+    /// DRaFT's optimizer steps (default 60, quick 3).
+    #[arg(long)]
+    draft_steps: Option<usize>,
+    /// DRaFT's learning rate (default 1e-4).
+    #[arg(long, value_parser = parse_positive)]
+    draft_lr: Option<f64>,
+    /// DRaFT's K: the final sampler steps gradients flow through (default 1).
+    #[arg(long)]
+    draft_k: Option<usize>,
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
-    if METHODS.contains(&s) || s == "reno" {
+    if METHODS.contains(&s) || s == "reno" || s == DRAFT {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "unknown method {s:?}; expected one of {}, reno",
+            "unknown method {s:?}; expected one of {}, {DRAFT}, reno",
             METHODS.join(", ")
         ))
     }
@@ -154,6 +164,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.inversion_steps = args.inversion_steps.unwrap_or(cfg.inversion_steps);
     cfg.head_weight = args.head_weight.unwrap_or(cfg.head_weight);
     cfg.seed = args.seed;
+    let mut draft = if args.quick {
+        DraftDemo::quick()
+    } else {
+        DraftDemo::full()
+    };
+    draft.steps = args.draft_steps.unwrap_or(draft.steps);
+    draft.lr = args.draft_lr.unwrap_or(draft.lr);
+    draft.k = args.draft_k.unwrap_or(draft.k);
     if !(cfg.head_weight.is_finite() && cfg.head_weight >= 0.0) {
         anyhow::bail!("--head-weight must be a number >= 0, got {}", cfg.head_weight);
     }
@@ -213,6 +231,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
     let base = render("base", &gen.pipe.unet, &mut manifest)?;
 
+    // The pair head, fitted on the labelled pairs, for ReNO and DRaFT.
+    let mut head_report = None;
+    if (wanted("reno") || wanted(DRAFT)) && cfg.head_weight > 0.0 {
+        let b = bar("pair head", 1);
+        head_report = Some(fit_demo_pair_head(&pairs, &reward_dir, &out.join("reward"), &cfg)?);
+        b.finish();
+    }
+
     // 3. Each method: train, then render the held-out cases.
     let mut results: BTreeMap<String, MethodResult> = BTreeMap::new();
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
@@ -224,16 +250,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         hub_cache: None,
         comm: std::rc::Rc::new(diffalign::dist::Comm::alone()),
     };
-    for method in METHODS.into_iter().filter(|m| wanted(m)) {
+    for method in METHODS.into_iter().chain([DRAFT]).filter(|m| wanted(m)) {
         let run_dir = out.join("runs").join(method);
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
         }
         std::fs::create_dir_all(&run_dir)?;
-        let recipe = method_recipe(method, &model_dir, &pairs, &run_dir, &cfg);
+        let recipe = if method == DRAFT {
+            let prompts = run_dir.join("prompts.txt");
+            write_prompts(&train, &prompts)?;
+            let head = head_report.as_ref().map(|h| h.dir.as_path());
+            draft_recipe(&model_dir, &prompts, &reward_dir, head, &run_dir, &cfg, &draft)
+        } else {
+            method_recipe(method, &model_dir, &pairs, &run_dir, &cfg)
+        };
         let plan = Plan::from_table(&run_dir.join("recipe.toml"), recipe)?;
+        let steps = plan.raw.train.steps;
         let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {method}"))?;
-        let b = bar(&format!("train {method}"), cfg.train_steps);
+        let b = bar(&format!("train {method}"), steps);
         let mut points = Vec::new();
         trainer.run(&opts, &mut |r, _| {
             b.set_position(r.step as u64);
@@ -251,17 +285,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // 4. ReNO with the learned shapes reward and the pair head, from each held-out case's own
     //    noise.
-    let mut head_report = None;
     if wanted("reno") {
         let reward = load_reward(RewardKind::ClipScore, &reward_dir, &device_opts)?;
         let mut rewards = vec![WeightedReward::new(reward, None)];
-        if cfg.head_weight > 0.0 {
-            let b = bar("pair head", 1);
-            let report = fit_demo_pair_head(&pairs, &reward_dir, &out.join("reward"), &cfg)?;
-            b.finish();
+        if let Some(report) = &head_report {
             let head = load_reward(RewardKind::PairHead, &report.dir, &device_opts)?;
             rewards.push(WeightedReward::new(head, Some(cfg.head_weight)));
-            head_report = Some(report);
         }
         let reno_cfg = RenoConfig {
             iters: cfg.reno_iters,
@@ -313,6 +342,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "methods": results,
         "config": {"quick": args.quick, "dcpo_caption": cfg.dcpo_caption, "inversion_steps": cfg.inversion_steps, "head_weight": cfg.head_weight, "seed": cfg.seed, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
                    "train_steps": cfg.train_steps, "lr": cfg.lr, "betas": cfg.betas, "reno_iters": cfg.reno_iters,
+                   "draft": {"steps": draft.steps, "batch_size": draft.batch_size, "lr": draft.lr, "k": draft.k},
                    "sampler_steps": cfg.steps, "guidance": cfg.guidance,
                    "model": args.model.as_ref().map(|p| p.display().to_string()),
                    "reward": args.reward.as_ref().map(|p| p.display().to_string())},

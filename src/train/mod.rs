@@ -1,7 +1,7 @@
 //! Preference fine-tuning: the diffusion loop ([`trainer`]), resumable checkpoints
 //! ([`checkpoint`]), how a run starts or resumes in its output folder ([`resume`]), the
-//! end-of-run report ([`report`]), f16 loss scaling ([`loss_scale`]), and the language-model
-//! trainers ([`lm`]). The optimizer and
+//! end-of-run report ([`report`]), f16 loss scaling ([`loss_scale`]), reward fine-tuning through
+//! the sampler ([`reward_ft`]: DRaFT, AlignProp, ReFL), and the language-model trainers ([`lm`]). The optimizer and
 //! schedules are `crate::optim`'s.
 
 mod batches;
@@ -11,6 +11,7 @@ pub mod loss_scale;
 pub mod records;
 pub mod report;
 pub mod resume;
+pub mod reward_ft;
 pub mod trainer;
 
 use candle_core::Tensor;
