@@ -90,12 +90,16 @@ pub struct DemoArgs {
     /// DRaFT's optimizer steps (default 60, quick 3).
     #[arg(long)]
     draft_steps: Option<usize>,
-    /// DRaFT's learning rate (default 1e-4).
+    /// DRaFT's learning rate (default 5e-6).
     #[arg(long, value_parser = parse_positive)]
     draft_lr: Option<f64>,
     /// DRaFT's K: the final sampler steps gradients flow through (default 1).
     #[arg(long)]
     draft_k: Option<usize>,
+    /// DRaFT's weight on the pair head beside the reward CLIP's score (default 100; 0: the CLIP
+    /// score alone).
+    #[arg(long, value_parser = parse_non_negative)]
+    draft_head_weight: Option<f64>,
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
@@ -172,6 +176,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     draft.steps = args.draft_steps.unwrap_or(draft.steps);
     draft.lr = args.draft_lr.unwrap_or(draft.lr);
     draft.k = args.draft_k.unwrap_or(draft.k);
+    draft.head_weight = args.draft_head_weight.unwrap_or(draft.head_weight);
     if !(cfg.head_weight.is_finite() && cfg.head_weight >= 0.0) {
         anyhow::bail!("--head-weight must be a number >= 0, got {}", cfg.head_weight);
     }
@@ -233,7 +238,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // The pair head, fitted on the labelled pairs, for ReNO and DRaFT.
     let mut head_report = None;
-    if (wanted("reno") || wanted(DRAFT)) && cfg.head_weight > 0.0 {
+    if (wanted("reno") && cfg.head_weight > 0.0) || (wanted(DRAFT) && draft.head_weight > 0.0) {
         let b = bar("pair head", 1);
         head_report = Some(fit_demo_pair_head(&pairs, &reward_dir, &out.join("reward"), &cfg)?);
         b.finish();
@@ -259,7 +264,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let recipe = if method == DRAFT {
             let prompts = run_dir.join("prompts.txt");
             write_prompts(&train, &prompts)?;
-            let head = head_report.as_ref().map(|h| h.dir.as_path());
+            let head = head_report
+                .as_ref()
+                .filter(|_| draft.head_weight > 0.0)
+                .map(|h| h.dir.as_path());
             draft_recipe(&model_dir, &prompts, &reward_dir, head, &run_dir, &cfg, &draft)
         } else {
             method_recipe(method, &model_dir, &pairs, &run_dir, &cfg)
@@ -288,7 +296,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if wanted("reno") {
         let reward = load_reward(RewardKind::ClipScore, &reward_dir, &device_opts)?;
         let mut rewards = vec![WeightedReward::new(reward, None)];
-        if let Some(report) = &head_report {
+        if let Some(report) = head_report.as_ref().filter(|_| cfg.head_weight > 0.0) {
             let head = load_reward(RewardKind::PairHead, &report.dir, &device_opts)?;
             rewards.push(WeightedReward::new(head, Some(cfg.head_weight)));
         }
@@ -342,7 +350,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "methods": results,
         "config": {"quick": args.quick, "dcpo_caption": cfg.dcpo_caption, "inversion_steps": cfg.inversion_steps, "head_weight": cfg.head_weight, "seed": cfg.seed, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
                    "train_steps": cfg.train_steps, "lr": cfg.lr, "betas": cfg.betas, "reno_iters": cfg.reno_iters,
-                   "draft": {"steps": draft.steps, "batch_size": draft.batch_size, "lr": draft.lr, "k": draft.k},
+                   "draft": {"steps": draft.steps, "batch_size": draft.batch_size, "lr": draft.lr, "k": draft.k, "head_weight": draft.head_weight},
                    "sampler_steps": cfg.steps, "guidance": cfg.guidance,
                    "model": args.model.as_ref().map(|p| p.display().to_string()),
                    "reward": args.reward.as_ref().map(|p| p.display().to_string())},

@@ -23,6 +23,10 @@ pub struct DraftDemo {
     pub lr: f64,
     /// DRaFT-K's K.
     pub k: usize,
+    /// Weight of the pair head beside the reward CLIP's score (ReNO's CLIPScore weight, 0.01):
+    /// the head, fitted on the rater's labels, carries the preference; the CLIP score alone
+    /// disagrees with the rater (README).
+    pub head_weight: f64,
 }
 
 impl DraftDemo {
@@ -31,8 +35,9 @@ impl DraftDemo {
         DraftDemo {
             steps: 60,
             batch_size: 4,
-            lr: 1e-4,
+            lr: 5e-6,
             k: 1,
+            head_weight: 100.0,
         }
     }
 
@@ -53,7 +58,7 @@ pub fn write_prompts(prompts: &[Prompt], file: &Path) -> Result<()> {
 
 /// The DRaFT recipe on the pipeline at `model` over the prompt file `prompts`, with the reward
 /// CLIP at `clip_reward` (ReNO's CLIPScore weight) and, when given, the pair head at `head` with
-/// `cfg.head_weight`; into `out`. Sampling as the demo generates: `cfg.steps` DDIM steps at
+/// `draft.head_weight`; into `out`. Sampling as the demo generates: `cfg.steps` DDIM steps at
 /// `cfg.guidance`.
 pub fn draft_recipe(
     model: &Path,
@@ -74,7 +79,7 @@ pub fn draft_recipe(
         rewards.push(table(vec![
             ("kind", "pairhead".into()),
             ("path", path(h)),
-            ("weight", cfg.head_weight.into()),
+            ("weight", draft.head_weight.into()),
         ]));
     }
     toml::Table::from_iter(

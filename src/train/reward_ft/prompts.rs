@@ -6,6 +6,22 @@ use std::path::Path;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
+/// The prompts of a text file, one a line, trimmed, blank lines skipped; fails naming the file
+/// when it holds none.
+pub fn read_prompt_file(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        return Err(Error::input(path.display().to_string(), "no prompts in the file"));
+    }
+    Ok(prompts)
+}
+
 /// Key of the shuffle streams, apart from every sample's own.
 const SHUFFLE_KEY: u64 = 0x5052_4f4d_5054;
 
@@ -17,16 +33,9 @@ pub struct PromptList {
 }
 
 impl PromptList {
-    /// Reads `path`; fails naming the file when it holds no prompt.
+    /// Reads `path` ([`read_prompt_file`]).
     pub fn read(path: &Path, seed: u64) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let prompts: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
-        Self::new(prompts, seed).map_err(|_| Error::input(path.display().to_string(), "no prompt in the file"))
+        Self::new(read_prompt_file(path)?, seed)
     }
 
     /// `prompts` shuffled by `seed`; fails when empty.
