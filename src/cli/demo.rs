@@ -90,7 +90,7 @@ pub struct DemoArgs {
     /// DRaFT's optimizer steps (default 60, quick 3).
     #[arg(long)]
     draft_steps: Option<usize>,
-    /// DRaFT's learning rate (default 5e-6).
+    /// DRaFT's learning rate (default 2e-6).
     #[arg(long, value_parser = parse_positive)]
     draft_lr: Option<f64>,
     /// DRaFT's K: the final sampler steps gradients flow through (default 1).

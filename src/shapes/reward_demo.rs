@@ -35,7 +35,7 @@ impl DraftDemo {
         DraftDemo {
             steps: 60,
             batch_size: 4,
-            lr: 5e-6,
+            lr: 2e-6,
             k: 1,
             head_weight: 100.0,
         }
