@@ -375,3 +375,27 @@ fn bad_reward_recipes_are_errors_naming_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn refl_on_pair_data_adds_the_pretraining_loss_of_the_preferred_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::pairs::write_pairs(&tmp.path().join("data"), 4, 3);
+    let recipe = reward_recipe(tmp.path(), "refl", "refl_t_hi = 1000");
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("format = \"prompts\"", "format = \"jsonl\"")
+        .replace(
+            &tmp.path().join("prompts.txt").display().to_string(),
+            &data.display().to_string(),
+        );
+    std::fs::write(&recipe, text).unwrap();
+    train(&recipe, &["--set", "train.steps=2"]);
+    let metrics = read_jsonl(&tmp.path().join("out/metrics.jsonl"));
+    assert_eq!(metrics.len(), 2);
+    for m in &metrics {
+        // The pair images' denoising MSE is logged as mse_w and is part of the loss.
+        let mse = m["mse_w"].as_f64().unwrap();
+        assert!(mse > 0.0 && mse.is_finite(), "{m}");
+        assert!(m["loss"].as_f64().unwrap().is_finite(), "{m}");
+    }
+}
