@@ -5,6 +5,8 @@
 //! key=value` overrides any key by its dotted path (`train.steps=10`); the value is read as a TOML
 //! value, or as a string when it is not one. Relative paths are taken from the current folder.
 
+pub mod reward_ft;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
@@ -41,7 +43,8 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    /// dpo, dcpo, mapo, smpo or kto.
+    /// dpo, dcpo, mapo, smpo, kto or npo; or a reward method: draft, alignprop or refl
+    /// ([`reward_ft`]).
     pub method: String,
     /// Beta (default: the method's paper value).
     #[serde(default)]
@@ -258,6 +261,12 @@ pub struct RawRecipe {
     pub lora: Option<LoraSection>,
     /// `[output]`.
     pub output: OutputSection,
+    /// `[reward_ft]`: the reward methods' sampling and truncation.
+    #[serde(default)]
+    pub reward_ft: Option<reward_ft::RewardFtSection>,
+    /// `[[reward]]`: the reward methods' rewards.
+    #[serde(default)]
+    pub reward: Vec<reward_ft::RewardSection>,
 }
 
 /// A validated recipe.
@@ -267,7 +276,7 @@ pub struct Plan {
     pub source: PathBuf,
     /// The recipe as written (after `--set`).
     pub raw: RawRecipe,
-    /// The method.
+    /// The preference method (Diffusion-DPO's for a reward method, whose loss it does not use).
     pub method: Method,
     /// The objective, validated.
     pub objective: Objective,
@@ -275,6 +284,8 @@ pub struct Plan {
     pub dtype: DType,
     /// The TOML text after overrides (saved beside the results).
     pub resolved_toml: String,
+    /// A reward method's settings (`None` for a preference method).
+    pub reward_ft: Option<reward_ft::RewardFtPlan>,
 }
 
 /// Applies `key=value` to `table` at the dotted `key`.
@@ -329,10 +340,16 @@ impl Plan {
     fn validate(path: &Path, raw: RawRecipe, resolved_toml: String) -> Result<Plan> {
         let err = |key: &str, reason: String| Error::config(path, key, reason);
         let t = &raw.train;
-        let method = Method::parse(&t.method, t.inversion_steps).map_err(|_| {
+        let reward_ft = reward_ft::plan(path, &t.method, raw.reward_ft.as_ref(), &raw.reward)?;
+        let method_name = if reward_ft.is_some() { "dpo" } else { &t.method };
+        let method = Method::parse(method_name, t.inversion_steps).map_err(|_| {
             err(
                 "train.method",
-                format!("expected one of dpo, dcpo, mapo, smpo, kto, npo, got {:?}", t.method),
+                format!(
+                    "expected one of dpo, dcpo, mapo, smpo, kto, npo, {}, got {:?}",
+                    reward_ft::REWARD_METHODS.join(", "),
+                    t.method
+                ),
             )
         })?;
         let mut loss_type = t
@@ -434,6 +451,7 @@ impl Plan {
             objective,
             dtype,
             resolved_toml,
+            reward_ft,
         })
     }
 }

@@ -24,7 +24,7 @@ fn quick_demo_writes_every_file_with_its_schema() {
 
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    for method in ["dpo", "dcpo", "mapo", "smpo", "kto", "dpo+npo", "reno"] {
+    for method in ["dpo", "dcpo", "mapo", "smpo", "kto", "dpo+npo", "draft", "reno"] {
         let m = &metrics["methods"][method];
         let win = m["win_rate"].as_f64().unwrap_or_else(|| panic!("{method}: win_rate"));
         let ci = m["ci95"].as_array().unwrap();
@@ -72,7 +72,7 @@ fn quick_demo_writes_every_file_with_its_schema() {
 
     let manifest: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(out.join("gallery/manifest.json")).unwrap()).unwrap();
-    let methods = ["base", "dpo", "dcpo", "mapo", "smpo", "kto", "dpo+npo", "reno"];
+    let methods = ["base", "dpo", "dcpo", "mapo", "smpo", "kto", "dpo+npo", "draft", "reno"];
     for m in methods {
         assert!(manifest.iter().any(|g| g["method"] == m), "no {m} image");
     }

@@ -24,6 +24,7 @@ use diffalign::shapes::demo::{
     eval_cases, fit_demo_pair_head, method_recipe, sample_pairs, split_prompts, true_reward, DcpoCaption, DemoConfig,
     GalleryImage, Generator, MethodResult, DPO_NPO, METHODS,
 };
+use diffalign::shapes::reward_demo::{draft_recipe, write_prompts, DraftDemo, DRAFT};
 use diffalign::train::report::{line_plot_svg, Curve};
 use diffalign::train::{Resume, TrainOptions, Trainer};
 use diffalign::weights::store::write_atomic;
@@ -66,7 +67,7 @@ pub struct DemoArgs {
     /// A shapes-world reward CLIP folder for ReNO instead of the embedded one.
     #[arg(long)]
     reward: Option<PathBuf>,
-    /// The methods to run, comma-separated (default: dpo,dcpo,mapo,smpo,kto,dpo+npo,reno;
+    /// The methods to run, comma-separated (default: dpo,dcpo,mapo,smpo,kto,dpo+npo,draft,reno;
     /// dpo+npo also runs dpo).
     #[arg(long, value_delimiter = ',', value_parser = parse_method)]
     methods: Vec<String>,
@@ -87,14 +88,27 @@ pub struct DemoArgs {
     /// score (default 10; 0 leaves ReNO with the CLIP score alone).
     #[arg(long, value_parser = parse_non_negative)]
     head_weight: Option<f64>,
+    /// DRaFT's optimizer steps (default 60, quick 3).
+    #[arg(long)]
+    draft_steps: Option<usize>,
+    /// DRaFT's learning rate (default 2e-6).
+    #[arg(long, value_parser = parse_positive)]
+    draft_lr: Option<f64>,
+    /// DRaFT's K: the final sampler steps gradients flow through (default 1).
+    #[arg(long)]
+    draft_k: Option<usize>,
+    /// DRaFT's weight on the pair head beside the reward CLIP's score (default 100; 0: the CLIP
+    /// score alone).
+    #[arg(long, value_parser = parse_non_negative)]
+    draft_head_weight: Option<f64>,
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
-    if METHODS.contains(&s) || s == "reno" || s == DPO_NPO {
+    if METHODS.contains(&s) || s == "reno" || s == DPO_NPO || s == DRAFT {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "unknown method {s:?}; expected one of {}, {DPO_NPO}, reno",
+            "unknown method {s:?}; expected one of {}, {DPO_NPO}, {DRAFT}, reno",
             METHODS.join(", ")
         ))
     }
@@ -155,6 +169,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.inversion_steps = args.inversion_steps.unwrap_or(cfg.inversion_steps);
     cfg.head_weight = args.head_weight.unwrap_or(cfg.head_weight);
     cfg.seed = args.seed;
+    let mut draft = if args.quick {
+        DraftDemo::quick()
+    } else {
+        DraftDemo::full()
+    };
+    draft.steps = args.draft_steps.unwrap_or(draft.steps);
+    draft.lr = args.draft_lr.unwrap_or(draft.lr);
+    draft.k = args.draft_k.unwrap_or(draft.k);
+    draft.head_weight = args.draft_head_weight.unwrap_or(draft.head_weight);
     if !(cfg.head_weight.is_finite() && cfg.head_weight >= 0.0) {
         anyhow::bail!("--head-weight must be a number >= 0, got {}", cfg.head_weight);
     }
@@ -217,6 +240,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let base = render("base", &gen.pipe.unet, None, &mut manifest)?;
 
+    // The pair head, fitted on the labelled pairs, for ReNO and DRaFT.
+    let mut head_report = None;
+    if (wanted("reno") && cfg.head_weight > 0.0) || (wanted(DRAFT) && draft.head_weight > 0.0) {
+        let b = bar("pair head", 1);
+        head_report = Some(fit_demo_pair_head(&pairs, &reward_dir, &out.join("reward"), &cfg)?);
+        b.finish();
+    }
+
     // 3. Each method: train, then render the held-out cases.
     let mut results: BTreeMap<String, MethodResult> = BTreeMap::new();
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
@@ -231,21 +262,37 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut tuned_unets = BTreeMap::new();
     let npo_wanted = wanted(DPO_NPO);
     let trained = METHODS.into_iter().filter(|m| wanted(m) || (*m == "dpo" && npo_wanted));
-    for method in trained.chain(npo_wanted.then_some("npo")) {
+    let extra = npo_wanted
+        .then_some("npo")
+        .into_iter()
+        .chain(wanted(DRAFT).then_some(DRAFT));
+    for method in trained.chain(extra) {
         let run_dir = out.join("runs").join(method);
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
         }
         std::fs::create_dir_all(&run_dir)?;
-        let mut recipe = method_recipe(method, &model_dir, &pairs, &run_dir, &cfg);
-        if method == "npo" {
-            // A quarter of the steps keeps the negative model near the base, as the paper's
-            // adapter weight below 1 does (all the steps: 0.37 against dpo, README).
-            recipe["train"]["steps"] = toml::Value::from((cfg.train_steps / 4).max(1) as i64);
-        }
+        let recipe = if method == DRAFT {
+            let prompts = run_dir.join("prompts.txt");
+            write_prompts(&train, &prompts)?;
+            let head = head_report
+                .as_ref()
+                .filter(|_| draft.head_weight > 0.0)
+                .map(|h| h.dir.as_path());
+            draft_recipe(&model_dir, &prompts, &reward_dir, head, &run_dir, &cfg, &draft)
+        } else {
+            let mut recipe = method_recipe(method, &model_dir, &pairs, &run_dir, &cfg);
+            if method == "npo" {
+                // A quarter of the steps keeps the negative model near the base, as the paper's
+                // adapter weight below 1 does (all the steps: 0.37 against dpo, README).
+                recipe["train"]["steps"] = toml::Value::from((cfg.train_steps / 4).max(1) as i64);
+            }
+            recipe
+        };
         let plan = Plan::from_table(&run_dir.join("recipe.toml"), recipe)?;
+        let steps = plan.raw.train.steps;
         let mut trainer = Trainer::new(plan, &opts).with_context(|| format!("setting up {method}"))?;
-        let b = bar(&format!("train {method}"), cfg.train_steps);
+        let b = bar(&format!("train {method}"), steps);
         let mut points = Vec::new();
         trainer.run(&opts, &mut |r, _| {
             b.set_position(r.step as u64);
@@ -271,17 +318,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // 4. ReNO with the learned shapes reward and the pair head, from each held-out case's own
     //    noise.
-    let mut head_report = None;
     if wanted("reno") {
         let reward = load_reward(RewardKind::ClipScore, &reward_dir, &device_opts)?;
         let mut rewards = vec![WeightedReward::new(reward, None)];
-        if cfg.head_weight > 0.0 {
-            let b = bar("pair head", 1);
-            let report = fit_demo_pair_head(&pairs, &reward_dir, &out.join("reward"), &cfg)?;
-            b.finish();
+        if let Some(report) = head_report.as_ref().filter(|_| cfg.head_weight > 0.0) {
             let head = load_reward(RewardKind::PairHead, &report.dir, &device_opts)?;
             rewards.push(WeightedReward::new(head, Some(cfg.head_weight)));
-            head_report = Some(report);
         }
         let reno_cfg = RenoConfig {
             iters: cfg.reno_iters,
@@ -333,6 +375,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "methods": results,
         "config": {"quick": args.quick, "dcpo_caption": cfg.dcpo_caption, "inversion_steps": cfg.inversion_steps, "head_weight": cfg.head_weight, "seed": cfg.seed, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
                    "train_steps": cfg.train_steps, "lr": cfg.lr, "betas": cfg.betas, "reno_iters": cfg.reno_iters,
+                   "draft": {"steps": draft.steps, "batch_size": draft.batch_size, "lr": draft.lr, "k": draft.k, "head_weight": draft.head_weight},
                    "sampler_steps": cfg.steps, "guidance": cfg.guidance,
                    "model": args.model.as_ref().map(|p| p.display().to_string()),
                    "reward": args.reward.as_ref().map(|p| p.display().to_string())},

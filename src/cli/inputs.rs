@@ -46,19 +46,7 @@ pub struct SizeArgs {
 pub fn read_prompts(prompt: Option<&str>, file: Option<&Path>) -> anyhow::Result<Vec<String>> {
     match (prompt, file) {
         (Some(p), None) => Ok(vec![p.to_string()]),
-        (None, Some(file)) => {
-            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-            let prompts: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect();
-            if prompts.is_empty() {
-                bail!("{}: no prompts in the file", file.display());
-            }
-            Ok(prompts)
-        }
+        (None, Some(file)) => Ok(diffalign::train::reward_ft::prompts::read_prompt_file(file)?),
         _ => bail!("give --prompt TEXT or --prompts FILE"),
     }
 }

@@ -123,6 +123,13 @@ impl PairDataset {
             DataFormat::Pickapic => Box::new(pickapic::PickapicPairs::open(spec)?),
             DataFormat::Jsonl => Box::new(jsonl::JsonlPairs::open(spec)?),
             DataFormat::Folders => Box::new(folders::FolderPairs::open(spec)?),
+            DataFormat::Prompts => {
+                return Err(Error::input(
+                    spec.path.display().to_string(),
+                    "format = \"prompts\" holds prompts, not preference pairs: only the reward methods \
+                     (draft, alignprop, refl) read it",
+                ))
+            }
         };
         Ok(PairDataset {
             source,

@@ -30,15 +30,19 @@ pub enum DataFormat {
     /// A folder with `w/` (preferred) and `l/` (rejected) image folders of matching file names and
     /// `captions.jsonl` (`{"file", "caption"}` per line) or `captions.txt` (`NAME<TAB>caption`).
     Folders,
+    /// A text file of prompts, one per line, with no images: the prompts of the reward
+    /// fine-tuning methods (draft, alignprop, refl), which sample their own images.
+    Prompts,
 }
 
 impl DataFormat {
-    /// The name used in recipes (`pickapic`, `jsonl`, `folders`).
+    /// The name used in recipes (`pickapic`, `jsonl`, `folders`, `prompts`).
     pub fn name(self) -> &'static str {
         match self {
             DataFormat::Pickapic => "pickapic",
             DataFormat::Jsonl => "jsonl",
             DataFormat::Folders => "folders",
+            DataFormat::Prompts => "prompts",
         }
     }
 }

@@ -99,6 +99,12 @@ impl UnpairedDataset {
                     .collect();
                 (records, Some(pairs))
             }
+            DataFormat::Prompts => {
+                return Err(Error::input(
+                    spec.path.display().to_string(),
+                    "format = \"prompts\" holds prompts, not labelled images",
+                ))
+            }
         };
         Ok(UnpairedDataset {
             records,

@@ -57,6 +57,15 @@ impl Recompute {
         }
     }
 
+    /// A recomputation that is always on, for a block whose trainable tensors are `params` (say
+    /// a whole sampler step of a model, as AlignProp checkpoints them).
+    pub fn always(params: Vec<Tensor>) -> Self {
+        Recompute {
+            enabled: Arc::new(AtomicBool::new(true)),
+            params: Arc::new(params),
+        }
+    }
+
     /// Runs `f(block, a, b)`: plainly when recomputation is off or nothing needs a gradient (the
     /// block is then not cloned), otherwise keeping only the output and recomputing in the
     /// backward pass.

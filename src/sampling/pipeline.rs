@@ -122,6 +122,36 @@ pub struct Conditioning {
     pub negative_unet: Option<UNet2DConditionModel>,
 }
 
+impl Conditioning {
+    /// The denoiser's guided output for the scaled model input `input` `[B, C, h, w]` at
+    /// timestep `t`: `uncond + guidance·(text − uncond)` under guidance (the unconditional
+    /// branch from the NPO model when there is one), in f32 (one step of
+    /// [`StableDiffusionPipeline::denoise`], differentiable in `input` and the UNet's parameters).
+    pub fn guided_prediction(&self, unet: &UNet2DConditionModel, input: &Tensor, t: f64) -> Result<Tensor> {
+        let b = self.batch;
+        let guided = self.guidance > 1.0;
+        let rows = if guided { 2 * b } else { b };
+        let input = if guided {
+            Tensor::cat(&[input, input], 0)?
+        } else {
+            input.clone()
+        };
+        let ts = Tensor::from_vec(vec![t as f32; rows], rows, self.context.device())?;
+        let input = input.to_dtype(self.context.dtype())?;
+        let pred = match (&self.negative_unet, guided) {
+            (Some(negative), true) => npo_predictions(unet, negative, &input, &ts, self)?,
+            _ => unet.forward(&input, &ts, &self.context, self.added.as_ref())?,
+        };
+        let pred = pred.to_dtype(DType::F32)?;
+        Ok(if guided {
+            let (uncond, text) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
+            (&uncond + ((text - &uncond)? * self.guidance)?)?
+        } else {
+            pred
+        })
+    }
+}
+
 /// Generated images.
 #[derive(Debug, Clone)]
 pub struct Generated {
@@ -376,30 +406,11 @@ impl StableDiffusionPipeline {
                 format!("expected shape {want:?}, got {:?}", init_noise.dims()),
             ));
         }
-        let guided = cond.guidance > 1.0;
-        let rows = if guided { 2 * b } else { b };
         let mut latents = (init_noise.to_device(&self.device)?.to_dtype(DType::F32)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(&input, i)?;
-            let ts = Tensor::from_vec(vec![t as f32; rows], rows, &self.device)?;
-            let input = input.to_dtype(self.dtype)?;
-            let pred = match (&cond.negative_unet, guided) {
-                (Some(negative), true) => npo_predictions(unet, negative, &input, &ts, cond)?,
-                _ => unet.forward(&input, &ts, &cond.context, cond.added.as_ref())?,
-            };
-            let pred = pred.to_dtype(DType::F32)?;
-            let pred = if guided {
-                let (uncond, text) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
-                (&uncond + ((text - &uncond)? * cond.guidance)?)?
-            } else {
-                pred
-            };
+            let input = scheduler.scale_model_input(&latents, i)?;
+            let pred = cond.guided_prediction(unet, &input, t)?;
             check_finite(&pred, || {
                 format!(
                     "sampling step {} of {} (timestep {t}): the unet output",

@@ -1,7 +1,8 @@
 //! Preference fine-tuning: the diffusion loop ([`trainer`]), resumable checkpoints
 //! ([`checkpoint`]), how a run starts or resumes in its output folder ([`resume`]), the
 //! end-of-run report ([`report`]), f16 loss scaling ([`loss_scale`]), text-encoder LoRAs
-//! ([`text_lora`]), and the language-model trainers ([`lm`]). The optimizer and
+//! ([`text_lora`]), reward fine-tuning through the sampler ([`reward_ft`]: DRaFT, AlignProp,
+//! ReFL), and the language-model trainers ([`lm`]). The optimizer and
 //! schedules are `crate::optim`'s.
 
 mod batches;
@@ -11,6 +12,7 @@ pub mod loss_scale;
 pub mod records;
 pub mod report;
 pub mod resume;
+pub mod reward_ft;
 pub mod text_lora;
 pub mod trainer;
 

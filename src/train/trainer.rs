@@ -38,6 +38,8 @@ use crate::weights::store::write_atomic;
 use crate::weights::{layout, save_safetensors, LoadOptions, VarBuilder};
 use crate::{Error, Result};
 
+mod reward_step;
+
 /// Run-time choices that are not part of the recipe.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -64,7 +66,9 @@ pub struct Trainer {
     policy_unet_dir: PathBuf,
     opt: Optimizer,
     schedule: NoiseSchedule,
-    batches: Batches,
+    batches: Option<Batches>,
+    /// The reward method's run (draft, alignprop, refl); `None` for a preference method.
+    reward_ft: Option<reward_step::RewardRun>,
     metrics: MetricsLog,
     state: TrainState,
     out: PathBuf,
@@ -161,36 +165,16 @@ impl Trainer {
         policy.set_gradient_checkpointing(r.train.gradient_checkpointing);
         let opt = Optimizer::new(vars, r.train.optimizer_config())?;
         let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
-        let data = PairDataset::open(&r.data)?;
-        data.ensure_usable()?;
-        let t = &r.train;
-        let preprocess = Preprocess {
-            resolution: (t.resolution, t.resolution),
-            center_crop: t.center_crop,
-            random_flip: t.random_flip,
-            flip_pair_together: t.flip_pair_together.unwrap_or(plan.method == Method::Mapo),
-            empty_caption_prob: t.empty_caption_prob,
-        };
         let out = r.output.dir.clone();
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-        let cache = if t.cache_latents && t.center_crop {
-            let identity = format!(
-                "data {} {:?} {} {:?} dual={} ties={} limit={:?}; {} pairs; resolution {}; center crop; vae {}",
-                data.fingerprint(),
-                r.data.format,
-                r.data.path.display(),
-                r.data.columns,
-                r.data.dual_captions,
-                r.data.drop_ties,
-                r.data.limit,
-                data.len(),
-                t.resolution,
-                sources.vae.as_ref().unwrap_or(&root.join("vae")).display()
-            );
-            let cache = comm.rank0_first(|| LatentCache::open(&out.join("latents"), &identity))?;
-            Some(cache.with_device(opts.device.clone()))
-        } else {
-            None
+        let reward_ft = match &plan.reward_ft {
+            Some(rp) => Some(reward_step::RewardRun::new(&plan, rp, &pipe, &policy_vb, opts)?),
+            None => None,
+        };
+        // A reward method with a prompt file has no pairs to batch.
+        let batches = match &reward_ft {
+            Some(run) if run.prompts.is_some() => None,
+            _ => Some(Self::open_batches(&plan, opts, &sources, &out)?),
         };
         let state = TrainState {
             step: 0,
@@ -200,10 +184,10 @@ impl Trainer {
             nonfinite_in_a_row: 0,
             loss_scale: (plan.dtype == DType::F16).then(LossScale::new),
         };
-        let batches = Batches::new(data, preprocess, cache, t.seed, t.batch_size, plan.method);
         let mut trainer = Trainer {
             metrics: MetricsLog::new(&out),
             batches,
+            reward_ft,
             plan,
             pipe,
             policy,
@@ -229,6 +213,42 @@ impl Trainer {
             )
         }));
         Ok(trainer)
+    }
+
+    /// The preference pairs of the recipe's data, batched, with the latent cache under `out`.
+    fn open_batches(plan: &Plan, opts: &TrainOptions, sources: &PipelineSources, out: &Path) -> Result<Batches> {
+        let (r, comm) = (&plan.raw, &opts.comm);
+        let root = &sources.root;
+        let data = PairDataset::open(&r.data)?;
+        data.ensure_usable()?;
+        let t = &r.train;
+        let preprocess = Preprocess {
+            resolution: (t.resolution, t.resolution),
+            center_crop: t.center_crop,
+            random_flip: t.random_flip,
+            flip_pair_together: t.flip_pair_together.unwrap_or(plan.method == Method::Mapo),
+            empty_caption_prob: t.empty_caption_prob,
+        };
+        let cache = if t.cache_latents && t.center_crop {
+            let identity = format!(
+                "data {} {:?} {} {:?} dual={} ties={} limit={:?}; {} pairs; resolution {}; center crop; vae {}",
+                data.fingerprint(),
+                r.data.format,
+                r.data.path.display(),
+                r.data.columns,
+                r.data.dual_captions,
+                r.data.drop_ties,
+                r.data.limit,
+                data.len(),
+                t.resolution,
+                sources.vae.as_ref().unwrap_or(&root.join("vae")).display()
+            );
+            let cache = comm.rank0_first(|| LatentCache::open(&out.join("latents"), &identity))?;
+            Some(cache.with_device(opts.device.clone()))
+        } else {
+            None
+        };
+        Ok(Batches::new(data, preprocess, cache, t.seed, t.batch_size, plan.method))
     }
 
     /// Continues from `checkpoint` (recording allowed recipe `changes` in the metrics) or
@@ -274,7 +294,9 @@ impl Trainer {
             None if main => self.metrics.clear()?,
             None => {}
         }
-        skipped::merge(&mut self.skipped, self.batches.data.skipped());
+        if let Some(b) = &self.batches {
+            skipped::merge(&mut self.skipped, b.data.skipped());
+        }
         if !main {
             return Ok(());
         }
@@ -309,12 +331,15 @@ impl Trainer {
 
     /// Pairs in use: the usable pairs less those found undecodable so far.
     pub fn pairs_used(&self) -> usize {
-        self.batches.data.len() - self.late_seen
+        self.batches.as_ref().map_or(0, |b| b.data.len()) - self.late_seen
     }
 
     /// Lists the records the dataset left out since the last call; returns them.
     fn take_late_skips(&mut self) -> Result<Vec<SkippedRecord>> {
-        let new = self.batches.data.late_skipped(self.late_seen);
+        let Some(batches) = &self.batches else {
+            return Ok(Vec::new());
+        };
+        let new = batches.data.late_skipped(self.late_seen);
         if !new.is_empty() {
             self.late_seen += new.len();
             skipped::merge(&mut self.skipped, &new);
@@ -335,27 +360,29 @@ impl Trainer {
     /// processes takes the same steps, up to the last bit of an f32 in all but rare elements.
     /// KTO, whose reference point is a mean over a batch, is evaluated a micro-batch at a time.
     fn step(&mut self) -> Result<StepRecord> {
+        if self.reward_ft.is_some() {
+            return self.reward_step();
+        }
         let t = &self.plan.raw.train;
         let lr = t.lr_schedule.lr(t.lr, self.state.step, t.warmup_steps, t.steps);
-        let (grad_accum, max_grad_norm) = (t.grad_accum, t.max_grad_norm);
+        let grad_accum = t.grad_accum;
         // The step's loss is the mean over every pair of every micro-batch and rank.
         let pairs = (grad_accum * t.batch_size * self.comm.size()) as f64;
-        let mut grads: Vec<Tensor> = self
-            .opt
-            .params
-            .iter()
-            .map(|p| p.master.zeros_like()?.to_dtype(DType::F64))
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = self.zero_grads()?;
         let scale = self.state.loss_scale;
         // Sums over this rank's pairs: loss, accuracy, margin, the four MSEs, non-finite losses.
         let mut sums = [0.0f64; 8];
         for _ in 0..grad_accum {
-            let batch = self.batches.next_batch(
-                &self.pipe,
-                self.schedule.num_train_timesteps(),
-                &mut self.state,
-                &self.comm,
-            )?;
+            let batch = self
+                .batches
+                .as_mut()
+                .expect("a preference method has pairs")
+                .next_batch(
+                    &self.pipe,
+                    self.schedule.num_train_timesteps(),
+                    &mut self.state,
+                    &self.comm,
+                )?;
             // KTO's reference point is a mean over the micro-batch: it is evaluated whole.
             let pieces = match self.plan.method {
                 Method::Kto => vec![batch],
@@ -410,7 +437,47 @@ impl Trainer {
         // Every rank's sums (a no-op for one process), then the means.
         self.comm.sum_f64(&mut sums);
         let [loss, acc, margin, mw, ml, rw, rl, nonfinite] = sums.map(|v| v / pairs);
-        let finite = nonfinite == 0.0;
+        let (grad_norm, skipped) = self.apply_gradients(grads, nonfinite == 0.0, scale, lr)?;
+        let dpo = self.plan.objective.needs_reference();
+        Ok(StepRecord {
+            step: self.state.step,
+            loss,
+            implicit_acc: dpo.then_some(acc),
+            reward_margin: dpo.then_some(margin),
+            mse_w: mw,
+            mse_l: ml,
+            ref_mse_w: dpo.then_some(rw),
+            ref_mse_l: dpo.then_some(rl),
+            lr,
+            grad_norm,
+            skipped,
+            loss_scale: scale.map(|s| s.scale),
+            bad_records: Vec::new(),
+        })
+    }
+
+    /// Zero f64 gradient accumulators, one per trainable tensor.
+    fn zero_grads(&self) -> Result<Vec<Tensor>> {
+        Ok(self
+            .opt
+            .params
+            .iter()
+            .map(|p| p.master.zeros_like()?.to_dtype(DType::F64))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// Ends an optimizer step on this rank's summed gradients `grads` (scaled by `scale` when
+    /// loss scaling): sums them over the ranks, unscales, clips and updates at `lr` when `finite`
+    /// (every loss of the step was finite) and the norm is finite; counts the step. Returns the
+    /// gradient norm before clipping and whether the update was skipped.
+    fn apply_gradients(
+        &mut self,
+        mut grads: Vec<Tensor>,
+        finite: bool,
+        scale: Option<LossScale>,
+        lr: f64,
+    ) -> Result<(f64, bool)> {
+        let max_grad_norm = self.plan.raw.train.max_grad_norm;
         if finite {
             self.comm.sum_tensors(&mut grads)?;
         }
@@ -437,7 +504,8 @@ impl Trainer {
         }
         if !skipped {
             self.state.nonfinite_in_a_row = 0;
-            let (te_lr, base_lr) = (self.plan.raw.lora.as_ref().and_then(|l| l.text_encoder_lr), t.lr);
+            let te_lr = self.plan.raw.lora.as_ref().and_then(|l| l.text_encoder_lr);
+            let base_lr = self.plan.raw.train.lr;
             self.opt
                 .update_scaled(&grads, lr, |p| super::text_lora::lr_factor(te_lr, base_lr, &p.name))?;
         } else if scale.is_none() || !finite {
@@ -446,22 +514,7 @@ impl Trainer {
             self.state.nonfinite_in_a_row += 1;
         }
         self.state.step += 1;
-        let dpo = self.plan.objective.needs_reference();
-        Ok(StepRecord {
-            step: self.state.step,
-            loss,
-            implicit_acc: dpo.then_some(acc),
-            reward_margin: dpo.then_some(margin),
-            mse_w: mw,
-            mse_l: ml,
-            ref_mse_w: dpo.then_some(rw),
-            ref_mse_l: dpo.then_some(rl),
-            lr,
-            grad_norm,
-            skipped,
-            loss_scale: scale.map(|s| s.scale),
-            bad_records: Vec::new(),
-        })
+        Ok((grad_norm, skipped))
     }
 
     /// Runs to the recipe's step count (or `max_steps_this_run`); `on_step` sees each record.
@@ -626,7 +679,10 @@ impl Trainer {
         let summary = format!(
             "recipe: {}\nmethod: {} ({:?})\nsteps: {}\npairs: {} used, {} records skipped (see {})\n",
             self.plan.source.display(),
-            self.plan.method.name(),
+            self.plan
+                .reward_ft
+                .as_ref()
+                .map_or(self.plan.method.name(), |r| r.method.name()),
             self.plan.objective,
             self.state.step,
             self.pairs_used(),
