@@ -3,7 +3,7 @@
 //! GEMMs too (the input gradient folds back with col2im). candle's own CPU backward runs a direct
 //! conv_transpose2d loop for the input gradient, which dominates training time.
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda-emu"))]
 use candle_core::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 use candle_core::DType;

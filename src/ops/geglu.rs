@@ -3,7 +3,7 @@
 //! the backward pass, an output-sized tensor per feed-forward block; this op keeps the input
 //! and its output only, and recomputes `gelu(b)` in its backward pass.
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda-emu"))]
 use candle_core::CpuStorage;
 use candle_core::{DType, Layout, Result, Shape, Tensor, WithDType, D};
 
