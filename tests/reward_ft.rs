@@ -240,20 +240,6 @@ dir = "{out}"
     path
 }
 
-fn train(recipe: &Path, args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
-        .arg("train")
-        .arg(recipe)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "train failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 #[test]
 fn interrupted_and_resumed_reward_run_equals_uninterrupted_run() {
     for (method, extra) in [("alignprop", "alignprop_k = 2"), ("draft", "draft_lv = 2")] {
@@ -262,10 +248,10 @@ fn interrupted_and_resumed_reward_run_equals_uninterrupted_run() {
         std::fs::create_dir_all(&a).unwrap();
         std::fs::create_dir_all(&b).unwrap();
         let (ra, rb) = (reward_recipe(&a, method, extra), reward_recipe(&b, method, extra));
-        train(&ra, &[]);
-        train(&rb, &["--max-steps-this-run", "1"]);
-        train(&rb, &["--resume", "--max-steps-this-run", "2"]);
-        train(&rb, &["--resume"]);
+        pairs::train(&ra, &[]);
+        pairs::train(&rb, &["--max-steps-this-run", "1"]);
+        pairs::train(&rb, &["--resume", "--max-steps-this-run", "2"]);
+        pairs::train(&rb, &["--resume"]);
         let file = "out/pytorch_lora_weights.safetensors";
         let (wa, wb) = (load(&a.join(file)), load(&b.join(file)));
         assert_eq!(wa.len(), wb.len());
@@ -389,7 +375,7 @@ fn refl_on_pair_data_adds_the_pretraining_loss_of_the_preferred_images() {
             &data.display().to_string(),
         );
     std::fs::write(&recipe, text).unwrap();
-    train(&recipe, &["--set", "train.steps=2"]);
+    pairs::train(&recipe, &["--set", "train.steps=2"]);
     let metrics = read_jsonl(&tmp.path().join("out/metrics.jsonl"));
     assert_eq!(metrics.len(), 2);
     for m in &metrics {
