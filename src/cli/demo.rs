@@ -21,8 +21,8 @@ use diffalign::reward::{load_reward, RewardKind};
 use diffalign::sampling::image_io::save_png;
 use diffalign::schedulers::SchedulerKind;
 use diffalign::shapes::demo::{
-    eval_cases, fit_demo_pair_head, method_recipe, sample_pairs, split_prompts, true_reward, DcpoCaption, DemoConfig,
-    GalleryImage, Generator, MethodResult, DPO_NPO, METHODS,
+    eval_cases, fit_demo_pair_head, method_recipe, npo_negative_unet, sample_pairs, split_prompts, true_reward,
+    DcpoCaption, DemoConfig, GalleryImage, Generator, MethodResult, DPO_NPO, METHODS,
 };
 use diffalign::shapes::reward_demo::{draft_recipe, write_prompts, DraftDemo, DRAFT};
 use diffalign::train::report::{line_plot_svg, Curve};
@@ -94,13 +94,16 @@ pub struct DemoArgs {
     /// DRaFT's learning rate (default 2e-6).
     #[arg(long, value_parser = parse_positive)]
     draft_lr: Option<f64>,
-    /// DRaFT's K: the final sampler steps gradients flow through (default 1).
+    /// DRaFT's K: the final sampler steps gradients flow through (default: all of them).
     #[arg(long)]
     draft_k: Option<usize>,
     /// DRaFT's weight on the pair head beside the reward CLIP's score (default 100; 0: the CLIP
     /// score alone).
     #[arg(long, value_parser = parse_non_negative)]
     draft_head_weight: Option<f64>,
+    /// The NPO model's optimizer steps, for `dpo+npo` (default: a quarter of --train-steps).
+    #[arg(long)]
+    npo_steps: Option<usize>,
 }
 
 fn parse_method(s: &str) -> Result<String, String> {
@@ -176,7 +179,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     draft.steps = args.draft_steps.unwrap_or(draft.steps);
     draft.lr = args.draft_lr.unwrap_or(draft.lr);
-    draft.k = args.draft_k.unwrap_or(draft.k);
+    draft.k = args.draft_k.or(draft.k);
     draft.head_weight = args.draft_head_weight.unwrap_or(draft.head_weight);
     if !(cfg.head_weight.is_finite() && cfg.head_weight >= 0.0) {
         anyhow::bail!("--head-weight must be a number >= 0, got {}", cfg.head_weight);
@@ -285,7 +288,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             if method == "npo" {
                 // A quarter of the steps keeps the negative model near the base, as the paper's
                 // adapter weight below 1 does (all the steps: 0.37 against dpo, README).
-                recipe["train"]["steps"] = toml::Value::from((cfg.train_steps / 4).max(1) as i64);
+                let steps = args.npo_steps.unwrap_or(cfg.train_steps / 4).max(1);
+                recipe["train"]["steps"] = toml::Value::from(steps as i64);
             }
             recipe
         };
@@ -301,10 +305,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         })?;
         b.finish();
         curves.push((format!("{method} training loss"), points));
-        let (tuned, _) = UNet2DConditionModel::from_pretrained(&run_dir.join("unet"), &device_opts)
+        let mut unet_dir = run_dir.join("unet");
+        if method == "npo" {
+            // Diffusion-NPO guides the DPO model with the DPO weights plus the NPO offset.
+            let negative = run_dir.join("negative-unet");
+            let dpo_unet = out.join("runs").join("dpo").join("unet");
+            npo_negative_unet(&dpo_unet, &unet_dir, &model_dir.join("unet"), &negative)?;
+            unet_dir = negative;
+        }
+        let (tuned, _) = UNet2DConditionModel::from_pretrained(&unet_dir, &device_opts)
             .with_context(|| format!("loading the {method} UNet"))?;
         if method == "npo" {
-            // Diffusion-NPO: the DPO model guided with the NPO model as the negative branch.
             let s = render(DPO_NPO, &tuned_unets["dpo"], Some(&tuned), &mut manifest)?;
             results.insert(DPO_NPO.into(), MethodResult::with_dpo(&base, &scores["dpo"], &s)?);
             scores.insert(DPO_NPO.into(), s);
@@ -375,7 +386,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "methods": results,
         "config": {"quick": args.quick, "dcpo_caption": cfg.dcpo_caption, "inversion_steps": cfg.inversion_steps, "head_weight": cfg.head_weight, "seed": cfg.seed, "train_pairs": train.len() * cfg.pairs_per_prompt, "eval_cases": cases.len(),
                    "train_steps": cfg.train_steps, "lr": cfg.lr, "betas": cfg.betas, "reno_iters": cfg.reno_iters,
-                   "draft": {"steps": draft.steps, "batch_size": draft.batch_size, "lr": draft.lr, "k": draft.k, "head_weight": draft.head_weight},
+                   "draft": {"steps": draft.steps, "batch_size": draft.batch_size, "lr": draft.lr, "k": draft.k.unwrap_or(cfg.steps), "head_weight": draft.head_weight},
                    "sampler_steps": cfg.steps, "guidance": cfg.guidance,
                    "model": args.model.as_ref().map(|p| p.display().to_string()),
                    "reward": args.reward.as_ref().map(|p| p.display().to_string())},

@@ -459,6 +459,21 @@ pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: 
     )
 }
 
+/// Diffusion-NPO's negative model for the fine-tuned UNet folder `tuned`, as the official code
+/// builds it for a DPO model (`gen.py`, `merge_weight = 0`): the fine-tuned weights plus the NPO
+/// offset `npo - base` learned from the base model, written as a UNet folder at `out`.
+pub fn npo_negative_unet(tuned: &Path, npo: &Path, base: &Path, out: &Path) -> Result<()> {
+    use crate::weights::layout::open_weights;
+    const STEM: &str = "diffusion_pytorch_model";
+    let open = |dir: &Path| open_weights(dir, STEM, None);
+    let merged =
+        crate::weights::offset::add_offset(&open(tuned)?, &open(npo)?, &open(base)?, 1.0, DType::F32, &Device::Cpu)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let config = tuned.join("config.json");
+    std::fs::copy(&config, out.join("config.json")).map_err(|e| Error::io(&config, e))?;
+    crate::weights::save_safetensors(&out.join(format!("{STEM}.safetensors")), &merged, None)
+}
+
 /// A TOML table of `entries`.
 fn table<const N: usize>(entries: [(&str, toml::Value); N]) -> toml::Value {
     toml::Value::Table(entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect())

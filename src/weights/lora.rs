@@ -173,6 +173,8 @@ pub struct LoraSource {
     others: Vec<Arc<LoraSource>>,
     /// A multiplier of every adapter's scale (1; NPO's guidance weight).
     weight: f64,
+    /// Frozen sources applied beside this one ([`LoraSource::stacked_with`]).
+    stacked: Vec<Arc<LoraSource>>,
 }
 
 impl std::fmt::Debug for LoraSource {
@@ -188,6 +190,7 @@ impl std::fmt::Debug for LoraSource {
         d.field("component", &self.component)
             .field("trainable", &self.trainable)
             .field("others", &self.others)
+            .field("stacked", &self.stacked)
             .finish()
     }
 }
@@ -200,6 +203,26 @@ pub(crate) struct FoundAdapter {
     pub names: [String; 2],
     /// A and B as stored (shapes as in the file), for making `Var`s.
     pub stored: [Tensor; 2],
+}
+
+impl FoundAdapter {
+    /// One adapter computing this one's update plus `other`'s: A stacked over A', B beside B'
+    /// (each B times its scale), scale 1, so that `B A x` is the sum of both. Frozen only: the
+    /// names and stored tensors stay this adapter's.
+    fn beside(self, other: FoundAdapter) -> Result<FoundAdapter> {
+        let (x, y) = (&self.adapter, &other.adapter);
+        let a = Tensor::cat(&[&x.a, &y.a], 0)?;
+        let b = Tensor::cat(&[(&x.b * x.scale)?, (&y.b * y.scale)?], 1)?;
+        Ok(FoundAdapter {
+            adapter: LoraAdapter {
+                a,
+                b,
+                scale: 1.0,
+                switch: LoraSwitch::default(),
+            },
+            ..self
+        })
+    }
 }
 
 impl LoraSource {
@@ -222,6 +245,7 @@ impl LoraSource {
             trainable,
             others: Vec::new(),
             weight: 1.0,
+            stacked: Vec::new(),
         })
     }
 
@@ -268,6 +292,27 @@ impl LoraSource {
         LoraSource { weight, ..self }
     }
 
+    /// This source with `other`'s adapters applied beside its own, each module's update the sum
+    /// of both (as diffusers' `set_adapters` with two adapters). Both must be frozen and for the
+    /// same component. Diffusion-NPO's negative branch is the model with its positive LoRA and
+    /// the NPO adapter together (the official `gen.py`).
+    pub fn stacked_with(mut self, other: Arc<LoraSource>) -> Result<Self> {
+        if self.trainable || other.trainable {
+            return Err(Error::input("LoRA stack", "only frozen LoRAs can be applied together"));
+        }
+        if self.component != other.component {
+            return Err(Error::input(
+                "LoRA stack",
+                format!(
+                    "adapters for the {} and the {} cannot be stacked",
+                    self.component, other.component
+                ),
+            ));
+        }
+        self.stacked.push(other);
+        Ok(self)
+    }
+
     /// A fresh, always trainable UNet LoRA (see [`LoraConfig`]).
     pub fn fresh(cfg: &LoraConfig) -> Self {
         Self::fresh_for(cfg, "unet")
@@ -283,6 +328,7 @@ impl LoraSource {
             trainable: true,
             others: Vec::new(),
             weight: 1.0,
+            stacked: Vec::new(),
         }
     }
 
@@ -373,6 +419,26 @@ impl LoraSource {
         weight_shape: &[usize],
         device: &Device,
     ) -> Result<Option<FoundAdapter>> {
+        let mut found = self.own_adapter(module, ldm, weight_shape, device)?;
+        for other in &self.stacked {
+            if let Some(more) = other.adapter(module, ldm, weight_shape, device)? {
+                found = Some(match found {
+                    Some(f) => f.beside(more)?,
+                    None => more,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// [`LoraSource::adapter`] of this source alone, without its stacked ones.
+    fn own_adapter(
+        &self,
+        module: &str,
+        ldm: Option<&LdmNames>,
+        weight_shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<FoundAdapter>> {
         match &self.kind {
             Kind::File(fl) => {
                 let Some(entry) = file_entry(fl, module, ldm) else {
@@ -443,6 +509,9 @@ impl LoraSource {
         ldm: Option<&LdmNames>,
     ) -> Result<()> {
         let attached: BTreeSet<&String> = attached.into_iter().collect();
+        for other in &self.stacked {
+            other.check_attached(attached.iter().copied(), ldm)?;
+        }
         match &self.kind {
             Kind::File(fl) => {
                 let used: BTreeSet<String> = attached.iter().flat_map(|m| self.keys_for(m, ldm)).collect();

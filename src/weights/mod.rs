@@ -8,6 +8,7 @@ pub mod file;
 pub mod hub;
 pub mod layout;
 pub mod lora;
+pub mod offset;
 pub mod pickle;
 pub mod single_file;
 pub mod store;
