@@ -205,30 +205,28 @@ fn unpaired_pickapic_pairs_split_into_images_train() {
     let tmp = tempfile::tempdir().unwrap();
     let data = own_fixtures().join("data/pickapic_tiny.parquet");
     let recipe = unpaired_recipe(tmp.path(), &data, "kto", "");
+    // 8 steps of 2 images draw more than the 8 usable images: every image is met.
     let o = run_train(
         &recipe,
-        &["--set", "train.steps=3", "--set", "data.format=\"pickapic\""],
+        &["--set", "train.steps=8", "--set", "data.format=\"pickapic\""],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let logged = steps(&tmp.path().join("out"));
-    assert_eq!(logged.len(), 3);
+    assert_eq!(logged.len(), 8);
     for s in &logged {
         assert!(s["loss"].as_f64().unwrap().is_finite(), "{s}");
     }
     // At beta 5000 later steps may saturate the sigmoid; the first one learns.
     assert!(logged[0]["grad_norm"].as_f64().unwrap() > 0.0, "{}", logged[0]);
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let pairs = diffalign::data::PairDataset::open(&diffalign::data::DataSpec::new(
-        diffalign::data::DataFormat::Pickapic,
-        &data,
-    ))
-    .unwrap();
-    // Every pair gives two images; the pair with the corrupt image, once met, loses both.
-    let used = summary["pairs_used"].as_u64().unwrap() as usize;
-    assert!(
-        used == 2 * pairs.len() || used + 1 == 2 * pairs.len() || used + 2 == 2 * pairs.len(),
-        "{summary}"
-    );
+    // The fixture's 8 rows: a tie dropped and 3 bad rows skipped when opening leave 4 pairs, 8
+    // images; row 3's corrupt jpg_1 takes both of its images out once met (listed once).
+    assert_eq!(summary["pairs_used"], 6, "{summary}");
+    assert_eq!(summary["records_skipped"], 4, "{summary}");
+    let listed = read_jsonl(&tmp.path().join("out/skipped_records.jsonl"));
+    let corrupt: Vec<_> = listed.iter().filter(|v| v["index"] == 3).collect();
+    assert_eq!(corrupt.len(), 1, "{listed:?}");
+    assert!(corrupt[0]["reason"].as_str().unwrap().contains("jpg_1"), "{listed:?}");
     assert!(tmp.path().join("out/unet/diffusion_pytorch_model.safetensors").exists());
 }
 
