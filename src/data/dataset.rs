@@ -202,6 +202,9 @@ impl Listing for PairDataset {
     fn late(&self) -> &LateSkips {
         &self.late
     }
+    fn fingerprint(&self) -> String {
+        PairDataset::fingerprint(self)
+    }
 }
 
 impl Records for PairDataset {

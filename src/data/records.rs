@@ -40,6 +40,8 @@ pub trait Listing {
     fn spec(&self) -> &DataSpec;
     /// The records left out after opening.
     fn late(&self) -> &LateSkips;
+    /// A 16-hex-digit fingerprint of the data's identity, for cache keys.
+    fn fingerprint(&self) -> String;
 
     /// Whether no record was usable when opened.
     fn is_empty(&self) -> bool {

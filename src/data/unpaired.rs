@@ -231,6 +231,9 @@ impl Listing for UnpairedDataset {
     fn late(&self) -> &LateSkips {
         &self.late
     }
+    fn fingerprint(&self) -> String {
+        UnpairedDataset::fingerprint(self)
+    }
 }
 
 impl Records for UnpairedDataset {

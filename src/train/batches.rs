@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::TrainState;
-use crate::data::{LatentCache, LatentKey, Listing, PairDataset, Preprocess, Records, UnpairedDataset};
+use crate::data::{DataSpec, LatentCache, LatentKey, Listing, PairDataset, Preprocess, Records, UnpairedDataset};
 use crate::dist::Comm;
 use crate::preference::diffusion::{Method, PreferenceBatch};
 use crate::preference::diffusion_kto::LabelledBatch;
@@ -66,19 +66,13 @@ impl<D: Records> Batches<D>
 where
     D::Record: Clone,
 {
-    /// Batches of `batch_size` records of `data` for `method`, ordered by `seed`.
-    pub(super) fn new(
-        data: D,
-        preprocess: Preprocess,
-        cache: Option<LatentCache>,
-        seed: u64,
-        batch_size: usize,
-        method: Method,
-    ) -> Self {
+    /// Batches of `batch_size` records of `data` for `method`, ordered by `seed`, without a
+    /// latent cache.
+    fn new(data: D, preprocess: Preprocess, seed: u64, batch_size: usize, method: Method) -> Self {
         Batches {
             data,
             preprocess,
-            cache,
+            cache: None,
             seed,
             batch_size,
             method,
@@ -295,6 +289,34 @@ pub(super) enum Batch {
 }
 
 impl TrainBatches {
+    /// The recipe's data batched: labelled images with `[data] unpaired = true`, else pairs;
+    /// fails when no record is usable.
+    pub(super) fn open(
+        spec: &DataSpec,
+        preprocess: Preprocess,
+        seed: u64,
+        batch_size: usize,
+        method: Method,
+    ) -> Result<Self> {
+        Ok(if spec.unpaired {
+            let data = UnpairedDataset::open(spec)?;
+            data.ensure_usable()?;
+            TrainBatches::Images(Box::new(Batches::new(data, preprocess, seed, batch_size, method)))
+        } else {
+            let data = PairDataset::open(spec)?;
+            data.ensure_usable()?;
+            TrainBatches::Pairs(Box::new(Batches::new(data, preprocess, seed, batch_size, method)))
+        })
+    }
+
+    /// Encodes latents through `cache` from now on.
+    pub(super) fn set_cache(&mut self, cache: LatentCache) {
+        match self {
+            TrainBatches::Pairs(b) => b.cache = Some(cache),
+            TrainBatches::Images(b) => b.cache = Some(cache),
+        }
+    }
+
     /// The dataset's records and those left out.
     pub(super) fn data(&self) -> &dyn Listing {
         match self {

@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::batches::{Batches, TrainBatches};
+use super::batches::TrainBatches;
 use super::checkpoint::{self, TrainState};
 use super::loss_scale::LossScale;
 use super::records::{MetricsLog, StepRecord};
@@ -23,7 +23,7 @@ use super::report::{write_report, Curve, ImageRow};
 use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Resume};
 use super::text_lora::TextEncoderLora;
 use crate::data::skipped::{self, SkippedRecord};
-use crate::data::{LatentCache, PairDataset, Preprocess, UnpairedDataset};
+use crate::data::{LatentCache, Preprocess};
 use crate::dist::Comm;
 use crate::models::unet::UNet2DConditionModel;
 use crate::optim::{clip_grad_norm, Optimizer};
@@ -221,15 +221,6 @@ impl Trainer {
     fn open_batches(plan: &Plan, opts: &TrainOptions, sources: &PipelineSources, out: &Path) -> Result<TrainBatches> {
         let (r, comm) = (&plan.raw, &opts.comm);
         let root = &sources.root;
-        let (fingerprint, len, data) = if r.data.unpaired {
-            let data = UnpairedDataset::open(&r.data)?;
-            data.ensure_usable()?;
-            (data.fingerprint(), data.len(), Err(data))
-        } else {
-            let data = PairDataset::open(&r.data)?;
-            data.ensure_usable()?;
-            (data.fingerprint(), data.len(), Ok(data))
-        };
         let t = &r.train;
         let preprocess = Preprocess {
             resolution: (t.resolution, t.resolution),
@@ -238,34 +229,26 @@ impl Trainer {
             flip_pair_together: t.flip_pair_together.unwrap_or(plan.method == Method::Mapo),
             empty_caption_prob: t.empty_caption_prob,
         };
-        let cache = if t.cache_latents && t.center_crop {
+        let mut batches = TrainBatches::open(&r.data, preprocess, t.seed, t.batch_size, plan.method)?;
+        let data = batches.data();
+        if t.cache_latents && t.center_crop {
             let identity = format!(
                 "data {} {:?} {} {:?} dual={} ties={} limit={:?}; {} pairs; resolution {}; center crop; vae {}",
-                fingerprint,
+                data.fingerprint(),
                 r.data.format,
                 r.data.path.display(),
                 r.data.columns,
                 r.data.dual_captions,
                 r.data.drop_ties,
                 r.data.limit,
-                len,
+                data.len(),
                 t.resolution,
                 sources.vae.as_ref().unwrap_or(&root.join("vae")).display()
             );
             let cache = comm.rank0_first(|| LatentCache::open(&out.join("latents"), &identity))?;
-            Some(cache.with_device(opts.device.clone()))
-        } else {
-            None
-        };
-        let (seed, batch_size, method) = (t.seed, t.batch_size, plan.method);
-        Ok(match data {
-            Ok(pairs) => TrainBatches::Pairs(Box::new(Batches::new(
-                pairs, preprocess, cache, seed, batch_size, method,
-            ))),
-            Err(images) => TrainBatches::Images(Box::new(Batches::new(
-                images, preprocess, cache, seed, batch_size, method,
-            ))),
-        })
+            batches.set_cache(cache.with_device(opts.device.clone()));
+        }
+        Ok(batches)
     }
 
     /// Continues from `checkpoint` (recording allowed recipe `changes` in the metrics) or
