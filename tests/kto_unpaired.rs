@@ -290,6 +290,7 @@ fn unpaired_bad_records_are_skipped_named_and_listed() {
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["records_skipped"], 4);
     assert_eq!(summary["pairs_used"], 2);
+    assert!(err.contains("used 2 images, skipped 4 records"), "{err}");
 }
 
 /// NPO from unpaired images is KTO with the labels swapped: npo on a set and kto on the same
@@ -395,4 +396,34 @@ fn eval_npo_lora_zero_adapter_equals_plain_eval() {
     );
     assert_ne!(image(&full, "tuned"), image(&npo, "tuned"));
     assert_eq!(image(&full, "base"), image(&npo, "base"));
+}
+
+/// The `good/` `bad/` folders layout trains exactly as the same images, captions and labels in
+/// JSONL listed in the folders' order (good then bad, each sorted by name).
+#[test]
+fn unpaired_folders_train_as_the_same_images_in_jsonl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = write_labelled(&tmp.path().join("j/data"), 4, |i| i < 2);
+    let root = tmp.path().join("f/data");
+    let mut captions = String::new();
+    for i in 0..4 {
+        let (side, name) = (if i < 2 { "good" } else { "bad" }, format!("{}.png", i % 2));
+        std::fs::create_dir_all(root.join(side)).unwrap();
+        std::fs::copy(
+            tmp.path().join(format!("j/data/img/{i}.png")),
+            root.join(side).join(&name),
+        )
+        .unwrap();
+        if i < 2 {
+            captions.push_str(&format!("{name}\ta disc\n"));
+        }
+    }
+    std::fs::write(root.join("captions.txt"), captions).unwrap();
+    let j = unpaired_recipe(&tmp.path().join("j"), &jsonl, "kto", "");
+    let f = unpaired_recipe(&tmp.path().join("f"), &root, "kto", "");
+    train(&j, &["--set", "train.steps=3"]);
+    train(&f, &["--set", "train.steps=3", "--set", "data.format=\"folders\""]);
+    let metrics = |d: &str| std::fs::read_to_string(tmp.path().join(d).join("out/metrics.jsonl")).unwrap();
+    assert_eq!(metrics("j"), metrics("f"));
+    assert_eq!(steps(&tmp.path().join("f/out")).len(), 3);
 }

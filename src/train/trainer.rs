@@ -329,7 +329,8 @@ impl Trainer {
         &self.skipped
     }
 
-    /// Pairs in use: the usable pairs less those found undecodable so far.
+    /// Pairs (labelled images with `[data] unpaired = true`) in use: the usable ones less those
+    /// found undecodable so far.
     pub fn pairs_used(&self) -> usize {
         self.batches.as_ref().map_or(0, |b| b.data().len()) - self.late_seen
     }
