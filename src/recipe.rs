@@ -366,19 +366,38 @@ impl Plan {
                 .with_discopop_tau(tau)
                 .map_err(|e| err("train.discopop_tau", e.to_string()))?;
         }
-        let objective = Objective::for_method(method, t.beta, loss_type, t.label_smoothing).map_err(|e| match e {
-            Error::Input { what, reason } => err(&format!("train.{what}"), format!("{what}: {reason}")),
-            other => other,
-        })?;
+        // Unpaired data has single images: NPO trains KTO's objective on them, labels swapped.
+        let unpaired = raw.data.unpaired;
+        if unpaired && !matches!(method, Method::Kto | Method::Npo) {
+            return Err(err(
+                "data.unpaired",
+                format!("applies to the kto and npo methods, got {:?}", t.method),
+            ));
+        }
+        if unpaired && raw.lora.as_ref().is_some_and(|l| l.text_encoder) {
+            return Err(err(
+                "lora.text_encoder",
+                "unpaired data trains the UNet only (the KTO reference has no text-encoder adapters to switch off)"
+                    .into(),
+            ));
+        }
+        let objective_method = if unpaired { Method::Kto } else { method };
+        let objective =
+            Objective::for_method(objective_method, t.beta, loss_type, t.label_smoothing).map_err(|e| match e {
+                Error::Input { what, reason } => err(&format!("train.{what}"), format!("{what}: {reason}")),
+                other => other,
+            })?;
         let kto = KtoSettings {
             kto_lambda_d: t.kto_lambda_d,
             kto_lambda_u: t.kto_lambda_u,
             halo: t.halo.clone(),
         };
-        let objective = kto.apply(method == Method::Kto, objective).map_err(|e| match e {
-            Error::Input { what, reason } => err(&format!("train.{what}"), reason),
-            other => other,
-        })?;
+        let objective = kto
+            .apply(objective_method == Method::Kto, objective)
+            .map_err(|e| match e {
+                Error::Input { what, reason } => err(&format!("train.{what}"), reason),
+                other => other,
+            })?;
         let positive = [
             ("train.steps", t.steps),
             ("train.batch_size", t.batch_size),

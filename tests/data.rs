@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use common::{own_fixtures, IMAGE_ATOL};
 use diffalign::data::{
-    resize, BadRecordPolicy, DataFormat, DataSpec, LatentCache, LatentKey, PairDataset, PreferencePair, Preprocess,
-    RecordLocation, ResampleFilter,
+    resize, BadRecordPolicy, DataFormat, DataSpec, LatentCache, LatentKey, Listing, PairDataset, PreferencePair,
+    Preprocess, RecordLocation, Records, ResampleFilter,
 };
 use diffalign::rng::Rng;
 use diffalign::Error;

@@ -638,7 +638,7 @@ fn issue_23_score_image_declaring_huge_size_names_the_file() {
 /// and a record error under `"error"`, naming the image, its size and the record, without decoding.
 #[test]
 fn issue_23_dataset_image_declaring_huge_size_is_a_bad_record() {
-    use diffalign::data::{BadRecordPolicy, DataFormat, DataSpec, PairDataset};
+    use diffalign::data::{BadRecordPolicy, DataFormat, DataSpec, Listing, PairDataset, Records};
     let tmp = tempfile::tempdir().unwrap();
     png_header_only(&tmp.path().join("huge.png"), 20000, 20000);
     image::RgbImage::new(8, 8).save(tmp.path().join("small.png")).unwrap();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-use common::pairs::{recipe_for, sorted_tensors, train, write_pairs};
+use common::pairs::{assert_resume_exact, recipe_for, sorted_tensors, train, write_pairs};
 use common::*;
 use diffalign::models::unet::UNet2DConditionModel;
 use diffalign::preference::diffusion::{DiffusionPreference, Method, PreferenceBatch, Reference};
@@ -175,32 +175,11 @@ fn training_raises_held_out_implicit_accuracy_for_every_method() {
     }
 }
 
-/// Trains 6 steps at once and in three runs (2, 3 and 1 steps, resumed twice) with `extra` at the
-/// end of `[train]`: the final weights and the metrics must be identical.
+/// [`assert_resume_exact`] for `method` on 5 pairs with `extra` at the end of `[train]`.
 fn assert_resumed_run_equals_uninterrupted_run(method: &str, extra: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_pairs(&tmp.path().join("data"), 5, 3);
-    let a = tmp.path().join("a");
-    let b = tmp.path().join("b");
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
-    let ra = recipe(&a, &data, method, extra);
-    let rb = recipe(&b, &data, method, extra);
-    let steps = ["--set", "train.steps=6"];
-    train(&ra, &steps);
-    train(&rb, &[&steps[..], &["--max-steps-this-run", "2"]].concat());
-    train(&rb, &[&steps[..], &["--resume", "--max-steps-this-run", "3"]].concat());
-    train(&rb, &[&steps[..], &["--resume"]].concat());
-    let wa = load(&a.join("out/unet/diffusion_pytorch_model.safetensors"));
-    let wb = load(&b.join("out/unet/diffusion_pytorch_model.safetensors"));
-    assert_eq!(wa.len(), wb.len());
-    for (k, t) in &wa {
-        let d = max_abs_diff(t, &wb[k]);
-        assert!(d == 0.0, "{extra}: {k}: resumed run differs by {d}");
-    }
-    let ma = std::fs::read_to_string(a.join("out/metrics.jsonl")).unwrap();
-    let mb = std::fs::read_to_string(b.join("out/metrics.jsonl")).unwrap();
-    assert_eq!(ma, mb, "{extra}: metrics of the resumed run differ");
+    assert_resume_exact(tmp.path(), |dir| recipe(dir, &data, method, extra), extra);
 }
 
 #[test]

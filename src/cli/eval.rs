@@ -1,5 +1,7 @@
 //! `diffalign eval`: a tuned model (a LoRA or a UNet folder) against its base, from the same
-//! prompts and seeds, scored by reward models.
+//! prompts and seeds, scored by reward models. With `--npo-lora` the tuned side is guided with
+//! Diffusion-NPO's negative-preference adapter, as `generate --npo-lora` guides (the tuned model
+//! is then optional: the base UNet with NPO guidance against plain guidance).
 //!
 //! Writes `--out/images/NNN-SEED-{base,tuned}.png`, `--out/eval.json` (the summary and every
 //! image's scores) and `--out/index.html` (the summary and same-seed pairs side by side), and
@@ -38,6 +40,9 @@ pub struct EvalArgs {
     /// text-encoder keys, the text encoders) or `--unet DIR`.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Diffusion-NPO guidance of the tuned side.
+    #[command(flatten)]
+    npo: super::npo_args::NpoArgs,
     /// A file with one prompt per line (blank lines skipped).
     #[arg(long)]
     prompts: PathBuf,
@@ -74,8 +79,9 @@ enum Tuned {
     Pipeline(Box<StableDiffusionPipeline>),
 }
 
-/// The base pipeline and the tuned model.
-fn load_models(model: &ModelArgs) -> anyhow::Result<(StableDiffusionPipeline, Tuned)> {
+/// The base pipeline and the tuned model; with `npo` (an NPO adapter guides the tuned side) the
+/// tuned model defaults to the base UNet.
+fn load_models(model: &ModelArgs, npo: bool) -> anyhow::Result<(StableDiffusionPipeline, Tuned)> {
     let (root, opts) = model.resolve()?;
     let base_opts = opts.without_lora();
     let sources = PipelineSources {
@@ -87,7 +93,8 @@ fn load_models(model: &ModelArgs) -> anyhow::Result<(StableDiffusionPipeline, Tu
         .with_context(|| format!("loading the base model {}", root.display()))?;
     let tuned = match (&model.unet, &model.lora) {
         (Some(_), Some(_)) => bail!("give the tuned model as --lora FILE or --unet DIR, not both"),
-        (None, None) => bail!("give the tuned model: --lora FILE (on the base UNet) or --unet DIR"),
+        (None, None) if npo => Tuned::Unet(Box::new(pipe.unet.clone())),
+        (None, None) => bail!("give the tuned model: --lora FILE (on the base UNet), --unet DIR or --npo-lora FILE"),
         (Some(dir), None) => {
             let tuned = UNet2DConditionModel::from_pretrained(dir, &base_opts)
                 .with_context(|| format!("loading the tuned UNet {}", dir.display()))?
@@ -126,7 +133,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         bail!("--steps: must be at least 1");
     }
     let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
-    let (pipe, tuned) = load_models(&args.model)?;
+    let negative_unet = args.npo.load(&args.model)?;
+    let (pipe, tuned) = load_models(&args.model, negative_unet.is_some())?;
     for w in &pipe.warnings {
         eprintln!("warning: {w}");
     }
@@ -164,8 +172,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 let mut progress = |i: usize, _| bar.set_position(done + i as u64);
                 let image = match (side, &tuned) {
                     ("base", _) => pipe.generate_with(&pipe.unet, &req, &mut progress)?,
-                    (_, Tuned::Unet(unet)) => pipe.generate_with(unet, &req, &mut progress)?,
-                    (_, Tuned::Pipeline(p)) => p.generate(&req, &mut progress)?,
+                    (_, Tuned::Unet(unet)) => pipe.generate_npo(unet, negative_unet.as_ref(), &req, &mut progress)?,
+                    (_, Tuned::Pipeline(p)) => p.generate_npo(&p.unet, negative_unet.as_ref(), &req, &mut progress)?,
                 }
                 .images;
                 let name = format!("{p:03}-{seed}-{side}.png");

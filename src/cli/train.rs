@@ -59,6 +59,8 @@ fn train(args: TrainArgs, comm: Rc<Comm>) -> anyhow::Result<()> {
     let main = comm.is_main();
     let plan = Plan::load(&args.recipe, &args.sets)?;
     let out = plan.raw.output.dir.clone();
+    // `[data] unpaired = true` batches labelled images; `pairs_used` then counts images.
+    let unit = if plan.raw.data.unpaired { "images" } else { "pairs" };
     let resume = match (args.resume, args.resume_if_possible) {
         (true, _) => Resume::Required,
         (_, true) => Resume::IfPossible,
@@ -114,7 +116,7 @@ fn train(args: TrainArgs, comm: Rc<Comm>) -> anyhow::Result<()> {
     }
     let skipped = trainer.skipped_records().len();
     eprintln!(
-        "used {} pairs, skipped {skipped} records{}",
+        "used {} {unit}, skipped {skipped} records{}",
         trainer.pairs_used(),
         if skipped > 0 {
             format!(" (all listed in {})", out.join(SKIPPED_FILE).display())

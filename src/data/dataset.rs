@@ -1,11 +1,10 @@
 //! [`PairDataset`]: the usable pairs of a [`DataSpec`], indexed when opened, decoded on demand;
 //! plus the record helpers the three layouts share.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
+use super::records::{LateSkips, Listing, Records};
 use super::skipped::{explain_empty, SkippedRecord};
 use super::spec::{BadRecordPolicy, DataFormat, DataSpec};
 use super::{folders, jsonl, pickapic};
@@ -91,20 +90,12 @@ pub(super) trait PairSource: Send + Sync {
 
 /// The usable pairs of a [`DataSpec`]: [`Self::open`] scans and validates the records (labels,
 /// captions, soft labels, image presence where cheap) without decoding images; [`Self::get`]
-/// decodes one pair; [`Self::get_or_skip`] also leaves out, under `bad_records = "skip"`, a
+/// decodes one pair; [`Records::get_or_skip`] also leaves out, under `bad_records = "skip"`, a
 /// pair found bad only when decoded. Send + Sync, so loader threads can share it.
 pub struct PairDataset {
     source: Box<dyn PairSource>,
     spec: DataSpec,
-    late: Mutex<LateSkips>,
-}
-
-/// Records found bad when decoded, after opening: their indices and, in the order found, where
-/// they are and why.
-#[derive(Default)]
-struct LateSkips {
-    indices: HashSet<usize>,
-    list: Vec<SkippedRecord>,
+    late: LateSkips,
 }
 
 impl PairDataset {
@@ -134,7 +125,7 @@ impl PairDataset {
         Ok(PairDataset {
             source,
             spec: spec.clone(),
-            late: Mutex::default(),
+            late: LateSkips::default(),
         })
     }
 
@@ -170,58 +161,6 @@ impl PairDataset {
         self.source.skipped()
     }
 
-    /// Pair `i` as [`Self::get`] reads it; but under `bad_records = "skip"` a pair that cannot
-    /// be read or decoded is `None`, listed in [`Self::late_skipped`] and not read again. Fails
-    /// when that leaves no usable pair.
-    pub fn get_or_skip(&self, i: usize) -> Result<Option<PreferencePair>> {
-        if self.is_skipped(i) {
-            return Ok(None);
-        }
-        match self.try_get(i)? {
-            Ok(pair) => Ok(Some(pair)),
-            Err(reason) => {
-                self.skip(i, reason)?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Pair `i` as [`Self::get`] reads it, or, under `bad_records = "skip"`, why it cannot be
-    /// read or decoded (for [`Self::skip`]; nothing is listed yet).
-    pub fn try_get(&self, i: usize) -> Result<std::result::Result<PreferencePair, String>> {
-        match self.get(i) {
-            Ok(pair) => Ok(Ok(pair)),
-            Err(Error::Record { reason, .. }) if self.spec.bad_records == BadRecordPolicy::Skip => Ok(Err(reason)),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Whether pair `i` was left out after opening.
-    pub fn is_skipped(&self, i: usize) -> bool {
-        self.late.lock().unwrap_or_else(|p| p.into_inner()).indices.contains(&i)
-    }
-
-    /// Leaves pair `i` out for `reason` and lists it in [`Self::late_skipped`] (once); fails
-    /// when no usable pair is left.
-    pub fn skip(&self, i: usize, reason: String) -> Result<()> {
-        let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
-        if !late.indices.insert(i) {
-            return Ok(());
-        }
-        late.list.push((self.source.location(i), reason));
-        if late.indices.len() == self.len() {
-            let all: Vec<SkippedRecord> = self.skipped().iter().chain(&late.list).cloned().collect();
-            return Err(Error::input("data", explain_empty(&self.spec.path, &all)));
-        }
-        Ok(())
-    }
-
-    /// Pairs left out by [`Self::get_or_skip`], in the order found, from the `from`-th on.
-    pub fn late_skipped(&self, from: usize) -> Vec<SkippedRecord> {
-        let late = self.late.lock().unwrap_or_else(|p| p.into_inner());
-        late.list.get(from..).unwrap_or_default().to_vec()
-    }
-
     /// The spec this dataset was opened with.
     pub fn spec(&self) -> &DataSpec {
         &self.spec
@@ -234,7 +173,7 @@ impl PairDataset {
     /// under the same name needs a fresh cache.
     pub fn fingerprint(&self) -> String {
         let s = &self.spec;
-        let mut text = format!(
+        let text = format!(
             "format={} columns={:?} drop_ties={} dual_captions={} limit={:?} pairs={}",
             s.format.name(),
             s.columns,
@@ -243,22 +182,55 @@ impl PairDataset {
             s.limit,
             self.len()
         );
-        for f in self.source.files() {
-            let path = std::fs::canonicalize(&f).unwrap_or(f);
-            let (size, modified) = match std::fs::metadata(&path) {
-                Ok(m) => {
-                    let t = m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-                    (m.len(), t.map(|d| d.as_nanos()).unwrap_or(0))
-                }
-                Err(_) => (0, 0),
-            };
-            text.push_str(&format!(" file={}:{size}:{modified}", path.display()));
-        }
-        format!("{:016x}", fnv1a(text.as_bytes()))
+        files_fingerprint(text, self.source.files())
     }
+}
+
+impl Listing for PairDataset {
+    fn len(&self) -> usize {
+        self.source.len()
+    }
+    fn location(&self, i: usize) -> RecordLocation {
+        self.source.location(i)
+    }
+    fn skipped(&self) -> &[SkippedRecord] {
+        self.source.skipped()
+    }
+    fn spec(&self) -> &DataSpec {
+        &self.spec
+    }
+    fn late(&self) -> &LateSkips {
+        &self.late
+    }
+    fn fingerprint(&self) -> String {
+        PairDataset::fingerprint(self)
+    }
+}
+
+impl Records for PairDataset {
+    type Record = PreferencePair;
+    fn get(&self, i: usize) -> Result<PreferencePair> {
+        PairDataset::get(self, i)
+    }
+}
+
+/// A 16-hex-digit hash of `text` and each of `files`' canonical path, size and modification time.
+pub(crate) fn files_fingerprint(mut text: String, files: Vec<PathBuf>) -> String {
+    for f in files {
+        let path = std::fs::canonicalize(&f).unwrap_or(f);
+        let (size, modified) = match std::fs::metadata(&path) {
+            Ok(m) => {
+                let t = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                (m.len(), t.map(|d| d.as_nanos()).unwrap_or(0))
+            }
+            Err(_) => (0, 0),
+        };
+        text.push_str(&format!(" file={}:{size}:{modified}", path.display()));
+    }
+    format!("{:016x}", fnv1a(text.as_bytes()))
 }
 
 /// FNV-1a 64, a short stable hash for fingerprints (not cryptographic).

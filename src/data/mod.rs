@@ -8,7 +8,7 @@
 //! skipped and listed in [`PairDataset::skipped`], or is an error, as `bad_records` says; it
 //! never becomes a silently wrong pair. An image that does not decode is found by
 //! [`PairDataset::get`] and reported as [`crate::Error::Record`] naming the file, the record and
-//! the column or side; [`PairDataset::get_or_skip`] skips and lists it instead under
+//! the column or side; [`Records::get_or_skip`] skips and lists it instead under
 //! `bad_records = "skip"`. [`skipped`] formats the lists for people and for
 //! `skipped_records.jsonl`. [`unpaired`] reads single labelled images (Diffusion-KTO) from the
 //! same three layouts.
@@ -19,6 +19,7 @@ pub mod jsonl;
 pub mod latent_cache;
 pub mod pickapic;
 pub mod preprocess;
+pub mod records;
 pub mod resize;
 pub mod skipped;
 pub mod spec;
@@ -27,6 +28,7 @@ pub mod unpaired;
 pub use dataset::{PairDataset, PreferencePair, RecordLocation};
 pub use latent_cache::{LatentCache, LatentKey};
 pub use preprocess::{PreparedImage, Preprocess};
+pub use records::{Listing, Records};
 pub use resize::{resize, ResampleFilter};
 pub use skipped::SkippedRecord;
 pub use spec::{BadRecordPolicy, ColumnNames, DataFormat, DataSpec};

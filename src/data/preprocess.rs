@@ -193,6 +193,13 @@ impl Preprocess {
         Ok((w, l))
     }
 
+    /// One image with a random flip (when `random_flip`) drawn before its crop, as each image
+    /// of a pair: `(pixels, flipped)`, f32 `[3, H, W]` in [-1, 1] on the CPU.
+    pub fn single(&self, img: &RgbImage, rng: &mut Rng) -> Result<(Tensor, bool)> {
+        let flip = self.coin(rng);
+        Ok((self.image(img, rng, flip)?, flip))
+    }
+
     /// Both images of a pair with the flip rule: `(w, l, flipped_w, flipped_l)`, each f32
     /// `[3, H, W]` in [-1, 1] on the CPU.
     pub fn pair(&self, pair: &PreferencePair, rng: &mut Rng) -> Result<(Tensor, Tensor, bool, bool)> {

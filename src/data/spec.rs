@@ -95,6 +95,7 @@ fn yes() -> bool {
 /// dual_captions = false           # DCPO: caption_0 / caption_1 (jsonl: caption_chosen / caption_rejected)
 /// bad_records = "skip"            # skip | error
 /// root_only = false               # jsonl, folders: refuse images outside the dataset's folder
+/// unpaired = false                # kto, npo: single labelled images (see `super::unpaired`)
 /// limit = 20000
 /// [data.columns]
 /// soft_label = "pickscore_prob"   # SmPO
@@ -127,6 +128,12 @@ pub struct DataSpec {
     /// Default false: absolute paths and `../` are allowed, as real datasets often use them.
     #[serde(default)]
     pub root_only: bool,
+    /// Read single images labelled desirable or undesirable (Diffusion-KTO's data, for the kto
+    /// and npo methods) instead of pairs: `jsonl` lines `{"image", "prompt", "label"}`,
+    /// `folders` with `good/` and `bad/`, or `pickapic` pairs split into their two images
+    /// ([`super::UnpairedDataset`]). Default false.
+    #[serde(default)]
+    pub unpaired: bool,
 }
 
 impl DataSpec {
@@ -141,6 +148,7 @@ impl DataSpec {
             bad_records: BadRecordPolicy::Skip,
             limit: None,
             root_only: false,
+            unpaired: false,
         }
     }
 }

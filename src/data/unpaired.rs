@@ -12,7 +12,9 @@
 //! Bad records follow `bad_records` as for pairs ([`super::dataset`]): a line that is not such an
 //! object, a label that is not a boolean, a missing image file, a name without a caption, an
 //! image outside the root under `root_only`; an image that does not decode is found by
-//! [`UnpairedDataset::get`] and is [`crate::Error::Record`] naming the file and the record.
+//! [`UnpairedDataset::get`] and is [`crate::Error::Record`] naming the file and the record;
+//! [`Records::get_or_skip`] leaves it out during training under `bad_records = "skip"`, as for
+//! pairs.
 //! Record indices are 0-based line numbers (jsonl), positions in the sorted listing of `good/`
 //! then `bad/` (folders), or pair indices (pickapic, both images of a pair sharing one).
 
@@ -20,8 +22,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::dataset::{check_inside, handle_bad, read_image, PairDataset, RecordLocation};
+use super::dataset::{check_inside, files_fingerprint, handle_bad, read_image, PairDataset, RecordLocation};
 use super::folders;
+use super::records::{LateSkips, Listing, Records};
 use super::skipped::{explain_empty, SkippedRecord};
 use super::spec::{DataFormat, DataSpec};
 use crate::{Error, Result};
@@ -59,7 +62,10 @@ pub struct UnpairedDataset {
     skipped: Vec<SkippedRecord>,
     /// The pairs the `pickapic` layout splits.
     pairs: Option<PairDataset>,
-    path: PathBuf,
+    spec: DataSpec,
+    /// The index files read (the JSONL file, the captions file), for the fingerprint.
+    files: Vec<PathBuf>,
+    late: LateSkips,
 }
 
 #[derive(Deserialize)]
@@ -88,9 +94,10 @@ impl UnpairedDataset {
             ));
         }
         let mut skipped = Vec::new();
+        let mut files = Vec::new();
         let (records, pairs) = match spec.format {
-            DataFormat::Jsonl => (jsonl_records(spec, &mut skipped)?, None),
-            DataFormat::Folders => (folder_records(spec, &mut skipped)?, None),
+            DataFormat::Jsonl => (jsonl_records(spec, &mut skipped, &mut files)?, None),
+            DataFormat::Folders => (folder_records(spec, &mut skipped, &mut files)?, None),
             DataFormat::Pickapic => {
                 let pairs = PairDataset::open(spec)?;
                 skipped.extend_from_slice(pairs.skipped());
@@ -110,7 +117,9 @@ impl UnpairedDataset {
             records,
             skipped,
             pairs,
-            path: spec.path.clone(),
+            spec: spec.clone(),
+            files,
+            late: LateSkips::default(),
         })
     }
 
@@ -127,7 +136,7 @@ impl UnpairedDataset {
     /// Fails when no image is usable, saying how many records were skipped and the first reasons.
     pub fn ensure_usable(&self) -> Result<()> {
         if self.is_empty() {
-            return Err(Error::input("data", explain_empty(&self.path, &self.skipped)));
+            return Err(Error::input("data", explain_empty(&self.spec.path, &self.skipped)));
         }
         Ok(())
     }
@@ -142,6 +151,23 @@ impl UnpairedDataset {
         match &self.records[i] {
             Record::File { desirable, .. } | Record::Side { desirable, .. } => *desirable,
         }
+    }
+
+    /// A 16-hex-digit fingerprint of the data's identity, for cache keys, as
+    /// [`PairDataset::fingerprint`]'s: the layout, the settings that select images, their
+    /// number, the index files (or the split pairs' fingerprint).
+    pub fn fingerprint(&self) -> String {
+        let s = &self.spec;
+        let text = format!(
+            "unpaired format={} columns={:?} drop_ties={} limit={:?} images={} pairs={}",
+            s.format.name(),
+            s.columns,
+            s.drop_ties,
+            s.limit,
+            self.len(),
+            self.pairs.as_ref().map_or(String::new(), PairDataset::fingerprint)
+        );
+        files_fingerprint(text, self.files.clone())
     }
 
     /// Image `i`, decoded; an image that cannot be read or decoded is [`Error::Record`].
@@ -181,9 +207,46 @@ impl UnpairedDataset {
     }
 }
 
+impl Listing for UnpairedDataset {
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+    /// For a split pair, the pair's record.
+    fn location(&self, i: usize) -> RecordLocation {
+        match &self.records[i] {
+            Record::File { location, .. } => location.clone(),
+            Record::Side { pair, .. } => self
+                .pairs
+                .as_ref()
+                .expect("pair sides come with their pairs")
+                .location(*pair),
+        }
+    }
+    fn skipped(&self) -> &[SkippedRecord] {
+        &self.skipped
+    }
+    fn spec(&self) -> &DataSpec {
+        &self.spec
+    }
+    fn late(&self) -> &LateSkips {
+        &self.late
+    }
+    fn fingerprint(&self) -> String {
+        UnpairedDataset::fingerprint(self)
+    }
+}
+
+impl Records for UnpairedDataset {
+    type Record = LabelledImage;
+    fn get(&self, i: usize) -> Result<LabelledImage> {
+        UnpairedDataset::get(self, i)
+    }
+}
+
 /// The records of the JSONL layout.
-fn jsonl_records(spec: &DataSpec, skipped: &mut Vec<SkippedRecord>) -> Result<Vec<Record>> {
+fn jsonl_records(spec: &DataSpec, skipped: &mut Vec<SkippedRecord>, files: &mut Vec<PathBuf>) -> Result<Vec<Record>> {
     let (file, text, dir) = super::jsonl::read_jsonl(spec, "labels.jsonl")?;
+    files.push(file.clone());
     let limit = spec.limit.unwrap_or(usize::MAX);
     let mut records = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -226,9 +289,10 @@ fn check_image(path: &Path, root: &Path, root_only: bool, what: &str) -> std::re
 }
 
 /// The records of the `good/` `bad/` folders layout.
-fn folder_records(spec: &DataSpec, skipped: &mut Vec<SkippedRecord>) -> Result<Vec<Record>> {
+fn folder_records(spec: &DataSpec, skipped: &mut Vec<SkippedRecord>, files: &mut Vec<PathBuf>) -> Result<Vec<Record>> {
     let root = &spec.path;
     let (captions_file, captions) = folders::read_captions(spec, skipped)?;
+    files.push(captions_file.clone());
     let limit = spec.limit.unwrap_or(usize::MAX);
     let mut records = Vec::new();
     let mut index = 0;

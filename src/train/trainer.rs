@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::batches::Batches;
+use super::batches::TrainBatches;
 use super::checkpoint::{self, TrainState};
 use super::loss_scale::LossScale;
 use super::records::{MetricsLog, StepRecord};
@@ -23,11 +23,11 @@ use super::report::{write_report, Curve, ImageRow};
 use super::resume::{change_event, describe_changes, plan_start, RecipeChange, Resume};
 use super::text_lora::TextEncoderLora;
 use crate::data::skipped::{self, SkippedRecord};
-use crate::data::{LatentCache, PairDataset, Preprocess};
+use crate::data::{LatentCache, Preprocess};
 use crate::dist::Comm;
 use crate::models::unet::UNet2DConditionModel;
 use crate::optim::{clip_grad_norm, Optimizer};
-use crate::preference::diffusion::{DiffusionPreference, Method, Reference};
+use crate::preference::diffusion::Method;
 use crate::recipe::Plan;
 use crate::rng::Rng;
 use crate::sampling::image_io::save_png;
@@ -38,6 +38,7 @@ use crate::weights::store::write_atomic;
 use crate::weights::{layout, save_safetensors, LoadOptions, VarBuilder};
 use crate::{Error, Result};
 
+mod piece_loss;
 mod reward_step;
 
 /// Run-time choices that are not part of the recipe.
@@ -66,7 +67,7 @@ pub struct Trainer {
     policy_unet_dir: PathBuf,
     opt: Optimizer,
     schedule: NoiseSchedule,
-    batches: Option<Batches>,
+    batches: Option<TrainBatches>,
     /// The reward method's run (draft, alignprop, refl); `None` for a preference method.
     reward_ft: Option<reward_step::RewardRun>,
     metrics: MetricsLog,
@@ -215,12 +216,11 @@ impl Trainer {
         Ok(trainer)
     }
 
-    /// The preference pairs of the recipe's data, batched, with the latent cache under `out`.
-    fn open_batches(plan: &Plan, opts: &TrainOptions, sources: &PipelineSources, out: &Path) -> Result<Batches> {
+    /// The preference pairs (or labelled images) of the recipe's data, batched, with the latent
+    /// cache under `out`.
+    fn open_batches(plan: &Plan, opts: &TrainOptions, sources: &PipelineSources, out: &Path) -> Result<TrainBatches> {
         let (r, comm) = (&plan.raw, &opts.comm);
         let root = &sources.root;
-        let data = PairDataset::open(&r.data)?;
-        data.ensure_usable()?;
         let t = &r.train;
         let preprocess = Preprocess {
             resolution: (t.resolution, t.resolution),
@@ -229,7 +229,9 @@ impl Trainer {
             flip_pair_together: t.flip_pair_together.unwrap_or(plan.method == Method::Mapo),
             empty_caption_prob: t.empty_caption_prob,
         };
-        let cache = if t.cache_latents && t.center_crop {
+        let mut batches = TrainBatches::open(&r.data, preprocess, t.seed, t.batch_size, plan.method)?;
+        let data = batches.data();
+        if t.cache_latents && t.center_crop {
             let identity = format!(
                 "data {} {:?} {} {:?} dual={} ties={} limit={:?}; {} pairs; resolution {}; center crop; vae {}",
                 data.fingerprint(),
@@ -244,11 +246,9 @@ impl Trainer {
                 sources.vae.as_ref().unwrap_or(&root.join("vae")).display()
             );
             let cache = comm.rank0_first(|| LatentCache::open(&out.join("latents"), &identity))?;
-            Some(cache.with_device(opts.device.clone()))
-        } else {
-            None
-        };
-        Ok(Batches::new(data, preprocess, cache, t.seed, t.batch_size, plan.method))
+            batches.set_cache(cache.with_device(opts.device.clone()));
+        }
+        Ok(batches)
     }
 
     /// Continues from `checkpoint` (recording allowed recipe `changes` in the metrics) or
@@ -295,7 +295,7 @@ impl Trainer {
             None => {}
         }
         if let Some(b) = &self.batches {
-            skipped::merge(&mut self.skipped, b.data.skipped());
+            skipped::merge(&mut self.skipped, b.data().skipped());
         }
         if !main {
             return Ok(());
@@ -329,9 +329,10 @@ impl Trainer {
         &self.skipped
     }
 
-    /// Pairs in use: the usable pairs less those found undecodable so far.
+    /// Pairs (labelled images with `[data] unpaired = true`) in use: the usable ones less those
+    /// found undecodable so far.
     pub fn pairs_used(&self) -> usize {
-        self.batches.as_ref().map_or(0, |b| b.data.len()) - self.late_seen
+        self.batches.as_ref().map_or(0, |b| b.data().len()) - self.late_seen
     }
 
     /// Lists the records the dataset left out since the last call; returns them.
@@ -339,7 +340,7 @@ impl Trainer {
         let Some(batches) = &self.batches else {
             return Ok(Vec::new());
         };
-        let new = batches.data.late_skipped(self.late_seen);
+        let new = batches.data().late_skipped(self.late_seen);
         if !new.is_empty() {
             self.late_seen += new.len();
             skipped::merge(&mut self.skipped, &new);
@@ -383,40 +384,14 @@ impl Trainer {
                     &mut self.state,
                     &self.comm,
                 )?;
-            // KTO's reference point is a mean over the micro-batch: it is evaluated whole.
-            let pieces = match self.plan.method {
-                Method::Kto => vec![batch],
-                _ => (0..batch.len()).map(|i| batch.pair(i)).collect::<Result<_>>()?,
-            };
-            for pair in pieces {
-                let n = pair.len() as f64;
-                let reference = match self.policy_vb.lora_switch() {
-                    _ if !self.plan.objective.needs_reference() => None,
-                    Some(switch) => Some(Reference::PolicyWithoutAdapters(switch)),
-                    None => Some(Reference::Unet(&self.pipe.unet)),
-                };
-                let cond = super::pair_conditioning(&self.pipe, &pair, self.plan.method)?;
-                let eval = DiffusionPreference {
-                    policy: &self.policy,
-                    reference,
-                    schedule: &self.schedule,
-                    method: self.plan.method,
-                    objective: self.plan.objective,
-                };
-                let ref_cond = match (&self.text_lora, reference) {
-                    (Some(te), Some(_)) => Some(te.reference_conditioning(&self.pipe, &pair, self.plan.method)?),
-                    _ => None,
-                };
-                let out = eval.loss_with_reference_conditioning(&pair, &cond, ref_cond.as_ref())?;
-                let m = &out.loss.metrics;
+            for piece in batch.pieces(self.plan.method)? {
+                let out = self.piece_loss(&piece)?;
+                let (n, m) = (out.n, &out.loss.metrics);
                 sums[0] += n * m.loss;
                 sums[1] += n * m.implicit_acc.unwrap_or(0.0);
                 sums[2] += n * m.reward_margin.unwrap_or(0.0);
-                sums[3] += n * mean(&out.mse_w)?;
-                sums[4] += n * mean(&out.mse_l)?;
-                if let Some((w, l)) = &out.ref_mse {
-                    sums[5] += n * mean(w)?;
-                    sums[6] += n * mean(l)?;
+                for (sum, mse) in sums[3..7].iter_mut().zip(out.mse) {
+                    *sum += n * mse;
                 }
                 if !m.loss.is_finite() {
                     sums[7] += 1.0;

@@ -99,6 +99,41 @@ pub fn train(recipe: &Path, args: &[&str]) {
     );
 }
 
+/// Trains 6 steps at once (in `tmp/a`) and in three runs (in `tmp/b`: 2, 3 and 1 steps, resumed
+/// twice) from the recipe `recipe(dir)` writes (writing to `dir/out`): the final weights (the
+/// LoRA when the recipe trains one, else the UNet) and the metrics must be identical (`what`
+/// names the case in failures).
+pub fn assert_resume_exact(tmp: &Path, recipe: impl Fn(&Path) -> PathBuf, what: &str) {
+    let a = tmp.join("a");
+    let b = tmp.join("b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let ra = recipe(&a);
+    let rb = recipe(&b);
+    let steps = ["--set", "train.steps=6"];
+    train(&ra, &steps);
+    train(&rb, &[&steps[..], &["--max-steps-this-run", "2"]].concat());
+    train(&rb, &[&steps[..], &["--resume", "--max-steps-this-run", "3"]].concat());
+    train(&rb, &[&steps[..], &["--resume"]].concat());
+    let weights = |dir: &Path| {
+        let lora = dir.join("out/pytorch_lora_weights.safetensors");
+        super::load(&if lora.exists() {
+            lora
+        } else {
+            dir.join("out/unet/diffusion_pytorch_model.safetensors")
+        })
+    };
+    let (wa, wb) = (weights(&a), weights(&b));
+    assert_eq!(wa.len(), wb.len());
+    for (k, t) in &wa {
+        let d = super::max_abs_diff(t, &wb[k]);
+        assert!(d == 0.0, "{what}: {k}: resumed run differs by {d}");
+    }
+    let ma = std::fs::read_to_string(a.join("out/metrics.jsonl")).unwrap();
+    let mb = std::fs::read_to_string(b.join("out/metrics.jsonl")).unwrap();
+    assert_eq!(ma, mb, "{what}: metrics of the resumed run differ");
+}
+
 /// The tensors of a LoRA file, sorted by name.
 pub fn sorted_tensors(file: &Path) -> Vec<(String, Tensor)> {
     let mut t: Vec<(String, Tensor)> = super::load(file).into_iter().collect();

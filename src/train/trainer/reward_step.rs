@@ -81,12 +81,15 @@ impl Trainer {
         let run = self.reward_ft.as_ref().expect("a reward method has its run");
         for micro in 0..grad_accum as u64 {
             let batch = match &mut self.batches {
-                Some(b) => Some(b.next_batch(
-                    &self.pipe,
-                    self.schedule.num_train_timesteps(),
-                    &mut self.state,
-                    &self.comm,
-                )?),
+                Some(b) => Some(
+                    b.next_batch(
+                        &self.pipe,
+                        self.schedule.num_train_timesteps(),
+                        &mut self.state,
+                        &self.comm,
+                    )?
+                    .into_pairs()?,
+                ),
                 None => None,
             };
             let prompts: Vec<String> = match (&batch, &run.prompts) {
