@@ -195,7 +195,7 @@ fn pretrain_writes_pipelines_that_load_and_generate() {
 }
 
 #[test]
-fn demo_dpo_npo_runs_dpo_and_kto_alone() {
+fn demo_dpo_npo_runs_dpo_and_kto_alone_kto_on_per_image_labels() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
@@ -210,4 +210,28 @@ fn demo_dpo_npo_runs_dpo_and_kto_alone() {
     let methods: Vec<&String> = metrics["methods"].as_object().unwrap().keys().collect();
     assert_eq!(methods, ["dpo", "dpo+npo", "kto"]);
     assert!(metrics["methods"]["kto"]["win_rate_vs_dpo"].is_null());
+    // KTO learns from every pair image labelled on its own, both labels present.
+    let pairs = std::fs::read_to_string(out.join("pairs/pairs.jsonl")).unwrap();
+    let labels: Vec<serde_json::Value> = std::fs::read_to_string(out.join("pairs/labels.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(labels.len(), 2 * pairs.lines().count());
+    assert!(labels
+        .iter()
+        .all(|l| out.join("pairs").join(l["image"].as_str().unwrap()).is_file()));
+    let desirable = labels.iter().filter(|l| l["label"].as_bool().unwrap()).count();
+    assert!(
+        0 < desirable && desirable < labels.len(),
+        "{desirable} of {}",
+        labels.len()
+    );
+    let recipe = std::fs::read_to_string(out.join("runs/kto/recipe.toml")).unwrap();
+    assert!(
+        recipe.contains("unpaired = true") && recipe.contains("labels.jsonl"),
+        "{recipe}"
+    );
+    // The NPO negative model is the DPO model plus the NPO offset from the base.
+    assert!(out.join("runs/npo/negative-unet/config.json").is_file());
 }

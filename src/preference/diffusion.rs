@@ -65,15 +65,16 @@ impl Method {
         })
     }
 
-    /// The papers' beta: DPO 5000, DCPO 500, MaPO 0.1, SmPO 2000 (SD 1.5 settings); KTO 5000,
-    /// the Diffusion-DPO `--beta_dpo` its official script inherits.
+    /// The papers' beta: DPO 5000, DCPO 500, MaPO 0.1, SmPO 2000 (SD 1.5 settings); KTO 1000,
+    /// the official script's `--beta_dpo` default; NPO, Diffusion-DPO with the labels swapped,
+    /// DPO's.
     pub fn default_beta(self) -> f64 {
         match self {
-            Method::Dpo => 5000.0,
+            Method::Dpo | Method::Npo => 5000.0,
             Method::Dcpo => 500.0,
             Method::Mapo => 0.1,
             Method::Smpo { .. } => 2000.0,
-            Method::Kto | Method::Npo => 5000.0,
+            Method::Kto => 1000.0,
         }
     }
 

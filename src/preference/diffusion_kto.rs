@@ -3,18 +3,18 @@
 //! sigmoid`): single images labelled desirable or undesirable, and the batch format
 //! `diffalign loss --method kto` reads.
 //!
-//! The formula, as written from the paper (Eq. 8-9) and the official script's loss (the
-//! repository was not reachable from here; this is our reading of it):
+//! The formula, as the official script computes it (`train_kto_sd_v1.5.py`, `--loss kto`, its
+//! default `--bce_offset none`):
 //! - each image gets its own noise and timestep; `L` and `L_ref` are the policy's and the frozen
 //!   reference's per-sample MSE of the noise (or velocity) prediction, as in Diffusion-DPO;
-//! - the implicit reward is Diffusion-DPO's per-image term `rho = -0.5 * (L - L_ref)` (our
-//!   `-0.5 * MSE` proxy minus the reference's), scaled by `beta` (the script's `--beta_dpo`);
-//! - the reference point `z = max(0, mean_batch(rho))`, detached: KTO's KL estimate, taken over
-//!   the batch's own images (diffusion has no mismatched completions to take it from);
+//! - the implicit reward is `rho = -(L - L_ref)` (`policy_KL_logps - reference_KL_logps`), scaled
+//!   by `beta` (the script's `--beta_dpo`, default 1000);
+//! - the reference point `z = max(0, mean_batch(rho))`, detached (the script's `kl`, averaged over
+//!   the images of every process's micro-batch; ours over the micro-batch);
 //! - `x = beta * (rho - z)` for desirable and `beta * (z - rho)` for undesirable images; the
 //!   loss is `mean(lambda * (1 - U(x)))` with `lambda` = `kto_lambda_d` or `kto_lambda_u` and
-//!   `U` the value function (`--halo`): sigmoid (the default, Kahneman-Tversky), linear
-//!   (risk-neutral) or log-sigmoid (loss-averse), see [`Utility`].
+//!   `U` the value function (`--halo`): sigmoid (the default, Kahneman-Tversky), log-sigmoid (the
+//!   script's `loss_averse`) or linear (risk-neutral), see [`Utility`].
 //!
 //! The batch file holds `latents` `[B, C, h, w]` (times the VAE scaling factor), `noise`
 //! `[B, C, h, w]`, `timesteps` `[B]`, `labels` `[B]` (1 desirable, 0 undesirable), optionally
@@ -221,7 +221,7 @@ impl DiffusionPreference<'_> {
         let target = self.schedule.training_target(&x0, &noise, &ts)?;
         let (mse, ref_mse) = self.errors(&x_t, &ts, (context, added), None, &target)?;
         let ref_mse = ref_mse.expect("checked above: there is a reference");
-        let proxy = |m: &Tensor| m.affine(-0.5, 0.0);
+        let proxy = |m: &Tensor| m.neg();
         let loss = kto.evaluate_unpaired(utility, &proxy(&mse)?, &proxy(&ref_mse)?, &batch.labels)?;
         Ok(LabelledLoss { loss, mse, ref_mse })
     }

@@ -50,10 +50,11 @@ impl std::str::FromStr for Utility {
         match s {
             "sigmoid" => Ok(Utility::Sigmoid),
             "linear" => Ok(Utility::Linear),
-            "log_sigmoid" => Ok(Utility::LogSigmoid),
+            // Diffusion-KTO's script calls it `loss_averse`.
+            "log_sigmoid" | "loss_averse" => Ok(Utility::LogSigmoid),
             other => Err(Error::input(
                 "halo",
-                format!("expected one of sigmoid, linear, log_sigmoid, got {other:?}"),
+                format!("expected one of sigmoid, linear, log_sigmoid (loss_averse), got {other:?}"),
             )),
         }
     }

@@ -261,7 +261,9 @@ pub fn caption_of(image: &Tensor) -> Result<Prompt> {
 /// Samples and labels preference pairs into `dir` (`pairs.jsonl` and PNGs): two seeds per pair,
 /// the label drawn from `sigmoid((r_a − r_b) / T)`, `soft_label` that probability for the
 /// chosen image, `caption_rejected` DCPO's caption of the rejected image (see [`DcpoCaption`]).
-/// Returns the file.
+/// Also labels every image on its own for Diffusion-KTO ([`PER_IMAGE_LABELS`]): desirable with
+/// probability `sigmoid((r − m) / T)`, the rater against the median image `m` of its prompt with
+/// the same Bradley-Terry noise. Returns the pairs file.
 pub fn sample_pairs(
     gen: &Generator,
     prompts: &[Prompt],
@@ -277,6 +279,7 @@ pub fn sample_pairs(
     let base = 100_000 + 1_000_000 * cfg.seed;
     let total = prompts.len() * cfg.pairs_per_prompt;
     let mut lines = String::new();
+    let mut singles: Vec<(String, String, f64)> = Vec::with_capacity(2 * total);
     for (i, prompt) in prompts
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, cfg.pairs_per_prompt))
@@ -288,7 +291,9 @@ pub fn sample_pairs(
             let image = gen.generate(&gen.pipe.unet, prompt, &gen.noise(seed)?, seed)?;
             let name = format!("{i:04}-{k}.png");
             save_png(&image, &dir.join(&name))?;
-            images.push((name, true_reward(&image, prompt)?, image));
+            let reward = true_reward(&image, prompt)?;
+            singles.push((name.clone(), prompt.to_string(), reward));
+            images.push((name, reward, image));
         }
         let p_a = preference_probability(images[0].1, images[1].1, cfg.temperature);
         let a_wins = rng.uniform() < p_a;
@@ -312,7 +317,40 @@ pub fn sample_pairs(
     }
     let path = dir.join("pairs.jsonl");
     std::fs::write(&path, lines).map_err(|e| Error::io(&path, e))?;
+    write_image_labels(&singles, cfg, &dir.join(PER_IMAGE_LABELS))?;
     Ok(path)
+}
+
+/// The file beside `pairs.jsonl` with one labelled image a line (`{"image", "prompt", "label"}`).
+pub const PER_IMAGE_LABELS: &str = "labels.jsonl";
+
+/// Labels each `(image, prompt, true reward)` against the median reward of its prompt's images
+/// (a thumbs-up for an image better than the prompt usually gets, not for an easy prompt) with
+/// Bradley-Terry noise (its own random stream, so the pairs' labels do not move), into `path`.
+fn write_image_labels(images: &[(String, String, f64)], cfg: &DemoConfig, path: &Path) -> Result<()> {
+    let mut by_prompt: HashMap<&str, Vec<f64>> = HashMap::new();
+    for (_, prompt, reward) in images {
+        by_prompt.entry(prompt).or_default().push(*reward);
+    }
+    let medians: HashMap<&str, f64> = by_prompt
+        .into_iter()
+        .map(|(p, mut r)| {
+            r.sort_by(f64::total_cmp);
+            // The mean of the middle two for an even count, so that half fall on each side.
+            let m = (r[(r.len() - 1) / 2] + r[r.len() / 2]) / 2.0;
+            (p, m)
+        })
+        .collect();
+    let mut rng = Rng::new(5678 + cfg.seed);
+    let mut lines = String::new();
+    for (image, prompt, reward) in images {
+        let median = medians[prompt.as_str()];
+        let desirable = rng.uniform() < preference_probability(*reward, median, cfg.temperature);
+        let line = serde_json::json!({"image": image, "prompt": prompt, "label": desirable});
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    std::fs::write(path, lines).map_err(|e| Error::io(path, e))
 }
 
 /// The pair head fitted for ReNO: where it was saved and how it did.
@@ -424,6 +462,8 @@ pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: 
         "mapo" => 0.02,
         "smpo" => 200.0,
         "dcpo" => 2000.0,
+        // Diffusion-KTO's beta multiplies the whole MSE difference, DPO's half of it.
+        "kto" => 500.0,
         _ => 1000.0,
     });
     let path = |p: &Path| toml::Value::from(p.display().to_string());
@@ -433,11 +473,22 @@ pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: 
             ("model", table([("path", path(model))])),
             (
                 "data",
-                table([
-                    ("format", "jsonl".into()),
-                    ("path", path(pairs)),
-                    ("dual_captions", (method == "dcpo").into()),
-                ]),
+                if method == "kto" {
+                    // Diffusion-KTO learns from the images labelled one at a time (a batch of
+                    // twice the pairs' size below: the same images a step).
+                    let labels = pairs.with_file_name(PER_IMAGE_LABELS);
+                    table([
+                        ("format", "jsonl".into()),
+                        ("path", path(&labels)),
+                        ("unpaired", true.into()),
+                    ])
+                } else {
+                    table([
+                        ("format", "jsonl".into()),
+                        ("path", path(pairs)),
+                        ("dual_captions", (method == "dcpo").into()),
+                    ])
+                },
             ),
             (
                 "train",
@@ -445,7 +496,10 @@ pub fn method_recipe(method: &str, model: &Path, pairs: &Path, out: &Path, cfg: 
                     ("method", method.into()),
                     ("beta", beta.into()),
                     ("steps", count(cfg.train_steps)),
-                    ("batch_size", count(cfg.batch_size)),
+                    (
+                        "batch_size",
+                        count(cfg.batch_size * if method == "kto" { 2 } else { 1 }),
+                    ),
                     ("lr", cfg.lr.into()),
                     ("resolution", count(32)),
                     ("random_flip", false.into()),
