@@ -34,13 +34,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per run
 enum Command {
-    /// Run the whole framework on the embedded shapes-world model: pairs, DPO/DCPO/MaPO/SmPO, ReNO, evaluation.
+    /// Run the whole framework on the embedded shapes-world model: pairs, DPO/DCPO/MaPO/SmPO, KTO, NPO, DRaFT, ReNO, evaluation.
     Demo(demo::DemoArgs),
     /// Generate images from text with a Stable Diffusion 1.x / 2.x / XL / Turbo pipeline.
     Generate(generate::GenerateArgs),
-    /// Compute one preference loss (dpo, dcpo, mapo, smpo) on one batch, with metrics and gradients.
+    /// Compute one preference loss (dpo, dcpo, mapo, smpo, kto, npo) on one batch, with metrics and gradients.
     Loss(loss::LossArgs),
-    /// Fine-tune a model from preference pairs with a recipe (see `pipelines/`).
+    /// Fine-tune a model from preference pairs, labelled images or rewards with a recipe (see `pipelines/`).
     Train(train::TrainArgs),
     /// Train a small text-to-image pipeline from scratch on the shapes world (the embedded model).
     Pretrain(pretrain::PretrainArgs),
