@@ -1,29 +1,38 @@
 //! `diffalign demo --quick` on the embedded model: every file, and the schemas of
 //! `metrics.json` and `gallery/manifest.json`.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Runs `diffalign demo --quick ARGS --out TMP/demo` with its asset cache in `tmp`, asserts it
+/// succeeded, and returns the output folder and its `metrics.json`.
+fn quick_demo(tmp: &Path, args: &[&str]) -> (PathBuf, serde_json::Value) {
+    let out = tmp.join("demo");
+    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .args(["demo", "--quick"])
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .env("DIFFALIGN_CACHE", tmp.join("cache"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    (out, metrics)
+}
 
 #[test]
 fn quick_demo_writes_every_file_with_its_schema() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("demo");
     // The folder may exist already.
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("notes.txt"), "kept").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
-        .args(["demo", "--quick", "--out"])
-        .arg(&out)
-        .env("DIFFALIGN_CACHE", tmp.path().join("cache"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::create_dir_all(tmp.path().join("demo")).unwrap();
+    std::fs::write(tmp.path().join("demo/notes.txt"), "kept").unwrap();
+    let (out, metrics) = quick_demo(tmp.path(), &[]);
     assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "kept");
     assert!(std::fs::read_to_string(out.join("index.html"))
         .unwrap()
         .contains("<svg"));
 
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     for method in ["dpo", "dcpo", "mapo", "smpo", "kto", "dpo+npo", "draft", "reno"] {
         let m = &metrics["methods"][method];
         let win = m["win_rate"].as_f64().unwrap_or_else(|| panic!("{method}: win_rate"));
@@ -103,26 +112,8 @@ fn quick_demo_writes_every_file_with_its_schema() {
 #[test]
 fn demo_runs_only_the_methods_asked_for() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("demo");
-    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
-        .args([
-            "demo",
-            "--quick",
-            "--methods",
-            "dcpo",
-            "--dcpo-caption",
-            "captioned",
-            "--seed",
-            "2",
-            "--out",
-        ])
-        .arg(&out)
-        .env("DIFFALIGN_CACHE", tmp.path().join("cache"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let args = ["--methods", "dcpo", "--dcpo-caption", "captioned", "--seed", "2"];
+    let (out, metrics) = quick_demo(tmp.path(), &args);
     let methods: Vec<&String> = metrics["methods"].as_object().unwrap().keys().collect();
     assert_eq!(methods, ["dcpo"]);
     assert_eq!(metrics["config"]["dcpo_caption"], "captioned");
@@ -197,16 +188,7 @@ fn pretrain_writes_pipelines_that_load_and_generate() {
 #[test]
 fn demo_dpo_npo_runs_dpo_and_kto_alone_kto_on_per_image_labels() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("demo");
-    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
-        .args(["demo", "--quick", "--methods", "kto,dpo+npo", "--out"])
-        .arg(&out)
-        .env("DIFFALIGN_CACHE", tmp.path().join("cache"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let (out, metrics) = quick_demo(tmp.path(), &["--methods", "kto,dpo+npo"]);
     let methods: Vec<&String> = metrics["methods"].as_object().unwrap().keys().collect();
     assert_eq!(methods, ["dpo", "dpo+npo", "kto"]);
     assert!(metrics["methods"]["kto"]["win_rate_vs_dpo"].is_null());
