@@ -74,6 +74,8 @@ fn attention_matches_reference() {
             (&[3, 2], 1, 3, 5, 5),
             // Big enough for the thread pool (slices in parallel).
             (&[2, 4], 96, 96, 8, 8),
+            // Several query blocks of the CPU kernel (64K probabilities each), the last short.
+            (&[1, 2], 200, 700, 8, 12),
         ],
     );
 }
@@ -107,6 +109,7 @@ fn attention_heads_matches_reference() {
         ((1, 1), 5, 9, 4, 6),
         ((3, 2), 1, 3, 5, 7),
         ((2, 4), 96, 96, 8, 8),
+        ((1, 2), 200, 700, 16, 8),
     ]
     .into_iter()
     .map(|(bh, lq, lk, d, dv)| (bh, lq, lk, d, dv, None))
@@ -124,6 +127,7 @@ fn masked_attention_matches_reference() {
     ops_check::check_masked_attention_cases(7, ops_check::MASKED_ATTENTION_CASES);
     // Big enough for the thread pool (slices in parallel).
     ops_check::check_masked_attention_cases(8, &[((2, 4), 96, 96, 8, 8, ops_check::MaskKind::CausalPadded)]);
+    ops_check::check_masked_attention_cases(9, &[((1, 2), 150, 600, 8, 8, ops_check::MaskKind::CausalPadded)]);
 }
 
 #[test]

@@ -491,22 +491,21 @@ impl Sizes {
     }
 }
 
-/// `p = softmax(scale * q k^T + mask)` for one slice, into `p` `[lq, lk]`.
+/// `p = softmax(scale * q k^T + mask)` for `rows` queries of one slice, into `p` `[rows, lk]`.
 fn probabilities<T: Real>(
-    dims: &Dims,
+    (rows, lk, d): (usize, usize, usize),
     (q, k): (&[T], &[T]),
     mask: Option<&[T]>,
     scale: T,
     p: &mut [T],
     parallel: bool,
 ) {
-    let Dims { lq, lk, d, .. } = *dims;
     matmul(
         p,
         lk,
         Mat::rows(q, d),
         Mat::rows_t(k, d),
-        (lq, lk, d),
+        (rows, lk, d),
         scale,
         false,
         parallel,
@@ -516,6 +515,17 @@ fn probabilities<T: Real>(
     }
     p.chunks_mut(lk.max(1)).for_each(T::softmax_row);
 }
+
+/// Query rows per block of a slice, so that a block's probabilities (and, backward, their
+/// gradient) stay in the core's cache instead of a whole `lq x lk` matrix going to memory
+/// between the product that writes it, the softmax and the product that reads it; at least 64,
+/// the inner dimension of the key-side gradient products.
+fn query_block(lq: usize, lk: usize) -> usize {
+    (QUERY_BLOCK_ELEMENTS / lk.max(1)).max(64).min(lq.max(1))
+}
+
+/// Probabilities per query block (64K f32, 256 KiB).
+const QUERY_BLOCK_ELEMENTS: usize = 1 << 16;
 
 /// The fused attention kernels with their mask: the forward pass on `(q, k, v)`, or (`GRAD`)
 /// the backward pass on `(q, [k | v], [dO | delta])`, output `[dq | dk | dv]` flattened.
@@ -534,30 +544,36 @@ impl<const GRAD: bool> Attention<GRAD> {
         let mut out = vec![T::zero(); dims.n * lq * dv];
         // Threads across slices when there are several, else inside the products.
         let inner = !dims.parallel();
+        let qb = query_block(lq, lk);
         for_each_chunk(&mut out, lq * dv, dims.parallel(), |i, o| {
-            let mut p = vec![T::zero(); lq * lk];
+            let mut p = vec![T::zero(); qb * lk];
             let h = dims.heads;
             let qi = dims.gather(q, i, (lq, h * d), &[(0, d)]);
             let ki = dims.gather(k, i, (lk, h * d), &[(0, d)]);
-            probabilities(
-                dims,
-                (&qi, &ki),
-                mask.map(|m| m.slice(i, lq * lk)),
-                scale,
-                &mut p,
-                inner,
-            );
             let vi = dims.gather(v, i, (lk, h * dv), &[(0, dv)]);
-            matmul(
-                o,
-                dv,
-                Mat::rows(&p, lk),
-                Mat::rows(&vi, dv),
-                (lq, dv, lk),
-                T::one(),
-                false,
-                inner,
-            );
+            let mi = mask.map(|m| m.slice(i, lq * lk));
+            for q0 in (0..lq).step_by(qb) {
+                let rows = qb.min(lq - q0);
+                let p = &mut p[..rows * lk];
+                probabilities(
+                    (rows, lk, d),
+                    (&qi[q0 * d..(q0 + rows) * d], &ki),
+                    mi.map(|m| &m[q0 * lk..(q0 + rows) * lk]),
+                    scale,
+                    p,
+                    inner,
+                );
+                matmul(
+                    &mut o[q0 * dv..(q0 + rows) * dv],
+                    dv,
+                    Mat::rows(p, lk),
+                    Mat::rows(&vi, dv),
+                    (rows, dv, lk),
+                    T::one(),
+                    false,
+                    inner,
+                );
+            }
         });
         if dims.heads == 1 {
             return out;
@@ -582,6 +598,7 @@ impl<const GRAD: bool> Attention<GRAD> {
         let (sq, sk, sv) = (lq * d, lk * d, lk * dv);
         let mut per_slice = vec![T::zero(); n * (sq + sk + sv)];
         let inner = !dims.parallel();
+        let qb = query_block(lq, lk);
         for_each_chunk(&mut per_slice, sq + sk + sv, dims.parallel(), |i, out| {
             let (dqi, rest) = out.split_at_mut(sq);
             let (dki, dvi) = rest.split_at_mut(sk);
@@ -589,59 +606,58 @@ impl<const GRAD: bool> Attention<GRAD> {
             let ki = dims.gather(kv, i, (lk, heads * (d + dv)), &[(0, d)]);
             let vi = dims.gather(kv, i, (lk, heads * (d + dv)), &[(heads * d, dv)]);
             let goi = dims.gather(go, i, (lq, heads * (dv + 1)), &[(0, dv), (heads * dv, 1)]);
-            let g = Mat {
-                data: &goi,
-                rs: dv + 1,
-                cs: 1,
-            };
-            let (mut p, mut dp) = (vec![T::zero(); lq * lk], vec![T::zero(); lq * lk]);
-            probabilities(
-                dims,
-                (&qi, &ki),
-                mask.map(|m| m.slice(i, lq * lk)),
-                scale,
-                &mut p,
-                inner,
-            );
-            // dV = P^T dO; dP = dO V^T; dS = P * (dP - delta).
-            matmul(dvi, dv, Mat::rows_t(&p, lk), g, (lk, dv, lq), T::one(), false, inner);
-            matmul(
-                &mut dp,
-                lk,
-                g,
-                Mat::rows_t(&vi, dv),
-                (lq, lk, dv),
-                T::one(),
-                false,
-                inner,
-            );
-            for (r, (dpr, pr)) in dp.chunks_mut(lk.max(1)).zip(p.chunks(lk.max(1))).enumerate() {
-                let delta = goi[r * (dv + 1) + dv];
-                for (x, &pv) in dpr.iter_mut().zip(pr) {
-                    *x = pv * (*x - delta);
+            let mi = mask.map(|m| m.slice(i, lq * lk));
+            let (mut p, mut dp) = (vec![T::zero(); qb * lk], vec![T::zero(); qb * lk]);
+            for q0 in (0..lq).step_by(qb) {
+                let rows = qb.min(lq - q0);
+                let (p, dp) = (&mut p[..rows * lk], &mut dp[..rows * lk]);
+                let qr = &qi[q0 * d..(q0 + rows) * d];
+                let gr = &goi[q0 * (dv + 1)..(q0 + rows) * (dv + 1)];
+                let g = Mat {
+                    data: gr,
+                    rs: dv + 1,
+                    cs: 1,
+                };
+                probabilities(
+                    (rows, lk, d),
+                    (qr, &ki),
+                    mi.map(|m| &m[q0 * lk..(q0 + rows) * lk]),
+                    scale,
+                    p,
+                    inner,
+                );
+                // dV += P^T dO; dP = dO V^T; dS = P * (dP - delta), over this block's queries.
+                let more = q0 > 0;
+                matmul(dvi, dv, Mat::rows_t(p, lk), g, (lk, dv, rows), T::one(), more, inner);
+                matmul(dp, lk, g, Mat::rows_t(&vi, dv), (rows, lk, dv), T::one(), false, inner);
+                for (r, (dpr, pr)) in dp.chunks_mut(lk.max(1)).zip(p.chunks(lk.max(1))).enumerate() {
+                    let delta = gr[r * (dv + 1) + dv];
+                    for (x, &pv) in dpr.iter_mut().zip(pr) {
+                        *x = pv * (*x - delta);
+                    }
                 }
+                // dQ = scale dS K; dK += scale dS^T Q.
+                matmul(
+                    &mut dqi[q0 * d..(q0 + rows) * d],
+                    d,
+                    Mat::rows(dp, lk),
+                    Mat::rows(&ki, d),
+                    (rows, d, lk),
+                    scale,
+                    false,
+                    inner,
+                );
+                matmul(
+                    dki,
+                    d,
+                    Mat::rows_t(dp, lk),
+                    Mat::rows(qr, d),
+                    (lk, d, rows),
+                    scale,
+                    more,
+                    inner,
+                );
             }
-            // dQ = scale dS K; dK = scale dS^T Q.
-            matmul(
-                dqi,
-                d,
-                Mat::rows(&dp, lk),
-                Mat::rows(&ki, d),
-                (lq, d, lk),
-                scale,
-                false,
-                inner,
-            );
-            matmul(
-                dki,
-                d,
-                Mat::rows_t(&dp, lk),
-                Mat::rows(&qi, d),
-                (lk, d, lq),
-                scale,
-                false,
-                inner,
-            );
         });
         let mut out = Vec::with_capacity(per_slice.len());
         for part in [(0, lq, d), (sq, lk, d), (sq + sk, lk, dv)] {

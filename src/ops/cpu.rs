@@ -34,6 +34,32 @@ pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + std::iter::
             *y = g * s * (Self::one() + *y * (Self::one() - s));
         }
     }
+
+    /// GEGLU of one row, `o = a * gelu(b)` (exact GELU, computed in f64).
+    fn geglu(o: &mut [Self], a: &[Self], b: &[Self]) {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            let b64 = <Self as WithDType>::to_f64(b);
+            *o = a * <Self as WithDType>::from_f64(b64 * gelu_parts(b64).0);
+        }
+    }
+
+    /// GEGLU's gradient of one row: `da = dy gelu(b)`, `db = dy a gelu'(b)`.
+    fn geglu_grad(da: &mut [Self], db: &mut [Self], a: &[Self], b: &[Self], dy: &[Self]) {
+        let wide = <Self as WithDType>::to_f64;
+        for j in 0..da.len() {
+            let (g, b64) = (wide(dy[j]), wide(b[j]));
+            let (cdf, xpdf) = gelu_parts(b64);
+            da[j] = <Self as WithDType>::from_f64(g * b64 * cdf);
+            db[j] = <Self as WithDType>::from_f64(g * wide(a[j]) * (cdf + xpdf));
+        }
+    }
+}
+
+/// `(Phi(x), x phi(x))` in f64: GELU is `x Phi(x)`, its derivative `Phi(x) + x phi(x)`.
+fn gelu_parts(x: f64) -> (f64, f64) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (cdf, x * pdf)
 }
 
 impl Real for f32 {
@@ -47,6 +73,14 @@ impl Real for f32 {
 
     fn silu_grad(ys: &mut [f32], dy: &[f32]) {
         super::lanes::silu_grad(ys, dy);
+    }
+
+    fn geglu(o: &mut [f32], a: &[f32], b: &[f32]) {
+        super::lanes::geglu(o, a, b);
+    }
+
+    fn geglu_grad(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], dy: &[f32]) {
+        super::lanes::geglu_grad(da, db, a, b, dy);
     }
 }
 

@@ -5,7 +5,7 @@
 
 #[cfg(any(feature = "wgpu", feature = "cuda-emu"))]
 use candle_core::CpuStorage;
-use candle_core::{DType, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{DType, Layout, Result, Shape, Tensor, D};
 
 use super::cpu::{for_each_chunk, Real, PAR_MIN_ELEMENTS};
 use super::kernel::{Fused, Kernel};
@@ -31,18 +31,6 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
         return reference(h);
     }
     h.contiguous()?.apply_op1(Fused(Geglu::<false>))
-}
-
-/// `(Phi(x), x phi(x))` in f64: GELU is `x Phi(x)`, its derivative `Phi(x) + x phi(x)`.
-fn gelu_parts(x: f64) -> (f64, f64) {
-    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
-    (cdf, x * pdf)
-}
-
-/// `x` as f64, where GELU's parts are computed.
-fn wide<T: Real>(x: T) -> f64 {
-    <T as WithDType>::to_f64(x)
 }
 
 /// The forward pass on `h` `[.., 2w]` (output `[.., w]`), or (`GRAD`) the backward pass on
@@ -72,10 +60,7 @@ impl Kernel<1> for Geglu<false> {
         let parallel = out.len() >= PAR_MIN_ELEMENTS;
         for_each_chunk(&mut out, w, parallel, |r, o| {
             let (a, b) = h[r * 2 * w..(r + 1) * 2 * w].split_at(w);
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                let b64 = wide(b);
-                *o = a * <T as WithDType>::from_f64(b64 * gelu_parts(b64).0);
-            }
+            T::geglu(o, a, b);
         });
         Ok(out)
     }
@@ -113,13 +98,7 @@ impl Kernel<2> for Geglu<true> {
         for_each_chunk(&mut dh, 2 * w, parallel, |r, dhr| {
             let (a, b) = h[r * 2 * w..(r + 1) * 2 * w].split_at(w);
             let (da, db) = dhr.split_at_mut(w);
-            for j in 0..w {
-                let g = wide(dy[r * w + j]);
-                let b64 = wide(b[j]);
-                let (cdf, xpdf) = gelu_parts(b64);
-                da[j] = <T as WithDType>::from_f64(g * b64 * cdf);
-                db[j] = <T as WithDType>::from_f64(g * wide(a[j]) * (cdf + xpdf));
-            }
+            T::geglu_grad(da, db, a, b, &dy[r * w..(r + 1) * w]);
         });
         Ok(dh)
     }
