@@ -5,7 +5,8 @@
 #   bash device/build.sh          # build, collect, strip, pack
 #   SKIP_BUILD=1 bash device-bin/build.sh   # collect from an earlier build only
 #
-# Needs /work/cuda-venv with CUDA 13.0 from pip (see device/README.md) and the `cuda` feature in Cargo.toml.
+# Needs /work/cuda-venv with CUDA 13.0 from pip (see device/README.md) and the `cuda` and `nccl`
+# features in Cargo.toml (`nccl` implies `cuda`: torchrun runs over NCCL, device/run-nccl.sh).
 set -euo pipefail
 ROOT=$(pwd)
 BIN="$ROOT/device-bin"
@@ -16,24 +17,28 @@ export PATH=$CUDA_ROOT/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-cuda}
 
-# Link-time stand-ins the wheels lack: unversioned .so names and a stub libcuda (the driver's
-# libcuda.so.1 is used at run time).
+# Link-time stand-ins the wheels lack: unversioned .so names, a stub libcuda (the driver's
+# libcuda.so.1 is used at run time) and a stub libnccl (the GPU machine's PyTorch wheel brings
+# libnccl.so.2, nvidia/nccl/lib).
 (cd "$CUDA_ROOT/lib" && for l in cublas cublasLt curand nvrtc cudart; do
     f=$(ls lib$l.so.* | grep -v alt | head -1)
     ln -sf "$f" "lib$l.so"
 done)
-if [ ! -f "$CUDA_ROOT/lib/stubs/libcuda.so" ]; then
+stub() { # stub NAME SONAME SYS PREFIX: lib/stubs/libNAME.so, every function cudarc's SYS declares
+    [ -f "$CUDA_ROOT/lib/stubs/lib$1.so" ] && return
     mkdir -p "$CUDA_ROOT/lib/stubs"
     cudarc=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.* | tail -1)
-    grep -oE "^pub unsafe fn cu[A-Za-z0-9_]+" "$cudarc/src/driver/sys/mod.rs" | awk '{print "void "$4"(void){}"}' \
-        | sort -u >"$CUDA_ROOT/lib/stubs/libcuda_stub.c"
-    gcc -shared -fPIC -o "$CUDA_ROOT/lib/stubs/libcuda.so.1" -Wl,-soname,libcuda.so.1 "$CUDA_ROOT/lib/stubs/libcuda_stub.c"
-    ln -sf libcuda.so.1 "$CUDA_ROOT/lib/stubs/libcuda.so"
-fi
+    grep -oE "^pub unsafe fn $4[A-Za-z0-9_]+" "$cudarc/src/$3/sys/mod.rs" | awk '{print "void "$4"(void){}"}' \
+        | sort -u >"$CUDA_ROOT/lib/stubs/lib$1_stub.c"
+    gcc -shared -fPIC -o "$CUDA_ROOT/lib/stubs/$2" -Wl,-soname,"$2" "$CUDA_ROOT/lib/stubs/lib$1_stub.c"
+    ln -sf "$2" "$CUDA_ROOT/lib/stubs/lib$1.so"
+}
+stub cuda libcuda.so.1 driver cu
+stub nccl libnccl.so.2 nccl nccl
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    nice -n 19 cargo build --release --features cuda
-    nice -n 19 cargo test --release --features cuda --no-run --message-format=json >"$CARGO_TARGET_DIR/tests.json"
+    nice -n 19 cargo build --release --features nccl
+    nice -n 19 cargo test --release --features nccl --no-run --message-format=json >"$CARGO_TARGET_DIR/tests.json"
 fi
 
 stage=$(mktemp -d)

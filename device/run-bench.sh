@@ -9,17 +9,7 @@ log() { echo "== $*"; }
 nvidia-smi -L
 xz -dc $G/diffalign.xz > /tmp/diffalign && chmod +x /tmp/diffalign || python3 -c 'import lzma,sys;open("/tmp/diffalign","wb").write(lzma.open(sys.argv[1]).read())' $G/diffalign.xz
 chmod +x /tmp/diffalign
-libs=$(python3 - <<'PY'
-import os, nvidia
-out = []
-for p in nvidia.__path__:
-    for sub in ("cu13/lib", "cublas/lib", "curand/lib", "cuda_runtime/lib", "cuda_nvrtc/lib"):
-        d = os.path.join(p, sub)
-        if os.path.isdir(d):
-            out.append(d)
-print(":".join(out))
-PY
-)
+libs=$(python3 device/cuda-lib-dirs.py | paste -sd:)
 export LD_LIBRARY_PATH="$PWD/$G:$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 ldd /tmp/diffalign | grep -E "not found|cublas|curand|cudart"
 D=/tmp/diffalign

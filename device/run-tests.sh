@@ -8,8 +8,9 @@
 #   1. nvidia-smi;
 #   2. unpacks device-bin-*.tar.xz into device-bin/ (diffalign, test-NAME), finds the CUDA 13
 #      libraries the binaries link (libcublas.so.13 + libcublasLt.so.13, libcurand.so.10,
-#      libcudart.so.13) and puts their folders on LD_LIBRARY_PATH: device-bin/lib first, then the
-#      pip wheels of python3's PyTorch (nvidia/cu13/lib), then /usr/local/cuda; libcuda.so.1
+#      libcudart.so.13, libnccl.so.2) and puts their folders on LD_LIBRARY_PATH: device-bin/lib
+#      first, then the pip wheels of python3's PyTorch (nvidia/cu13/lib, nvidia/nccl/lib), then
+#      /usr/local/cuda; libcuda.so.1
 #      comes from the driver;
 #   3. makes the paths compiled into the test binaries exist: /work/main (the repository, for
 #      tests/fixtures), /work/shared/fixtures (../shared/fixtures beside it) and
@@ -62,20 +63,7 @@ nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.log" | head -20
 
 # --- 2. libraries -----------------------------------------------------------------------------
 libdirs=("$BIN/lib")
-while IFS= read -r d; do libdirs+=("$d"); done < <(
-    python3 - 2>/dev/null <<'EOF'
-import os
-try:
-    import nvidia
-    for p in nvidia.__path__:
-        for sub in ("cu13/lib", "cublas/lib", "curand/lib", "cuda_nvrtc/lib", "cuda_runtime/lib"):
-            d = os.path.join(p, sub)
-            if os.path.isdir(d):
-                print(d)
-except Exception:
-    pass
-EOF
-)
+while IFS= read -r d; do libdirs+=("$d"); done < <(python3 device/cuda-lib-dirs.py 2>/dev/null)
 libdirs+=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu)
 ld=""
 for d in "${libdirs[@]}"; do [ -d "$d" ] && ld="$ld${ld:+:}$d"; done
@@ -86,7 +74,7 @@ if [ -n "$missing" ]; then
     say "MISSING LIBRARIES for device-bin/diffalign:"
     say "$missing"
 fi
-ldd "$BIN/diffalign" | grep -E "cublas|curand|nvrtc|cudart|libcuda" | tee -a "$SUMMARY"
+ldd "$BIN/diffalign" | grep -E "cublas|curand|nvrtc|cudart|libcuda|nccl" | tee -a "$SUMMARY"
 
 # --- 3. compiled-in paths ----------------------------------------------------------------------
 link() { # link TARGET NAME: makes NAME point at TARGET unless NAME already exists

@@ -7,7 +7,7 @@
 //! - [`rng`]: the seeded RNG used for all noise.
 //! - [`device`]: the device (`--device`, [`device::DeviceSpec`]) and dtype choice.
 //! - [`dist`]: data-parallel runs: the launcher's ranks ([`dist::Launch`]) and the
-//!   collectives of a training step over MPI ([`dist::Comm`]).
+//!   collectives of a training step over MPI or NCCL ([`dist::Comm`]).
 //! - [`ops`]: custom ops with forward and backward kernels (convolution, norms, softmax,
 //!   attention, per-sample MSE), each beside its composed reference, and the one kernel choice
 //!   of a process ([`ops::KernelConfig`]).

@@ -1,5 +1,5 @@
-//! Data-parallel training (issue 17): the launchers' variables, the refusal of launches this
-//! build cannot serve, and, with the `mpi` feature and OpenMPI's `mpirun`, runs of two processes
+//! Data-parallel training (issue 17): the launchers' variables (torchrun's rendezvous port and
+//! each rank's GPU too), the refusal of launches this build cannot serve, and, with the `mpi` feature and OpenMPI's `mpirun`, runs of two processes
 //! that equal one process taking the whole global batch, interrupted and resumed too.
 //!
 //! Without the feature the same equality is checked in one process: a micro-batch of four pairs
@@ -11,9 +11,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use common::pairs::{recipe_for, write_pairs};
 use common::*;
+use diffalign::device::DeviceSpec;
+use diffalign::dist::rendezvous::Endpoint;
 use diffalign::dist::{Comm, Launch, Launcher};
 
 fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
@@ -97,6 +99,67 @@ fn each_launcher_is_recognised_from_its_variables() {
     ]))
     .unwrap();
     assert_eq!(torchrun.master.as_deref(), Some("node1:29500"));
+    // torchrun's own store holds MASTER_PORT: the NCCL id goes through the port above it.
+    let at = |host: &str, port| {
+        Some(Endpoint {
+            host: host.into(),
+            port,
+        })
+    };
+    assert_eq!(torchrun.rendezvous, at("node1", 29501));
+    let chosen = Launch::from_env(env_of(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "10.0.0.1"),
+        ("MASTER_PORT", "29500"),
+        ("DIFFALIGN_RENDEZVOUS_PORT", "40000"),
+    ]))
+    .unwrap();
+    assert_eq!(chosen.rendezvous, at("10.0.0.1", 40000));
+    // Only torchrun's processes rendezvous through MASTER_ADDR.
+    let mpi = Launch::from_env(env_of(&[
+        ("OMPI_COMM_WORLD_RANK", "0"),
+        ("OMPI_COMM_WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "node1"),
+        ("MASTER_PORT", "29500"),
+    ]))
+    .unwrap();
+    assert_eq!((mpi.master, mpi.rendezvous), (None, None));
+}
+
+#[test]
+fn each_rank_takes_the_gpu_of_its_local_rank() {
+    let l = Launch::from_env(env_of(&[("RANK", "5"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")])).unwrap();
+    assert_eq!(l.rank_device(DeviceSpec::Cuda(0)), DeviceSpec::Cuda(1));
+    assert_eq!(l.rank_device(DeviceSpec::Cuda(2)), DeviceSpec::Cuda(3));
+    assert_eq!(l.rank_device(DeviceSpec::Cpu), DeviceSpec::Cpu);
+    assert_eq!(Launch::alone().rank_device(DeviceSpec::Cuda(0)), DeviceSpec::Cuda(0));
+}
+
+#[test]
+fn bad_rendezvous_ports_are_errors_naming_the_variable() {
+    let torchrun = |port: &'static str, chosen: Option<&'static str>| {
+        let mut vars = vec![
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node1"),
+            ("MASTER_PORT", port),
+        ];
+        vars.extend(chosen.map(|c| ("DIFFALIGN_RENDEZVOUS_PORT", c)));
+        Launch::from_env(env_of(&vars)).unwrap_err().to_string()
+    };
+    let e = torchrun("65535", None);
+    assert!(
+        e.contains("MASTER_PORT") && e.contains("DIFFALIGN_RENDEZVOUS_PORT"),
+        "{e}"
+    );
+    let e = torchrun("port", None);
+    assert!(e.contains("MASTER_PORT") && e.contains("\"port\""), "{e}");
+    let e = torchrun("29500", Some("70000"));
+    assert!(
+        e.contains("DIFFALIGN_RENDEZVOUS_PORT") && e.contains("\"70000\""),
+        "{e}"
+    );
 }
 
 #[test]
@@ -115,16 +178,34 @@ fn bad_launcher_variables_are_errors_naming_them() {
 }
 
 #[test]
-fn a_world_of_one_connects_without_a_library_and_torchrun_worlds_are_refused() {
-    let one = Comm::connect(&Launch::from_env(env_of(&[("RANK", "0"), ("WORLD_SIZE", "1")])).unwrap()).unwrap();
+fn a_world_of_one_on_the_cpu_connects_without_a_library() {
+    let launch = Launch::from_env(env_of(&[("RANK", "0"), ("WORLD_SIZE", "1")])).unwrap();
+    let one = Comm::connect(&launch, &Device::Cpu).unwrap();
     assert_eq!((one.rank(), one.size(), one.is_main()), (0, 1, true));
     let mut sums = [1.5f64, -2.0];
     one.sum_f64(&mut sums);
     assert_eq!(sums, [1.5, -2.0]);
     assert_eq!(one.all_gather(&vec![3u32]).unwrap(), vec![vec![3u32]]);
-    let launch = Launch::from_env(env_of(&[("RANK", "0"), ("WORLD_SIZE", "2")])).unwrap();
-    let e = Comm::connect(&launch).unwrap_err().to_string();
-    assert!(e.contains("torchrun") && e.contains("mpirun"), "{e}");
+}
+
+#[test]
+fn a_torchrun_world_on_the_cpu_is_refused_saying_why() {
+    let launch = Launch::from_env(env_of(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ]))
+    .unwrap();
+    let e = Comm::connect(&launch, &Device::Cpu).unwrap_err().to_string();
+    if cfg!(feature = "nccl") {
+        assert!(e.contains("rank 0 of 2") && e.contains("--device cuda"), "{e}");
+    } else {
+        assert!(
+            e.contains("torchrun") && e.contains("--features nccl") && e.contains("mpirun"),
+            "{e}"
+        );
+    }
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -139,6 +220,25 @@ fn an_mpirun_launch_without_the_mpi_feature_says_how_to_build() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(e.contains("rank 0 of 2") && e.contains("--features mpi"), "{e}");
+}
+
+#[cfg(not(feature = "nccl"))]
+#[test]
+fn a_torchrun_launch_without_the_nccl_feature_says_how_to_build() {
+    let o = Command::new(env!("CARGO_BIN_EXE_diffalign"))
+        .args(["train", "no-such-recipe.toml"])
+        .envs([
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(e.contains("rank 1 of 2") && e.contains("--features nccl"), "{e}");
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 //! `diffalign train RECIPE.toml`: preference fine-tuning from a recipe, in one process or in
-//! the several that `mpirun`, `mpiexec` or `srun` start (built with the `mpi` feature).
+//! the several that `mpirun`, `mpiexec` or `srun` start (built with the `mpi` feature) or
+//! `torchrun` starts (built with the `nccl` feature), each rank on its own GPU.
 
 use std::path::PathBuf;
 use std::rc::Rc;
 
 use anyhow::{bail, Context};
+use candle_core::Device;
 use clap::Args;
 use diffalign::data::skipped::{describe, summary_lines, SHOWN_SKIPPED, SKIPPED_FILE};
 use diffalign::dist::{Comm, Launch};
@@ -45,8 +47,9 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let launch = Launch::from_env(|k| std::env::var(k).ok())?;
-    let comm = Rc::new(Comm::connect(&launch)?);
-    let result = train(args, comm.clone());
+    let device = launch.rank_device(args.device.spec).device()?;
+    let comm = Rc::new(Comm::connect(&launch, &device)?);
+    let result = train(args, device, comm.clone());
     if let (Err(e), true) = (&result, comm.size() > 1) {
         // The other ranks would wait for this one in their next collective: end them all.
         eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.size());
@@ -55,7 +58,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     result
 }
 
-fn train(args: TrainArgs, comm: Rc<Comm>) -> anyhow::Result<()> {
+fn train(args: TrainArgs, device: Device, comm: Rc<Comm>) -> anyhow::Result<()> {
     let main = comm.is_main();
     let plan = Plan::load(&args.recipe, &args.sets)?;
     let out = plan.raw.output.dir.clone();
@@ -70,7 +73,7 @@ fn train(args: TrainArgs, comm: Rc<Comm>) -> anyhow::Result<()> {
         resume,
         allow_recipe_change: args.allow_recipe_change,
         max_steps_this_run: args.max_steps_this_run,
-        device: args.device.device()?,
+        device,
         hub_cache: layout::hub_cache_dir(|k| std::env::var(k).ok()),
         comm,
     };

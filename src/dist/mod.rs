@@ -1,19 +1,25 @@
 //! Data-parallel runs: which process this is among those a launcher started ([`Launch`], from
 //! the launcher's environment as the CLI reads it) and the collectives a training step needs
-//! ([`Comm`]), over MPI (feature `mpi`). A process started alone is rank 0 of 1 and every
-//! collective is a no-op.
+//! ([`Comm`]), over MPI (feature `mpi`, for `mpirun`, `mpiexec` and `srun`) or NCCL (feature
+//! `nccl`, for `torchrun`; its unique id travels by [`rendezvous`]). A process started alone is
+//! rank 0 of 1 and every collective is a no-op.
 //!
 //! Sums are reduced to rank 0 and broadcast from there, not all-reduced, so every rank holds
 //! the same bits and the ranks' weights never drift apart.
 
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
+pub mod rendezvous;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::device::DeviceSpec;
 use crate::{Error, Result};
+use rendezvous::Endpoint;
 
 /// The program that started this process, as its environment tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +32,7 @@ pub enum Launcher {
     Mpich,
     /// Slurm's `srun` (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` or `SLURM_NTASKS`).
     Slurm,
-    /// PyTorch's `torchrun` (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`).
+    /// PyTorch's `torchrun` (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`).
     Torchrun,
 }
 
@@ -40,11 +46,6 @@ impl Launcher {
             Launcher::Slurm => "srun (Slurm)",
             Launcher::Torchrun => "torchrun",
         }
-    }
-
-    /// Whether the processes it starts share an MPI world.
-    fn is_mpi(self) -> bool {
-        matches!(self, Launcher::OpenMpi | Launcher::Mpich | Launcher::Slurm)
     }
 }
 
@@ -61,6 +62,10 @@ pub struct Launch {
     pub local_rank: usize,
     /// torchrun's rendezvous address `MASTER_ADDR:MASTER_PORT`, when given.
     pub master: Option<String>,
+    /// Where rank 0 hands out NCCL's unique id under torchrun: `MASTER_ADDR` and
+    /// `DIFFALIGN_RENDEZVOUS_PORT`, else `MASTER_PORT + 1` (torchrun's own store holds
+    /// `MASTER_PORT`).
+    pub rendezvous: Option<Endpoint>,
 }
 
 impl Launch {
@@ -72,13 +77,23 @@ impl Launch {
             world_size: 1,
             local_rank: 0,
             master: None,
+            rendezvous: None,
+        }
+    }
+
+    /// The device this rank computes on: `cuda:N` becomes `cuda:N+local_rank`, so that the
+    /// ranks of a node take one GPU each from N on; other devices stay as they are.
+    pub fn rank_device(&self, spec: DeviceSpec) -> DeviceSpec {
+        match spec {
+            DeviceSpec::Cuda(n) => DeviceSpec::Cuda(n + self.local_rank),
+            other => other,
         }
     }
 
     /// Reads the launcher's variables through `var` (the CLI passes `std::env::var`): OpenMPI,
-    /// then MPICH's Hydra, then Slurm, then torchrun; none of them is a process on its own.
-    /// A variable that is present but not a number, or a rank outside the world, is an error
-    /// naming it.
+    /// then MPICH's Hydra, then Slurm, then torchrun (with `DIFFALIGN_RENDEZVOUS_PORT`); none of
+    /// them is a process on its own. A variable that is present but not a number, or a rank
+    /// outside the world, is an error naming it.
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let number = |name: &str| -> Result<Option<usize>> {
             match var(name) {
@@ -132,9 +147,13 @@ impl Launch {
                     format!("rank {rank} is not in a world of {world_size} processes"),
                 ));
             }
-            let master = match (var("MASTER_ADDR"), var("MASTER_PORT")) {
-                (Some(a), Some(p)) if launcher == Launcher::Torchrun => Some(format!("{a}:{p}")),
-                _ => None,
+            let (master, rendezvous) = match (var("MASTER_ADDR"), var("MASTER_PORT")) {
+                (Some(a), Some(p)) if launcher == Launcher::Torchrun => {
+                    let port = rendezvous_port(&p, var("DIFFALIGN_RENDEZVOUS_PORT"))?;
+                    let at = Endpoint { host: a.clone(), port };
+                    (Some(format!("{a}:{p}")), Some(at))
+                }
+                _ => (None, None),
             };
             return Ok(Launch {
                 launcher,
@@ -142,10 +161,49 @@ impl Launch {
                 world_size,
                 local_rank: number(local_var)?.unwrap_or(0),
                 master,
+                rendezvous,
             });
         }
         Ok(Launch::alone())
     }
+}
+
+/// The port of the NCCL id exchange: `DIFFALIGN_RENDEZVOUS_PORT` when set, else `MASTER_PORT + 1`.
+fn rendezvous_port(master_port: &str, chosen: Option<String>) -> Result<u16> {
+    let parse = |name: &str, v: &str| {
+        v.trim().parse::<u16>().map_err(|_| {
+            Error::input(
+                format!("environment variable {name}"),
+                format!("must be a TCP port (0 to 65535), got {v:?}"),
+            )
+        })
+    };
+    if let Some(v) = chosen {
+        return parse("DIFFALIGN_RENDEZVOUS_PORT", &v);
+    }
+    parse("MASTER_PORT", master_port)?.checked_add(1).ok_or_else(|| {
+        Error::input(
+            "environment variable MASTER_PORT",
+            "65535 leaves no port above it for the NCCL id: set DIFFALIGN_RENDEZVOUS_PORT",
+        )
+    })
+}
+
+/// Every rank's `bytes`, given every rank's length `lens` and `gather`, an all-gather of pieces
+/// of equal length: each rank's bytes padded to the longest, gathered, cut back.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+fn gather_padded(bytes: &[u8], lens: &[u64], gather: impl FnOnce(&[u8]) -> Vec<u8>) -> Vec<Vec<u8>> {
+    let longest = lens.iter().copied().max().unwrap_or(0) as usize;
+    if longest == 0 {
+        return vec![Vec::new(); lens.len()];
+    }
+    let mut mine = bytes.to_vec();
+    mine.resize(longest, 0);
+    gather(&mine)
+        .chunks(longest)
+        .zip(lens)
+        .map(|(c, &l)| c[..l as usize].to_vec())
+        .collect()
 }
 
 /// The communicator of a run: rank, world size and the collectives, identical in effect on
@@ -160,6 +218,8 @@ enum Backend {
     Alone,
     #[cfg(feature = "mpi")]
     Mpi(mpi::Mpi),
+    #[cfg(feature = "nccl")]
+    Nccl(nccl::Nccl),
 }
 
 impl std::fmt::Debug for Comm {
@@ -182,49 +242,69 @@ impl Comm {
         }
     }
 
-    /// Joins the world `launch` describes: MPI for `mpirun`, `mpiexec` and `srun`. A world of
-    /// one needs no library. A launcher this build cannot serve is an error saying which
-    /// feature to build with, never N unconnected copies of the run.
-    pub fn connect(launch: &Launch) -> Result<Self> {
-        if launch.world_size == 1 {
-            return Ok(Comm::alone());
-        }
+    /// Joins the world `launch` describes, computing on `device`: MPI for `mpirun`, `mpiexec`
+    /// and `srun`, NCCL for `torchrun`. A world of one needs no library, except under torchrun
+    /// on a GPU in a build with `nccl`, which goes through NCCL all the same so that one GPU
+    /// exercises the path that eight take. A launcher this build cannot serve is an error saying
+    /// which feature to build with, never N unconnected copies of the run.
+    pub fn connect(launch: &Launch, device: &Device) -> Result<Self> {
         let started = format!(
             "started by {} as rank {} of {}",
             launch.launcher.name(),
             launch.rank,
             launch.world_size
         );
-        if launch.launcher.is_mpi() {
-            #[cfg(feature = "mpi")]
+        if launch.launcher == Launcher::Torchrun && (launch.world_size > 1 || device.is_cuda()) {
+            #[cfg(feature = "nccl")]
             {
-                let m = mpi::Mpi::init()?;
-                let (rank, size) = (m.rank(), m.size());
-                if (rank, size) != (launch.rank, launch.world_size) {
-                    return Err(Error::input(
-                        "MPI",
-                        format!("{started}, but MPI says rank {rank} of {size}"),
-                    ));
-                }
+                let at = launch.rendezvous.as_ref().ok_or_else(|| {
+                    Error::input(
+                        "launch",
+                        format!("{started}, but MASTER_ADDR and MASTER_PORT are not both set"),
+                    )
+                })?;
+                let n = nccl::Nccl::connect(launch.rank, launch.world_size, device, at)?;
                 return Ok(Comm {
-                    rank,
-                    size,
-                    backend: Backend::Mpi(m),
+                    rank: launch.rank,
+                    size: launch.world_size,
+                    backend: Backend::Nccl(n),
                 });
             }
-            #[cfg(not(feature = "mpi"))]
-            return Err(Error::input(
-                "launch",
-                format!(
-                    "{started}, but this build has no `mpi` feature: build with `cargo build --release --features mpi`"
-                ),
-            ));
+            #[cfg(not(feature = "nccl"))]
+            if launch.world_size > 1 {
+                return Err(Error::input(
+                    "launch",
+                    format!(
+                        "{started}, but this build has no `nccl` feature: build with `cargo build --release \
+                         --features nccl` (CUDA and NCCL) for GPUs, or start CPU runs with mpirun or srun"
+                    ),
+                ));
+            }
         }
+        if launch.world_size == 1 {
+            return Ok(Comm::alone());
+        }
+        #[cfg(feature = "mpi")]
+        {
+            let m = mpi::Mpi::init()?;
+            let (rank, size) = (m.rank(), m.size());
+            if (rank, size) != (launch.rank, launch.world_size) {
+                return Err(Error::input(
+                    "MPI",
+                    format!("{started}, but MPI says rank {rank} of {size}"),
+                ));
+            }
+            Ok(Comm {
+                rank,
+                size,
+                backend: Backend::Mpi(m),
+            })
+        }
+        #[cfg(not(feature = "mpi"))]
         Err(Error::input(
             "launch",
             format!(
-                "{started}: processes that torchrun starts share no MPI world, and this build has no \
-             NCCL backend; start CPU runs with mpirun or srun"
+                "{started}, but this build has no `mpi` feature: build with `cargo build --release --features mpi`"
             ),
         ))
     }
@@ -250,6 +330,8 @@ impl Comm {
             Backend::Alone => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(m) => m.barrier(),
+            #[cfg(feature = "nccl")]
+            Backend::Nccl(n) => n.barrier(),
         }
     }
 
@@ -267,22 +349,26 @@ impl Comm {
     }
 
     /// Sums `values` over the ranks, in place; every rank ends with the same bits.
-    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
+    #[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(unused_variables))]
     pub fn sum_f64(&self, values: &mut [f64]) {
         match &self.backend {
             Backend::Alone => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(m) => m.sum(values),
+            #[cfg(feature = "nccl")]
+            Backend::Nccl(n) => n.sum(values),
         }
     }
 
     /// Rank 0's `values` on every rank.
-    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
+    #[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(unused_variables))]
     pub fn broadcast_f32(&self, values: &mut [f32]) {
         match &self.backend {
             Backend::Alone => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(m) => m.broadcast(values),
+            #[cfg(feature = "nccl")]
+            Backend::Nccl(n) => n.broadcast(values),
         }
     }
 
@@ -292,6 +378,8 @@ impl Comm {
             Backend::Alone => vec![bytes.to_vec()],
             #[cfg(feature = "mpi")]
             Backend::Mpi(m) => m.all_gather_bytes(bytes),
+            #[cfg(feature = "nccl")]
+            Backend::Nccl(n) => n.all_gather_bytes(bytes),
         }
     }
 
@@ -306,10 +394,10 @@ impl Comm {
     }
 
     /// Sums each tensor of `tensors` over the ranks, in f64, through one bucket of at most
-    /// [`BUCKET`] elements at a time; the tensors keep their dtype. Does nothing in a world of
-    /// one.
+    /// [`BUCKET`] elements at a time; the tensors keep their dtype. On NCCL a bucket of tensors on
+    /// the GPU is summed there; others go through the host. Does nothing for a process alone.
     pub fn sum_tensors(&self, tensors: &mut [Tensor]) -> Result<()> {
-        if self.size == 1 {
+        if matches!(self.backend, Backend::Alone) {
             return Ok(());
         }
         let mut start = 0;
@@ -321,18 +409,30 @@ impl Comm {
                 len += tensors[end].elem_count();
                 end += 1;
             }
-            let mut bucket = Vec::with_capacity(len);
-            for t in &tensors[start..end] {
-                bucket.extend(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
-            }
-            self.sum_f64(&mut bucket);
-            let mut offset = 0;
-            for t in &mut tensors[start..end] {
-                let n = t.elem_count();
-                *t = Tensor::from_slice(&bucket[offset..offset + n], t.shape(), t.device())?.to_dtype(t.dtype())?;
-                offset += n;
-            }
+            self.sum_bucket(&mut tensors[start..end], len)?;
             start = end;
+        }
+        Ok(())
+    }
+
+    /// Sums the `len` elements of `bucket` over the ranks.
+    fn sum_bucket(&self, bucket: &mut [Tensor], len: usize) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        if let Backend::Nccl(n) = &self.backend {
+            if bucket.iter().all(|t| n.holds(t)) {
+                return n.sum_tensors(bucket);
+            }
+        }
+        let mut values = Vec::with_capacity(len);
+        for t in bucket.iter() {
+            values.extend(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        self.sum_f64(&mut values);
+        let mut offset = 0;
+        for t in bucket.iter_mut() {
+            let n = t.elem_count();
+            *t = Tensor::from_slice(&values[offset..offset + n], t.shape(), t.device())?.to_dtype(t.dtype())?;
+            offset += n;
         }
         Ok(())
     }
@@ -340,7 +440,7 @@ impl Comm {
     /// Rank 0's values of each tensor of `tensors` on every rank (f32 on the wire; the
     /// tensors keep their dtype). Does nothing in a world of one.
     pub fn broadcast_tensors(&self, tensors: &mut [Tensor]) -> Result<()> {
-        if self.size == 1 {
+        if matches!(self.backend, Backend::Alone) {
             return Ok(());
         }
         for t in tensors.iter_mut() {
@@ -358,6 +458,9 @@ impl Comm {
             Backend::Alone => std::process::exit(code),
             #[cfg(feature = "mpi")]
             Backend::Mpi(m) => m.abort(code),
+            // torchrun stops the other workers once one exits with an error.
+            #[cfg(feature = "nccl")]
+            Backend::Nccl(_) => std::process::exit(code),
         }
     }
 }

@@ -63,18 +63,11 @@ impl Mpi {
         let n = self.size();
         let mut lens = vec![0u64; n];
         self.world.all_gather_into(&(bytes.len() as u64), &mut lens[..]);
-        let longest = lens.iter().copied().max().unwrap_or(0) as usize;
-        if longest == 0 {
-            return vec![Vec::new(); n];
-        }
-        let mut mine = bytes.to_vec();
-        mine.resize(longest, 0);
-        let mut all = vec![0u8; longest * n];
-        self.world.all_gather_into(&mine[..], &mut all[..]);
-        all.chunks(longest)
-            .zip(&lens)
-            .map(|(c, &l)| c[..l as usize].to_vec())
-            .collect()
+        super::gather_padded(bytes, &lens, |mine| {
+            let mut all = vec![0u8; mine.len() * n];
+            self.world.all_gather_into(mine, &mut all[..]);
+            all
+        })
     }
 
     pub(super) fn abort(&self, code: i32) -> ! {
