@@ -392,3 +392,22 @@ fn unsupported_unet_config_value_is_an_error_naming_the_field() {
     std::fs::write(&path, text).unwrap();
     expect_load_error(&dir, &["unet/config.json", "resnet_time_scale_shift", "scale_shift"]);
 }
+
+/// A saved safetensors file has the mode any new file gets (the umask's), like the
+/// `config.json` beside it, not the private mode of the temporary file it is written through.
+#[test]
+fn saved_safetensors_take_the_mode_of_a_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let tensors =
+        std::collections::HashMap::from([("w".to_string(), Tensor::ones(3, DType::F32, &Device::Cpu).unwrap())]);
+    diffalign::weights::save_safetensors(&path, &tensors, None).unwrap();
+    let plain = dir.path().join("plain.json");
+    std::fs::write(&plain, b"{}").unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions();
+    assert_eq!(mode(&path), mode(&plain));
+    let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(back["w"].to_vec1::<f32>().unwrap(), vec![1.0; 3]);
+    // Nothing but the two files is left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}

@@ -445,6 +445,12 @@ pub fn save_safetensors(
     check_parent(path)?;
     let tmp = tmp_path(path);
     let write = || -> Result<()> {
+        // safetensors writes through a private (0600) temporary file of its own; a file created
+        // here gets the mode the user's umask gives any new file, and the result takes it.
+        let mode = std::fs::File::create(&tmp)
+            .and_then(|f| f.metadata())
+            .map_err(|e| Error::io(&tmp, e))?
+            .permissions();
         let mut data: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
         for (k, t) in tensors {
             data.push((k, t.to_device(&Device::Cpu)?.contiguous()?));
@@ -457,6 +463,7 @@ pub fn save_safetensors(
                 reason: other.to_string(),
             },
         })?;
+        std::fs::set_permissions(&tmp, mode).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     };
     let r = write();
