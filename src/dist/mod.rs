@@ -438,7 +438,7 @@ impl Comm {
     }
 
     /// Rank 0's values of each tensor of `tensors` on every rank (f32 on the wire; the
-    /// tensors keep their dtype). Does nothing in a world of one.
+    /// tensors keep their dtype). Does nothing for a process alone.
     pub fn broadcast_tensors(&self, tensors: &mut [Tensor]) -> Result<()> {
         if matches!(self.backend, Backend::Alone) {
             return Ok(());
