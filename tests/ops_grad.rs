@@ -391,3 +391,57 @@ fn frozen_bf16_linear_equals_the_widened_composed_layer() {
         common::assert_close(&format!("bf16 frozen LoRA linear, gradient of {name}"), got, want, tol);
     }
 }
+
+/// The trainable linear op equals `x W^T + b` as composed candle ops (computed in f32 for bf16),
+/// and so do the gradients of the input, the weight and the bias, with and without a bias, over
+/// more rows than one block of the bias's column sums; each gradient comes in its tensor's dtype.
+#[test]
+fn trainable_linear_op_equals_the_composed_layer() {
+    use diffalign::ops::linear::linear;
+    let dev = candle_core::Device::Cpu;
+    for (dtype, rows, tol) in [(DType::F64, 300, 1e-9), (DType::F32, 300, 1e-3), (DType::BF16, 40, 0.1)] {
+        let mut rng = Rng::new(8);
+        let mut var = |shape: &[usize]| {
+            let t = rng.randn(shape, &dev).unwrap().to_dtype(dtype).unwrap();
+            Var::from_tensor(&t).unwrap()
+        };
+        let (x, w, b) = (var(&[rows, 24]), var(&[17, 24]), var(&[17]));
+        let probe = rng.randn((rows, 17), &dev).unwrap().to_dtype(dtype).unwrap();
+        for bias in [true, false] {
+            let fused = linear(x.as_tensor(), w.as_tensor(), bias.then_some(b.as_tensor()))
+                .unwrap()
+                .expect("the op takes a CPU call");
+            let wide = |t: &Tensor| {
+                t.to_dtype(if dtype == DType::BF16 { DType::F32 } else { dtype })
+                    .unwrap()
+            };
+            let product = wide(x.as_tensor()).matmul(&wide(w.as_tensor()).t().unwrap()).unwrap();
+            let composed = if bias {
+                product.broadcast_add(&wide(b.as_tensor())).unwrap()
+            } else {
+                product
+            };
+            assert_eq!(fused.dtype(), dtype);
+            let what = format!("{dtype:?} linear, bias {bias}");
+            common::assert_close(&what, &wide(&fused), &composed, tol as f32);
+            let grads = |y: &Tensor| (wide(y) * wide(&probe)).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gc) = (grads(&fused), grads(&composed));
+            let mut checked = vec![("input", x.as_tensor()), ("weight", w.as_tensor())];
+            if bias {
+                checked.push(("bias", b.as_tensor()));
+            } else {
+                assert!(gf.get(b.as_tensor()).is_none(), "{what}: an unused bias got a gradient");
+            }
+            for (name, t) in checked {
+                let (got, want) = (gf.get(t).unwrap(), gc.get(t).unwrap());
+                assert_eq!(got.dtype(), dtype, "{what}: gradient dtype of {name}");
+                common::assert_close(
+                    &format!("{what}, gradient of {name}"),
+                    &wide(got),
+                    &wide(want),
+                    tol as f32,
+                );
+            }
+        }
+    }
+}

@@ -55,13 +55,19 @@ impl Linear {
         // understood yet), where the adapter as composed ops does better.
         let fuse_lora = !self.recompute.load(Ordering::Relaxed);
         let lora = self.lora().filter(|_| fuse_lora).map(|l| (&l.a, &l.b, l.scale));
-        let frozen = match (self.lora(), lora) {
+        let fused = match (self.lora(), lora) {
             (Some(_), None) => None,
             _ => crate::ops::frozen::frozen_linear(&x, &self.weight, self.bias.as_ref(), lora)?,
         };
-        let ys = match frozen {
+        // A trainable layer without an adapter: one op on the CPU as well.
+        let fused = match fused {
+            None if self.lora().is_none() => crate::ops::linear::linear(&x, &self.weight, self.bias.as_ref())?,
+            taken => taken,
+        };
+        let ys = match fused {
             Some(ys) => ys,
-            // A trainable weight or bias (or a GPU): composed ops, half types on the CPU widened.
+            // A GPU, or an adapter on a trainable base or under recomputation: composed ops,
+            // half types on the CPU widened.
             None => {
                 let x2 = x.to_dtype(gemm)?;
                 let ys = x2.matmul(&self.weight.to_dtype(gemm)?.t()?)?;

@@ -153,17 +153,68 @@ pub(crate) fn matmul<T: Real>(
     parallel: bool,
 ) {
     assert!(fits(dst.len(), m, n, dst_rs, 1), "matmul: dst out of bounds");
+    if k == 0 && !accumulate {
+        for i in 0..m {
+            dst[i * dst_rs..i * dst_rs + n].fill(T::zero());
+        }
+    }
+    // SAFETY: `dst` holds the `m x n` matrix (checked above) and is borrowed mutably, so it
+    // cannot alias the inputs.
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr(),
+            dst_rs,
+            lhs,
+            rhs,
+            (m, n, k),
+            alpha,
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// `alpha * lhs @ rhs` as a new row-major `m x n` matrix, written by the product without being
+/// zero-filled first (a memset of every output otherwise).
+pub(crate) fn product<T: Real>(
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    (m, n, k): (usize, usize, usize),
+    alpha: T,
+    parallel: bool,
+) -> Vec<T> {
+    if k == 0 {
+        return vec![T::zero(); m * n];
+    }
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: the spare capacity holds `m * n` elements; with `accumulate` false the product
+    // writes every one of them without reading any, so all are initialised before `set_len`.
+    unsafe {
+        gemm_into(out.as_mut_ptr(), n, lhs, rhs, (m, n, k), alpha, false, parallel);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// The product of [`matmul`] into the `m x n` matrix at `dst` (row stride `dst_rs`).
+///
+/// # Safety
+/// `dst` must be valid for writes (and, when `accumulate`, reads) of the matrix, and must not
+/// alias `lhs` or `rhs`; with `k > 0` every element is written.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Real>(
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    (m, n, k): (usize, usize, usize),
+    alpha: T,
+    accumulate: bool,
+    parallel: bool,
+) {
     assert!(fits(lhs.data.len(), m, k, lhs.rs, lhs.cs), "matmul: lhs out of bounds");
     assert!(fits(rhs.data.len(), k, n, rhs.rs, rhs.cs), "matmul: rhs out of bounds");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(T::zero());
-            }
-        }
+    if m == 0 || n == 0 || k == 0 {
         return;
     }
     let threads = candle_core::utils::get_num_threads();
@@ -173,14 +224,13 @@ pub(crate) fn matmul<T: Real>(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the bounds of all three matrices were checked above, and `dst` is borrowed
-    // mutably, so it cannot alias the inputs.
+    // SAFETY: the inputs' bounds were checked above; the caller vouches for `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,

@@ -18,6 +18,7 @@
 //! - [`attention`]: scaled dot-product attention (with an optional additive mask) that
 //!   recomputes the scores in its backward pass instead of keeping the attention matrix.
 //! - [`mse`]: the per-sample mean squared error of the preference losses.
+//! - [`linear`]: `x W^T + b` with a trainable weight and bias, gradients as single products.
 //! - [`frozen`]: `x W^T` with a frozen weight, whose backward gives the input's gradient only.
 //! - [`geglu`]: `a * gelu(b)` of the feed-forward blocks, keeping no `gelu(b)` for the backward.
 
@@ -33,6 +34,7 @@ pub mod group_norm;
 mod kernel;
 mod lanes;
 pub mod layer_norm;
+pub mod linear;
 pub mod mse;
 pub(crate) mod row_norm;
 pub mod softmax;
