@@ -17,6 +17,9 @@ extern "C" {
 /// `mi_option_purge_delay` in mimalloc's option enum (the same in its v2 and v3).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
+/// The stack of each rayon worker, as large as a main thread's (8 MiB).
+const MAIN_STACK: usize = 8 << 20;
+
 fn main() {
     // candle asks for its thread count on every op, and without this variable that means reading
     // cgroup files and /proc/cpuinfo each time (several percent of a training step). Set before
@@ -50,7 +53,16 @@ fn main() {
         unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
     let args = cli::Cli::parse();
-    if let Err(e) = cli::run(args) {
+    // The command runs on a worker of rayon's pool, not beside it: a parallel op started from
+    // outside the pool parks the calling thread on a lock until the pool's threads finish, two
+    // context switches per op; from a worker it joins the work. Workers get the main thread's
+    // stack size, as candle's backward pass walks the graph recursively.
+    let pool = rayon::ThreadPoolBuilder::new().stack_size(MAIN_STACK).build_global();
+    let result = match pool {
+        Ok(()) => rayon::scope(|_| cli::run(args)),
+        Err(_) => cli::run(args),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

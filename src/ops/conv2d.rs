@@ -5,9 +5,7 @@
 
 #[cfg(any(feature = "wgpu", feature = "cuda-emu"))]
 use candle_core::CpuStorage;
-#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-use candle_core::DType;
-use candle_core::{Layout, Result, Shape, Tensor};
+use candle_core::{DType, Layout, Result, Shape, Tensor};
 
 use super::cpu::{for_each_chunk, matmul, Mat, Real, PAR_MIN_ELEMENTS};
 use super::kernel::{Fused, Kernel};
@@ -226,6 +224,11 @@ impl Geometry {
                         let src = &plane[ih * self.w..(ih + 1) * self.w];
                         out[..c_lo].fill(T::zero());
                         out[c_hi..].fill(T::zero());
+                        if self.stride == 1 {
+                            // A run of the input row: a copy, which the indexed loop is not.
+                            out[c_lo..c_hi].copy_from_slice(&src[c_lo + kj - self.pad..c_hi + kj - self.pad]);
+                            continue;
+                        }
                         for (ow, o) in out.iter_mut().enumerate().take(c_hi).skip(c_lo) {
                             *o = src[ow * self.stride + kj - self.pad];
                         }
@@ -252,6 +255,11 @@ impl Geometry {
                         let ih = oh * self.stride + ki - self.pad;
                         let src = &row[(oh - oh0) * self.wo..(oh - oh0 + 1) * self.wo];
                         let dst = &mut plane[ih * self.w..(ih + 1) * self.w];
+                        if self.stride == 1 {
+                            let dst = &mut dst[c_lo + kj - self.pad..c_hi + kj - self.pad];
+                            dst.iter_mut().zip(&src[c_lo..c_hi]).for_each(|(d, &g)| *d += g);
+                            continue;
+                        }
                         for (ow, &g) in src.iter().enumerate().take(c_hi).skip(c_lo) {
                             dst[ow * self.stride + kj - self.pad] += g;
                         }
@@ -460,18 +468,38 @@ impl Kernel<3> for Conv2dBiasOp {
 
     fn backward(&self, [x, w, b]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let [dx, dw] = self.0.input_and_weight_grads([x, w], grad)?;
-        let db = b
-            .track_op()
-            .then(|| {
-                if b.rank() == 1 {
-                    grad.sum((0, 2, 3))
-                } else {
-                    grad.sum((2, 3))
-                }
-            })
-            .transpose()?;
+        let db = b.track_op().then(|| channel_sums(grad, b.rank() == 2)).transpose()?;
         Ok([dx, dw, db])
     }
+}
+
+/// The bias gradient from `grad` `[B, C, H, W]` (on the CPU): its sums over the positions, per
+/// sample and channel (`[B, C]`) when `per_sample`, else per channel (`[C]`). One pass over each
+/// channel's contiguous run, where candle reduces over the strided dims element by element.
+fn channel_sums(grad: &Tensor, per_sample: bool) -> Result<Tensor> {
+    let grad = grad.contiguous()?;
+    let (b, c, _, _) = grad.dims4()?;
+    let sums = match super::compute_dtype(grad.dtype()) {
+        DType::F64 => run_sums::<f64>(&grad)?,
+        _ => run_sums::<f32>(&grad)?,
+    };
+    let sums = Tensor::from_vec(sums, (b, c), grad.device())?;
+    let sums = if per_sample { sums } else { sums.sum(0)? };
+    sums.to_dtype(grad.dtype())
+}
+
+/// The sums of the `[H, W]` runs of the `[B, C, H, W]` CPU tensor `t`, in `f64`.
+fn run_sums<T: Real>(t: &Tensor) -> Result<Vec<f64>> {
+    let (b, c, h, w) = t.dims4()?;
+    if h * w == 0 {
+        return Ok(vec![0.0; b * c]);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let values = super::cpu::tensor_values::<T>("conv2d-bias", &storage, layout)?;
+    Ok(values
+        .chunks(h * w)
+        .map(|run| super::cpu::sum_zip(run, run, |x, _| x))
+        .collect())
 }
 
 /// The input gradient: `col = W^T dY`, folded back with col2im. Inputs `(dY, W)`.

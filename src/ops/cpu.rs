@@ -353,6 +353,19 @@ pub(crate) fn widened<'a, T: candle_core::WithDType + num_traits::Float>(
     })
 }
 
+/// The elements of a contiguous CPU tensor's storage as `T` (see [`widened`]), or an error
+/// naming `op`.
+pub(crate) fn tensor_values<'a, T: candle_core::WithDType + num_traits::Float>(
+    op: &str,
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+) -> Result<Cow<'a, [T]>> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        bail!("{op}: a tensor is not on the CPU");
+    };
+    widened::<T>(op, cpu, layout)
+}
+
 /// `values` rounded to the half type of `like` (bf16 unless it is f16).
 pub(crate) fn narrowed(like: &CpuStorage, values: Vec<f32>) -> CpuStorage {
     match like {

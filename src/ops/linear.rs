@@ -6,11 +6,9 @@
 //! output before writing it. This op writes the product onto the bias once, keeps only its
 //! output, and its backward gives each gradient in one product (the bias's as column sums).
 
-use std::borrow::Cow;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-
-use super::cpu::{dispatch_real, matmul, narrowed, product, widened, Mat, Real};
+use super::cpu::{dispatch_real, matmul, narrowed, product, tensor_values, widened, Mat, Real};
 
 /// `xs W^T (+ bias)` for `xs` `[rows, in]`, `weight` `[out, in]` and `bias` `[out]`,
 /// differentiable in all three. `None` when the op does not take the call, which it does for
@@ -88,17 +86,6 @@ fn cpu_fwd(
     Ok((y, Shape::from((dims.0, dims.2))))
 }
 
-/// The elements of a contiguous CPU tensor's storage as `T` (see [`widened`]).
-fn values<'a, T: candle_core::WithDType + num_traits::Float>(
-    storage: &'a Storage,
-    layout: &Layout,
-) -> Result<Cow<'a, [T]>> {
-    let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("{NAME}: a tensor is not on the CPU");
-    };
-    widened::<T>(NAME, cpu, layout)
-}
-
 /// The column sums of the `[rows, out]` matrix `dy`, in blocks of rows so that rounding stays at
 /// the level of a block's sum.
 fn column_sums<T: Real>(dy: &[T], out: usize) -> Vec<T> {
@@ -171,7 +158,11 @@ fn backward_in<T: Real>(
     let (gs, gl) = grad.storage_and_layout();
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
-    let (dy, xv, wv) = (values::<T>(&gs, gl)?, values::<T>(&xs, xl)?, values::<T>(&ws, wl)?);
+    let (dy, xv, wv) = (
+        tensor_values::<T>(NAME, &gs, gl)?,
+        tensor_values::<T>(NAME, &xs, xl)?,
+        tensor_values::<T>(NAME, &ws, wl)?,
+    );
     let likes = [x, w, b.unwrap_or(w)];
     let shapes = [x.shape().clone(), w.shape().clone(), Shape::from(out)];
     let mut tensors = [None, None, None];
