@@ -21,6 +21,10 @@ pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + std::iter::
         row.iter_mut().for_each(|v| *v *= inv);
     }
 
+    /// The sum and the sum of squares of a row, in f64.
+    fn sum_and_squares(row: &[Self]) -> (f64, f64) {
+        super::lanes::sum_and_squares_of(row)
+    }
     /// SiLU in place: `x / (1 + exp(-x))`.
     fn silu(xs: &mut [Self]) {
         xs.iter_mut().for_each(|x| *x = *x / (Self::one() + (-*x).exp()));
@@ -67,6 +71,9 @@ impl Real for f32 {
         super::lanes::softmax_row(row);
     }
 
+    fn sum_and_squares(row: &[f32]) -> (f64, f64) {
+        super::lanes::sum_and_squares(row)
+    }
     fn silu(xs: &mut [f32]) {
         super::lanes::silu(xs);
     }

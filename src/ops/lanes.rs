@@ -111,6 +111,35 @@ fn softmax_row_lanes(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// The sum and the sum of squares of `row`, in f64 (see [`sum_and_squares_of`]).
+pub(crate) fn sum_and_squares(row: &[f32]) -> (f64, f64) {
+    dispatch!(sum_and_squares_of, sum_and_squares_avx512, sum_and_squares_avx2, (row: &[f32]) -> (f64, f64))
+}
+
+/// The sum and the sum of squares of `row`, accumulated in f64 in eight lanes each (a single
+/// running sum would be bound by the latency of each addition).
+#[inline(always)]
+pub(crate) fn sum_and_squares_of<T: candle_core::WithDType>(row: &[T]) -> (f64, f64) {
+    let (mut s1, mut s2) = ([0f64; 8], [0f64; 8]);
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            let v = c[l].to_f64();
+            s1[l] += v;
+            s2[l] += v * v;
+        }
+    }
+    let mut sum = s1.iter().sum::<f64>();
+    let mut sq = s2.iter().sum::<f64>();
+    for &v in rest {
+        let v = v.to_f64();
+        sum += v;
+        sq += v * v;
+    }
+    (sum, sq)
+}
+
 /// SiLU in place: `x / (1 + exp(-x))`.
 pub(crate) fn silu(xs: &mut [f32]) {
     dispatch!(silu_lanes, silu_avx512, silu_avx2, (xs: &mut [f32]) -> ())
@@ -258,6 +287,11 @@ mod tests {
             softmax_row(&mut a);
             softmax_row_lanes(&mut b);
             assert_eq!(bits(&a), bits(&b));
+            let (sums, portable) = (sum_and_squares(&row), sum_and_squares_of(&row));
+            assert_eq!(
+                (sums.0.to_bits(), sums.1.to_bits()),
+                (portable.0.to_bits(), portable.1.to_bits())
+            );
             let (mut a, mut b) = (row.clone(), row.clone());
             silu(&mut a);
             silu_lanes(&mut b);

@@ -63,25 +63,9 @@ impl RowNorm {
     /// many thousands of elements, where f32 running sums drift.
     fn stats<T: Real>(&self, row: &[T]) -> (T, T) {
         let n = row.len() as f64;
-        // One pass over the row: sum and sum of squares, eight f64 lanes each. In f64 the
-        // cancellation of E[x^2] - mean^2 costs nothing visible at f32 precision.
-        let (mut s1, mut s2) = ([0f64; 8], [0f64; 8]);
-        let chunks = row.chunks_exact(8);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for l in 0..8 {
-                let v = c[l].to_f64();
-                s1[l] += v;
-                s2[l] += v * v;
-            }
-        }
-        let mut sum = s1.iter().sum::<f64>();
-        let mut sq = s2.iter().sum::<f64>();
-        for &v in rest {
-            let v = v.to_f64();
-            sum += v;
-            sq += v * v;
-        }
+        // One pass over the row: sum and sum of squares. In f64 the cancellation of
+        // E[x^2] - mean^2 costs nothing visible at f32 precision.
+        let (sum, sq) = T::sum_and_squares(row);
         let mean = sum / n;
         let var = (sq / n - mean * mean).max(0.0);
         (T::from_f64(mean), T::from_f64(1.0 / (var + self.eps).sqrt()))
