@@ -516,6 +516,45 @@ fn probabilities<T: Real>(
     p.chunks_mut(lk.max(1)).for_each(T::softmax_row);
 }
 
+/// The exponentials of the forward pass, transposed: `e^T = exp(s^T - max)` of the scores
+/// `s^T = scale * k q^T + mask^T` for `rows` queries of one slice into `et` `[lk, rows]`, a query
+/// per column, and each query's `1 / sum` into `inv` (`max` is scratch). The softmax then runs
+/// down the rows of keys with the queries in the vector lanes, and the product with `v` has the
+/// queries, not the head width, as its long side: with narrow heads (8 or 16 channels) the
+/// row-major product runs gemm's narrowest tiles, half empty. (The backward pass keeps the
+/// row-major blocks of [`probabilities`]: transposed, its key-side products pack worse, measured
+/// slower.)
+fn exponentials_t<T: Real>(
+    (rows, lk, d): (usize, usize, usize),
+    (q, k): (&[T], &[T]),
+    mask: Option<&[T]>,
+    scale: T,
+    et: &mut [T],
+    (max, inv): (&mut [T], &mut [T]),
+    parallel: bool,
+) {
+    matmul(
+        et,
+        rows,
+        Mat::rows(k, d),
+        Mat::rows_t(q, d),
+        (lk, rows, d),
+        scale,
+        false,
+        parallel,
+    );
+    if let Some(mask) = mask {
+        for (j, row) in et.chunks_mut(rows).enumerate() {
+            row.iter_mut().enumerate().for_each(|(r, s)| *s += mask[r * lk + j]);
+        }
+    }
+    max.fill(T::neg_infinity());
+    et.chunks(rows).for_each(|row| T::column_max(row, max));
+    inv.fill(T::zero());
+    et.chunks_mut(rows).for_each(|row| T::exp_sub_sum(row, max, inv));
+    inv.iter_mut().for_each(|s| *s = T::one() / *s);
+}
+
 /// Query rows per block of a slice, so that a block's probabilities (and, backward, their
 /// gradient) stay in the core's cache instead of a whole `lq x lk` matrix going to memory
 /// between the product that writes it, the softmax and the product that reads it; at least 64,
@@ -546,7 +585,12 @@ impl<const GRAD: bool> Attention<GRAD> {
         let inner = !dims.parallel();
         let qb = query_block(lq, lk);
         for_each_chunk(&mut out, lq * dv, dims.parallel(), |i, o| {
-            let mut p = vec![T::zero(); qb * lk];
+            if lk == 0 {
+                // No keys: an empty sum, as the composed ops give.
+                return;
+            }
+            let (mut et, mut ot) = (vec![T::zero(); qb * lk], vec![T::zero(); qb * dv]);
+            let (mut max, mut inv) = (vec![T::zero(); qb], vec![T::zero(); qb]);
             let h = dims.heads;
             let qi = dims.gather(q, i, (lq, h * d), &[(0, d)]);
             let ki = dims.gather(k, i, (lk, h * d), &[(0, d)]);
@@ -554,25 +598,35 @@ impl<const GRAD: bool> Attention<GRAD> {
             let mi = mask.map(|m| m.slice(i, lq * lk));
             for q0 in (0..lq).step_by(qb) {
                 let rows = qb.min(lq - q0);
-                let p = &mut p[..rows * lk];
-                probabilities(
+                let (et, ot) = (&mut et[..lk * rows], &mut ot[..dv * rows]);
+                let (max, inv) = (&mut max[..rows], &mut inv[..rows]);
+                exponentials_t(
                     (rows, lk, d),
                     (&qi[q0 * d..(q0 + rows) * d], &ki),
                     mi.map(|m| &m[q0 * lk..(q0 + rows) * lk]),
                     scale,
-                    p,
+                    et,
+                    (max, inv),
                     inner,
                 );
+                // O^T = V^T E^T [dv, rows], then O = O^T^T / sum.
                 matmul(
-                    &mut o[q0 * dv..(q0 + rows) * dv],
-                    dv,
-                    Mat::rows(p, lk),
-                    Mat::rows(&vi, dv),
-                    (rows, dv, lk),
+                    ot,
+                    rows,
+                    Mat::rows_t(&vi, dv),
+                    Mat::rows(et, rows),
+                    (dv, rows, lk),
                     T::one(),
                     false,
                     inner,
                 );
+                for (r, (orow, &s)) in o[q0 * dv..(q0 + rows) * dv]
+                    .chunks_mut(dv.max(1))
+                    .zip(inv.iter())
+                    .enumerate()
+                {
+                    orow.iter_mut().enumerate().for_each(|(c, v)| *v = ot[c * rows + r] * s);
+                }
             }
         });
         if dims.heads == 1 {

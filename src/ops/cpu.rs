@@ -25,6 +25,19 @@ pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + std::iter::
     fn sum_and_squares(row: &[Self]) -> (f64, f64) {
         super::lanes::sum_and_squares_of(row)
     }
+    /// `max[i] = max(max[i], row[i])` (see [`super::lanes::column_max`]).
+    fn column_max(row: &[Self], max: &mut [Self]) {
+        for (m, &v) in max.iter_mut().zip(row) {
+            *m = num_traits::Float::max(*m, v);
+        }
+    }
+    /// `row[i] = exp(row[i] - max[i])`, `sum[i] += row[i]` (see [`super::lanes::exp_sub_sum`]).
+    fn exp_sub_sum(row: &mut [Self], max: &[Self], sum: &mut [Self]) {
+        for ((v, &m), s) in row.iter_mut().zip(max).zip(sum.iter_mut()) {
+            *v = (*v - m).exp();
+            *s += *v;
+        }
+    }
     /// SiLU in place: `x / (1 + exp(-x))`.
     fn silu(xs: &mut [Self]) {
         xs.iter_mut().for_each(|x| *x = *x / (Self::one() + (-*x).exp()));
@@ -73,6 +86,12 @@ impl Real for f32 {
 
     fn sum_and_squares(row: &[f32]) -> (f64, f64) {
         super::lanes::sum_and_squares(row)
+    }
+    fn column_max(row: &[f32], max: &mut [f32]) {
+        super::lanes::column_max(row, max);
+    }
+    fn exp_sub_sum(row: &mut [f32], max: &[f32], sum: &mut [f32]) {
+        super::lanes::exp_sub_sum(row, max, sum);
     }
     fn silu(xs: &mut [f32]) {
         super::lanes::silu(xs);

@@ -140,6 +140,33 @@ pub(crate) fn sum_and_squares_of<T: candle_core::WithDType>(row: &[T]) -> (f64, 
     (sum, sq)
 }
 
+/// `max[i] = max(max[i], row[i])`: one row of keys into the running maxima of a block of
+/// queries (the transposed scores of attention, a query per lane).
+pub(crate) fn column_max(row: &[f32], max: &mut [f32]) {
+    dispatch!(column_max_lanes, column_max_avx512, column_max_avx2, (row: &[f32], max: &mut [f32]) -> ())
+}
+
+#[inline(always)]
+fn column_max_lanes(row: &[f32], max: &mut [f32]) {
+    for (m, &v) in max.iter_mut().zip(row) {
+        *m = if v > *m { v } else { *m };
+    }
+}
+
+/// `row[i] = exp(row[i] - max[i])` and `sum[i] += row[i]`: one row of keys of the transposed
+/// scores into exponentials and the queries' running sums.
+pub(crate) fn exp_sub_sum(row: &mut [f32], max: &[f32], sum: &mut [f32]) {
+    dispatch!(exp_sub_sum_lanes, exp_sub_sum_avx512, exp_sub_sum_avx2, (row: &mut [f32], max: &[f32], sum: &mut [f32]) -> ())
+}
+
+#[inline(always)]
+fn exp_sub_sum_lanes(row: &mut [f32], max: &[f32], sum: &mut [f32]) {
+    for ((v, &m), s) in row.iter_mut().zip(max).zip(sum.iter_mut()) {
+        *v = exp(*v - m);
+        *s += *v;
+    }
+}
+
 /// SiLU in place: `x / (1 + exp(-x))`.
 pub(crate) fn silu(xs: &mut [f32]) {
     dispatch!(silu_lanes, silu_avx512, silu_avx2, (xs: &mut [f32]) -> ())
@@ -292,6 +319,14 @@ mod tests {
                 (sums.0.to_bits(), sums.1.to_bits()),
                 (portable.0.to_bits(), portable.1.to_bits())
             );
+            let (mut a, mut b) = (vec![-1f32; len], vec![-1f32; len]);
+            column_max(&row, &mut a);
+            column_max_lanes(&row, &mut b);
+            assert_eq!(bits(&a), bits(&b));
+            let (mut ra, mut rb, mut sa, mut sb) = (row.clone(), row.clone(), vec![1f32; len], vec![1f32; len]);
+            exp_sub_sum(&mut ra, &a, &mut sa);
+            exp_sub_sum_lanes(&mut rb, &b, &mut sb);
+            assert_eq!((bits(&ra), bits(&sa)), (bits(&rb), bits(&sb)));
             let (mut a, mut b) = (row.clone(), row.clone());
             silu(&mut a);
             silu_lanes(&mut b);
