@@ -522,8 +522,8 @@ fn probabilities<T: Real>(
 /// down the rows of keys with the queries in the vector lanes, and the product with `v` has the
 /// queries, not the head width, as its long side: with narrow heads (8 or 16 channels) the
 /// row-major product runs gemm's narrowest tiles, half empty. (The backward pass keeps the
-/// row-major blocks of [`probabilities`]: transposed, its key-side products pack worse, measured
-/// slower.)
+/// row-major blocks of [`probabilities`] and turns its key-side products around instead:
+/// transposed blocks there made gemm repack them, measured slower.)
 fn exponentials_t<T: Real>(
     (rows, lk, d): (usize, usize, usize),
     (q, k): (&[T], &[T]),
@@ -553,6 +553,13 @@ fn exponentials_t<T: Real>(
     inv.fill(T::zero());
     et.chunks_mut(rows).for_each(|row| T::exp_sub_sum(row, max, inv));
     inv.iter_mut().for_each(|s| *s = T::one() / *s);
+}
+
+/// Writes the transpose of the row-major `[rows, cols]` matrix `src` into `dst` (`[cols, rows]`).
+fn transpose_into<T: Copy>(src: &[T], (rows, cols): (usize, usize), dst: &mut [T]) {
+    for (c, out) in dst.chunks_mut(rows.max(1)).take(cols).enumerate() {
+        out.iter_mut().enumerate().for_each(|(r, v)| *v = src[r * cols + c]);
+    }
 }
 
 /// Query rows per block of a slice, so that a block's probabilities (and, backward, their
@@ -662,6 +669,10 @@ impl<const GRAD: bool> Attention<GRAD> {
             let goi = dims.gather(go, i, (lq, heads * (dv + 1)), &[(0, dv), (heads * dv, 1)]);
             let mi = mask.map(|m| m.slice(i, lq * lk));
             let (mut p, mut dp) = (vec![T::zero(); qb * lk], vec![T::zero(); qb * lk]);
+            // dV^T and dK^T `[width, lk]`: with the keys as the products' long side, gemm runs
+            // wide tiles and reads the row-major P and dS without repacking them (dV and dK
+            // themselves, `[lk, width]`, put the head width there: 8 to 40 for the UNets).
+            let (mut dvt, mut dkt) = (vec![T::zero(); dv * lk], vec![T::zero(); d * lk]);
             for q0 in (0..lq).step_by(qb) {
                 let rows = qb.min(lq - q0);
                 let (p, dp) = (&mut p[..rows * lk], &mut dp[..rows * lk]);
@@ -680,9 +691,23 @@ impl<const GRAD: bool> Attention<GRAD> {
                     p,
                     inner,
                 );
-                // dV += P^T dO; dP = dO V^T; dS = P * (dP - delta), over this block's queries.
+                // dV^T += dO^T P; dP = dO V^T; dS = P * (dP - delta), over this block's queries.
                 let more = q0 > 0;
-                matmul(dvi, dv, Mat::rows_t(p, lk), g, (lk, dv, rows), T::one(), more, inner);
+                let go_t = Mat {
+                    data: gr,
+                    rs: 1,
+                    cs: dv + 1,
+                };
+                matmul(
+                    &mut dvt,
+                    lk,
+                    go_t,
+                    Mat::rows(p, lk),
+                    (dv, lk, rows),
+                    T::one(),
+                    more,
+                    inner,
+                );
                 matmul(dp, lk, g, Mat::rows_t(&vi, dv), (rows, lk, dv), T::one(), false, inner);
                 for (r, (dpr, pr)) in dp.chunks_mut(lk.max(1)).zip(p.chunks(lk.max(1))).enumerate() {
                     let delta = gr[r * (dv + 1) + dv];
@@ -690,7 +715,7 @@ impl<const GRAD: bool> Attention<GRAD> {
                         *x = pv * (*x - delta);
                     }
                 }
-                // dQ = scale dS K; dK += scale dS^T Q.
+                // dQ = scale dS K; dK^T += scale Q^T dS.
                 matmul(
                     &mut dqi[q0 * d..(q0 + rows) * d],
                     d,
@@ -702,16 +727,18 @@ impl<const GRAD: bool> Attention<GRAD> {
                     inner,
                 );
                 matmul(
-                    dki,
-                    d,
-                    Mat::rows_t(dp, lk),
-                    Mat::rows(qr, d),
-                    (lk, d, rows),
+                    &mut dkt,
+                    lk,
+                    Mat::rows_t(qr, d),
+                    Mat::rows(dp, lk),
+                    (d, lk, rows),
                     scale,
                     more,
                     inner,
                 );
             }
+            transpose_into(&dvt, (dv, lk), dvi);
+            transpose_into(&dkt, (d, lk), dki);
         });
         let mut out = Vec::with_capacity(per_slice.len());
         for part in [(0, lq, d), (sq, lk, d), (sq + sk, lk, dv)] {
