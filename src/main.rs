@@ -60,6 +60,7 @@ fn main() {
     // context switches per op; from a worker it joins the work. Workers get the main thread's
     // stack size, as candle's backward pass walks the graph recursively.
     let pool = rayon::ThreadPoolBuilder::new().stack_size(MAIN_STACK).build_global();
+    let done = AtomicBool::new(false);
     let result = match pool {
         Ok(()) => rayon::scope(|s| {
             // The other workers keep looking for work between the command's parallel ops
@@ -70,10 +71,11 @@ fn main() {
             if std::env::var("DIFFALIGN_IDLE_WORKERS").as_deref() != Ok("sleep") {
                 let runner = rayon::current_thread_index();
                 for _ in 1..rayon::current_num_threads() {
-                    s.spawn(move |_| keep_warm(runner));
+                    let done = &done;
+                    s.spawn(move |_| keep_warm(done, runner));
                 }
             }
-            let _release = Release;
+            let _release = Release(&done);
             cli::run(args)
         }),
         Err(_) => cli::run(args),
@@ -84,26 +86,23 @@ fn main() {
     }
 }
 
-/// Set when the command has finished, releasing the [`keep_warm`] workers.
-static DONE: AtomicBool = AtomicBool::new(false);
+/// Sets its flag when dropped: when the command returns, and when it panics (the scope waits for
+/// the [`keep_warm`] workers before it passes the panic on).
+struct Release<'a>(&'a AtomicBool);
 
-/// Sets [`DONE`] when dropped: when the command returns, and when it panics (the scope waits for
-/// the workers before it passes the panic on).
-struct Release;
-
-impl Drop for Release {
+impl Drop for Release<'_> {
     fn drop(&mut self) {
-        DONE.store(true, Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
-/// Keeps a rayon worker taking work until the command is [`DONE`], yielding the core while there
-/// is none. Returns at once on the `runner` thread (the command's), which must not spin.
-fn keep_warm(runner: Option<usize>) {
+/// Keeps a rayon worker taking work until `done`, yielding the core while there is none. Returns
+/// at once on the `runner` thread (the command's), which must not spin.
+fn keep_warm(done: &AtomicBool, runner: Option<usize>) {
     if rayon::current_thread_index() == runner {
         return;
     }
-    while !DONE.load(Ordering::Relaxed) {
+    while !done.load(Ordering::Relaxed) {
         if rayon::yield_now() == Some(rayon::Yield::Idle) {
             std::thread::yield_now();
         }

@@ -616,7 +616,7 @@ impl<const GRAD: bool> Attention<GRAD> {
                     (max, inv),
                     inner,
                 );
-                // O^T = V^T E^T [dv, rows], then O = O^T^T / sum.
+                // O^T = V^T E^T [dv, rows], then O = (O^T)^T / sum.
                 matmul(
                     ot,
                     rows,
@@ -627,12 +627,10 @@ impl<const GRAD: bool> Attention<GRAD> {
                     false,
                     inner,
                 );
-                for (r, (orow, &s)) in o[q0 * dv..(q0 + rows) * dv]
-                    .chunks_mut(dv.max(1))
-                    .zip(inv.iter())
-                    .enumerate()
-                {
-                    orow.iter_mut().enumerate().for_each(|(c, v)| *v = ot[c * rows + r] * s);
+                let ob = &mut o[q0 * dv..(q0 + rows) * dv];
+                transpose_into(ot, (dv, rows), ob);
+                for (orow, &s) in ob.chunks_mut(dv.max(1)).zip(inv.iter()) {
+                    orow.iter_mut().for_each(|v| *v *= s);
                 }
             }
         });

@@ -8,9 +8,9 @@
 //! output-sized tensors besides the output). This op keeps only its output, and its backward
 //! gives the input's gradient and the adapter's.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::cpu::{dispatch_real, matmul, narrowed, slice, widened, Mat};
+use super::cpu::{dispatch_real, matmul, narrowed, product, slice, tensor_values, widened, Mat};
 
 /// `xs W^T (+ bias) (+ scale (xs A^T) B^T)` for `xs` `[rows, in]`, `weight` `[out, in]`,
 /// `bias` `[out]`, and a LoRA `(A [r, in], B [out, r], scale)`; differentiable in `xs`, `A`
@@ -57,18 +57,6 @@ struct FrozenLinear {
     scale: f64,
 }
 
-/// Calls `f` with a frozen CPU tensor's elements as `T` (see [`widened`]).
-fn with_frozen<T, R>(op: &str, t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R>
-where
-    T: candle_core::WithDType + num_traits::Float,
-{
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("{op}: a frozen tensor is not on the CPU");
-    };
-    f(&widened::<T>(op, cpu, layout)?)
-}
-
 impl FrozenLinear {
     /// `x W^T + b`, plus `scale (x A^T) B^T` with `lora = (A, r, B)`, as `[rows, out]`.
     fn forward<T: super::cpu::Real + num_traits::Float>(
@@ -82,40 +70,17 @@ impl FrozenLinear {
         if inner != w_inner {
             candle_core::bail!("{op}: input [{rows}, {inner}] does not fit weight [{out}, {w_inner}]");
         }
-        let mut y = vec![T::zero(); rows * out];
-        with_frozen::<T, ()>(op, &self.weight, |w| {
-            matmul(
-                &mut y,
-                out,
-                Mat::rows(x, inner),
-                Mat::rows_t(w, inner),
-                (rows, out, inner),
-                T::one(),
-                false,
-                true,
-            );
-            Ok(())
-        })?;
-        if let Some(b) = &self.bias {
-            with_frozen::<T, ()>(op, b, |b| {
-                for row in y.chunks_mut(out.max(1)) {
-                    for (v, &bi) in row.iter_mut().zip(b) {
-                        *v += bi;
-                    }
-                }
-                Ok(())
-            })?;
-        }
+        let (ws, wl) = self.weight.storage_and_layout();
+        let w = tensor_values::<T>(op, &ws, wl)?;
+        let bias = self.bias.as_ref().map(Tensor::storage_and_layout);
+        let b = bias.as_ref().map(|(s, l)| tensor_values::<T>(op, s, l)).transpose()?;
+        let mut y = super::linear::forward(x, &w, b.as_deref(), (rows, inner, out));
         if let Some((a, r, b)) = lora {
-            let mut h = vec![T::zero(); rows * r];
-            matmul(
-                &mut h,
-                r,
+            let h = product(
                 Mat::rows(x, inner),
                 Mat::rows_t(a, inner),
                 (rows, r, inner),
                 T::one(),
-                false,
                 true,
             );
             matmul(

@@ -52,7 +52,7 @@ fn sizes(xl: &Layout, wl: &Layout, bl: Option<&Layout>) -> Result<(usize, usize,
 }
 
 /// `x W^T + b` as `[rows, out]`: each row starts from the bias and the product is added onto it.
-fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (rows, inner, out): (usize, usize, usize)) -> Vec<T> {
+pub(super) fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (rows, inner, out): (usize, usize, usize)) -> Vec<T> {
     let (lhs, rhs) = (Mat::rows(x, inner), Mat::rows_t(w, inner));
     match b {
         Some(b) => {
